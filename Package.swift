@@ -1,0 +1,115 @@
+// swift-tools-version: 6.1
+//
+// guard: a snapshot-guarded upgrade runner for Linux.
+// Layout and layering are described in Docs/architecture.md: only DeviceMapper and
+// BlockDevice call C; GuardCLI is a thin entry point over GuardCommands.
+
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "guard",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "guard", targets: ["GuardCLI"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // C entry points: libdevmapper, libmount and a few ioctls/variadics Swift cannot call.
+        .systemLibrary(
+            name: "CDeviceMapper",
+            pkgConfig: "devmapper",
+            providers: [.apt(["libdevmapper-dev"])]
+        ),
+        .systemLibrary(
+            name: "CMount",
+            pkgConfig: "mount",
+            providers: [.apt(["libmount-dev"])]
+        ),
+        .target(
+            name: "CGuardShims",
+            dependencies: ["CDeviceMapper"]
+        ),
+
+        // Kernel-facing layers.
+        .target(
+            name: "BlockDevice",
+            dependencies: ["CMount", "CGuardShims"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "DeviceMapper",
+            dependencies: ["CDeviceMapper", "CGuardShims", "BlockDevice"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Snapshot",
+            dependencies: ["DeviceMapper", "BlockDevice"],
+            swiftSettings: strict
+        ),
+
+        // Above the kernel.
+        .target(
+            name: "Journal",
+            dependencies: [.product(name: "GRDB", package: "GRDB.swift")],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Recipe",
+            dependencies: ["Yams"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Engine",
+            dependencies: [
+                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice",
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "GuardCommands",
+            dependencies: [
+                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "GuardCLI",
+            dependencies: ["GuardCommands"],
+            swiftSettings: strict
+        ),
+
+        // Host tests: no root, no device-mapper.
+        .testTarget(name: "DeviceMapperTests", dependencies: ["DeviceMapper"], swiftSettings: strict),
+        .testTarget(name: "BlockDeviceTests", dependencies: ["BlockDevice"], swiftSettings: strict),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "DeviceMapper"], swiftSettings: strict),
+        .testTarget(name: "JournalTests", dependencies: ["Journal"], swiftSettings: strict),
+        .testTarget(name: "RecipeTests", dependencies: ["Recipe"], swiftSettings: strict),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Recipe", "Journal"], swiftSettings: strict),
+        .testTarget(
+            name: "GuardCommandsTests",
+            dependencies: ["GuardCommands", "Journal"],
+            swiftSettings: strict
+        ),
+        // Kernel suite: root + device-mapper (in the VM on machines without it).
+        .testTarget(
+            name: "KernelTests",
+            dependencies: ["DeviceMapper", "BlockDevice", "Snapshot", "Engine", "Journal", "Recipe"],
+            swiftSettings: strict
+        ),
+    ]
+)

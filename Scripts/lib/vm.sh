@@ -1,0 +1,35 @@
+# shellcheck shell=bash
+# Boots Debian's kernel under qemu (virtme-ng, software emulation) with the host's root
+# filesystem read-only and one writable directory, and runs a command inside as root.
+#
+#   vm_run OUTDIR MEMORY COMMAND...
+#
+# The console can mangle long output, so COMMAND writes what matters into OUTDIR (the
+# --rwdir); vm_run only returns vng's status. /tmp inside is an overlay in VM memory.
+
+vm_kernel() {
+  local k
+  k=$(ls -1 /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$k" ] || { echo "no Debian kernel in /boot: run Scripts/setup" >&2; return 1; }
+  echo "$k"
+}
+
+# Whether this host's own kernel has dm-snapshot (then tests run directly as root).
+host_has_dm_snapshot() {
+  [ "$(id -u)" -eq 0 ] || return 1
+  modprobe dm-snapshot 2>/dev/null || true
+  grep -q device-mapper /proc/misc 2>/dev/null || return 1
+  dmsetup targets 2>/dev/null | grep -q '^snapshot-merge'
+}
+
+vm_run() {
+  local outdir=$1 memory=$2
+  shift 2
+  local kernel
+  kernel=$(vm_kernel) || return 1
+  mkdir -p "$outdir"
+  local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; $*"
+  timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-1500}" \
+    vng --run "$kernel" --disable-kvm --force-9p --cpus "${GUARD_VM_CPUS:-2}" --memory "$memory" \
+      --rwdir "$outdir" --exec "$cmd" >"$outdir/console.log" 2>&1
+}

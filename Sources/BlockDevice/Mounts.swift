@@ -1,0 +1,166 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CGuardShims
+
+/// One line of the kernel's mount table.
+public struct MountEntry: Hashable, Sendable {
+    public var source: String
+    public var target: String
+    public var fileSystemType: String
+    public var options: String
+    /// The device number of the mounted filesystem (its st_dev).
+    public var device: DeviceNumber
+    /// The subtree of the filesystem mounted here ("/" unless it is a bind mount).
+    public var root: String
+}
+
+/// A process that holds files on a filesystem.
+public struct ProcessHolder: Hashable, Sendable, CustomStringConvertible {
+    public var pid: Int32
+    public var command: String
+    public var description: String { "pid \(pid) (\(command))" }
+}
+
+/// Mounting, unmounting and reading the mount table through libmount.
+public enum Mounts {
+    /// The current mount table (/proc/self/mountinfo).
+    public static func current() throws(BlockDeviceError) -> [MountEntry] {
+        try LibMount.readTable("/proc/self/mountinfo")
+    }
+
+    /// Where the block device `device` is mounted (its whole filesystem, not bind mounts of subtrees first).
+    public static func mountPoints(of device: DeviceNumber) -> [MountEntry] {
+        ((try? current()) ?? []).filter { $0.device == device }.sorted { ($0.root == "/" ? 0 : 1) < ($1.root == "/" ? 0 : 1) }
+    }
+
+    /// The mount entry whose target is exactly `path`, the last one if several are stacked.
+    public static func entry(at path: String) -> MountEntry? {
+        let normalized = normalize(path)
+        return ((try? current()) ?? []).last { $0.target == normalized }
+    }
+
+    /// The mount entry holding `path`: the longest mount target that is a prefix of it.
+    public static func entry(containing path: String) -> MountEntry? {
+        let normalized = normalize(path)
+        return ((try? current()) ?? []).filter { isPath(normalized, under: $0.target) }
+            .max { $0.target.count < $1.target.count }
+    }
+
+    /// Mounts `source` on `target`.
+    ///
+    /// - Parameters:
+    ///   - options: comma-separated mount options ("ro,nodev,noload").
+    /// - Throws: `BlockDeviceError` naming source, target and the kernel's reason.
+    /// - Note: libmount's mnt_context_mount, without fstab or mount helpers.
+    public static func mount(source: String, target: String, fileSystemType: String? = nil, options: String = "")
+        throws(BlockDeviceError)
+    {
+        if let failure = LibMount.run(
+            source: source, target: target, fileSystemType: fileSystemType, options: options, unmount: false, flags: 0)
+        {
+            throw BlockDeviceError(
+                code: .from(errno: failure.errno), operation: "mount of \(source) on \(target)", call: "mount",
+                errno: failure.errno, detail: failure.message.isEmpty ? nil : failure.message)
+        }
+    }
+
+    /// Unmounts the filesystem mounted on `target`.
+    ///
+    /// - Throws: `BlockDeviceError`; when the filesystem is busy the error lists the
+    ///   processes holding it (`held by pid 812 (postgres)`).
+    /// - Note: libmount's mnt_context_umount.
+    public static func unmount(_ target: String) throws(BlockDeviceError) {
+        let device = try? BlockDevices.filesystemDevice(of: target)
+        if let failure = LibMount.run(
+            source: nil, target: target, fileSystemType: nil, options: nil, unmount: true, flags: 0)
+        {
+            var detail = failure.message.isEmpty ? nil : failure.message
+            if failure.errno == EBUSY, let device {
+                let holders = processes(using: device)
+                if !holders.isEmpty {
+                    detail = "held by " + holders.map(\.description).joined(separator: ", ")
+                        + "; stop them (or the service) and try again"
+                }
+            }
+            throw BlockDeviceError(
+                code: .from(errno: failure.errno), operation: "unmount of \(target)", call: "umount2",
+                errno: failure.errno, detail: detail)
+        }
+    }
+
+    /// The processes with a file, directory, root or mapping on the filesystem `device`.
+    /// - Note: scans /proc/PID/{cwd,root,exe,fd/*} with stat(2) and /proc/PID/maps.
+    public static func processes(using device: DeviceNumber) -> [ProcessHolder] {
+        let me = getpid()
+        var holders: [ProcessHolder] = []
+        for name in Sys.listDirectory("/proc") {
+            guard let pid = Int32(name), pid != me else { continue }
+            if processUses(pid: pid, device: device) {
+                let command = Sys.readSmallFile("/proc/\(pid)/comm")?.trimmingWhitespace() ?? "?"
+                holders.append(ProcessHolder(pid: pid, command: command))
+            }
+        }
+        return holders.sorted { $0.pid < $1.pid }
+    }
+
+    /// The processes that have the block device `device` itself open (not a file on it).
+    public static func processes(holdingDevice device: DeviceNumber) -> [ProcessHolder] {
+        let me = getpid()
+        var holders: [ProcessHolder] = []
+        for name in Sys.listDirectory("/proc") {
+            guard let pid = Int32(name), pid != me else { continue }
+            let base = "/proc/\(pid)/fd"
+            let holds = Sys.listDirectory(base).contains { fd in
+                var info = stat()
+                return guard_stat("\(base)/\(fd)", &info) == 0 && info.st_mode & S_IFMT == S_IFBLK
+                    && DeviceNumber(info.st_rdev) == device
+            }
+            if holds {
+                holders.append(ProcessHolder(pid: pid, command: Sys.readSmallFile("/proc/\(pid)/comm")?.trimmingWhitespace() ?? "?"))
+            }
+        }
+        return holders
+    }
+
+    private static func processUses(pid: Int32, device: DeviceNumber) -> Bool {
+        func on(_ path: String) -> Bool {
+            var info = stat()
+            return guard_stat(path, &info) == 0 && DeviceNumber(info.st_dev) == device
+        }
+        let base = "/proc/\(pid)"
+        if on("\(base)/cwd") || on("\(base)/root") || on("\(base)/exe") { return true }
+        for fd in Sys.listDirectory("\(base)/fd") where on("\(base)/fd/\(fd)") { return true }
+        // maps: "start-end perms offset MAJ:MIN inode path" with hex numbers.
+        if let maps = Sys.readSmallFile("\(base)/maps", limit: 4 << 20) {
+            for line in maps.split(separator: "\n") {
+                let fields = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+                guard fields.count >= 5, fields[4] != "0" else { continue }
+                let numbers = fields[3].split(separator: ":")
+                if numbers.count == 2, let major = UInt32(numbers[0], radix: 16), let minor = UInt32(numbers[1], radix: 16),
+                    DeviceNumber(major: major, minor: minor) == device
+                {
+                    return true
+                }
+            }
+        }
+        return false
+    }
+
+    /// `path` without a trailing slash and with `.`/`..`/`//` resolved lexically.
+    public static func normalize(_ path: String) -> String {
+        var parts: [Substring] = []
+        for part in path.split(separator: "/") {
+            if part == "." || part.isEmpty { continue }
+            if part == ".." { _ = parts.popLast(); continue }
+            parts.append(part)
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    /// Whether `path` is `base` or inside it (lexically).
+    public static func isPath(_ path: String, under base: String) -> Bool {
+        if base == "/" { return true }
+        return path == base || path.hasPrefix(base + "/")
+    }
+}

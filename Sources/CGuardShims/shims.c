@@ -1,0 +1,160 @@
+#define _GNU_SOURCE
+#include "guard_shims.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#include <libdevmapper.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/sysmacros.h>
+
+uint32_t guard_major(uint64_t dev) { return major((dev_t)dev); }
+uint32_t guard_minor(uint64_t dev) { return minor((dev_t)dev); }
+uint64_t guard_makedev(uint32_t ma, uint32_t mi) { return (uint64_t)makedev(ma, mi); }
+int guard_stat(const char *path, struct stat *out) { return stat(path, out); }
+int guard_lstat(const char *path, struct stat *out) { return lstat(path, out); }
+int guard_fstat(int fd, struct stat *out) { return fstat(fd, out); }
+int guard_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
+int guard_o_direct(void) { return O_DIRECT; }
+int guard_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? 0 : -errno; }
+int guard_unlock_memory(void) { return munlockall() == 0 ? 0 : -errno; }
+
+static guard_dm_log_callback guard_callback = NULL;
+static volatile int guard_max_level = 4;
+
+// libdevmapper ORs flags into the level (e.g. _LOG_STDERR 128); the level itself is the low bits.
+static void guard_dm_log(int level, const char *file, int line, int dm_errno, const char *format, ...)
+{
+    int plain_level = level & 0x07;
+    if (guard_callback == NULL || plain_level > guard_max_level)
+        return;
+    char buffer[1024];
+    va_list arguments;
+    va_start(arguments, format);
+    vsnprintf(buffer, sizeof buffer, format, arguments);
+    va_end(arguments);
+    guard_callback(plain_level, file, line, dm_errno, buffer);
+}
+
+void guard_dm_log_install(guard_dm_log_callback callback, int max_level)
+{
+    guard_callback = callback;
+    guard_max_level = max_level;
+    dm_log_with_errno_init(guard_dm_log);
+}
+
+void guard_dm_log_set_level(int max_level) { guard_max_level = max_level; }
+
+int guard_ioctl_ptr(int fd, unsigned long request, void *argument)
+{
+    int result;
+    do {
+        result = ioctl(fd, request, argument);
+    } while (result < 0 && errno == EINTR);
+    return result < 0 ? -errno : result;
+}
+
+int guard_ioctl_long(int fd, unsigned long request, unsigned long argument)
+{
+    int result;
+    do {
+        result = ioctl(fd, request, argument);
+    } while (result < 0 && errno == EINTR);
+    return result < 0 ? -errno : result;
+}
+
+unsigned long guard_req_blkgetsize64(void) { return BLKGETSIZE64; }
+unsigned long guard_req_blksszget(void) { return BLKSSZGET; }
+unsigned long guard_req_blkflsbuf(void) { return BLKFLSBUF; }
+unsigned long guard_req_blkroget(void) { return BLKROGET; }
+unsigned long guard_req_fifreeze(void) { return FIFREEZE; }
+unsigned long guard_req_fithaw(void) { return FITHAW; }
+
+int guard_loop_configure(int loop_fd, int backing_fd, int read_only, int autoclear, int direct_io,
+                         const char *backing_name)
+{
+    struct loop_config config;
+    memset(&config, 0, sizeof config);
+    config.fd = (uint32_t)backing_fd;
+    config.info.lo_flags = (read_only ? LO_FLAGS_READ_ONLY : 0) | (autoclear ? LO_FLAGS_AUTOCLEAR : 0) |
+                           (direct_io ? LO_FLAGS_DIRECT_IO : 0);
+    if (backing_name != NULL)
+        strncpy((char *)config.info.lo_file_name, backing_name, LO_NAME_SIZE - 1);
+    int result = guard_ioctl_ptr(loop_fd, LOOP_CONFIGURE, &config);
+    if (result != -EINVAL && result != -ENOTTY)
+        return result < 0 ? result : 0;
+
+    // Kernels before 5.8: the two-step form.
+    result = guard_ioctl_long(loop_fd, LOOP_SET_FD, (unsigned long)backing_fd);
+    if (result < 0)
+        return result;
+    struct loop_info64 info;
+    memset(&info, 0, sizeof info);
+    info.lo_flags = config.info.lo_flags & ~LO_FLAGS_READ_ONLY;
+    if (backing_name != NULL)
+        strncpy((char *)info.lo_file_name, backing_name, LO_NAME_SIZE - 1);
+    result = guard_ioctl_ptr(loop_fd, LOOP_SET_STATUS64, &info);
+    if (result < 0) {
+        guard_ioctl_long(loop_fd, LOOP_CLR_FD, 0);
+        return result;
+    }
+    return 0;
+}
+
+int guard_loop_get_status(int loop_fd, char *name_out, size_t name_size, uint32_t *flags_out,
+                          uint64_t *device_out, uint64_t *inode_out)
+{
+    struct loop_info64 info;
+    memset(&info, 0, sizeof info);
+    int result = guard_ioctl_ptr(loop_fd, LOOP_GET_STATUS64, &info);
+    if (result < 0)
+        return result;
+    if (name_out != NULL && name_size > 0) {
+        size_t length = strnlen((const char *)info.lo_file_name, LO_NAME_SIZE);
+        if (length >= name_size)
+            length = name_size - 1;
+        memcpy(name_out, info.lo_file_name, length);
+        name_out[length] = '\0';
+    }
+    if (flags_out != NULL)
+        *flags_out = info.lo_flags;
+    if (device_out != NULL)
+        *device_out = info.lo_device;
+    if (inode_out != NULL)
+        *inode_out = info.lo_inode;
+    return 0;
+}
+
+const char *guard_dm_names_name(const struct dm_names *names) { return names->name; }
+uint64_t guard_dm_names_dev(const struct dm_names *names) { return names->dev; }
+const struct dm_names *guard_dm_names_next(const struct dm_names *names)
+{
+    if (names->next == 0)
+        return NULL;
+    return (const struct dm_names *)((const char *)names + names->next);
+}
+
+const char *guard_dm_versions_name(const struct dm_versions *versions) { return versions->name; }
+void guard_dm_versions_version(const struct dm_versions *versions, uint32_t out[3])
+{
+    out[0] = versions->version[0];
+    out[1] = versions->version[1];
+    out[2] = versions->version[2];
+}
+const struct dm_versions *guard_dm_versions_next(const struct dm_versions *versions)
+{
+    if (versions->next == 0)
+        return NULL;
+    return (const struct dm_versions *)((const char *)versions + versions->next);
+}
+
+#include <sys/klog.h>
+int guard_read_kernel_log(char *buffer, int size)
+{
+    int result = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buffer, size);
+    return result < 0 ? -errno : result;
+}

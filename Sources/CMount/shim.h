@@ -1,0 +1,4 @@
+#ifndef GUARD_CMOUNT_SHIM_H
+#define GUARD_CMOUNT_SHIM_H
+#include <libmount/libmount.h>
+#endif

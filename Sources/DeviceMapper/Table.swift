@@ -1,0 +1,160 @@
+import BlockDevice
+
+/// The persistence argument of a snapshot table: `P`, `PO` or `N`.
+public enum Persistence: String, Hashable, Sendable, Codable {
+    case persistent = "P"
+    case persistentOverflow = "PO"
+    case transient = "N"
+}
+
+/// A device-mapper target with its parameters, as guard builds and reads them.
+///
+/// Devices are always referred to by major:minor, as the kernel reports them.
+public enum Target: Hashable, Sendable, CustomStringConvertible {
+    case linear(device: DeviceNumber, offset: UInt64)
+    case error
+    case zero
+    case snapshot(origin: DeviceNumber, cow: DeviceNumber, persistence: Persistence, chunkSectors: UInt32)
+    case snapshotOrigin(device: DeviceNumber)
+    case snapshotMerge(origin: DeviceNumber, cow: DeviceNumber, persistence: Persistence, chunkSectors: UInt32)
+    /// Any other target, or one of the above with parameters guard does not model (feature args).
+    case other(type: String, parameters: String)
+
+    /// The kernel's target type name ("snapshot-origin").
+    public var typeName: String {
+        switch self {
+        case .linear: return "linear"
+        case .error: return "error"
+        case .zero: return "zero"
+        case .snapshot: return "snapshot"
+        case .snapshotOrigin: return "snapshot-origin"
+        case .snapshotMerge: return "snapshot-merge"
+        case .other(let type, _): return type
+        }
+    }
+
+    /// The parameter string handed to the kernel.
+    public var parameters: String {
+        switch self {
+        case .linear(let device, let offset): return "\(device) \(offset)"
+        case .error, .zero: return ""
+        case .snapshot(let origin, let cow, let persistence, let chunk),
+            .snapshotMerge(let origin, let cow, let persistence, let chunk):
+            return "\(origin) \(cow) \(persistence.rawValue) \(chunk)"
+        case .snapshotOrigin(let device): return "\(device)"
+        case .other(_, let parameters): return parameters
+        }
+    }
+
+    /// The devices this target stacks on.
+    public var devices: [DeviceNumber] {
+        switch self {
+        case .linear(let device, _), .snapshotOrigin(let device): return [device]
+        case .snapshot(let origin, let cow, _, _), .snapshotMerge(let origin, let cow, _, _): return [origin, cow]
+        case .error, .zero: return []
+        case .other(_, let parameters):
+            return parameters.split(separator: " ").compactMap { DeviceNumber(parsing: $0) }
+        }
+    }
+
+    public var description: String { parameters.isEmpty ? typeName : "\(typeName) \(parameters)" }
+
+    /// Reads a target as the kernel reports it in a table (DM_DEVICE_TABLE).
+    /// Anything guard does not model exactly becomes `.other`, so it round-trips unchanged.
+    public static func parse(type: String, parameters: String) -> Target {
+        let fields = parameters.split(separator: " ", omittingEmptySubsequences: true)
+        switch type {
+        case "linear":
+            if fields.count == 2, let device = DeviceNumber(parsing: fields[0]), let offset = UInt64(fields[1]) {
+                return .linear(device: device, offset: offset)
+            }
+        case "error" where fields.isEmpty: return .error
+        case "zero" where fields.isEmpty: return .zero
+        case "snapshot-origin":
+            if fields.count == 1, let device = DeviceNumber(parsing: fields[0]) { return .snapshotOrigin(device: device) }
+        case "snapshot", "snapshot-merge":
+            if fields.count == 4, let origin = DeviceNumber(parsing: fields[0]), let cow = DeviceNumber(parsing: fields[1]),
+                let persistence = Persistence(rawValue: String(fields[2])), let chunk = UInt32(fields[3])
+            {
+                return type == "snapshot"
+                    ? .snapshot(origin: origin, cow: cow, persistence: persistence, chunkSectors: chunk)
+                    : .snapshotMerge(origin: origin, cow: cow, persistence: persistence, chunkSectors: chunk)
+            }
+        default: break
+        }
+        return .other(type: type, parameters: fields.joined(separator: " "))
+    }
+}
+
+/// A device-mapper table: targets covering consecutive sector ranges.
+public struct Table: Hashable, Sendable, CustomStringConvertible {
+    /// One line of a table: `start length type parameters`, in 512-byte sectors.
+    public struct Line: Hashable, Sendable, CustomStringConvertible {
+        public var start: UInt64
+        public var length: UInt64
+        public var target: Target
+
+        public init(start: UInt64, length: UInt64, target: Target) {
+            self.start = start
+            self.length = length
+            self.target = target
+        }
+
+        public var description: String { "\(start) \(length) \(target)" }
+    }
+
+    public var lines: [Line]
+
+    public init(_ lines: [Line]) { self.lines = lines }
+
+    /// A one-target table covering `length` sectors.
+    public init(_ target: Target, length: UInt64) {
+        self.lines = [Line(start: 0, length: length, target: target)]
+    }
+
+    /// Parses table text (`dmsetup table` format, one target per line).
+    /// - Throws: `TableParseError` naming the line that is wrong.
+    public init(parsing text: String) throws(TableParseError) {
+        var lines: [Line] = []
+        for (index, raw) in text.split(separator: "\n").enumerated() {
+            let line = raw.trimmingWhitespace()
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let fields = line.split(separator: " ", maxSplits: 3, omittingEmptySubsequences: true)
+            guard fields.count >= 3, let start = UInt64(fields[0]), let length = UInt64(fields[1]), length > 0 else {
+                throw TableParseError(line: index + 1, text: line, reason: "expected `start length type [parameters]`")
+            }
+            let parameters = fields.count > 3 ? String(fields[3]) : ""
+            lines.append(Line(start: start, length: length, target: .parse(type: String(fields[2]), parameters: parameters)))
+        }
+        guard !lines.isEmpty else { throw TableParseError(line: 1, text: text, reason: "the table is empty") }
+        var next: UInt64 = 0
+        for (index, line) in lines.enumerated() {
+            guard line.start == next else {
+                throw TableParseError(
+                    line: index + 1, text: line.description,
+                    reason: "starts at sector \(line.start), expected \(next) (targets must be contiguous)")
+            }
+            next = line.start + line.length
+        }
+        self.lines = lines
+    }
+
+    /// Total length in 512-byte sectors.
+    public var lengthSectors: UInt64 { lines.last.map { $0.start + $0.length } ?? 0 }
+
+    /// The devices the table stacks on.
+    public var devices: [DeviceNumber] { lines.flatMap(\.target.devices) }
+
+    /// Whether every line has the given target type.
+    public func isOnly(_ typeName: String) -> Bool { lines.allSatisfy { $0.target.typeName == typeName } }
+
+    public var description: String { lines.map(\.description).joined(separator: "\n") }
+}
+
+/// A table text that does not parse.
+public struct TableParseError: Error, Sendable, CustomStringConvertible, Equatable {
+    public var line: Int
+    public var text: String
+    public var reason: String
+    public var description: String { "table line \(line) '\(text)': \(reason)" }
+}

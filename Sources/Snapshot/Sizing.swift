@@ -1,0 +1,98 @@
+/// How much COW space a snapshot needs, following the kernel's persistent store layout
+/// (drivers/md/dm-snap-persistent.c): chunk 0 is the header, then areas of one metadata
+/// chunk followed by the data chunks it describes, each exception taking 16 bytes.
+public struct CowGeometry: Hashable, Sendable {
+    /// Chunk size in 512-byte sectors (a power of two, 8 = 4 KiB by default).
+    public var chunkSectors: UInt32
+
+    public init(chunkSectors: UInt32) {
+        precondition(chunkSectors >= 8 && chunkSectors.nonzeroBitCount == 1, "chunk size must be a power of two >= 4 KiB")
+        self.chunkSectors = chunkSectors
+    }
+
+    public var chunkBytes: UInt64 { UInt64(chunkSectors) * 512 }
+    /// Exceptions one metadata chunk describes.
+    public var exceptionsPerArea: UInt64 { chunkBytes / 16 }
+
+    /// COW bytes needed to hold `changedBytes` of distinct changed origin data (rounded up to chunks),
+    /// header and metadata included.
+    public func bytesNeeded(forChanged changedBytes: UInt64) -> UInt64 {
+        let dataChunks = (changedBytes + chunkBytes - 1) / chunkBytes
+        let metadataChunks = max(1, (dataChunks + exceptionsPerArea - 1) / exceptionsPerArea)
+        return (1 + metadataChunks + dataChunks) * chunkBytes
+    }
+
+    /// COW bytes that can never fill up: every chunk of the origin changed.
+    public func bytesForWholeOrigin(_ originBytes: UInt64) -> UInt64 {
+        bytesNeeded(forChanged: originBytes)
+    }
+
+    /// The smallest COW the kernel accepts with room for at least one exception.
+    public var minimumBytes: UInt64 { 3 * chunkBytes }
+
+    /// Rounds `bytes` up to whole chunks.
+    public func roundUp(_ bytes: UInt64) -> UInt64 { (bytes + chunkBytes - 1) / chunkBytes * chunkBytes }
+}
+
+/// A snapshot size as a recipe or caller gives it.
+public enum CowSize: Hashable, Sendable, Codable, CustomStringConvertible {
+    case bytes(UInt64)
+    /// Percent of the origin's size (1...100).
+    case percentOfOrigin(Double)
+
+    /// The size in bytes for an origin of `originBytes`, rounded up to whole chunks and
+    /// never below the minimum the kernel needs.
+    public func resolve(originBytes: UInt64, geometry: CowGeometry) -> UInt64 {
+        let raw: UInt64
+        switch self {
+        case .bytes(let bytes): raw = bytes
+        case .percentOfOrigin(let percent): raw = UInt64((Double(originBytes) * percent / 100).rounded(.up))
+        }
+        return max(geometry.roundUp(raw), geometry.minimumBytes)
+    }
+
+    public var description: String {
+        switch self {
+        case .bytes(let bytes): return formatBytes(bytes)
+        case .percentOfOrigin(let percent): return "\(percent.formatted1)% of the origin"
+        }
+    }
+}
+
+/// When and how far a file-backed COW grows while the steps run.
+public struct ExtensionPolicy: Hashable, Sendable, Codable {
+    /// Grow when the COW is this full (0...1).
+    public var threshold: Double
+    /// Grow by this many bytes each time.
+    public var stepBytes: UInt64
+    /// Never grow beyond this many bytes.
+    public var maximumBytes: UInt64
+
+    public init(threshold: Double, stepBytes: UInt64, maximumBytes: UInt64) {
+        self.threshold = threshold
+        self.stepBytes = stepBytes
+        self.maximumBytes = maximumBytes
+    }
+}
+
+/// "25.0 MiB", "1.5 GiB", "512 B".
+public func formatBytes(_ bytes: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    return unit == 0 ? "\(bytes) B" : "\(value.formatted1) \(units[unit])"
+}
+
+extension Double {
+    /// One decimal, without Foundation: 12.34 -> "12.3".
+    var formatted1: String {
+        let scaled = (self * 10).rounded()
+        let whole = Int(scaled) / 10
+        let tenth = abs(Int(scaled) % 10)
+        return "\(whole).\(tenth)"
+    }
+}

@@ -1,0 +1,52 @@
+/// A refusal or failure of the snapshot engine, above the kernel calls.
+///
+/// The description says what was being done, on which volume, why it cannot be done and
+/// what to do: `snapshot of /dev/mapper/vg-website refused: the COW file
+/// /mnt/website/.guard/x.cow would live on the volume being snapshotted; put the state
+/// directory on another filesystem (--state-dir)`.
+public struct SnapshotError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Value: Hashable, Sendable {
+            case originNotFound, notAVolume, alreadySnapshotted, cowOnOrigin, noSpace, cowTooSmall
+            case invalidSnapshot, inUse, mergeInProgress, mergeFailed, notExtendable, layerMissing, labelMismatch, other
+        }
+        private let value: Value
+        private init(_ value: Value) { self.value = value }
+
+        public static let originNotFound = Code(.originNotFound)
+        /// Not an active device-mapper device (guard snapshots dm volumes: LVs and guard volumes).
+        public static let notAVolume = Code(.notAVolume)
+        public static let alreadySnapshotted = Code(.alreadySnapshotted)
+        public static let cowOnOrigin = Code(.cowOnOrigin)
+        public static let noSpace = Code(.noSpace)
+        public static let cowTooSmall = Code(.cowTooSmall)
+        /// The kernel invalidated the snapshot: its old data is gone, a rollback is impossible.
+        public static let invalidSnapshot = Code(.invalidSnapshot)
+        /// Mounted or open where it must not be.
+        public static let inUse = Code(.inUse)
+        public static let mergeInProgress = Code(.mergeInProgress)
+        public static let mergeFailed = Code(.mergeFailed)
+        public static let notExtendable = Code(.notExtendable)
+        public static let layerMissing = Code(.layerMissing)
+        public static let labelMismatch = Code(.labelMismatch)
+        public static let other = Code(.other)
+
+        public var description: String { "\(value)" }
+    }
+
+    public var code: Code
+    public var operation: String
+    public var reason: String
+    public var hint: String?
+
+    public init(_ code: Code, _ operation: String, _ reason: String, hint: String? = nil) {
+        self.code = code
+        self.operation = operation
+        self.reason = reason
+        self.hint = hint
+    }
+
+    public var description: String {
+        "\(operation) refused: \(reason)" + (hint.map { "; \($0)" } ?? "")
+    }
+}

@@ -1,0 +1,128 @@
+import BlockDevice
+import DeviceMapper
+
+/// Where a snapshot's COW storage lives.
+public enum CowStorage: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// A preallocated file guard creates (and deletes), attached to a loop device.
+    case file(path: String)
+    /// A block device the admin named; guard writes its label on it and wipes it afterwards.
+    case blockDevice(path: String)
+
+    public var path: String {
+        switch self {
+        case .file(let path), .blockDevice(let path): return path
+        }
+    }
+
+    public var isFile: Bool {
+        if case .file = self { return true }
+        return false
+    }
+
+    public var description: String {
+        switch self {
+        case .file(let path): return "file \(path)"
+        case .blockDevice(let path): return "device \(path)"
+        }
+    }
+}
+
+/// Everything guard needs to find, extend, commit, merge or reassemble one snapshot stack.
+/// Stored in the journal; the COW label holds the same facts on disk.
+public struct SnapshotStack: Hashable, Sendable, Codable {
+    public var identity: StackIdentity
+    public var originName: String
+    public var originUUID: String
+    /// The origin's number when the snapshot was taken (it can change after a reboot).
+    public var originNumber: DeviceNumber
+    public var originSectors: UInt64
+    /// The origin's own table when the snapshot was taken.
+    public var originTable: String
+    public var storage: CowStorage
+    /// Size of the whole storage (label area included), in bytes.
+    public var storageBytes: UInt64
+    public var chunkSectors: UInt32
+    public var realName: String
+    public var cowName: String
+    public var snapName: String
+
+    public var geometry: CowGeometry { CowGeometry(chunkSectors: chunkSectors) }
+    /// Bytes the kernel can use for the snapshot (storage minus guard's label area).
+    public var areaBytes: UInt64 { storageBytes - CowLabel.areaOffset }
+    public var originBytes: UInt64 { originSectors * 512 }
+    public var originPath: String { "/dev/mapper/\(originName)" }
+    public var snapPath: String { "/dev/mapper/\(snapName)" }
+
+    public init(
+        identity: StackIdentity, originName: String, originUUID: String, originNumber: DeviceNumber,
+        originSectors: UInt64, originTable: String, storage: CowStorage, storageBytes: UInt64, chunkSectors: UInt32
+    ) {
+        self.identity = identity
+        self.originName = originName
+        self.originUUID = originUUID
+        self.originNumber = originNumber
+        self.originSectors = originSectors
+        self.originTable = originTable
+        self.storage = storage
+        self.storageBytes = storageBytes
+        self.chunkSectors = chunkSectors
+        self.realName = identity.name(.real, originName: originName)
+        self.cowName = identity.name(.cow, originName: originName)
+        self.snapName = identity.name(.snap, originName: originName)
+    }
+
+    /// The origin as the kernel knows it now: by UUID when it has one, else by name.
+    public var originRef: DeviceRef { originUUID.isEmpty ? .name(originName) : .uuid(originUUID) }
+
+    public func ref(_ layer: StackIdentity.Layer) -> DeviceRef { .uuid(identity.uuid(layer)) }
+
+    /// A label describing this stack in `state`.
+    public func label(state: CowLabel.State, createdAt: Int64) -> CowLabel {
+        CowLabel(
+            identity: identity, originUUID: originUUID, originName: originName, originSectors: originSectors,
+            originTable: originTable, chunkSectors: chunkSectors, storageBytes: storageBytes, state: state,
+            createdAt: createdAt)
+    }
+}
+
+/// What a caller asks for one volume of a snapshot set.
+public struct VolumeRequest: Sendable, Hashable {
+    public enum Storage: Sendable, Hashable {
+        /// A file in this directory (guard's state directory by default).
+        case fileIn(directory: String)
+        /// This block device, used whole.
+        case blockDevice(path: String)
+    }
+
+    /// The origin: /dev/mapper/NAME, /dev/VG/LV, /dev/dm-N, or a dm name.
+    public var origin: String
+    public var storage: Storage
+    public var size: CowSize
+    public var chunkSectors: UInt32
+
+    public init(origin: String, storage: Storage, size: CowSize, chunkSectors: UInt32 = SnapshotEngine.defaultChunkSectors) {
+        self.origin = origin
+        self.storage = storage
+        self.size = size
+        self.chunkSectors = chunkSectors
+    }
+}
+
+/// A snapshot's state as the kernel reports it, with what it means for a rollback.
+public struct SnapshotHealth: Sendable, Hashable {
+    public var status: SnapshotStatus
+    public var usage: SnapshotUsage? { status.usage }
+    public var isRestorable: Bool { status.isRestorable }
+}
+
+/// Progress of a merge back into the origin.
+public enum MergeState: Sendable, Hashable {
+    /// Still merging: `remainingSectors` of data chunks left of `initialSectors`.
+    case merging(remainingSectors: UInt64, usage: SnapshotUsage)
+    /// The kernel reports every chunk merged (allocated == metadata).
+    case complete
+    /// The kernel stopped: `Merge failed` or `Invalid`.
+    case failed(SnapshotStatus)
+    /// The origin is back on its own table: the merge was finished and torn down.
+    case finished
+}
