@@ -29,6 +29,6 @@ public enum FileSystems {
     public static func sync(_ path: String) throws(BlockDeviceError) {
         let fd = try Sys.open(path, O_RDONLY | O_DIRECTORY, operation: "sync of the filesystem at \(path)")
         defer { Sys.close(fd) }
-        _ = try Sys.retrying("syncfs", operation: "sync of the filesystem at \(path)") { syncfs(fd) }
+        _ = try Sys.retrying("syncfs", operation: "sync of the filesystem at \(path)") { guard_syncfs(fd) }
     }
 }

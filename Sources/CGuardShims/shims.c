@@ -10,6 +10,7 @@
 #include <libdevmapper.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <sys/sysmacros.h>
 
 uint32_t guard_major(uint64_t dev) { return major((dev_t)dev); }
@@ -20,6 +21,7 @@ int guard_lstat(const char *path, struct stat *out) { return lstat(path, out); }
 int guard_fstat(int fd, struct stat *out) { return fstat(fd, out); }
 int guard_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
 int guard_o_direct(void) { return O_DIRECT; }
+int guard_syncfs(int fd) { return syncfs(fd); }
 int guard_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? 0 : -errno; }
 int guard_unlock_memory(void) { return munlockall() == 0 ? 0 : -errno; }
 

@@ -100,6 +100,13 @@ public struct DeviceMapper: Sendable {
         LibDM.sink.withLock { $0 = sink }
     }
 
+    /// Keeps libdevmapper's messages in memory until `releaseLog()`: for the suspend window,
+    /// where guard's log (a file) must not be written.
+    public static func holdLog() { LibDM.holdLog(true) }
+
+    /// Sends the messages kept since `holdLog()` to the log sink.
+    public static func releaseLog() { LibDM.holdLog(false) }
+
     /// libdevmapper's version ("1.02.185 (2022-05-18)").
     public static var libraryVersion: String { LibDM.libraryVersion() }
 

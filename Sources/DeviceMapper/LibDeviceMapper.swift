@@ -160,12 +160,34 @@ enum LibDM {
         }
     }
 
+    /// While set, messages are kept in memory instead of going to the sink (which may write
+    /// to a disk): inside the suspend window nothing may touch a filesystem.
+    static let held = Mutex<[DeviceMapperLogMessage]?>(nil)
+
+    static func holdLog(_ hold: Bool) {
+        let released = held.withLock { buffer -> [DeviceMapperLogMessage] in
+            defer { buffer = hold ? (buffer ?? []) : nil }
+            return hold ? [] : (buffer ?? [])
+        }
+        if let sink = sink.withLock({ $0 }) { released.forEach(sink) }
+    }
+
+    private static func deliver(_ list: [DeviceMapperLogMessage]) {
+        guard !list.isEmpty else { return }
+        let kept = held.withLock { buffer -> Bool in
+            guard buffer != nil else { return false }
+            buffer!.append(contentsOf: list)
+            return true
+        }
+        if !kept, let sink = sink.withLock({ $0 }) { list.forEach(sink) }
+    }
+
     private static func flushMessages() {
         let drained = messages.withLock { list -> [DeviceMapperLogMessage] in
             defer { list.removeAll() }
             return list
         }
-        if let sink = sink.withLock({ $0 }) { drained.forEach(sink) }
+        deliver(drained)
     }
 
     /// Builds the error for a failed task from errno, libdevmapper's messages and the kernel log.
@@ -176,7 +198,7 @@ enum LibDM {
             defer { list.removeAll() }
             return list
         }
-        if let sink = sink.withLock({ $0 }) { logged.forEach(sink) }
+        deliver(logged)
         var notes: [String] = []
         // libdevmapper repeats the ioctl failure guard already reports; keep what it adds.
         for message in logged where message.level <= 4 {

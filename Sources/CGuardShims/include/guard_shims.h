@@ -43,6 +43,7 @@ int guard_fstat(int fd, struct stat *out);
 /// fallocate(2) and O_DIRECT need _GNU_SOURCE.
 int guard_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int guard_o_direct(void);
+int guard_syncfs(int fd);
 /// Locks all current and future pages in memory (mlockall MCL_CURRENT|MCL_FUTURE); 0 or -errno.
 int guard_lock_memory(void);
 int guard_unlock_memory(void);

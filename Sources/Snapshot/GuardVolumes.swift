@@ -1,0 +1,163 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+
+/// A guard-owned linear device over a file or block device, so that machines without LVM
+/// can snapshot too: `guard volume create website --backing /srv/website.img --size 100M`
+/// gives /dev/mapper/website.
+public struct GuardVolume: Codable, Hashable, Sendable {
+    /// The dm name: /dev/mapper/NAME.
+    public var name: String
+    /// The backing file or block device.
+    public var backing: String
+    public var backingIsFile: Bool
+    public var sizeBytes: UInt64
+
+    /// "GUARD-VOL-NAME": a GUARD- device that is not a snapshot layer.
+    public var uuid: String { "\(DeviceMapper.uuidPrefix)VOL-\(name)" }
+    public var path: String { "/dev/mapper/\(name)" }
+}
+
+/// Creates, lists, activates and removes guard volumes; their registry is
+/// `<state dir>/volumes/NAME.json`, so the boot unit can activate them again.
+public struct GuardVolumes {
+    public let dm: DeviceMapper
+    public let registry: String
+
+    public init(dm: DeviceMapper, stateDirectory: String) {
+        self.dm = dm
+        self.registry = "\(stateDirectory)/volumes"
+    }
+
+    /// Checks a volume name: 1 to 64 of letters, digits, `.`, `_`, `+`, `-`, not starting with `-` or `.`.
+    public static func validate(name: String) throws {
+        let allowed = name.unicodeScalars.allSatisfy { ($0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0))) || "._+-".unicodeScalars.contains($0) }
+        guard !name.isEmpty, name.count <= 64, allowed, !name.hasPrefix("-"), !name.hasPrefix("."), !name.hasPrefix("guard-") else {
+            throw SnapshotError(
+                .other, "volume create '\(name)'",
+                "a volume name is 1 to 64 letters, digits, '.', '_', '+' or '-', not starting with '-', '.' or 'guard-'")
+        }
+    }
+
+    /// Creates the volume: a backing file is created (preallocated) when missing, then attached to a
+    /// loop device; a linear dm device NAME covers it.
+    ///
+    /// - Parameters:
+    ///   - size: required for a new file; for an existing backing, at most its size (default: all of it).
+    public func create(name: String, backing: String, size: UInt64?) throws -> GuardVolume {
+        try Self.validate(name: name)
+        let operation = "volume create \(name)"
+        if try dm.info(.name(name)) != nil {
+            throw SnapshotError(.other, operation, "a device-mapper device named \(name) already exists")
+        }
+        if FileManager.default.fileExists(atPath: "\(registry)/\(name).json") {
+            throw SnapshotError(.other, operation, "guard already has a volume \(name)", hint: "`guard volume list`")
+        }
+        var isFile = true
+        if let number = try? BlockDevices.deviceNumber(of: backing) {
+            isFile = false
+            if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
+                throw SnapshotError(.inUse, operation, "\(backing) is mounted or in use")
+            }
+        }
+        var bytes: UInt64
+        if isFile {
+            if !FileManager.default.fileExists(atPath: backing) {
+                guard let size else {
+                    throw SnapshotError(.other, operation, "\(backing) does not exist", hint: "give --size to create it")
+                }
+                let file = try RawFile(path: backing, create: true, exclusive: true)
+                _ = try SnapshotEngine.preallocate(file, from: 0, length: size)
+            }
+            let existing = try RawFile(path: backing, readOnly: true).size()
+            bytes = size ?? existing
+            if bytes > existing {
+                throw SnapshotError(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
+            }
+        } else {
+            let existing = try BlockDevices.size(of: backing)
+            bytes = size ?? existing
+            if bytes > existing {
+                throw SnapshotError(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
+            }
+        }
+        bytes = bytes / 512 * 512
+        guard bytes >= 1 << 20 else { throw SnapshotError(.other, operation, "a volume needs at least 1 MiB") }
+        let volume = GuardVolume(name: name, backing: backing, backingIsFile: isFile, sizeBytes: bytes)
+        try FileManager.default.createDirectory(atPath: registry, withIntermediateDirectories: true)
+        try activate(volume)
+        let data = try JSONEncoder.sorted.encode(volume)
+        try data.write(to: URL(fileURLWithPath: "\(registry)/\(name).json"), options: .atomic)
+        return volume
+    }
+
+    /// Makes the volume's device exist (after a reboot): attach the backing file, create the linear device.
+    public func activate(_ volume: GuardVolume) throws {
+        if try dm.info(.uuid(volume.uuid)) != nil { return }
+        let device: DeviceNumber
+        if volume.backingIsFile {
+            if let loop = LoopDevice.find(backingFile: volume.backing).first {
+                device = loop.number
+            } else {
+                device = try LoopDevice.attach(file: volume.backing).device.number
+            }
+        } else {
+            device = try BlockDevices.deviceNumber(of: volume.backing)
+        }
+        do {
+            try dm.create(name: volume.name, uuid: volume.uuid, table: Table(.linear(device: device, offset: 0), length: volume.sizeBytes / 512))
+        } catch {
+            if volume.backingIsFile { for loop in LoopDevice.find(backingFile: volume.backing) { try? loop.detach() } }
+            throw error
+        }
+    }
+
+    /// Activates every registered volume that is not active.
+    public func activateAll() throws -> [GuardVolume] {
+        var activated: [GuardVolume] = []
+        for (volume, info) in try list() where info == nil {
+            try activate(volume)
+            activated.append(volume)
+        }
+        return activated
+    }
+
+    /// The registered volumes and their devices (nil when not active).
+    public func list() throws -> [(GuardVolume, DeviceInfo?)] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: registry)) ?? []).filter { $0.hasSuffix(".json") }.sorted()
+        return try names.map { file in
+            let volume = try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: "\(registry)/\(file)")))
+            return (volume, try dm.info(.uuid(volume.uuid)))
+        }
+    }
+
+    /// Removes the volume's device and registry entry; the backing file or device keeps its data.
+    public func remove(name: String) throws {
+        let operation = "volume remove \(name)"
+        guard let (volume, info) = try list().first(where: { $0.0.name == name }) else {
+            throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
+        }
+        if let info {
+            if info.openCount > 0 {
+                let mounts = Mounts.mountPoints(of: info.number).map(\.target)
+                throw SnapshotError(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
+            }
+            let table = try dm.table(.number(info.number))
+            if !table.isOnly("linear") {
+                throw SnapshotError(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
+            }
+            try dm.remove(.number(info.number))
+        }
+        if volume.backingIsFile { for loop in LoopDevice.find(backingFile: volume.backing) { try? loop.detach() } }
+        try FileManager.default.removeItem(atPath: "\(registry)/\(name).json")
+    }
+}
+
+extension JSONEncoder {
+    /// Sorted keys, for files people diff.
+    static var sorted: JSONEncoder {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        return encoder
+    }
+}

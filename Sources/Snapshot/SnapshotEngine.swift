@@ -1,0 +1,812 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+
+/// Resumes devices if guard dies or stalls while they are suspended.
+///
+/// `arm` must return only once the watchdog is ready to act (a separate process that
+/// does not depend on any suspended volume); `disarm` after the last resume.
+public protocol WindowWatchdog: AnyObject {
+    /// If `disarm()` does not follow within `timeout`, or this process dies, resume
+    /// `devices` in this order.
+    func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws
+    func disarm()
+}
+
+/// guard's own implementation of `lvcreate -s`, the removal of a snapshot, and
+/// `lvconvert --merge`, for any active device-mapper volume (an LVM LV or a guard volume).
+///
+/// Every operation is written so that it can be repeated after a crash at any line: it
+/// looks at what the kernel has (by GUARD- UUID) and the COW label, and does what is left.
+/// The order of kernel calls is lvm2's (lib/activate/dev_manager.c, libdm/libdm-deptree.c).
+public struct SnapshotEngine {
+    /// 4 KiB chunks (8 sectors), lvm2's default; `Scripts/bench` compares 4, 16 and 64 KiB.
+    public static let defaultChunkSectors: UInt32 = 8
+    /// How long a suspend window may last before the watchdog resumes everything.
+    public static let defaultWatchdogTimeout: Duration = .seconds(30)
+
+    public let dm: DeviceMapper
+    public var watchdog: (any WindowWatchdog)?
+    public var watchdogTimeout: Duration = SnapshotEngine.defaultWatchdogTimeout
+    /// Receives one line per step, for guard's log. Never called while a device is suspended.
+    public var log: (@Sendable (String) -> Void)?
+
+    public init(dm: DeviceMapper, watchdog: (any WindowWatchdog)? = nil, log: (@Sendable (String) -> Void)? = nil) {
+        self.dm = dm
+        self.watchdog = watchdog
+        self.log = log
+    }
+
+    // MARK: Origins
+
+    /// An origin as guard found it: its device, table and size.
+    public struct Origin: Sendable, Hashable {
+        public var info: DeviceInfo
+        public var table: Table
+        public var bytes: UInt64 { table.lengthSectors * 512 }
+    }
+
+    /// Finds the active dm volume behind `path` (/dev/mapper/X, /dev/VG/LV, /dev/dm-N or a dm name)
+    /// and checks that guard can snapshot it.
+    ///
+    /// - Throws: `SnapshotError` with `.originNotFound`, `.notAVolume` or `.alreadySnapshotted`.
+    public func inspectOrigin(_ path: String) throws -> Origin {
+        let operation = "snapshot of \(path)"
+        let ref: DeviceRef
+        if path.hasPrefix("/") {
+            let number: DeviceNumber
+            do {
+                number = try BlockDevices.deviceNumber(of: path)
+            } catch {
+                throw SnapshotError(.originNotFound, operation, "\(error)", hint: "check the device path (lvs, dmsetup ls)")
+            }
+            guard BlockDevices.deviceMapperName(of: number) != nil else {
+                throw SnapshotError(
+                    .notAVolume, operation, "\(path) (\(number)) is not a device-mapper device",
+                    hint: "guard snapshots LVM logical volumes and guard volumes (`guard volume create`)")
+            }
+            ref = .number(number)
+        } else {
+            ref = .name(path)
+        }
+        guard let info = try dm.info(ref) else {
+            throw SnapshotError(.originNotFound, operation, "no device-mapper device \(path)", hint: "check `dmsetup ls`")
+        }
+        guard info.hasLiveTable else {
+            throw SnapshotError(.notAVolume, operation, "\(info.name) has no live table (it is not active)")
+        }
+        if info.isSuspended {
+            throw SnapshotError(.inUse, operation, "\(info.name) is suspended", hint: "resume it (`dmsetup resume \(info.name)`) or run `guard recover`")
+        }
+        if info.hasInactiveTable {
+            throw SnapshotError(.inUse, operation, "\(info.name) has an inactive table loaded (another tool is changing it)", hint: "run `guard recover` or `dmsetup clear \(info.name)`")
+        }
+        if let (identity, layer) = StackIdentity.parse(uuid: info.uuid) {
+            throw SnapshotError(.alreadySnapshotted, operation, "\(info.name) is guard's own \(layer.rawValue) layer of run \(identity.runToken)")
+        }
+        let table = try dm.table(ref)
+        for line in table.lines {
+            switch line.target {
+            case .snapshotOrigin:
+                throw SnapshotError(
+                    .alreadySnapshotted, operation, "\(info.name) already has a snapshot (its table is snapshot-origin)",
+                    hint: "commit or roll back the earlier run (`guard status`), or remove the LVM snapshot (`lvs`)")
+            case .snapshotMerge:
+                throw SnapshotError(.mergeInProgress, operation, "\(info.name) is merging a snapshot", hint: "wait for it (`guard status --wait`)")
+            case .snapshot:
+                throw SnapshotError(.notAVolume, operation, "\(info.name) is itself a snapshot")
+            default: continue
+            }
+        }
+        return Origin(info: info, table: table)
+    }
+
+    /// Whether `directory`'s filesystem lives on `origin` or on something stacked over it.
+    public static func isOnDevice(_ directory: String, _ origin: DeviceNumber) -> Bool {
+        guard let device = try? BlockDevices.filesystemDevice(of: directory) else { return false }
+        return device == origin || BlockDevices.allLowerDevices(of: device).contains(origin)
+    }
+
+    // MARK: Taking a snapshot set
+
+    /// Prepares the stacks of a snapshot set without suspending anything: COW storage with its
+    /// label, `-cow` live, `-real` and `-snap` loaded, the origins' inactive tables `snapshot-origin`.
+    ///
+    /// - Parameters:
+    ///   - requests: one per volume, in recipe order (the suspend order).
+    ///   - token: the run's token, in every layer's UUID.
+    /// - Returns: a prepared set that must be taken or abandoned.
+    /// - Throws: `SnapshotError` for refusals (nothing is left behind), `DeviceMapperError` or
+    ///   `BlockDeviceError` from the kernel (what was built is torn down first).
+    public func prepare(_ requests: [VolumeRequest], token: String) throws -> PreparedSnapshotSet {
+        var origins: [Origin] = []
+        for request in requests {
+            let origin = try inspectOrigin(request.origin)
+            if origins.contains(where: { $0.info.number == origin.info.number }) {
+                throw SnapshotError(.other, "snapshot of \(request.origin)", "the volume is named twice")
+            }
+            origins.append(origin)
+        }
+        // Refusals first, so a refused set touches nothing.
+        var plans: [(Origin, VolumeRequest, CowStorage, UInt64)] = []
+        for (index, (origin, request)) in zip(origins, requests).enumerated() {
+            let geometry = CowGeometry(chunkSectors: request.chunkSectors)
+            let area = request.size.resolve(originBytes: origin.bytes, geometry: geometry)
+            let operation = "snapshot of \(origin.info.path)"
+            switch request.storage {
+            case .fileIn(let directory):
+                for other in origins where Self.isOnDevice(directory, other.info.number) {
+                    throw SnapshotError(
+                        .cowOnOrigin, operation,
+                        "the COW file would live in \(directory), on \(other.info.path), a volume of this snapshot set (a rollback would roll the COW back too)",
+                        hint: "put the COW on another filesystem (`cow:` in the recipe, or --state-dir)")
+                }
+                let storageBytes = area + CowLabel.areaOffset
+                let free = try freeSpace(at: directory)
+                if free < storageBytes + (16 << 20) {
+                    throw SnapshotError(
+                        .noSpace, operation,
+                        "the COW needs \(formatBytes(storageBytes)) in \(directory), which has \(formatBytes(free)) free",
+                        hint: "free space, choose a smaller snapshot size, or put the COW elsewhere")
+                }
+                let path = "\(directory)/\(token)-\(index).cow"
+                plans.append((origin, request, .file(path: path), storageBytes))
+            case .blockDevice(let path):
+                let number: DeviceNumber
+                do { number = try BlockDevices.deviceNumber(of: path) } catch {
+                    throw SnapshotError(.other, operation, "COW device: \(error)")
+                }
+                for other in origins where number == other.info.number || BlockDevices.allLowerDevices(of: number).contains(other.info.number) {
+                    throw SnapshotError(.cowOnOrigin, operation, "the COW device \(path) is stacked on \(other.info.path), a volume of this snapshot set")
+                }
+                if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
+                    throw SnapshotError(.inUse, operation, "the COW device \(path) is mounted or in use", hint: "name an unused device: guard overwrites it")
+                }
+                let size = try BlockDevices.size(of: path)
+                if size < area + CowLabel.areaOffset {
+                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(size)), the snapshot needs \(formatBytes(area + CowLabel.areaOffset))")
+                }
+                plans.append((origin, request, .blockDevice(path: path), size))
+            }
+        }
+
+        var stacks: [SnapshotStack] = []
+        var handles: [LoopHandle] = []
+        do {
+            for (index, (origin, request, storage, storageBytes)) in plans.enumerated() {
+                let stack = SnapshotStack(
+                    identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
+                    originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
+                    originTable: origin.table.description, storage: storage, storageBytes: storageBytes,
+                    chunkSectors: request.chunkSectors)
+                stacks.append(stack)
+                let handle = try build(stack, origin: origin)
+                if let handle { handles.append(handle) }
+            }
+        } catch {
+            log?("preparing the snapshot set failed (\(error)); removing what was built")
+            for stack in stacks.reversed() { try? drop(stack) }
+            throw error
+        }
+        return PreparedSnapshotSet(engine: self, stacks: stacks, handles: handles)
+    }
+
+    /// Builds one stack up to the inactive origin table; returns the COW loop handle to keep
+    /// until the snapshot holds the loop device.
+    private func build(_ stack: SnapshotStack, origin: Origin) throws -> LoopHandle? {
+        let now = Int64(Date().timeIntervalSince1970)
+        var label = stack.label(state: .preparing, createdAt: now)
+        var handle: LoopHandle?
+        let cowDevice: DeviceNumber
+        switch stack.storage {
+        case .file(let path):
+            log?("creating COW file \(path) (\(formatBytes(stack.storageBytes)), preallocated)")
+            let file = try RawFile(path: path, create: true, exclusive: true)
+            if !(try Self.preallocate(file, from: 0, length: stack.storageBytes)) {
+                log?("warning: \(path)'s filesystem cannot preallocate; the COW file is sparse")
+            }
+            try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
+            try label.write(to: file)
+            CrashPoint.hit("prepare.cow-file")
+            let loop = try LoopDevice.attach(file: path, autoclear: true)
+            handle = loop
+            cowDevice = loop.device.number
+        case .blockDevice(let path):
+            let file = try RawFile(path: path)
+            try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
+            try label.write(to: file)
+            cowDevice = try BlockDevices.deviceNumber(of: path)
+        }
+        let areaSectors = stack.areaBytes / 512
+        let cow = try dm.create(
+            name: stack.cowName, uuid: stack.identity.uuid(.cow),
+            table: Table(.linear(device: cowDevice, offset: CowLabel.areaOffsetSectors), length: areaSectors),
+            udevFlags: .hidden)
+        CrashPoint.hit("prepare.cow-live")
+        let real = try dm.create(name: stack.realName, uuid: stack.identity.uuid(.real))
+        try dm.load(.uuid(stack.identity.uuid(.real)), table: origin.table, readOnly: origin.info.isReadOnly)
+        CrashPoint.hit("prepare.real-loaded")
+        _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
+        try dm.load(
+            stack.ref(.snap),
+            table: Table(
+                .snapshot(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors),
+                length: stack.originSectors))
+        CrashPoint.hit("prepare.snap-loaded")
+        try dm.load(
+            .number(origin.info.number), table: Table(.snapshotOrigin(device: real.number), length: stack.originSectors),
+            readOnly: origin.info.isReadOnly)
+        CrashPoint.hit("prepare.origin-loaded")
+        // The label says "active" before the window: a power loss after the window must
+        // find a snapshot to reassemble (if the window never happened, recovery drops it).
+        label.state = .active
+        try label.write(to: stack.storage.path)
+        log?("prepared \(stack.snapName): -real \(real.number), -cow \(cow.number), chunk \(stack.chunkSectors * 512 / 1024) KiB")
+        return handle
+    }
+
+    /// The critical window: suspend every origin (flush, freeze), resume every `-real`, every
+    /// `-snap`, then every origin. Nothing is logged, journaled, executed or read from a
+    /// filesystem in between; memory is locked and the watchdog armed.
+    ///
+    /// - Returns: the window's length in microseconds, first suspend to last resume.
+    func take(_ stacks: [SnapshotStack]) throws -> UInt64 {
+        // Everything the window needs is computed before it.
+        let origins = stacks.map { DeviceRef.number($0.originNumber) }
+        let reals = stacks.map { $0.ref(.real) }
+        let snaps = stacks.map { $0.ref(.snap) }
+        for stack in stacks {
+            // Less to flush inside the window.
+            for mount in Mounts.mountPoints(of: stack.originNumber) { try? FileSystems.sync(mount.target) }
+        }
+        let batch = UdevBatch()
+        try watchdog?.arm(resumeInOrder: reals + snaps + origins, timeout: watchdogTimeout)
+        var memoryLocked = true
+        do { try Memory.lockAll() } catch { memoryLocked = false }
+        DeviceMapper.holdLog()
+
+        let clock = ContinuousClock()
+        let start = clock.now
+        var suspended: [DeviceRef] = []
+        var failure: (any Error)?
+        do {
+            for origin in origins {
+                try dm.suspend(origin, flush: true, lockFileSystem: true)
+                suspended.append(origin)
+            }
+            CrashPoint.hit("window.suspended")
+            for real in reals { try dm.resume(real, udevFlags: .hidden, batch: batch) }
+            CrashPoint.hit("window.real-resumed")
+            for snap in snaps { try dm.resume(snap, udevFlags: [.hidden, .lowPriority], batch: batch) }
+            CrashPoint.hit("window.snap-resumed")
+            for origin in origins {
+                try dm.resume(origin, batch: batch)
+                suspended.removeFirst()
+            }
+        } catch {
+            failure = error
+            // Origins still suspended go back to their own table: drop the swap, then resume.
+            for origin in suspended {
+                try? dm.clearInactiveTable(origin)
+                try? dm.resume(origin, batch: batch)
+            }
+        }
+        let end = clock.now
+
+        watchdog?.disarm()
+        if memoryLocked { Memory.unlockAll() }
+        DeviceMapper.releaseLog()
+        batch.finish()
+        if !memoryLocked { log?("warning: could not lock guard's memory for the suspend window") }
+        if let failure { throw failure }
+        let elapsed = end - start
+        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+    }
+
+    // MARK: Dropping a snapshot (commit, or undoing a preparation)
+
+    /// Drops the snapshot and keeps the origin's current data: the origin goes back to its
+    /// own table, then `-snap`, `-real`, `-cow` and the COW storage are removed.
+    ///
+    /// Idempotent, and correct for a stack in any state before a merge: never taken,
+    /// half-built, live, or half-dropped by a crash.
+    /// - Throws: `.mergeInProgress` when the origin is merging (finish that instead),
+    ///   `.inUse` when the snapshot is mounted.
+    public func drop(_ stack: SnapshotStack) throws {
+        let operation = "commit of \(stack.originName)"
+        let real = try dm.info(stack.ref(.real))
+        let snap = try dm.info(stack.ref(.snap))
+        if let origin = try dm.info(stack.originRef) {
+            let live = try dm.table(.number(origin.number))
+            if live.isOnly("snapshot-merge") {
+                throw SnapshotError(.mergeInProgress, operation, "\(origin.name) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
+            }
+            if origin.hasInactiveTable {
+                let inactive = try dm.table(.number(origin.number), inactive: true)
+                if let real, inactive.devices.contains(real.number) || inactive.isOnly("snapshot-origin") {
+                    try dm.clearInactiveTable(.number(origin.number))  // a swap that never happened
+                }
+            }
+            if case .snapshotOrigin(let device)? = live.lines.first?.target, live.lines.count == 1,
+                real == nil || device == real?.number
+            {
+                if let snap, snap.openCount > 0 {
+                    throw SnapshotError(
+                        .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
+                        hint: "unmount it first")
+                }
+                let own: Table
+                if let real { own = try dm.table(.number(real.number)) } else { own = try Table(parsing: stack.originTable) }
+                try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
+                CrashPoint.hit("commit.origin-loaded")
+                try withSuspended([.number(origin.number)] + (snap.map { [DeviceRef.number($0.number)] } ?? [])) {
+                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
+                    if let snap { try dm.suspend(.number(snap.number), flush: true, lockFileSystem: false) }
+                    CrashPoint.hit("commit.suspended")
+                    try dm.resume(.number(origin.number))
+                }
+                log?("\(origin.name) is back on its own table")
+            } else if origin.isSuspended {
+                try dm.resume(.number(origin.number))  // left suspended by a crash, own table
+            }
+        }
+        CrashPoint.hit("commit.origin-restored")
+        try removeLayers(stack, [.snap, .real, .cow])
+        CrashPoint.hit("commit.layers-removed")
+        try releaseStorage(stack)
+    }
+
+    /// Reserves space for a COW file; where the filesystem cannot (EOPNOTSUPP) the file is
+    /// only grown, sparse. Returns whether the space is reserved.
+    static func preallocate(_ file: borrowing RawFile, from offset: UInt64, length: UInt64) throws -> Bool {
+        do {
+            try file.allocate(offset: offset, length: length)
+            return true
+        } catch {
+            guard error.errno == EOPNOTSUPP else { throw error }
+            try file.truncate(to: offset + length)
+            return false
+        }
+    }
+
+    /// Suspends inside `body` with the watchdog armed to resume `resumeOrder` if guard dies.
+    private func withSuspended(_ resumeOrder: [DeviceRef], _ body: () throws -> Void) throws {
+        try watchdog?.arm(resumeInOrder: resumeOrder, timeout: watchdogTimeout)
+        DeviceMapper.holdLog()
+        defer {
+            watchdog?.disarm()
+            DeviceMapper.releaseLog()
+        }
+        do {
+            try body()
+        } catch {
+            for device in resumeOrder { try? dm.resume(device) }
+            throw error
+        }
+    }
+
+    private func removeLayers(_ stack: SnapshotStack, _ layers: [StackIdentity.Layer]) throws {
+        for layer in layers where try dm.info(stack.ref(layer)) != nil {
+            try dm.remove(stack.ref(layer))
+            log?("removed \(stack.identity.uuid(layer))")
+        }
+    }
+
+    /// Wipes the label and the kernel header, detaches a loop device still bound to the
+    /// file and deletes it. Idempotent.
+    func releaseStorage(_ stack: SnapshotStack) throws {
+        let path = stack.storage.path
+        guard FileManager.default.fileExists(atPath: path) else { return }
+        if var label = try? CowLabel.read(from: path), label.identity == stack.identity {
+            label.state = .released
+            try label.write(to: path)
+        }
+        if stack.storage.isFile {
+            for loop in LoopDevice.find(backingFile: path) { try? loop.detach() }
+        }
+        try CowLabel.wipe(path)
+        if stack.storage.isFile {
+            try FileManager.default.removeItem(atPath: path)
+            log?("deleted COW file \(path)")
+        }
+    }
+
+    // MARK: Status, watching and extending
+
+    /// The snapshot's state as the kernel reports it.
+    public func health(_ stack: SnapshotStack) throws -> SnapshotHealth {
+        SnapshotHealth(status: try dm.snapshotStatus(stack.ref(.snap)))
+    }
+
+    /// Grows a file-backed COW to `storageBytes`: the file (preallocated), the loop device's
+    /// capacity, then `-cow`'s table. The kernel's exception store sees the new size at once.
+    ///
+    /// - Returns: the stack with its new size.
+    /// - Throws: `.notExtendable` for a block-device COW or a smaller size.
+    public func extend(_ stack: SnapshotStack, to storageBytes: UInt64) throws -> SnapshotStack {
+        let operation = "extension of the COW of \(stack.originName)"
+        guard case .file(let path) = stack.storage else {
+            throw SnapshotError(.notExtendable, operation, "its COW is the block device \(stack.storage.path)")
+        }
+        guard storageBytes > stack.storageBytes else { return stack }
+        let free = try freeSpace(at: (path as NSString).deletingLastPathComponent)
+        guard free > storageBytes - stack.storageBytes + (16 << 20) else {
+            throw SnapshotError(.noSpace, operation, "growing by \(formatBytes(storageBytes - stack.storageBytes)) needs more than the \(formatBytes(free)) free")
+        }
+        let file = try RawFile(path: path)
+        _ = try Self.preallocate(file, from: stack.storageBytes, length: storageBytes - stack.storageBytes)
+        let cowTable = try dm.table(stack.ref(.cow))
+        guard case .linear(let loopNumber, let offset)? = cowTable.lines.first?.target else {
+            throw SnapshotError(.layerMissing, operation, "\(stack.cowName) is not a linear device")
+        }
+        if let loop = LoopDevice.all().first(where: { $0.number == loopNumber }) {
+            try loop.refreshCapacity()
+        }
+        var grown = stack
+        grown.storageBytes = storageBytes
+        try dm.load(stack.ref(.cow), table: Table(.linear(device: loopNumber, offset: offset), length: grown.areaBytes / 512))
+        try withSuspended([stack.ref(.cow)]) {
+            try dm.suspend(stack.ref(.cow), flush: true, lockFileSystem: false)
+            try dm.resume(stack.ref(.cow))
+        }
+        if var label = try CowLabel.read(from: path) {
+            label.storageBytes = storageBytes
+            try label.write(to: path)
+        }
+        log?("grew the COW of \(stack.originName) to \(formatBytes(grown.areaBytes))")
+        return grown
+    }
+
+    // MARK: Merging back (rollback)
+
+    /// Starts merging the snapshot back into the origin. From the moment this returns, reads
+    /// of the origin show the snapshot's data, so it can be mounted again while the kernel
+    /// copies chunks back underneath.
+    ///
+    /// - Precondition: neither the origin nor the snapshot is mounted or open.
+    /// - Throws: `.invalidSnapshot` when the kernel invalidated the snapshot (the rollback is
+    ///   impossible, the volume keeps the upgraded data); `.inUse` when mounted.
+    public func startMerge(_ stack: SnapshotStack) throws {
+        let operation = "rollback of \(stack.originName)"
+        let origin = try requireOrigin(stack, operation)
+        let live = try dm.table(.number(origin.number))
+        if live.isOnly("snapshot-merge") {
+            log?("\(origin.name) is already merging")
+            return
+        }
+        guard let real = try dm.info(stack.ref(.real)), let snap = try dm.info(stack.ref(.snap)),
+            case .snapshotOrigin(let device)? = live.lines.first?.target, device == real.number
+        else {
+            throw SnapshotError(.layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))", hint: "run `guard recover`")
+        }
+        let status = try dm.snapshotStatus(.number(snap.number))
+        guard status.isRestorable else {
+            throw SnapshotError(
+                .invalidSnapshot, operation,
+                "the snapshot is \(status) (\(status == .overflow ? "written past its COW" : "its COW filled up or failed")); its old data is lost, so the volume keeps the upgraded data",
+                hint: "restore from a backup if the upgraded data is bad")
+        }
+        if origin.openCount > 0 {
+            let mounts = Mounts.mountPoints(of: origin.number).map(\.target)
+            throw SnapshotError(.inUse, operation, "\(origin.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first: a merge must not start under a mounted filesystem")
+        }
+        if snap.openCount > 0 {
+            throw SnapshotError(.inUse, operation, "the snapshot \(snap.path) is open", hint: "unmount it first")
+        }
+        let cow = try dm.requireInfo(stack.ref(.cow))
+        if var label = try CowLabel.read(from: stack.storage.path) {
+            label.state = .merging
+            try label.write(to: stack.storage.path)
+        }
+        CrashPoint.hit("merge.label-merging")
+        do {
+            try dm.load(
+                .number(origin.number),
+                table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
+                readOnly: origin.isReadOnly)
+            CrashPoint.hit("merge.origin-loaded")
+            try dm.load(.number(snap.number), table: Table(.error, length: stack.originSectors))
+            CrashPoint.hit("merge.snap-loaded")
+        } catch {
+            try? dm.clearInactiveTable(.number(origin.number))
+            try? dm.clearInactiveTable(.number(snap.number))
+            if var label = try? CowLabel.read(from: stack.storage.path) {
+                label.state = .active
+                try? label.write(to: stack.storage.path)
+            }
+            throw error
+        }
+        try withSuspended([.number(origin.number), .number(snap.number)]) {
+            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: false)
+            try dm.suspend(.number(snap.number), flush: true, lockFileSystem: false)
+            CrashPoint.hit("merge.suspended")
+            try dm.resume(.number(origin.number))  // the kernel hands the exceptions over
+            try dm.resume(.number(snap.number))
+        }
+        CrashPoint.hit("merge.handed-over")
+        try dm.remove(.number(snap.number))
+        log?("\(origin.name) is merging its snapshot back")
+    }
+
+    /// Where a merge stands, from the origin's snapshot-merge status.
+    public func mergeState(_ stack: SnapshotStack) throws -> MergeState {
+        let origin = try requireOrigin(stack, "merge status of \(stack.originName)")
+        let live = try dm.table(.number(origin.number))
+        if live.isOnly("snapshot-merge") {
+            let status = try dm.snapshotStatus(.number(origin.number))
+            switch status {
+            case .active(let usage):
+                return usage.isMergeComplete ? .complete : .merging(remainingSectors: usage.dataSectors, usage: usage)
+            default:
+                return .failed(status)
+            }
+        }
+        if try dm.info(stack.ref(.real)) == nil && !live.isOnly("snapshot-origin") { return .finished }
+        throw SnapshotError(.layerMissing, "merge status of \(stack.originName)", "\(origin.name) is not merging (its table is \(live.lines.first?.target.typeName ?? "empty"))")
+    }
+
+    /// Tears a finished merge down: the origin back on its own table, `-real`, `-cow` and the
+    /// COW storage removed. Refuses unless the kernel reports the merge complete.
+    public func finishMerge(_ stack: SnapshotStack) throws {
+        let operation = "teardown of the merge into \(stack.originName)"
+        switch try mergeState(stack) {
+        case .finished:
+            try removeLayers(stack, [.snap, .real, .cow])
+            try releaseStorage(stack)
+            return
+        case .merging(let remaining, _):
+            throw SnapshotError(.mergeInProgress, operation, "\(formatBytes(remaining * 512)) are still to merge")
+        case .failed(let status):
+            throw SnapshotError(.mergeFailed, operation, "the kernel reports the merge as \(status)", hint: "see `dmesg`; fix the I/O error, then run `guard recover`")
+        case .complete:
+            break
+        }
+        let origin = try requireOrigin(stack, operation)
+        let real = try dm.requireInfo(stack.ref(.real))
+        let own = try dm.table(.number(real.number))
+        try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
+        CrashPoint.hit("finish.origin-loaded")
+        try withSuspended([.number(origin.number)]) {
+            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
+            // Checked again with the origin quiet: the merge must really be complete.
+            if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
+                try dm.clearInactiveTable(.number(origin.number))
+                throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
+            }
+            try dm.resume(.number(origin.number))
+        }
+        CrashPoint.hit("finish.origin-restored")
+        try removeLayers(stack, [.snap, .real, .cow])
+        CrashPoint.hit("finish.layers-removed")
+        try releaseStorage(stack)
+        log?("the merge into \(origin.name) is complete and torn down")
+    }
+
+    private func requireOrigin(_ stack: SnapshotStack, _ operation: String) throws -> DeviceInfo {
+        guard let origin = try dm.info(stack.originRef) else {
+            throw SnapshotError(.originNotFound, operation, "the origin \(stack.originName) (\(stack.originUUID)) is not active", hint: "activate it (`lvchange -ay`, `guard volume activate`) and run `guard recover`")
+        }
+        return origin
+    }
+}
+
+/// Marks a ~Copyable value as finished, so its deinit knows a consuming method ran
+/// (`discard self` needs trivially destroyed stored properties).
+final class Completion {
+    var done = false
+}
+
+/// A snapshot set whose layers are built and whose origins have `snapshot-origin` loaded
+/// but not live. It must be taken (the suspend window) or abandoned; dropping it
+/// without either (a bug) tears it down.
+public struct PreparedSnapshotSet: ~Copyable {
+    public let stacks: [SnapshotStack]
+    let engine: SnapshotEngine
+    let handles: [LoopHandle]
+    private let completion = Completion()
+
+    init(engine: SnapshotEngine, stacks: [SnapshotStack], handles: [LoopHandle]) {
+        self.engine = engine
+        self.stacks = stacks
+        self.handles = handles
+    }
+
+    /// Takes the snapshots: the critical window.
+    /// - Returns: the live set; its `suspendMicroseconds` is the window's length.
+    /// - Throws: after undoing everything, if the window failed.
+    public consuming func take() throws -> LiveSnapshotSet {
+        completion.done = true
+        do {
+            let window = try engine.take(stacks)
+            handles.forEach { $0.release() }  // the -cow layers hold the loop devices now
+            return LiveSnapshotSet(engine: engine, stacks: stacks, suspendMicroseconds: window)
+        } catch {
+            handles.forEach { $0.release() }
+            for stack in stacks.reversed() { try? engine.drop(stack) }
+            throw error
+        }
+    }
+
+    /// Removes everything `prepare` built; no origin was ever suspended.
+    public consuming func abandon() {
+        completion.done = true
+        handles.forEach { $0.release() }
+        for stack in stacks.reversed() { try? engine.drop(stack) }
+    }
+
+    deinit {
+        guard !completion.done else { return }
+        handles.forEach { $0.release() }
+        for stack in stacks.reversed() { try? engine.drop(stack) }
+    }
+}
+
+/// Live snapshots of a set of volumes, from one instant. The ways out are commit (drop the
+/// snapshots, keep the upgrade), rollback (merge them back) and keep (leave them for later).
+/// Dropped without one of them (a bug), the snapshots stay live, which is safe:
+/// `guard recover` and `guard status` find them by their GUARD- UUIDs.
+public struct LiveSnapshotSet: ~Copyable {
+    public let stacks: [SnapshotStack]
+    /// How long the origins were suspended to take the set (0 for a set attached later).
+    public let suspendMicroseconds: UInt64
+    let engine: SnapshotEngine
+
+    init(engine: SnapshotEngine, stacks: [SnapshotStack], suspendMicroseconds: UInt64 = 0) {
+        self.engine = engine
+        self.stacks = stacks
+        self.suspendMicroseconds = suspendMicroseconds
+    }
+
+    /// Drops the snapshots; the volumes keep their current data.
+    public consuming func commit() throws {
+        for stack in stacks { try engine.drop(stack) }
+    }
+
+    /// Starts merging every snapshot back (the volumes must be unmounted); returns the stacks
+    /// to watch with `mergeState` and finish with `finishMerge`.
+    public consuming func rollback() throws -> [SnapshotStack] {
+        for stack in stacks { try engine.startMerge(stack) }
+        return stacks
+    }
+
+    /// Leaves the snapshots in place for a later commit or rollback; returns what describes them.
+    public consuming func keep() -> [SnapshotStack] {
+        stacks
+    }
+
+    /// Re-attaches to snapshots taken earlier (a kept run), as found in the kernel.
+    public static func attach(_ stacks: [SnapshotStack], engine: SnapshotEngine) -> LiveSnapshotSet {
+        LiveSnapshotSet(engine: engine, stacks: stacks)
+    }
+}
+
+// MARK: - Rediscovery after a reboot
+
+/// What reassembly did with one COW storage.
+public enum ReassemblyResult: Sendable, Hashable {
+    /// The stack was rebuilt: a snapshot again, or a merge resumed.
+    case reassembled(SnapshotStack, merging: Bool)
+    /// The stack is already in the kernel.
+    case alreadyLive(SnapshotStack)
+    /// The storage held no snapshot that ever went live (or a released one); it was removed.
+    case discarded(String)
+}
+
+extension SnapshotEngine {
+    /// Rebuilds a snapshot stack from its COW storage and its origin after a reboot tore
+    /// the devices down; a merge that was under way resumes where it stopped (the kernel
+    /// reads the exceptions still in the COW).
+    ///
+    /// Must run before anything mounts or writes the origin, or the snapshot no longer
+    /// describes the origin's past (the boot unit orders it before local-fs-pre.target).
+    public func reassemble(_ storage: CowStorage) throws -> ReassemblyResult {
+        let operation = "reassembly from \(storage)"
+        guard let label = try CowLabel.read(from: storage.path) else {
+            if storage.isFile { try? FileManager.default.removeItem(atPath: storage.path) }
+            return .discarded("\(storage.path) has no guard label")
+        }
+        guard label.state == .active || label.state == .merging else {
+            let stack = try stackFromLabel(label, storage: storage, originNumber: DeviceNumber(major: 0, minor: 0))
+            try releaseStorage(stack)
+            return .discarded("\(storage.path) was \(label.state.rawValue): nothing to reassemble")
+        }
+        guard let origin = try dm.info(label.originUUID.isEmpty ? .name(label.originName) : .uuid(label.originUUID)) else {
+            throw SnapshotError(
+                .originNotFound, operation, "its origin \(label.originName) (\(label.originUUID)) is not active",
+                hint: "activate it without mounting it (`lvchange -ay`, `guard volume activate`), then run `guard recover`")
+        }
+        let stack = try stackFromLabel(label, storage: storage, originNumber: origin.number)
+        if try dm.info(stack.ref(.real)) != nil {
+            return .alreadyLive(stack)
+        }
+        let live = try dm.table(.number(origin.number))
+        guard live.lengthSectors == label.originSectors else {
+            throw SnapshotError(.labelMismatch, operation, "\(origin.name) has \(live.lengthSectors) sectors, the snapshot was of \(label.originSectors)")
+        }
+        guard !live.isOnly("snapshot-origin") && !live.isOnly("snapshot-merge") else {
+            throw SnapshotError(.alreadySnapshotted, operation, "\(origin.name) already has another snapshot")
+        }
+        guard let header = try KernelCowHeader.read(from: storage.path) else {
+            try releaseStorage(stack)
+            return .discarded("\(storage.path): the kernel never initialised the snapshot (it was never taken)")
+        }
+        let merging = label.state == .merging
+        if merging && !header.valid {
+            throw SnapshotError(.invalidSnapshot, operation, "the snapshot being merged is marked invalid in its COW header")
+        }
+
+        var handle: LoopHandle?
+        let cowDevice: DeviceNumber
+        if storage.isFile {
+            let loop = try LoopDevice.attach(file: storage.path, autoclear: true)
+            handle = loop
+            cowDevice = loop.device.number
+        } else {
+            cowDevice = try BlockDevices.deviceNumber(of: storage.path)
+        }
+        defer { handle?.release() }
+        do {
+            let cow = try dm.create(
+                name: stack.cowName, uuid: stack.identity.uuid(.cow),
+                table: Table(.linear(device: cowDevice, offset: CowLabel.areaOffsetSectors), length: stack.areaBytes / 512),
+                udevFlags: .hidden)
+            let real = try dm.create(name: stack.realName, uuid: stack.identity.uuid(.real))
+            try dm.load(stack.ref(.real), table: live, readOnly: origin.isReadOnly)
+            let batch = UdevBatch()
+            if merging {
+                try dm.load(
+                    .number(origin.number),
+                    table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: label.chunkSectors), length: label.originSectors),
+                    readOnly: origin.isReadOnly)
+                try withSuspendedForReassembly([stack.ref(.real), .number(origin.number)]) {
+                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
+                    try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: batch)
+                    try dm.resume(.number(origin.number), batch: batch)
+                }
+            } else {
+                _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
+                try dm.load(
+                    stack.ref(.snap),
+                    table: Table(.snapshot(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: label.chunkSectors), length: label.originSectors))
+                try dm.load(.number(origin.number), table: Table(.snapshotOrigin(device: real.number), length: label.originSectors), readOnly: origin.isReadOnly)
+                try withSuspendedForReassembly([stack.ref(.real), stack.ref(.snap), .number(origin.number)]) {
+                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
+                    try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: batch)
+                    try dm.resume(stack.ref(.snap), udevFlags: [.hidden, .lowPriority], batch: batch)
+                    try dm.resume(.number(origin.number), batch: batch)
+                }
+            }
+            batch.finish()
+        } catch {
+            try? dm.clearInactiveTable(.number(origin.number))
+            try? removeLayers(stack, [.snap, .real, .cow])
+            throw error
+        }
+        log?("reassembled \(merging ? "the merge into" : "the snapshot of") \(origin.name) from \(storage.path)")
+        return .reassembled(stack, merging: merging)
+    }
+
+    private func withSuspendedForReassembly(_ order: [DeviceRef], _ body: () throws -> Void) throws {
+        try watchdog?.arm(resumeInOrder: order, timeout: watchdogTimeout)
+        defer { watchdog?.disarm() }
+        do { try body() } catch {
+            try? dm.clearInactiveTable(order.last!)
+            try? dm.resume(order.last!)
+            throw error
+        }
+    }
+
+    /// The stack a label describes, with the origin's current number.
+    public func stackFromLabel(_ label: CowLabel, storage: CowStorage, originNumber: DeviceNumber) throws -> SnapshotStack {
+        SnapshotStack(
+            identity: label.identity, originName: label.originName, originUUID: label.originUUID,
+            originNumber: originNumber, originSectors: label.originSectors, originTable: label.originTable,
+            storage: storage, storageBytes: label.storageBytes, chunkSectors: label.chunkSectors)
+    }
+
+    /// COW files in `directory` (guard's `cow/` directory), for reassembly and orphan checks.
+    public static func cowFiles(in directory: String) -> [CowStorage] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.filter { $0.hasSuffix(".cow") }.sorted().map { .file(path: "\(directory)/\($0)") }
+    }
+}
