@@ -1,0 +1,318 @@
+import Foundation
+import Recipe
+import Subprocess
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a step ended.
+public enum StepTermination: Hashable, Sendable, Codable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32)
+    /// Killed after its timeout (TERM to its process group, KILL after the grace period).
+    case timedOut
+    /// Stopped because the run was interrupted (Ctrl-C) or the COW was about to fill.
+    case stopped(String)
+    /// Never started: missing program, unknown user, missing directory.
+    case failedToStart(String)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): return "exit \(code)"
+        case .signaled(let signal): return "killed by \(signalName(signal))"
+        case .timedOut: return "timed out"
+        case .stopped(let reason): return "stopped: \(reason)"
+        case .failedToStart(let reason): return "failed to start: \(reason)"
+        }
+    }
+}
+
+/// The result of one step, verify check or hook.
+public struct StepResult: Hashable, Sendable, Codable {
+    public var name: String
+    public var argv: [String]
+    public var termination: StepTermination
+    /// Wall-clock seconds from start to the end of the process group.
+    public var duration: Double
+    /// The last part of standard output and standard error (at most `StepRunner.tailBytes` each).
+    public var stdoutTail: String
+    public var stderrTail: String
+    public var outputBytes: UInt64
+
+    public var succeeded: Bool { termination == .exited(0) }
+
+    /// The exit code in the shell's convention: 128+signal for a signal, nil when it never ran.
+    public var exitCode: Int32? {
+        switch termination {
+        case .exited(let code): return code
+        case .signaled(let signal): return 128 + signal
+        case .timedOut, .stopped: return nil
+        case .failedToStart: return nil
+        }
+    }
+}
+
+/// A line a step printed, for the live view.
+public struct StepOutput: Sendable {
+    public enum Stream: String, Sendable { case stdout, stderr }
+    public var step: String
+    public var stream: Stream
+    public var text: String
+}
+
+/// Runs steps: argv directly (a shell only for `shell:`), in a session of their own so a
+/// timeout or Ctrl-C reaches every process they started, with a clean environment.
+public struct StepRunner: Sendable {
+    /// Bytes of each stream kept for the journal.
+    public var tailBytes = 16 << 10
+    /// Time between TERM and KILL.
+    public var killGrace: Duration = .seconds(5)
+    /// Receives output lines as they come (the terminal view).
+    public var onOutput: (@Sendable (StepOutput) -> Void)?
+
+    public init(tailBytes: Int = 16 << 10, killGrace: Duration = .seconds(5), onOutput: (@Sendable (StepOutput) -> Void)? = nil) {
+        self.tailBytes = tailBytes
+        self.killGrace = killGrace
+        self.onOutput = onOutput
+    }
+
+    /// The environment every command starts from: nothing of guard's own environment leaks in.
+    public static let baseEnvironment: [String: String] = [
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/root",
+        "USER": "root",
+        "LOGNAME": "root",
+        "SHELL": "/bin/sh",
+    ]
+
+    /// Runs `command` and waits for it and every process of its session.
+    ///
+    /// - Parameters:
+    ///   - environment: the full environment (base + recipe + step), see `environment(for:)`.
+    ///   - timeout: nil for none.
+    ///   - stop: polled while it runs; a non-nil reason stops the step (TERM, then KILL).
+    /// - Returns: the result; a step that cannot start is a failed result, not an error.
+    public func run(
+        _ command: Command, environment: [String: String], timeout: Duration?,
+        stop: (@Sendable () -> String?)? = nil
+    ) async -> StepResult {
+        let argv = command.invocation.arguments
+        let started = ContinuousClock.now
+        func failed(_ reason: String) -> StepResult {
+            StepResult(name: command.name, argv: argv, termination: .failedToStart(reason), duration: 0, stdoutTail: "", stderrTail: reason, outputBytes: 0)
+        }
+        if let directory = command.workingDirectory {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+                return failed("working directory \(directory) does not exist")
+            }
+        }
+        var platform = PlatformOptions()
+        platform.createSession = true
+        platform.teardownSequence = [.send(signal: .terminate, toProcessGroup: true, allowedDurationToNextStep: killGrace)]
+        var environment = environment
+        if let user = command.user {
+            guard let account = Account.lookUp(user) else { return failed("user '\(user)' does not exist") }
+            platform.userID = account.uid
+            platform.groupID = account.gid
+            platform.supplementaryGroups = account.groups
+            environment["HOME"] = account.home
+            environment["USER"] = account.name
+            environment["LOGNAME"] = account.name
+        }
+        guard let program = Self.resolve(argv[0], path: environment["PATH"] ?? "") else {
+            return failed("program '\(argv[0])' not found" + (argv[0].contains("/") ? "" : " in PATH (\(environment["PATH"] ?? ""))"))
+        }
+
+        let tails = TailBuffers(limit: tailBytes)
+        let outcome = OutcomeFlag()
+        let onOutput = self.onOutput
+        let name = command.name
+        let grace = killGrace
+        do {
+            let result = try await Subprocess.run(
+                .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
+                environment: .custom(environment.reduce(into: [:]) { $0[.init(stringLiteral: $1.key)] = $1.value }),
+                workingDirectory: command.workingDirectory.map { FilePath($0) }, platformOptions: platform,
+                input: .none, output: .sequence, error: .sequence
+            ) { execution in
+                await withTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        await Self.drain(execution.standardOutput, stream: .stdout, step: name, tails: tails, onOutput: onOutput)
+                    }
+                    group.addTask {
+                        await Self.drain(execution.standardError, stream: .stderr, step: name, tails: tails, onOutput: onOutput)
+                    }
+                    // The watchdog: timeout and stop requests end the whole session.
+                    group.addTask {
+                        let clock = ContinuousClock()
+                        let deadline = timeout.map { clock.now + $0 }
+                        while !Task.isCancelled {
+                            if let deadline, clock.now >= deadline {
+                                outcome.set(.timedOut)
+                            } else if let reason = stop?() {
+                                outcome.set(.stopped(reason))
+                            }
+                            if outcome.get() != nil {
+                                await execution.teardown(using: [.send(signal: .terminate, toProcessGroup: true, allowedDurationToNextStep: grace)])
+                                return
+                            }
+                            try? await Task.sleep(for: .milliseconds(50))
+                        }
+                    }
+                    await group.next()
+                    await group.next()
+                    group.cancelAll()
+                }
+            }
+            // Members of the session that outlived the leader are killed too.
+            kill(-result.processIdentifier.value, SIGKILL)
+            let termination: StepTermination
+            if let forced = outcome.get() {
+                termination = forced
+            } else {
+                switch result.terminationStatus {
+                case .exited(let code): termination = .exited(code)
+                case .signaled(let signal): termination = .signaled(signal)
+                }
+            }
+            let (out, err, bytes) = tails.snapshot()
+            return StepResult(name: command.name, argv: argv, termination: termination, duration: seconds(since: started), stdoutTail: out, stderrTail: err, outputBytes: bytes)
+        } catch {
+            return failed("\(error)")
+        }
+    }
+
+    private static func drain(
+        _ sequence: SubprocessOutputSequence, stream: StepOutput.Stream, step: String, tails: TailBuffers,
+        onOutput: (@Sendable (StepOutput) -> Void)?
+    ) async {
+        var pending: [UInt8] = []
+        do {
+            for try await buffer in sequence {
+                let bytes = buffer.withUnsafeBytes { Array($0) }
+                tails.append(bytes, to: stream)
+                guard let onOutput else { continue }
+                pending += bytes
+                while let newline = pending.firstIndex(of: 10) {
+                    onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending[..<newline], as: UTF8.self)))
+                    pending.removeSubrange(...newline)
+                }
+                if pending.count > 4096 {
+                    onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending, as: UTF8.self)))
+                    pending.removeAll()
+                }
+            }
+        } catch {}
+        if !pending.isEmpty, let onOutput {
+            onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending, as: UTF8.self)))
+        }
+    }
+
+    /// The program to execute: a path as given, or the first match in `path`.
+    static func resolve(_ program: String, path: String) -> String? {
+        if program.contains("/") { return access(program, X_OK) == 0 ? program : nil }
+        for directory in path.split(separator: ":") {
+            let candidate = "\(directory)/\(program)"
+            var info = stat()
+            if stat(candidate, &info) == 0, info.st_mode & S_IFMT == S_IFREG, access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
+    /// The environment of a command: guard's clean base, the recipe's, then the command's own,
+    /// then guard's facts about the run (GUARD_*).
+    public static func environment(recipe: [String: String], command: [String: String], run: [String: String]) -> [String: String] {
+        baseEnvironment.merging(recipe) { $1 }.merging(command) { $1 }.merging(run) { $1 }
+    }
+}
+
+func seconds(since start: ContinuousClock.Instant) -> Double {
+    let elapsed = ContinuousClock.now - start
+    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+}
+
+/// The last bytes of stdout and stderr, bounded whatever a step prints.
+final class TailBuffers: Sendable {
+    private struct State {
+        var out: [UInt8] = []
+        var err: [UInt8] = []
+        var total: UInt64 = 0
+    }
+    private let state = LockedValue(State())
+    private let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    func append(_ bytes: [UInt8], to stream: StepOutput.Stream) {
+        state.withLock { state in
+            state.total += UInt64(bytes.count)
+            switch stream {
+            case .stdout: Self.keep(&state.out, bytes, limit)
+            case .stderr: Self.keep(&state.err, bytes, limit)
+            }
+        }
+    }
+
+    private static func keep(_ buffer: inout [UInt8], _ bytes: [UInt8], _ limit: Int) {
+        if bytes.count >= limit {
+            buffer = Array(bytes.suffix(limit))
+        } else {
+            buffer.append(contentsOf: bytes)
+            if buffer.count > 2 * limit { buffer.removeFirst(buffer.count - limit) }
+        }
+    }
+
+    func snapshot() -> (String, String, UInt64) {
+        state.withLock { state in
+            (String(decoding: state.out.suffix(limit), as: UTF8.self), String(decoding: state.err.suffix(limit), as: UTF8.self), state.total)
+        }
+    }
+}
+
+/// A forced ending (timeout, stop) recorded by the watchdog task.
+final class OutcomeFlag: Sendable {
+    private let value = LockedValue<StepTermination?>(nil)
+    func set(_ termination: StepTermination) { value.withLock { if $0 == nil { $0 = termination } } }
+    func get() -> StepTermination? { value.withLock { $0 } }
+}
+
+/// A user to run a step as.
+struct Account {
+    var name: String
+    var uid: uid_t
+    var gid: gid_t
+    var home: String
+    var groups: [gid_t]
+
+    /// By name or numeric uid, from the passwd database.
+    static func lookUp(_ user: String) -> Account? {
+        var entry = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16384)
+        if let uid = uid_t(user) {
+            getpwuid_r(uid, &entry, &buffer, buffer.count, &result)
+        } else {
+            getpwnam_r(user, &entry, &buffer, buffer.count, &result)
+        }
+        guard let found = result?.pointee else { return nil }
+        let name = String(cString: found.pw_name)
+        var count: Int32 = 64
+        var groups = [UInt32](repeating: 0, count: 64)
+        if getgrouplist(found.pw_name, found.pw_gid, &groups, &count) < 0 { groups = [found.pw_gid]; count = 1 }
+        return Account(name: name, uid: found.pw_uid, gid: found.pw_gid, home: String(cString: found.pw_dir), groups: Array(groups.prefix(Int(count))))
+    }
+}
+
+/// "SIGTERM".
+public func signalName(_ signal: Int32) -> String {
+    let names: [Int32: String] = [
+        SIGHUP: "SIGHUP", SIGINT: "SIGINT", SIGQUIT: "SIGQUIT", SIGILL: "SIGILL", SIGABRT: "SIGABRT", SIGBUS: "SIGBUS",
+        SIGFPE: "SIGFPE", SIGKILL: "SIGKILL", SIGSEGV: "SIGSEGV", SIGPIPE: "SIGPIPE", SIGALRM: "SIGALRM", SIGTERM: "SIGTERM",
+        SIGUSR1: "SIGUSR1", SIGUSR2: "SIGUSR2",
+    ]
+    return names[signal] ?? "signal \(signal)"
+}

@@ -1,0 +1,182 @@
+/// A place in a recipe file, 1-based.
+public struct SourceLocation: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var line: Int
+    public var column: Int
+
+    public init(line: Int, column: Int) {
+        self.line = line
+        self.column = column
+    }
+
+    public var description: String { "\(line):\(column)" }
+}
+
+/// How a command runs: argv directly, or a shell when the recipe asks for one.
+public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
+    case argv([String])
+    /// Run by `/bin/sh -c`, with `set -e` semantics left to the script.
+    case shell(String)
+
+    /// The argv actually executed.
+    public var arguments: [String] {
+        switch self {
+        case .argv(let argv): return argv
+        case .shell(let script): return ["/bin/sh", "-c", script]
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .argv(let argv): return argv.map { $0.contains(" ") || $0.isEmpty ? "'\($0)'" : $0 }.joined(separator: " ")
+        case .shell(let script): return "sh -c '\(script)'"
+        }
+    }
+}
+
+/// A command of a recipe: a step, a verify check, or a hook.
+public struct Command: Hashable, Sendable, Codable {
+    public var name: String
+    public var invocation: Invocation
+    /// nil: the recipe's default timeout (or none for hooks).
+    public var timeout: Duration?
+    /// Added to the clean environment guard gives every command.
+    public var environment: [String: String]
+    public var workingDirectory: String?
+    /// A user name or numeric uid to run as (guard runs as root).
+    public var user: String?
+    public var location: SourceLocation
+
+    public init(
+        name: String, invocation: Invocation, timeout: Duration? = nil, environment: [String: String] = [:],
+        workingDirectory: String? = nil, user: String? = nil, location: SourceLocation = SourceLocation(line: 0, column: 0)
+    ) {
+        self.name = name
+        self.invocation = invocation
+        self.timeout = timeout
+        self.environment = environment
+        self.workingDirectory = workingDirectory
+        self.user = user
+        self.location = location
+    }
+}
+
+/// A snapshot size as written in a recipe.
+public enum SizeSpec: Hashable, Sendable, Codable, CustomStringConvertible {
+    case bytes(UInt64)
+    /// Percent of the origin volume.
+    case percent(Double)
+    /// Sized from the peak COW use of earlier runs of the recipe, with a margin.
+    case auto
+
+    public var description: String {
+        switch self {
+        case .bytes(let bytes): return Units.formatBytes(bytes)
+        case .percent(let percent): return "\(Units.trim(percent))%"
+        case .auto: return "auto"
+        }
+    }
+}
+
+/// Where a volume's COW storage lives.
+public enum CowLocation: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// A directory for the COW file (guard's state directory by default).
+    case directory(String)
+    /// A whole block device (its content is overwritten).
+    case device(String)
+
+    public var path: String {
+        switch self {
+        case .directory(let path), .device(let path): return path
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .directory(let path): return "a file in \(path)"
+        case .device(let path): return "the device \(path)"
+        }
+    }
+}
+
+/// When and by how much a file-backed COW grows during the steps.
+public struct ExtendSpec: Hashable, Sendable, Codable {
+    /// Fill fraction that triggers growth (0...1).
+    public var at: Double
+    public var by: SizeSpec
+    public var max: SizeSpec
+
+    public init(at: Double, by: SizeSpec, max: SizeSpec) {
+        self.at = at
+        self.by = by
+        self.max = max
+    }
+}
+
+/// One volume the recipe protects.
+public struct VolumeSpec: Hashable, Sendable, Codable {
+    /// As written: /dev/mapper/NAME, /dev/VG/LV, VG/LV, or a mount point.
+    public var device: String
+    /// Where the volume is mounted; nil: wherever it is mounted now (if at all).
+    public var mount: String?
+    public var size: SizeSpec
+    /// Chunk size in bytes; nil: guard's default (4 KiB).
+    public var chunkBytes: UInt64?
+    public var cow: CowLocation?
+    public var extend: ExtendSpec?
+    public var location: SourceLocation
+}
+
+/// What to do when the steps and verify checks succeed.
+public enum SuccessAction: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// Drop the snapshots: the upgrade is final.
+    case commit
+    /// Keep the snapshots for a later `guard rollback`; commit automatically after the duration (nil: never).
+    case keep(Duration?)
+
+    public var description: String {
+        switch self {
+        case .commit: return "commit"
+        case .keep(nil): return "keep"
+        case .keep(let duration?): return "keep \(Units.formatDuration(duration))"
+        }
+    }
+}
+
+/// What to do when a step or verify check fails.
+public enum FailureAction: String, Hashable, Sendable, Codable, CustomStringConvertible {
+    /// Merge the snapshots back: the volumes are as before the run.
+    case rollback
+    /// Keep the snapshots and the failed state for inspection; `guard rollback` or `guard commit` later.
+    case keep
+
+    public var description: String { rawValue }
+}
+
+/// A validated recipe.
+public struct Recipe: Hashable, Sendable, Codable {
+    public var name: String
+    public var description: String?
+    public var volumes: [VolumeSpec]
+    /// Run before the snapshot instant (stop or flush the service).
+    public var quiesce: [Command]
+    /// Run right after the snapshot instant, even if the snapshot failed.
+    public var resume: [Command]
+    public var steps: [Command]
+    public var verify: [Command]
+    public var onSuccess: SuccessAction
+    public var onFailure: FailureAction
+    /// Around a rollback: stop the services using the volumes, start them once remounted.
+    public var rollbackStop: [Command]
+    public var rollbackStart: [Command]
+    /// Given to every command of the recipe.
+    public var environment: [String: String]
+    /// For steps and verify checks without a timeout of their own.
+    public var defaultTimeout: Duration?
+    /// Fill at which a COW that cannot grow stops the steps (0...1).
+    public var stopAtFill: Double
+
+    /// The file's text and its SHA-256, for the journal.
+    public var text: String
+    public var sha256: String
+    public var path: String
+}

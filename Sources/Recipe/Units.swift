@@ -1,0 +1,120 @@
+/// Sizes and durations as admins write them in recipes.
+public enum Units {
+    /// Parses a size: `25M`, `25MiB`, `1.5G`, `512K`, `100MB` (decimal), `4096B`.
+    /// K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024 (as in lvm2); KB/MB/GB/TB powers of 1000.
+    /// - Returns: bytes, or nil with the reason.
+    public static func parseSize(_ text: String) -> Result<UInt64, UnitError> {
+        let trimmed = text.trimmed
+        guard !trimmed.isEmpty else { return .failure(UnitError("an empty size")) }
+        let numberPart = trimmed.prefix { $0.isNumber || $0 == "." }
+        let unit = trimmed.dropFirst(numberPart.count).trimmed.lowercased()
+        guard let value = Double(numberPart), value >= 0 else {
+            return .failure(UnitError("'\(trimmed)' is not a size", hint: "write a number and a unit, like 25M or 2G"))
+        }
+        let factors: [String: Double] = [
+            "b": 1, "k": 1024, "kib": 1024, "m": Double(1 << 20), "mib": Double(1 << 20), "g": Double(1 << 30), "gib": Double(1 << 30),
+            "t": Double(1 << 40), "tib": Double(1 << 40), "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+        ]
+        if unit.isEmpty {
+            return .failure(UnitError("the size '\(trimmed)' has no unit", hint: "did you mean \(numberPart)M? (units: K, M, G, T; B for bytes)"))
+        }
+        guard let factor = factors[unit] else {
+            return .failure(UnitError("unknown size unit '\(unit)' in '\(trimmed)'", hint: "use K, M, G, T (powers of 1024), KB, MB, GB (powers of 1000) or B"))
+        }
+        let bytes = value * factor
+        guard bytes < 1.8e19 else { return .failure(UnitError("the size '\(trimmed)' is too large")) }
+        return .success(UInt64(bytes.rounded(.up)))
+    }
+
+    /// Parses a duration: `30s`, `10m`, `2h`, `1d`, `1h30m`, `500ms`.
+    public static func parseDuration(_ text: String) -> Result<Duration, UnitError> {
+        let trimmed = text.trimmed.lowercased()
+        guard !trimmed.isEmpty else { return .failure(UnitError("an empty duration")) }
+        if trimmed.allSatisfy({ $0.isNumber || $0 == "." }) {
+            return .failure(UnitError("the duration '\(trimmed)' has no unit", hint: "did you mean \(trimmed)s or \(trimmed)m? (units: ms, s, m, h, d)"))
+        }
+        var total: Double = 0
+        var rest = Substring(trimmed)
+        while !rest.isEmpty {
+            let number = rest.prefix { $0.isNumber || $0 == "." }
+            rest = rest.dropFirst(number.count)
+            let unit = rest.prefix { $0.isLetter }
+            rest = rest.dropFirst(unit.count)
+            guard let value = Double(number) else {
+                return .failure(UnitError("'\(text.trimmed)' is not a duration", hint: "write it like 30s, 10m, 2h or 1h30m"))
+            }
+            let seconds: Double
+            switch unit {
+            case "ms": seconds = value / 1000
+            case "s", "sec", "secs", "second", "seconds": seconds = value
+            case "m", "min", "mins", "minute", "minutes": seconds = value * 60
+            case "h", "hour", "hours": seconds = value * 3600
+            case "d", "day", "days": seconds = value * 86400
+            case "w", "week", "weeks": seconds = value * 604800
+            default:
+                return .failure(UnitError("unknown duration unit '\(unit)' in '\(text.trimmed)'", hint: "use ms, s, m, h, d or w"))
+            }
+            total += seconds
+        }
+        return .success(.milliseconds(Int64((total * 1000).rounded())))
+    }
+
+    /// Parses a percentage `80%` (returns 80).
+    public static func parsePercent(_ text: String) -> Double? {
+        let trimmed = text.trimmed
+        guard trimmed.hasSuffix("%"), let value = Double(trimmed.dropLast().trimmed), value > 0, value <= 100 else { return nil }
+        return value
+    }
+
+    /// "25.0 MiB".
+    public static func formatBytes(_ bytes: UInt64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(bytes)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(bytes) B" : "\(trim(value)) \(units[unit])"
+    }
+
+    /// "1h30m", "10m", "45s", "250ms".
+    public static func formatDuration(_ duration: Duration) -> String {
+        let totalMilliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        if totalMilliseconds < 1000 { return "\(totalMilliseconds)ms" }
+        var seconds = totalMilliseconds / 1000
+        var parts: [String] = []
+        for (unit, size) in [("d", Int64(86400)), ("h", 3600), ("m", 60)] where seconds >= size {
+            parts.append("\(seconds / size)\(unit)")
+            seconds %= size
+        }
+        if seconds > 0 || parts.isEmpty { parts.append("\(seconds)s") }
+        return parts.joined()
+    }
+
+    /// A number with at most one decimal and no trailing ".0".
+    public static func trim(_ value: Double) -> String {
+        let tenths = (value * 10).rounded()
+        if tenths.truncatingRemainder(dividingBy: 10) == 0 { return "\(Int64(tenths / 10))" }
+        return "\(Int64(tenths) / 10).\(abs(Int64(tenths) % 10))"
+    }
+}
+
+/// Why a size or duration did not parse, and how to fix it.
+public struct UnitError: Error, Hashable, Sendable {
+    public var message: String
+    public var hint: String?
+    init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
+}
+
+extension StringProtocol {
+    var trimmed: String {
+        var slice = Substring(self)
+        while let first = slice.first, first.isWhitespace { slice.removeFirst() }
+        while let last = slice.last, last.isWhitespace { slice.removeLast() }
+        return String(slice)
+    }
+}

@@ -1,0 +1,135 @@
+import Engine
+import Foundation
+import Recipe
+import Testing
+
+func shellStep(_ script: String, name: String = "step", user: String? = nil, cwd: String? = nil) -> Command {
+    Command(name: name, invocation: .shell(script), workingDirectory: cwd, user: user)
+}
+
+let plainEnvironment = StepRunner.environment(recipe: [:], command: [:], run: [:])
+
+/// Lines a step printed, collected from the runner's threads.
+final class Lines: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var lines: [StepOutput] = []
+    func append(_ line: StepOutput) { lock.withLock { lines.append(line) } }
+    var all: [StepOutput] { lock.withLock { lines } }
+}
+
+@Suite("step runner")
+struct StepRunnerTests {
+    @Test("exit codes are reported", arguments: [0, 1, 3, 42])
+    func exitCodes(code: Int32) async {
+        let result = await StepRunner().run(shellStep("exit \(code)"), environment: plainEnvironment, timeout: nil)
+        #expect(result.termination == .exited(code))
+        #expect(result.succeeded == (code == 0))
+        #expect(result.exitCode == code)
+    }
+
+    @Test("a step killed by a signal reports the signal")
+    func signals() async {
+        let result = await StepRunner().run(shellStep("kill -SEGV $$"), environment: plainEnvironment, timeout: nil)
+        #expect(result.termination == .signaled(SIGSEGV))
+        #expect(result.termination.description == "killed by SIGSEGV")
+        #expect(result.exitCode == 128 + SIGSEGV)
+    }
+
+    @Test("a timeout kills the whole process group, grandchildren included")
+    func timeoutKillsGrandchildren() async throws {
+        let marker = "\(Int.random(in: 100_000...999_999))"
+        let script = "sleep 300.\(marker) & (sleep 301.\(marker) &) ; sleep 302.\(marker); wait"
+        let started = Date()
+        let result = await StepRunner(killGrace: .seconds(2)).run(shellStep(script), environment: plainEnvironment, timeout: .milliseconds(800))
+        #expect(result.termination == .timedOut)
+        #expect(Date().timeIntervalSince(started) < 10)
+        try await Task.sleep(for: .milliseconds(300))
+        let survivors = pgrep(marker)
+        #expect(survivors.isEmpty, "processes left behind: \(survivors)")
+    }
+
+    @Test("a step that ignores TERM is killed after the grace period")
+    func ignoresTerm() async {
+        let started = Date()
+        let result = await StepRunner(killGrace: .seconds(1)).run(shellStep("trap '' TERM; sleep 60 & wait; sleep 60"), environment: plainEnvironment, timeout: .milliseconds(500))
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(result.termination == .timedOut)
+        #expect(elapsed >= 1.4 && elapsed < 8, "TERM at 0.5 s, KILL 1 s later: \(elapsed)")
+    }
+
+    @Test("output far larger than the tail is streamed, and only the tail is kept")
+    func hugeOutput() async {
+        let result = await StepRunner(tailBytes: 4096).run(
+            shellStep("head -c 64M /dev/zero | tr '\\\\0' x; echo; echo END; echo oops >&2"), environment: plainEnvironment, timeout: nil)
+        #expect(result.succeeded)
+        #expect(result.outputBytes > 64_000_000)
+        #expect(result.stdoutTail.utf8.count <= 4096)
+        #expect(result.stdoutTail.hasSuffix("END\n"))
+        #expect(result.stderrTail == "oops\n")
+    }
+
+    @Test("output is streamed line by line with the step's name")
+    func streaming() async {
+        let lines = Lines()
+        let runner = StepRunner(onOutput: { lines.append($0) })
+        let result = await runner.run(shellStep("echo one; echo two >&2; echo three", name: "migrate"), environment: plainEnvironment, timeout: nil)
+        #expect(result.succeeded)
+        let out = lines.all.filter { $0.stream == .stdout }.map(\.text)
+        #expect(out == ["one", "three"])
+        #expect(lines.all.contains { $0.stream == .stderr && $0.text == "two" })
+        #expect(lines.all.allSatisfy { $0.step == "migrate" })
+    }
+
+    @Test("a step that cannot start is a failed step with the reason", arguments: [
+        (Command(name: "missing", invocation: .argv(["no-such-program-guard"])), "program 'no-such-program-guard' not found in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)"),
+        (Command(name: "missing path", invocation: .argv(["/opt/nothing/here"])), "program '/opt/nothing/here' not found"),
+        (Command(name: "bad user", invocation: .argv(["true"]), user: "no-such-user-guard"), "user 'no-such-user-guard' does not exist"),
+        (Command(name: "bad cwd", invocation: .argv(["true"]), workingDirectory: "/nonexistent/dir"), "working directory /nonexistent/dir does not exist"),
+    ])
+    func cannotStart(command: Command, reason: String) async {
+        let result = await StepRunner().run(command, environment: plainEnvironment, timeout: nil)
+        #expect(result.termination == .failedToStart(reason))
+        #expect(!result.succeeded)
+        #expect(result.exitCode == nil)
+    }
+
+    @Test("the environment is clean: guard's own variables do not leak, the recipe's are set")
+    func cleanEnvironment() async {
+        setenv("GUARD_LEAK_CHECK", "leaked", 1)
+        let environment = StepRunner.environment(recipe: ["FROM_RECIPE": "r"], command: ["FROM_STEP": "s"], run: ["GUARD_RUN_ID": "7"])
+        let result = await StepRunner().run(shellStep("env | sort"), environment: environment, timeout: nil)
+        #expect(result.succeeded)
+        #expect(!result.stdoutTail.contains("GUARD_LEAK_CHECK"))
+        #expect(result.stdoutTail.contains("FROM_RECIPE=r\n"))
+        #expect(result.stdoutTail.contains("FROM_STEP=s\n"))
+        #expect(result.stdoutTail.contains("GUARD_RUN_ID=7\n"))
+        #expect(result.stdoutTail.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"))
+    }
+
+    @Test("a step runs as the user the recipe names", .enabled(if: getuid() == 0, "needs root to switch user"))
+    func runsAsUser() async {
+        let result = await StepRunner().run(shellStep("id -u; echo $HOME", user: "nobody", cwd: "/"), environment: plainEnvironment, timeout: nil)
+        #expect(result.succeeded, "\(result.stderrTail)")
+        #expect(result.stdoutTail == "65534\n/nonexistent\n")
+    }
+
+    @Test("a stop request ends the step like a timeout, with its reason")
+    func stopRequest() async {
+        let started = Date()
+        let result = await StepRunner().run(shellStep("sleep 30"), environment: plainEnvironment, timeout: nil, stop: {
+            Date().timeIntervalSince(started) > 0.5 ? "the COW is 91% full" : nil
+        })
+        #expect(result.termination == .stopped("the COW is 91% full"))
+        #expect(Date().timeIntervalSince(started) < 8)
+    }
+}
+
+func pgrep(_ pattern: String) -> [String] {
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return names.filter { Int($0) != nil }.compactMap { pid in
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return nil }
+        let line = String(decoding: data.map { $0 == 0 ? 32 : $0 }, as: UTF8.self)
+        return line.contains(pattern) ? "\(pid): \(line)" : nil
+    }
+}
