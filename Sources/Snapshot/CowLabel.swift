@@ -12,8 +12,11 @@ public struct CowLabel: Codable, Hashable, Sendable {
     public enum State: String, Codable, Sendable {
         /// Layers being built; the snapshot never went live.
         case preparing
-        /// The snapshot is live (or was, before a reboot).
+        /// The snapshot is live (or was, before a reboot) and its run has not decided yet:
+        /// after a power loss the boot reassembly merges it back.
         case active
+        /// The run decided to keep the snapshot for a later commit or rollback.
+        case kept
         /// A merge back into the origin was started: reassembly resumes it.
         case merging
         /// Commit or merge finished; the storage is being released.

@@ -411,6 +411,17 @@ public struct SnapshotEngine {
         }
     }
 
+    /// Records in the COW label what the run decided, so a reboot reassembles it right
+    /// (`.kept`: a snapshot again; `.active`: an undecided run, merged back at boot).
+    public func mark(_ stack: SnapshotStack, _ state: CowLabel.State) throws {
+        guard var label = try CowLabel.read(from: stack.storage.path), label.identity == stack.identity else {
+            throw SnapshotError(.labelMismatch, "label update of \(stack.storage.path)", "it has no label of run \(stack.identity.runToken)")
+        }
+        guard label.state != state else { return }
+        label.state = state
+        try label.write(to: stack.storage.path)
+    }
+
     // MARK: Status, watching and extending
 
     /// The snapshot's state as the kernel reports it.
@@ -705,7 +716,7 @@ extension SnapshotEngine {
             if storage.isFile { try? FileManager.default.removeItem(atPath: storage.path) }
             return .discarded("\(storage.path) has no guard label")
         }
-        guard label.state == .active || label.state == .merging else {
+        guard label.state == .active || label.state == .kept || label.state == .merging else {
             let stack = try stackFromLabel(label, storage: storage, originNumber: DeviceNumber(major: 0, minor: 0))
             try releaseStorage(stack)
             return .discarded("\(storage.path) was \(label.state.rawValue): nothing to reassemble")

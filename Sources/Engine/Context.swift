@@ -1,0 +1,121 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Snapshot
+
+/// guard's exit codes (documented in `guard help run` and Docs/guide.md).
+public enum ExitCode: Int32, Sendable {
+    /// The upgrade is applied (committed or kept), or the command did what was asked.
+    case success = 0
+    /// The upgrade failed and the volumes were restored to their state before the run.
+    case failedRestored = 1
+    /// Usage or recipe error, or a refusal in preflight: nothing was touched.
+    case usage = 2
+    /// Needs attention: something did not complete; the message says what to run.
+    case attention = 3
+}
+
+/// An error that ends a guard command, with its exit code and the message for stderr.
+public struct GuardFailure: Error, Sendable, CustomStringConvertible {
+    public var exitCode: ExitCode
+    public var message: String
+
+    public init(_ exitCode: ExitCode, _ message: String) {
+        self.exitCode = exitCode
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// Where guard keeps its state and how it reaches the kernel.
+public final class GuardContext: @unchecked Sendable {
+    // @unchecked: set up once before use; the lazily opened handles are only touched from
+    // the command's own task.
+    /// The state directory: journal.sqlite, cow/, locks/, volumes/, logs.
+    public let stateDirectory: String
+    public let udev: UdevMode
+    /// "now", overridable for tests of keep durations (GUARD_NOW, seconds since 1970).
+    public let now: @Sendable () -> Date
+    /// The guard executable, for the watchdog helper.
+    public let executable: String
+    public var reporter: any Reporter
+    private var journalHandle: Journal?
+    private var deviceMapper: DeviceMapper?
+
+    public init(stateDirectory: String, udev: UdevMode = .automatic, reporter: any Reporter, now: (@Sendable () -> Date)? = nil, executable: String? = nil) {
+        self.stateDirectory = stateDirectory
+        self.udev = udev
+        self.reporter = reporter
+        if let now {
+            self.now = now
+        } else if let fixed = ProcessInfo.processInfo.environment["GUARD_NOW"].flatMap(Double.init) {
+            self.now = { Date(timeIntervalSince1970: fixed) }
+        } else {
+            self.now = { Date() }
+        }
+        self.executable = executable ?? ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+    }
+
+    public var journalPath: String { "\(stateDirectory)/journal.sqlite" }
+    public var cowDirectory: String { "\(stateDirectory)/cow" }
+    public var lockDirectory: String { "\(stateDirectory)/locks" }
+
+    /// The journal, opened (and created) on first use.
+    public func journal(check: Bool = false) throws -> Journal {
+        if let journalHandle { return journalHandle }
+        do {
+            let journal = try Journal.open(path: journalPath, check: check)
+            journalHandle = journal
+            return journal
+        } catch let error as JournalError {
+            throw GuardFailure(.usage, "\(error)")
+        }
+    }
+
+    /// The journal if it exists, for read-only commands (history, show) that never need the kernel.
+    public func existingJournal() throws -> Journal? {
+        guard FileManager.default.fileExists(atPath: journalPath) else { return nil }
+        return try journal()
+    }
+
+    /// Device-mapper, checked on first use: root, driver present.
+    public func dm() throws -> DeviceMapper {
+        if let deviceMapper { return deviceMapper }
+        do {
+            let dm = try DeviceMapper(udev: udev)
+            deviceMapper = dm
+            return dm
+        } catch let error as DeviceMapperError {
+            throw GuardFailure(.usage, "\(error)")
+        }
+    }
+
+    /// A snapshot engine with the watchdog process and guard's log.
+    public func engine(watchdog: Bool = true) throws -> SnapshotEngine {
+        let reporter = self.reporter
+        var engine = SnapshotEngine(dm: try dm(), log: { reporter.log($0) })
+        if watchdog { engine.watchdog = ProcessWatchdog(executable: executable, log: { reporter.log($0) }) }
+        return engine
+    }
+
+    /// Makes the state directory (0700) and its cow/ and locks/ subdirectories.
+    public func prepareStateDirectory() throws {
+        for directory in [stateDirectory, cowDirectory, lockDirectory] {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw GuardFailure(.usage, "cannot create the state directory \(directory): \(error.localizedDescription); choose another with --state-dir")
+            }
+        }
+    }
+
+    public var hostName: String { ProcessInfo.processInfo.hostName }
+
+    public var userName: String {
+        let sudo = ProcessInfo.processInfo.environment["SUDO_USER"]
+        let login = getlogin().map { String(cString: $0) }
+        return sudo ?? login ?? ProcessInfo.processInfo.environment["USER"] ?? "uid \(getuid())"
+    }
+}

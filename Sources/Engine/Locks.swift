@@ -1,0 +1,60 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A lock on one volume, held by this process: an flock(2) on `locks/<volume>.lock`, so it
+/// disappears with the process, however it dies. The file says who holds it.
+public final class VolumeLock {
+    public let path: String
+    private var descriptor: Int32
+
+    /// Takes the lock or throws who holds it.
+    /// - Parameter key: the volume's stable identity (dm UUID or name).
+    public static func acquire(directory: String, key: String, holder: String) throws -> VolumeLock {
+        let safe = key.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." ? $0 : "_" }
+        let path = "\(directory)/\(String(safe)).lock"
+        let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else {
+            throw GuardFailure(.usage, "cannot open the lock file \(path): \(String(cString: strerror(errno)))")
+        }
+        if flock(descriptor, LOCK_EX | LOCK_NB) != 0 {
+            let owner = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            close(descriptor)
+            throw GuardFailure(.usage, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
+        }
+        let lock = VolumeLock(path: path, descriptor: descriptor)
+        lock.describe(holder)
+        return lock
+    }
+
+    private init(path: String, descriptor: Int32) {
+        self.path = path
+        self.descriptor = descriptor
+    }
+
+    /// Rewrites who holds the lock ("run 12 (pid 3456)").
+    public func describe(_ holder: String) {
+        _ = ftruncate(descriptor, 0)
+        let text = holder + "\n"
+        _ = text.withCString { pwrite(descriptor, $0, strlen($0), 0) }
+    }
+
+    /// Whether another process holds the lock on `key` right now.
+    public static func isHeld(directory: String, key: String) -> Bool {
+        guard let lock = try? acquire(directory: directory, key: key, holder: "probe (pid \(getpid()))") else { return true }
+        lock.release()
+        return false
+    }
+
+    public func release() {
+        if descriptor >= 0 {
+            _ = ftruncate(descriptor, 0)
+            close(descriptor)
+            descriptor = -1
+        }
+    }
+
+    deinit { release() }
+}

@@ -1,0 +1,279 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Recipe
+import Snapshot
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Commands on runs after `guard run` returned: commit and rollback of kept runs, the
+/// teardown of finished merges, the expiry of kept runs, and status.
+public struct Maintenance {
+    public let context: GuardContext
+    var reporter: any Reporter { context.reporter }
+
+    public init(context: GuardContext) { self.context = context }
+
+    func timestamp() -> Double { context.now().timeIntervalSince1970 }
+
+    /// The stacks of a run's snapshots, from the journal.
+    func stacks(_ records: [SnapshotRecord]) throws -> [SnapshotStack] {
+        try records.map { record in
+            guard let stack = decodeStack(record.stack) else {
+                throw GuardFailure(.attention, "the journal has no snapshot description for \(record.volume) of run \(record.runID); run `guard recover`")
+            }
+            return stack
+        }
+    }
+
+    func lock(_ records: [SnapshotRecord], runID: Int64) throws -> [VolumeLock] {
+        try records.map { record in
+            try VolumeLock.acquire(directory: context.lockDirectory, key: record.originUUID.isEmpty ? record.originName : record.originUUID, holder: "run \(runID) (pid \(getpid()))")
+        }
+    }
+
+    /// Looks a run up by number or token, with a clear refusal when it does not exist.
+    func requireRun(_ reference: String, journal: Journal) throws -> RunRecord {
+        guard let run = try journal.run(reference) else {
+            throw GuardFailure(.usage, "there is no run '\(reference)' in the journal \(journal.path) (see `guard history`)")
+        }
+        return run
+    }
+
+    /// Why a run cannot be committed or rolled back now, or nil.
+    func refusal(_ run: RunRecord, _ verb: String) -> String? {
+        let id = run.id ?? 0
+        switch run.state {
+        case .kept: return nil
+        case .finished:
+            let how = run.outcome.map { $0 == .rolledBack ? "rolled back" : $0.rawValue } ?? "finished"
+            return "run \(id) is already \(how); there is nothing to \(verb)"
+        case .merging: return "run \(id) is being rolled back (its merge is under way); see `guard status --wait`"
+        case .running: return "run \(id) has not finished (it is running, or guard died during it); run `guard recover` first"
+        }
+    }
+
+    // MARK: guard commit
+
+    /// Drops a kept run's snapshots: its upgrade becomes final.
+    public func commit(_ reference: String) throws -> String {
+        let journal = try context.journal()
+        let run = try requireRun(reference, journal: journal)
+        if let refusal = refusal(run, "commit") { throw GuardFailure(.usage, refusal) }
+        let records = try journal.snapshots(runID: run.id!)
+        let locks = try lock(records, runID: run.id!)
+        defer { locks.forEach { $0.release() } }
+        try commit(run, records: records, journal: journal, reason: "commit")
+        return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
+    }
+
+    func commit(_ run: RunRecord, records: [SnapshotRecord], journal: Journal, reason: String) throws {
+        let engine = try context.engine()
+        var run = run
+        run.decision = .commit
+        try journal.update(run)
+        let phase = try journal.beginPhase(run.id!, "commit", at: timestamp())
+        try journal.event(run.id!, "intent", "commit", reason, at: timestamp())
+        for (record, stack) in zip(records, try stacks(records)) where record.state == .live || record.state == .invalid {
+            try engine.drop(stack)
+            var updated = record
+            updated.state = .committed
+            try journal.update(updated)
+        }
+        try journal.endPhase(phase, status: "done", detail: reason, at: timestamp())
+        run = try journal.run(id: run.id!) ?? run
+        run.state = .finished
+        run.outcome = .committed
+        run.finishedAt = timestamp()
+        try journal.update(run)
+    }
+
+    // MARK: guard rollback
+
+    /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
+    public func rollback(_ reference: String, wait: Bool) async throws -> String {
+        let journal = try context.journal()
+        let run = try requireRun(reference, journal: journal)
+        if let refusal = refusal(run, "roll back") { throw GuardFailure(.usage, refusal) }
+        let records = try journal.snapshots(runID: run.id!)
+        let locks = try lock(records, runID: run.id!)
+        defer { locks.forEach { $0.release() } }
+        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+        let engine = try context.engine()
+        try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
+            run: run, records: records, stacks: try stacks(records), recipe: recipe, wait: wait)
+        return wait
+            ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
+            : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)"
+    }
+
+    // MARK: Merges
+
+    /// Waits for the merges of a run, reporting progress, and tears each down when the
+    /// kernel says it is complete.
+    func waitForMerges(runID: Int64, journal: Journal, engine: SnapshotEngine) async throws {
+        var initial: [Int: UInt64] = [:]
+        while true {
+            let done = try finishMerges(runID: runID, journal: journal, engine: engine, initial: &initial)
+            if done { return }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+    }
+
+    /// One pass over a run's merging snapshots: tears down the complete ones.
+    /// - Returns: whether the run has no merge left.
+    @discardableResult
+    func finishMerges(runID: Int64, journal: Journal, engine: SnapshotEngine, initial: inout [Int: UInt64]) throws -> Bool {
+        var remaining = 0
+        for record in try journal.snapshots(runID: runID) where record.state == .merging {
+            guard let stack = decodeStack(record.stack) else { continue }
+            switch try engine.mergeState(stack) {
+            case .merging(let left, _):
+                let start = initial[record.volumeIndex] ?? max(left, UInt64(record.peakUsedBytes / 512), 1)
+                initial[record.volumeIndex] = start
+                reporter.merge(volume: record.volume, fraction: 1 - Double(left) / Double(max(start, left)))
+                remaining += 1
+            case .complete, .finished:
+                try journal.event(runID, "intent", "finish-merge", record.volume, at: timestamp())
+                try engine.finishMerge(stack)
+                var updated = record
+                updated.state = .merged
+                try journal.update(updated)
+                try journal.event(runID, "result", "merged", record.volume, at: timestamp())
+                reporter.merge(volume: record.volume, fraction: 1)
+            case .failed(let status):
+                throw GuardFailure(.attention, "the merge of \(record.volume) (run \(runID)) failed: the kernel reports \(status); check `dmesg` for I/O errors, fix them and run `guard recover`")
+            }
+        }
+        if remaining == 0, var run = try journal.run(id: runID), run.state == .merging {
+            run.state = .finished
+            run.finishedAt = timestamp()
+            if run.outcome == nil { run.outcome = .rolledBack }
+            try journal.update(run)
+        }
+        return remaining == 0
+    }
+
+    // MARK: Housekeeping done by every command
+
+    /// Tears down finished merges and commits kept runs past their keep duration.
+    /// Runs another guard process holds (locked volumes) are left alone.
+    public func tidy(journal: Journal) throws {
+        let active = try journal.runs(in: [.merging, .kept])
+        guard !active.isEmpty else { return }
+        let engine = try context.engine()
+        for run in active {
+            let records = try journal.snapshots(runID: run.id!)
+            guard let locks = try? lock(records, runID: run.id!) else { continue }
+            defer { locks.forEach { $0.release() } }
+            switch run.state {
+            case .merging:
+                var initial: [Int: UInt64] = [:]
+                if (try? finishMerges(runID: run.id!, journal: journal, engine: engine, initial: &initial)) == true {
+                    reporter.note("run \(run.id!): the merge is complete and torn down")
+                }
+            case .kept:
+                if let until = run.keepUntil, until <= timestamp() {
+                    reporter.note("run \(run.id!) was kept until \(formatDate(until)); committing it")
+                    do {
+                        try commit(run, records: records, journal: journal, reason: "keep duration passed")
+                    } catch {
+                        reporter.warning("run \(run.id!): the automatic commit failed: \(error)")
+                    }
+                }
+            default: break
+            }
+        }
+    }
+
+    // MARK: guard status
+
+    /// One volume of a run that still has snapshot state.
+    public struct VolumeStatus: Sendable {
+        public var volume: String
+        public var origin: String
+        public var state: SnapshotState
+        public var status: String
+        public var usedBytes: UInt64?
+        public var sizeBytes: UInt64?
+        /// 0...1 while merging.
+        public var mergeProgress: Double?
+        public var remainingBytes: UInt64?
+    }
+
+    public struct RunStatus: Sendable {
+        public var run: RunRecord
+        public var volumes: [VolumeStatus]
+    }
+
+    /// Live snapshots, their fill, merges and their progress.
+    public func status() throws -> (runs: [RunStatus], strays: [String]) {
+        guard let journal = try context.existingJournal() else { return ([], try strayDevices(known: [])) }
+        try? tidy(journal: journal)
+        let dm = try context.dm()
+        let engine = SnapshotEngine(dm: dm)
+        var result: [RunStatus] = []
+        for run in try journal.runs(in: [.running, .kept, .merging]) {
+            var volumes: [VolumeStatus] = []
+            for record in try journal.snapshots(runID: run.id!) {
+                var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue)
+                if let stack = decodeStack(record.stack) {
+                    switch record.state {
+                    case .live:
+                        if let status = try? engine.health(stack).status {
+                            volume.status = status.usage == nil ? "\(status)" : "live"
+                            volume.usedBytes = status.usage?.allocatedBytes
+                            volume.sizeBytes = status.usage?.totalBytes
+                        } else {
+                            volume.status = "missing (run `guard recover`)"
+                        }
+                    case .merging:
+                        switch try? engine.mergeState(stack) {
+                        case .merging(let left, _)?:
+                            let start = max(UInt64(record.peakUsedBytes / 512), left, 1)
+                            volume.mergeProgress = 1 - Double(left) / Double(start)
+                            volume.remainingBytes = left * 512
+                            volume.status = "merging"
+                        case .complete?, .finished?:
+                            volume.status = "merged"
+                            volume.mergeProgress = 1
+                        case .failed(let status)?:
+                            volume.status = "merge failed (\(status))"
+                        case nil:
+                            volume.status = "unknown (run `guard recover`)"
+                        }
+                    default: break
+                    }
+                }
+                volumes.append(volume)
+            }
+            result.append(RunStatus(run: run, volumes: volumes))
+        }
+        let known = Set(try journal.runs(in: [.running, .kept, .merging]).map(\.token))
+        return (result, try strayDevices(known: known))
+    }
+
+    /// GUARD- layers in the kernel that belong to no open run.
+    func strayDevices(known: Set<String>) throws -> [String] {
+        guard DeviceMapper.isAvailable else { return [] }
+        return try context.dm().guardDevices().compactMap { device in
+            guard let (identity, _) = StackIdentity.parse(uuid: device.uuid), !known.contains(identity.runToken) else { return nil }
+            return "\(device.name) (\(device.uuid))"
+        }
+    }
+
+    /// `guard status --wait`: finishes every merge, waiting for the kernel.
+    public func waitForAllMerges() async throws {
+        let journal = try context.journal()
+        let engine = try context.engine()
+        for run in try journal.runs(in: [.merging]) {
+            let records = try journal.snapshots(runID: run.id!)
+            let locks = try lock(records, runID: run.id!)
+            defer { locks.forEach { $0.release() } }
+            try await waitForMerges(runID: run.id!, journal: journal, engine: engine)
+        }
+    }
+}

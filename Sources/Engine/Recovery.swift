@@ -1,0 +1,231 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Recipe
+import Snapshot
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `guard recover`: brings the kernel, the COW labels and the journal back into agreement
+/// after guard was killed or the machine went down. Idempotent.
+public struct Recovery {
+    public let context: GuardContext
+    var reporter: any Reporter { context.reporter }
+
+    public init(context: GuardContext) { self.context = context }
+
+    func timestamp() -> Double { context.now().timeIntervalSince1970 }
+
+    /// Runs marked running whose guard process is gone: their volume locks are free.
+    public func unfinishedRuns(journal: Journal) throws -> [RunRecord] {
+        try journal.runs(in: [.running]).filter { run in
+            let records = (try? journal.snapshots(runID: run.id!)) ?? []
+            if records.isEmpty { return kill(run.pid, 0) != 0 }
+            return records.allSatisfy { !VolumeLock.isHeld(directory: context.lockDirectory, key: $0.originUUID.isEmpty ? $0.originName : $0.originUUID) }
+        }
+    }
+
+    /// What recovery did, one line per action.
+    public struct Report: Sendable {
+        public var actions: [String] = []
+        public var problems: [String] = []
+    }
+
+    /// Recovers everything it can.
+    /// - Parameter boot: early boot, before local filesystems are mounted: reassemble
+    ///   snapshots from their COW labels, merge back undecided runs at once (nothing is
+    ///   mounted yet), run no hooks.
+    public func recover(boot: Bool = false) async throws -> Report {
+        var report = Report()
+        try context.prepareStateDirectory()
+        let dm = try context.dm()
+        let engine = try context.engine()
+
+        // Guard volumes first: snapshots are stacked on them.
+        let activated = try GuardVolumes(dm: dm, stateDirectory: context.stateDirectory).activateAll()
+        for volume in activated { report.actions.append("activated guard volume \(volume.name)") }
+
+        // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
+        let journal = try? context.journal()
+        for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) + blockDeviceStorages(journal) {
+            guard let label = try? CowLabel.read(from: storage.path) else { continue }
+            if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
+            do {
+                let result = try engine.reassemble(storage)
+                switch result {
+                case .reassembled(let stack, let merging):
+                    report.actions.append(merging ? "resumed the merge into \(stack.originName) from \(storage.path)" : "reassembled the snapshot of \(stack.originName) from \(storage.path)")
+                case .alreadyLive: break
+                case .discarded(let why): report.actions.append("removed \(storage.path): \(why)")
+                }
+            } catch {
+                report.problems.append("reassembly from \(storage.path): \(error)")
+            }
+        }
+
+        guard let journal else {
+            report.problems.append("the journal \(context.journalPath) cannot be opened; snapshots were reassembled from their labels only")
+            return report
+        }
+        for run in try unfinishedRuns(journal: journal) {
+            do {
+                report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
+            } catch {
+                report.problems.append("run \(run.id!): \(error)")
+            }
+        }
+        if !boot {
+            try? Maintenance(context: context).tidy(journal: journal)
+            report.actions += try removeStrays(journal: journal, engine: engine)
+        }
+        return report
+    }
+
+    /// Finishes or undoes one unfinished run, following its last decision.
+    func recover(_ run: RunRecord, journal: Journal, engine: SnapshotEngine, boot: Bool) async throws -> String {
+        let runID = run.id!
+        let records = try journal.snapshots(runID: runID)
+        let locks = try Maintenance(context: context).lock(records, runID: runID)
+        defer { locks.forEach { $0.release() } }
+        let stacks = records.compactMap { decodeStack($0.stack) }
+        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+        try journal.event(runID, "intent", "recover", "phase \(run.phase), decision \(run.decision?.rawValue ?? "none")", at: timestamp())
+
+        var updated = run
+        func close(_ outcome: RunOutcome, _ state: RunState, _ what: String) throws -> String {
+            updated = try journal.run(id: runID) ?? updated
+            updated.outcome = outcome
+            updated.state = state
+            if state != .merging { updated.finishedAt = timestamp() }
+            updated.error = [run.error, "recovered: \(what)"].compactMap { $0 }.joined(separator: "; ")
+            try journal.update(updated)
+            try journal.event(runID, "result", "recover", what, at: timestamp())
+            return "run \(runID): \(what)"
+        }
+
+        // Which snapshots were ever taken: the origin's table says so, or a merge is under way.
+        var taken = false
+        var merging = false
+        for stack in stacks {
+            guard let origin = try engine.dm.info(stack.originRef) else { continue }
+            let live = try engine.dm.table(.number(origin.number))
+            if live.isOnly("snapshot-merge") { merging = true }
+            if live.isOnly("snapshot-origin") || live.isOnly("snapshot-merge") { taken = true }
+        }
+        let stepsMayHaveRun = !["preflight", "quiesce", "snapshot"].contains(run.phase)
+
+        if records.isEmpty || stacks.isEmpty || (!taken && !merging) {
+            for stack in stacks { try engine.drop(stack) }
+            try journal.setSnapshotState(runID: runID, .discarded)
+            return try close(.recovered, .finished, "no snapshot was live; removed what the run had prepared; no volume was changed")
+        }
+        if merging || run.decision == .rollback {
+            return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
+        }
+        switch run.decision {
+        case .commit?:
+            for stack in stacks { try engine.drop(stack) }
+            try journal.setSnapshotState(runID: runID, .committed)
+            return try close(.recovered, .finished, "finished the commit: the upgrade is in place, the snapshots are gone")
+        case .keep?:
+            for stack in stacks { try? engine.mark(stack, .kept) }
+            return try close(.kept, .kept, "the run had decided to keep its snapshots; they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
+        case .rollback?, nil:
+            break
+        }
+        if !stepsMayHaveRun {
+            // The snapshot was taken but no step ran: the volumes hold what they held before.
+            for stack in stacks { try engine.drop(stack) }
+            try journal.setSnapshotState(runID: runID, .discarded)
+            return try close(.recovered, .finished, "the run stopped before its steps; dropped its snapshots; no volume was changed by it")
+        }
+        if recipe?.onFailure == .keep {
+            for stack in stacks { try? engine.mark(stack, .kept) }
+            return try close(.kept, .kept, "the run stopped during \(run.phase); the recipe says keep on failure: snapshots kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
+        }
+        return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
+    }
+
+    private func rollBack(
+        _ run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, journal: Journal, engine: SnapshotEngine,
+        boot: Bool, close: (RunOutcome, RunState, String) throws -> String
+    ) async throws -> String {
+        let runID = run.id!
+        var pending: [(SnapshotRecord, SnapshotStack)] = []
+        for (record, stack) in zip(records, stacks) {
+            if case .merging? = try? engine.mergeState(stack) { continue }
+            if case .complete? = try? engine.mergeState(stack) { continue }
+            if case .finished? = try? engine.mergeState(stack) { continue }
+            pending.append((record, stack))
+        }
+        if !pending.isEmpty {
+            var marked = run
+            marked.decision = .rollback
+            try journal.update(marked)
+            if boot {
+                // Nothing is mounted yet: merge at once, before anything writes to the origins.
+                for (record, stack) in pending {
+                    try engine.startMerge(stack)
+                    var updated = record
+                    updated.state = .merging
+                    try journal.update(updated)
+                }
+            } else {
+                try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
+                    run: marked, records: pending.map(\.0), stacks: pending.map(\.1), recipe: recipe, wait: false)
+            }
+        }
+        for record in records where record.state != .merging && record.state != .merged {
+            var updated = record
+            updated.state = .merging
+            try journal.update(updated)
+        }
+        if boot {
+            return try close(.recovered, .merging, "rolled back (the merge continues; the volumes read as before the run)")
+        }
+        try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
+        return try close(.recovered, .finished, "rolled back: the volumes are as before the run")
+    }
+
+    /// Block devices used as COW by open runs (files are found in the cow directory).
+    func blockDeviceStorages(_ journal: Journal?) -> [CowStorage] {
+        guard let journal, let runs = try? journal.runs(in: [.running, .kept, .merging]) else { return [] }
+        return runs.flatMap { run in
+            ((try? journal.snapshots(runID: run.id!)) ?? []).filter { $0.cowKind == "device" }.map { CowStorage.blockDevice(path: $0.cowPath) }
+        }
+    }
+
+    /// Removes GUARD- layers and COW files of no open run that no origin uses.
+    func removeStrays(journal: Journal, engine: SnapshotEngine) throws -> [String] {
+        var actions: [String] = []
+        let open = Set(try journal.runs(in: [.running, .kept, .merging]).map(\.token))
+        let devices = try engine.dm.list()
+        let referenced = Set(devices.filter { !$0.isGuardDevice || StackIdentity.parse(uuid: $0.uuid) == nil }.flatMap { device in
+            (try? engine.dm.table(.number(device.number)).devices) ?? []
+        })
+        for device in devices {
+            guard let (identity, layer) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { continue }
+            if layer != .snap && referenced.contains(device.number) {
+                actions.append("left \(device.name) alone: an origin still uses it (see `guard status`)")
+                continue
+            }
+            if (try? engine.dm.remove(.number(device.number))) != nil { actions.append("removed stray device \(device.name)") }
+        }
+        for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) {
+            let label = try? CowLabel.read(from: storage.path)
+            if let label, open.contains(label.runToken) { continue }
+            if let label, label.state == .active || label.state == .kept || label.state == .merging,
+                try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil
+            {
+                continue
+            }
+            for loop in LoopDevice.find(backingFile: storage.path) { try? loop.detach() }
+            try? FileManager.default.removeItem(atPath: storage.path)
+            actions.append("removed stray COW file \(storage.path)")
+        }
+        return actions
+    }
+}

@@ -1,0 +1,152 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Recipe
+import Snapshot
+
+/// Merging a run's snapshots back: stop hooks, unmount, merge, remount, start hooks.
+/// The volumes show the old data from the moment the merge starts, so they are mounted
+/// again at once and the services started while the kernel copies chunks back.
+struct RollbackProcedure {
+    let context: GuardContext
+    let journal: Journal
+    let engine: SnapshotEngine
+    var reporter: any Reporter { context.reporter }
+
+    func timestamp() -> Double { context.now().timeIntervalSince1970 }
+
+    /// - Parameters:
+    ///   - wait: wait for the merges to complete and tear them down; otherwise return once
+    ///     the volumes are mounted again (the next guard command finishes the teardown).
+    /// - Throws: `GuardFailure` with `.attention` when the rollback is impossible (an Invalid
+    ///   snapshot: nothing is stopped or unmounted) or could not start (a busy mount: the
+    ///   services are started again and the snapshots stay kept).
+    func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool) async throws {
+        let runID = run.id!
+        // Refuse before stopping anything when a snapshot can no longer be merged.
+        for (record, stack) in zip(records, stacks) {
+            let health = try engine.health(stack)
+            if !health.isRestorable {
+                try journal.event(runID, "error", "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
+                var updated = record
+                updated.state = .invalid
+                try journal.update(updated)
+                throw GuardFailure(
+                    .attention,
+                    "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data; restore it from a backup if that data is bad")
+            }
+        }
+        var run = run
+        run.decision = .rollback
+        try journal.update(run)
+        let phase = try journal.beginPhase(runID, "rollback", at: timestamp())
+        try journal.event(runID, "intent", "rollback", records.map(\.volume).joined(separator: ", "), at: timestamp())
+        let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
+        let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
+
+        for (index, command) in hooks.0.enumerated() {
+            reporter.stepStarted(kind: "rollback-stop", index: index, count: hooks.0.count, name: command.name)
+            let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
+            reporter.stepFinished(kind: "rollback-stop", result: result)
+            try? record(result, kind: "rollback-stop", index: index, runID: runID)
+        }
+
+        // Unmount everything mounted from the origins (deepest first); on a busy mount put back what was unmounted.
+        var unmounted: [MountEntry] = []
+        for stack in stacks {
+            guard let info = try engine.dm.info(stack.originRef) else { continue }
+            let mounts = Mounts.mountPoints(of: info.number).sorted { $0.target.count > $1.target.count }
+            for mount in mounts {
+                do {
+                    try Mounts.unmount(mount.target)
+                    unmounted.append(mount)
+                    try journal.event(runID, "result", "unmount", mount.target, at: timestamp())
+                } catch {
+                    for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, stacks)) }
+                    await startHooks(hooks, runner: runner, runID: runID)
+                    try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+                    throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
+                }
+            }
+        }
+
+        // Merge: from here on the volumes read as before the run.
+        var merging: [SnapshotStack] = []
+        do {
+            for (record, stack) in zip(records, stacks) {
+                CrashPoint.hit("rollback.before-merge")
+                try engine.startMerge(stack)
+                CrashPoint.hit("rollback.after-merge-start")
+                var updated = record
+                updated.state = .merging
+                try journal.update(updated)
+                merging.append(stack)
+            }
+        } catch {
+            try? journal.event(runID, "error", "merge", "\(error)", at: timestamp())
+            for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
+            await startHooks(hooks, runner: runner, runID: runID)
+            try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+            if !merging.isEmpty {
+                run.state = .merging
+                try? journal.update(run)
+            }
+            throw GuardFailure(.attention, "rollback of run \(runID) did not start for every volume: \(error); run `guard recover`")
+        }
+        run = try journal.run(id: runID) ?? run
+        run.state = .merging
+        run.outcome = .rolledBack
+        try journal.update(run)
+        try journal.event(runID, "result", "merge-started", nil, at: timestamp())
+
+        for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
+        await startHooks(hooks, runner: runner, runID: runID)
+        reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
+        try journal.endPhase(phase, status: "done", detail: "merge started", at: timestamp())
+
+        if wait {
+            try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
+        }
+    }
+
+    func stackDevice(_ entry: MountEntry, _ stacks: [SnapshotStack]) -> String {
+        if let name = BlockDevices.deviceMapperName(of: entry.device) { return "/dev/mapper/\(name)" }
+        return entry.source
+    }
+
+    /// Mounts `entry` again with its type and options; without the options if they are refused.
+    func remount(_ entry: MountEntry, device: String) {
+        do {
+            try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType, options: entry.options)
+        } catch {
+            do {
+                try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType)
+                reporter.warning("mounted \(device) on \(entry.target) without its options \(entry.options): \(error)")
+            } catch {
+                reporter.warning("could not mount \(device) on \(entry.target) again: \(error); mount it by hand")
+            }
+        }
+    }
+
+    func startHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64) async {
+        for (index, command) in hooks.1.enumerated() {
+            reporter.stepStarted(kind: "rollback-start", index: index, count: hooks.1.count, name: command.name)
+            let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
+            reporter.stepFinished(kind: "rollback-start", result: result)
+            try? record(result, kind: "rollback-start", index: index, runID: runID)
+            if !result.succeeded { reporter.warning("rollback.start '\(command.name)' \(result.termination)") }
+        }
+    }
+
+    func record(_ result: StepResult, kind: String, index: Int, runID: Int64) throws {
+        var step = StepRecord(runID: runID, kind: kind, position: index, name: result.name, argv: result.argv, startedAt: timestamp() - result.duration)
+        step.duration = result.duration
+        step.termination = result.termination.description
+        step.exitCode = result.exitCode.map(Int.init)
+        step.stdoutTail = result.stdoutTail
+        step.stderrTail = result.stderrTail
+        step.outputBytes = Int64(result.outputBytes)
+        _ = try journal.insert(step)
+    }
+}

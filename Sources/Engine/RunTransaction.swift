@@ -1,0 +1,521 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Recipe
+import Snapshot
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Set when the run must stop its steps (Ctrl-C, a COW about to fill).
+public final class StopFlag: Sendable {
+    private let reason = LockedValue<String?>(nil)
+    public init() {}
+    public func set(_ text: String) { reason.withLock { if $0 == nil { $0 = text } } }
+    public var value: String? { reason.withLock { $0 } }
+}
+
+/// Options of `guard run`.
+public struct RunOptions: Sendable {
+    /// Run a recipe writable by others than root (refused by default).
+    public var allowUnsafeRecipe = false
+    /// Set by the Ctrl-C handler.
+    public var interrupt = StopFlag()
+    public init() {}
+}
+
+/// How a run ended, for the command's exit code and last words.
+public struct RunReport: Sendable {
+    public var runID: Int64
+    public var token: String
+    public var outcome: RunOutcome
+    public var exitCode: ExitCode
+    public var message: String
+}
+
+/// `guard run RECIPE`: preflight → quiesce → snapshot → resume → steps → verify →
+/// commit | keep | rollback → done, each transition journaled before the kernel is touched.
+public final class RunTransaction {
+    let context: GuardContext
+    let options: RunOptions
+    var reporter: any Reporter { context.reporter }
+
+    public init(context: GuardContext, options: RunOptions) {
+        self.context = context
+        self.options = options
+    }
+
+    // MARK: Preflight
+
+    /// Everything that can refuse the run, touching nothing: the recipe, root, device-mapper,
+    /// the journal, unfinished runs, the volumes, COW space, the locks.
+    public func preflight(recipePath: String) throws -> (Plan, Journal, [VolumeLock]) {
+        let recipe: Recipe
+        switch RecipeParser.load(path: recipePath) {
+        case .success(let value): recipe = value
+        case .failure(let errors): throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
+        }
+        if geteuid() != 0 {
+            throw GuardFailure(.usage, "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
+        }
+        if !options.allowUnsafeRecipe, let problem = RecipeSafety.problem(recipePath) {
+            throw GuardFailure(.usage, "\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
+        }
+        _ = try context.dm()
+        try context.prepareStateDirectory()
+        let journal = try context.journal(check: true)
+        try Maintenance(context: context).tidy(journal: journal)
+        let unfinished = try Recovery(context: context).unfinishedRuns(journal: journal)
+        if !unfinished.isEmpty {
+            throw GuardFailure(.usage, "run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first; nothing was touched")
+        }
+        let plan = try Planner(context: context).plan(recipe)
+        for warning in plan.warnings { reporter.warning(warning) }
+        if !plan.problems.isEmpty {
+            throw GuardFailure(.usage, plan.problems.joined(separator: "\n") + "\nnothing was touched")
+        }
+        if let free = try? freeSpace(at: context.stateDirectory), free < 16 << 20 {
+            throw GuardFailure(.usage, "the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal needs room; nothing was touched")
+        }
+        var locks: [VolumeLock] = []
+        for volume in plan.volumes {
+            locks.append(try VolumeLock.acquire(directory: context.lockDirectory, key: volume.lockKey, holder: "guard run of \(recipe.name) (pid \(getpid()))"))
+        }
+        return (plan, journal, locks)
+    }
+
+    // MARK: The run
+
+    /// Runs the recipe; returns how it ended (never throws after the run is journaled).
+    public func execute(recipePath: String) async throws -> RunReport {
+        CrashPoint.prepare()
+        let (plan, journal, locks) = try preflight(recipePath: recipePath)
+        defer { locks.forEach { $0.release() } }
+        let recipe = plan.recipe
+        let now = context.now().timeIntervalSince1970
+        var run = try journal.insert(
+            RunRecord(
+                token: StackIdentity.newToken(), recipeName: recipe.name, recipePath: recipePath, recipeSHA256: recipe.sha256,
+                recipeText: recipe.text, host: context.hostName, user: context.userName, pid: getpid(), startedAt: now))
+        let runID = run.id!
+        for lock in locks { lock.describe("run \(runID) (pid \(getpid()))") }
+        let preflightPhase = try journal.beginPhase(runID, "preflight", at: now)
+        var records: [SnapshotRecord] = []
+        for volume in plan.volumes {
+            records.append(
+                try journal.insert(
+                    SnapshotRecord(
+                        runID: runID, volumeIndex: volume.index, volume: volume.spec.device, mountPoint: volume.mountPoint,
+                        originName: volume.info.name, originUUID: volume.info.uuid, originDevice: volume.info.number.description,
+                        originTable: "", originBytes: Int64(volume.originBytes), cowPath: Self.cowPath(volume, token: run.token),
+                        cowKind: volume.storage.isDevice ? "device" : "file", sizeBytes: Int64(volume.cowBytes),
+                        chunkBytes: Int64(volume.chunkSectors) * 512, state: .preparing, stack: "{}")))
+            reporter.log("volume \(volume.index + 1): \(volume.originPath), snapshot \(Units.formatBytes(volume.cowBytes)) (\(volume.sizeNote))")
+        }
+        try journal.endPhase(preflightPhase, status: "done", detail: "\(plan.volumes.count) volume(s)")
+        reporter.note("run \(runID) of \(recipe.name) (\(recipePath), sha256 \(recipe.sha256.prefix(12)))")
+
+        var state = RunBody(context: context, journal: journal, run: run, plan: plan, records: records)
+        let report = await state.proceed(options: options)
+        run = (try? journal.run(id: runID)) ?? run
+        return report
+    }
+
+    static func cowPath(_ volume: PlannedVolume, token: String) -> String {
+        switch volume.storage {
+        case .fileIn(let directory): return "\(directory)/\(token)-\(volume.index).cow"
+        case .blockDevice(let path): return path
+        }
+    }
+}
+
+extension VolumeRequest.Storage {
+    var isDevice: Bool {
+        if case .blockDevice = self { return true }
+        return false
+    }
+}
+
+/// The body of a run after preflight: each phase journaled, every failure leading to a
+/// decided end (committed, kept, rolled back, or failed with what to do).
+struct RunBody {
+    let context: GuardContext
+    let journal: Journal
+    var run: RunRecord
+    let plan: Plan
+    var records: [SnapshotRecord]
+    var reporter: any Reporter { context.reporter }
+    var runID: Int64 { run.id! }
+    var recipe: Recipe { plan.recipe }
+
+    init(context: GuardContext, journal: Journal, run: RunRecord, plan: Plan, records: [SnapshotRecord]) {
+        self.context = context
+        self.journal = journal
+        self.run = run
+        self.plan = plan
+        self.records = records
+    }
+
+    func timestamp() -> Double { context.now().timeIntervalSince1970 }
+
+    mutating func proceed(options: RunOptions) async -> RunReport {
+        let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
+
+        // quiesce
+        if !recipe.quiesce.isEmpty {
+            reporter.phase("quiesce", run: runID)
+            let phase = try? journal.beginPhase(runID, "quiesce", at: timestamp())
+            if let failed = await runCommands(recipe.quiesce, kind: "quiesce", runner: runner) {
+                if let phase { try? journal.endPhase(phase, status: "failed", detail: failed, at: timestamp()) }
+                await runResumeHooks(runner: runner)
+                return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "quiesce failed: \(failed); no volume was touched")
+            }
+            if let phase { try? journal.endPhase(phase, status: "done", at: timestamp()) }
+        }
+
+        // snapshot
+        reporter.phase("snapshot", run: runID)
+        let snapshotPhase = try? journal.beginPhase(runID, "snapshot", at: timestamp())
+        let engine: SnapshotEngine
+        do {
+            engine = try context.engine()
+        } catch {
+            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
+            await runResumeHooks(runner: runner)
+            return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
+        }
+        let live: LiveSnapshotSet
+        do {
+            live = try takeSnapshots(engine)
+        } catch {
+            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
+            try? journal.setSnapshotState(runID: runID, .discarded)
+            await runResumeHooks(runner: runner)
+            return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
+        }
+        CrashPoint.hit("run.after-take")
+        run.suspendMicroseconds = Int64(live.suspendMicroseconds)
+        run.phase = "snapshot"
+        try? journal.update(run)
+        try? journal.setSnapshotState(runID: runID, .live)
+        try? journal.event(runID, "result", "take", "suspended for \(live.suspendMicroseconds) µs", at: timestamp())
+        if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(live.suspendMicroseconds) µs", at: timestamp()) }
+        reporter.note("snapshot taken: \(plan.volumes.count) volume(s), suspended for \(formatMicroseconds(live.suspendMicroseconds))")
+
+        await runResumeHooks(runner: runner)
+
+        // steps, with the COW watched
+        reporter.phase("steps", run: runID)
+        let stop = options.interrupt
+        let cowStop = StopFlag()
+        let watcher = makeWatcher(engine: engine, stacks: live.stacks, cowStop: cowStop)
+        watcher.start()
+        let stepsPhase = try? journal.beginPhase(runID, "steps", at: timestamp())
+        var failure: String?
+        for (index, step) in recipe.steps.enumerated() {
+            if let reason = stop.value ?? cowStop.value {
+                failure = reason
+                break
+            }
+            if let problem = await runOne(step, kind: "step", index: index, count: recipe.steps.count, runner: runner, stop: { stop.value ?? cowStop.value }) {
+                failure = "step \(index + 1) '\(step.name)' \(problem)"
+                break
+            }
+        }
+        if let stepsPhase { try? journal.endPhase(stepsPhase, status: failure == nil ? "done" : "failed", detail: failure, at: timestamp()) }
+
+        // verify
+        if failure == nil && !recipe.verify.isEmpty {
+            reporter.phase("verify", run: runID)
+            let verifyPhase = try? journal.beginPhase(runID, "verify", at: timestamp())
+            var failed: [String] = []
+            for (index, check) in recipe.verify.enumerated() {
+                if let reason = stop.value ?? cowStop.value {
+                    failed.append(reason)
+                    break
+                }
+                if let problem = await runOne(check, kind: "verify", index: index, count: recipe.verify.count, runner: runner, stop: { stop.value ?? cowStop.value }) {
+                    failed.append("check '\(check.name)' \(problem)")
+                }
+            }
+            if !failed.isEmpty { failure = "verify failed: " + failed.joined(separator: "; ") }
+            if let verifyPhase { try? journal.endPhase(verifyPhase, status: failed.isEmpty ? "done" : "failed", detail: failure, at: timestamp()) }
+        }
+        let stacks = watcher.stop()
+        recordWatch(watcher, stacks: stacks)
+        if failure == nil, let late = cowStop.value { failure = late }
+
+        // decision
+        if let failure {
+            let interrupted = stop.value != nil
+            if recipe.onFailure == .keep && !interrupted {
+                return keep(live: live, until: nil, failure: failure)
+            }
+            return await rollback(live: live, engine: engine, failure: failure)
+        }
+        switch recipe.onSuccess {
+        case .commit:
+            return commit(live: live)
+        case .keep(let duration):
+            return keep(live: live, until: duration, failure: nil)
+        }
+    }
+
+    /// Prepares the layers and takes the snapshot set, journaling the intent of each.
+    mutating func takeSnapshots(_ engine: SnapshotEngine) throws -> LiveSnapshotSet {
+        try journal.event(runID, "intent", "prepare", plan.volumes.map { "\($0.originPath) cow \(records[$0.index].cowPath)" }.joined(separator: "; "), at: timestamp())
+        CrashPoint.hit("run.before-prepare")
+        let prepared = try engine.prepare(plan.volumes.map(\.request), token: run.token)
+        for (index, stack) in prepared.stacks.enumerated() {
+            records[index].stack = encode(stack)
+            records[index].originTable = stack.originTable
+            do {
+                try journal.update(records[index])
+            } catch {
+                prepared.abandon()
+                throw error
+            }
+        }
+        do {
+            try journal.event(runID, "intent", "take", "suspend \(prepared.stacks.map(\.originName).joined(separator: ", "))", at: timestamp())
+        } catch {
+            prepared.abandon()
+            throw error
+        }
+        CrashPoint.hit("run.before-take")
+        return try prepared.take()
+    }
+
+    // MARK: Decisions
+
+    mutating func commit(live: consuming LiveSnapshotSet) -> RunReport {
+        reporter.phase("commit", run: runID)
+        run.decision = .commit
+        try? journal.update(run)
+        let phase = try? journal.beginPhase(runID, "commit", at: timestamp())
+        try? journal.event(runID, "intent", "commit", nil, at: timestamp())
+        do {
+            CrashPoint.hit("run.before-commit")
+            try live.commit()
+            CrashPoint.hit("run.after-commit")
+            try? journal.setSnapshotState(runID: runID, .committed)
+            if let phase { try? journal.endPhase(phase, status: "done", at: timestamp()) }
+            return finish(outcome: .committed, exit: .success, state: .finished, error: nil, message: "run \(runID) committed: the upgrade is final")
+        } catch {
+            if let phase { try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp()) }
+            return finish(outcome: .kept, exit: .attention, state: .kept, error: "the commit did not complete: \(error)", message: "run \(runID): the upgrade is applied but the commit did not complete (\(error)); run `guard commit \(runID)` again")
+        }
+    }
+
+    mutating func keep(live: consuming LiveSnapshotSet, until duration: Duration?, failure: String?) -> RunReport {
+        reporter.phase("keep", run: runID)
+        for stack in live.keep() {
+            do { try context.engine(watchdog: false).mark(stack, .kept) } catch { reporter.warning("could not mark the snapshot of \(stack.originName) as kept in its COW label: \(error)") }
+        }
+        run.decision = .keep
+        if let duration {
+            run.keepUntil = timestamp() + Double(duration.components.seconds)
+        }
+        let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
+        if let phase { try? journal.endPhase(phase, status: "done", detail: failure, at: timestamp()) }
+        if let failure {
+            return finish(
+                outcome: .kept, exit: .attention, state: .kept, error: failure,
+                message: "run \(runID) failed (\(failure)); the recipe says keep: the volumes hold the failed upgrade and the snapshots are kept; `guard rollback \(runID)` restores them, `guard commit \(runID)` keeps the new state")
+        }
+        let until = run.keepUntil.map { " until \(formatDate($0))" } ?? ""
+        return finish(
+            outcome: .kept, exit: .success, state: .kept, error: nil,
+            message: "run \(runID) succeeded; the snapshots are kept\(until): `guard rollback \(runID)` undoes the upgrade, `guard commit \(runID)` makes it final")
+    }
+
+    mutating func rollback(live: consuming LiveSnapshotSet, engine: SnapshotEngine, failure: String) async -> RunReport {
+        reporter.phase("rollback", run: runID)
+        reporter.warning("\(failure); rolling back")
+        let stacks = live.keep()
+        run.decision = .rollback
+        run.error = failure
+        try? journal.update(run)
+        let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
+        do {
+            try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), stacks: stacks, recipe: recipe, wait: true)
+            run = (try? journal.run(id: runID)) ?? run
+            return finish(outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure, message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
+        } catch let refusal as GuardFailure {
+            run = (try? journal.run(id: runID)) ?? run
+            let state: RunState = run.state == .merging ? .merging : .kept
+            let outcome: RunOutcome = state == .merging ? .rolledBack : (refusal.message.contains("Invalid") ? .failed : .kept)
+            return finish(outcome: outcome, exit: .attention, state: outcome == .failed ? .finished : state, error: "\(failure); \(refusal.message)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(refusal.message)")
+        } catch {
+            run = (try? journal.run(id: runID)) ?? run
+            return finish(outcome: .kept, exit: .attention, state: run.state == .merging ? .merging : .kept, error: "\(failure); rollback: \(error)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(error); run `guard recover`")
+        }
+    }
+
+    /// Writes the run's end and returns its report.
+    mutating func finish(outcome: RunOutcome, exit: ExitCode, state: RunState, error: String?, message: String? = nil) -> RunReport {
+        run = (try? journal.run(id: runID)) ?? run
+        run.outcome = outcome
+        run.exitCode = Int(exit.rawValue)
+        run.state = state
+        if let error { run.error = error }
+        if state == .finished || state == .kept { run.finishedAt = timestamp() }
+        let done = try? journal.beginPhase(runID, "done", at: timestamp())
+        if let done { try? journal.endPhase(done, status: "done", detail: outcome.rawValue, at: timestamp()) }
+        run.phase = "done"
+        try? journal.update(run)
+        let text = message ?? "run \(runID): \(outcome.rawValue)" + (error.map { " (\($0))" } ?? "")
+        return RunReport(runID: runID, token: run.token, outcome: outcome, exitCode: exit, message: text)
+    }
+
+    // MARK: Commands
+
+    /// Runs hooks in order; returns the first failure.
+    func runCommands(_ commands: [Command], kind: String, runner: StepRunner) async -> String? {
+        for (index, command) in commands.enumerated() {
+            if let problem = await runOne(command, kind: kind, index: index, count: commands.count, runner: runner, stop: nil) {
+                return "\(kind) '\(command.name)' \(problem)"
+            }
+        }
+        return nil
+    }
+
+    func runResumeHooks(runner: StepRunner) async {
+        guard !recipe.resume.isEmpty else { return }
+        reporter.phase("resume", run: runID)
+        let phase = try? journal.beginPhase(runID, "resume", at: timestamp())
+        let failed = await runCommands(recipe.resume, kind: "resume", runner: runner)
+        if let failed { reporter.warning("\(failed); carrying on") }
+        if let phase { try? journal.endPhase(phase, status: failed == nil ? "done" : "failed", detail: failed, at: timestamp()) }
+    }
+
+    /// Runs one command, journaling it; returns nil on success or how it failed.
+    func runOne(_ command: Command, kind: String, index: Int, count: Int, runner: StepRunner, stop: (@Sendable () -> String?)?) async -> String? {
+        reporter.stepStarted(kind: kind, index: index, count: count, name: command.name)
+        var record = try? journal.insert(StepRecord(runID: runID, kind: kind, position: index, name: command.name, argv: command.invocation.arguments, startedAt: timestamp()))
+        let environment = StepRunner.environment(recipe: recipe.environment, command: command.environment, run: runEnvironment(phase: kind))
+        let timeout = command.timeout ?? (kind == "step" || kind == "verify" ? recipe.defaultTimeout : nil)
+        let result = await runner.run(command, environment: environment, timeout: timeout, stop: stop)
+        if var updated = record {
+            updated.duration = result.duration
+            updated.termination = result.termination.description
+            updated.exitCode = result.exitCode.map(Int.init)
+            updated.stdoutTail = result.stdoutTail
+            updated.stderrTail = result.stderrTail
+            updated.outputBytes = Int64(result.outputBytes)
+            try? journal.update(updated)
+            record = updated
+        }
+        reporter.stepFinished(kind: kind, result: result)
+        return result.succeeded ? nil : result.termination.description
+    }
+
+    /// GUARD_* variables: the run, and each volume's device, mount point and snapshot.
+    func runEnvironment(phase: String) -> [String: String] {
+        var environment = ["GUARD_RUN_ID": "\(runID)", "GUARD_RUN_TOKEN": run.token, "GUARD_RECIPE": recipe.name, "GUARD_PHASE": phase]
+        for volume in plan.volumes {
+            environment["GUARD_VOLUME_\(volume.index)_DEVICE"] = volume.originPath
+            if let mount = volume.mountPoint { environment["GUARD_VOLUME_\(volume.index)_MOUNT"] = mount }
+            environment["GUARD_VOLUME_\(volume.index)_SNAPSHOT"] = "/dev/mapper/" + StackIdentity(runToken: run.token, volumeIndex: volume.index).name(.snap, originName: volume.info.name)
+        }
+        return environment
+    }
+
+    // MARK: COW watching
+
+    func makeWatcher(engine: SnapshotEngine, stacks: [SnapshotStack], cowStop: StopFlag) -> CowWatcher {
+        let reporter = self.reporter
+        let journal = self.journal
+        let runID = self.runID
+        let records = self.records
+        let names = plan.volumes.map { $0.spec.device }
+        let lastSampleAt = LockedValue<[Int: Double]>([:])
+        return CowWatcher(
+            engine: engine, stacks: stacks, policies: plan.volumes.map(\.extensionPolicy), stopThreshold: recipe.stopAtFill,
+            interval: .milliseconds(250)
+        ) { event in
+            switch event {
+            case .sample(let sample):
+                guard let usage = sample.status.usage else { return }
+                reporter.cow(volume: names[sample.volumeIndex], usedBytes: usage.allocatedBytes, sizeBytes: usage.totalBytes)
+                let due = lastSampleAt.withLock { last -> Bool in
+                    if let previous = last[sample.volumeIndex], sample.elapsed - previous < 2 { return false }
+                    last[sample.volumeIndex] = sample.elapsed
+                    return true
+                }
+                if due, let id = records[sample.volumeIndex].id {
+                    try? journal.addSamples([CowSampleRecord(snapshotID: id, at: sample.elapsed, usedBytes: Int64(usage.allocatedBytes), sizeBytes: Int64(usage.totalBytes))])
+                }
+            case .extended(let index, let storage):
+                reporter.note("the snapshot of \(names[index]) grew to \(Units.formatBytes(storage - CowLabel.areaOffset))")
+                try? journal.event(runID, "result", "extend", "\(names[index]) to \(storage - CowLabel.areaOffset) bytes")
+            case .nearlyFull(let index, let fill):
+                let reason = "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow"
+                cowStop.set(reason)
+                try? journal.event(runID, "error", "cow-full", reason)
+            case .invalidated(let index, let status):
+                let reason = "the snapshot of \(names[index]) became \(status) (its COW overflowed)"
+                cowStop.set(reason)
+                try? journal.event(runID, "error", "cow-invalid", reason)
+            case .error(let index, let message):
+                reporter.log("COW watch of \(names[index]): \(message)")
+            }
+        }
+    }
+
+    mutating func recordWatch(_ watcher: CowWatcher, stacks: [SnapshotStack]) {
+        let peaks = watcher.peakBytes
+        for index in records.indices {
+            records[index] = (try? journal.snapshots(runID: runID).first { $0.volumeIndex == index }) ?? records[index]
+            records[index].peakUsedBytes = Int64(peaks[index])
+            records[index].sizeBytes = Int64(stacks[index].areaBytes)
+            records[index].stack = encode(stacks[index])
+            try? journal.update(records[index])
+        }
+    }
+}
+
+/// Checks that a recipe run as root cannot be changed by anyone but root.
+public enum RecipeSafety {
+    /// The reason the file is unsafe, or nil.
+    public static func problem(_ path: String) -> String? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        if info.st_uid != 0 { return "the recipe \(path) is owned by uid \(info.st_uid), not root" }
+        if info.st_mode & 0o022 != 0 { return "the recipe \(path) is writable by its group or by everyone (mode \(String(info.st_mode & 0o777, radix: 8)))" }
+        let directory = (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent
+        var parent = stat()
+        if stat(directory, &parent) == 0 {
+            let sticky = parent.st_mode & 0o1000 != 0
+            if parent.st_uid != 0 && !sticky { return "the recipe's directory \(directory) is owned by uid \(parent.st_uid), not root" }
+            if parent.st_mode & 0o022 != 0 && !sticky { return "the recipe's directory \(directory) is writable by others (mode \(String(parent.st_mode & 0o777, radix: 8)))" }
+        }
+        return nil
+    }
+}
+
+func encode(_ stack: SnapshotStack) -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return String(decoding: (try? encoder.encode(stack)) ?? Data("{}".utf8), as: UTF8.self)
+}
+
+func decodeStack(_ text: String) -> SnapshotStack? {
+    try? JSONDecoder().decode(SnapshotStack.self, from: Data(text.utf8))
+}
+
+/// "850 µs", "12.3 ms", "1.20 s".
+public func formatMicroseconds(_ value: UInt64) -> String {
+    if value < 1000 { return "\(value) µs" }
+    if value < 1_000_000 { return "\(Units.trim(Double(value) / 1000)) ms" }
+    return "\(Units.trim(Double(value) / 1_000_000)) s"
+}
+
+/// "2026-11-25 20:14:03" in local time.
+public func formatDate(_ seconds: Double) -> String {
+    let formatter = DateFormatter()
+    formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+    return formatter.string(from: Date(timeIntervalSince1970: seconds))
+}

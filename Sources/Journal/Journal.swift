@@ -1,0 +1,327 @@
+import Foundation
+import GRDB
+
+/// An error opening or writing the journal, with what to do about it.
+public struct JournalError: Error, Sendable, CustomStringConvertible {
+    public var path: String
+    public var reason: String
+    public var hint: String?
+
+    public init(path: String, reason: String, hint: String? = nil) {
+        self.path = path
+        self.reason = reason
+        self.hint = hint
+    }
+
+    public var description: String { "journal \(path): \(reason)" + (hint.map { "; \($0)" } ?? "") }
+}
+
+/// guard's SQLite journal: every run, phase, step, snapshot, COW reading and intent.
+///
+/// WAL with synchronous=FULL, so a write that returned survives a power loss; the file is
+/// root-only (0600) in a root-only directory; a locked journal is waited for (60 s).
+public final class Journal: @unchecked Sendable {
+    // @unchecked: DatabaseQueue serializes every access itself.
+    public let path: String
+    let queue: DatabaseQueue
+
+    /// Opens (creating it if needed) the journal at `path` and migrates it.
+    ///
+    /// - Parameter check: run SQLite's quick_check first (before a run touches a volume).
+    /// - Throws: `JournalError` when the file is corrupt, unreadable or on a read-only/full filesystem.
+    public static func open(path: String, check: Bool = false, readOnly: Bool = false) throws -> Journal {
+        let directory = (path as NSString).deletingLastPathComponent
+        do {
+            if !readOnly {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+                if !FileManager.default.fileExists(atPath: path) {
+                    guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) else {
+                        throw JournalError(path: path, reason: "cannot create it", hint: "check that \(directory) is writable and not full")
+                    }
+                }
+            } else if !FileManager.default.fileExists(atPath: path) {
+                throw JournalError(path: path, reason: "does not exist (no run has been journaled here)", hint: "check --state-dir")
+            }
+            var configuration = Configuration()
+            configuration.journalMode = .wal
+            configuration.busyMode = .timeout(60)
+            configuration.readonly = false
+            configuration.prepareDatabase { db in
+                try db.execute(sql: "PRAGMA synchronous = FULL")
+            }
+            let queue = try DatabaseQueue(path: path, configuration: configuration)
+            if check {
+                let result = try queue.read { db in try String.fetchOne(db, sql: "PRAGMA quick_check") }
+                if result != "ok" {
+                    throw JournalError(path: path, reason: "is corrupt (quick_check: \(result ?? "?"))", hint: "move it aside and run `guard recover`, which rebuilds what it can from the COW labels")
+                }
+            }
+            if !readOnly {
+                try Schema.migrator.migrate(queue)
+            }
+            return Journal(path: path, queue: queue)
+        } catch let error as JournalError {
+            throw error
+        } catch let error as DatabaseError {
+            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+        } catch {
+            throw JournalError(path: path, reason: "\(error)")
+        }
+    }
+
+    /// A journal in memory, for tests.
+    public static func inMemory() throws -> Journal {
+        let queue = try DatabaseQueue()
+        try Schema.migrator.migrate(queue)
+        return Journal(path: ":memory:", queue: queue)
+    }
+
+    init(path: String, queue: DatabaseQueue) {
+        self.path = path
+        self.queue = queue
+    }
+
+    static func explain(_ error: DatabaseError) -> String {
+        switch error.resultCode {
+        case .SQLITE_CORRUPT, .SQLITE_NOTADB: return "is corrupt or not a guard journal (\(error.message ?? ""))"
+        case .SQLITE_FULL: return "its filesystem is full"
+        case .SQLITE_READONLY: return "is read-only"
+        case .SQLITE_BUSY, .SQLITE_LOCKED: return "is locked by another process"
+        case .SQLITE_CANTOPEN: return "cannot be opened (\(error.message ?? ""))"
+        case .SQLITE_IOERR: return "I/O error (\(error.message ?? ""))"
+        default: return error.message ?? "\(error)"
+        }
+    }
+
+    static func hint(_ error: DatabaseError) -> String? {
+        switch error.resultCode {
+        case .SQLITE_CORRUPT, .SQLITE_NOTADB: return "move it aside and run `guard recover`"
+        case .SQLITE_FULL: return "free space on the state directory's filesystem"
+        case .SQLITE_BUSY, .SQLITE_LOCKED: return "wait for the other guard command, or find it with `fuser`"
+        default: return nil
+        }
+    }
+
+    /// Runs `body` in one write transaction; SQLite errors become `JournalError`s.
+    @discardableResult
+    public func write<T>(_ body: (Database) throws -> T) throws -> T {
+        do {
+            return try queue.write(body)
+        } catch let error as DatabaseError {
+            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+        }
+    }
+
+    public func read<T>(_ body: (Database) throws -> T) throws -> T {
+        do {
+            return try queue.read(body)
+        } catch let error as DatabaseError {
+            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+        }
+    }
+
+    // MARK: Writing a run
+
+    public func insert(_ run: RunRecord) throws -> RunRecord {
+        try write { db in
+            var run = run
+            try run.insert(db)
+            return run
+        }
+    }
+
+    public func update(_ run: RunRecord) throws {
+        try write { db in try run.update(db) }
+    }
+
+    /// Records an intent (before touching the kernel), a result (after), a note or an error.
+    public func event(_ runID: Int64, _ kind: String, _ action: String, _ detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
+        try write { db in
+            var event = EventRecord(runID: runID, at: at, kind: kind, action: action, detail: detail)
+            try event.insert(db)
+        }
+    }
+
+    public func beginPhase(_ runID: Int64, _ name: String, at: Double = Date().timeIntervalSince1970) throws -> PhaseRecord {
+        try write { db in
+            var phase = PhaseRecord(runID: runID, name: name, startedAt: at)
+            try phase.insert(db)
+            try db.execute(sql: "UPDATE runs SET phase = ? WHERE id = ?", arguments: [name, runID])
+            return phase
+        }
+    }
+
+    public func endPhase(_ phase: PhaseRecord, status: String, detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
+        try write { db in
+            var phase = phase
+            phase.finishedAt = at
+            phase.status = status
+            phase.detail = detail
+            try phase.update(db)
+        }
+    }
+
+    public func insert(_ step: StepRecord) throws -> StepRecord {
+        try write { db in
+            var step = step
+            try step.insert(db)
+            return step
+        }
+    }
+
+    public func update(_ step: StepRecord) throws {
+        try write { db in try step.update(db) }
+    }
+
+    public func insert(_ snapshot: SnapshotRecord) throws -> SnapshotRecord {
+        try write { db in
+            var snapshot = snapshot
+            try snapshot.insert(db)
+            return snapshot
+        }
+    }
+
+    public func update(_ snapshot: SnapshotRecord) throws {
+        try write { db in try snapshot.update(db) }
+    }
+
+    public func setSnapshotState(runID: Int64, _ state: SnapshotState) throws {
+        try write { db in
+            try db.execute(sql: "UPDATE snapshots SET state = ? WHERE run_id = ?", arguments: [state, runID])
+        }
+    }
+
+    public func addSamples(_ samples: [CowSampleRecord]) throws {
+        guard !samples.isEmpty else { return }
+        try write { db in
+            for var sample in samples { try sample.insert(db) }
+        }
+    }
+
+    // MARK: Reading
+
+    /// A run by its number or token.
+    public func run(_ reference: String) throws -> RunRecord? {
+        try read { db in
+            if let id = Int64(reference) { return try RunRecord.fetchOne(db, key: id) }
+            return try RunRecord.filter(RunRecord.Columns.token == reference).fetchOne(db)
+        }
+    }
+
+    public func run(id: Int64) throws -> RunRecord? {
+        try read { db in try RunRecord.fetchOne(db, key: id) }
+    }
+
+    public func runs(in states: [RunState]) throws -> [RunRecord] {
+        try read { db in
+            try RunRecord.filter(states.contains(RunRecord.Columns.state)).order(RunRecord.Columns.id).fetchAll(db)
+        }
+    }
+
+    public func snapshots(runID: Int64) throws -> [SnapshotRecord] {
+        try read { db in
+            try SnapshotRecord.filter(SnapshotRecord.Columns.runID == runID).order(Column("volume_index")).fetchAll(db)
+        }
+    }
+
+    public func phases(runID: Int64) throws -> [PhaseRecord] {
+        try read { db in try PhaseRecord.filter(PhaseRecord.Columns.runID == runID).order(Column("id")).fetchAll(db) }
+    }
+
+    public func steps(runID: Int64) throws -> [StepRecord] {
+        try read { db in try StepRecord.filter(StepRecord.Columns.runID == runID).order(Column("id")).fetchAll(db) }
+    }
+
+    public func events(runID: Int64) throws -> [EventRecord] {
+        try read { db in try EventRecord.filter(EventRecord.Columns.runID == runID).order(Column("id")).fetchAll(db) }
+    }
+
+    public func samples(snapshotID: Int64) throws -> [CowSampleRecord] {
+        try read { db in
+            try CowSampleRecord.filter(CowSampleRecord.Columns.snapshotID == snapshotID).order(Column("at")).fetchAll(db)
+        }
+    }
+
+    /// The peak COW use of earlier runs of `recipe`, per volume index (for `size: auto`).
+    public func peakUse(recipe: String) throws -> [Int: Int64] {
+        try read { db in
+            let rows = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT snapshots.volume_index AS volume_index, MAX(snapshots.peak_used_bytes) AS peak
+                    FROM snapshots JOIN runs ON runs.id = snapshots.run_id
+                    WHERE runs.recipe_name = ? AND snapshots.peak_used_bytes > 0
+                    GROUP BY snapshots.volume_index
+                    """, arguments: [recipe])
+            return Dictionary(uniqueKeysWithValues: rows.map { (Int($0["volume_index"] as Int64), $0["peak"] as Int64) })
+        }
+    }
+}
+
+/// One line of `guard history`: a run with its snapshots, without the recipe text.
+public struct RunSummary: Sendable, Hashable {
+    public struct Volume: Sendable, Hashable {
+        public var volume: String
+        public var sizeBytes: Int64
+        public var peakUsedBytes: Int64
+        public var state: SnapshotState
+    }
+
+    public var id: Int64
+    public var token: String
+    public var recipe: String
+    public var startedAt: Double
+    public var finishedAt: Double?
+    public var state: RunState
+    public var outcome: RunOutcome?
+    public var exitCode: Int?
+    public var error: String?
+    public var suspendMicroseconds: Int64?
+    public var keepUntil: Double?
+    public var volumes: [Volume]
+}
+
+extension Journal {
+    /// The newest runs first, at most `limit`, optionally of one recipe.
+    /// Two queries whatever the journal's size: the runs, then their snapshots.
+    public func history(limit: Int, recipe: String? = nil) throws -> [RunSummary] {
+        try read { db in
+            var sql = """
+                SELECT id, token, recipe_name, started_at, finished_at, state, outcome, exit_code, error, suspend_us, keep_until
+                FROM runs
+                """
+            var arguments: StatementArguments = []
+            if let recipe {
+                sql += " WHERE recipe_name = ?"
+                arguments += [recipe]
+            }
+            sql += " ORDER BY id DESC LIMIT ?"
+            arguments += [limit]
+            var summaries: [RunSummary] = []
+            var index: [Int64: Int] = [:]
+            for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
+                let id: Int64 = row["id"]
+                index[id] = summaries.count
+                summaries.append(
+                    RunSummary(
+                        id: id, token: row["token"], recipe: row["recipe_name"], startedAt: row["started_at"],
+                        finishedAt: row["finished_at"], state: row["state"], outcome: row["outcome"], exitCode: row["exit_code"],
+                        error: row["error"], suspendMicroseconds: row["suspend_us"], keepUntil: row["keep_until"], volumes: []))
+            }
+            guard let newest = summaries.first?.id, let oldest = summaries.last?.id else { return [] }
+            let rows = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT run_id, volume, size_bytes, peak_used_bytes, state FROM snapshots
+                    WHERE run_id BETWEEN ? AND ? ORDER BY run_id, volume_index
+                    """, arguments: [oldest, newest])
+            for row in rows {
+                let runID: Int64 = row["run_id"]
+                guard let position = index[runID] else { continue }
+                summaries[position].volumes.append(
+                    RunSummary.Volume(volume: row["volume"], sizeBytes: row["size_bytes"], peakUsedBytes: row["peak_used_bytes"], state: row["state"]))
+            }
+            return summaries
+        }
+    }
+}

@@ -1,0 +1,107 @@
+import GRDB
+
+/// The journal's schema, as frozen migrations: each is plain DDL that never refers to the
+/// record types, so an old journal always migrates the same way (Docs/journal.md).
+enum Schema {
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1 runs, phases, steps, snapshots, samples, events") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE runs (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        token TEXT NOT NULL UNIQUE,
+                        recipe_name TEXT NOT NULL,
+                        recipe_path TEXT NOT NULL,
+                        recipe_sha256 TEXT NOT NULL,
+                        recipe_text TEXT NOT NULL,
+                        host TEXT NOT NULL,
+                        user TEXT NOT NULL,
+                        pid INTEGER NOT NULL,
+                        started_at REAL NOT NULL,
+                        finished_at REAL,
+                        phase TEXT NOT NULL,
+                        state TEXT NOT NULL,
+                        decision TEXT,
+                        outcome TEXT,
+                        exit_code INTEGER,
+                        error TEXT,
+                        keep_until REAL,
+                        suspend_us INTEGER
+                    );
+                    CREATE INDEX runs_recipe ON runs(recipe_name, started_at);
+                    CREATE INDEX runs_state ON runs(state);
+
+                    CREATE TABLE phases (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+                        name TEXT NOT NULL,
+                        started_at REAL NOT NULL,
+                        finished_at REAL,
+                        status TEXT NOT NULL,
+                        detail TEXT
+                    );
+                    CREATE INDEX phases_run ON phases(run_id);
+
+                    CREATE TABLE steps (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+                        kind TEXT NOT NULL,
+                        position INTEGER NOT NULL,
+                        name TEXT NOT NULL,
+                        argv TEXT NOT NULL,
+                        started_at REAL NOT NULL,
+                        duration REAL,
+                        termination TEXT,
+                        exit_code INTEGER,
+                        stdout_tail TEXT,
+                        stderr_tail TEXT,
+                        output_bytes INTEGER
+                    );
+                    CREATE INDEX steps_run ON steps(run_id);
+
+                    CREATE TABLE snapshots (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+                        volume_index INTEGER NOT NULL,
+                        volume TEXT NOT NULL,
+                        mount_point TEXT,
+                        origin_name TEXT NOT NULL,
+                        origin_uuid TEXT NOT NULL,
+                        origin_device TEXT NOT NULL,
+                        origin_table TEXT NOT NULL,
+                        origin_bytes INTEGER NOT NULL,
+                        cow_path TEXT NOT NULL,
+                        cow_kind TEXT NOT NULL,
+                        size_bytes INTEGER NOT NULL,
+                        chunk_bytes INTEGER NOT NULL,
+                        peak_used_bytes INTEGER NOT NULL DEFAULT 0,
+                        state TEXT NOT NULL,
+                        stack TEXT NOT NULL,
+                        UNIQUE(run_id, volume_index)
+                    );
+                    CREATE INDEX snapshots_state ON snapshots(state);
+
+                    CREATE TABLE cow_samples (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+                        at REAL NOT NULL,
+                        used_bytes INTEGER NOT NULL,
+                        size_bytes INTEGER NOT NULL
+                    );
+                    CREATE INDEX cow_samples_snapshot ON cow_samples(snapshot_id);
+
+                    CREATE TABLE events (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+                        at REAL NOT NULL,
+                        kind TEXT NOT NULL,
+                        action TEXT NOT NULL,
+                        detail TEXT
+                    );
+                    CREATE INDEX events_run ON events(run_id);
+                    """)
+        }
+        return migrator
+    }
+}
