@@ -22,6 +22,17 @@ int guard_fstat(int fd, struct stat *out) { return fstat(fd, out); }
 int guard_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
 int guard_o_direct(void) { return O_DIRECT; }
 int guard_syncfs(int fd) { return syncfs(fd); }
+
+#include <syslog.h>
+void guard_syslog(int priority, const char *message)
+{
+    static int opened = 0;
+    if (!opened) {
+        openlog("guard", LOG_PID, LOG_DAEMON);
+        opened = 1;
+    }
+    syslog(priority, "%s", message);
+}
 int guard_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? 0 : -errno; }
 int guard_unlock_memory(void) { return munlockall() == 0 ? 0 : -errno; }
 

@@ -1,12 +1,101 @@
 import ArgumentParser
+import Engine
+import Foundation
 
+/// The `guard` command: snapshot-guarded upgrades.
 public struct GuardCommand: AsyncParsableCommand {
-    public static let configuration = CommandConfiguration(commandName: "guard", abstract: "Snapshot-guarded upgrades", version: "0.1.0")
+    public static let version = "0.1.0"
+
+    public static let configuration = CommandConfiguration(
+        commandName: "guard",
+        abstract: "Run upgrades under a device-mapper snapshot: keep them, commit them, or roll them back.",
+        discussion: """
+            guard takes a copy-on-write snapshot of every volume a recipe names, runs the recipe's upgrade steps and verify checks, then commits the upgrade, keeps the snapshot for a later `guard rollback`, or merges the snapshot back. Every run is journaled in SQLite (`guard history`), and a crash or reboot at any moment leaves the volumes upgraded or restored (`guard recover`).
+
+            Exit codes: 0 done (the upgrade is applied, or the command did what was asked); 1 the upgrade failed and the volumes were restored; 2 usage, recipe or preflight error, nothing was touched; 3 needs attention, the message says what to run.
+
+            State: --state-dir, or GUARD_STATE_DIR, or /var/lib/guard (journal.sqlite, cow/, locks/, volumes/). It must not be on a volume guard snapshots.
+            """,
+        version: version,
+        subcommands: [
+            Run.self, Check.self, Rollback.self, Commit.self, History.self, Show.self, Status.self, Recover.self,
+            Volume.self, WatchdogCommand.self,
+        ]
+    )
+
     public init() {}
 }
 
+/// Options every subcommand takes.
+struct GlobalOptions: ParsableArguments {
+    @Option(name: .customLong("state-dir"), help: ArgumentHelp("guard's state directory (journal, COW files, locks).", valueName: "dir"))
+    var stateDirectory: String = ProcessInfo.processInfo.environment["GUARD_STATE_DIR"] ?? "/var/lib/guard"
+
+    @Flag(name: .shortAndLong, help: "Show more: every kernel step, libdevmapper's messages.")
+    var verbose = false
+
+    @Flag(name: .shortAndLong, help: "Show only warnings, errors and the result.")
+    var quiet = false
+
+    @Option(name: .customLong("udev"), help: ArgumentHelp("How to wait for udev: automatic, cookies or none.", valueName: "mode", visibility: .hidden))
+    var udev: String = ProcessInfo.processInfo.environment["GUARD_UDEV"] ?? "automatic"
+
+    func context() throws -> GuardContext {
+        guard let mode = UdevModeName(rawValue: udev) else {
+            throw GuardFailure(.usage, "--udev must be automatic, cookies or none, not '\(udev)'")
+        }
+        let reporter = TerminalReporter(verbosity: quiet ? .quiet : (verbose ? .verbose : .normal))
+        return GuardContext(stateDirectory: stateDirectory, udev: mode.mode, reporter: reporter)
+    }
+}
+
+/// Runs guard: parses the arguments, runs the command, prints its error to stderr and exits
+/// with guard's exit codes (argument errors exit 2, like other usage errors).
 public enum GuardMain {
     public static func run() async {
-        await GuardCommand.main()
+        do {
+            var command = try GuardCommand.parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+            exit(0)
+        } catch let done as ExitCodeError {
+            exit(done.code.rawValue)
+        } catch let failure as GuardFailure {
+            FileHandle.standardError.write(Data(("guard: " + failure.message + "\n").utf8))
+            exit(failure.exitCode.rawValue)
+        } catch {
+            let code = GuardCommand.exitCode(for: error)
+            if code == .success {
+                GuardCommand.exit(withError: error)
+            }
+            let message = GuardCommand.fullMessage(for: error)
+            FileHandle.standardError.write(Data((message + "\n").utf8))
+            exit(ExitCode.usage.rawValue)
+        }
     }
+}
+
+/// Writes JSON with sorted keys, stable across versions (Docs/guide.md documents the fields).
+func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    let data = try encoder.encode(value)
+    FileHandle.standardOutput.write(data)
+    FileHandle.standardOutput.write(Data("\n".utf8))
+}
+
+/// Standard output, for data.
+func say(_ text: String) {
+    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
+
+/// ISO 8601 in UTC, for JSON.
+func iso8601(_ seconds: Double?) -> String? {
+    guard let seconds else { return nil }
+    let formatter = ISO8601DateFormatter()
+    formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+    return formatter.string(from: Date(timeIntervalSince1970: seconds))
 }

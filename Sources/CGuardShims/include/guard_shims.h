@@ -44,6 +44,8 @@ int guard_fstat(int fd, struct stat *out);
 int guard_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int guard_o_direct(void);
 int guard_syncfs(int fd);
+/// syslog(3) of one preformatted message under the identity "guard".
+void guard_syslog(int priority, const char *message);
 /// Locks all current and future pages in memory (mlockall MCL_CURRENT|MCL_FUTURE); 0 or -errno.
 int guard_lock_memory(void);
 int guard_unlock_memory(void);

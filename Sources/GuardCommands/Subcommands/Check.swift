@@ -1,0 +1,93 @@
+import ArgumentParser
+import DeviceMapper
+import BlockDevice
+import Engine
+import Foundation
+import Recipe
+import Snapshot
+
+extension GuardCommand {
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate a recipe and print the plan: volumes, snapshot sizes, COW locations, steps.",
+            discussion: """
+                Every error of the recipe is reported at once, with its line and column. When the recipe is valid and guard runs as root on a kernel with device-mapper, the volumes are resolved too: each device and its size, where it is mounted, the snapshot size it gets (and why, for `auto`), where the COW lives and the free space there. Nothing is touched.
+
+                Exit codes: 0 valid (and, as root, every preflight check passes), 2 invalid.
+
+                Examples:
+                  guard check /etc/guard/website-migration.recipe
+                  guard check --syntax-only upgrade.recipe    # no root, no device-mapper needed
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"))
+        var recipe: String
+
+        @Flag(help: "Only validate the file; do not resolve the volumes.")
+        var syntaxOnly = false
+
+        func run() throws {
+            let parsed: Recipe
+            switch RecipeParser.load(path: recipe) {
+            case .success(let value): parsed = value
+            case .failure(let errors):
+                throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
+            }
+            say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
+            if syntaxOnly || geteuid() != 0 {
+                printRecipe(parsed, plan: nil)
+                if !syntaxOnly { say("(run as root to resolve the volumes against this system)") }
+                return
+            }
+            let context = try global.context()
+            let plan = try Planner(context: context).plan(parsed)
+            printRecipe(parsed, plan: plan)
+            for warning in plan.warnings { say("warning: \(warning)") }
+            if !plan.problems.isEmpty {
+                throw GuardFailure(.usage, plan.problems.joined(separator: "\n"))
+            }
+            if let safety = RecipeSafety.problem(recipe) {
+                say("warning: \(safety); `guard run` refuses it without --allow-unsafe-recipe")
+            }
+        }
+
+        func printRecipe(_ recipe: Recipe, plan: Plan?) {
+            say("volumes:")
+            for (index, volume) in recipe.volumes.enumerated() {
+                if let planned = plan?.volumes.first(where: { $0.index == index }) {
+                    say("  \(index + 1). \(volume.device) -> \(planned.originPath) (\(planned.info.number)), \(Units.formatBytes(planned.originBytes))")
+                    say("     mounted on: \(planned.mounts.map(\.target).joined(separator: ", ").ifEmpty("not mounted"))")
+                    say("     snapshot: \(Units.formatBytes(planned.cowBytes)) (\(planned.sizeNote)), chunk \(Units.formatBytes(UInt64(planned.chunkSectors) * 512))")
+                    switch planned.storage {
+                    case .fileIn(let directory):
+                        say("     COW: a preallocated file in \(directory)" + (planned.freeBytes.map { ", \(Units.formatBytes($0)) free there" } ?? ""))
+                    case .blockDevice(let path):
+                        say("     COW: the device \(path) (overwritten)")
+                    }
+                    if let policy = planned.extensionPolicy {
+                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset))")
+                    }
+                } else {
+                    say("  \(index + 1). \(volume.device)" + (volume.mount.map { " on \($0)" } ?? "") + ", snapshot \(volume.size)" + (volume.cow.map { ", COW \($0)" } ?? ""))
+                }
+            }
+            for (title, commands) in [("quiesce", recipe.quiesce), ("resume", recipe.resume), ("steps", recipe.steps), ("verify", recipe.verify), ("rollback.stop", recipe.rollbackStop), ("rollback.start", recipe.rollbackStart)] where !commands.isEmpty {
+                say("\(title):")
+                for (index, command) in commands.enumerated() {
+                    var extras: [String] = []
+                    if let timeout = command.timeout ?? (title == "steps" || title == "verify" ? recipe.defaultTimeout : nil) { extras.append("timeout \(Units.formatDuration(timeout))") }
+                    if let user = command.user { extras.append("as \(user)") }
+                    if let directory = command.workingDirectory { extras.append("in \(directory)") }
+                    say("  \(index + 1). \(command.name): \(command.invocation)" + (extras.isEmpty ? "" : " (\(extras.joined(separator: ", ")))"))
+                }
+            }
+            say("on success: \(recipe.onSuccess); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full")
+        }
+    }
+}
+
+extension String {
+    func ifEmpty(_ replacement: String) -> String { isEmpty ? replacement : self }
+}

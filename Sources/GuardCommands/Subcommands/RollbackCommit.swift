@@ -1,0 +1,93 @@
+import ArgumentParser
+import Recipe
+import Engine
+import Foundation
+
+extension GuardCommand {
+    struct Rollback: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Undo a kept run: merge its snapshots back into the volumes.",
+            discussion: """
+                Runs the recipe's rollback.stop commands, unmounts the volumes, starts the kernel's merge, mounts the volumes again and runs rollback.start. The volumes read as before the run from the moment the merge starts, so the service is back at once; the merge finishes in the background (`guard status` shows its progress; the next guard command or `guard status --wait` tears it down).
+
+                Refused for a run that was committed, rolled back, is unknown or unfinished, and when a snapshot is Invalid (its COW filled up: the old data is gone).
+
+                Examples:
+                  guard rollback 12
+                  guard rollback --wait 3f9a2c1e
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The run: its number or token (see `guard history`).", valueName: "run"))
+        var target: String
+
+        @Flag(help: "Wait until the merge is complete and torn down.")
+        var wait = false
+
+        func run() async throws {
+            let context = try global.context()
+            let message = try await Maintenance(context: context).rollback(target, wait: wait)
+            context.reporter.note(message)
+        }
+    }
+
+    struct Commit: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a kept run final: drop its snapshots.",
+            discussion: """
+                The volumes keep their current data; the snapshot devices and COW files are removed. Kept runs past their keep duration are committed by `guard run`, `guard status` and the guard-expire timer.
+
+                Examples:
+                  guard commit 12
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        var target: String
+
+        func run() throws {
+            let context = try global.context()
+            let message = try Maintenance(context: context).commit(target)
+            context.reporter.note(message)
+        }
+    }
+
+    struct Recover: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "After a crash or reboot: bring the kernel, the COW labels and the journal back into agreement.",
+            discussion: """
+                Activates guard volumes, reassembles snapshots and merges from their COW labels, and finishes or undoes every run that did not finish: a commit that was under way is completed, a run that stopped during its steps is rolled back (or kept, if its recipe says so), a merge is continued and torn down when the kernel reports it complete. Stray guard devices and COW files are removed. Running it again changes nothing.
+
+                --boot is for the guard-reassemble unit, before local filesystems are mounted: it reassembles and starts merges at once, and runs no hooks.
+
+                Examples:
+                  guard recover
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Flag(help: "Early boot mode (the systemd unit uses it).")
+        var boot = false
+
+        func run() async throws {
+            let context = try global.context()
+            let report = try await Recovery(context: context).recover(boot: boot)
+            for action in report.actions { say(action) }
+            if report.actions.isEmpty && report.problems.isEmpty { say("nothing to recover") }
+            if !report.problems.isEmpty {
+                throw GuardFailure(.attention, report.problems.joined(separator: "\n"))
+            }
+        }
+    }
+
+    struct WatchdogCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "__watchdog", abstract: "Internal: the suspend-window watchdog.", shouldDisplay: false)
+
+        func run() throws {
+            throw ExitCodeError(WatchdogServer.serve() == 0 ? .success : .attention)
+        }
+    }
+}

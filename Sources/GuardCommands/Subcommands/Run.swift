@@ -1,0 +1,98 @@
+import ArgumentParser
+import Recipe
+import Engine
+import Foundation
+import Snapshot
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension GuardCommand {
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a recipe under snapshots: quiesce, snapshot, steps, verify, then commit, keep or roll back.",
+            discussion: """
+                Preflight checks everything first and touches nothing if any check fails: the recipe, root, device-mapper, the volumes (active, not already under a snapshot), COW space, the journal, and the volume locks (a second run on a volume is refused). Then guard runs the quiesce commands, snapshots every volume in one suspend window, runs the resume commands, the steps and the verify checks.
+
+                On success the recipe's on_success applies (commit, or keep for a duration); on failure its on_failure (rollback, or keep). Ctrl-C during the steps stops them and rolls back. The COW is watched while the steps run: it grows as the recipe allows, and if it is about to fill the steps are stopped and the run rolled back while that is still possible.
+
+                Exit codes:
+                  0  the upgrade is applied (committed, or kept for a later rollback)
+                  1  the upgrade failed and the volumes were restored
+                  2  recipe, usage or preflight error: nothing was touched
+                  3  needs attention (a rollback that could not complete); the message says what to run
+
+                Examples:
+                  guard run /etc/guard/website-migration.recipe
+                  guard check upgrade.recipe && guard run upgrade.recipe
+                  GUARD_STATE_DIR=/srv/guard guard run -q nightly.recipe
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"))
+        var recipe: String
+
+        @Flag(help: "Run a recipe that users other than root can modify (refused by default).")
+        var allowUnsafeRecipe = false
+
+        @Flag(name: .customLong("dry-run"), help: "Check everything and print the plan, touching nothing (same as `guard check`).")
+        var dryRun = false
+
+        func run() async throws {
+            if dryRun {
+                var check = Check()
+                check.global = global
+                check.recipe = recipe
+                try check.run()
+                return
+            }
+            let context = try global.context()
+            var options = RunOptions()
+            options.allowUnsafeRecipe = allowUnsafeRecipe
+            let interrupt = options.interrupt
+            let signals = InterruptHandler { interrupt.set("interrupted (Ctrl-C)") }
+            defer { signals.cancel() }
+            let report = try await RunTransaction(context: context, options: options).execute(recipePath: recipe)
+            let line = report.message
+            if report.exitCode == .success {
+                context.reporter.note(line)
+            } else {
+                FileHandle.standardError.write(Data(("guard: " + line + "\n").utf8))
+            }
+            throw ExitCodeError(report.exitCode)
+        }
+    }
+}
+
+/// Ends the process with one of guard's exit codes (the message is already printed).
+struct ExitCodeError: Error {
+    let code: Engine.ExitCode
+    init(_ code: Engine.ExitCode) { self.code = code }
+}
+
+/// Turns SIGINT and SIGTERM into a stop request instead of killing guard mid-transaction.
+final class InterruptHandler: @unchecked Sendable {
+    // @unchecked: the sources are created and cancelled on the same thread.
+    private var sources: [any DispatchSourceSignal] = []
+
+    init(_ action: @escaping @Sendable () -> Void) {
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+            source.setEventHandler {
+                FileHandle.standardError.write(Data("\nguard: stopping the steps and rolling back; please wait\n".utf8))
+                action()
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    func cancel() {
+        sources.forEach { $0.cancel() }
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+    }
+}

@@ -1,0 +1,112 @@
+import ArgumentParser
+import Engine
+import Foundation
+import Journal
+import Recipe
+
+struct StatusOutput: Encodable {
+    struct Volume: Encodable {
+        var volume: String
+        var origin: String
+        var state: String
+        var status: String
+        var usedBytes: UInt64?
+        var sizeBytes: UInt64?
+        var fill: Double?
+        var mergeProgress: Double?
+        var remainingBytes: UInt64?
+        enum CodingKeys: String, CodingKey {
+            case volume, origin, state, status, fill
+            case usedBytes = "used_bytes"
+            case sizeBytes = "size_bytes"
+            case mergeProgress = "merge_progress"
+            case remainingBytes = "remaining_bytes"
+        }
+    }
+
+    struct Run: Encodable {
+        var id: Int64
+        var token: String
+        var recipe: String
+        var state: String
+        var outcome: String?
+        var keepUntil: String?
+        var volumes: [Volume]
+        enum CodingKeys: String, CodingKey {
+            case id, token, recipe, state, outcome, volumes
+            case keepUntil = "keep_until"
+        }
+    }
+
+    var runs: [Run]
+    var strayDevices: [String]
+    enum CodingKeys: String, CodingKey {
+        case runs
+        case strayDevices = "stray_devices"
+    }
+}
+
+extension GuardCommand {
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Live snapshots, their COW fill, merges and their progress.",
+            discussion: """
+                Also tears down merges the kernel has completed and commits kept runs whose keep duration has passed. --wait waits for every merge under way and tears it down.
+
+                --json prints {"runs": [...], "stray_devices": [...]}; each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes).
+
+                Examples:
+                  guard status
+                  guard status --wait
+                  guard status --json
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @Flag(help: "Wait for merges under way to complete and tear them down.")
+        var wait = false
+
+        func run() async throws {
+            let context = try global.context()
+            let maintenance = Maintenance(context: context)
+            if wait { try await maintenance.waitForAllMerges() }
+            let (runs, strays) = try maintenance.status()
+            let output = StatusOutput(
+                runs: runs.map { status in
+                    StatusOutput.Run(
+                        id: status.run.id!, token: status.run.token, recipe: status.run.recipeName, state: status.run.state.rawValue,
+                        outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil),
+                        volumes: status.volumes.map { volume in
+                            StatusOutput.Volume(
+                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
+                                sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
+                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes)
+                        })
+                }, strayDevices: strays)
+            if json {
+                try printJSON(output)
+                return
+            }
+            if output.runs.isEmpty { say("no live snapshots or merges") }
+            for run in output.runs {
+                var header = "run \(run.id) (\(run.recipe)): \(run.state)"
+                if let until = run.keepUntil { header += " until \(until)" }
+                say(header)
+                for volume in run.volumes {
+                    var line = "  \(volume.volume): \(volume.status)"
+                    if let used = volume.usedBytes, let size = volume.sizeBytes {
+                        line += ", COW \(Units.formatBytes(used)) of \(Units.formatBytes(size)) (\(Int((volume.fill ?? 0) * 100))%)"
+                    }
+                    if let progress = volume.mergeProgress, volume.status == "merging" {
+                        line += " \(Int(progress * 100))%, \(Units.formatBytes(volume.remainingBytes ?? 0)) to go"
+                    }
+                    say(line)
+                }
+            }
+            for stray in output.strayDevices { say("stray guard device (no open run): \(stray); `guard recover` removes it") }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+import ArgumentParser
+import BlockDevice
+import DeviceMapper
+import Engine
+import Foundation
+import Recipe
+import Snapshot
+
+extension GuardCommand {
+    struct Volume: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Guard volumes: a device-mapper volume over a file or block device, for machines without LVM.",
+            subcommands: [Create.self, List.self, Remove.self, Activate.self])
+
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Create a guard volume: /dev/mapper/NAME over a file (created if missing) or a block device.",
+                discussion: """
+                    Examples:
+                      guard volume create website --backing /srv/website.img --size 100M
+                      mkfs.ext4 /dev/mapper/website && mount /dev/mapper/website /mnt/website
+                    """)
+            @OptionGroup var global: GlobalOptions
+            @Argument(help: "The volume name (/dev/mapper/NAME).") var name: String
+            @Option(help: ArgumentHelp("A file (created when missing) or block device.", valueName: "file|device")) var backing: String
+            @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing).", valueName: "size")) var size: String?
+
+            func run() throws {
+                let context = try global.context()
+                var bytes: UInt64?
+                if let size {
+                    switch Units.parseSize(size) {
+                    case .success(let value): bytes = value
+                    case .failure(let error): throw GuardFailure(.usage, "--size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
+                    }
+                }
+                try context.prepareStateDirectory()
+                do {
+                    let volume = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).create(name: name, backing: backing, size: bytes)
+                    say("created \(volume.path) (\(Units.formatBytes(volume.sizeBytes)) on \(volume.backing))")
+                } catch let error as SnapshotError {
+                    throw GuardFailure(.usage, "\(error)")
+                }
+            }
+        }
+
+        struct List: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List guard volumes.")
+            @OptionGroup var global: GlobalOptions
+            @Flag(help: "Print JSON.") var json = false
+
+            struct Entry: Encodable {
+                var name: String
+                var path: String
+                var backing: String
+                var sizeBytes: UInt64
+                var active: Bool
+                var device: String?
+                enum CodingKeys: String, CodingKey {
+                    case name, path, backing, active, device
+                    case sizeBytes = "size_bytes"
+                }
+            }
+
+            func run() throws {
+                let context = try global.context()
+                let volumes = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).list()
+                let entries = volumes.map { Entry(name: $0.0.name, path: $0.0.path, backing: $0.0.backing, sizeBytes: $0.0.sizeBytes, active: $0.1 != nil, device: $0.1?.number.description) }
+                if json { return try printJSON(entries) }
+                if entries.isEmpty { return say("no guard volumes") }
+                var rows = [["NAME", "DEVICE", "SIZE", "BACKING", "STATE"]]
+                for entry in entries { rows.append([entry.name, entry.path, Units.formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive"]) }
+                say(table(rows))
+            }
+        }
+
+        struct Remove: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Remove a guard volume's device (its backing file keeps the data).")
+            @OptionGroup var global: GlobalOptions
+            @Argument(help: "The volume name.") var name: String
+
+            func run() throws {
+                let context = try global.context()
+                do {
+                    try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).remove(name: name)
+                } catch let error as SnapshotError {
+                    throw GuardFailure(.usage, "\(error)")
+                }
+                say("removed \(name)")
+            }
+        }
+
+        struct Activate: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Activate guard volumes after a reboot (the boot unit does it).")
+            @OptionGroup var global: GlobalOptions
+
+            func run() throws {
+                let context = try global.context()
+                let activated = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).activateAll()
+                say(activated.isEmpty ? "every guard volume is active" : "activated " + activated.map(\.name).joined(separator: ", "))
+            }
+        }
+    }
+}
