@@ -75,7 +75,15 @@ public struct Planner {
             } catch let error as SnapshotError where error.code == .alreadySnapshotted {
                 var message = "\(at(spec)): \(error)"
                 if let run = try? keptRun(onOrigin: path) {
-                    message += " (run \(run.id ?? 0), \(run.state.rawValue): `guard commit \(run.id ?? 0)` or `guard rollback \(run.id ?? 0)`)"
+                    let id = run.id ?? 0
+                    switch run.state {
+                    case .running:
+                        message = "\(at(spec)): \(path) is being upgraded by run \(id) (pid \(run.pid), started \(formatDate(run.startedAt))); wait for it to finish, or run `guard recover` if it died"
+                    case .merging:
+                        message = "\(at(spec)): \(path) is being rolled back by run \(id); wait for the merge (`guard status --wait`)"
+                    default:
+                        message = "\(at(spec)): \(path) has the kept snapshot of run \(id); `guard commit \(id)` or `guard rollback \(id)` first"
+                    }
                 }
                 problems.append(message)
                 continue

@@ -318,6 +318,7 @@ struct RunBody {
         if let duration {
             run.keepUntil = timestamp() + Double(duration.components.seconds)
         }
+        try? journal.update(run)
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
         if let phase { try? journal.endPhase(phase, status: "done", detail: failure, at: timestamp()) }
         if let failure {
