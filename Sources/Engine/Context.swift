@@ -114,8 +114,10 @@ public final class GuardContext: @unchecked Sendable {
     public var hostName: String { ProcessInfo.processInfo.hostName }
 
     public var userName: String {
-        let sudo = ProcessInfo.processInfo.environment["SUDO_USER"]
-        let login = getlogin().map { String(cString: $0) }
-        return sudo ?? login ?? ProcessInfo.processInfo.environment["USER"] ?? "uid \(getuid())"
+        // Who asked: the sudo user, else the login name, else the account of the real uid.
+        if let sudo = ProcessInfo.processInfo.environment["SUDO_USER"], !sudo.isEmpty { return sudo }
+        if let login = getlogin() { return String(cString: login) }
+        if let account = getpwuid(getuid()) { return String(cString: account.pointee.pw_name) }
+        return "uid \(getuid())"
     }
 }

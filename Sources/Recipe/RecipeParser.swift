@@ -434,13 +434,13 @@ final class Validator {
         case .scalar:
             guard let line = string(node, context) else { return nil }
             guard let argv = splitCommandLine(line, node, context) else { return nil }
-            return Command(name: defaultName, invocation: .argv(argv), location: location(node))
+            return Command(name: argv.joined(separator: " "), invocation: .argv(argv), location: location(node))
         case .sequence:
             guard let argv = argvList(node, context) else { return nil }
-            return Command(name: defaultName, invocation: .argv(argv), location: location(node))
+            return Command(name: argv.joined(separator: " "), invocation: .argv(argv), location: location(node))
         case .mapping:
             guard let entries = mapping(node, context, allowed: RecipeParser.commandKeys, required: requireName ? ["name"] : []) else { return nil }
-            var name = defaultName
+            var name: String?
             if let entry = entries["name"], let value = string(entry.value, "\(context).name") { name = value.trimmed }
             var invocation: Invocation?
             switch (entries["run"], entries["shell"]) {
@@ -463,7 +463,7 @@ final class Validator {
             let user = entries["user"].flatMap { string($0.value, "\(context).user") }
             guard let invocation else { return nil }
             return Command(
-                name: name, invocation: invocation, timeout: timeout, environment: environment,
+                name: name ?? (requireName ? defaultName : invocation.description), invocation: invocation, timeout: timeout, environment: environment,
                 workingDirectory: workingDirectory, user: user?.trimmed, location: location(node))
         case .alias:
             error(node, "\(context) cannot be an alias")

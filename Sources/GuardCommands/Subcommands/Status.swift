@@ -93,7 +93,7 @@ extension GuardCommand {
             if output.runs.isEmpty { say("no live snapshots or merges") }
             for run in output.runs {
                 var header = "run \(run.id) (\(run.recipe)): \(run.state)"
-                if let until = run.keepUntil { header += " until \(until)" }
+                if let until = runs.first(where: { $0.run.id == run.id })?.run.keepUntil { header += " until \(formatDate(until))" }
                 say(header)
                 for volume in run.volumes {
                     var line = "  \(volume.volume): \(volume.status)"
