@@ -114,17 +114,23 @@ public struct StepRunner: Sendable {
         platform.createSession = true
         platform.teardownSequence = [.send(signal: .terminate, toProcessGroup: true, allowedDurationToNextStep: killGrace)]
         var environment = environment
+        var launch = argv
+        guard let program = Self.resolve(argv[0], path: environment["PATH"] ?? "") else {
+            return failed("program '\(argv[0])' not found" + (argv[0].contains("/") ? "" : " in PATH (\(environment["PATH"] ?? ""))"))
+        }
+        launch[0] = program
         if let user = command.user {
             guard let account = Account.lookUp(user) else { return failed("user '\(user)' does not exist") }
-            platform.userID = account.uid
-            platform.groupID = account.gid
-            platform.supplementaryGroups = account.groups
+            // The credentials are switched by setpriv, a single-threaded exec, not in the child of
+            // this multi-threaded process: glibc's setuid/setgroups there wait for threads that
+            // only exist in the parent (swift-subprocess's fork path hangs on them).
+            guard let setpriv = Self.resolve("setpriv", path: Self.baseEnvironment["PATH"]!) else {
+                return failed("running as '\(user)' needs setpriv (util-linux), which is not installed")
+            }
+            launch = [setpriv, "--reuid=\(account.uid)", "--regid=\(account.gid)", "--init-groups", "--"] + launch
             environment["HOME"] = account.home
             environment["USER"] = account.name
             environment["LOGNAME"] = account.name
-        }
-        guard let program = Self.resolve(argv[0], path: environment["PATH"] ?? "") else {
-            return failed("program '\(argv[0])' not found" + (argv[0].contains("/") ? "" : " in PATH (\(environment["PATH"] ?? ""))"))
         }
 
         let tails = TailBuffers(limit: tailBytes)
@@ -134,7 +140,7 @@ public struct StepRunner: Sendable {
         let grace = killGrace
         do {
             let result = try await Subprocess.run(
-                .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
+                .path(FilePath(launch[0])), arguments: Arguments(Array(launch.dropFirst())),
                 environment: .custom(environment.reduce(into: [:]) { $0[.init(stringLiteral: $1.key)] = $1.value }),
                 workingDirectory: command.workingDirectory.map { FilePath($0) }, platformOptions: platform,
                 input: .none, output: .sequence, error: .sequence
@@ -286,7 +292,6 @@ struct Account {
     var uid: uid_t
     var gid: gid_t
     var home: String
-    var groups: [gid_t]
 
     /// By name or numeric uid, from the passwd database.
     static func lookUp(_ user: String) -> Account? {
@@ -299,11 +304,7 @@ struct Account {
             getpwnam_r(user, &entry, &buffer, buffer.count, &result)
         }
         guard let found = result?.pointee else { return nil }
-        let name = String(cString: found.pw_name)
-        var count: Int32 = 64
-        var groups = [UInt32](repeating: 0, count: 64)
-        if getgrouplist(found.pw_name, found.pw_gid, &groups, &count) < 0 { groups = [found.pw_gid]; count = 1 }
-        return Account(name: name, uid: found.pw_uid, gid: found.pw_gid, home: String(cString: found.pw_dir), groups: Array(groups.prefix(Int(count))))
+        return Account(name: String(cString: found.pw_name), uid: found.pw_uid, gid: found.pw_gid, home: String(cString: found.pw_dir))
     }
 }
 

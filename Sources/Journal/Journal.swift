@@ -59,6 +59,8 @@ public final class Journal: @unchecked Sendable {
             if !readOnly {
                 try Schema.migrator.migrate(queue)
             }
+            // GRDB sets synchronous=NORMAL for WAL; guard wants every commit on disk (one connection: it sticks).
+            try queue.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
             return Journal(path: path, queue: queue)
         } catch let error as JournalError {
             throw error
@@ -203,8 +205,10 @@ public final class Journal: @unchecked Sendable {
     /// A run by its number or token.
     public func run(_ reference: String) throws -> RunRecord? {
         try read { db in
+            // A token can be all digits: an exact token match wins over a run number.
+            if let run = try RunRecord.filter(RunRecord.Columns.token == reference.lowercased()).fetchOne(db) { return run }
             if let id = Int64(reference) { return try RunRecord.fetchOne(db, key: id) }
-            return try RunRecord.filter(RunRecord.Columns.token == reference).fetchOne(db)
+            return nil
         }
     }
 

@@ -142,6 +142,12 @@ public struct KernelCowHeader: Hashable, Sendable {
     public var version: UInt32
     public var chunkSectors: UInt32
 
+    public init(valid: Bool, version: UInt32, chunkSectors: UInt32) {
+        self.valid = valid
+        self.version = version
+        self.chunkSectors = chunkSectors
+    }
+
     /// Reads the header at the snapshot area of `path`; nil when the area has none (never used, or zeroed).
     public static func read(from path: String, areaOffset: UInt64 = CowLabel.areaOffset) throws -> KernelCowHeader? {
         let file = try RawFile(path: path, readOnly: true)

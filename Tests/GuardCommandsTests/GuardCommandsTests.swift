@@ -1,0 +1,134 @@
+import Foundation
+import Journal
+import Testing
+
+/// The built `guard` executable next to the test bundle.
+var guardExecutable: String {
+    let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+    return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("guard").path
+}
+
+struct Output {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+func guardCommand(_ arguments: [String], environment: [String: String] = [:]) throws -> Output {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: guardExecutable)
+    process.arguments = arguments
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+}
+
+func stateWithRuns() throws -> String {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-cli-\(UInt32.random(in: 0...UInt32.max))").path
+    let journal = try Journal.open(path: "\(directory)/journal.sqlite")
+    for (index, outcome) in [RunOutcome.rolledBack, .committed].enumerated() {
+        var run = try journal.insert(RunRecord(token: "0000000\(index)", recipeName: "website-schema-v2", recipePath: "/r", recipeSHA256: "s", recipeText: "name: website-schema-v2", host: "h", user: "u", pid: 1, startedAt: 1_764_000_000 + Double(index) * 100))
+        var snapshot = try journal.insert(SnapshotRecord(runID: run.id!, volumeIndex: 0, volume: "/dev/mapper/datadisks-website", mountPoint: "/mnt/website", originName: "datadisks-website", originUUID: "LVM-x", originDevice: "254:0", originTable: "0 204800 linear 7:0 2048", originBytes: 100 << 20, cowPath: "/var/lib/guard/cow/x.cow", cowKind: "file", sizeBytes: 25 << 20, chunkBytes: 4096, state: outcome == .committed ? .committed : .merged, stack: "{}"))
+        snapshot.peakUsedBytes = 3 << 20
+        try journal.update(snapshot)
+        run.outcome = outcome
+        run.state = .finished
+        run.exitCode = outcome == .committed ? 0 : 1
+        run.finishedAt = run.startedAt + 12.5
+        run.suspendMicroseconds = 1234
+        try journal.update(run)
+    }
+    return directory
+}
+
+@Suite("guard command line")
+struct GuardCommandsTests {
+    @Test("history --json has the documented fields")
+    func historyJSON() throws {
+        let state = try stateWithRuns()
+        let output = try guardCommand(["history", "--json", "--state-dir", state])
+        #expect(output.status == 0, "\(output.stderr)")
+        let runs = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [[String: Any]])
+        #expect(runs.count == 2)
+        let newest = runs[0]
+        for key in ["id", "token", "recipe", "state", "outcome", "started_at", "finished_at", "duration_seconds", "exit_code", "suspend_us", "snapshots"] {
+            #expect(newest[key] != nil, "history --json has \(key)")
+        }
+        #expect(newest["outcome"] as? String == "committed")
+        #expect(runs[1]["outcome"] as? String == "rolled_back")
+        #expect(newest["duration_seconds"] as? Double == 12.5)
+        #expect(newest["started_at"] as? String == "2025-11-24T16:01:40.000Z")
+        let snapshot = try #require((newest["snapshots"] as? [[String: Any]])?.first)
+        #expect(snapshot["volume"] as? String == "/dev/mapper/datadisks-website")
+        #expect(snapshot["size_bytes"] as? Int == 25 << 20)
+        #expect(snapshot["peak_used_bytes"] as? Int == 3 << 20)
+        #expect(snapshot["suspend_us"] as? Int == 1234)
+    }
+
+    @Test("show --json has phases, steps, snapshots and events")
+    func showJSON() throws {
+        let state = try stateWithRuns()
+        let output = try guardCommand(["show", "2", "--json", "--state-dir", state])
+        #expect(output.status == 0, "\(output.stderr)")
+        let run = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
+        for key in ["phases", "steps", "snapshots", "events", "recipe_sha256", "host", "user"] { #expect(run[key] != nil, "\(key)") }
+        let byToken = try guardCommand(["show", "00000001", "--state-dir", state])
+        #expect(byToken.status == 0 && byToken.stdout.contains("run 2 (00000001)"), "\(byToken.stdout)")
+    }
+
+    @Test("plain output has no escape codes off a terminal or with NO_COLOR", arguments: [[:], ["NO_COLOR": "1"]])
+    func noEscapes(environment: [String: String]) throws {
+        let state = try stateWithRuns()
+        for arguments in [["history"], ["show", "1"], ["check", "--syntax-only", "Recipes/website-migration-good.recipe"]] {
+            let output = try guardCommand(arguments + ["--state-dir", state], environment: environment)
+            #expect(output.status == 0, "\(arguments): \(output.stderr)")
+            #expect(!output.stdout.contains("\u{1B}") && !output.stderr.contains("\u{1B}"), "\(arguments)")
+        }
+        let history = try guardCommand(["history", "--state-dir", state])
+        #expect(history.stdout.contains("website-schema-v2"))
+        #expect(history.stdout.contains("rolled_back"))
+        #expect(history.stdout.split(separator: "\n").first?.hasPrefix("RUN  RECIPE") == true)
+    }
+
+    @Test("usage errors exit 2 with one clear line on stderr and nothing on stdout", arguments: [
+        (["rollback", "999"], "there is no run '999'"),
+        (["show", "42"], "there is no run '42'"),
+        (["check", "/nonexistent.recipe"], "/nonexistent.recipe:1:1: the recipe does not exist"),
+        (["history", "--limit", "x"], "--limit"),
+        (["frobnicate"], "Unexpected argument 'frobnicate'"),
+    ])
+    func usageErrors(arguments: [String], message: String) throws {
+        let state = try stateWithRuns()
+        let output = try guardCommand(arguments.first == "frobnicate" ? arguments : arguments + ["--state-dir", state])
+        #expect(output.status == 2, "\(arguments): \(output.stderr)")
+        #expect(output.stderr.contains(message), "\(output.stderr)")
+        #expect(output.stdout.isEmpty)
+    }
+
+    @Test("an invalid recipe exits 2 with every error and its line")
+    func invalidRecipe() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UInt32.random(in: 0...UInt32.max)).recipe").path
+        try "name: x\nvolumes:\n  - device: /dev/mapper/a\n    snapshot: 25\nstpes: []\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let output = try guardCommand(["check", "--syntax-only", path])
+        #expect(output.status == 2)
+        #expect(output.stderr.contains("\(path):4:15: volumes[1].snapshot: the size '25' has no unit; did you mean 25M?"), "\(output.stderr)")
+        #expect(output.stderr.contains("\(path):5:1: unknown key 'stpes'"), "\(output.stderr)")
+        #expect(output.stderr.contains("3 errors in"), "\(output.stderr)")
+    }
+
+    @Test("--version and help answer")
+    func versionAndHelp() throws {
+        let version = try guardCommand(["--version"])
+        #expect(version.status == 0 && version.stdout.hasPrefix("0."))
+        let help = try guardCommand(["help", "run"])
+        #expect(help.status == 0)
+        #expect(help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"))
+    }
+}

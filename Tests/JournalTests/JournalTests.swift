@@ -1,0 +1,128 @@
+import Foundation
+import GRDB
+import Journal
+import Testing
+
+func temporaryDirectory() throws -> String {
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("guard-journal-\(UInt32.random(in: 0...UInt32.max))").path
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+/// A finished run with one snapshot, as guard run writes it.
+@discardableResult
+func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome = .committed, peak: Int64 = 3 << 20, startedAt: Double = 1_700_000_000) throws -> RunRecord {
+    var run = try journal.insert(
+        RunRecord(token: String(format: "%08x", UInt32.random(in: 0...UInt32.max)), recipeName: recipe, recipePath: "/etc/guard/\(recipe).recipe", recipeSHA256: "abc", recipeText: "name: \(recipe)", host: "web1", user: "alice", pid: 42, startedAt: startedAt))
+    let phase = try journal.beginPhase(run.id!, "steps", at: startedAt + 1)
+    try journal.endPhase(phase, status: "done", at: startedAt + 2)
+    var snapshot = try journal.insert(
+        SnapshotRecord(
+            runID: run.id!, volumeIndex: 0, volume: "/dev/mapper/vg-\(recipe)", mountPoint: "/srv/\(recipe)", originName: "vg-\(recipe)",
+            originUUID: "LVM-1", originDevice: "254:0", originTable: "0 204800 linear 7:0 2048", originBytes: 100 << 20,
+            cowPath: "/var/lib/guard/cow/x-0.cow", cowKind: "file", sizeBytes: 25 << 20, chunkBytes: 4096, state: .committed, stack: "{}"))
+    snapshot.peakUsedBytes = peak
+    try journal.update(snapshot)
+    try journal.addSamples([CowSampleRecord(snapshotID: snapshot.id!, at: 1, usedBytes: peak / 2, sizeBytes: 25 << 20), CowSampleRecord(snapshotID: snapshot.id!, at: 3, usedBytes: peak, sizeBytes: 25 << 20)])
+    var step = try journal.insert(StepRecord(runID: run.id!, kind: "step", position: 0, name: "migrate", argv: ["/bin/sh", "-c", "x"], startedAt: startedAt + 1))
+    step.exitCode = 0
+    step.termination = "exit 0"
+    try journal.update(step)
+    try journal.event(run.id!, "intent", "commit", nil, at: startedAt + 3)
+    run.outcome = outcome
+    run.state = .finished
+    run.exitCode = outcome == .rolledBack ? 1 : 0
+    run.finishedAt = startedAt + 4
+    run.suspendMicroseconds = 850
+    try journal.update(run)
+    return run
+}
+
+@Suite("journal")
+struct JournalTests {
+    @Test("the journal file is root-only, in WAL mode with synchronous FULL, and migrates once")
+    func fileModes() throws {
+        let directory = try temporaryDirectory()
+        let path = "\(directory)/state/journal.sqlite"
+        let journal = try Journal.open(path: path, check: true)
+        try addRun(journal)
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        #expect((attributes[.posixPermissions] as? NSNumber)?.intValue == 0o600)
+        let directoryAttributes = try FileManager.default.attributesOfItem(atPath: "\(directory)/state")
+        #expect((directoryAttributes[.posixPermissions] as? NSNumber)?.intValue == 0o700)
+        let (mode, synchronous, migrations) = try journal.read { db in
+            (try String.fetchOne(db, sql: "PRAGMA journal_mode"), try Int.fetchOne(db, sql: "PRAGMA synchronous"), try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM grdb_migrations"))
+        }
+        #expect(mode == "wal")
+        #expect(synchronous == 2, "FULL")
+        #expect(migrations == 1)
+        let reopened = try Journal.open(path: path, check: true)
+        #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
+    }
+
+    @Test("history: newest first, with snapshots, limit and recipe filter")
+    func history() throws {
+        let journal = try Journal.inMemory()
+        try addRun(journal, recipe: "website", outcome: .rolledBack, startedAt: 1)
+        try addRun(journal, recipe: "nginx", outcome: .committed, startedAt: 2)
+        try addRun(journal, recipe: "website", outcome: .committed, peak: 9 << 20, startedAt: 3)
+        let all = try journal.history(limit: 10)
+        #expect(all.map(\.recipe) == ["website", "nginx", "website"])
+        #expect(all[0].volumes.count == 1)
+        #expect(all[0].volumes[0].peakUsedBytes == 9 << 20)
+        #expect(all[0].volumes[0].sizeBytes == 25 << 20)
+        #expect(all[0].suspendMicroseconds == 850)
+        #expect(all[2].outcome == .rolledBack)
+        #expect(try journal.history(limit: 1).count == 1)
+        let websites = try journal.history(limit: 10, recipe: "website")
+        #expect(websites.count == 2 && websites.allSatisfy { $0.recipe == "website" && $0.volumes.count == 1 })
+        #expect(try journal.peakUse(recipe: "website") == [0: 9 << 20])
+        #expect(try journal.peakUse(recipe: "none").isEmpty)
+    }
+
+    @Test("a run is found by number or token; its phases, steps, samples and events come back in order")
+    func lookUp() throws {
+        let journal = try Journal.inMemory()
+        let run = try addRun(journal)
+        #expect(try journal.run("\(run.id!)")?.token == run.token)
+        #expect(try journal.run(run.token)?.id == run.id)
+        #expect(try journal.run("nope") == nil)
+        #expect(try journal.phases(runID: run.id!).map(\.name) == ["steps"])
+        #expect(try journal.steps(runID: run.id!).first?.arguments == ["/bin/sh", "-c", "x"])
+        let snapshot = try #require(try journal.snapshots(runID: run.id!).first)
+        #expect(try journal.samples(snapshotID: snapshot.id!).map(\.at) == [1, 3])
+        #expect(try journal.events(runID: run.id!).map(\.action) == ["commit"])
+        #expect(try journal.runs(in: [.finished]).count == 1)
+        #expect(try journal.runs(in: [.running, .kept]).isEmpty)
+    }
+
+    @Test("a corrupt journal is refused with what to do")
+    func corrupt() throws {
+        let directory = try temporaryDirectory()
+        let path = "\(directory)/journal.sqlite"
+        try Data(repeating: 0x42, count: 8192).write(to: URL(fileURLWithPath: path))
+        do {
+            _ = try Journal.open(path: path, check: true)
+            Issue.record("a corrupt journal must be refused")
+        } catch let error as JournalError {
+            #expect(error.description.contains("corrupt"), "\(error)")
+            #expect(error.description.contains(path))
+        }
+    }
+
+    @Test("history of 100,000 runs reads only what it shows")
+    func bigHistory() throws {
+        let journal = try Journal.inMemory()
+        try journal.write { db in
+            for index in 0..<100_000 {
+                try db.execute(
+                    sql: "INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state, outcome) VALUES (?, ?, '/r', 'x', 'name: x', 'h', 'u', 1, ?, 'done', 'finished', 'committed')",
+                    arguments: [String(format: "%08x", index), index % 2 == 0 ? "a" : "b", Double(index)])
+            }
+        }
+        let newest = try journal.history(limit: 20)
+        #expect(newest.count == 20)
+        #expect(newest.first?.id == 100_000)
+        #expect(try journal.history(limit: 20, recipe: "a").allSatisfy { $0.recipe == "a" })
+    }
+}
