@@ -216,8 +216,12 @@ public struct Maintenance {
         let dm = try context.dm()
         let engine = SnapshotEngine(dm: dm)
         var result: [RunStatus] = []
+        let unfinished = Set(try Recovery(context: context).unfinishedRuns(journal: journal).compactMap(\.id))
         for run in try journal.runs(in: [.running, .kept, .merging]) {
             var volumes: [VolumeStatus] = []
+            if unfinished.contains(run.id!) {
+                reporter.warning("run \(run.id!) did not finish (guard was killed or the machine went down during \(run.phase)); run `guard recover`")
+            }
             for record in try journal.snapshots(runID: run.id!) {
                 var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue)
                 if let stack = decodeStack(record.stack) {

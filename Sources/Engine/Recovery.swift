@@ -53,6 +53,9 @@ public struct Recovery {
         for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) + blockDeviceStorages(journal) {
             guard let label = try? CowLabel.read(from: storage.path) else { continue }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
+            if boot && [.active, .kept, .merging].contains(label.state) {
+                try await waitForOrigin(label, dm: dm, report: &report)
+            }
             do {
                 let result = try engine.reassemble(storage)
                 switch result {
@@ -70,6 +73,15 @@ public struct Recovery {
             report.problems.append("the journal \(context.journalPath) cannot be opened; snapshots were reassembled from their labels only")
             return report
         }
+        // Anything a crash left suspended is resumed first: nothing may stay frozen.
+        for run in try journal.runs(in: [.running, .kept, .merging]) {
+            for record in try journal.snapshots(runID: run.id!) {
+                guard let stack = decodeStack(record.stack) else { continue }
+                for name in (try? engine.resumeSuspended(stack)) ?? [] {
+                    report.actions.append("resumed \(name), left suspended by run \(run.id!)")
+                }
+            }
+        }
         for run in try unfinishedRuns(journal: journal) {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
@@ -82,6 +94,16 @@ public struct Recovery {
             report.actions += try removeStrays(journal: journal, engine: engine)
         }
         return report
+    }
+
+    /// At boot, LVM may activate an origin a little after guard starts: wait up to 30 s.
+    private func waitForOrigin(_ label: CowLabel, dm: DeviceMapper, report: inout Report) async throws {
+        let ref: DeviceRef = label.originUUID.isEmpty ? .name(label.originName) : .uuid(label.originUUID)
+        for _ in 0..<60 {
+            if try dm.info(ref) != nil { return }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        report.problems.append("the volume \(label.originName) did not appear within 30 s; activate it without mounting it and run `guard recover`")
     }
 
     /// Finishes or undoes one unfinished run, following its last decision.
@@ -156,10 +178,17 @@ public struct Recovery {
         let runID = run.id!
         var pending: [(SnapshotRecord, SnapshotStack)] = []
         for (record, stack) in zip(records, stacks) {
-            if case .merging? = try? engine.mergeState(stack) { continue }
-            if case .complete? = try? engine.mergeState(stack) { continue }
-            if case .finished? = try? engine.mergeState(stack) { continue }
-            pending.append((record, stack))
+            switch try? engine.mergeState(stack) {
+            case .merging?, .complete?, .finished?:
+                continue
+            case .failed?:
+                // The kernel stopped (an I/O error that is now fixed): start it again.
+                try engine.restartMerge(stack)
+                try journal.event(runID, "result", "merge-restarted", record.volume, at: timestamp())
+                continue
+            case nil:
+                pending.append((record, stack))
+            }
         }
         if !pending.isEmpty {
             var marked = run
@@ -198,31 +227,51 @@ public struct Recovery {
         }
     }
 
-    /// Removes GUARD- layers and COW files of no open run that no origin uses.
+    /// Removes GUARD- layers and COW files of no open run. A stray stack an origin still uses
+    /// live (a snapshot-origin table on it) is left alone and reported: it may hold data.
     func removeStrays(journal: Journal, engine: SnapshotEngine) throws -> [String] {
         var actions: [String] = []
         let open = Set(try journal.runs(in: [.running, .kept, .merging]).map(\.token))
         let devices = try engine.dm.list()
-        let referenced = Set(devices.filter { !$0.isGuardDevice || StackIdentity.parse(uuid: $0.uuid) == nil }.flatMap { device in
-            (try? engine.dm.table(.number(device.number)).devices) ?? []
-        })
+        var strays: [String: [(DeviceSummary, StackIdentity.Layer)]] = [:]
         for device in devices {
             guard let (identity, layer) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { continue }
-            if layer != .snap && referenced.contains(device.number) {
-                actions.append("left \(device.name) alone: an origin still uses it (see `guard status`)")
-                continue
-            }
-            if (try? engine.dm.remove(.number(device.number))) != nil { actions.append("removed stray device \(device.name)") }
+            strays["\(identity.runToken)-\(identity.volumeIndex)", default: []].append((device, layer))
         }
+        for (key, layers) in strays.sorted(by: { $0.key < $1.key }) {
+            let numbers = Set(layers.map(\.0.number))
+            var inUse = false
+            for device in devices where !numbers.contains(device.number) {
+                if let live = try? engine.dm.table(.number(device.number)), !Set(live.devices).isDisjoint(with: numbers) {
+                    inUse = true
+                    actions.append("left the stray stack \(key) alone: \(device.name) uses it live (see `guard status`)")
+                }
+                if let info = try? engine.dm.info(.number(device.number)), info.hasInactiveTable,
+                    let inactive = try? engine.dm.table(.number(device.number), inactive: true), !Set(inactive.devices).isDisjoint(with: numbers)
+                {
+                    try? engine.dm.clearInactiveTable(.number(device.number))
+                    actions.append("cleared \(device.name)'s half-loaded table")
+                }
+            }
+            if inUse { continue }
+            for layer in [StackIdentity.Layer.snap, .real, .cow] {
+                for (device, kind) in layers where kind == layer {
+                    if (try? engine.dm.remove(.number(device.number))) != nil { actions.append("removed stray device \(device.name)") }
+                }
+            }
+        }
+        let known = Set(try journal.read { db in try String.fetchAll(db, sql: "SELECT token FROM runs") })
         for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) {
             let label = try? CowLabel.read(from: storage.path)
             if let label, open.contains(label.runToken) { continue }
-            if let label, label.state == .active || label.state == .kept || label.state == .merging,
-                try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil
-            {
+            if let label, try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
+            if let label, [.active, .kept, .merging].contains(label.state), !known.contains(label.runToken) {
+                // A snapshot the journal does not know (a journal replaced or lost): keep it.
+                actions.append("kept \(storage.path): it holds a \(label.state.rawValue) snapshot of \(label.originName) from run \(label.runToken), unknown to the journal; `guard recover` reassembles it once its volume is active")
                 continue
             }
             for loop in LoopDevice.find(backingFile: storage.path) { try? loop.detach() }
+            try? CowLabel.wipe(storage.path)
             try? FileManager.default.removeItem(atPath: storage.path)
             actions.append("removed stray COW file \(storage.path)")
         }

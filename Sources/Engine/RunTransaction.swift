@@ -93,6 +93,8 @@ public final class RunTransaction {
         CrashPoint.prepare()
         let (plan, journal, locks) = try preflight(recipePath: recipePath)
         defer { locks.forEach { $0.release() } }
+        let reporter = self.reporter
+        journal.onRebuilt = { reporter.warning($0) }
         let recipe = plan.recipe
         let now = context.now().timeIntervalSince1970
         var run = try journal.insert(
@@ -265,19 +267,17 @@ struct RunBody {
 
     /// Prepares the layers and takes the snapshot set, journaling the intent of each.
     mutating func takeSnapshots(_ engine: SnapshotEngine) throws -> LiveSnapshotSet {
-        try journal.event(runID, "intent", "prepare", plan.volumes.map { "\($0.originPath) cow \(records[$0.index].cowPath)" }.joined(separator: "; "), at: timestamp())
-        CrashPoint.hit("run.before-prepare")
-        let prepared = try engine.prepare(plan.volumes.map(\.request), token: run.token)
-        for (index, stack) in prepared.stacks.enumerated() {
+        // Everything the layers will be is journaled before the first one exists.
+        let stacks = try engine.plan(plan.volumes.map(\.request), token: run.token)
+        for (index, stack) in stacks.enumerated() {
             records[index].stack = encode(stack)
             records[index].originTable = stack.originTable
-            do {
-                try journal.update(records[index])
-            } catch {
-                prepared.abandon()
-                throw error
-            }
+            records[index].cowPath = stack.storage.path
+            try journal.update(records[index])
         }
+        try journal.event(runID, "intent", "prepare", stacks.map { "\($0.originPath) cow \($0.storage.path)" }.joined(separator: "; "), at: timestamp())
+        CrashPoint.hit("run.before-prepare")
+        let prepared = try engine.prepare(stacks)
         do {
             try journal.event(runID, "intent", "take", "suspend \(prepared.stacks.map(\.originName).joined(separator: ", "))", at: timestamp())
         } catch {

@@ -21,9 +21,20 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
 /// WAL with synchronous=FULL, so a write that returned survives a power loss; the file is
 /// root-only (0600) in a root-only directory; a locked journal is waited for (60 s).
 public final class Journal: @unchecked Sendable {
-    // @unchecked: DatabaseQueue serializes every access itself.
+    // @unchecked: DatabaseQueue serializes every access itself; `current` (replaced only when
+    // the file was deleted under guard) is read and swapped under `lock`.
     public let path: String
-    let queue: DatabaseQueue
+    private let lock = NSLock()
+    private var current: DatabaseQueue
+    private var inode: UInt64
+    /// Told when the journal file was deleted or replaced under a running guard and rebuilt.
+    public var onRebuilt: (@Sendable (String) -> Void)?
+
+    var queue: DatabaseQueue {
+        lock.lock()
+        defer { lock.unlock() }
+        return current
+    }
 
     /// Opens (creating it if needed) the journal at `path` and migrates it.
     ///
@@ -80,7 +91,46 @@ public final class Journal: @unchecked Sendable {
 
     init(path: String, queue: DatabaseQueue) {
         self.path = path
-        self.queue = queue
+        self.current = queue
+        self.inode = Self.inode(of: path) ?? 0
+    }
+
+    static func inode(of path: String) -> UInt64? {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return nil }
+        return (attributes[.systemFileNumber] as? NSNumber)?.uint64Value
+    }
+
+    /// If the journal file was deleted (or replaced) while guard has it open, writes the
+    /// open database to a new file at `path`, so nothing of the run is lost, and carries
+    /// on with that one.
+    /// - Returns: whether it had to.
+    @discardableResult
+    public func rebuildIfDeleted() throws -> Bool {
+        guard path != ":memory:", Self.inode(of: path) != inode else { return false }
+        let directory = (path as NSString).deletingLastPathComponent
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        if FileManager.default.fileExists(atPath: path) {
+            try? FileManager.default.moveItem(atPath: path, toPath: path + ".replaced-\(Int(Date().timeIntervalSince1970))")
+        }
+        guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) else {
+            throw JournalError(path: path, reason: "was deleted and cannot be created again")
+        }
+        var configuration = Configuration()
+        configuration.journalMode = .wal
+        configuration.busyMode = .timeout(60)
+        do {
+            let fresh = try DatabaseQueue(path: path, configuration: configuration)
+            try queue.backup(to: fresh)
+            try fresh.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+            lock.lock()
+            current = fresh
+            inode = Self.inode(of: path) ?? 0
+            lock.unlock()
+        } catch let error as DatabaseError {
+            throw JournalError(path: path, reason: Self.explain(error))
+        }
+        onRebuilt?("the journal \(path) was deleted while guard was using it; guard wrote it again from its open copy")
+        return true
     }
 
     static func explain(_ error: DatabaseError) -> String {
@@ -145,7 +195,8 @@ public final class Journal: @unchecked Sendable {
     }
 
     public func beginPhase(_ runID: Int64, _ name: String, at: Double = Date().timeIntervalSince1970) throws -> PhaseRecord {
-        try write { db in
+        try rebuildIfDeleted()
+        return try write { db in
             var phase = PhaseRecord(runID: runID, name: name, startedAt: at)
             try phase.insert(db)
             try db.execute(sql: "UPDATE runs SET phase = ? WHERE id = ?", arguments: [name, runID])

@@ -119,6 +119,15 @@ public struct SnapshotEngine {
     /// - Throws: `SnapshotError` for refusals (nothing is left behind), `DeviceMapperError` or
     ///   `BlockDeviceError` from the kernel (what was built is torn down first).
     public func prepare(_ requests: [VolumeRequest], token: String) throws -> PreparedSnapshotSet {
+        try prepare(plan(requests, token: token))
+    }
+
+    /// Decides everything about a snapshot set without touching anything: the origins and
+    /// their tables, the COW storage and sizes, the layer names and UUIDs. A caller journals
+    /// the result before `prepare(_:)` builds it, so a crash in between leaves nothing the
+    /// journal does not describe.
+    /// - Throws: `SnapshotError` for every refusal.
+    public func plan(_ requests: [VolumeRequest], token: String) throws -> [SnapshotStack] {
         var origins: [Origin] = []
         for request in requests {
             let origin = try inspectOrigin(request.origin)
@@ -127,12 +136,13 @@ public struct SnapshotEngine {
             }
             origins.append(origin)
         }
-        // Refusals first, so a refused set touches nothing.
-        var plans: [(Origin, VolumeRequest, CowStorage, UInt64)] = []
+        var stacks: [SnapshotStack] = []
         for (index, (origin, request)) in zip(origins, requests).enumerated() {
             let geometry = CowGeometry(chunkSectors: request.chunkSectors)
             let area = request.size.resolve(originBytes: origin.bytes, geometry: geometry)
             let operation = "snapshot of \(origin.info.path)"
+            let storage: CowStorage
+            let storageBytes: UInt64
             switch request.storage {
             case .fileIn(let directory):
                 for other in origins where Self.isOnDevice(directory, other.info.number) {
@@ -141,7 +151,7 @@ public struct SnapshotEngine {
                         "the COW file would live in \(directory), on \(other.info.path), a volume of this snapshot set (a rollback would roll the COW back too)",
                         hint: "put the COW on another filesystem (`cow:` in the recipe, or --state-dir)")
                 }
-                let storageBytes = area + CowLabel.areaOffset
+                storageBytes = area + CowLabel.areaOffset
                 let free = try freeSpace(at: directory)
                 if free < storageBytes + (16 << 20) {
                     throw SnapshotError(
@@ -149,8 +159,7 @@ public struct SnapshotEngine {
                         "the COW needs \(formatBytes(storageBytes)) in \(directory), which has \(formatBytes(free)) free",
                         hint: "free space, choose a smaller snapshot size, or put the COW elsewhere")
                 }
-                let path = "\(directory)/\(token)-\(index).cow"
-                plans.append((origin, request, .file(path: path), storageBytes))
+                storage = .file(path: "\(directory)/\(token)-\(index).cow")
             case .blockDevice(let path):
                 let number: DeviceNumber
                 do { number = try BlockDevices.deviceNumber(of: path) } catch {
@@ -162,30 +171,39 @@ public struct SnapshotEngine {
                 if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
                     throw SnapshotError(.inUse, operation, "the COW device \(path) is mounted or in use", hint: "name an unused device: guard overwrites it")
                 }
-                let size = try BlockDevices.size(of: path)
-                if size < area + CowLabel.areaOffset {
-                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(size)), the snapshot needs \(formatBytes(area + CowLabel.areaOffset))")
+                storageBytes = try BlockDevices.size(of: path)
+                if storageBytes < area + CowLabel.areaOffset {
+                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(area + CowLabel.areaOffset))")
                 }
-                plans.append((origin, request, .blockDevice(path: path), size))
+                storage = .blockDevice(path: path)
             }
-        }
-
-        var stacks: [SnapshotStack] = []
-        var handles: [LoopHandle] = []
-        do {
-            for (index, (origin, request, storage, storageBytes)) in plans.enumerated() {
-                let stack = SnapshotStack(
+            stacks.append(
+                SnapshotStack(
                     identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
                     originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
                     originTable: origin.table.description, storage: storage, storageBytes: storageBytes,
-                    chunkSectors: request.chunkSectors)
-                stacks.append(stack)
-                let handle = try build(stack, origin: origin)
-                if let handle { handles.append(handle) }
+                    chunkSectors: request.chunkSectors))
+        }
+        return stacks
+    }
+
+    /// Builds planned stacks (see `plan`): after a failure, what was built is removed.
+    public func prepare(_ stacks: [SnapshotStack]) throws -> PreparedSnapshotSet {
+        var handles: [LoopHandle] = []
+        var built: [SnapshotStack] = []
+        do {
+            for stack in stacks {
+                let origin = try inspectOrigin(stack.originPath)
+                guard origin.info.number == stack.originNumber, origin.table.description == stack.originTable else {
+                    throw SnapshotError(.other, "snapshot of \(stack.originPath)", "the volume changed since it was planned (its table is now \(origin.table))")
+                }
+                built.append(stack)
+                if let handle = try build(stack, origin: origin) { handles.append(handle) }
             }
         } catch {
             log?("preparing the snapshot set failed (\(error)); removing what was built")
-            for stack in stacks.reversed() { try? drop(stack) }
+            handles.forEach { $0.release() }
+            for stack in built.reversed() { try? drop(stack) }
             throw error
         }
         return PreparedSnapshotSet(engine: self, stacks: stacks, handles: handles)
@@ -537,6 +555,39 @@ public struct SnapshotEngine {
         CrashPoint.hit("merge.handed-over")
         try dm.remove(.number(snap.number))
         log?("\(origin.name) is merging its snapshot back")
+    }
+
+    /// Restarts a merge the kernel stopped (`Merge failed`, after an I/O error was fixed):
+    /// the same snapshot-merge table is loaded again and the new target takes the exceptions
+    /// over from the failed one, as `lvchange --refresh` does. Nothing else changes: reads of
+    /// the origin show the snapshot's data throughout.
+    public func restartMerge(_ stack: SnapshotStack) throws {
+        let operation = "restart of the merge into \(stack.originName)"
+        let origin = try requireOrigin(stack, operation)
+        let live = try dm.table(.number(origin.number))
+        guard live.isOnly("snapshot-merge") else {
+            throw SnapshotError(.layerMissing, operation, "\(origin.name) is not merging (its table is \(live.lines.first?.target.typeName ?? "empty"))")
+        }
+        try dm.load(.number(origin.number), table: live, readOnly: origin.isReadOnly)
+        try withSuspended([.number(origin.number)]) {
+            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: false)
+            try dm.resume(.number(origin.number))
+        }
+        log?("restarted the merge into \(origin.name)")
+    }
+
+    /// Resumes whatever of this stack a crash left suspended (origin and layers), making a
+    /// loaded inactive table live: every table guard loads before a suspend is the next
+    /// step forward, so completing it is what the crashed command was doing.
+    /// - Returns: the names resumed.
+    public func resumeSuspended(_ stack: SnapshotStack) throws -> [String] {
+        var resumed: [String] = []
+        for ref in [stack.ref(.cow), stack.ref(.real), stack.ref(.snap), stack.originRef] {
+            guard let info = try dm.info(ref), info.isSuspended else { continue }
+            try dm.resume(.number(info.number))
+            resumed.append(info.name)
+        }
+        return resumed
     }
 
     /// Where a merge stands, from the origin's snapshot-merge status.

@@ -1,0 +1,190 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Snapshot
+import Testing
+
+/// What a crash must leave once `guard recover` ran.
+enum Expected: String, Sendable {
+    /// Every byte of the volume as before the run.
+    case restored
+    /// Every byte as after the steps.
+    case upgraded
+}
+
+/// One place to kill guard.
+struct CrashCase: CustomTestStringConvertible, Sendable {
+    /// A `GUARD_CRASH_AT` point, or `external:<marker>` for a kill -9 from outside when a marker appears.
+    var point: String
+    /// Whether the recipe succeeds (commit) or fails its verify (rollback).
+    var succeeds: Bool
+    var expected: Expected
+    var note: String
+    var testDescription: String { point }
+}
+
+/// A raw 16 MiB guard volume (no filesystem: every byte is compared) and a recipe that writes
+/// 3 MiB of new bytes into it, in a state directory of its own.
+final class CrashFixture {
+    let scratch: Scratch
+    let guardTool: GuardTool
+    let name: String
+    let device: String
+    let backing: String
+    let before: String
+    let after: String
+    let patch: String
+
+    init(label: String = #function) throws {
+        scratch = try Scratch(label)
+        guardTool = GuardTool(stateDirectory: scratch.path("state"))
+        name = uniqueName("crash")
+        device = "/dev/mapper/\(name)"
+        backing = scratch.path("volume.img")
+        try makeRandomFile(backing, mebibytes: 16)
+        let created = try guardTool("volume", "create", name, "--backing", backing)
+        guard created.status == 0 else { throw ShellError(command: "volume create", status: created.status, stderr: created.stderr) }
+        let (guardTool, name) = (guardTool, name)
+        scratch.defer_ {
+            removeGuardStacks(onVolume: name)
+            _ = try? guardTool("volume", "remove", name)
+        }
+        before = try sha256(device)
+        patch = scratch.path("patch")
+        try makeRandomFile(patch, mebibytes: 3)
+        let copy = scratch.path("expected.img")
+        try sh("cp '\(backing)' '\(copy)' && dd if='\(patch)' of='\(copy)' bs=1M seek=5 conv=notrunc status=none")
+        after = try sha256(copy)
+        try FileManager.default.removeItem(atPath: copy)
+    }
+
+    func recipe(succeeds: Bool, marker: String? = nil, sleep: Int = 0) throws -> String {
+        let touch = marker.map { "touch \($0); " } ?? ""
+        return try writeRecipe(
+            """
+            name: crash
+            volumes:
+              - device: \(device)
+                snapshot: 8M
+            steps:
+              - name: write
+                shell: \(touch)dd if=\(patch) of=\(device) bs=1M seek=5 oflag=direct conv=notrunc,fsync status=none\(sleep > 0 ? "; sleep \(sleep)" : "")
+            verify:
+              - name: check
+                run: [\(succeeds ? "/bin/true" : "/bin/false")]
+            on_success: commit
+            on_failure: rollback
+            """, in: scratch, name: "crash.recipe")
+    }
+
+    var current: String {
+        get throws {
+            try dropCaches(device)
+            return try sha256(device)
+        }
+    }
+}
+
+/// Where the suite's results go, for Docs/recovery.md (Scripts/recovery-table).
+func recordResult(_ fields: [String]) {
+    let directory = ProcessInfo.processInfo.environment["GUARD_RESULTS_DIR"] ?? "/tmp"
+    let line = fields.map { $0.replacingOccurrences(of: "\t", with: " ").replacingOccurrences(of: "\n", with: " ") }.joined(separator: "\t") + "\n"
+    let path = "\(directory)/recovery-results.tsv"
+    if let handle = FileHandle(forWritingAtPath: path) {
+        handle.seekToEndOfFile()
+        handle.write(Data(line.utf8))
+        try? handle.close()
+    } else {
+        FileManager.default.createFile(atPath: path, contents: Data(line.utf8))
+    }
+}
+
+extension Kernel {
+    /// Issue 7: guard killed at every phase boundary and inside every kernel sequence, then `guard recover`.
+    @Suite("crash safety")
+    struct CrashKernelTests {
+        static let cases: [CrashCase] = [
+            CrashCase(point: "run.before-prepare", succeeds: true, expected: .restored, note: "journal says snapshot phase, nothing built"),
+            CrashCase(point: "prepare.cow-file", succeeds: true, expected: .restored, note: "COW file written, no device yet"),
+            CrashCase(point: "prepare.cow-live", succeeds: true, expected: .restored, note: "-cow live"),
+            CrashCase(point: "prepare.real-loaded", succeeds: true, expected: .restored, note: "-real loaded, not resumed"),
+            CrashCase(point: "prepare.snap-loaded", succeeds: true, expected: .restored, note: "-snap loaded, not resumed"),
+            CrashCase(point: "prepare.origin-loaded", succeeds: true, expected: .restored, note: "origin has the inactive snapshot-origin table"),
+            CrashCase(point: "run.before-take", succeeds: true, expected: .restored, note: "all tables loaded, nothing suspended"),
+            CrashCase(point: "window.suspended", succeeds: true, expected: .restored, note: "origin suspended: the watchdog resumes it"),
+            CrashCase(point: "window.real-resumed", succeeds: true, expected: .restored, note: "origin suspended, -real live"),
+            CrashCase(point: "window.snap-resumed", succeeds: true, expected: .restored, note: "origin suspended, -real and -snap live"),
+            CrashCase(point: "run.after-take", succeeds: true, expected: .restored, note: "snapshot live, not yet journaled"),
+            CrashCase(point: "external:step", succeeds: true, expected: .restored, note: "kill -9 while a step runs"),
+            CrashCase(point: "run.before-commit", succeeds: true, expected: .upgraded, note: "commit decided, nothing done"),
+            CrashCase(point: "commit.origin-loaded", succeeds: true, expected: .upgraded, note: "origin has its own table inactive"),
+            CrashCase(point: "commit.suspended", succeeds: true, expected: .upgraded, note: "origin and snapshot suspended"),
+            CrashCase(point: "commit.origin-restored", succeeds: true, expected: .upgraded, note: "origin on its own table, layers left"),
+            CrashCase(point: "commit.layers-removed", succeeds: true, expected: .upgraded, note: "layers gone, COW file left"),
+            CrashCase(point: "rollback.before-merge", succeeds: false, expected: .restored, note: "rollback decided, volume unmounted, no merge"),
+            CrashCase(point: "merge.label-merging", succeeds: false, expected: .restored, note: "COW label says merging"),
+            CrashCase(point: "merge.origin-loaded", succeeds: false, expected: .restored, note: "origin has snapshot-merge inactive"),
+            CrashCase(point: "merge.snap-loaded", succeeds: false, expected: .restored, note: "-snap has error inactive"),
+            CrashCase(point: "merge.suspended", succeeds: false, expected: .restored, note: "origin and snapshot suspended for the handover"),
+            CrashCase(point: "merge.handed-over", succeeds: false, expected: .restored, note: "merging, -snap not removed"),
+            CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "merging, not journaled"),
+            CrashCase(point: "finish.origin-loaded", succeeds: false, expected: .restored, note: "merge complete, own table inactive"),
+            CrashCase(point: "finish.origin-restored", succeeds: false, expected: .restored, note: "origin on its own table, layers left"),
+            CrashCase(point: "finish.layers-removed", succeeds: false, expected: .restored, note: "layers gone, COW file left"),
+        ]
+
+        @Test("kill -9 at a crash point, then guard recover: restored or upgraded, and said so", arguments: cases)
+        func crash(_ crash: CrashCase) async throws {
+            let fixture = try CrashFixture()
+            let tool = fixture.guardTool
+            let result: CommandResult
+            if crash.point.hasPrefix("external:") {
+                let marker = fixture.scratch.path("marker")
+                let recipe = try fixture.recipe(succeeds: crash.succeeds, marker: marker, sleep: 30)
+                let runner = Task.detached { try tool("run", recipe) }
+                for _ in 0..<300 where !FileManager.default.fileExists(atPath: marker) { try await Task.sleep(for: .milliseconds(100)) }
+                #expect(FileManager.default.fileExists(atPath: marker), "the step started")
+                try await Task.sleep(for: .milliseconds(500))
+                try sh("pkill -KILL -f '\(guardBinary) run \(recipe)' || true")
+                result = try await runner.value
+            } else {
+                result = try tool("run", try fixture.recipe(succeeds: crash.succeeds), extra: ["GUARD_CRASH_AT": crash.point])
+            }
+            #expect(result.status == 9 || result.status == 137, "guard was killed at \(crash.point): exit \(result.status), \(result.stderr)")
+
+            // The watchdog (or nothing being suspended) leaves no device frozen.
+            let dm = try DeviceMapper()
+            try await Task.sleep(for: .milliseconds(300))
+            let frozen = try dm.list().filter { ($0.isGuardDevice || $0.name == fixture.name) && (try dm.info(.number($0.number))?.isSuspended ?? false) }
+            #expect(frozen.isEmpty, "still suspended after guard died: \(frozen.map(\.name))")
+
+            // Every other command notices the unfinished run.
+            let status = try tool("status")
+            #expect(status.stderr.contains("did not finish") || status.stderr.contains("guard recover"), "\(status.stderr)")
+            let refused = try tool("run", try fixture.recipe(succeeds: true))
+            #expect(refused.status == 2 && refused.stderr.contains("guard recover"), "\(refused.stderr)")
+
+            let recover = try tool("recover")
+            #expect(recover.status == 0, "guard recover after \(crash.point): \(recover.stderr)")
+            let bytes = try fixture.current
+            switch crash.expected {
+            case .restored: #expect(bytes == fixture.before, "after \(crash.point) the volume must be as before the run")
+            case .upgraded: #expect(bytes == fixture.after, "after \(crash.point) the volume must hold the upgrade")
+            }
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let outcome = history.first?["outcome"] as? String
+            #expect(outcome == "recovered", "the journal says recovered: \(history.first ?? [:])")
+            let error = history.first?["error"] as? String ?? ""
+            #expect(error.contains("recovered:"), "the journal says what recovery did: \(error)")
+            try expectNothingLeft(state: tool.stateDirectory)
+
+            // A second recover changes nothing.
+            let tables = try sh("dmsetup table | sort")
+            let again = try tool("recover")
+            #expect(again.status == 0 && again.stdout.contains("nothing to recover"), "\(again.stdout) \(again.stderr)")
+            #expect(try sh("dmsetup table | sort") == tables)
+            #expect(try fixture.current == bytes)
+            recordResult([crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", String(error.split(separator: ";").last ?? "").trimmingWhitespace()])
+        }
+    }
+}
