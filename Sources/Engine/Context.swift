@@ -75,9 +75,9 @@ public final class GuardContext: @unchecked Sendable {
     }
 
     /// The journal if it exists, for read-only commands (history, show) that never need the kernel.
-    public func existingJournal() throws -> Journal? {
+    public func existingJournal(check: Bool = false) throws -> Journal? {
         guard FileManager.default.fileExists(atPath: journalPath) else { return nil }
-        return try journal()
+        return try journal(check: check)
     }
 
     /// Device-mapper, checked on first use: root, driver present.

@@ -89,6 +89,30 @@ public struct Recovery {
                 report.problems.append("run \(run.id!): \(error)")
             }
         }
+        // Rollbacks whose merge the kernel stopped (an I/O error since fixed): start them again.
+        for run in try journal.runs(in: [.merging]) {
+            let records = try journal.snapshots(runID: run.id!)
+            guard let locks = try? Maintenance(context: context).lock(records, runID: run.id!) else { continue }
+            defer { locks.forEach { $0.release() } }
+            for record in records where record.state == .merging {
+                guard let stack = decodeStack(record.stack), case .failed? = try? engine.mergeState(stack) else { continue }
+                do {
+                    let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+                    try await RollbackProcedure(context: context, journal: journal, engine: engine).restartMerge(run: run, record: record, stack: stack, recipe: recipe)
+                    report.actions.append("run \(run.id!): restarted the merge into \(record.volume)")
+                } catch {
+                    report.problems.append("run \(run.id!): the merge into \(record.volume) cannot restart: \(error)")
+                }
+            }
+            if !boot {
+                do {
+                    try await Maintenance(context: context).waitForMerges(runID: run.id!, journal: journal, engine: engine)
+                    report.actions.append("run \(run.id!): the rollback's merge is complete and torn down")
+                } catch {
+                    report.problems.append("run \(run.id!): \(error)")
+                }
+            }
+        }
         if !boot {
             try? Maintenance(context: context).tidy(journal: journal)
             report.actions += try removeStrays(journal: journal, engine: engine)
@@ -139,24 +163,23 @@ public struct Recovery {
         }
         let stepsMayHaveRun = !["preflight", "quiesce", "snapshot"].contains(run.phase)
 
-        if records.isEmpty || stacks.isEmpty || (!taken && !merging) {
-            for stack in stacks { try engine.drop(stack) }
-            try journal.setSnapshotState(runID: runID, .discarded)
-            return try close(.recovered, .finished, "no snapshot was live; removed what the run had prepared; no volume was changed")
-        }
+        // The last decision the journal holds comes first: it was written before any of its work.
         if merging || run.decision == .rollback {
             return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
         }
-        switch run.decision {
-        case .commit?:
+        if run.decision == .commit {
             for stack in stacks { try engine.drop(stack) }
             try journal.setSnapshotState(runID: runID, .committed)
             return try close(.recovered, .finished, "finished the commit: the upgrade is in place, the snapshots are gone")
-        case .keep?:
+        }
+        if run.decision == .keep && taken {
             for stack in stacks { try? engine.mark(stack, .kept) }
             return try close(.kept, .kept, "the run had decided to keep its snapshots; they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
-        case .rollback?, nil:
-            break
+        }
+        if records.isEmpty || stacks.isEmpty || !taken {
+            for stack in stacks { try engine.drop(stack) }
+            try journal.setSnapshotState(runID: runID, .discarded)
+            return try close(.recovered, .finished, "no snapshot was ever live; removed what the run had prepared; no volume was changed")
         }
         if !stepsMayHaveRun {
             // The snapshot was taken but no step ran: the volumes hold what they held before.
@@ -183,8 +206,7 @@ public struct Recovery {
                 continue
             case .failed?:
                 // The kernel stopped (an I/O error that is now fixed): start it again.
-                try engine.restartMerge(stack)
-                try journal.event(runID, "result", "merge-restarted", record.volume, at: timestamp())
+                try await RollbackProcedure(context: context, journal: journal, engine: engine).restartMerge(run: run, record: record, stack: stack, recipe: recipe)
                 continue
             case nil:
                 pending.append((record, stack))
@@ -260,7 +282,7 @@ public struct Recovery {
                 }
             }
         }
-        let known = Set(try journal.read { db in try String.fetchAll(db, sql: "SELECT token FROM runs") })
+        let known = try journal.allTokens()
         for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) {
             let label = try? CowLabel.read(from: storage.path)
             if let label, open.contains(label.runToken) { continue }

@@ -110,6 +110,35 @@ struct RollbackProcedure {
         }
     }
 
+    /// Restarts a merge the kernel stopped on an I/O error (fixed since): the volume is
+    /// unmounted around the restart (the rollback's stop and start hooks run around it), as the
+    /// restart briefly gives the origin an `error` table.
+    func restartMerge(run: RunRecord, record snapshot: SnapshotRecord, stack: SnapshotStack, recipe: Recipe?) async throws {
+        let runID = run.id!
+        let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
+        let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
+        let origin = try engine.dm.info(stack.originRef)
+        let mounts = origin.map { Mounts.mountPoints(of: $0.number).sorted { $0.target.count > $1.target.count } } ?? []
+        if !mounts.isEmpty {
+            for (index, command) in hooks.0.enumerated() {
+                let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
+                try? record(result, kind: "rollback-stop", index: index, runID: runID)
+            }
+        }
+        var unmounted: [MountEntry] = []
+        defer {
+            for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, [stack])) }
+        }
+        for mount in mounts {
+            try Mounts.unmount(mount.target)
+            unmounted.append(mount)
+        }
+        try journal.event(runID, "intent", "restart-merge", snapshot.volume, at: timestamp())
+        try engine.restartMerge(stack)
+        try journal.event(runID, "result", "merge-restarted", snapshot.volume, at: timestamp())
+        if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID) }
+    }
+
     func stackDevice(_ entry: MountEntry, _ stacks: [SnapshotStack]) -> String {
         if let name = BlockDevices.deviceMapperName(of: entry.device) { return "/dev/mapper/\(name)" }
         return entry.source

@@ -64,21 +64,28 @@ public final class RunTransaction {
             throw GuardFailure(.usage, "\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
         }
         _ = try context.dm()
-        try context.prepareStateDirectory()
-        let journal = try context.journal(check: true)
-        try Maintenance(context: context).tidy(journal: journal)
-        let unfinished = try Recovery(context: context).unfinishedRuns(journal: journal)
-        if !unfinished.isEmpty {
-            throw GuardFailure(.usage, "run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first; nothing was touched")
+        // An existing journal first: it may hold kept runs to expire and merges to finish, and
+        // unfinished runs that must be recovered before anything else touches a volume.
+        if let existing = try context.existingJournal(check: true) {
+            try Maintenance(context: context).tidy(journal: existing)
+            let unfinished = try Recovery(context: context).unfinishedRuns(journal: existing)
+            if !unfinished.isEmpty {
+                throw GuardFailure(.usage, "run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first; nothing was touched")
+            }
         }
+        // The plan checks, among the rest, that the state directory is not on a volume the
+        // recipe snapshots: nothing is written there before that is known.
         let plan = try Planner(context: context).plan(recipe)
         for warning in plan.warnings { reporter.warning(warning) }
         if !plan.problems.isEmpty {
             throw GuardFailure(.usage, plan.problems.joined(separator: "\n") + "\nnothing was touched")
         }
-        if let free = try? freeSpace(at: context.stateDirectory), free < 16 << 20 {
-            throw GuardFailure(.usage, "the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal needs room; nothing was touched")
+        let stateFilesystem = Planner(context: context).nearestExisting(context.stateDirectory)
+        if let free = try? freeSpace(at: stateFilesystem), free < 16 << 20 {
+            throw GuardFailure(.usage, "the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal and COW files need room; nothing was touched")
         }
+        try context.prepareStateDirectory()
+        let journal = try context.journal(check: true)
         var locks: [VolumeLock] = []
         for volume in plan.volumes {
             locks.append(try VolumeLock.acquire(directory: context.lockDirectory, key: volume.lockKey, holder: "guard run of \(recipe.name) (pid \(getpid()))"))
@@ -339,6 +346,17 @@ struct RunBody {
         run.decision = .rollback
         run.error = failure
         try? journal.update(run)
+        // A snapshot the kernel invalidated holds nothing to go back to: say so, and release it.
+        let invalid = stacks.filter { (try? engine.health($0).isRestorable) == false }
+        if !invalid.isEmpty {
+            let which = invalid.map { "\($0.originPath) (\((try? engine.health($0).status.description) ?? "Invalid"))" }.joined(separator: ", ")
+            try? journal.event(runID, "error", "rollback-impossible", which, at: timestamp())
+            for stack in stacks { try? engine.drop(stack) }
+            try? journal.setSnapshotState(runID: runID, .invalid)
+            return finish(
+                outcome: .failed, exit: .attention, state: .finished, error: "\(failure); the snapshot of \(which) overflowed its COW, so a rollback is impossible",
+                message: "run \(runID) failed (\(failure)) and cannot be rolled back: the snapshot of \(which) was invalidated by the kernel when its COW filled up during the steps, so its old data is gone. The volumes hold the upgraded data (as the steps left it); restore from a backup if that data is bad, and give the recipe a larger snapshot size or an extend policy")
+        }
         let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
         do {
             try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), stacks: stacks, recipe: recipe, wait: true)

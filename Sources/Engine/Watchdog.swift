@@ -61,9 +61,11 @@ public final class ProcessWatchdog: WindowWatchdog {
         fromChild = output.fileHandleForReading.fileDescriptor
         // Keep the descriptors: the Pipe objects close them when released.
         pipes = (input, output)
-        guard receive() == "ready" else {
+        // Locking a fresh process's memory reads all of guard and its libraries: seconds on a
+        // slow or busy machine. Nothing is suspended yet, so waiting is harmless.
+        guard receive(timeoutMilliseconds: 60_000) == "ready" else {
             stop()
-            throw GuardFailure(.attention, "the suspend watchdog \(executable) did not start")
+            throw GuardFailure(.attention, "the suspend watchdog \(executable) did not start within 60 s; nothing was suspended")
         }
     }
 
@@ -91,12 +93,12 @@ public final class ProcessWatchdog: WindowWatchdog {
         }
     }
 
-    private func receive() -> String? {
+    private func receive(timeoutMilliseconds: Int32 = 10_000) -> String? {
         var line: [UInt8] = []
         var byte: UInt8 = 0
         while true {
             var pollDescriptor = pollfd(fd: fromChild, events: Int16(POLLIN), revents: 0)
-            guard poll(&pollDescriptor, 1, 10_000) > 0 else { return nil }
+            guard poll(&pollDescriptor, 1, timeoutMilliseconds) > 0 else { return nil }
             let n = read(fromChild, &byte, 1)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return nil }

@@ -297,6 +297,11 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
+    /// Every run token the journal has.
+    public func allTokens() throws -> Set<String> {
+        try read { db in Set(try String.fetchAll(db, sql: "SELECT token FROM runs")) }
+    }
+
     /// The peak COW use of earlier runs of `recipe`, per volume index (for `size: auto`).
     public func peakUse(recipe: String) throws -> [Int: Int64] {
         try read { db in

@@ -362,6 +362,8 @@ public struct SnapshotEngine {
                     if let snap { try dm.suspend(.number(snap.number), flush: true, lockFileSystem: false) }
                     CrashPoint.hit("commit.suspended")
                     try dm.resume(.number(origin.number))
+                    // Nothing stays frozen, not even a layer about to go.
+                    if let snap { try dm.resume(.number(snap.number)) }
                 }
                 log?("\(origin.name) is back on its own table")
             } else if origin.isSuspended {
@@ -515,14 +517,15 @@ public struct SnapshotEngine {
                 "the snapshot is \(status) (\(status == .overflow ? "written past its COW" : "its COW filled up or failed")); its old data is lost, so the volume keeps the upgraded data",
                 hint: "restore from a backup if the upgraded data is bad")
         }
-        if origin.openCount > 0 {
-            let mounts = Mounts.mountPoints(of: origin.number).map(\.target)
-            throw SnapshotError(.inUse, operation, "\(origin.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first: a merge must not start under a mounted filesystem")
-        }
+        try waitUntilClosed(origin, operation: operation, hint: "unmount it first: a merge must not start under a mounted filesystem")
         if snap.openCount > 0 {
             throw SnapshotError(.inUse, operation, "the snapshot \(snap.path) is open", hint: "unmount it first")
         }
         let cow = try dm.requireInfo(stack.ref(.cow))
+        // Tables a crashed command loaded and never made live would clash with the merge
+        // (two snapshot targets claiming one COW): drop them first.
+        if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
+        if snap.hasInactiveTable { try dm.clearInactiveTable(.number(snap.number)) }
         if var label = try CowLabel.read(from: stack.storage.path) {
             label.state = .merging
             try label.write(to: stack.storage.path)
@@ -557,20 +560,38 @@ public struct SnapshotEngine {
         log?("\(origin.name) is merging its snapshot back")
     }
 
-    /// Restarts a merge the kernel stopped (`Merge failed`, after an I/O error was fixed):
-    /// the same snapshot-merge table is loaded again and the new target takes the exceptions
-    /// over from the failed one, as `lvchange --refresh` does. Nothing else changes: reads of
-    /// the origin show the snapshot's data throughout.
+    /// Restarts a merge the kernel stopped (`Merge failed`, after an I/O error was fixed).
+    ///
+    /// The failed target cannot be replaced by a new merge while it exists (the kernel allows
+    /// one merging snapshot per COW), and it keeps reporting `Merge failed`. So the origin
+    /// goes to an `error` table for an instant, which ends the failed target, and then gets a
+    /// fresh `snapshot-merge`, which reads the exceptions still in the COW and merges on.
+    /// In that instant reads would fail, so the origin must not be open (unmounted).
     public func restartMerge(_ stack: SnapshotStack) throws {
         let operation = "restart of the merge into \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
-        guard live.isOnly("snapshot-merge") else {
+        guard live.isOnly("snapshot-merge") || live.isOnly("error") else {
             throw SnapshotError(.layerMissing, operation, "\(origin.name) is not merging (its table is \(live.lines.first?.target.typeName ?? "empty"))")
         }
-        try dm.load(.number(origin.number), table: live, readOnly: origin.isReadOnly)
+        try waitUntilClosed(origin, operation: operation, hint: "unmount it (stop what uses it) and run `guard recover` again")
+        let real = try dm.requireInfo(stack.ref(.real))
+        let cow = try dm.requireInfo(stack.ref(.cow))
+        if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
+        if live.isOnly("snapshot-merge") {
+            try dm.load(.number(origin.number), table: Table(.error, length: stack.originSectors), readOnly: origin.isReadOnly)
+            try withSuspended([.number(origin.number)]) {
+                try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
+                try dm.resume(.number(origin.number))
+            }
+        }
+        CrashPoint.hit("restart.error-table")
+        try dm.load(
+            .number(origin.number),
+            table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
+            readOnly: origin.isReadOnly)
         try withSuspended([.number(origin.number)]) {
-            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: false)
+            try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
             try dm.resume(.number(origin.number))
         }
         log?("restarted the merge into \(origin.name)")
@@ -590,6 +611,24 @@ public struct SnapshotEngine {
         return resumed
     }
 
+    /// Waits a little for a device to be closed: udev's probes and a process just killed
+    /// hold it for an instant. A mount or a process that keeps it open is named in the error.
+    func waitUntilClosed(_ device: DeviceInfo, operation: String, hint: String) throws {
+        var info = device
+        for _ in 0..<30 {
+            guard info.openCount > 0, Mounts.mountPoints(of: info.number).isEmpty else { break }
+            usleep(100_000)
+            info = try dm.info(.number(device.number)) ?? info
+        }
+        guard info.openCount > 0 else { return }
+        let mounts = Mounts.mountPoints(of: info.number).map(\.target)
+        let holders = Mounts.processes(holdingDevice: info.number).map(\.description)
+        var what = "\(info.path) is open"
+        if !mounts.isEmpty { what += " (mounted on \(mounts.joined(separator: ", ")))" }
+        if !holders.isEmpty { what += " (by \(holders.joined(separator: ", ")))" }
+        throw SnapshotError(.inUse, operation, what, hint: hint)
+    }
+
     /// Where a merge stands, from the origin's snapshot-merge status.
     public func mergeState(_ stack: SnapshotStack) throws -> MergeState {
         let origin = try requireOrigin(stack, "merge status of \(stack.originName)")
@@ -603,7 +642,13 @@ public struct SnapshotEngine {
                 return .failed(status)
             }
         }
-        if try dm.info(stack.ref(.real)) == nil && !live.isOnly("snapshot-origin") { return .finished }
+        // An `error` table with the layers still there: a restart of a failed merge was interrupted.
+        if live.isOnly("error"), try dm.info(stack.ref(.real)) != nil {
+            return .failed(.unknown("restart interrupted"))
+        }
+        // Back on its own table: the merge was complete and the swap done (only then does guard
+        // reload it), whatever layers a crash left behind.
+        if !live.isOnly("snapshot-origin") { return .finished }
         throw SnapshotError(.layerMissing, "merge status of \(stack.originName)", "\(origin.name) is not merging (its table is \(live.lines.first?.target.typeName ?? "empty"))")
     }
 
