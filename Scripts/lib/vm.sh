@@ -4,6 +4,9 @@
 #
 #   vm_run OUTDIR MEMORY COMMAND...
 #
+# GUARD_VM_DISK=FILE attaches FILE as a disk (virtio-scsi, /dev/sda inside): it outlives the VM, as a
+# disk outlives a power loss.
+#
 # The console can mangle long output, so COMMAND writes what matters into OUTDIR (the
 # --rwdir); vm_run only returns vng's status. /tmp inside is an overlay in VM memory.
 
@@ -31,5 +34,5 @@ vm_run() {
   local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; $*"
   timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-1500}" \
     vng --run "$kernel" --disable-kvm --force-9p --cpus "${GUARD_VM_CPUS:-2}" --memory "$memory" \
-      --rwdir "$outdir" --exec "$cmd" >"$outdir/console.log" 2>&1
+      ${GUARD_VM_DISK:+--disk "$GUARD_VM_DISK"} --rwdir "$outdir" --exec "$cmd" >"$outdir/console.log" 2>&1
 }

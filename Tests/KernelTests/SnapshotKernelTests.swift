@@ -226,10 +226,7 @@ extension Kernel {
                     policies: [ExtensionPolicy(threshold: 0.6, stepBytes: 8 << 20, maximumBytes: 64 << 20)],
                     interval: .milliseconds(50)) { events.append($0) }
                 watcher.start()
-                for chunk in 0..<30 {
-                    try sh("dd if=/dev/urandom of='\(fixture.volume.path)' bs=1M count=1 seek=\(chunk) oflag=direct conv=notrunc status=none")
-                    Thread.sleep(forTimeInterval: 0.1)
-                }
+                try sh("for i in $(seq 0 14); do dd if=/dev/urandom of='\(fixture.volume.path)' bs=2M count=1 seek=$i oflag=direct conv=notrunc status=none; sleep 0.3; done")
                 let stacks = watcher.stop()
                 let health = try fixture.engine.health(stacks[0])
                 #expect(health.isRestorable, "with extension the snapshot stays valid: \(health.status)")
@@ -316,11 +313,11 @@ extension Kernel {
             // A merge under way.
             do {
                 let fixture = try VolumeFixture()
-                try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 40)
+                try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 24)
                 try sh("sync")
-                let live = try fixture.engine.prepare([fixture.request(size: .bytes(64 << 20))], token: StackIdentity.newToken()).take()
+                let live = try fixture.engine.prepare([fixture.request(size: .bytes(40 << 20))], token: StackIdentity.newToken()).take()
                 let image = try sha256(live.stacks[0].snapPath)
-                try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 40)
+                try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 24)
                 try sh("sync")
                 try fixture.unmount()
                 try sh("echo 1 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")

@@ -1,0 +1,307 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Snapshot
+import Testing
+
+/// A raw guard volume of `mebibytes` MiB, optionally over a test-controlled dm device (to
+/// inject I/O errors under it), with a state directory of its own.
+final class RawVolume {
+    let scratch: Scratch
+    let guardTool: GuardTool
+    let name: String
+    let device: String
+    /// The dm device under the volume, when asked for: switchable to `error`.
+    let under: String?
+    let underTable: Table?
+    let backing: String
+
+    init(mebibytes: Int = 32, controllable: Bool = false, label: String = #function) throws {
+        scratch = try Scratch(label)
+        guardTool = GuardTool(stateDirectory: scratch.path("state"))
+        name = uniqueName("raw")
+        device = "/dev/mapper/\(name)"
+        backing = scratch.path("volume.img")
+        try makeRandomFile(backing, mebibytes: mebibytes)
+        var source = backing
+        if controllable {
+            let dm = try DeviceMapper()
+            let loop = try LoopDevice.attach(file: backing).device
+            let table = Table(.linear(device: loop.number, offset: 0), length: UInt64(mebibytes) * 2048)
+            let underName = uniqueName("under")
+            try dm.create(name: underName, uuid: "TEST-\(underName)", table: table)
+            under = underName
+            underTable = table
+            source = "/dev/mapper/\(underName)"
+            scratch.defer_ {
+                try? dm.remove(.name(underName))
+                try? loop.detach()
+            }
+        } else {
+            under = nil
+            underTable = nil
+        }
+        let created = try guardTool("volume", "create", name, "--backing", source)
+        guard created.status == 0 else { throw ShellError(command: "volume create", status: created.status, stderr: created.stderr) }
+        let (tool, name) = (guardTool, name)
+        scratch.defer_ {
+            removeGuardStacks(onVolume: name)
+            _ = try? tool("volume", "remove", name)
+        }
+    }
+
+    var checksum: String {
+        get throws {
+            try dropCaches(device)
+            return try sha256(device)
+        }
+    }
+
+    /// The checksum the volume has after `dd if=patch seek=offsetMiB` on it.
+    func checksum(after patch: String, atMiB offset: Int) throws -> String {
+        let copy = scratch.path("expected.img")
+        try sh("dd if='\(device)' of='\(copy)' bs=1M status=none iflag=direct && dd if='\(patch)' of='\(copy)' bs=1M seek=\(offset) conv=notrunc status=none")
+        defer { try? FileManager.default.removeItem(atPath: copy) }
+        return try sha256(copy)
+    }
+
+    /// Switches the device under the volume to `error` (every I/O fails) or back.
+    func failUnderneath(_ failing: Bool) throws {
+        guard let under, let underTable else { return }
+        let dm = try DeviceMapper()
+        try dm.load(.name(under), table: failing ? Table(.error, length: underTable.lengthSectors) : underTable)
+        try dm.suspend(.name(under), flush: false, lockFileSystem: false)
+        try dm.resume(.name(under))
+    }
+
+    func recipe(_ body: String, snapshot: String = "8M", extra: String = "") throws -> String {
+        try writeRecipe("name: fault\nvolumes:\n  - device: \(device)\n    snapshot: \(snapshot)\n\(extra)\(body)", in: scratch)
+    }
+}
+
+/// Waits until `condition` holds (polling), or fails the test after `seconds`.
+func waitUntil(_ what: String, seconds: Double = 60, sourceLocation: SourceLocation = #_sourceLocation, _ condition: () throws -> Bool) async throws {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try condition() { return }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+    Issue.record("timed out waiting for \(what)", sourceLocation: sourceLocation)
+}
+
+func setCopyThrottle(_ percent: Int) {
+    _ = try? sh("echo \(percent) > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
+}
+
+extension Kernel {
+    /// Issue 7: full COWs, I/O errors, interrupts, timeouts and journal trouble.
+    @Suite("faults")
+    struct FaultKernelTests {
+        @Test("a COW about to fill stops the steps and the run rolls back while that is still possible")
+        func cowFullStopsSteps() throws {
+            let volume = try RawVolume()
+            let before = try volume.checksum
+            let recipe = try volume.recipe(
+                """
+                stop_at: 60%
+                steps:
+                  - name: slow writer
+                    shell: for i in $(seq 0 15); do dd if=/dev/urandom of=\(volume.device) bs=512K count=1 seek=$i oflag=direct conv=notrunc status=none; sleep 0.5; done
+                """, snapshot: "4M")
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("full and cannot grow"), "\(result.stderr)")
+            #expect(result.stderr.contains("rolled back"), "\(result.stderr)")
+            #expect(try volume.checksum == before)
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+            recordResult(["cow-nearly-full", "COW without extension reaches stop_at during the steps", "rollback", "restored", "rolled_back", "steps stopped, merged back", ""])
+        }
+
+        @Test("a single write past the COW invalidates the snapshot: the run ends failed, saying the volume holds the upgraded data")
+        func cowOverrun() throws {
+            let volume = try RawVolume()
+            let patch = volume.scratch.path("patch")
+            try makeRandomFile(patch, mebibytes: 12)
+            let after = try volume.checksum(after: patch, atMiB: 4)
+            let recipe = try volume.recipe(
+                "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=4M seek=1 oflag=direct conv=notrunc status=none\n", snapshot: "4M")
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 3, "\(result.stderr)")
+            #expect(result.stderr.contains("cannot be rolled back"), "\(result.stderr)")
+            #expect(result.stderr.contains("hold the upgraded data"), "\(result.stderr)")
+            #expect(try volume.checksum == after, "the volume has exactly what the steps wrote")
+            let history = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String == "failed")
+            #expect((history.first?["snapshots"] as? [[String: Any]])?.first?["state"] as? String == "invalid")
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+            recordResult(["cow-overrun", "one write larger than the COW during the steps", "rollback", "upgraded", "failed", "snapshot Invalid: no rollback possible; says the data is the upgraded data", ""])
+        }
+
+        @Test("an I/O error mid-merge stops it with a clear error; once the device heals, guard recover finishes it", arguments: ["cow", "origin"])
+        func ioErrorMidMerge(where failing: String) async throws {
+            let volume = try RawVolume(controllable: failing == "origin")
+            let before = try volume.checksum
+            var extra = ""
+            var cowControl: RawVolume?
+            if failing == "cow" {
+                // The COW on a device the test controls.
+                let cow = try RawVolume(mebibytes: 24, controllable: true, label: "cow-device")
+                cowControl = cow
+                try sh("dmsetup remove \(cow.name)")
+                extra = "    snapshot: { size: 16M, cow: /dev/mapper/\(cow.under!) }\n"
+            }
+            let patch = volume.scratch.path("patch")
+            try makeRandomFile(patch, mebibytes: 12)
+            let body = "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M oflag=direct conv=notrunc status=none\nverify:\n  - name: fail\n    run: [/bin/false]\n"
+            let recipe = failing == "cow"
+                ? try writeRecipe("name: fault\nvolumes:\n  - device: \(volume.device)\n\(extra)\(body)", in: volume.scratch)
+                : try volume.recipe(body, snapshot: "16M")
+            setCopyThrottle(1)
+            defer { setCopyThrottle(0) }
+            let tool = volume.guardTool
+            let runner = Task.detached { try tool("run", recipe) }
+            let dm = try DeviceMapper()
+            try await waitUntil("the merge to start") { (try? dm.table(.name(volume.name)).isOnly("snapshot-merge")) == true }
+            try await Task.sleep(for: .milliseconds(300))
+            if let cowControl { try cowControl.failUnderneath(true) } else { try volume.failUnderneath(true) }
+            let result = try await runner.value
+            #expect(result.status == 3, "\(result.stderr)")
+            #expect(result.stderr.contains("Merge failed") || result.stderr.contains("merge"), "\(result.stderr)")
+            #expect(result.stderr.contains("guard recover"), "\(result.stderr)")
+            // Nothing still needed was torn down.
+            #expect(try dm.table(.name(volume.name)).isOnly("snapshot-merge"), "the origin still merges")
+            #expect(try expectLayers(volume.name) >= 2, "-real and -cow are still there")
+
+            if let cowControl { try cowControl.failUnderneath(false) } else { try volume.failUnderneath(false) }
+            setCopyThrottle(0)
+            let recover = try tool("recover")
+            #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+            #expect(recover.stdout.contains("restarted the merge"), "\(recover.stdout)")
+            #expect(try volume.checksum == before, "every byte merged back after the device healed")
+            try expectNothingLeft(state: tool.stateDirectory)
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String == "rolled_back")
+            recordResult(["io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back", "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix", ""])
+        }
+
+        @Test("Ctrl-C during the steps stops them and rolls back")
+        func interrupt() async throws {
+            let volume = try RawVolume()
+            let before = try volume.checksum
+            let marker = volume.scratch.path("marker")
+            let recipe = try volume.recipe(
+                "steps:\n  - name: write then wait\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=2 oflag=direct conv=notrunc status=none; touch \(marker); sleep 60\n")
+            let tool = volume.guardTool
+            let runner = Task.detached { try tool("run", recipe) }
+            try await waitUntil("the step to start") { FileManager.default.fileExists(atPath: marker) }
+            #expect(killProcesses(argv: [guardBinary, "run", recipe], signal: SIGINT) == 1)
+            let result = try await runner.value
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("interrupted (Ctrl-C)"), "\(result.stderr)")
+            #expect(try volume.checksum == before)
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["ctrl-c", "SIGINT while a step runs", "rollback", "restored", "rolled_back", "step stopped, merged back", ""])
+        }
+
+        @Test("a step that hangs past its timeout, or ignores TERM, is killed and the run rolled back", arguments: ["sleep 120", "trap '' TERM; sleep 120"])
+        func hangingStep(script: String) throws {
+            let volume = try RawVolume()
+            let before = try volume.checksum
+            let recipe = try volume.recipe(
+                "steps:\n  - name: hang\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=1 oflag=direct conv=notrunc status=none; \(script)\n    timeout: 2s\n")
+            let started = Date()
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("timed out"), "\(result.stderr)")
+            #expect(Date().timeIntervalSince(started) < 90)
+            #expect(try volume.checksum == before)
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+            recordResult([script.contains("trap") ? "step-ignores-term" : "step-timeout", "a step past its timeout\(script.contains("trap") ? " that ignores SIGTERM" : "")", "rollback", "restored", "rolled_back", "TERM then KILL to the step's process group, merged back", ""])
+        }
+
+        @Test("a journal locked by another process is waited for")
+        func journalLocked() async throws {
+            let volume = try RawVolume()
+            let tool = volume.guardTool
+            let recipe = try volume.recipe("steps:\n  - name: nothing\n    run: [/bin/true]\n")
+            #expect(try tool("run", recipe).status == 0, "creates the journal")
+            let journal = "\(tool.stateDirectory)/journal.sqlite"
+            let holder = Process()
+            holder.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            holder.arguments = ["-c", "import sqlite3,time,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30); c.execute('BEGIN EXCLUSIVE'); open(sys.argv[2],'w').close(); time.sleep(4); c.execute('COMMIT')", journal, volume.scratch.path("locked")]
+            try holder.run()
+            try await waitUntil("the lock") { FileManager.default.fileExists(atPath: volume.scratch.path("locked")) }
+            let started = Date()
+            let result = try tool("run", recipe)
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(Date().timeIntervalSince(started) >= 2, "guard waited for the lock")
+            holder.waitUntilExit()
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.count == 2)
+            recordResult(["journal-locked", "another process holds the journal's write lock", "commit", "upgraded", "committed", "guard waited for the lock, then ran", ""])
+        }
+
+        @Test("the journal deleted mid-run is written again from guard's open copy")
+        func journalDeleted() throws {
+            let volume = try RawVolume()
+            let tool = volume.guardTool
+            let recipe = try volume.recipe(
+                "steps:\n  - name: delete the journal\n    shell: rm -f \(tool.stateDirectory)/journal.sqlite \(tool.stateDirectory)/journal.sqlite-wal \(tool.stateDirectory)/journal.sqlite-shm\n")
+            let result = try tool("run", recipe)
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(result.stderr.contains("was deleted while guard was using it"), "\(result.stderr)")
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String == "committed", "\(history)")
+            let show = try #require(try tool.json("show", "1") as? [String: Any])
+            #expect((show["phases"] as? [[String: Any]])?.contains { $0["name"] as? String == "steps" } == true, "phases from before the deletion are kept")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["journal-deleted", "a step deletes journal.sqlite", "commit", "upgraded", "committed", "journal rebuilt from the open copy at the next phase", ""])
+        }
+
+        @Test("a corrupt journal, a state directory on the snapshotted volume, a full state filesystem: refused before any volume is touched", arguments: ["corrupt", "on-volume", "full"])
+        func journalRefusals(problem: String) throws {
+            let volume = try RawVolume()
+            var tool = volume.guardTool
+            let recipe: String
+            switch problem {
+            case "corrupt":
+                try FileManager.default.createDirectory(atPath: tool.stateDirectory, withIntermediateDirectories: true)
+                try Data(repeating: 0x5A, count: 16384).write(to: URL(fileURLWithPath: "\(tool.stateDirectory)/journal.sqlite"))
+                recipe = try volume.recipe("steps:\n  - name: nothing\n    run: [/bin/true]\n")
+            case "on-volume":
+                try sh("mkfs.ext4 -q -F \(volume.device)")
+                let mount = volume.scratch.path("m")
+                try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+                try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
+                volume.scratch.defer_ { try? Mounts.unmount(mount) }
+                tool = GuardTool(stateDirectory: "\(mount)/guard-state")
+                recipe = try volume.recipe("steps:\n  - name: nothing\n    run: [/bin/true]\n")
+            default:
+                let small = volume.scratch.path("small")
+                try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+                try sh("mount -t tmpfs -o size=4m tmpfs '\(small)' && dd if=/dev/zero of='\(small)/fill' bs=1M count=3 status=none")
+                volume.scratch.defer_ { try? Mounts.unmount(small) }
+                tool = GuardTool(stateDirectory: "\(small)/state")
+                recipe = try volume.recipe("steps:\n  - name: nothing\n    run: [/bin/true]\n")
+            }
+            let before = try volume.checksum
+            let result = try tool("run", recipe)
+            #expect(result.status == 2, "\(result.stderr)")
+            let expected = ["corrupt": "corrupt", "on-volume": "which this recipe snapshots", "full": "free"][problem]!
+            #expect(result.stderr.contains(expected), "\(result.stderr)")
+            #expect(result.stderr.contains("nothing was touched") || problem == "corrupt", "\(result.stderr)")
+            #expect(try expectLayers(volume.name) == 0)
+            #expect(try DeviceMapper().table(.name(volume.name)).isOnly("linear"))
+            if problem == "on-volume" {
+                #expect(!FileManager.default.fileExists(atPath: tool.stateDirectory), "nothing was written on the volume")
+            }
+            if problem != "on-volume" { #expect(try volume.checksum == before) }
+            recordResult(["journal-\(problem)", ["corrupt": "the journal is corrupt", "on-volume": "the state directory is on the volume to snapshot", "full": "the state filesystem is full"][problem]!, "-", "untouched", "(no run)", "refused in preflight, exit 2", ""])
+        }
+    }
+}
+
+/// How many guard layers stack on the volume named `volume`.
+func expectLayers(_ volume: String) throws -> Int {
+    try DeviceMapper().guardDevices().filter { StackIdentity.parse(uuid: $0.uuid) != nil && $0.name.contains(volume) }.count
+}

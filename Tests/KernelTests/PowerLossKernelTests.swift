@@ -1,0 +1,165 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Snapshot
+import Testing
+
+/// The persistent directory of the power-loss scenario (shared by both boots), when Scripts/test runs it.
+let powerLossDirectory = ProcessInfo.processInfo.environment["GUARD_POWERLOSS_DIR"]
+
+/// Issue 7, power loss: the first boot starts three runs and resets the machine without a clean
+/// shutdown; the second boot, on the same disk images, runs `guard recover --boot` and checks.
+/// Scripts/test boots the VM twice for it; the main kernel run skips this suite.
+@Suite("PowerLoss", .serialized, .enabled(if: powerLossDirectory != nil && kernelHasDeviceMapper, "run by Scripts/test in two VM boots"))
+struct PowerLoss {
+    var directory: String { powerLossDirectory! }
+    var stateMount: String { "/tmp/guard-powerloss-state" }
+    var guardTool: GuardTool { GuardTool(stateDirectory: "\(stateMount)/guard") }
+
+    /// The disk Scripts/test attaches (a file on the host, so it outlives the VM like a disk
+    /// outlives a power loss): an LVM volume group with the three volumes and guard's state.
+    var disk: String { ProcessInfo.processInfo.environment["GUARD_POWERLOSS_DISK"] ?? "/dev/vda" }
+
+    func prepareDisk(create: Bool) throws {
+        if create {
+            try sh("pvcreate -q -ff -y \(disk) && vgcreate -q gpl \(disk) && lvcreate -q -y -L 256M -n state gpl && mkfs.ext4 -q -F /dev/mapper/gpl-state")
+            for name in ["steps", "kept", "merging"] { try sh("lvcreate -q -y -L 24M -n \(name) gpl") }
+        } else {
+            // What LVM's activation does at boot (udev-triggered on a full system).
+            try sh("vgchange -q -ay gpl")
+        }
+        try FileManager.default.createDirectory(atPath: stateMount, withIntermediateDirectories: true)
+        try Mounts.mount(source: "/dev/mapper/gpl-state", target: stateMount, fileSystemType: "ext4")
+    }
+
+    func volume(_ name: String) -> String { "/dev/mapper/gpl-\(name)" }
+
+    func before(_ name: String) throws -> String {
+        try String(contentsOfFile: "\(directory)/before-\(name)", encoding: .utf8).trimmingWhitespace()
+    }
+
+    func recipe(_ name: String, step: String, verify: Bool, keep: Bool) throws -> String {
+        let path = "\(directory)/\(name).recipe"
+        try """
+            name: powerloss-\(name)
+            volumes:
+              - device: \(volume(name))
+                snapshot: 24M
+            steps:
+              - name: write
+                shell: \(step)
+            verify:
+              - name: check
+                run: [\(verify ? "/bin/true" : "/bin/false")]
+            on_success: \(keep ? "keep 2d" : "commit")
+            on_failure: rollback
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        chmod(path, 0o644)
+        return path
+    }
+
+    @Test("boot 1: a run in its steps, a kept run, a rollback mid-merge, then reset")
+    func phase1() async throws {
+        setenv("LVM_SUPPRESS_FD_WARNINGS", "1", 1)
+        try prepareDisk(create: true)
+        let tool = guardTool
+        for name in ["steps", "kept", "merging"] {
+            try sh("dd if=/dev/urandom of=\(volume(name)) bs=1M count=24 oflag=direct status=none")
+            try sh("sha256sum < \(volume(name)) | cut -c1-64 > '\(directory)/before-\(name)'")
+            try makeRandomFile("\(directory)/patch-\(name)", mebibytes: name == "merging" ? 16 : 8)
+        }
+        func write(_ name: String) -> String {
+            "dd if=\(directory)/patch-\(name) of=\(volume(name)) bs=1M seek=4 oflag=direct conv=notrunc,fsync status=none"
+        }
+        // Kept: the upgrade applied, its snapshot kept for two days.
+        let kept = try tool("run", try recipe("kept", step: write("kept"), verify: true, keep: true))
+        #expect(kept.status == 0, "\(kept.stderr)")
+        // Steps: the power goes while a step runs.
+        let marker = "\(directory)/step-started"
+        let stepsRecipe = try recipe("steps", step: write("steps") + "; touch \(marker); sleep 600", verify: true, keep: false)
+        let steps = Task.detached { try tool("run", stepsRecipe) }
+        try await waitUntil("the step to run", seconds: 120) { FileManager.default.fileExists(atPath: marker) }
+        // Merging: a failed verify, the rollback's merge slowed down so the reset lands in it.
+        setCopyThrottle(1)
+        let mergingRecipe = try recipe("merging", step: write("merging"), verify: false, keep: false)
+        // Started without waiting (a shell's `&` would not do: the test waits for its pipes to close).
+        let merging = Process()
+        merging.executableURL = URL(fileURLWithPath: guardBinary)
+        merging.arguments = ["run", "-v", mergingRecipe, "--state-dir", tool.stateDirectory]
+        merging.environment = ProcessInfo.processInfo.environment.merging(["NO_COLOR": "1"]) { $1 }
+        FileManager.default.createFile(atPath: "\(directory)/merging.out", contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(directory)/merging.out"))
+        merging.standardOutput = log
+        merging.standardError = log
+        merging.standardInput = FileHandle.nullDevice
+        try merging.run()
+        let dm = try DeviceMapper()
+        try await waitUntil("the merge to start", seconds: 180) { (try? dm.table(.name("gpl-merging")).isOnly("snapshot-merge")) == true }
+        let mergingOutput = ((try? String(contentsOfFile: "\(directory)/merging.out", encoding: .utf8)) ?? "")
+        guard let usage = (try? dm.snapshotStatus(.name("gpl-merging")))?.usage, !usage.isMergeComplete else {
+            Issue.record("the merge finished before the reset, or never started; nothing would be tested: \(mergingOutput)")
+            return
+        }
+        try "ready".write(toFile: "\(directory)/phase1-ready", atomically: true, encoding: .utf8)
+        // Power loss: no sync, no unmount, no shutdown.
+        try sh("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
+        try await Task.sleep(for: .seconds(30))
+        _ = steps
+        Issue.record("the machine did not reset")
+    }
+
+    @Test("boot 2: reassembly restores the volume of the interrupted run, finishes the merge, keeps the kept snapshot rollbackable")
+    func phase2() async throws {
+        setenv("LVM_SUPPRESS_FD_WARNINGS", "1", 1)
+        #expect(FileManager.default.fileExists(atPath: "\(directory)/phase1-ready"), "boot 1 reached the reset")
+        let dm = try DeviceMapper()
+        #expect(try dm.guardDevices().isEmpty, "a fresh boot has no guard device")
+        try prepareDisk(create: false)
+        let tool = guardTool
+
+        // What the boot unit runs, before anything mounts the volumes.
+        let boot = try tool("recover", "--boot")
+        #expect(boot.status == 0, "\(boot.stdout) \(boot.stderr)")
+        #expect(boot.stdout.contains("resumed the merge into gpl-merging"), "\(boot.stdout)")
+        #expect(boot.stdout.contains("reassembled the snapshot of gpl-kept"), "\(boot.stdout)")
+        #expect(try dm.table(.name("gpl-steps")).isOnly("snapshot-merge"), "the interrupted run is merged back at once")
+        #expect(try dm.table(.name("gpl-merging")).isOnly("snapshot-merge"))
+        #expect(try dm.table(.name("gpl-kept")).isOnly("snapshot-origin"), "the kept snapshot is a snapshot again")
+
+        // Reads show the old data as soon as the merges run.
+        #expect(try sha256(volume("steps")) == before("steps"))
+        #expect(try sha256(volume("merging")) == before("merging"))
+
+        let wait = try tool("status", "--wait")
+        #expect(wait.status == 0, "\(wait.stderr)")
+        try dropCaches(volume("steps"))
+        try dropCaches(volume("merging"))
+        #expect(try sha256(volume("steps")) == before("steps"), "the run interrupted in its steps is rolled back")
+        #expect(try sha256(volume("merging")) == before("merging"), "the interrupted merge finished")
+        #expect(try dm.table(.name("gpl-steps")).isOnly("linear") && dm.table(.name("gpl-merging")).isOnly("linear"))
+
+        // The kept run survived the reset and can still be rolled back.
+        let history = try #require(try tool.json("history") as? [[String: Any]])
+        let keptRun = try #require(history.first { ($0["recipe"] as? String) == "powerloss-kept" })
+        #expect(keptRun["state"] as? String == "kept")
+        let rollback = try tool("rollback", "\(keptRun["id"] as! Int)", "--wait")
+        #expect(rollback.status == 0, "\(rollback.stderr)")
+        try dropCaches(volume("kept"))
+        #expect(try sha256(volume("kept")) == before("kept"))
+
+        let after = try #require(try tool.json("history") as? [[String: Any]])
+        let outcomes = Dictionary(uniqueKeysWithValues: after.map { ($0["recipe"] as! String, $0["outcome"] as? String ?? "") })
+        #expect(outcomes["powerloss-steps"] == "recovered")
+        // Its guard process died mid-merge: recovery finished the rollback and says so.
+        #expect(outcomes["powerloss-merging"] == "recovered")
+        let mergingRun = try #require(after.first { ($0["recipe"] as? String) == "powerloss-merging" })
+        #expect((mergingRun["error"] as? String ?? "").contains("rolled back"), "\(mergingRun)")
+        #expect(outcomes["powerloss-kept"] == "rolled_back")
+        try expectNothingLeft(state: tool.stateDirectory)
+        recordResult(["power-loss-steps", "reset while a step runs; next boot runs guard recover --boot", "rollback", "restored", "recovered", "snapshot reassembled from its label and merged back at boot, before any mount", ""])
+        recordResult(["power-loss-merge", "reset during a rollback's merge", "rollback", "restored", "rolled_back", "merge resumed at boot from the COW's exceptions", ""])
+        recordResult(["power-loss-kept", "reset with a kept snapshot", "keep", "restored", "rolled_back", "snapshot reassembled at boot; guard rollback worked afterwards", ""])
+        try? Mounts.unmount(stateMount)
+        _ = try? sh("vgchange -q -an gpl")
+    }
+}
