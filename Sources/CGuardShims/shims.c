@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <sys/sysmacros.h>
+#include <sys/xattr.h>
 
 uint32_t guard_major(uint64_t dev) { return major((dev_t)dev); }
 uint32_t guard_minor(uint64_t dev) { return minor((dev_t)dev); }
@@ -171,3 +172,8 @@ int guard_read_kernel_log(char *buffer, int size)
     int result = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buffer, size);
     return result < 0 ? -errno : result;
 }
+
+long guard_flistxattr(int fd, char *list, size_t size) { return flistxattr(fd, list, size); }
+long guard_fgetxattr(int fd, const char *name, void *value, size_t size) { return fgetxattr(fd, name, value, size); }
+int guard_fsetxattr(int fd, const char *name, const void *value, size_t size) { return fsetxattr(fd, name, value, size, 0); }
+int guard_fremovexattr(int fd, const char *name) { return fremovexattr(fd, name); }

@@ -72,6 +72,7 @@ public struct Maintenance {
 
     func commit(_ run: RunRecord, records: [SnapshotRecord], journal: Journal, reason: String) throws {
         let engine = try context.engine()
+        SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         var run = run
         run.decision = .commit
         try journal.update(run)

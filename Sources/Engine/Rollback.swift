@@ -24,6 +24,7 @@ struct RollbackProcedure {
     ///   services are started again and the snapshots stay kept).
     func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool) async throws {
         let runID = run.id!
+        SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         // Refuse before stopping anything when a snapshot can no longer be merged.
         for (record, stack) in zip(records, stacks) {
             let health = try engine.health(stack)

@@ -18,7 +18,7 @@ public struct GuardCommand: AsyncParsableCommand {
             """,
         version: version,
         subcommands: [
-            Run.self, Check.self, Rollback.self, Commit.self, History.self, Show.self, Status.self, Recover.self,
+            Run.self, Check.self, Rollback.self, Commit.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
             Volume.self, WatchdogCommand.self,
         ]
     )

@@ -291,6 +291,22 @@ public final class Journal: @unchecked Sendable {
         try read { db in try EventRecord.filter(EventRecord.Columns.runID == runID).order(Column("id")).fetchAll(db) }
     }
 
+    public func insert(_ restore: RestoreRecord) throws -> RestoreRecord {
+        try write { db in
+            var restore = restore
+            try restore.insert(db)
+            return restore
+        }
+    }
+
+    public func update(_ restore: RestoreRecord) throws {
+        try write { db in try restore.update(db) }
+    }
+
+    public func restores(runID: Int64) throws -> [RestoreRecord] {
+        try read { db in try RestoreRecord.filter(RestoreRecord.Columns.runID == runID).order(Column("id")).fetchAll(db) }
+    }
+
     public func samples(snapshotID: Int64) throws -> [CowSampleRecord] {
         try read { db in
             try CowSampleRecord.filter(CowSampleRecord.Columns.snapshotID == snapshotID).order(Column("at")).fetchAll(db)

@@ -321,3 +321,52 @@ public struct EventRecord: Codable, Sendable, Hashable, FetchableRecord, Mutable
         self.detail = detail
     }
 }
+
+/// A file-level restore from a kept snapshot (`guard restore`): written as `running`
+/// before the first file is touched, then `done` or `failed` with what it did.
+public struct RestoreRecord: Codable, Sendable, Hashable, FetchableRecord, MutablePersistableRecord {
+    public static let databaseTableName = "restores"
+    public var id: Int64?
+    public var runID: Int64
+    public var startedAt: Double
+    public var finishedAt: Double?
+    public var user: String
+    /// The paths asked for, as a JSON array.
+    public var paths: String
+    public var deleteCreated: Bool
+    /// running, done, failed.
+    public var status: String
+    public var files: Int64
+    public var bytes: Int64
+    public var removed: Int64
+    public var detail: String?
+
+    public enum Columns {
+        public static let runID = Column(CodingKeys.runID)
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, user, paths, status, files, bytes, removed, detail
+        case runID = "run_id"
+        case startedAt = "started_at"
+        case finishedAt = "finished_at"
+        case deleteCreated = "delete_created"
+    }
+
+    public init(runID: Int64, startedAt: Double, user: String, paths: [String], deleteCreated: Bool) {
+        self.runID = runID
+        self.startedAt = startedAt
+        self.user = user
+        self.paths = (try? String(decoding: JSONEncoder().encode(paths), as: UTF8.self)) ?? "[]"
+        self.deleteCreated = deleteCreated
+        self.status = "running"
+        self.files = 0
+        self.bytes = 0
+        self.removed = 0
+    }
+
+    public mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
+
+    /// The paths asked for.
+    public var pathList: [String] { (try? JSONDecoder().decode([String].self, from: Data(paths.utf8))) ?? [paths] }
+}

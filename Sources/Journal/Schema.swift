@@ -102,6 +102,26 @@ enum Schema {
                     CREATE INDEX events_run ON events(run_id);
                     """)
         }
+        migrator.registerMigration("v2 restores") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE restores (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+                        started_at REAL NOT NULL,
+                        finished_at REAL,
+                        user TEXT NOT NULL,
+                        paths TEXT NOT NULL,
+                        delete_created INTEGER NOT NULL,
+                        status TEXT NOT NULL,
+                        files INTEGER NOT NULL DEFAULT 0,
+                        bytes INTEGER NOT NULL DEFAULT 0,
+                        removed INTEGER NOT NULL DEFAULT 0,
+                        detail TEXT
+                    );
+                    CREATE INDEX restores_run ON restores(run_id);
+                    """)
+        }
         return migrator
     }
 }

@@ -1,6 +1,6 @@
 import Foundation
 import GRDB
-import Journal
+@testable import Journal
 import Testing
 
 func temporaryDirectory() throws -> String {
@@ -55,7 +55,7 @@ struct JournalTests {
         }
         #expect(mode == "wal")
         #expect(synchronous == 2, "FULL")
-        #expect(migrations == 1)
+        #expect(migrations == 2, "v1 and v2 restores")
         let reopened = try Journal.open(path: path, check: true)
         #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
     }
@@ -125,4 +125,30 @@ struct JournalTests {
         #expect(newest.first?.id == 100_000)
         #expect(try journal.history(limit: 20, recipe: "a").allSatisfy { $0.recipe == "a" })
     }
+}
+
+@Test("a journal of an older guard (schema v1) is migrated on open and keeps its runs; restores are journaled")
+func migratesOlderJournal() throws {
+    let directory = try temporaryDirectory()
+    let path = "\(directory)/journal.sqlite"
+    do {
+        let queue = try DatabaseQueue(path: path)
+        try Schema.migrator.migrate(queue, upTo: "v1 runs, phases, steps, snapshots, samples, events")
+        try queue.write { db in
+            try db.execute(sql: """
+                INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
+                VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept')
+                """)
+        }
+    }
+    let journal = try Journal.open(path: path, check: true)
+    let run = try #require(try journal.run("0badc0de"))
+    #expect(run.recipeName == "old")
+    var restore = try journal.insert(RestoreRecord(runID: run.id!, startedAt: 2, user: "root", paths: ["/srv/www/db"], deleteCreated: false))
+    restore.status = "done"
+    restore.files = 1
+    restore.bytes = 42
+    try journal.update(restore)
+    let stored = try journal.restores(runID: run.id!)
+    #expect(stored.count == 1 && stored[0].pathList == ["/srv/www/db"] && stored[0].bytes == 42 && stored[0].status == "done")
 }

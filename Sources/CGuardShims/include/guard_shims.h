@@ -73,4 +73,11 @@ const struct dm_versions *guard_dm_versions_next(const struct dm_versions *versi
 /// Reads the kernel log ring (klogctl SYSLOG_ACTION_READ_ALL) into `buffer`; returns bytes or -errno.
 int guard_read_kernel_log(char *buffer, int size);
 
+/// Extended attributes of an open file (sys/xattr.h, which Swift's Glibc module leaves out).
+/// Each returns what the libc call returns (-1 and errno on failure).
+long guard_flistxattr(int fd, char *list, size_t size);
+long guard_fgetxattr(int fd, const char *name, void *value, size_t size);
+int guard_fsetxattr(int fd, const char *name, const void *value, size_t size);
+int guard_fremovexattr(int fd, const char *name);
+
 #endif

@@ -118,9 +118,28 @@ struct RunDetail: Encodable {
     var steps: [Step]
     var snapshots: [Snapshot]
     var events: [Event]
+    var restores: [Restore]
+
+    struct Restore: Encodable {
+        var startedAt: String?
+        var finishedAt: String?
+        var user: String
+        var paths: [String]
+        var delete: Bool
+        var status: String
+        var files: Int64
+        var bytes: Int64
+        var removed: Int64
+        var detail: String?
+        enum CodingKeys: String, CodingKey {
+            case user, paths, delete, status, files, bytes, removed, detail
+            case startedAt = "started_at"
+            case finishedAt = "finished_at"
+        }
+    }
 
     enum CodingKeys: String, CodingKey {
-        case id, token, recipe, host, user, state, phase, decision, outcome, error, phases, steps, snapshots, events
+        case id, token, recipe, host, user, state, phase, decision, outcome, error, phases, steps, snapshots, events, restores
         case recipePath = "recipe_path"
         case recipeSHA256 = "recipe_sha256"
         case exitCode = "exit_code"
@@ -169,6 +188,11 @@ struct RunDetail: Encodable {
                 cowSamples: try journal.samples(snapshotID: record.id!).map { Sample(at: $0.at, usedBytes: $0.usedBytes, sizeBytes: $0.sizeBytes) })
         }
         events = try journal.events(runID: runID).map { Event(at: iso8601($0.at), kind: $0.kind, action: $0.action, detail: $0.detail) }
+        restores = try journal.restores(runID: runID).map {
+            Restore(
+                startedAt: iso8601($0.startedAt), finishedAt: iso8601($0.finishedAt), user: $0.user, paths: $0.pathList, delete: $0.deleteCreated,
+                status: $0.status, files: $0.files, bytes: $0.bytes, removed: $0.removed, detail: $0.detail)
+        }
     }
 }
 
@@ -177,7 +201,7 @@ extension GuardCommand {
         static let configuration = CommandConfiguration(
             abstract: "One run in detail: phases with timings, the suspend window, steps with output, COW use over time.",
             discussion: """
-                --json prints one object with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples) and events (the intents and results guard journaled).
+                --json prints one object with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples), events (the intents and results guard journaled) and restores (each `guard restore`: started_at, finished_at, user, paths, delete, status, files, bytes, removed, detail).
 
                 Examples:
                   guard show 12
@@ -232,6 +256,11 @@ extension GuardCommand {
                     let points = snapshot.cowSamples.count > 12 ? stride(from: 0, to: snapshot.cowSamples.count, by: snapshot.cowSamples.count / 12).map { snapshot.cowSamples[$0] } : snapshot.cowSamples
                     say("    COW use over time: " + points.map { "\(Units.trim($0.at))s \(Units.formatBytes(UInt64($0.usedBytes)))" }.joined(separator: ", "))
                 }
+            }
+            if !detail.restores.isEmpty { say("file restores:") }
+            for restore in detail.restores {
+                say("  \(restore.startedAt ?? "-") by \(restore.user): \(restore.status), \(restore.files) entries, \(Units.formatBytes(UInt64(max(restore.bytes, 0))))" + (restore.removed > 0 ? ", \(restore.removed) removed" : "") + ": " + restore.paths.joined(separator: " "))
+                if let detail = restore.detail { say("    \(detail)") }
             }
             if recipe { say("recipe:\n\(record.recipeText)") }
         }

@@ -1,0 +1,152 @@
+import ArgumentParser
+import Engine
+import Foundation
+import Recipe
+
+extension GuardCommand {
+    struct Diff: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "What changed on a kept run's volumes since its snapshot: created, deleted, modified files.",
+            discussion: """
+                Mounts each snapshot read-only on a private mount point (ro, nodev, nosuid, noexec, no journal replay) and compares it with the mounted volume, under the volume's mount point or the paths given. Metadata is compared first (inode, ctime, mtime, size); contents are read only where it does not settle the question. The service keeps running on the volume.
+
+                Each line: the change (created, deleted, modified, metadata), the path, its size then and now, and what changed in its metadata (mode, owner, xattrs; mtime with --times).
+
+                --json prints an array, one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
+
+                Refused for a run whose snapshots are not kept, and for an Invalid snapshot.
+
+                Examples:
+                  guard diff 12
+                  guard diff 12 /srv/www/db --patch
+                  guard diff --json 12 | jq '.[].changes[] | select(.change == "deleted")'
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        var target: String
+
+        @Argument(help: ArgumentHelp("Paths to compare (absolute, or relative to the volume's mount point); default: the whole volume.", valueName: "path"))
+        var paths: [String] = []
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @Flag(help: "Show a unified diff of each modified small text file (up to 256 KiB).")
+        var patch = false
+
+        @Flag(help: "Report files whose only change is their modification time.")
+        var times = false
+
+        func run() throws {
+            let context = try global.context()
+            let patches = PatchCollector()
+            let collect: ((SnapshotFiles.View, FileChange) -> Void)? = patch && !json ? { patches.collect($0, $1) } : nil
+            let volumes = try SnapshotFiles(context: context).diff(target, paths: paths, times: times, patch: collect)
+            if json {
+                try printJSON(volumes)
+                return
+            }
+            var total = 0
+            for volume in volumes {
+                for change in volume.changes {
+                    total += 1
+                    let path = volume.mountPoint == "/" ? "/" + change.path : volume.mountPoint + "/" + change.path
+                    var sizes = ""
+                    switch change.change {
+                    case .created: sizes = change.sizeAfter.map { Units.formatBytes(UInt64($0)) } ?? ""
+                    case .deleted: sizes = change.sizeBefore.map { Units.formatBytes(UInt64($0)) } ?? ""
+                    case .modified, .metadata:
+                        if change.kind == FileKind.file, let before = change.sizeBefore, let after = change.sizeAfter {
+                            sizes = before == after ? Units.formatBytes(UInt64(after)) : "\(Units.formatBytes(UInt64(before))) -> \(Units.formatBytes(UInt64(after)))"
+                        }
+                    }
+                    let kind = change.kind == FileKind.file ? "" : " (\(change.kind.rawValue))"
+                    let details = change.details.isEmpty ? "" : "  [" + change.details.joined(separator: ", ") + "]"
+                    say("\(change.change.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0)) \(path)\(kind)\(sizes.isEmpty ? "" : "  \(sizes)")\(details)")
+                    if let text = patches.text[path] { say(text) }
+                }
+            }
+            if total == 0 { context.reporter.note("no differences") }
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy files back from a kept run's snapshot, leaving everything else as it is.",
+            discussion: """
+                For when one file or directory is wrong and the rest of the night's writes must stay (a whole-volume rollback is `guard rollback`). Each path is copied back from the snapshot, mounted read-only on a private mount point, with its mode, owner, times, extended attributes and ACLs; symlinks stay symlinks (never followed), hard links within the restored set stay linked, sparse files stay sparse. Every file is written beside its target, fsynced and renamed over it: a reader sees the old file or the restored one, never a mix. Missing parent directories are recreated from the snapshot.
+
+                Files created after the snapshot under a restored directory are kept unless --delete is given. Paths outside the volume, `..` and symlinks in a path are refused before anything is touched. Each restore is journaled (who, when, which paths, how many files and bytes) and shown by `guard show RUN`.
+
+                Refused for a run whose snapshots are not kept, and for an Invalid snapshot.
+
+                Examples:
+                  guard restore 12 /srv/www/db/site.sqlite
+                  guard restore --dry-run 12 /srv/www/uploads
+                  guard restore --delete 12 /srv/www/cache
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        var target: String
+
+        @Argument(help: ArgumentHelp("Paths to restore (absolute, or relative to the volume's mount point).", valueName: "path"))
+        var paths: [String]
+
+        @Flag(name: .customLong("dry-run"), help: "Say what would be restored; touch nothing.")
+        var dryRun = false
+
+        @Flag(name: .customLong("delete"), help: "Also remove what was created after the snapshot under the restored paths.")
+        var deleteCreated = false
+
+        @Flag(help: "Print the report as JSON (actions, kept, files, bytes, removed).")
+        var json = false
+
+        func run() throws {
+            let context = try global.context()
+            let report = try SnapshotFiles(context: context).restore(target, paths: paths, deleteCreated: deleteCreated, dryRun: dryRun)
+            if json {
+                try printJSON(report)
+                return
+            }
+            for action in report.actions {
+                if dryRun { say("would " + action) } else if global.verbose || !action.hasPrefix("restore ") { say(action) }
+            }
+            let summary = "\(report.files) entries, \(Units.formatBytes(UInt64(max(report.bytes, 0))))" + (report.removed > 0 ? ", \(report.removed) removed" : "")
+            context.reporter.note(dryRun ? "dry run: would restore \(summary); nothing was touched" : "restored \(summary) from run \(target)'s snapshot")
+            if !report.kept.isEmpty && !dryRun {
+                context.reporter.note("kept \(report.kept.count) path(s) created after the snapshot (--delete removes them)")
+            }
+        }
+    }
+}
+
+/// Unified diffs of modified small text files, made with diff(1) while the snapshot is mounted.
+final class PatchCollector: @unchecked Sendable {
+    // @unchecked: filled synchronously on the command's thread, read after.
+    var text: [String: String] = [:]
+
+    func collect(_ view: SnapshotFiles.View, _ change: FileChange) {
+        let before = view.snapshotRoot + "/" + change.path
+        let after = view.mountPoint + "/" + change.path
+        let shown = view.mountPoint == "/" ? "/" + change.path : view.mountPoint + "/" + change.path
+        guard let a = FileManager.default.contents(atPath: before), let b = FileManager.default.contents(atPath: after) else { return }
+        guard a.count <= 256 << 10, b.count <= 256 << 10, !a.contains(0), !b.contains(0) else {
+            text[shown] = "    (not shown: binary or larger than 256 KiB)"
+            return
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/diff")
+        process.arguments = ["-u", "--label", "then:" + shown, "--label", "now:" + shown, before, after]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return }
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        text[shown] = String(decoding: output, as: UTF8.self).trimmingCharacters(in: .newlines)
+    }
+}
