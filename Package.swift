@@ -73,7 +73,7 @@ let package = Package(
         .target(
             name: "Engine",
             dependencies: [
-                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "CGuardShims",
+                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice",
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

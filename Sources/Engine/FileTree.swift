@@ -1,4 +1,4 @@
-import CGuardShims
+import BlockDevice
 import Foundation
 
 #if canImport(Glibc)
@@ -148,23 +148,7 @@ enum FS {
     }
 
     /// Extended attributes (ACLs are among them: system.posix_acl_*) of an open file.
-    static func xattrs(_ fd: Int32) -> [String: [UInt8]] {
-        let size = guard_flistxattr(fd, nil, 0)
-        guard size > 0 else { return [:] }
-        var list = [CChar](repeating: 0, count: size)
-        let got = guard_flistxattr(fd, &list, size)
-        guard got > 0 else { return [:] }
-        var result: [String: [UInt8]] = [:]
-        for name in list[0..<got].split(separator: 0).map({ String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }) {
-            let length = guard_fgetxattr(fd, name, nil, 0)
-            guard length >= 0 else { continue }
-            var value = [UInt8](repeating: 0, count: max(length, 1))
-            let read = guard_fgetxattr(fd, name, &value, length)
-            guard read >= 0 else { continue }
-            result[name] = Array(value.prefix(read))
-        }
-        return result
-    }
+    static func xattrs(_ fd: Int32) -> [String: [UInt8]] { ExtendedAttributes.all(fd) }
 
     /// Opens an entry to read its attributes (O_PATH does not allow xattr calls, so files and
     /// directories are opened read-only; others have no attributes guard copies).
@@ -578,9 +562,9 @@ public struct TreeRestore {
         guard fchmod(output, source.permissions) == 0 else { throw FileTreeError(path, call: "chmod") }
         let wanted = FS.xattrs(input)
         let present = FS.xattrs(output)
-        for name in present.keys where wanted[name] == nil { _ = guard_fremovexattr(output, name) }
+        for name in present.keys where wanted[name] == nil { ExtendedAttributes.remove(output, name) }
         for (name, value) in wanted.sorted(by: { $0.key < $1.key }) {
-            if guard_fsetxattr(output, name, value, value.count) != 0 {
+            if !ExtendedAttributes.set(output, name, value) {
                 if name.hasPrefix("security.") && (errno == EPERM || errno == ENOTSUP) { continue }
                 throw FileTreeError(path, call: "setxattr \(name)")
             }
