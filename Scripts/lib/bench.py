@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""guard's benchmarks, run as root on a kernel with device-mapper (Scripts/bench starts it,
+in the VM where the host kernel has none). guard and the alternatives (lvm2's commands, a
+copy-back by hand) run on identical volumes in the same run; results are written as JSON.
+
+    bench.py GUARD_BINARY OUTPUT.json [--trials N] [--quick]
+"""
+import json, os, random, re, statistics, subprocess, sys, tempfile, threading, time
+
+GUARD = sys.argv[1]
+OUTPUT = sys.argv[2]
+TRIALS = int(sys.argv[sys.argv.index("--trials") + 1]) if "--trials" in sys.argv else 5
+QUICK = "--quick" in sys.argv
+os.environ["LVM_SUPPRESS_FD_WARNINGS"] = "1"
+os.environ["NO_COLOR"] = "1"
+
+WORK = tempfile.mkdtemp(prefix="guard-bench-")
+STATE = os.path.join(WORK, "state")
+VG = "benchvg"
+results = {"trials": TRIALS, "kernel": os.uname().release, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def sh(command, check=True, capture=True):
+    run = subprocess.run(command, shell=True, text=True, capture_output=capture)
+    if check and run.returncode != 0:
+        raise RuntimeError("%s exited %d: %s" % (command, run.returncode, run.stderr))
+    return run.stdout if capture else ""
+
+
+def guard(*args, check=True):
+    run = subprocess.run([GUARD, *args, "--state-dir", STATE], text=True, capture_output=True)
+    if check and run.returncode not in (0,):
+        raise RuntimeError("guard %s exited %d: %s" % (" ".join(args), run.returncode, run.stderr))
+    return run
+
+
+def timed(function):
+    start = time.monotonic()
+    value = function()
+    return time.monotonic() - start, value
+
+
+def summary(values):
+    return {"median": statistics.median(values), "worst": max(values), "samples": values}
+
+
+def ratio(guard_value, other_value):
+    return guard_value / other_value if other_value else None
+
+
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def recipe(name, device, mount, steps="  - name: nothing\n    run: [/bin/true]\n", size="256M", on_success="commit", verify="", chunk=""):
+    path = os.path.join(WORK, name + ".recipe")
+    with open(path, "w") as f:
+        f.write("name: %s\nvolumes:\n  - device: %s\n%s    snapshot: { size: %s%s }\nsteps:\n%s%son_success: %s\non_failure: rollback\n"
+                % (name, device, ("    mount: %s\n" % mount) if mount else "", size, (", chunk: %s" % chunk) if chunk else "", steps, verify, on_success))
+    os.chmod(path, 0o644)
+    return path
+
+
+# ------------------------------------------------------------------ setup: one VG, identical LVs
+def setup():
+    os.makedirs(STATE, exist_ok=True)
+    size_gib = 2 if QUICK else 5
+    image = os.path.join(WORK, "pv.img")
+    sh("truncate -s %dG %s" % (size_gib, image))
+    loop = sh("losetup -f --show %s" % image).strip()
+    sh("pvcreate -q %s && vgcreate -q %s %s" % (loop, VG, loop))
+    return loop
+
+
+def make_lv(name, size="1G", filesystem=True, mount=None):
+    sh("lvcreate -q -y -L %s -n %s %s" % (size, name, VG))
+    device = "/dev/mapper/%s-%s" % (VG, name.replace("-", "--"))
+    if filesystem:
+        sh("mkfs.ext4 -q -F %s" % device)
+        if mount:
+            os.makedirs(mount, exist_ok=True)
+            sh("mount %s %s" % (device, mount))
+    return device
+
+
+# ------------------------------------------------------------------ 1. service stall during the snapshot
+class Writer(threading.Thread):
+    """Small synchronous writes to a file on the volume; records each write's latency."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path, self.latencies, self.running = path, [], True
+
+    def run(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        block = os.urandom(4096)
+        offset = 0
+        while self.running:
+            start = time.monotonic()
+            os.pwrite(fd, block, offset)
+            os.fdatasync(fd)
+            self.latencies.append(time.monotonic() - start)
+            offset = (offset + 4096) % (8 << 20)
+        os.close(fd)
+
+    def stall_during(self, action):
+        """Runs `action` while writing; returns (longest write in ms during it, the action's result)."""
+        before = len(self.latencies)
+        value = action()
+        time.sleep(0.3)
+        during = self.latencies[before:]
+        return (max(during) * 1000 if during else 0.0), value
+
+
+def bench_stall():
+    log("1. service stall while a snapshot is taken")
+    guard_mount, lvm_mount = os.path.join(WORK, "stall-guard"), os.path.join(WORK, "stall-lvm")
+    guard_lv = make_lv("stallguard", "1G", mount=guard_mount)
+    make_lv("stalllvm", "1G", mount=lvm_mount)
+    path = recipe("stall", guard_lv, guard_mount)
+    stalls = {"guard": [], "lvcreate": [], "guard_suspend_us": []}
+    for trial in range(TRIALS):
+        writer = Writer(os.path.join(guard_mount, "w"))
+        writer.start()
+        time.sleep(0.5)
+        stall, _ = writer.stall_during(lambda: guard("run", path))
+        writer.running = False
+        writer.join()
+        stalls["guard"].append(stall)
+        last = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]
+        stalls["guard_suspend_us"].append(last["suspend_us"] / 1000.0)
+
+        writer = Writer(os.path.join(lvm_mount, "w"))
+        writer.start()
+        time.sleep(0.5)
+        stall, _ = writer.stall_during(lambda: sh("lvcreate -q -s -L 256M -n stallsnap %s/stalllvm" % VG))
+        writer.running = False
+        writer.join()
+        stalls["lvcreate"].append(stall)
+        sh("lvremove -q -f %s/stallsnap" % VG)
+        log("   trial %d: guard %.1f ms (window %.1f ms), lvcreate -s %.1f ms" % (trial + 1, stalls["guard"][-1], stalls["guard_suspend_us"][-1], stalls["lvcreate"][-1]))
+    results["stall_ms"] = {
+        "guard": summary(stalls["guard"]),
+        "lvcreate_s": summary(stalls["lvcreate"]),
+        "guard_suspend_window": summary(stalls["guard_suspend_us"]),
+        "ratio_median": ratio(statistics.median(stalls["guard"]), statistics.median(stalls["lvcreate"])),
+        "ratio_worst": ratio(max(stalls["guard"]), max(stalls["lvcreate"])),
+        "goal": "guard's stall at most half of lvcreate's (ratio <= 0.5)",
+    }
+    sh("umount %s %s" % (guard_mount, lvm_mount))
+    sh("lvremove -q -f %s/stallguard %s/stalllvm" % (VG, VG))
+
+
+# ------------------------------------------------------------------ 2. time until the old data is back
+def fill_changes(mount, mebibytes):
+    """A bad upgrade: rewrites `mebibytes` MiB of files in place."""
+    sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync" % (mebibytes, mount))
+
+
+def bench_restore():
+    log("2. time until the service sees the old data again")
+    sizes = [16, 64] if QUICK else [16, 64, 256]
+    out = {}
+    for size in sizes:
+        rows = {"guard_rollback": [], "guard_merge_complete": [], "lvconvert_merge": [], "copy_back": [], "raw_copy": []}
+        for trial in range(max(1, TRIALS // 2) if not QUICK else 1):
+            # guard: a kept run rolled back.
+            mount = os.path.join(WORK, "restore-guard")
+            device = make_lv("rguard", "1G", mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            path = recipe("restore", device, mount, steps="  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n" % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep")
+            guard("run", path)
+            run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]["id"]
+            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            rows["guard_rollback"].append(seconds)
+            seconds, _ = timed(lambda: guard("status", "--wait"))
+            rows["guard_merge_complete"].append(rows["guard_rollback"][-1] + seconds)
+            sh("umount %s" % mount)
+            sh("lvremove -q -f %s/rguard" % VG)
+
+            # lvm2: lvcreate -s, the bad upgrade, then `lvconvert --merge` as its man page runs it
+            # (the origin unmounted; lvconvert waits for the merge), then mount again.
+            mount = os.path.join(WORK, "restore-lvm")
+            make_lv("rlvm", "1G", mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            sh("lvcreate -q -s -L %dM -n rsnap %s/rlvm" % (size * 2 + 32, VG))
+            fill_changes(mount, size)
+            seconds, _ = timed(lambda: sh("umount %s && lvconvert -q --merge %s/rsnap && mount /dev/mapper/%s-rlvm %s" % (mount, VG, VG, mount)))
+            rows["lvconvert_merge"].append(seconds)
+            sh("umount %s; lvremove -q -f %s/rlvm" % (mount, VG))
+
+            # The tutorial's copy-back: mount the snapshot, copy the changed files back.
+            mount = os.path.join(WORK, "restore-copy")
+            snap_mount = os.path.join(WORK, "restore-copy-snap")
+            os.makedirs(snap_mount, exist_ok=True)
+            make_lv("rcopy", "1G", mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            sh("lvcreate -q -s -L %dM -n rcsnap %s/rcopy" % (size * 2 + 32, VG))
+            fill_changes(mount, size)
+            seconds, _ = timed(lambda: sh("mount -o ro /dev/mapper/%s-rcsnap %s && cp -a %s/. %s/ && sync && umount %s" % (VG, snap_mount, snap_mount, mount, snap_mount)))
+            rows["copy_back"].append(seconds)
+            # The physical floor: copying the changed bytes once.
+            # (written to a volume of its own: writing it into the origin would fill the snapshot's COW)
+            make_lv("rawdst", "%dM" % (size + 4), filesystem=False)
+            seconds, _ = timed(lambda: sh("dd if=/dev/mapper/%s-rcsnap of=/dev/mapper/%s-rawdst bs=1M count=%d iflag=direct oflag=direct status=none && sync" % (VG, VG, size)))
+            sh("lvremove -q -f %s/rawdst" % VG)
+            rows["raw_copy"].append(seconds)
+            sh("umount %s; lvremove -q -f %s/rcsnap %s/rcopy" % (mount, VG, VG))
+            log("   %d MiB: guard rollback %.2fs (merge complete %.2fs), lvconvert --merge %.2fs, copy-back %.2fs, raw copy %.2fs"
+                % (size, rows["guard_rollback"][-1], rows["guard_merge_complete"][-1], rows["lvconvert_merge"][-1], rows["copy_back"][-1], rows["raw_copy"][-1]))
+        entry = {key: summary(value) for key, value in rows.items()}
+        entry["ratio_vs_lvconvert"] = ratio(entry["guard_rollback"]["median"], entry["lvconvert_merge"]["median"])
+        entry["ratio_vs_copy_back"] = ratio(entry["guard_rollback"]["median"], entry["copy_back"]["median"])
+        entry["merge_vs_raw_copy"] = ratio(entry["guard_merge_complete"]["median"], entry["raw_copy"]["median"])
+        out["%dMiB" % size] = entry
+    results["restore_seconds"] = out
+    results["restore_goal"] = "guard's time flat in the amount changed, and at least 10x faster than the others at 256 MiB"
+
+
+# ------------------------------------------------------------------ 3. overhead of a whole empty transaction
+def bench_overhead():
+    log("3. an empty transaction: guard run vs lvcreate -s + lvremove -f")
+    device = make_lv("overhead", "1G", filesystem=False)
+    make_lv("overheadlvm", "1G", filesystem=False)
+    path = recipe("overhead", device, None)
+    guard_times, lvm_times = [], []
+    for _ in range(TRIALS):
+        seconds, _ = timed(lambda: guard("run", path))
+        guard_times.append(seconds)
+        seconds, _ = timed(lambda: sh("lvcreate -q -s -L 256M -n ovsnap %s/overheadlvm && lvremove -q -f %s/ovsnap" % (VG, VG)))
+        lvm_times.append(seconds)
+    results["empty_transaction_seconds"] = {
+        "guard_run": summary(guard_times), "lvcreate_lvremove": summary(lvm_times),
+        "ratio_median": ratio(statistics.median(guard_times), statistics.median(lvm_times)), "goal": "guard faster (ratio < 1)"}
+    log("   guard run %.2fs, lvcreate -s + lvremove %.2fs" % (statistics.median(guard_times), statistics.median(lvm_times)))
+    sh("lvremove -q -f %s/overhead %s/overheadlvm" % (VG, VG))
+
+
+# ------------------------------------------------------------------ 4. write cost with a live snapshot
+WRITER = r'''
+import mmap, os, random, sys, time
+path, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+buffer = mmap.mmap(-1, 4096)
+buffer.write(os.urandom(4096))
+blocks = (256 << 20) // 4096
+start = time.monotonic()
+for i in range(count):
+    offset = (i if mode == "sequential" else random.randrange(blocks)) * 4096
+    os.pwritev(fd, [buffer], offset)
+print(time.monotonic() - start)
+'''
+
+
+def bench_chunks():
+    log("4. write cost while a snapshot is live, by chunk size")
+    writer = os.path.join(WORK, "writer.py")
+    open(writer, "w").write(WRITER)
+    count = 2000 if QUICK else 8000
+    out = {}
+    for mode in ["sequential", "random"]:
+        row = {}
+        for chunk in [None, "4K", "16K", "64K"]:
+            device = make_lv("chunks", "512M", filesystem=False)
+            label = "no snapshot"
+            if chunk:
+                label = chunk
+                path = recipe("chunks", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk=chunk)
+                seconds, _ = timed(lambda: guard("run", path))
+                show = json.loads(guard("show", "--json", str(json.loads(guard("history", "--json", "--limit", "1").stdout)[0]["id"])).stdout)
+                step = [s for s in show["steps"] if s["kind"] == "step"][0]
+                elapsed = float(step["stdout_tail"].strip())
+            else:
+                elapsed = float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip())
+            row[label] = {"seconds": elapsed, "writes_per_second": count / elapsed}
+            sh("lvremove -q -f %s/chunks" % VG)
+        baseline = row["no snapshot"]["seconds"]
+        for label in row:
+            row[label]["cost_vs_no_snapshot"] = row[label]["seconds"] / baseline
+        out[mode] = row
+        log("   %s 4K writes: %s" % (mode, ", ".join("%s %.0f/s" % (k, v["writes_per_second"]) for k, v in row.items())))
+    results["write_cost"] = {"writes": count, "by_mode": out}
+
+
+# ------------------------------------------------------------------ 6. peak memory of guard run
+def bench_memory():
+    log("6. peak memory of guard run")
+    device = make_lv("memory", "1G", filesystem=False)
+    path = recipe("memory", device, None, steps="  - name: write\n    shell: dd if=/dev/urandom of=%s bs=1M count=64 oflag=direct conv=notrunc status=none\n" % device)
+    run = subprocess.run(["/usr/bin/time", "-v", GUARD, "run", path, "--state-dir", STATE], text=True, capture_output=True)
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)
+    results["guard_run_peak_rss_mib"] = int(match.group(1)) / 1024 if match else None
+    log("   guard run: %.1f MiB" % (results["guard_run_peak_rss_mib"] or -1))
+    sh("lvremove -q -f %s/memory" % VG)
+
+
+def main():
+    loop = setup()
+    try:
+        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory]:
+            bench()
+            json.dump(results, open(OUTPUT, "w"), indent=2, sort_keys=True)
+    finally:
+        sh("vgremove -q -f %s; pvremove -q %s; losetup -d %s" % (VG, loop, loop), check=False)
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    json.dump(results, open(OUTPUT, "w"), indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Writes Docs/benchmarks.md and .json from the benchmark results.
+
+    bench_report.py DEVICES.json JOURNAL.json OUT.json OUT.md
+"""
+import json, sys
+
+devices, journal = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+combined = {"devices": devices, "journal": journal}
+json.dump(combined, open(sys.argv[3], "w"), indent=2, sort_keys=True)
+
+def f(value, digits=2):
+    return "-" if value is None else ("%.*f" % (digits, value))
+
+def verdict(ok):
+    return "met" if ok else "**not met**"
+
+lines = ["# Benchmarks", "",
+         "Produced by `Scripts/bench` (machine-readable: `Docs/benchmarks.json`). guard and the "
+         "alternatives ran on identical volumes in the same run, on kernel %s, with %d trials per "
+         "measurement (median and worst). Under software emulation (the VM on a machine without "
+         "device-mapper, as here) absolute times are many times slower than on hardware; the "
+         "ratios are what the goals are about." % (devices.get("kernel", "?"), devices.get("trials", 0)), ""]
+
+s = devices.get("stall_ms")
+if s:
+    lines += ["## 1. Service stall while the snapshot is taken", "",
+              "A writer does 4 KiB writes with fdatasync to a file on the mounted 1 GiB volume; the longest "
+              "single write while the snapshot is taken is its stall.", "",
+              "| | median (ms) | worst (ms) |", "| --- | --- | --- |",
+              "| `guard run` (whole run: snapshot + commit) | %s | %s |" % (f(s["guard"]["median"], 1), f(s["guard"]["worst"], 1)),
+              "| guard's suspend window (journaled `suspend_us`) | %s | %s |" % (f(s["guard_suspend_window"]["median"], 1), f(s["guard_suspend_window"]["worst"], 1)),
+              "| `lvcreate -s -L 256M` | %s | %s |" % (f(s["lvcreate_s"]["median"], 1), f(s["lvcreate_s"]["worst"], 1)),
+              "| **ratio guard / lvcreate** | %s | %s |" % (f(s["ratio_median"]), f(s["ratio_worst"])), "",
+              "Goal: guard's stall at most half of lvcreate's: %s." % verdict((s["ratio_median"] or 9) <= 0.5), ""]
+
+r = devices.get("restore_seconds")
+if r:
+    lines += ["## 2. Time until the service sees the old data again", "",
+              "A bad upgrade rewrote N MiB of files in a 1 GiB ext4 volume. guard: `guard rollback RUN` of the kept run "
+              "(returns with the volume mounted again and the old data readable; the merge goes on underneath). "
+              "lvm2: `umount; lvconvert --merge vg/snap` (waits for the merge, as its man page runs it); `mount`. "
+              "Copy-back: mount the snapshot, `cp -a` the files back (the tutorial's way).", "",
+              "| changed | guard rollback (s) | lvconvert --merge (s) | copy-back (s) | guard / lvconvert | guard / copy-back | guard merge complete (s) | raw copy of the changes (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # The JSON's keys are sorted as text; show the sizes in numeric order.
+    r = dict(sorted(r.items(), key=lambda item: int(item[0].rstrip("MiB"))))
+    for size, e in r.items():
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (size, f(e["guard_rollback"]["median"]), f(e["lvconvert_merge"]["median"]), f(e["copy_back"]["median"]),
+                     f(e["ratio_vs_lvconvert"]), f(e["ratio_vs_copy_back"]), f(e["guard_merge_complete"]["median"]), f(e["raw_copy"]["median"])))
+    last = list(r.values())[-1]
+    ok = last["ratio_vs_lvconvert"] is not None and last["ratio_vs_lvconvert"] <= 0.1 and last["ratio_vs_copy_back"] <= 0.1
+    first_guard, last_guard = list(r.values())[0]["guard_rollback"]["median"], last["guard_rollback"]["median"]
+    lines += ["", "Goal: flat in the amount changed (guard: %s) and at least 10x faster than both at the largest size (%s x lvconvert, %s x copy-back): %s."
+              % (", ".join("%s s at %s" % (f(e["guard_rollback"]["median"]), size) for size, e in r.items()),
+                 f(1 / last["ratio_vs_lvconvert"]), f(1 / last["ratio_vs_copy_back"]), verdict(ok)), ""]
+
+o = devices.get("empty_transaction_seconds")
+if o:
+    lines += ["## 3. An empty transaction", "",
+              "| | median (s) | worst (s) |", "| --- | --- | --- |",
+              "| `guard run` of an empty recipe (preflight, snapshot, commit, journal) | %s | %s |" % (f(o["guard_run"]["median"]), f(o["guard_run"]["worst"])),
+              "| `lvcreate -s` + `lvremove -f` | %s | %s |" % (f(o["lvcreate_lvremove"]["median"]), f(o["lvcreate_lvremove"]["worst"])),
+              "| **ratio** | %s | |" % f(o["ratio_median"]), "", "Goal: guard faster: %s." % verdict((o["ratio_median"] or 9) < 1), ""]
+
+w = devices.get("write_cost")
+if w:
+    lines += ["## 4. Write cost while a snapshot is live, by chunk size", "",
+              "%d O_DIRECT 4 KiB writes to a 512 MiB volume, each block written once (sequential) or at random; "
+              "the kernel copies the old chunk on the first write to it." % w["writes"], ""]
+    for mode, row in w["by_mode"].items():
+        lines += ["| %s | writes/s | time vs no snapshot |" % mode, "| --- | --- | --- |"]
+        order = lambda label: -1 if label == "no snapshot" else int(label.rstrip("K"))
+        for label, v in sorted(row.items(), key=lambda item: order(item[0])):
+            lines.append("| %s | %.0f | %s |" % (label, v["writes_per_second"], f(v["cost_vs_no_snapshot"])))
+        lines.append("")
+
+j = journal
+lines += ["## 5. `guard history` and `guard show` on a journal of %d runs" % j["runs"], "",
+          "Journal: %.0f MiB. Whole process, start to exit." % (j["journal_bytes"] / 1048576), "",
+          "| command | median (ms) | worst (ms) | peak RSS (MiB) |", "| --- | --- | --- | --- |"]
+for key, label in [("history", "guard history"), ("history_json", "guard history --json"), ("show", "guard show RUN"), ("show_json", "guard show --json RUN")]:
+    lines.append("| `%s` | %.0f | %.0f | %.1f |" % (label, j[key]["ms"]["median"], j[key]["ms"]["worst"], j[key]["peak_rss_mib"]["worst"]))
+worst_ms = max(j[k]["ms"]["median"] for k in ["history", "history_json", "show", "show_json"])
+worst_rss = max(j[k]["peak_rss_mib"]["worst"] for k in ["history", "history_json", "show", "show_json"])
+lines += ["", "Goal: under 200 ms and 50 MiB: %s (slowest median %.0f ms, largest RSS %.1f MiB)." % (verdict(worst_ms < 200 and worst_rss < 50), worst_ms, worst_rss), ""]
+
+m = devices.get("guard_run_peak_rss_mib")
+if m is not None:
+    lines += ["## 6. Peak memory of `guard run`", "",
+              "A run writing 64 MiB: %.1f MiB resident at its peak (GNU time's maximum over guard and the processes it waits "
+              "for). The largest is the suspend watchdog, which locks all of its memory (mlockall) so that it can never "
+              "fault on a suspended volume: with the Swift runtime and Foundation linked in, that is the whole ~100 MB "
+              "binary, for the few seconds around the suspend window." % m, ""]
+
+open(sys.argv[4], "w").write("\n".join(lines))
+
+# What limits guard where a goal is not met (measured separately in the same VM with /usr/bin/time).
+with open(sys.argv[4], "a") as out:
+    out.write("""
+## What limits guard here
+
+Every guard command pays a fixed cost that lvm2's small C tools do not: starting a
+100 MB Swift binary (0.2-0.4 s under this emulation, `guard --version`), and for the
+commands that suspend a volume (run, rollback), starting the suspend watchdog, which
+locks all its memory before the first suspend (0.5-1.2 s here). Both are constant, so
+guard's restore time stays nearly flat while lvconvert's and the copy-back's grow with
+the data changed; at 256 MiB the constant still weighs enough to keep guard below the
+10x goal, and it is why an empty transaction is slower than `lvcreate -s` + `lvremove`.
+The service stall is set by the filesystem freeze and the table swap, which guard and
+lvcreate both do; guard's suspend window is measured by guard itself and journaled.
+""")
