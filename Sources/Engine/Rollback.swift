@@ -24,6 +24,8 @@ struct RollbackProcedure {
     ///   services are started again and the snapshots stay kept).
     func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool) async throws {
         let runID = run.id!
+        // The watchdog locks its memory while the hooks run and the volumes are unmounted.
+        (engine.watchdog as? ProcessWatchdog)?.start()
         SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         // Refuse before stopping anything when a snapshot can no longer be merged.
         for (record, stack) in zip(records, stacks) {

@@ -190,6 +190,8 @@ struct RunBody {
         let engine: SnapshotEngine
         do {
             engine = try context.engine()
+            // The watchdog locks its memory while the COW storage is prepared.
+            (engine.watchdog as? ProcessWatchdog)?.start()
         } catch {
             if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
             await runResumeHooks(runner: runner)

@@ -42,8 +42,17 @@ public final class ProcessWatchdog: WindowWatchdog {
 
     deinit { stop() }
 
-    private func startIfNeeded() throws {
+    /// Starts the watchdog process without waiting for it: it locks its memory (seconds on a
+    /// slow machine) while guard prepares, and `arm` then finds it ready.
+    public func start() {
+        try? launch()
+    }
+
+    private var ready = false
+
+    private func launch() throws {
         if let process, process.isRunning { return }
+        ready = false
         let input = Pipe()
         let output = Pipe()
         let process = Process()
@@ -61,12 +70,18 @@ public final class ProcessWatchdog: WindowWatchdog {
         fromChild = output.fileHandleForReading.fileDescriptor
         // Keep the descriptors: the Pipe objects close them when released.
         pipes = (input, output)
+    }
+
+    private func startIfNeeded() throws {
+        try launch()
+        if ready { return }
         // Locking a fresh process's memory reads all of guard and its libraries: seconds on a
         // slow or busy machine. Nothing is suspended yet, so waiting is harmless.
         guard receive(timeoutMilliseconds: 60_000) == "ready" else {
             stop()
             throw GuardFailure(.attention, "the suspend watchdog \(executable) did not start within 60 s; nothing was suspended")
         }
+        ready = true
     }
 
     private var pipes: (Pipe, Pipe)?
@@ -78,6 +93,7 @@ public final class ProcessWatchdog: WindowWatchdog {
         }
         process = nil
         pipes = nil
+        ready = false
     }
 
     private func send(_ line: String) throws {
