@@ -66,50 +66,40 @@ public struct SnapshotFiles {
         return try withViews(reference) { run, views in
             let wanted = try assign(paths, to: views)
             let journal = try context.journal()
-            // A dry run first: every path is checked (no `..`, no symlink on the way, nothing
-            // outside the volume) before the first file is touched.
-            var preview = RestoreReport()
-            do {
-                for (index, view) in views.enumerated() where !wanted[index].isEmpty {
-                    let checker = TreeRestore(then: view.snapshotRoot, now: view.mountPoint, deleteCreated: deleteCreated, dryRun: true, tag: run.token)
-                    try checker.restore(wanted[index], into: &preview)
-                }
-            } catch {
-                throw GuardFailure(.usage, "\(error); nothing was touched")
-            }
-            if dryRun { return preview }
-            var record: RestoreRecord?
-            if !dryRun {
-                record = try journal.insert(
-                    RestoreRecord(runID: run.id!, startedAt: context.now().timeIntervalSince1970, user: context.userName, paths: paths, deleteCreated: deleteCreated))
-            }
-            var report = RestoreReport()
-            do {
+            func restoreAll(dryRun: Bool, into report: inout RestoreReport) throws {
                 for (index, view) in views.enumerated() where !wanted[index].isEmpty {
                     let restorer = TreeRestore(then: view.snapshotRoot, now: view.mountPoint, deleteCreated: deleteCreated, dryRun: dryRun, tag: run.token)
                     try restorer.restore(wanted[index], into: &report)
                 }
-            } catch {
-                if var record {
-                    record.status = "failed"
-                    record.finishedAt = context.now().timeIntervalSince1970
-                    record.files = report.files
-                    record.bytes = report.bytes
-                    record.removed = report.removed
-                    record.detail = "\(error)"
-                    try? journal.update(record)
-                }
-                throw GuardFailure(.attention, "restore from run \(run.id!) stopped at \(error); what was restored before it is in place (every file whole), the rest is unchanged; see `guard show \(run.id!)`")
             }
-            if var record {
-                record.status = "done"
+            // A dry run first: every path is checked (no `..`, no symlink on the way, nothing
+            // outside the volume) before the first file is touched.
+            var preview = RestoreReport()
+            do {
+                try restoreAll(dryRun: true, into: &preview)
+            } catch {
+                throw GuardFailure(.usage, "\(error); nothing was touched")
+            }
+            if dryRun { return preview }
+            var record = try journal.insert(
+                RestoreRecord(runID: run.id!, startedAt: context.now().timeIntervalSince1970, user: context.userName, paths: paths, deleteCreated: deleteCreated))
+            var report = RestoreReport()
+            func close(_ status: String, _ detail: String?) throws {
+                record.status = status
                 record.finishedAt = context.now().timeIntervalSince1970
                 record.files = report.files
                 record.bytes = report.bytes
                 record.removed = report.removed
-                record.detail = report.kept.isEmpty ? nil : "kept (created after the snapshot): " + report.kept.joined(separator: ", ")
+                record.detail = detail
                 try journal.update(record)
             }
+            do {
+                try restoreAll(dryRun: false, into: &report)
+            } catch {
+                try? close("failed", "\(error)")
+                throw GuardFailure(.attention, "restore from run \(run.id!) stopped at \(error); what was restored before it is in place (every file whole), the rest is unchanged; see `guard show \(run.id!)`")
+            }
+            try close("done", report.kept.isEmpty ? nil : "kept (created after the snapshot): " + report.kept.joined(separator: ", "))
             return report
         }
     }
@@ -124,26 +114,21 @@ public struct SnapshotFiles {
             if path.split(separator: "/").contains("..") {
                 throw GuardFailure(.usage, "\(path): `..` is not allowed; give the path inside the volume; nothing was touched")
             }
+            var index = 0
             if path.hasPrefix("/") {
                 let candidates = views.enumerated().filter { Mounts.isPath(Mounts.normalize(path), under: $0.element.mountPoint) }
-                guard let (index, view) = candidates.max(by: { $0.element.mountPoint.count < $1.element.mountPoint.count }) else {
+                guard let best = candidates.max(by: { $0.element.mountPoint.count < $1.element.mountPoint.count }) else {
                     let where_ = views.map(\.mountPoint).joined(separator: ", ")
                     throw GuardFailure(.usage, "\(path) is not on a volume of this run (mounted at \(where_)); nothing was touched")
                 }
-                do {
-                    result[index].append(try VolumePath.relative(path, root: view.mountPoint))
-                } catch {
-                    throw GuardFailure(.usage, "\(error); nothing was touched")
-                }
-            } else {
-                guard views.count == 1 else {
-                    throw GuardFailure(.usage, "\(path): the run has \(views.count) volumes; give an absolute path (under \(views.map(\.mountPoint).joined(separator: " or ")))")
-                }
-                do {
-                    result[0].append(try VolumePath.relative(path, root: views[0].mountPoint))
-                } catch {
-                    throw GuardFailure(.usage, "\(error); nothing was touched")
-                }
+                index = best.offset
+            } else if views.count != 1 {
+                throw GuardFailure(.usage, "\(path): the run has \(views.count) volumes; give an absolute path (under \(views.map(\.mountPoint).joined(separator: " or ")))")
+            }
+            do {
+                result[index].append(try VolumePath.relative(path, root: views[index].mountPoint))
+            } catch {
+                throw GuardFailure(.usage, "\(error); nothing was touched")
             }
         }
         return result
