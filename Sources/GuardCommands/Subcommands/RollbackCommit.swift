@@ -36,7 +36,7 @@ extension GuardCommand {
         static let configuration = CommandConfiguration(
             abstract: "Make a kept run final: drop its snapshots.",
             discussion: """
-                The volumes keep their current data; the snapshot devices and COW files are removed. Kept runs past their keep duration are committed by `guard run`, `guard status` and the guard-expire timer.
+                The volumes keep their current data; the snapshot devices and COW files are removed. Kept runs past their keep duration are committed by `guard run`, `guard status` and the guard-maintenance timer.
 
                 Examples:
                   guard commit 12
