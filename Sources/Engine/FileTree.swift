@@ -292,13 +292,19 @@ public struct TreeDiff {
             details.append("mode \(String(before.permissions, radix: 8)) -> \(String(after.permissions, radix: 8))")
         }
         if a.st_uid != b.st_uid || a.st_gid != b.st_gid { details.append("owner \(a.st_uid):\(a.st_gid) -> \(b.st_uid):\(b.st_gid)") }
+        // Files and directories are opened once, for their content and their attributes.
+        let l = FS.openForAttributes(thenDir, name, kind: after.kind)
+        let r = FS.openForAttributes(nowDir, name, kind: after.kind)
+        defer {
+            if let l { close(l) }
+            if let r { close(r) }
+        }
         var contentChanged = false
         switch after.kind {
         case .file:
             if a.st_size != b.st_size {
                 contentChanged = true
-            } else if let l = FS.openForAttributes(thenDir, name, kind: .file), let r = FS.openForAttributes(nowDir, name, kind: .file) {
-                defer { close(l); close(r) }
+            } else if let l, let r {
                 contentChanged = !FS.sameContent(l, r)
             }
         case .symlink:
@@ -308,10 +314,7 @@ public struct TreeDiff {
         case .directory, .fifo, .socket:
             break
         }
-        if let l = FS.openForAttributes(thenDir, name, kind: after.kind), let r = FS.openForAttributes(nowDir, name, kind: after.kind) {
-            defer { close(l); close(r) }
-            if FS.xattrs(l) != FS.xattrs(r) { details.append("xattrs") }
-        }
+        if let l, let r, FS.xattrs(l) != FS.xattrs(r) { details.append("xattrs") }
         if times && !sameTimes && after.kind != .directory { details.append("mtime") }
         if contentChanged {
             return FileChange(path: path, change: .modified, kind: after.kind, sizeBefore: before.size, sizeAfter: after.size, details: details)

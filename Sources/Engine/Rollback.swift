@@ -48,12 +48,7 @@ struct RollbackProcedure {
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
 
-        for (index, command) in hooks.0.enumerated() {
-            reporter.stepStarted(kind: "rollback-stop", index: index, count: hooks.0.count, name: command.name)
-            let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
-            reporter.stepFinished(kind: "rollback-stop", result: result)
-            try? record(result, kind: "rollback-stop", index: index, runID: runID)
-        }
+        await stopHooks(hooks, runner: runner, runID: runID)
 
         // Unmount everything mounted from the origins (deepest first); on a busy mount put back what was unmounted.
         var unmounted: [MountEntry] = []
@@ -122,12 +117,7 @@ struct RollbackProcedure {
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
         let origin = try engine.dm.info(stack.originRef)
         let mounts = origin.map { Mounts.mountPoints(of: $0.number).sorted { $0.target.count > $1.target.count } } ?? []
-        if !mounts.isEmpty {
-            for (index, command) in hooks.0.enumerated() {
-                let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
-                try? record(result, kind: "rollback-stop", index: index, runID: runID)
-            }
-        }
+        if !mounts.isEmpty { await stopHooks(hooks, runner: runner, runID: runID) }
         var unmounted: [MountEntry] = []
         defer {
             for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, [stack])) }
@@ -161,13 +151,22 @@ struct RollbackProcedure {
         }
     }
 
+    func stopHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64) async {
+        await runHooks(hooks.0, kind: "rollback-stop", environment: hooks.2, runner: runner, runID: runID)
+    }
+
     func startHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64) async {
-        for (index, command) in hooks.1.enumerated() {
-            reporter.stepStarted(kind: "rollback-start", index: index, count: hooks.1.count, name: command.name)
-            let result = await runner.run(command, environment: StepRunner.environment(recipe: hooks.2, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
-            reporter.stepFinished(kind: "rollback-start", result: result)
-            try? record(result, kind: "rollback-start", index: index, runID: runID)
-            if !result.succeeded { reporter.warning("rollback.start '\(command.name)' \(result.termination)") }
+        await runHooks(hooks.1, kind: "rollback-start", environment: hooks.2, runner: runner, runID: runID, warnOnFailure: true)
+    }
+
+    /// Runs the rollback's stop or start commands, reporting and journaling each.
+    func runHooks(_ commands: [Command], kind: String, environment: [String: String], runner: StepRunner, runID: Int64, warnOnFailure: Bool = false) async {
+        for (index, command) in commands.enumerated() {
+            reporter.stepStarted(kind: kind, index: index, count: commands.count, name: command.name)
+            let result = await runner.run(command, environment: StepRunner.environment(recipe: environment, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
+            reporter.stepFinished(kind: kind, result: result)
+            try? record(result, kind: kind, index: index, runID: runID)
+            if warnOnFailure && !result.succeeded { reporter.warning("rollback.start '\(command.name)' \(result.termination)") }
         }
     }
 
