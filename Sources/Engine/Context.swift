@@ -2,6 +2,7 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Journal
+import Recipe
 import Snapshot
 
 /// guard's exit codes (documented in `guard help run` and Docs/guide.md).
@@ -41,11 +42,17 @@ public final class GuardContext: @unchecked Sendable {
     /// The guard executable, for the watchdog helper.
     public let executable: String
     public var reporter: any Reporter
+    /// Site defaults (guard.conf): COW directory, keep duration, growth policy.
+    public let configuration: GuardConfiguration
     private var journalHandle: Journal?
     private var deviceMapper: DeviceMapper?
 
-    public init(stateDirectory: String, udev: UdevMode = .automatic, reporter: any Reporter, now: (@Sendable () -> Date)? = nil, executable: String? = nil) {
+    public init(
+        stateDirectory: String, udev: UdevMode = .automatic, reporter: any Reporter, configuration: GuardConfiguration = GuardConfiguration(),
+        now: (@Sendable () -> Date)? = nil, executable: String? = nil
+    ) {
         self.stateDirectory = stateDirectory
+        self.configuration = configuration
         self.udev = udev
         self.reporter = reporter
         if let now {
@@ -59,7 +66,8 @@ public final class GuardContext: @unchecked Sendable {
     }
 
     public var journalPath: String { "\(stateDirectory)/journal.sqlite" }
-    public var cowDirectory: String { "\(stateDirectory)/cow" }
+    /// Where COW files go when a recipe names no `cow:`: guard.conf's cow_dir, or cow/ in the state directory.
+    public var cowDirectory: String { configuration.cowDirectory ?? "\(stateDirectory)/cow" }
     public var lockDirectory: String { "\(stateDirectory)/locks" }
 
     /// The journal, opened (and created) on first use.

@@ -50,7 +50,7 @@ public struct Recovery {
 
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
         let journal = try? context.journal()
-        for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) + blockDeviceStorages(journal) {
+        for storage in cowFiles() + journaledStorages(journal) {
             guard let label = try? CowLabel.read(from: storage.path) else { continue }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
             if boot && [.active, .kept, .merging].contains(label.state) {
@@ -242,11 +242,26 @@ public struct Recovery {
     }
 
     /// Block devices used as COW by open runs (files are found in the cow directory).
-    func blockDeviceStorages(_ journal: Journal?) -> [CowStorage] {
+    /// The COW devices of open runs, and their COW files outside the directories `cowFiles()` scans
+    /// (a recipe's own `cow:` directory, or a cow_dir guard.conf no longer names).
+    func journaledStorages(_ journal: Journal?) -> [CowStorage] {
         guard let journal, let runs = try? journal.runs(in: [.running, .kept, .merging]) else { return [] }
+        let scanned = Set(cowFiles().map(\.path))
         return runs.flatMap { run in
-            ((try? journal.snapshots(runID: run.id!)) ?? []).filter { $0.cowKind == "device" }.map { CowStorage.blockDevice(path: $0.cowPath) }
+            ((try? journal.snapshots(runID: run.id!)) ?? []).compactMap { record -> CowStorage? in
+                if record.cowKind == "device" { return .blockDevice(path: record.cowPath) }
+                guard !record.cowPath.isEmpty, !scanned.contains(record.cowPath), FileManager.default.fileExists(atPath: record.cowPath) else { return nil }
+                return .file(path: record.cowPath)
+            }
         }
+    }
+
+    /// COW files in guard.conf's cow_dir and in the state directory's cow/ (they differ when
+    /// cow_dir is set; files made before it was set are still found).
+    func cowFiles() -> [CowStorage] {
+        var directories = [context.cowDirectory]
+        if context.stateDirectory + "/cow" != context.cowDirectory { directories.append(context.stateDirectory + "/cow") }
+        return directories.flatMap { SnapshotEngine.cowFiles(in: $0) }
     }
 
     /// Removes GUARD- layers and COW files of no open run. A stray stack an origin still uses
@@ -283,7 +298,7 @@ public struct Recovery {
             }
         }
         let known = try journal.allTokens()
-        for storage in SnapshotEngine.cowFiles(in: context.cowDirectory) {
+        for storage in cowFiles() {
             let label = try? CowLabel.read(from: storage.path)
             if let label, open.contains(label.runToken) { continue }
             if let label, try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }

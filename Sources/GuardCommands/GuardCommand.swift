@@ -1,6 +1,7 @@
 import ArgumentParser
 import Engine
 import Foundation
+import Recipe
 
 /// The `guard` command: snapshot-guarded upgrades.
 public struct GuardCommand: AsyncParsableCommand {
@@ -14,12 +15,14 @@ public struct GuardCommand: AsyncParsableCommand {
 
             Exit codes: 0 done (the upgrade is applied, or the command did what was asked); 1 the upgrade failed and the volumes were restored; 2 usage, recipe or preflight error, nothing was touched; 3 needs attention, the message says what to run.
 
-            State: --state-dir, or GUARD_STATE_DIR, or /var/lib/guard (journal.sqlite, cow/, locks/, volumes/). It must not be on a volume guard snapshots.
+            State: --state-dir, or GUARD_STATE_DIR, or state_dir in guard.conf, or /var/lib/guard (journal.sqlite, cow/, locks/, volumes/). It must not be on a volume guard snapshots.
+
+            Configuration: /etc/guard/guard.conf (or --config, or GUARD_CONFIG) sets site defaults: state_dir, cow_dir, keep (how long `on_success: keep` keeps a run) and extend (how COW files grow when a recipe says nothing). Flags and GUARD_* variables win over it; recipes win over its defaults. `guard config` shows what is in effect.
             """,
         version: version,
         subcommands: [
             Run.self, Check.self, Rollback.self, Commit.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
-            Volume.self, WatchdogCommand.self,
+            Volume.self, Config.self, WatchdogCommand.self,
         ]
     )
 
@@ -28,8 +31,11 @@ public struct GuardCommand: AsyncParsableCommand {
 
 /// Options every subcommand takes.
 struct GlobalOptions: ParsableArguments {
-    @Option(name: .customLong("state-dir"), help: ArgumentHelp("guard's state directory (journal, COW files, locks).", valueName: "dir"))
-    var stateDirectory: String = ProcessInfo.processInfo.environment["GUARD_STATE_DIR"] ?? "/var/lib/guard"
+    @Option(name: .customLong("state-dir"), help: ArgumentHelp("guard's state directory (journal, COW files, locks); default GUARD_STATE_DIR, guard.conf's state_dir, /var/lib/guard.", valueName: "dir"))
+    var stateDirectory: String?
+
+    @Option(name: .customLong("config"), help: ArgumentHelp("The configuration file; default GUARD_CONFIG, or /etc/guard/guard.conf if it exists.", valueName: "file"))
+    var configuration: String?
 
     @Flag(name: .shortAndLong, help: "Show more: every kernel step, libdevmapper's messages.")
     var verbose = false
@@ -44,9 +50,47 @@ struct GlobalOptions: ParsableArguments {
         guard let mode = UdevModeName(rawValue: udev) else {
             throw GuardFailure(.usage, "--udev must be automatic, cookies or none, not '\(udev)'")
         }
+        let settings = try self.settings()
         let reporter = TerminalReporter(verbosity: quiet ? .quiet : (verbose ? .verbose : .normal))
-        return GuardContext(stateDirectory: stateDirectory, udev: mode.mode, reporter: reporter)
+        return GuardContext(stateDirectory: settings.stateDirectory.value, udev: mode.mode, reporter: reporter, configuration: settings.file)
     }
+
+    /// The configuration file and the state directory in effect, each with where it came from.
+    func settings() throws -> Settings {
+        let environment = ProcessInfo.processInfo.environment
+        let named = configuration.map { ($0, "--config") } ?? environment["GUARD_CONFIG"].map { ($0, "GUARD_CONFIG") }
+        let file: GuardConfiguration
+        do {
+            file = try GuardConfiguration.load(path: named?.0 ?? GuardConfiguration.defaultPath, required: named != nil)
+        } catch let errors as RecipeErrors {
+            throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
+        }
+        let fileSource = file.path.map { "\($0)" } ?? "built-in default"
+        let state: Settings.Value
+        if let stateDirectory {
+            state = .init(value: stateDirectory, source: "--state-dir")
+        } else if let variable = environment["GUARD_STATE_DIR"], !variable.isEmpty {
+            state = .init(value: variable, source: "GUARD_STATE_DIR")
+        } else if let configured = file.stateDirectory {
+            state = .init(value: configured, source: fileSource)
+        } else {
+            state = .init(value: "/var/lib/guard", source: "built-in default")
+        }
+        return Settings(file: file, configurationSource: named?.1 ?? (file.path == nil ? "none" : "default location"), stateDirectory: state)
+    }
+}
+
+/// What `GlobalOptions` resolved, for `guard config`.
+struct Settings {
+    struct Value {
+        var value: String
+        var source: String
+    }
+
+    var file: GuardConfiguration
+    /// How the file was named: --config, GUARD_CONFIG, default location, or none.
+    var configurationSource: String
+    var stateDirectory: Value
 }
 
 /// Runs guard: parses the arguments, runs the command, prints its error to stderr and exits
