@@ -13,8 +13,7 @@ public final class VolumeLock {
     /// Takes the lock or throws who holds it.
     /// - Parameter key: the volume's stable identity (dm UUID or name).
     public static func acquire(directory: String, key: String, holder: String) throws -> VolumeLock {
-        let safe = key.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." ? $0 : "_" }
-        let path = "\(directory)/\(String(safe)).lock"
+        let path = lockPath(directory: directory, key: key)
         let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard descriptor >= 0 else {
             throw GuardFailure(.usage, "cannot open the lock file \(path): \(String(cString: strerror(errno)))")
@@ -41,11 +40,24 @@ public final class VolumeLock {
         _ = text.withCString { pwrite(descriptor, $0, strlen($0), 0) }
     }
 
+    static func lockPath(directory: String, key: String) -> String {
+        let safe = key.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." ? $0 : "_" }
+        return "\(directory)/\(String(safe)).lock"
+    }
+
     /// Whether another process holds the lock on `key` right now.
-    public static func isHeld(directory: String, key: String) -> Bool {
-        guard let lock = try? acquire(directory: directory, key: key, holder: "probe (pid \(getpid()))") else { return true }
-        lock.release()
-        return false
+    public static func isHeld(directory: String, key: String) -> Bool { holder(directory: directory, key: key) != nil }
+
+    /// Who holds the lock on `key` ("run 12 (pid 3456)"), or nil when nobody does. Creates and
+    /// changes nothing (a dry run uses it); a lock file it cannot open counts as held.
+    public static func holder(directory: String, key: String) -> String? {
+        let path = lockPath(directory: directory, key: key)
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return errno == ENOENT ? nil : "unknown (\(path): \(String(cString: strerror(errno))))" }
+        defer { close(descriptor) }
+        if flock(descriptor, LOCK_SH | LOCK_NB) == 0 { return nil }
+        let owner = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        return owner.isEmpty ? "unknown" : owner
     }
 
     public func release() {

@@ -26,6 +26,10 @@ public struct PlannedVolume: Sendable {
     public var freeBytes: UInt64?
     /// How the size was chosen ("25 MiB as written", "auto: 1.5 × peak 12 MiB of 3 runs").
     public var sizeNote: String
+    /// The growth policy is guard.conf's `extend` (the recipe has none for this volume).
+    public var extensionFromConfiguration: Bool
+    /// What earlier runs of the same recipe saw on this volume (nil: no earlier run).
+    public var history: PeakUse?
 
     public var request: VolumeRequest {
         VolumeRequest(origin: originPath, storage: storage, size: .bytes(cowBytes), chunkSectors: chunkSectors)
@@ -59,6 +63,7 @@ public struct Planner {
         var warnings: [String] = []
         var volumes: [PlannedVolume] = []
         let peaks = (try? context.existingJournal()?.peakUse(recipe: recipe.name)) ?? [:]
+        let configuration = context.configuration
         func at(_ volume: VolumeSpec) -> String { "\(recipe.path):\(volume.location.line):\(volume.location.column)" }
 
         for (index, spec) in recipe.volumes.enumerated() {
@@ -118,7 +123,7 @@ public struct Planner {
                 cowBytes = CowSize.percentOfOrigin(percent).resolve(originBytes: origin.bytes, geometry: geometry)
                 sizeNote = "\(Units.trim(percent))% of \(Units.formatBytes(origin.bytes))"
             case .auto:
-                if let peak = peaks[index], peak > 0 {
+                if let peak = peaks[index]?.peakBytes, peak > 0 {
                     let wanted = UInt64(Double(peak) * 1.5) + (16 << 20)
                     cowBytes = CowSize.bytes(wanted).resolve(originBytes: origin.bytes, geometry: geometry)
                     sizeNote = "auto: 1.5 × the peak use of earlier runs (\(Units.formatBytes(UInt64(peak)))) + 16 MiB"
@@ -153,7 +158,9 @@ public struct Planner {
             }
 
             var policy: ExtensionPolicy?
-            if let extend = spec.extend {
+            var fromConfiguration = false
+            if spec.extend == nil, !storage.isDevice, configuration.extend != nil { fromConfiguration = true }
+            if let extend = spec.extend ?? (fromConfiguration ? configuration.extend : nil) {
                 func bytes(_ size: SizeSpec) -> UInt64 {
                     switch size {
                     case .bytes(let bytes): return bytes
@@ -162,18 +169,25 @@ public struct Planner {
                     }
                 }
                 let maximum = min(geometry.roundUp(bytes(extend.max)), ceiling)
-                if maximum <= cowBytes {
+                if maximum <= cowBytes && fromConfiguration {
+                    fromConfiguration = false  // guard.conf's policy does not fit this volume: no growth, no warning
+                } else if maximum <= cowBytes {
                     warnings.append("\(at(spec)): extend.max (\(Units.formatBytes(maximum))) is not above the snapshot size; the COW will not grow")
                 } else {
                     policy = ExtensionPolicy(threshold: extend.at, stepBytes: geometry.roundUp(bytes(extend.by)), maximumBytes: maximum + CowLabel.areaOffset)
                 }
             }
 
+            if let history = peaks[index], UInt64(history.peakBytes) > (policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes) {
+                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(Units.formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(Units.formatBytes(policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes))); it may fill: give a larger size, size: auto, or an extend policy")
+            }
+
             volumes.append(
                 PlannedVolume(
                     index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
                     mounts: mounts, mountPoint: mountPoint, storage: storage, cowBytes: cowBytes, chunkSectors: chunkSectors,
-                    extensionPolicy: policy, freeBytes: freeBytes, sizeNote: sizeNote))
+                    extensionPolicy: policy, freeBytes: freeBytes, sizeNote: sizeNote, extensionFromConfiguration: fromConfiguration,
+                    history: peaks[index]))
         }
 
         // The same device named twice under different spellings.

@@ -52,45 +52,87 @@ public final class RunTransaction {
     /// Everything that can refuse the run, touching nothing: the recipe, root, device-mapper,
     /// the journal, unfinished runs, the volumes, COW space, the locks.
     public func preflight(recipePath: String) throws -> (Plan, Journal, [VolumeLock]) {
+        let plan = try checks(recipePath: recipePath, dryRun: false).plan
+        try context.prepareStateDirectory()
+        let journal = try context.journal(check: true)
+        var locks: [VolumeLock] = []
+        for volume in plan.volumes {
+            locks.append(try VolumeLock.acquire(directory: context.lockDirectory, key: volume.lockKey, holder: "guard run of \(plan.recipe.name) (pid \(getpid()))"))
+        }
+        return (plan, journal, locks)
+    }
+
+    /// What `guard run --dry-run` found: the plan, and every refusal a real run would meet.
+    public struct DryRun: Sendable {
+        public var plan: Plan
+        /// Each would stop the run (a real run stops at the first).
+        public var refusals: [String]
+        /// What a real run would do first (finish a merge, commit a kept run whose time is up).
+        public var housekeeping: [String]
+    }
+
+    /// The checks of preflight. A real run throws at the first refusal and tidies the journal
+    /// first; a dry run collects every refusal and changes nothing: no device, no COW file, no
+    /// journal row, no lock file.
+    public func checks(recipePath: String, dryRun: Bool) throws -> DryRun {
+        var refusals: [String] = []
+        var housekeeping: [String] = []
+        func refuse(_ message: String, _ separator: String = "; ") throws {
+            if dryRun { refusals.append(message) } else { throw GuardFailure(.usage, message + separator + "nothing was touched") }
+        }
         let recipe: Recipe
         switch RecipeParser.load(path: recipePath) {
         case .success(let value): recipe = value
         case .failure(let errors): throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
         }
         if geteuid() != 0 {
-            throw GuardFailure(.usage, "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
+            throw GuardFailure(.usage, dryRun
+                ? "guard run --dry-run needs root to resolve the volumes (`guard check --syntax-only` validates the recipe without); nothing was touched"
+                : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
         }
         if !options.allowUnsafeRecipe, let problem = RecipeSafety.problem(recipePath) {
-            throw GuardFailure(.usage, "\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
+            try refuse("\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
         }
         _ = try context.dm()
         // An existing journal first: it may hold kept runs to expire and merges to finish, and
         // unfinished runs that must be recovered before anything else touches a volume.
         if let existing = try context.existingJournal(check: true) {
-            try Maintenance(context: context).tidy(journal: existing)
+            if dryRun {
+                let now = context.now().timeIntervalSince1970
+                for run in try existing.runs(in: [.merging, .kept]) {
+                    if run.state == .merging {
+                        housekeeping.append("finish the merge of run \(run.id!) if it is complete")
+                    } else if let until = run.keepUntil, until <= now {
+                        housekeeping.append("commit run \(run.id!) (kept until \(formatDate(until)))")
+                    }
+                }
+            } else {
+                try Maintenance(context: context).tidy(journal: existing)
+            }
             let unfinished = try Recovery(context: context).unfinishedRuns(journal: existing)
             if !unfinished.isEmpty {
-                throw GuardFailure(.usage, "run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first; nothing was touched")
+                try refuse("run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first")
             }
         }
         // The plan checks, among the rest, that the state directory is not on a volume the
         // recipe snapshots: nothing is written there before that is known.
         let plan = try Planner(context: context).plan(recipe)
-        for warning in plan.warnings { reporter.warning(warning) }
+        if !dryRun { for warning in plan.warnings { reporter.warning(warning) } }
         if !plan.problems.isEmpty {
-            throw GuardFailure(.usage, plan.problems.joined(separator: "\n") + "\nnothing was touched")
+            try refuse(plan.problems.joined(separator: "\n"), "\n")
         }
         let stateFilesystem = Planner(context: context).nearestExisting(context.stateDirectory)
         if let free = try? freeSpace(at: stateFilesystem), free < 16 << 20 {
-            throw GuardFailure(.usage, "the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal and COW files need room; nothing was touched")
+            try refuse("the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal and COW files need room")
         }
-        try context.prepareStateDirectory()
-        let journal = try context.journal(check: true)
-        var locks: [VolumeLock] = []
-        for volume in plan.volumes {
-            locks.append(try VolumeLock.acquire(directory: context.lockDirectory, key: volume.lockKey, holder: "guard run of \(recipe.name) (pid \(getpid()))"))
+        if dryRun {
+            for volume in plan.volumes {
+                if let holder = VolumeLock.holder(directory: context.lockDirectory, key: volume.lockKey) {
+                    refusals.append("the volume \(volume.originPath) is in use by another guard command (\(holder)); wait for it to finish")
+                }
+            }
         }
-        return (plan, journal, locks)
+        return DryRun(plan: plan, refusals: refusals, housekeeping: housekeeping)
     }
 
     // MARK: The run
@@ -270,7 +312,8 @@ struct RunBody {
         case .commit:
             return commit(live: live)
         case .keep(let duration):
-            return keep(live: live, until: duration, failure: nil)
+            // A recipe without a duration gets guard.conf's `keep` (none: until commit or rollback).
+            return keep(live: live, until: duration ?? context.configuration.keep, failure: nil)
         }
     }
 

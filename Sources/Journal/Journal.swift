@@ -319,18 +319,31 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// The peak COW use of earlier runs of `recipe`, per volume index (for `size: auto`).
-    public func peakUse(recipe: String) throws -> [Int: Int64] {
+    public func peakUse(recipe: String) throws -> [Int: PeakUse] {
         try read { db in
             let rows = try Row.fetchAll(
                 db,
                 sql: """
-                    SELECT snapshots.volume_index AS volume_index, MAX(snapshots.peak_used_bytes) AS peak
+                    SELECT snapshots.volume_index AS volume_index, MAX(snapshots.peak_used_bytes) AS peak,
+                           COUNT(DISTINCT runs.id) AS runs
                     FROM snapshots JOIN runs ON runs.id = snapshots.run_id
                     WHERE runs.recipe_name = ? AND snapshots.peak_used_bytes > 0
                     GROUP BY snapshots.volume_index
                     """, arguments: [recipe])
-            return Dictionary(uniqueKeysWithValues: rows.map { (Int($0["volume_index"] as Int64), $0["peak"] as Int64) })
+            return Dictionary(uniqueKeysWithValues: rows.map { (Int($0["volume_index"] as Int64), PeakUse(peakBytes: $0["peak"], runs: $0["runs"])) })
         }
+    }
+}
+
+/// The most COW space earlier runs of a recipe used on one of its volumes.
+public struct PeakUse: Sendable, Hashable {
+    public var peakBytes: Int64
+    /// How many runs measured it.
+    public var runs: Int
+
+    public init(peakBytes: Int64, runs: Int) {
+        self.peakBytes = peakBytes
+        self.runs = runs
     }
 }
 

@@ -123,6 +123,63 @@ struct GuardCommandsTests {
         #expect(output.stderr.contains("3 errors in"), "\(output.stderr)")
     }
 
+    @Test("guard.conf: flags win over GUARD_STATE_DIR, which wins over the file, which wins over the built-in default")
+    func configurationPrecedence() throws {
+        let state = try stateWithRuns()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-conf-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let file = directory + "/guard.conf"
+        try "state_dir = \(state)\nkeep = 3d\nextend = at 70% by 10% max 40%\n".write(toFile: file, atomically: true, encoding: .utf8)
+        let clean = ["GUARD_STATE_DIR": ""]
+
+        // The file's state_dir is where history finds the journal.
+        let fromFile = try guardCommand(["history", "--json", "--config", file], environment: clean)
+        #expect(fromFile.status == 0, "\(fromFile.stderr)")
+        #expect((try JSONSerialization.jsonObject(with: Data(fromFile.stdout.utf8)) as? [Any])?.count == 2)
+        let viaVariable = try guardCommand(["history", "--json"], environment: ["GUARD_CONFIG": file, "GUARD_STATE_DIR": ""])
+        #expect(viaVariable.stdout == fromFile.stdout)
+
+        func settings(_ arguments: [String], _ environment: [String: String]) throws -> [String: Any] {
+            let output = try guardCommand(["config", "--json"] + arguments, environment: environment)
+            #expect(output.status == 0, "\(output.stderr)")
+            return try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
+        }
+        func value(_ object: [String: Any], _ key: String) -> (String?, String?) {
+            let setting = object[key] as? [String: Any]
+            return (setting?["value"] as? String, setting?["source"] as? String)
+        }
+        let file1 = try settings(["--config", file], clean)
+        #expect(value(file1, "state_dir") == (state, file))
+        #expect(value(file1, "cow_dir") == (state + "/cow", "state_dir/cow"))
+        #expect(value(file1, "keep") == ("3d", file))
+        #expect(value(file1, "extend") == ("at 70% by 10% max 40%", file))
+        #expect(file1["config_file"] as? String == file)
+        let variable = try settings(["--config", file], ["GUARD_STATE_DIR": directory + "/env"])
+        #expect(value(variable, "state_dir") == (directory + "/env", "GUARD_STATE_DIR"))
+        let flag = try settings(["--config", file, "--state-dir", directory + "/flag"], ["GUARD_STATE_DIR": directory + "/env"])
+        #expect(value(flag, "state_dir") == (directory + "/flag", "--state-dir"))
+        #expect(value(flag, "keep") == ("3d", file), "a flag for one setting leaves the file's others in effect")
+        let none = try settings(["--config", "/dev/null"], clean)
+        #expect(value(none, "state_dir") == ("/var/lib/guard", "built-in default"))
+        #expect(value(none, "keep").0 == nil && value(none, "extend").0 == nil)
+    }
+
+    @Test("a bad guard.conf stops every command with exit 2, naming its line, and nothing on stdout")
+    func badConfiguration() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-conf-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let file = directory + "/guard.conf"
+        try "keep = 7d\nstate-dir = /srv\n".write(toFile: file, atomically: true, encoding: .utf8)
+        for arguments in [["history"], ["config"], ["status"]] {
+            let output = try guardCommand(arguments, environment: ["GUARD_CONFIG": file])
+            #expect(output.status == 2)
+            #expect(output.stdout.isEmpty)
+            #expect(output.stderr.contains("\(file):2:1: unknown setting 'state-dir'; did you mean 'state_dir'?"), "\(output.stderr)")
+        }
+        let missing = try guardCommand(["history", "--config", directory + "/missing.conf"])
+        #expect(missing.status == 2 && missing.stderr.contains("missing.conf:1:1: the configuration file does not exist"), "\(missing.stderr)")
+    }
+
     @Test("--version and help answer")
     func versionAndHelp() throws {
         let version = try guardCommand(["--version"])

@@ -76,7 +76,9 @@ struct JournalTests {
         #expect(try journal.history(limit: 1).count == 1)
         let websites = try journal.history(limit: 10, recipe: "website")
         #expect(websites.count == 2 && websites.allSatisfy { $0.recipe == "website" && $0.volumes.count == 1 })
-        #expect(try journal.peakUse(recipe: "website") == [0: 9 << 20])
+        #expect(try journal.peakUse(recipe: "website") == [0: PeakUse(peakBytes: 9 << 20, runs: 2)])
+        try addRun(journal, recipe: "website", outcome: .committed, peak: 5 << 20, startedAt: 4)
+        #expect(try journal.peakUse(recipe: "website") == [0: PeakUse(peakBytes: 9 << 20, runs: 3)], "the largest peak, counted over the runs that measured one")
         #expect(try journal.peakUse(recipe: "none").isEmpty)
     }
 

@@ -3,6 +3,7 @@ import DeviceMapper
 import BlockDevice
 import Engine
 import Foundation
+import Journal
 import Recipe
 import Snapshot
 
@@ -37,13 +38,13 @@ extension GuardCommand {
             }
             say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
             if syntaxOnly || geteuid() != 0 {
-                printRecipe(parsed, plan: nil)
+                Self.printRecipe(parsed, plan: nil, configuration: nil)
                 if !syntaxOnly { say("(run as root to resolve the volumes against this system)") }
                 return
             }
             let context = try global.context()
             let plan = try Planner(context: context).plan(parsed)
-            printRecipe(parsed, plan: plan)
+            Self.printRecipe(parsed, plan: plan, configuration: context.configuration)
             for warning in plan.warnings { say("warning: \(warning)") }
             if !plan.problems.isEmpty {
                 throw GuardFailure(.usage, plan.problems.joined(separator: "\n"))
@@ -53,7 +54,8 @@ extension GuardCommand {
             }
         }
 
-        func printRecipe(_ recipe: Recipe, plan: Plan?) {
+        /// The plan as `guard check` and `guard run --dry-run` print it.
+        static func printRecipe(_ recipe: Recipe, plan: Plan?, configuration: GuardConfiguration?) {
             say("volumes:")
             for (index, volume) in recipe.volumes.enumerated() {
                 if let planned = plan?.volumes.first(where: { $0.index == index }) {
@@ -67,7 +69,13 @@ extension GuardCommand {
                         say("     COW: the device \(path) (overwritten)")
                     }
                     if let policy = planned.extensionPolicy {
-                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset))")
+                        let source = planned.extensionFromConfiguration ? " (extend from \(configuration?.path ?? "guard.conf"))" : ""
+                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset))\(source)")
+                    }
+                    if let history = planned.history {
+                        say("     earlier runs: peak COW use \(Units.formatBytes(UInt64(history.peakBytes))) (\(history.runs) run\(history.runs == 1 ? "" : "s") of \(recipe.name))")
+                    } else if plan != nil {
+                        say("     earlier runs: none of \(recipe.name) in the journal")
                     }
                 } else {
                     say("  \(index + 1). \(volume.device)" + (volume.mount.map { " on \($0)" } ?? "") + ", snapshot \(volume.size)" + (volume.cow.map { ", COW \($0)" } ?? ""))
@@ -83,7 +91,11 @@ extension GuardCommand {
                     say("  \(index + 1). \(command.name): \(command.invocation)" + (extras.isEmpty ? "" : " (\(extras.joined(separator: ", ")))"))
                 }
             }
-            say("on success: \(recipe.onSuccess); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full")
+            var success = recipe.onSuccess.description
+            if case .keep(nil) = recipe.onSuccess, let configuration {
+                success += configuration.keep.map { " (for \(Units.formatDuration($0)), guard.conf's keep)" } ?? " (until `guard commit` or `guard rollback`)"
+            }
+            say("on success: \(success); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full")
         }
     }
 }

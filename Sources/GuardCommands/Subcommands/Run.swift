@@ -26,6 +26,7 @@ extension GuardCommand {
                 Examples:
                   guard run /etc/guard/website-migration.recipe
                   guard check upgrade.recipe && guard run upgrade.recipe
+                  guard run --dry-run upgrade.recipe    # every check, the plan, earlier COW use; touches nothing
                   GUARD_STATE_DIR=/srv/guard guard run -q nightly.recipe
                 """)
 
@@ -37,20 +38,25 @@ extension GuardCommand {
         @Flag(help: "Run a recipe that users other than root can modify (refused by default).")
         var allowUnsafeRecipe = false
 
-        @Flag(name: .customLong("dry-run"), help: "Check everything and print the plan, touching nothing (same as `guard check`).")
+        @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan, the snapshot sizes and the COW use of earlier runs; touch nothing.")
         var dryRun = false
 
         func run() async throws {
-            if dryRun {
-                var check = Check()
-                check.global = global
-                check.recipe = recipe
-                try check.run()
-                return
-            }
             let context = try global.context()
             var options = RunOptions()
             options.allowUnsafeRecipe = allowUnsafeRecipe
+            if dryRun {
+                let result = try RunTransaction(context: context, options: options).checks(recipePath: recipe, dryRun: true)
+                say("dry run of \(result.plan.recipe.name) (\(recipe), sha256 \(result.plan.recipe.sha256.prefix(12)))")
+                Check.printRecipe(result.plan.recipe, plan: result.plan, configuration: context.configuration)
+                for warning in result.plan.warnings { context.reporter.warning(warning) }
+                for chore in result.housekeeping { say("first, guard would \(chore)") }
+                if !result.refusals.isEmpty {
+                    throw GuardFailure(.usage, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
+                }
+                context.reporter.note("dry run: every preflight check passes; nothing was touched")
+                return
+            }
             let interrupt = options.interrupt
             let signals = InterruptHandler { interrupt.set("interrupted (Ctrl-C)") }
             defer { signals.cancel() }

@@ -1,0 +1,173 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Recipe
+import Snapshot
+import Testing
+
+/// Runs guard with a guard.conf and no --state-dir, as an admin with /etc/guard/guard.conf would.
+func guardWithConfiguration(_ file: String, _ arguments: String...) throws -> CommandResult {
+    var environment = ProcessInfo.processInfo.environment
+    environment["NO_COLOR"] = "1"
+    environment["GUARD_CONFIG"] = file
+    environment.removeValue(forKey: "GUARD_STATE_DIR")
+    return try run([guardBinary] + arguments, environment: environment)
+}
+
+/// Everything device-mapper has, tables included: what a dry run must leave as it was.
+func deviceMapperState() throws -> String { try sh("dmsetup table | sort") }
+
+func listing(_ directory: String) -> [String] { ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted() }
+
+extension Kernel {
+    /// Issue 9: the dry run, sizing from history, guard.conf.
+    @Suite("operations: dry run, auto sizing, guard.conf")
+    struct OperationsKernelTests {
+        @Test("run --dry-run runs every check and prints the plan, but makes no device, no COW file, no lock and no journal row")
+        func dryRunTouchesNothing() throws {
+            let lvm = try LVMFixture()
+            let state = lvm.scratch.path("state")
+            let tool = GuardTool(stateDirectory: state)
+            try writeDatabase(at: lvm.mountPoint)
+            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false), in: lvm.scratch)
+            let tables = try deviceMapperState()
+            // The files, not the device's bytes: a freshly made ext4 initialises its inode tables
+            // in the background while mounted.
+            let volume = try manifest(lvm.mountPoint)
+
+            // No journal yet: not even the state directory is made.
+            let first = try tool("run", "--dry-run", recipe)
+            #expect(first.status == 0, "\(first.stderr)")
+            #expect(first.stdout.contains("dry run of website-schema-v2"), "\(first.stdout)")
+            #expect(first.stdout.contains("snapshot: \(Units.formatBytes(25 << 20)) (\(Units.formatBytes(25 << 20)) as written)"), "\(first.stdout)")
+            #expect(first.stdout.contains("earlier runs: none of website-schema-v2"), "\(first.stdout)")
+            #expect(first.stderr.contains("every preflight check passes; nothing was touched"), "\(first.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: state), "a dry run made \(state)")
+            #expect(try deviceMapperState() == tables)
+            #expect(try manifest(lvm.mountPoint) == volume)
+
+            // After a real run, a dry run shows what it saw and adds nothing.
+            let real = try tool("run", recipe)
+            #expect(real.status == 0, "\(real.stderr)")
+            let peak = try #require(((try tool.json("show", "1") as? [String: Any])?["snapshots"] as? [[String: Any]])?.first?["peak_used_bytes"] as? Int)
+            #expect(peak > 0)
+            let after = (try deviceMapperState(), try manifest(lvm.mountPoint), listing(state + "/cow"), listing(state + "/locks"), try sh("ls -l --time-style=+%s.%N \(state)/locks"))
+            let journalRows = try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'")
+            let second = try tool("run", "--dry-run", recipe)
+            #expect(second.status == 0, "\(second.stderr)")
+            #expect(second.stdout.contains("earlier runs: peak COW use \(Units.formatBytes(UInt64(peak))) (1 run of website-schema-v2)"), "\(second.stdout)")
+            #expect(try deviceMapperState() == after.0, "no device")
+            #expect(try manifest(lvm.mountPoint) == after.1)
+            #expect(listing(state + "/cow") == after.2, "no COW file")
+            #expect(listing(state + "/locks") == after.3, "no lock file made")
+            #expect(try sh("ls -l --time-style=+%s.%N \(state)/locks") == after.4, "no lock file written")
+            #expect(try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'") == journalRows, "no journal row")
+
+            // Every refusal at once, exit 2, still nothing touched.
+            chmod(recipe, 0o666)
+            try (try String(contentsOfFile: recipe, encoding: .utf8)).replacingOccurrences(of: "snapshot: { size: 25M }", with: "snapshot: { size: 25M }\n  - device: /dev/mapper/no-such-volume\n    snapshot: { size: 25M }")
+                .write(toFile: recipe, atomically: false, encoding: .utf8)
+            let refused = try tool("run", "--dry-run", recipe)
+            #expect(refused.status == 2)
+            #expect(refused.stderr.contains("a real run would be refused"), "\(refused.stderr)")
+            #expect(refused.stderr.contains("writable"), "the unsafe recipe: \(refused.stderr)")
+            #expect(refused.stderr.contains("/dev/mapper/no-such-volume does not exist"), "the missing volume: \(refused.stderr)")
+            #expect(try deviceMapperState() == after.0)
+            #expect(try sh("sqlite3 \(state)/journal.sqlite 'SELECT COUNT(*) FROM runs'").trimmingCharacters(in: .whitespacesAndNewlines) == "1")
+        }
+
+        @Test("size: auto learns from earlier runs: 20% of the volume first, then 1.5 × their peak COW use + 16 MiB, as the dry run says")
+        func autoSizing() throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let recipe = try writeRecipe(
+                """
+                name: website-auto
+                volumes:
+                  - device: \(lvm.device)
+                    mount: \(lvm.mountPoint)
+                    snapshot: { size: auto }
+                steps:
+                  - name: write 12 MiB
+                    shell: head -c 12M /dev/urandom > \(lvm.mountPoint)/blob && sync
+                on_success: commit
+                """, in: lvm.scratch)
+            let dry = try tool("run", "--dry-run", recipe)
+            #expect(dry.stdout.contains("auto: no earlier run of website-auto to learn from, 20% of the volume"), "\(dry.stdout)")
+            #expect(try tool("run", recipe).status == 0)
+            func snapshot(_ run: Int) throws -> [String: Any] {
+                try #require(((try tool.json("show", "\(run)") as? [String: Any])?["snapshots"] as? [[String: Any]])?.first)
+            }
+            let first = try snapshot(1)
+            #expect(first["size_bytes"] as? Int == 20 << 20, "20% of 100 MiB")
+            let peak = try #require(first["peak_used_bytes"] as? Int)
+            #expect(peak >= 12 << 20 && peak < 20 << 20, "the steps wrote 12 MiB: peak \(peak)")
+
+            let learned = try tool("run", "--dry-run", recipe)
+            #expect(learned.stdout.contains("auto: 1.5 × the peak use of earlier runs (\(Units.formatBytes(UInt64(peak)))) + 16 MiB"), "\(learned.stdout)")
+            #expect(try tool("run", recipe).status == 0)
+            let expected = CowGeometry(chunkSectors: 8).roundUp(UInt64(Double(peak) * 1.5) + (16 << 20))
+            #expect(try snapshot(2)["size_bytes"] as? Int == Int(expected), "run 2 sized from run 1's peak \(peak)")
+        }
+
+        @Test("guard.conf: state_dir and cow_dir are used, `keep` without a duration expires after keep, a recipe without extend grows by extend; flags win")
+        func configurationFile() throws {
+            let lvm = try LVMFixture()
+            let state = lvm.scratch.path("state-from-conf")
+            let cow = lvm.scratch.path("cow-from-conf")
+            let file = lvm.scratch.path("guard.conf")
+            try "state_dir = \(state)\ncow_dir = \(cow)\nkeep = 2d\nextend = at 50% by 8M max 64M\n".write(toFile: file, atomically: true, encoding: .utf8)
+            try writeDatabase(at: lvm.mountPoint)
+            let before = try manifest(lvm.mountPoint)
+            let recipe = try writeRecipe(
+                """
+                name: website-conf
+                volumes:
+                  - device: \(lvm.device)
+                    mount: \(lvm.mountPoint)
+                    snapshot: { size: 8M }
+                steps:
+                  - name: write 20 MiB, more than the snapshot's 8 MiB
+                    shell: for i in 1 2 3 4 5; do head -c 4M /dev/urandom > \(lvm.mountPoint)/blob$i; sync; sleep 1; done
+                on_success: keep
+                """, in: lvm.scratch)
+            let check = try guardWithConfiguration(file, "check", recipe)
+            #expect(check.status == 0, "\(check.stderr)")
+            #expect(check.stdout.contains("COW: a preallocated file in \(cow)"), "\(check.stdout)")
+            #expect(check.stdout.contains("grows at 50% by \(Units.formatBytes(8 << 20)) up to \(Units.formatBytes(64 << 20)) (extend from \(file))"), "\(check.stdout)")
+            #expect(check.stdout.contains("on success: keep (for 2d, guard.conf's keep)"), "\(check.stdout)")
+
+            let started = Date()
+            let result = try guardWithConfiguration(file, "run", recipe)
+            #expect(result.status == 0, "the COW grew instead of filling: \(result.stderr)")
+            let show = try #require(try JSONSerialization.jsonObject(with: Data(try guardWithConfiguration(file, "show", "1", "--json").stdout.utf8)) as? [String: Any])
+            let snapshot = try #require((show["snapshots"] as? [[String: Any]])?.first)
+            #expect((snapshot["cow_path"] as? String)?.hasPrefix(cow + "/") == true, "\(snapshot)")
+            #expect((snapshot["peak_used_bytes"] as? Int ?? 0) > 8 << 20, "more than the first 8 MiB was used: \(snapshot)")
+            let until = try #require((show["keep_until"] as? String).flatMap { ISO8601DateFormatter.withFractions.date(from: $0) })
+            #expect(abs(until.timeIntervalSince(started) - 2 * 86400) < 600, "kept for guard.conf's 2d: \(until)")
+            #expect(FileManager.default.fileExists(atPath: state + "/journal.sqlite"))
+            #expect(listing(cow).filter { $0.hasSuffix(".cow") }.count == 1)
+            #expect(listing(state + "/cow").isEmpty)
+
+            // --state-dir wins over state_dir: that directory has no run.
+            let other = try guardWithConfiguration(file, "history", "--json", "--state-dir", lvm.scratch.path("other"))
+            #expect(other.status == 0, "\(other.stderr)")
+            #expect((try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [Any])?.isEmpty == true, "\(other.stdout)")
+
+            // The kept run rolls back from its COW in cow_dir: the volume is as before the run.
+            let rollback = try guardWithConfiguration(file, "rollback", "1", "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try manifest(lvm.mountPoint) == before)
+            #expect(listing(cow).filter { $0.hasSuffix(".cow") }.isEmpty, "the COW file is gone after the merge")
+        }
+    }
+}
+
+extension ISO8601DateFormatter {
+    static var withFractions: ISO8601DateFormatter {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter
+    }
+}
