@@ -45,7 +45,15 @@ extension GuardCommand {
         }
 
         struct List: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "List guard volumes.")
+            static let configuration = CommandConfiguration(
+                abstract: "List guard volumes.",
+                discussion: """
+                    Each volume with its device, size, backing file or device, and whether it is active.
+
+                    Examples:
+                      guard volume list
+                      guard volume list --json | jq -r '.[].name'
+                    """)
             @OptionGroup var global: GlobalOptions
             @Flag(help: "Print JSON.") var json = false
 
@@ -75,7 +83,14 @@ extension GuardCommand {
         }
 
         struct Remove: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Remove a guard volume's device (its backing file keeps the data).")
+            static let configuration = CommandConfiguration(
+                abstract: "Remove a guard volume's device (its backing file keeps the data).",
+                discussion: """
+                    Refused while the volume is open (mounted) or under a run's snapshot. The backing file or device is left as it is, with its data.
+
+                    Examples:
+                      umount /mnt/website && guard volume remove website
+                    """)
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The volume name.") var name: String
 
@@ -91,7 +106,14 @@ extension GuardCommand {
         }
 
         struct Activate: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Activate guard volumes after a reboot (the boot unit does it).")
+            static let configuration = CommandConfiguration(
+                abstract: "Activate guard volumes after a reboot (the boot unit does it).",
+                discussion: """
+                    Makes /dev/mapper/NAME again for every registered guard volume whose backing is there; active volumes are left alone.
+
+                    Examples:
+                      guard volume activate
+                    """)
             @OptionGroup var global: GlobalOptions
 
             func run() throws {

@@ -1,0 +1,142 @@
+import Foundation
+import Testing
+
+/// The package's root directory (Scripts/, Docs/).
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+/// One (sub)command of `guard --experimental-dump-help`: its words after `guard`, its long option names.
+struct CommandInfo {
+    var words: [String]
+    var longNames: [String]
+    var abstract: String
+}
+
+/// Every command an admin can call, from the binary's own description of itself.
+func commandTree() throws -> [CommandInfo] {
+    let dump = try guardCommand(["--experimental-dump-help"])
+    #expect(dump.status == 0, "\(dump.stderr)")
+    let root = try #require((try JSONSerialization.jsonObject(with: Data(dump.stdout.utf8)) as? [String: Any])?["command"] as? [String: Any])
+    var commands: [CommandInfo] = []
+    func walk(_ node: [String: Any], _ words: [String]) {
+        let name = node["commandName"] as? String ?? ""
+        guard node["shouldDisplay"] as? Bool ?? true, name != "help" else { return }
+        let path = words.isEmpty ? [] : words
+        let arguments = node["arguments"] as? [[String: Any]] ?? []
+        let longNames = arguments.filter { $0["shouldDisplay"] as? Bool ?? true }.flatMap { argument in
+            (argument["names"] as? [[String: Any]] ?? []).filter { ($0["kind"] as? String) == "long" }.compactMap { $0["name"] as? String }
+        }
+        commands.append(CommandInfo(words: path, longNames: longNames, abstract: node["abstract"] as? String ?? ""))
+        for child in node["subcommands"] as? [[String: Any]] ?? [] {
+            walk(child, path + [child["commandName"] as? String ?? ""])
+        }
+    }
+    walk(root, [])
+    return commands
+}
+
+/// Runs a script of the package with extra environment variables.
+func script(_ name: String, _ environment: [String: String]) throws -> Output {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "\(packageRoot)/Scripts/\(name)")
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let err = Pipe()
+    process.standardError = err
+    process.standardOutput = FileHandle.nullDevice
+    try process.run()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return Output(status: process.terminationStatus, stdout: "", stderr: String(decoding: errData, as: UTF8.self))
+}
+
+func filesUnder(_ root: String) -> Set<String> {
+    var files: Set<String> = []
+    let enumerator = FileManager.default.enumerator(atPath: root)
+    while let relative = enumerator?.nextObject() as? String {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: "\(root)/\(relative)", isDirectory: &isDirectory), !isDirectory.boolValue {
+            files.insert("/" + relative)
+        }
+    }
+    return files
+}
+
+@Suite("Install")
+struct InstallTests {
+    @Test("Scripts/install into a DESTDIR puts exactly Docs/install.md's files in place; pages and completions cover every command and option; uninstall removes them")
+    func installIntoDestdir() throws {
+        let built = URL(fileURLWithPath: guardExecutable).deletingLastPathComponent().path
+        try #require(
+            FileManager.default.isExecutableFile(atPath: "\(built)/generate-manual"),
+            "\(built)/generate-manual is missing: Scripts/test builds it (swift build --product generate-manual)")
+        let destdir = FileManager.default.temporaryDirectory.appendingPathComponent("guard-install-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: destdir) }
+        let environment = ["PREFIX": "/usr", "DESTDIR": destdir, "GUARD_INSTALL_FROM": built, "UNITDIR": "", "SYSCONFDIR": ""]
+        let install = try script("install", environment)
+        try #require(install.status == 0, "\(install.stderr)")
+
+        // The documented list, with PREFIX=/usr (so UNITDIR=/usr/lib/systemd/system) and /etc.
+        let commands = try commandTree()
+        #expect(commands.contains { $0.words == ["volume", "create"] } && commands.contains { $0.words == ["run"] })
+        #expect(!commands.contains { $0.words.contains("__watchdog") || $0.words.contains("help") })
+        let doc = try String(contentsOfFile: "\(packageRoot)/Docs/install.md", encoding: .utf8)
+        let table = try #require(doc.components(separatedBy: "<!-- installed-files -->").dropFirst().first?.components(separatedBy: "<!-- /installed-files -->").first)
+        var documented: Set<String> = []
+        for line in table.split(separator: "\n") where line.hasPrefix("| `$") {
+            let path = String(line.dropFirst(3).prefix { $0 != "`" })
+                .replacingOccurrences(of: "$PREFIX", with: "/usr").replacingOccurrences(of: "$UNITDIR", with: "/usr/lib/systemd/system")
+                .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc")
+            if path.contains("<command>") {
+                for command in commands where !command.words.isEmpty {
+                    documented.insert(path.replacingOccurrences(of: "<command>", with: command.words.joined(separator: "-")))
+                }
+            } else {
+                documented.insert(path)
+            }
+        }
+        #expect(documented.count >= 10)
+        let installed = filesUnder(destdir)
+        #expect(installed.subtracting(documented).isEmpty, "installed but not in Docs/install.md: \(installed.subtracting(documented).sorted())")
+        #expect(documented.subtracting(installed).isEmpty, "in Docs/install.md but not installed: \(documented.subtracting(installed).sorted())")
+
+        // Pages and completions come from the binary: every command, every option, every abstract.
+        let man = "\(destdir)/usr/share/man/man8"
+        let bash = try String(contentsOfFile: "\(destdir)/usr/share/bash-completion/completions/guard", encoding: .utf8)
+        let zsh = try String(contentsOfFile: "\(destdir)/usr/share/zsh/site-functions/_guard", encoding: .utf8)
+        let fish = try String(contentsOfFile: "\(destdir)/usr/share/fish/vendor_completions.d/guard.fish", encoding: .utf8)
+        for command in commands {
+            let name = (["guard"] + command.words).joined(separator: "-")
+            let page = try String(contentsOfFile: "\(man)/\(name).8", encoding: .utf8)
+            #expect(page.contains(".Dt \(name.uppercased()) 8"), "\(name).8 is titled after its file")
+            let abstract = String(command.abstract.prefix(50))
+            #expect(page.contains(abstract), "\(name).8 lacks the command's abstract '\(abstract)'")
+            for option in command.longNames {
+                #expect(page.contains("Fl -\(option)"), "\(name).8 lacks --\(option)")
+                for (shell, text) in [("bash", bash), ("zsh", zsh), ("fish", fish)] {
+                    #expect(text.contains(option), "the \(shell) completion lacks --\(option) of \(name)")
+                }
+            }
+            if let last = command.words.last {
+                for (shell, text) in [("bash", bash), ("zsh", zsh), ("fish", fish)] {
+                    #expect(text.contains(last), "the \(shell) completion lacks the command \(last)")
+                }
+            }
+            for reference in page.split(separator: "\n") where reference.hasPrefix(".Xr ") {
+                let target = reference.split(separator: " ")[1]
+                #expect(FileManager.default.fileExists(atPath: "\(man)/\(target).8"), "\(name).8 refers to \(target)(8), which is not installed")
+            }
+        }
+        let installedConfig = try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8)
+        #expect(installedConfig == (try String(contentsOfFile: "\(packageRoot)/Config/guard.conf", encoding: .utf8)))
+        let shipped = try guardCommand(["config", "--json", "--config", "\(destdir)/etc/guard/guard.conf"], environment: ["GUARD_STATE_DIR": ""])
+        #expect(shipped.status == 0 && shipped.stdout.contains("\"/var/lib/guard\""), "the shipped guard.conf parses to the built-in defaults: \(shipped.stderr)")
+
+        // A second install keeps an edited configuration; uninstall removes everything else.
+        try (installedConfig + "keep = 3d\n").write(toFile: "\(destdir)/etc/guard/guard.conf", atomically: true, encoding: .utf8)
+        #expect(try script("install", environment).status == 0)
+        #expect(try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8).hasSuffix("keep = 3d\n"))
+        let uninstall = try script("uninstall", environment)
+        #expect(uninstall.status == 0, "\(uninstall.stderr)")
+        #expect(filesUnder(destdir) == ["/etc/guard/guard.conf"], "left behind: \(filesUnder(destdir).sorted())")
+        #expect(uninstall.stderr.contains("kept \(destdir)/etc/guard/guard.conf: it was edited"))
+    }
+}
