@@ -18,6 +18,14 @@ public struct GuardCommand: AsyncParsableCommand {
             State: --state-dir, or GUARD_STATE_DIR, or state_dir in guard.conf, or /var/lib/guard (journal.sqlite, cow/, locks/, volumes/). It must not be on a volume guard snapshots.
 
             Configuration: /etc/guard/guard.conf (or --config, or GUARD_CONFIG) sets site defaults: state_dir, cow_dir, keep (how long `on_success: keep` keeps a run) and extend (how COW files grow when a recipe says nothing). Flags and GUARD_* variables win over it; recipes win over its defaults. `guard config` shows what is in effect.
+
+            Examples:
+              guard check /etc/guard/website-migration.recipe
+              guard run --dry-run /etc/guard/website-migration.recipe
+              guard run /etc/guard/website-migration.recipe
+              guard history
+              guard rollback 12
+              man guard-run
             """,
         version: version,
         subcommands: [

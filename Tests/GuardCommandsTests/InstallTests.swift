@@ -35,9 +35,10 @@ func commandTree() throws -> [CommandInfo] {
 }
 
 /// Runs a script of the package with extra environment variables.
-func script(_ name: String, _ environment: [String: String]) throws -> Output {
+func script(_ name: String, _ environment: [String: String], arguments: [String] = []) throws -> Output {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "\(packageRoot)/Scripts/\(name)")
+    process.arguments = arguments
     process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
     let err = Pipe()
     process.standardError = err
@@ -60,6 +61,41 @@ func filesUnder(_ root: String) -> Set<String> {
     return files
 }
 
+/// Docs/install.md's list of installed files, for PREFIX=/usr (so UNITDIR=/usr/lib/systemd/system) and /etc.
+func documentedFiles(_ commands: [CommandInfo]) throws -> Set<String> {
+    let doc = try String(contentsOfFile: "\(packageRoot)/Docs/install.md", encoding: .utf8)
+    let table = try #require(doc.components(separatedBy: "<!-- installed-files -->").dropFirst().first?.components(separatedBy: "<!-- /installed-files -->").first)
+    var documented: Set<String> = []
+    for line in table.split(separator: "\n") where line.hasPrefix("| `$") {
+        let path = String(line.dropFirst(3).prefix { $0 != "`" })
+            .replacingOccurrences(of: "$PREFIX", with: "/usr").replacingOccurrences(of: "$UNITDIR", with: "/usr/lib/systemd/system")
+            .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc")
+        if path.contains("<command>") {
+            for command in commands where !command.words.isEmpty {
+                documented.insert(path.replacingOccurrences(of: "<command>", with: command.words.joined(separator: "-")))
+            }
+        } else {
+            documented.insert(path)
+        }
+    }
+    return documented
+}
+
+/// Runs a command line and returns its standard output; records its failure.
+func capture(_ arguments: [String]) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    #expect(process.terminationStatus == 0, "\(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
+    return String(decoding: data, as: UTF8.self)
+}
+
 @Suite("Install")
 struct InstallTests {
     @Test("Scripts/install into a DESTDIR puts exactly Docs/install.md's files in place; pages and completions cover every command and option; uninstall removes them")
@@ -78,21 +114,7 @@ struct InstallTests {
         let commands = try commandTree()
         #expect(commands.contains { $0.words == ["volume", "create"] } && commands.contains { $0.words == ["run"] })
         #expect(!commands.contains { $0.words.contains("__watchdog") || $0.words.contains("help") })
-        let doc = try String(contentsOfFile: "\(packageRoot)/Docs/install.md", encoding: .utf8)
-        let table = try #require(doc.components(separatedBy: "<!-- installed-files -->").dropFirst().first?.components(separatedBy: "<!-- /installed-files -->").first)
-        var documented: Set<String> = []
-        for line in table.split(separator: "\n") where line.hasPrefix("| `$") {
-            let path = String(line.dropFirst(3).prefix { $0 != "`" })
-                .replacingOccurrences(of: "$PREFIX", with: "/usr").replacingOccurrences(of: "$UNITDIR", with: "/usr/lib/systemd/system")
-                .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc")
-            if path.contains("<command>") {
-                for command in commands where !command.words.isEmpty {
-                    documented.insert(path.replacingOccurrences(of: "<command>", with: command.words.joined(separator: "-")))
-                }
-            } else {
-                documented.insert(path)
-            }
-        }
+        let documented = try documentedFiles(commands)
         #expect(documented.count >= 10)
         let installed = filesUnder(destdir)
         #expect(installed.subtracting(documented).isEmpty, "installed but not in Docs/install.md: \(installed.subtracting(documented).sorted())")
@@ -109,6 +131,7 @@ struct InstallTests {
             #expect(page.contains(".Dt \(name.uppercased()) 8"), "\(name).8 is titled after its file")
             let abstract = String(command.abstract.prefix(50))
             #expect(page.contains(abstract), "\(name).8 lacks the command's abstract '\(abstract)'")
+            #expect(page.contains("Examples:"), "\(name).8 (the command's help) has no examples")
             for option in command.longNames {
                 #expect(page.contains("Fl -\(option)"), "\(name).8 lacks --\(option)")
                 for (shell, text) in [("bash", bash), ("zsh", zsh), ("fish", fish)] {
@@ -138,5 +161,28 @@ struct InstallTests {
         #expect(uninstall.status == 0, "\(uninstall.stderr)")
         #expect(filesUnder(destdir) == ["/etc/guard/guard.conf"], "left behind: \(filesUnder(destdir).sorted())")
         #expect(uninstall.stderr.contains("kept \(destdir)/etc/guard/guard.conf: it was edited"))
+    }
+
+    @Test("Scripts/package-deb builds a package with the same files (man pages compressed), guard.conf as a conffile, and the binary's version")
+    func debianPackage() throws {
+        let built = URL(fileURLWithPath: guardExecutable).deletingLastPathComponent().path
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let result = try script("package-deb", ["GUARD_INSTALL_FROM": built, "DESTDIR": "", "PREFIX": ""], arguments: [out])
+        try #require(result.status == 0, "\(result.stderr)")
+        let version = try guardCommand(["--version"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let arch = try capture(["dpkg", "--print-architecture"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        let deb = "\(out)/guard_\(version)_\(arch).deb"
+        #expect(try capture(["dpkg-deb", "-f", deb, "Package", "Version"]) == "Package: guard\nVersion: \(version)\n")
+        let listed = Set(try capture(["dpkg-deb", "-c", deb]).split(separator: "\n").compactMap { line -> String? in
+            guard line.hasPrefix("-") else { return nil }
+            return String(line.split(separator: " ", omittingEmptySubsequences: true).last!.dropFirst())
+        })
+        let expected = Set(try documentedFiles(try commandTree()).map { $0.hasSuffix(".8") ? $0 + ".gz" : $0 })
+        #expect(listed == expected, "in the package only: \(listed.subtracting(expected).sorted()); missing: \(expected.subtracting(listed).sorted())")
+        let control = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-control-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: control) }
+        _ = try capture(["dpkg-deb", "-e", deb, control])
+        #expect(try String(contentsOfFile: "\(control)/conffiles", encoding: .utf8) == "/etc/guard/guard.conf\n")
     }
 }

@@ -10,6 +10,14 @@ extension GuardCommand {
     struct Volume: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Guard volumes: a device-mapper volume over a file or block device, for machines without LVM.",
+            discussion: """
+                A guard volume is /dev/mapper/NAME, a linear device-mapper volume over a file or a whole block device, registered in the state directory so that `guard volume activate` (and the boot unit) can bring it back after a reboot. guard snapshots it like an LVM logical volume.
+
+                Examples:
+                  guard volume create website --backing /srv/website.img --size 100M
+                  guard volume list
+                  guard volume remove website
+                """,
             subcommands: [Create.self, List.self, Remove.self, Activate.self])
 
         struct Create: ParsableCommand {
