@@ -178,8 +178,10 @@ public struct Planner {
                 }
             }
 
-            if let history = peaks[index], UInt64(history.peakBytes) > (policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes) {
-                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(Units.formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(Units.formatBytes(policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes))); it may fill: give a larger size, size: auto, or an extend policy")
+            // What earlier runs needed, against the most this snapshot can ever hold.
+            let capacity = policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes
+            if let history = peaks[index], UInt64(history.peakBytes) > capacity {
+                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(Units.formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(Units.formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy")
             }
 
             volumes.append(

@@ -21,6 +21,8 @@ public protocol Reporter: Sendable {
     func merge(volume: String, fraction: Double)
     /// Detail for -v and the log file only.
     func log(_ text: String)
+    /// How a run ended: shown even with -q, and logged (a failure at error priority).
+    func result(_ text: String, success: Bool)
 }
 
 /// Reports nothing (tests, --quiet internals).
@@ -35,4 +37,5 @@ public struct SilentReporter: Reporter {
     public func cow(volume: String, usedBytes: UInt64, sizeBytes: UInt64) {}
     public func merge(volume: String, fraction: Double) {}
     public func log(_ text: String) {}
+    public func result(_ text: String, success: Bool) {}
 }

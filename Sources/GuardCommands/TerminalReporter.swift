@@ -50,12 +50,16 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
         statusLineShown = true
     }
 
+    /// Every line names its run ("run 12: phase steps"), once.
     private func system(_ priority: SystemLog.Priority, _ text: String) {
-        SystemLog.write(priority, (currentRun.map { "run \($0): " } ?? "") + text)
+        guard let run = lock.withLock({ currentRun }), !text.hasPrefix("run \(run) "), !text.hasPrefix("run \(run):") else {
+            return SystemLog.write(priority, text)
+        }
+        SystemLog.write(priority, "run \(run): " + text)
     }
 
     func phase(_ name: String, run: Int64?) {
-        if let run { currentRun = run }
+        if let run { lock.withLock { currentRun = run } }
         system(.info, "phase \(name)")
         guard verbosity != .quiet else { return }
         emit(style("==> \(name)", "1"))
@@ -125,6 +129,15 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
         system(.debug, text)
         guard verbosity == .verbose else { return }
         emit(style("    · \(text)", "2"))
+    }
+
+    func result(_ text: String, success: Bool) {
+        system(success ? .notice : .error, text)
+        if success {
+            emit(text)
+        } else {
+            emit(style("guard: ", "31") + text)
+        }
     }
 
     private func lastLine(_ text: String) -> String {

@@ -7,8 +7,7 @@ import Testing
 
 /// Runs guard with a guard.conf and no --state-dir, as an admin with /etc/guard/guard.conf would.
 func guardWithConfiguration(_ file: String, _ arguments: String...) throws -> CommandResult {
-    var environment = ProcessInfo.processInfo.environment
-    environment["NO_COLOR"] = "1"
+    var environment = guardEnvironment()
     environment["GUARD_CONFIG"] = file
     environment.removeValue(forKey: "GUARD_STATE_DIR")
     return try run([guardBinary] + arguments, environment: environment)
@@ -16,6 +15,48 @@ func guardWithConfiguration(_ file: String, _ arguments: String...) throws -> Co
 
 /// Everything device-mapper has, tables included: what a dry run must leave as it was.
 func deviceMapperState() throws -> String { try sh("dmsetup table | sort") }
+
+/// What guard wrote to the system log while `body` ran, as syslog lines `<PRI>... guard[PID]: MESSAGE`.
+/// Without a syslog on the machine (the VM), a listener of the test's own is /dev/log for that
+/// time; with one, its journal is read back (`journalctl -t guard`).
+func systemLogLines(scratch: Scratch, _ body: () throws -> Void) throws -> [String] {
+    var devLog = stat()
+    if lstat("/dev/log", &devLog) != 0 {
+        let received = scratch.path("syslog.txt")
+        let listener = Process()
+        listener.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        listener.arguments = ["-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind("/dev/log")
+            with open(sys.argv[1], "ab", buffering=0) as out:
+                while True:
+                    out.write(s.recv(65536) + b"\\n")
+            """, received]
+        try listener.run()
+        defer {
+            kill(listener.processIdentifier, SIGKILL)  // SIGTERM may be ignored, inherited from the test runner
+            listener.waitUntilExit()
+            unlink("/dev/log")
+        }
+        for _ in 0..<200 where lstat("/dev/log", &devLog) != 0 { Thread.sleep(forTimeInterval: 0.05) }
+        try body()
+        Thread.sleep(forTimeInterval: 0.3)
+        return ((try? String(contentsOfFile: received, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+    let since = Int(Date().timeIntervalSince1970) - 1
+    try body()
+    Thread.sleep(forTimeInterval: 1)
+    let journal = try run(["journalctl", "-t", "guard", "--since", "@\(since)", "-o", "json", "--no-pager"])
+    #expect(journal.status == 0, "this machine has /dev/log but no journalctl to read it back: \(journal.stderr)")
+    return journal.stdout.split(separator: "\n").compactMap { line in
+        guard let entry = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+            let message = entry["MESSAGE"] as? String, let priority = (entry["PRIORITY"] as? String).flatMap(Int.init),
+            let facility = (entry["SYSLOG_FACILITY"] as? String).flatMap(Int.init)
+        else { return nil }
+        return "<\(facility * 8 + priority)>journal guard[\(entry["SYSLOG_PID"] as? String ?? "?")]: \(message)"
+    }
+}
 
 func listing(_ directory: String) -> [String] { ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted() }
 
@@ -103,6 +144,13 @@ extension Kernel {
             let peak = try #require(first["peak_used_bytes"] as? Int)
             #expect(peak >= 12 << 20 && peak < 20 << 20, "the steps wrote 12 MiB: peak \(peak)")
 
+            // A fixed size smaller than what the recipe needed before: the dry run says so.
+            let small = try writeRecipe(try String(contentsOfFile: recipe, encoding: .utf8).replacingOccurrences(of: "size: auto", with: "size: 4M"), in: lvm.scratch, name: "small.recipe")
+            let warned = try tool("run", "--dry-run", small)
+            #expect(warned.status == 0, "a warning, not a refusal: \(warned.stderr)")
+            #expect(warned.stdout.contains("earlier runs: peak COW use \(Units.formatBytes(UInt64(peak))) (1 run of website-auto)"), "\(warned.stdout)")
+            #expect(warned.stderr.contains("earlier runs of website-auto used up to \(Units.formatBytes(UInt64(peak))) of COW on \(lvm.device), more than this snapshot can hold (\(Units.formatBytes(4 << 20)))"), "\(warned.stderr)")
+
             let learned = try tool("run", "--dry-run", recipe)
             #expect(learned.stdout.contains("auto: 1.5 × the peak use of earlier runs (\(Units.formatBytes(UInt64(peak)))) + 16 MiB"), "\(learned.stdout)")
             #expect(try tool("run", recipe).status == 0)
@@ -160,6 +208,31 @@ extension Kernel {
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try manifest(lvm.mountPoint) == before)
             #expect(listing(cow).filter { $0.hasSuffix(".cow") }.isEmpty, "the COW file is gone after the merge")
+        }
+
+        @Test("a run's story reaches the system log as `guard[PID]: run N: ...`: phases, steps, checks and the outcome, a failure at error priority")
+        func systemLog() throws {
+            let lvm = try LVMFixture()
+            try writeDatabase(at: lvm.mountPoint)
+            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: true), in: lvm.scratch)
+            var result: CommandResult?
+            let lines = try systemLogLines(scratch: lvm.scratch) {
+                result = try run([guardBinary, "run", recipe, "--state-dir", lvm.scratch.path("state")], environment: guardEnvironment())
+            }
+            #expect(result?.status == 1, "the bad migration fails verify and is rolled back: \(result?.stderr ?? "")")
+            // <PRI>... guard[PID]: MESSAGE, facility daemon (3): PRI = 24 + severity.
+            func logged(_ text: String, severity: Int? = nil) -> Bool {
+                lines.contains { line in
+                    line.contains(" guard[") && line.contains("]: \(text)") && (severity.map { line.hasPrefix("<\(24 + $0)>") } ?? true)
+                }
+            }
+            let story = lines.joined(separator: "\n")
+            for phase in ["snapshot", "steps", "verify", "rollback"] {
+                #expect(logged("run 1: phase \(phase)"), "phase \(phase) in:\n\(story)")
+            }
+            #expect(logged("run 1: step 1/1 'add id column' started"), "\(story)")
+            #expect(logged("run 1: verify 'every row has an id and an email': exit 1", severity: 4), "\(story)")
+            #expect(logged("run 1 failed (", severity: 3), "the outcome at error priority: \(story)")
         }
     }
 }

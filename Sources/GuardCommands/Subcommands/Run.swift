@@ -61,12 +61,7 @@ extension GuardCommand {
             let signals = InterruptHandler { interrupt.set("interrupted (Ctrl-C)") }
             defer { signals.cancel() }
             let report = try await RunTransaction(context: context, options: options).execute(recipePath: recipe)
-            let line = report.message
-            if report.exitCode == .success {
-                context.reporter.note(line)
-            } else {
-                FileHandle.standardError.write(Data(("guard: " + line + "\n").utf8))
-            }
+            context.reporter.result(report.message, success: report.exitCode == .success)
             throw ExitCodeError(report.exitCode)
         }
     }
