@@ -14,20 +14,45 @@ struct Output {
     var stderr: String
 }
 
-func guardCommand(_ arguments: [String], environment: [String: String] = [:]) throws -> Output {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: guardExecutable)
-    process.arguments = arguments
-    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+/// Runs a program to its end on a Dispatch thread, not on one of Swift's cooperative threads:
+/// the tests run in parallel, and a cooperative thread blocked on a child process would delay
+/// the other tests' timers (the step runner's timeouts are measured).
+func runProgram(_ path: String, _ arguments: [String], environment: [String: String]) async throws -> Output {
+    try await withCheckedThrowingContinuation { continuation in
+        DispatchQueue.global().async {
+            continuation.resume(with: Result {
+                let process = Process()
+                process.executableURL = URL(fileURLWithPath: path)
+                process.arguments = arguments
+                process.environment = environment
+                let out = Pipe()
+                let err = Pipe()
+                process.standardOutput = out
+                process.standardError = err
+                process.standardInput = FileHandle.nullDevice
+                try process.run()
+                // Both pipes at once, or a chatty child blocks on a full one.
+                nonisolated(unsafe) var outData = Data()
+                let group = DispatchGroup()
+                group.enter()
+                DispatchQueue.global().async {
+                    outData = out.fileHandleForReading.readDataToEndOfFile()
+                    group.leave()
+                }
+                let errData = err.fileHandleForReading.readDataToEndOfFile()
+                group.wait()
+                process.waitUntilExit()
+                return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+            })
+        }
+    }
+}
+
+/// Runs the built guard. No site configuration unless a test names one: an
+/// /etc/guard/guard.conf on this machine must not change the results.
+func guardCommand(_ arguments: [String], environment: [String: String] = [:]) async throws -> Output {
+    let merged = ProcessInfo.processInfo.environment.merging(["GUARD_CONFIG": "/dev/null"]) { $1 }.merging(environment) { $1 }
+    return try await runProgram(guardExecutable, arguments, environment: merged)
 }
 
 func stateWithRuns() throws -> String {
@@ -51,9 +76,9 @@ func stateWithRuns() throws -> String {
 @Suite("guard command line")
 struct GuardCommandsTests {
     @Test("history --json has the documented fields")
-    func historyJSON() throws {
+    func historyJSON() async throws {
         let state = try stateWithRuns()
-        let output = try guardCommand(["history", "--json", "--state-dir", state])
+        let output = try await guardCommand(["history", "--json", "--state-dir", state])
         #expect(output.status == 0, "\(output.stderr)")
         let runs = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [[String: Any]])
         #expect(runs.count == 2)
@@ -73,25 +98,25 @@ struct GuardCommandsTests {
     }
 
     @Test("show --json has phases, steps, snapshots and events")
-    func showJSON() throws {
+    func showJSON() async throws {
         let state = try stateWithRuns()
-        let output = try guardCommand(["show", "2", "--json", "--state-dir", state])
+        let output = try await guardCommand(["show", "2", "--json", "--state-dir", state])
         #expect(output.status == 0, "\(output.stderr)")
         let run = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
         for key in ["phases", "steps", "snapshots", "events", "recipe_sha256", "host", "user"] { #expect(run[key] != nil, "\(key)") }
-        let byToken = try guardCommand(["show", "00000001", "--state-dir", state])
+        let byToken = try await guardCommand(["show", "00000001", "--state-dir", state])
         #expect(byToken.status == 0 && byToken.stdout.contains("run 2 (00000001)"), "\(byToken.stdout)")
     }
 
     @Test("plain output has no escape codes off a terminal or with NO_COLOR", arguments: [[:], ["NO_COLOR": "1"]])
-    func noEscapes(environment: [String: String]) throws {
+    func noEscapes(environment: [String: String]) async throws {
         let state = try stateWithRuns()
         for arguments in [["history"], ["show", "1"], ["check", "--syntax-only", "Recipes/website-migration-good.recipe"]] {
-            let output = try guardCommand(arguments + ["--state-dir", state], environment: environment)
+            let output = try await guardCommand(arguments + ["--state-dir", state], environment: environment)
             #expect(output.status == 0, "\(arguments): \(output.stderr)")
             #expect(!output.stdout.contains("\u{1B}") && !output.stderr.contains("\u{1B}"), "\(arguments)")
         }
-        let history = try guardCommand(["history", "--state-dir", state])
+        let history = try await guardCommand(["history", "--state-dir", state])
         #expect(history.stdout.contains("website-schema-v2"))
         #expect(history.stdout.contains("rolled_back"))
         #expect(history.stdout.split(separator: "\n").first?.hasPrefix("RUN  RECIPE") == true)
@@ -104,19 +129,19 @@ struct GuardCommandsTests {
         (["history", "--limit", "x"], "--limit"),
         (["frobnicate"], "Unexpected argument 'frobnicate'"),
     ])
-    func usageErrors(arguments: [String], message: String) throws {
+    func usageErrors(arguments: [String], message: String) async throws {
         let state = try stateWithRuns()
-        let output = try guardCommand(arguments.first == "frobnicate" ? arguments : arguments + ["--state-dir", state])
+        let output = try await guardCommand(arguments.first == "frobnicate" ? arguments : arguments + ["--state-dir", state])
         #expect(output.status == 2, "\(arguments): \(output.stderr)")
         #expect(output.stderr.contains(message), "\(output.stderr)")
         #expect(output.stdout.isEmpty)
     }
 
     @Test("an invalid recipe exits 2 with every error and its line")
-    func invalidRecipe() throws {
+    func invalidRecipe() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UInt32.random(in: 0...UInt32.max)).recipe").path
         try "name: x\nvolumes:\n  - device: /dev/mapper/a\n    snapshot: 25\nstpes: []\n".write(toFile: path, atomically: true, encoding: .utf8)
-        let output = try guardCommand(["check", "--syntax-only", path])
+        let output = try await guardCommand(["check", "--syntax-only", path])
         #expect(output.status == 2)
         #expect(output.stderr.contains("\(path):4:15: volumes[1].snapshot: the size '25' has no unit; did you mean 25M?"), "\(output.stderr)")
         #expect(output.stderr.contains("\(path):5:1: unknown key 'stpes'"), "\(output.stderr)")
@@ -124,7 +149,7 @@ struct GuardCommandsTests {
     }
 
     @Test("guard.conf: flags win over GUARD_STATE_DIR, which wins over the file, which wins over the built-in default")
-    func configurationPrecedence() throws {
+    func configurationPrecedence() async throws {
         let state = try stateWithRuns()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-conf-\(UInt32.random(in: 0...UInt32.max))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -133,14 +158,14 @@ struct GuardCommandsTests {
         let clean = ["GUARD_STATE_DIR": ""]
 
         // The file's state_dir is where history finds the journal.
-        let fromFile = try guardCommand(["history", "--json", "--config", file], environment: clean)
+        let fromFile = try await guardCommand(["history", "--json", "--config", file], environment: clean)
         #expect(fromFile.status == 0, "\(fromFile.stderr)")
         #expect((try JSONSerialization.jsonObject(with: Data(fromFile.stdout.utf8)) as? [Any])?.count == 2)
-        let viaVariable = try guardCommand(["history", "--json"], environment: ["GUARD_CONFIG": file, "GUARD_STATE_DIR": ""])
+        let viaVariable = try await guardCommand(["history", "--json"], environment: ["GUARD_CONFIG": file, "GUARD_STATE_DIR": ""])
         #expect(viaVariable.stdout == fromFile.stdout)
 
-        func settings(_ arguments: [String], _ environment: [String: String]) throws -> [String: Any] {
-            let output = try guardCommand(["config", "--json"] + arguments, environment: environment)
+        func settings(_ arguments: [String], _ environment: [String: String]) async throws -> [String: Any] {
+            let output = try await guardCommand(["config", "--json"] + arguments, environment: environment)
             #expect(output.status == 0, "\(output.stderr)")
             return try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
         }
@@ -148,43 +173,43 @@ struct GuardCommandsTests {
             let setting = object[key] as? [String: Any]
             return (setting?["value"] as? String, setting?["source"] as? String)
         }
-        let file1 = try settings(["--config", file], clean)
+        let file1 = try await settings(["--config", file], clean)
         #expect(value(file1, "state_dir") == (state, file))
         #expect(value(file1, "cow_dir") == (state + "/cow", "state_dir/cow"))
         #expect(value(file1, "keep") == ("3d", file))
         #expect(value(file1, "extend") == ("at 70% by 10% max 40%", file))
         #expect(file1["config_file"] as? String == file)
-        let variable = try settings(["--config", file], ["GUARD_STATE_DIR": directory + "/env"])
+        let variable = try await settings(["--config", file], ["GUARD_STATE_DIR": directory + "/env"])
         #expect(value(variable, "state_dir") == (directory + "/env", "GUARD_STATE_DIR"))
-        let flag = try settings(["--config", file, "--state-dir", directory + "/flag"], ["GUARD_STATE_DIR": directory + "/env"])
+        let flag = try await settings(["--config", file, "--state-dir", directory + "/flag"], ["GUARD_STATE_DIR": directory + "/env"])
         #expect(value(flag, "state_dir") == (directory + "/flag", "--state-dir"))
         #expect(value(flag, "keep") == ("3d", file), "a flag for one setting leaves the file's others in effect")
-        let none = try settings(["--config", "/dev/null"], clean)
+        let none = try await settings(["--config", "/dev/null"], clean)
         #expect(value(none, "state_dir") == ("/var/lib/guard", "built-in default"))
         #expect(value(none, "keep").0 == nil && value(none, "extend").0 == nil)
     }
 
     @Test("a bad guard.conf stops every command with exit 2, naming its line, and nothing on stdout")
-    func badConfiguration() throws {
+    func badConfiguration() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-conf-\(UInt32.random(in: 0...UInt32.max))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let file = directory + "/guard.conf"
         try "keep = 7d\nstate-dir = /srv\n".write(toFile: file, atomically: true, encoding: .utf8)
         for arguments in [["history"], ["config"], ["status"]] {
-            let output = try guardCommand(arguments, environment: ["GUARD_CONFIG": file])
+            let output = try await guardCommand(arguments, environment: ["GUARD_CONFIG": file])
             #expect(output.status == 2)
             #expect(output.stdout.isEmpty)
             #expect(output.stderr.contains("\(file):2:1: unknown setting 'state-dir'; did you mean 'state_dir'?"), "\(output.stderr)")
         }
-        let missing = try guardCommand(["history", "--config", directory + "/missing.conf"])
+        let missing = try await guardCommand(["history", "--config", directory + "/missing.conf"])
         #expect(missing.status == 2 && missing.stderr.contains("missing.conf:1:1: the configuration file does not exist"), "\(missing.stderr)")
     }
 
     @Test("--version and help answer")
-    func versionAndHelp() throws {
-        let version = try guardCommand(["--version"])
+    func versionAndHelp() async throws {
+        let version = try await guardCommand(["--version"])
         #expect(version.status == 0 && version.stdout.hasPrefix("0."))
-        let help = try guardCommand(["help", "run"])
+        let help = try await guardCommand(["help", "run"])
         #expect(help.status == 0)
         #expect(help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"))
     }

@@ -12,8 +12,8 @@ struct CommandInfo {
 }
 
 /// Every command an admin can call, from the binary's own description of itself.
-func commandTree() throws -> [CommandInfo] {
-    let dump = try guardCommand(["--experimental-dump-help"])
+func commandTree() async throws -> [CommandInfo] {
+    let dump = try await guardCommand(["--experimental-dump-help"])
     #expect(dump.status == 0, "\(dump.stderr)")
     let root = try #require((try JSONSerialization.jsonObject(with: Data(dump.stdout.utf8)) as? [String: Any])?["command"] as? [String: Any])
     var commands: [CommandInfo] = []
@@ -35,18 +35,8 @@ func commandTree() throws -> [CommandInfo] {
 }
 
 /// Runs a script of the package with extra environment variables.
-func script(_ name: String, _ environment: [String: String], arguments: [String] = []) throws -> Output {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "\(packageRoot)/Scripts/\(name)")
-    process.arguments = arguments
-    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    let err = Pipe()
-    process.standardError = err
-    process.standardOutput = FileHandle.nullDevice
-    try process.run()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return Output(status: process.terminationStatus, stdout: "", stderr: String(decoding: errData, as: UTF8.self))
+func script(_ name: String, _ environment: [String: String], arguments: [String] = []) async throws -> Output {
+    try await runProgram("\(packageRoot)/Scripts/\(name)", arguments, environment: ProcessInfo.processInfo.environment.merging(environment) { $1 })
 }
 
 func filesUnder(_ root: String) -> Set<String> {
@@ -82,24 +72,16 @@ func documentedFiles(_ commands: [CommandInfo]) throws -> Set<String> {
 }
 
 /// Runs a command line and returns its standard output; records its failure.
-func capture(_ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let out = Pipe()
-    process.standardOutput = out
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    #expect(process.terminationStatus == 0, "\(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
-    return String(decoding: data, as: UTF8.self)
+func capture(_ arguments: [String]) async throws -> String {
+    let output = try await runProgram("/usr/bin/env", arguments, environment: ProcessInfo.processInfo.environment)
+    #expect(output.status == 0, "\(arguments.joined(separator: " ")) exited \(output.status): \(output.stderr)")
+    return output.stdout
 }
 
 @Suite("Install")
 struct InstallTests {
     @Test("Scripts/install into a DESTDIR puts exactly Docs/install.md's files in place; pages and completions cover every command and option; uninstall removes them")
-    func installIntoDestdir() throws {
+    func installIntoDestdir() async throws {
         let built = URL(fileURLWithPath: guardExecutable).deletingLastPathComponent().path
         try #require(
             FileManager.default.isExecutableFile(atPath: "\(built)/generate-manual"),
@@ -107,11 +89,11 @@ struct InstallTests {
         let destdir = FileManager.default.temporaryDirectory.appendingPathComponent("guard-install-\(UInt32.random(in: 0...UInt32.max))").path
         defer { try? FileManager.default.removeItem(atPath: destdir) }
         let environment = ["PREFIX": "/usr", "DESTDIR": destdir, "GUARD_INSTALL_FROM": built, "UNITDIR": "", "SYSCONFDIR": ""]
-        let install = try script("install", environment)
+        let install = try await script("install", environment)
         try #require(install.status == 0, "\(install.stderr)")
 
         // The documented list, with PREFIX=/usr (so UNITDIR=/usr/lib/systemd/system) and /etc.
-        let commands = try commandTree()
+        let commands = try await commandTree()
         #expect(commands.contains { $0.words == ["volume", "create"] } && commands.contains { $0.words == ["run"] })
         #expect(!commands.contains { $0.words.contains("__watchdog") || $0.words.contains("help") })
         let documented = try documentedFiles(commands)
@@ -150,39 +132,39 @@ struct InstallTests {
         }
         let installedConfig = try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8)
         #expect(installedConfig == (try String(contentsOfFile: "\(packageRoot)/Config/guard.conf", encoding: .utf8)))
-        let shipped = try guardCommand(["config", "--json", "--config", "\(destdir)/etc/guard/guard.conf"], environment: ["GUARD_STATE_DIR": ""])
+        let shipped = try await guardCommand(["config", "--json", "--config", "\(destdir)/etc/guard/guard.conf"], environment: ["GUARD_STATE_DIR": ""])
         #expect(shipped.status == 0 && shipped.stdout.contains("\"/var/lib/guard\""), "the shipped guard.conf parses to the built-in defaults: \(shipped.stderr)")
 
         // A second install keeps an edited configuration; uninstall removes everything else.
         try (installedConfig + "keep = 3d\n").write(toFile: "\(destdir)/etc/guard/guard.conf", atomically: true, encoding: .utf8)
-        #expect(try script("install", environment).status == 0)
+        #expect(try await script("install", environment).status == 0)
         #expect(try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8).hasSuffix("keep = 3d\n"))
-        let uninstall = try script("uninstall", environment)
+        let uninstall = try await script("uninstall", environment)
         #expect(uninstall.status == 0, "\(uninstall.stderr)")
         #expect(filesUnder(destdir) == ["/etc/guard/guard.conf"], "left behind: \(filesUnder(destdir).sorted())")
         #expect(uninstall.stderr.contains("kept \(destdir)/etc/guard/guard.conf: it was edited"))
     }
 
     @Test("Scripts/package-deb builds a package with the same files (man pages compressed), guard.conf as a conffile, and the binary's version")
-    func debianPackage() throws {
+    func debianPackage() async throws {
         let built = URL(fileURLWithPath: guardExecutable).deletingLastPathComponent().path
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-\(UInt32.random(in: 0...UInt32.max))").path
         defer { try? FileManager.default.removeItem(atPath: out) }
-        let result = try script("package-deb", ["GUARD_INSTALL_FROM": built, "DESTDIR": "", "PREFIX": ""], arguments: [out])
+        let result = try await script("package-deb", ["GUARD_INSTALL_FROM": built, "DESTDIR": "", "PREFIX": ""], arguments: [out])
         try #require(result.status == 0, "\(result.stderr)")
-        let version = try guardCommand(["--version"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let arch = try capture(["dpkg", "--print-architecture"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        let version = try await guardCommand(["--version"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let arch = try await capture(["dpkg", "--print-architecture"]).trimmingCharacters(in: .whitespacesAndNewlines)
         let deb = "\(out)/guard_\(version)_\(arch).deb"
-        #expect(try capture(["dpkg-deb", "-f", deb, "Package", "Version"]) == "Package: guard\nVersion: \(version)\n")
-        let listed = Set(try capture(["dpkg-deb", "-c", deb]).split(separator: "\n").compactMap { line -> String? in
+        #expect(try await capture(["dpkg-deb", "-f", deb, "Package", "Version"]) == "Package: guard\nVersion: \(version)\n")
+        let listed = Set(try await capture(["dpkg-deb", "-c", deb]).split(separator: "\n").compactMap { line -> String? in
             guard line.hasPrefix("-") else { return nil }
             return String(line.split(separator: " ", omittingEmptySubsequences: true).last!.dropFirst())
         })
-        let expected = Set(try documentedFiles(try commandTree()).map { $0.hasSuffix(".8") ? $0 + ".gz" : $0 })
+        let expected = Set(try documentedFiles(try await commandTree()).map { $0.hasSuffix(".8") ? $0 + ".gz" : $0 })
         #expect(listed == expected, "in the package only: \(listed.subtracting(expected).sorted()); missing: \(expected.subtracting(listed).sorted())")
         let control = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-control-\(UInt32.random(in: 0...UInt32.max))").path
         defer { try? FileManager.default.removeItem(atPath: control) }
-        _ = try capture(["dpkg-deb", "-e", deb, control])
+        _ = try await capture(["dpkg-deb", "-e", deb, control])
         #expect(try String(contentsOfFile: "\(control)/conffiles", encoding: .utf8) == "/etc/guard/guard.conf\n")
     }
 }

@@ -12,14 +12,13 @@ struct GuardTool {
     /// Runs `guard <arguments> --state-dir <dir>`.
     @discardableResult
     func callAsFunction(_ arguments: String..., now: Date? = nil, extra: [String: String] = [:]) throws -> CommandResult {
-        var env = ProcessInfo.processInfo.environment.merging(environment) { $1 }.merging(extra) { $1 }
-        env["NO_COLOR"] = "1"
+        var env = guardEnvironment().merging(environment) { $1 }.merging(extra) { $1 }
         if let now { env["GUARD_NOW"] = "\(now.timeIntervalSince1970)" }
         return try run([guardBinary] + arguments + ["--state-dir", stateDirectory], environment: env)
     }
 
     func json(_ arguments: String...) throws -> Any {
-        let result = try run([guardBinary] + arguments + ["--json", "--state-dir", stateDirectory])
+        let result = try run([guardBinary] + arguments + ["--json", "--state-dir", stateDirectory], environment: guardEnvironment().merging(environment) { $1 })
         guard result.status == 0 else { throw ShellError(command: "guard \(arguments)", status: result.status, stderr: result.stderr) }
         return try JSONSerialization.jsonObject(with: Data(result.stdout.utf8))
     }

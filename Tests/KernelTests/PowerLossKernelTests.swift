@@ -86,7 +86,7 @@ struct PowerLoss {
         let merging = Process()
         merging.executableURL = URL(fileURLWithPath: guardBinary)
         merging.arguments = ["run", "-v", mergingRecipe, "--state-dir", tool.stateDirectory]
-        merging.environment = ProcessInfo.processInfo.environment.merging(["NO_COLOR": "1"]) { $1 }
+        merging.environment = guardEnvironment()
         FileManager.default.createFile(atPath: "\(directory)/merging.out", contents: nil)
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(directory)/merging.out"))
         merging.standardOutput = log

@@ -124,6 +124,15 @@ func dropCaches(_ path: String) throws {
     try sh("blockdev --flushbufs '\(path)' 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches")
 }
 
+/// The environment guard runs in under test: no colors, and no site configuration unless a
+/// test names one (an /etc/guard/guard.conf on the machine must not change what is tested).
+func guardEnvironment() -> [String: String] {
+    var environment = ProcessInfo.processInfo.environment
+    environment["NO_COLOR"] = "1"
+    if environment["GUARD_CONFIG"] == nil { environment["GUARD_CONFIG"] = "/dev/null" }
+    return environment
+}
+
 /// The `guard` binary built beside the test bundle.
 var guardBinary: String {
     // Scripts/test copies the binary into the VM's memory: exec'ing it from the 9p root costs seconds.
