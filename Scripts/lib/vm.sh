@@ -32,7 +32,8 @@ vm_run() {
   kernel=$(vm_kernel) || return 1
   mkdir -p "$outdir"
   local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; $*"
-  timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-1500}" \
+  # The kernel suite takes some 20 minutes under emulation: the bound is for a VM that hangs.
+  timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-2100}" \
     vng --run "$kernel" --disable-kvm --force-9p --cpus "${GUARD_VM_CPUS:-2}" --memory "$memory" \
       ${GUARD_VM_DISK:+--disk "$GUARD_VM_DISK"} --rwdir "$outdir" --exec "$cmd" >"$outdir/console.log" 2>&1
 }
