@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Foundation
 import Recipe
@@ -54,24 +55,37 @@ struct GlobalOptions: ParsableArguments {
     @Option(name: .customLong("udev"), help: ArgumentHelp("How to wait for udev: automatic, cookies or none.", valueName: "mode", visibility: .hidden))
     var udev: String = ProcessInfo.processInfo.environment["GUARD_UDEV"] ?? "automatic"
 
-    func context() throws -> GuardContext {
+    /// - Parameter keepingValid: use the valid lines of a guard.conf that has errors, with a
+    ///   warning, instead of refusing (`guard recover`: a typo must not stop boot-time recovery).
+    func context(keepingValid: Bool = false) throws -> GuardContext {
         guard let mode = UdevModeName(rawValue: udev) else {
             throw GuardFailure(.usage, "--udev must be automatic, cookies or none, not '\(udev)'")
         }
-        let settings = try self.settings()
+        let settings = try self.settings(keepingValid: keepingValid)
         let reporter = TerminalReporter(verbosity: quiet ? .quiet : (verbose ? .verbose : .normal))
         return GuardContext(stateDirectory: settings.stateDirectory.value, udev: mode.mode, reporter: reporter, configuration: settings.file)
     }
 
     /// The configuration file and the state directory in effect, each with where it came from.
-    func settings() throws -> Settings {
+    func settings(keepingValid: Bool = false) throws -> Settings {
         let environment = ProcessInfo.processInfo.environment
         let named = configuration.map { ($0, "--config") } ?? environment["GUARD_CONFIG"].map { ($0, "GUARD_CONFIG") }
+        let path = named?.0 ?? GuardConfiguration.defaultPath
         let file: GuardConfiguration
-        do {
-            file = try GuardConfiguration.load(path: named?.0 ?? GuardConfiguration.defaultPath, required: named != nil)
-        } catch let errors as RecipeErrors {
-            throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
+        if keepingValid {
+            let (valid, errors) = GuardConfiguration.loadKeepingValid(path: path, required: named != nil)
+            if let errors {
+                let text = "\(errors); going on with the file's valid settings (fix it: every other command refuses it)"
+                SystemLog.write(.warning, text)
+                FileHandle.standardError.write(Data(("guard: warning: " + text + "\n").utf8))
+            }
+            file = valid
+        } else {
+            do {
+                file = try GuardConfiguration.load(path: path, required: named != nil)
+            } catch let errors as RecipeErrors {
+                throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
+            }
         }
         let fileSource = file.path.map { "\($0)" } ?? "built-in default"
         let state: Settings.Value

@@ -48,6 +48,27 @@ public struct GuardConfiguration: Hashable, Sendable {
 
     /// Parses the text of a configuration file; collects every problem before throwing.
     public static func parse(_ text: String, path: String) throws -> GuardConfiguration {
+        let (configuration, errors) = parseKeepingValid(text, path: path)
+        if !errors.isEmpty { throw RecipeErrors(errors: errors) }
+        return configuration
+    }
+
+    /// Reads what can be read: the valid settings, and the problems of the rest. For `guard
+    /// recover`, which must not be stopped at boot by a typo in an unrelated line.
+    public static func loadKeepingValid(path: String, required: Bool) -> (GuardConfiguration, RecipeErrors?) {
+        do {
+            return (try load(path: path, required: required), nil)
+        } catch let errors as RecipeErrors {
+            guard let handle = FileHandle(forReadingAtPath: path), let data = try? handle.readToEnd() ?? Data(),
+                let text = String(data: data, encoding: .utf8)
+            else { return (GuardConfiguration(), errors) }
+            return (parseKeepingValid(text, path: path).0, errors)
+        } catch {
+            return (GuardConfiguration(), RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "\(error)")]))
+        }
+    }
+
+    static func parseKeepingValid(_ text: String, path: String) -> (GuardConfiguration, [RecipeError]) {
         var configuration = GuardConfiguration(path: path)
         var errors: [RecipeError] = []
         var seen: [String: Int] = [:]
@@ -102,8 +123,7 @@ public struct GuardConfiguration: Hashable, Sendable {
                 }
             }
         }
-        if !errors.isEmpty { throw RecipeErrors(errors: errors) }
-        return configuration
+        return (configuration, errors)
     }
 
     /// `at 80% by 10% max 50%` (`at` optional, 80% by default), as a recipe's `snapshot.extend`.

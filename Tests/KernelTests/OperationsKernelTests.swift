@@ -203,6 +203,21 @@ extension Kernel {
             #expect(other.status == 0, "\(other.stderr)")
             #expect((try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [Any])?.isEmpty == true, "\(other.stdout)")
 
+            // A typo in guard.conf: every command refuses it, but `guard recover` (the boot unit)
+            // goes on with the valid lines, so it still finds the journal in state_dir and leaves
+            // the kept run alone.
+            let good = try String(contentsOfFile: file, encoding: .utf8)
+            try (good + "kep = 1d\n").write(toFile: file, atomically: true, encoding: .utf8)
+            let refused = try guardWithConfiguration(file, "status")
+            #expect(refused.status == 2 && refused.stderr.contains("\(file):5:1: unknown setting 'kep'; did you mean 'keep'?"), "\(refused.stderr)")
+            let recover = try guardWithConfiguration(file, "recover")
+            #expect(recover.status == 0, "\(recover.stderr)")
+            #expect(recover.stderr.contains("warning: \(file):5:1: unknown setting 'kep'"), "\(recover.stderr)")
+            #expect(listing(cow).filter { $0.hasSuffix(".cow") }.count == 1, "recover kept the kept run's COW")
+            try good.write(toFile: file, atomically: true, encoding: .utf8)
+            let status = try #require(try JSONSerialization.jsonObject(with: Data(try guardWithConfiguration(file, "status", "--json").stdout.utf8)) as? [String: Any])
+            #expect((status["runs"] as? [[String: Any]])?.first?["state"] as? String == "kept", "\(status)")
+
             // The kept run rolls back from its COW in cow_dir: the volume is as before the run.
             let rollback = try guardWithConfiguration(file, "rollback", "1", "--wait")
             #expect(rollback.status == 0, "\(rollback.stderr)")

@@ -68,4 +68,17 @@ struct ConfigurationTests {
         #expect(try GuardConfiguration.load(path: path, required: false) == GuardConfiguration())
         #expect(throws: RecipeErrors.self) { try GuardConfiguration.load(path: path, required: true) }
     }
+
+    @Test("for guard recover: the valid settings of a file with errors, and the errors")
+    func keepingValid() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("guard-\(UInt32.random(in: 0...UInt32.max)).conf").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try "state_dir = /srv/guard\nkeep = soon\ncow_dir = /srv/cow\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let (configuration, errors) = GuardConfiguration.loadKeepingValid(path: path, required: true)
+        #expect(configuration.stateDirectory == "/srv/guard" && configuration.cowDirectory == "/srv/cow" && configuration.keep == nil)
+        #expect(errors?.errors.map(\.location.line) == [2])
+        #expect(throws: RecipeErrors.self) { try GuardConfiguration.load(path: path, required: true) }
+        let missing = GuardConfiguration.loadKeepingValid(path: path + ".missing", required: true)
+        #expect(missing.0 == GuardConfiguration() && missing.1 != nil)
+    }
 }

@@ -13,7 +13,7 @@ extension GuardCommand {
                   cow_dir   = /srv/guard-cow         COW files of volumes whose recipe names no `cow:`
                   keep      = 7d                     `on_success: keep` without a duration commits after this (default: forever)
                   extend    = at 80% by 10% max 50%  COW files grow so when the recipe has no `extend:` (default: none)
-                --state-dir and GUARD_STATE_DIR win over state_dir; what a recipe says wins over cow_dir, keep and extend. A file with an error stops every command with exit 2, naming its line.
+                --state-dir and GUARD_STATE_DIR win over state_dir; what a recipe says wins over cow_dir, keep and extend. A file with an error stops every command with exit 2, naming its line; only `guard recover` warns and goes on with the valid lines (a typo must not stop boot-time recovery).
 
                 Examples:
                   guard config

@@ -72,7 +72,7 @@ extension GuardCommand {
         var boot = false
 
         func run() async throws {
-            let context = try global.context()
+            let context = try global.context(keepingValid: true)
             let report = try await Recovery(context: context).recover(boot: boot)
             for action in report.actions { say(action) }
             if report.actions.isEmpty && report.problems.isEmpty { say("nothing to recover") }
