@@ -33,16 +33,7 @@ public struct GuardConfiguration: Hashable, Sendable {
     /// Reads a configuration file. A missing file is no error unless `required` (named by the admin).
     /// - Throws: `RecipeErrors` naming the file, line and column of every problem.
     public static func load(path: String, required: Bool) throws -> GuardConfiguration {
-        guard FileManager.default.fileExists(atPath: path) else {
-            if required {
-                throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist", hint: "create it (see Docs/guide.md, Configuration) or leave --config/GUARD_CONFIG unset")])
-            }
-            return GuardConfiguration()
-        }
-        // Read through a file handle: /dev/null (no settings at all) reads as empty.
-        guard let handle = FileHandle(forReadingAtPath: path), let data = try? handle.readToEnd() ?? Data(), let text = String(data: data, encoding: .utf8) else {
-            throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "cannot read the configuration file (permissions, or not UTF-8 text)")])
-        }
+        guard let text = try read(path: path, required: required) else { return GuardConfiguration() }
         return try parse(text, path: path)
     }
 
@@ -57,15 +48,29 @@ public struct GuardConfiguration: Hashable, Sendable {
     /// recover`, which must not be stopped at boot by a typo in an unrelated line.
     public static func loadKeepingValid(path: String, required: Bool) -> (GuardConfiguration, RecipeErrors?) {
         do {
-            return (try load(path: path, required: required), nil)
+            guard let text = try read(path: path, required: required) else { return (GuardConfiguration(), nil) }
+            let (configuration, errors) = parseKeepingValid(text, path: path)
+            return (configuration, errors.isEmpty ? nil : RecipeErrors(errors: errors))
         } catch let errors as RecipeErrors {
-            guard let handle = FileHandle(forReadingAtPath: path), let data = try? handle.readToEnd() ?? Data(),
-                let text = String(data: data, encoding: .utf8)
-            else { return (GuardConfiguration(), errors) }
-            return (parseKeepingValid(text, path: path).0, errors)
+            return (GuardConfiguration(), errors)
         } catch {
             return (GuardConfiguration(), RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "\(error)")]))
         }
+    }
+
+    /// The file's text; nil when it is missing and not `required`.
+    static func read(path: String, required: Bool) throws -> String? {
+        guard FileManager.default.fileExists(atPath: path) else {
+            if required {
+                throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist", hint: "create it (see Docs/guide.md, Configuration) or leave --config/GUARD_CONFIG unset")])
+            }
+            return nil
+        }
+        // Read through a file handle: /dev/null (no settings at all) reads as empty.
+        guard let handle = FileHandle(forReadingAtPath: path), let data = try? handle.readToEnd() ?? Data(), let text = String(data: data, encoding: .utf8) else {
+            throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "cannot read the configuration file (permissions, or not UTF-8 text)")])
+        }
+        return text
     }
 
     static func parseKeepingValid(_ text: String, path: String) -> (GuardConfiguration, [RecipeError]) {
@@ -136,20 +141,16 @@ public struct GuardConfiguration: Hashable, Sendable {
         var max: SizeSpec?
         for pair in stride(from: 0, to: words.count, by: 2) {
             let (name, value) = (words[pair], words[pair + 1])
-            func size() -> Result<SizeSpec, UnitError> {
-                if let percent = Units.parsePercent(value) { return .success(.percent(percent)) }
-                return Units.parseSize(value).map { SizeSpec.bytes($0) }
-            }
             switch name {
             case "at":
-                guard let percent = Units.parsePercent(value), percent >= 10, percent < 100 else {
+                guard let threshold = Units.parseGrowthThreshold(value) else {
                     return .failure(UnitError("at must be a percentage between 10% and 99%, not '\(value)'", hint: hint))
                 }
-                at = percent / 100
+                at = threshold
             case "by", "max":
-                switch size() {
+                switch Units.parseSizeSpec(value, context: name, allowPercent: true, allowAuto: false) {
                 case .success(let spec): if name == "by" { by = spec } else { max = spec }
-                case .failure(let error): return .failure(UnitError("\(name): \(error.message)", hint: error.hint ?? hint))
+                case .failure(let error): return .failure(UnitError(error.message, hint: error.hint ?? hint))
                 }
             default:
                 return .failure(UnitError("unknown word '\(name)'", hint: hint))

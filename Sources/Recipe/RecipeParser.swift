@@ -196,32 +196,10 @@ final class Validator {
 
     func size(_ node: Node, _ context: String, allowPercent: Bool, allowAuto: Bool) -> SizeSpec? {
         guard let text = string(node, context) else { return nil }
-        let trimmed = text.trimmed
-        if trimmed.lowercased() == "auto" {
-            if allowAuto { return .auto }
-            error(node, "\(context) cannot be 'auto'")
-            return nil
-        }
-        if trimmed.hasSuffix("%") {
-            guard allowPercent else {
-                error(node, "\(context) cannot be a percentage")
-                return nil
-            }
-            guard let percent = Units.parsePercent(trimmed) else {
-                error(node, "\(context): '\(trimmed)' is not a percentage between 0 and 100")
-                return nil
-            }
-            return .percent(percent)
-        }
-        switch Units.parseSize(trimmed) {
-        case .success(let bytes):
-            if bytes == 0 {
-                error(node, "\(context) must be larger than zero")
-                return nil
-            }
-            return .bytes(bytes)
+        switch Units.parseSizeSpec(text, context: context, allowPercent: allowPercent, allowAuto: allowAuto) {
+        case .success(let size): return size
         case .failure(let failure):
-            error(node, "\(context): \(failure.message)", hint: failure.hint)
+            error(node, failure.message, hint: failure.hint)
             return nil
         }
     }
@@ -379,8 +357,8 @@ final class Validator {
         guard let entries = mapping(node, context, allowed: RecipeParser.extendKeys, required: ["by", "max"]) else { return nil }
         var at = 0.8
         if let entry = entries["at"], let text = string(entry.value, "\(context).at") {
-            if let percent = Units.parsePercent(text), percent >= 10, percent < 100 {
-                at = percent / 100
+            if let threshold = Units.parseGrowthThreshold(text) {
+                at = threshold
             } else {
                 error(entry.value, "\(context).at must be a percentage between 10% and 99%, not '\(text)'")
             }

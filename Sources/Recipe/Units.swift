@@ -66,6 +66,34 @@ public enum Units {
         return value
     }
 
+    /// Parses a snapshot or growth size as recipes and guard.conf write it: `25M`, `20%`, `auto`.
+    /// - Parameter context: what is being parsed, as the messages name it (`volumes[1].snapshot.size`).
+    public static func parseSizeSpec(_ text: String, context: String, allowPercent: Bool, allowAuto: Bool) -> Result<SizeSpec, UnitError> {
+        let trimmed = text.trimmed
+        if trimmed.lowercased() == "auto" {
+            return allowAuto ? .success(.auto) : .failure(UnitError("\(context) cannot be 'auto'"))
+        }
+        if trimmed.hasSuffix("%") {
+            guard allowPercent else { return .failure(UnitError("\(context) cannot be a percentage")) }
+            guard let percent = parsePercent(trimmed) else {
+                return .failure(UnitError("\(context): '\(trimmed)' is not a percentage between 0 and 100"))
+            }
+            return .success(.percent(percent))
+        }
+        switch parseSize(trimmed) {
+        case .success(let bytes):
+            return bytes == 0 ? .failure(UnitError("\(context) must be larger than zero")) : .success(.bytes(bytes))
+        case .failure(let failure):
+            return .failure(UnitError("\(context): \(failure.message)", hint: failure.hint))
+        }
+    }
+
+    /// The fill that triggers a COW's growth (`at: 80%`), as a fraction: 10% to 99%, else nil.
+    public static func parseGrowthThreshold(_ text: String) -> Double? {
+        guard let percent = parsePercent(text), percent >= 10, percent < 100 else { return nil }
+        return percent / 100
+    }
+
     /// "25.0 MiB".
     public static func formatBytes(_ bytes: UInt64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB"]

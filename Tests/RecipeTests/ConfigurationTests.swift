@@ -38,6 +38,8 @@ struct ConfigurationTests {
         ("extend = by 10M", "g.conf:1:10: extend: 'by 10M' needs both by and max"),
         ("extend = at 5% by 1M max 2M", "g.conf:1:10: extend: at must be a percentage between 10% and 99%"),
         ("extend = by 10Q max 1G", "g.conf:1:10: extend: by: unknown size unit 'q'"),
+        ("extend = by 0M max 1G", "g.conf:1:10: extend: by must be larger than zero"),
+        ("extend = by 10% max 150%", "g.conf:1:10: extend: max: '150%' is not a percentage between 0 and 100"),
         ("keep =", "g.conf:1:7: keep has no value"),
         ("keep = 1d\nkeep = 2d", "g.conf:2:1: keep is set twice (first on line 1)"),
     ])
