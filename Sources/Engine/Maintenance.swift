@@ -160,32 +160,50 @@ public struct Maintenance {
 
     // MARK: Housekeeping done by every command
 
+    /// What the housekeeping of every command would do to a run.
+    public enum Chore: Sendable {
+        /// A merge under way: tear it down if the kernel reports it complete.
+        case finishMerge
+        /// A kept run past its keep duration: commit it.
+        case commitExpired(until: Double)
+    }
+
+    /// The runs `tidy` acts on, and what it does to each (the dry run reports them).
+    public func chores(journal: Journal) throws -> [(run: RunRecord, chore: Chore)] {
+        try journal.runs(in: [.merging, .kept]).compactMap { run in
+            switch run.state {
+            case .merging: return (run, .finishMerge)
+            case .kept:
+                guard let until = run.keepUntil, until <= timestamp() else { return nil }
+                return (run, .commitExpired(until: until))
+            default: return nil
+            }
+        }
+    }
+
     /// Tears down finished merges and commits kept runs past their keep duration.
     /// Runs another guard process holds (locked volumes) are left alone.
     public func tidy(journal: Journal) throws {
-        let active = try journal.runs(in: [.merging, .kept])
-        guard !active.isEmpty else { return }
+        let due = try chores(journal: journal)
+        guard !due.isEmpty else { return }
         let engine = try context.engine()
-        for run in active {
+        for (run, chore) in due {
             let records = try journal.snapshots(runID: run.id!)
             guard let locks = try? lock(records, runID: run.id!) else { continue }
             defer { locks.forEach { $0.release() } }
-            switch run.state {
-            case .merging:
+            switch chore {
+            case .finishMerge:
                 var initial: [Int: UInt64] = [:]
                 if (try? finishMerges(runID: run.id!, journal: journal, engine: engine, initial: &initial)) == true {
                     reporter.note("run \(run.id!): the merge is complete and torn down")
                 }
-            case .kept:
-                if let until = run.keepUntil, until <= timestamp() {
-                    reporter.note("run \(run.id!) was kept until \(formatDate(until)); committing it")
-                    do {
-                        try commit(run, records: records, journal: journal, reason: "keep duration passed")
-                    } catch {
-                        reporter.warning("run \(run.id!): the automatic commit failed: \(error)")
-                    }
+            case .commitExpired(let until):
+                reporter.note("run \(run.id!) was kept until \(formatDate(until)); committing it")
+                do {
+                    try commit(run, records: records, journal: journal, reason: "keep duration passed")
+                } catch {
+                    reporter.warning("run \(run.id!): the automatic commit failed: \(error)")
                 }
-            default: break
             }
         }
     }

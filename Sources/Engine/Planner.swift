@@ -158,9 +158,9 @@ public struct Planner {
             }
 
             var policy: ExtensionPolicy?
-            var fromConfiguration = false
-            if spec.extend == nil, !storage.isDevice, configuration.extend != nil { fromConfiguration = true }
-            if let extend = spec.extend ?? (fromConfiguration ? configuration.extend : nil) {
+            // guard.conf's policy for a COW file whose recipe has none.
+            let configured = spec.extend == nil && !storage.isDevice ? configuration.extend : nil
+            if let extend = spec.extend ?? configured {
                 func bytes(_ size: SizeSpec) -> UInt64 {
                     switch size {
                     case .bytes(let bytes): return bytes
@@ -169,8 +169,8 @@ public struct Planner {
                     }
                 }
                 let maximum = min(geometry.roundUp(bytes(extend.max)), ceiling)
-                if maximum <= cowBytes && fromConfiguration {
-                    fromConfiguration = false  // guard.conf's policy does not fit this volume: no growth, no warning
+                if maximum <= cowBytes && configured != nil {
+                    // guard.conf's policy does not fit this volume: no growth, no warning.
                 } else if maximum <= cowBytes {
                     warnings.append("\(at(spec)): extend.max (\(Units.formatBytes(maximum))) is not above the snapshot size; the COW will not grow")
                 } else {
@@ -188,7 +188,7 @@ public struct Planner {
                 PlannedVolume(
                     index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
                     mounts: mounts, mountPoint: mountPoint, storage: storage, cowBytes: cowBytes, chunkSectors: chunkSectors,
-                    extensionPolicy: policy, freeBytes: freeBytes, sizeNote: sizeNote, extensionFromConfiguration: fromConfiguration,
+                    extensionPolicy: policy, freeBytes: freeBytes, sizeNote: sizeNote, extensionFromConfiguration: policy != nil && configured != nil,
                     history: peaks[index]))
         }
 

@@ -50,7 +50,8 @@ public struct Recovery {
 
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
         let journal = try? context.journal()
-        for storage in cowFiles() + journaledStorages(journal) {
+        let files = cowFiles()
+        for storage in files + journaledStorages(journal, besides: files) {
             guard let label = try? CowLabel.read(from: storage.path) else { continue }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
             if boot && [.active, .kept, .merging].contains(label.state) {
@@ -241,12 +242,11 @@ public struct Recovery {
         return try close(.recovered, .finished, "rolled back: the volumes are as before the run")
     }
 
-    /// Block devices used as COW by open runs (files are found in the cow directory).
     /// The COW devices of open runs, and their COW files outside the directories `cowFiles()` scans
     /// (a recipe's own `cow:` directory, or a cow_dir guard.conf no longer names).
-    func journaledStorages(_ journal: Journal?) -> [CowStorage] {
+    func journaledStorages(_ journal: Journal?, besides files: [CowStorage]) -> [CowStorage] {
         guard let journal, let runs = try? journal.runs(in: [.running, .kept, .merging]) else { return [] }
-        let scanned = Set(cowFiles().map(\.path))
+        let scanned = Set(files.map(\.path))
         return runs.flatMap { run in
             ((try? journal.snapshots(runID: run.id!)) ?? []).compactMap { record -> CowStorage? in
                 if record.cowKind == "device" { return .blockDevice(path: record.cowPath) }

@@ -98,12 +98,10 @@ public final class RunTransaction {
         // unfinished runs that must be recovered before anything else touches a volume.
         if let existing = try context.existingJournal(check: true) {
             if dryRun {
-                let now = context.now().timeIntervalSince1970
-                for run in try existing.runs(in: [.merging, .kept]) {
-                    if run.state == .merging {
-                        housekeeping.append("finish the merge of run \(run.id!) if it is complete")
-                    } else if let until = run.keepUntil, until <= now {
-                        housekeeping.append("commit run \(run.id!) (kept until \(formatDate(until)))")
+                for (run, chore) in try Maintenance(context: context).chores(journal: existing) {
+                    switch chore {
+                    case .finishMerge: housekeeping.append("finish the merge of run \(run.id!) if it is complete")
+                    case .commitExpired(let until): housekeeping.append("commit run \(run.id!) (kept until \(formatDate(until)))")
                     }
                 }
             } else {

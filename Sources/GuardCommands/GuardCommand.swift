@@ -1,5 +1,4 @@
 import ArgumentParser
-import BlockDevice
 import Engine
 import Foundation
 import Recipe
@@ -63,6 +62,9 @@ struct GlobalOptions: ParsableArguments {
         }
         let settings = try self.settings(keepingValid: keepingValid)
         let reporter = TerminalReporter(verbosity: quiet ? .quiet : (verbose ? .verbose : .normal))
+        if let errors = settings.fileErrors {
+            reporter.warning("\(errors); going on with the file's valid settings (fix it: every other command refuses it)")
+        }
         return GuardContext(stateDirectory: settings.stateDirectory.value, udev: mode.mode, reporter: reporter, configuration: settings.file)
     }
 
@@ -72,14 +74,9 @@ struct GlobalOptions: ParsableArguments {
         let named = configuration.map { ($0, "--config") } ?? environment["GUARD_CONFIG"].map { ($0, "GUARD_CONFIG") }
         let path = named?.0 ?? GuardConfiguration.defaultPath
         let file: GuardConfiguration
+        var fileErrors: RecipeErrors?
         if keepingValid {
-            let (valid, errors) = GuardConfiguration.loadKeepingValid(path: path, required: named != nil)
-            if let errors {
-                let text = "\(errors); going on with the file's valid settings (fix it: every other command refuses it)"
-                SystemLog.write(.warning, text)
-                FileHandle.standardError.write(Data(("guard: warning: " + text + "\n").utf8))
-            }
-            file = valid
+            (file, fileErrors) = GuardConfiguration.loadKeepingValid(path: path, required: named != nil)
         } else {
             do {
                 file = try GuardConfiguration.load(path: path, required: named != nil)
@@ -87,7 +84,7 @@ struct GlobalOptions: ParsableArguments {
                 throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
             }
         }
-        let fileSource = file.path.map { "\($0)" } ?? "built-in default"
+        let fileSource = file.path ?? "built-in default"
         let state: Settings.Value
         if let stateDirectory {
             state = .init(value: stateDirectory, source: "--state-dir")
@@ -98,7 +95,8 @@ struct GlobalOptions: ParsableArguments {
         } else {
             state = .init(value: "/var/lib/guard", source: "built-in default")
         }
-        return Settings(file: file, configurationSource: named?.1 ?? (file.path == nil ? "none" : "default location"), stateDirectory: state)
+        return Settings(
+            file: file, fileErrors: fileErrors, configurationSource: named?.1 ?? (file.path == nil ? "none" : "default location"), stateDirectory: state)
     }
 }
 
@@ -110,6 +108,8 @@ struct Settings {
     }
 
     var file: GuardConfiguration
+    /// The file's problems, when its valid settings were kept anyway (`keepingValid`).
+    var fileErrors: RecipeErrors?
     /// How the file was named: --config, GUARD_CONFIG, default location, or none.
     var configurationSource: String
     var stateDirectory: Value
