@@ -55,6 +55,17 @@ public enum BlockDevices {
         return sectors * 512
     }
 
+    /// Write and discard requests the kernel has completed on a device since it was created
+    /// (/sys/dev/block/M:m/stat, fields 5 and 12); nil when sysfs does not have the device.
+    /// A device activated at boot that nothing wrote reads 0: the durable sign that a volume
+    /// was not written before guard reassembled its snapshot.
+    public static func writeRequests(of device: DeviceNumber) -> UInt64? {
+        guard let text = Sys.readSmallFile("/sys/dev/block/\(device)/stat") else { return nil }
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }).compactMap { UInt64($0) }
+        guard fields.count >= 5 else { return nil }
+        return fields[4] + (fields.count >= 12 ? fields[11] : 0)
+    }
+
     /// The kernel name of a block device ("dm-3", "loop0"), from sysfs.
     public static func kernelName(of device: DeviceNumber) -> String? {
         guard let link = Sys.readlink("/sys/dev/block/\(device)") else { return nil }

@@ -47,6 +47,20 @@ public enum Mounts {
             .max { $0.target.count < $1.target.count }
     }
 
+    /// The mount point /etc/fstab lists for `path` (the longest one holding it) when it is not
+    /// mounted now: the filesystem that holds `path` comes late, or was not mounted at all.
+    public static func unmountedFileSystem(holding path: String, fstab: String = "/etc/fstab") -> String? {
+        guard let text = Sys.readSmallFile(fstab) else { return nil }
+        let normalized = normalize(path)
+        let targets = text.split(separator: "\n").compactMap { line -> String? in
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard fields.count >= 3, !fields[0].hasPrefix("#"), fields[1].hasPrefix("/"), fields[2] != "swap" else { return nil }
+            return normalize(String(fields[1]))
+        }
+        guard let owner = targets.filter({ isPath(normalized, under: $0) }).max(by: { $0.count < $1.count }), owner != "/" else { return nil }
+        return entry(at: owner) == nil ? owner : nil
+    }
+
     /// Mounts `source` on `target`.
     ///
     /// - Parameters:

@@ -15,6 +15,10 @@ public enum ExitCode: Int32, Sendable {
     case usage = 2
     /// Needs attention: something did not complete; the message says what to run.
     case attention = 3
+    /// A snapshot that holds old blocks is not live (a reboot without reassembly, a late
+    /// device or directory): everything is kept; the message names what to mount or activate
+    /// before `guard recover`.
+    case needsReassembly = 4
 }
 
 /// An error that ends a guard command, with its exit code and the message for stderr.
@@ -109,8 +113,22 @@ public final class GuardContext: @unchecked Sendable {
     }
 
     /// Makes the state directory (0700) and its cow/ and locks/ subdirectories.
-    public func prepareStateDirectory() throws {
-        for directory in [stateDirectory, cowDirectory, lockDirectory] {
+    ///
+    /// A directory that /etc/fstab puts on a filesystem not mounted now is never created:
+    /// created underneath the mount point, it would hide the real journal or COW files, and
+    /// recovery would take their absence for a release.
+    /// - Parameter creatingCowDirectory: false for `guard recover`, which never creates the COW
+    ///   directory (a missing one means a filesystem is not there yet).
+    public func prepareStateDirectory(creatingCowDirectory: Bool = true) throws {
+        let directories = [stateDirectory, lockDirectory] + (creatingCowDirectory ? [cowDirectory] : [])
+        for directory in directories + (creatingCowDirectory ? [] : [cowDirectory]) {
+            if let late = Mounts.unmountedFileSystem(holding: directory) {
+                throw GuardFailure(
+                    .needsReassembly,
+                    "\(directory) is on \(late), which /etc/fstab lists but is not mounted; mount \(late) (`mount \(late)`) and run the command again; nothing was touched")
+            }
+        }
+        for directory in directories {
             do {
                 try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             } catch {

@@ -53,6 +53,11 @@ public struct Maintenance {
             return "run \(id) is already \(how); there is nothing to \(verb)"
         case .merging: return "run \(id) is being rolled back (its merge is under way); see `guard status --wait`"
         case .running: return "run \(id) has not finished (it is running, or guard died during it); run `guard recover` first"
+        case .needsReassembly:
+            return "run \(id) needs reassembly: a snapshot that holds old blocks is not live (see `guard status`); mount or activate what it names and run `guard recover` first"
+        case .stale:
+            // A stale snapshot can only be discarded: committing keeps the volume as it is.
+            return verb == "commit" ? nil : "run \(id)'s snapshot is stale (its volume was written while the snapshot was not live): it no longer describes the volume's past and cannot be rolled back; `guard commit \(id)` discards it"
         }
     }
 
@@ -79,7 +84,8 @@ public struct Maintenance {
         let phase = try journal.beginPhase(run.id!, "commit", at: timestamp())
         try journal.event(run.id!, "intent", "commit", reason, at: timestamp())
         for (record, stack) in zip(records, try stacks(records)) where record.state == .live || record.state == .invalid {
-            try engine.drop(stack)
+            // The decision is in the journal: the old blocks may go even if the stack is not live.
+            try engine.drop(stack, discarding: true)
             var updated = record
             updated.state = .committed
             try journal.update(updated)
@@ -147,6 +153,8 @@ public struct Maintenance {
                 reporter.merge(volume: record.volume, fraction: 1)
             case .failed(let status):
                 throw GuardFailure(.attention, "the merge of \(record.volume) (run \(runID)) failed: the kernel reports \(status); check `dmesg` for I/O errors, fix them and run `guard recover`")
+            case .needsReassembly(let why):
+                throw GuardFailure(.needsReassembly, "the merge of \(record.volume) (run \(runID)) is not live and did not finish: \(why); nothing was torn down")
             }
         }
         if remaining == 0, var run = try journal.run(id: runID), run.state == .merging {
@@ -221,6 +229,8 @@ public struct Maintenance {
         /// 0...1 while merging.
         public var mergeProgress: Double?
         public var remainingBytes: UInt64?
+        /// Why the volume needs reassembly, and what to do.
+        public var detail: String?
     }
 
     public struct RunStatus: Sendable {
@@ -236,9 +246,9 @@ public struct Maintenance {
         let engine = SnapshotEngine(dm: dm)
         var result: [RunStatus] = []
         let unfinished = Set(try Recovery(context: context).unfinishedRuns(journal: journal).compactMap(\.id))
-        for run in try journal.runs(in: [.running, .kept, .merging]) {
+        for run in try journal.runs(in: RunState.open) {
             var volumes: [VolumeStatus] = []
-            if unfinished.contains(run.id!) {
+            if unfinished.contains(run.id!) && run.state == .running {
                 reporter.warning("run \(run.id!) did not finish (guard was killed or the machine went down during \(run.phase)); run `guard recover`")
             }
             for record in try journal.snapshots(runID: run.id!) {
@@ -250,6 +260,9 @@ public struct Maintenance {
                             volume.status = status.usage == nil ? "\(status)" : "live"
                             volume.usedBytes = status.usage?.allocatedBytes
                             volume.sizeBytes = status.usage?.totalBytes
+                        } else if case let evidence = engine.evidence(stack), evidence.mustKeep {
+                            volume.status = "needs reassembly"
+                            volume.detail = evidence.reason
                         } else {
                             volume.status = "missing (run `guard recover`)"
                         }
@@ -265,6 +278,9 @@ public struct Maintenance {
                             volume.mergeProgress = 1
                         case .failed(let status)?:
                             volume.status = "merge failed (\(status))"
+                        case .needsReassembly(let why)?:
+                            volume.status = "needs reassembly"
+                            volume.detail = why
                         case nil:
                             volume.status = "unknown (run `guard recover`)"
                         }
@@ -275,7 +291,7 @@ public struct Maintenance {
             }
             result.append(RunStatus(run: run, volumes: volumes))
         }
-        let known = Set(try journal.runs(in: [.running, .kept, .merging]).map(\.token))
+        let known = Set(try journal.runs(in: RunState.open).map(\.token))
         return (result, try strayDevices(known: known))
     }
 

@@ -97,6 +97,19 @@ public struct Planner {
                 continue
             }
             let mounts = Mounts.mountPoints(of: origin.info.number)
+            // Mounted before guard-reassemble.service can run at boot: after a power loss the
+            // volume is written before its snapshot is stacked again, and the rollback is lost.
+            if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }) {
+                problems.append(
+                    "\(at(spec)): \(origin.info.path) is mounted on \(early.target), which is mounted and written before guard-reassemble.service runs at boot: after a power loss its snapshot could not be reassembled in time and the rollback would be lost. guard refuses it until it can reassemble in the initramfs; snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
+                continue
+            }
+            // A snapshot of this volume that holds old blocks but is not live (no reassembly
+            // after a reboot): a new snapshot would bury it.
+            if let run = try? openRun(onOrigin: origin.info.uuid) {
+                problems.append("\(at(spec)): run \(run.id ?? 0) (\(run.state.rawValue)) still owns a snapshot of \(origin.info.path) that is not live; run `guard recover` (or `guard status` to see what it needs) first")
+                continue
+            }
             var mountPoint = spec.mount
             if let wanted = spec.mount {
                 if !mounts.contains(where: { $0.target == Mounts.normalize(wanted) }) {
@@ -211,7 +224,35 @@ public struct Planner {
                 }
             }
         }
+        // Snapshots that outlive guard's process must be reassembled at the next boot.
+        if let unit = Planner.reassemblyUnitProblem() {
+            if recipe.keepsSnapshots {
+                problems.append("\(recipe.path): the recipe keeps snapshots (on_success or on_failure keep), but \(unit)")
+            } else {
+                warnings.append("\(recipe.path): \(unit); after a power loss during this run, run `guard recover` before mounting the volumes")
+            }
+        }
         return Plan(recipe: recipe, volumes: volumes, problems: problems, warnings: warnings)
+    }
+
+    /// Mount points the boot mounts (and writes) before guard-reassemble.service can run.
+    static let earlyMountPoints: Set<String> = ["/", "/usr"]
+
+    /// On a systemd host, why a snapshot would not be reassembled at boot (the boot unit is not
+    /// enabled); nil when it is, or when systemd is not the init system.
+    static func reassemblyUnitProblem() -> String? {
+        guard FileManager.default.fileExists(atPath: "/run/systemd/system") else { return nil }
+        let systemctl = ["/usr/bin/systemctl", "/bin/systemctl"].first { FileManager.default.isExecutableFile(atPath: $0) }
+        guard let systemctl else { return nil }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: systemctl)
+        process.arguments = ["is-enabled", "--quiet", "guard-reassemble.service"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return nil }
+        process.waitUntilExit()
+        if process.terminationStatus == 0 { return nil }
+        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
     }
 
     /// `/dev/...`, `VG/LV` or a mount point, as a device path.
@@ -251,10 +292,20 @@ public struct Planner {
         return current
     }
 
+    /// An open run with a snapshot of the origin `uuid` (whether live or not).
+    func openRun(onOrigin uuid: String) throws -> RunRecord? {
+        guard !uuid.isEmpty, let journal = try context.existingJournal() else { return nil }
+        for run in try journal.runs(in: RunState.open) {
+            let records = try journal.snapshots(runID: run.id!)
+            if records.contains(where: { $0.originUUID == uuid && [.live, .merging, .invalid].contains($0.state) }) { return run }
+        }
+        return nil
+    }
+
     func keptRun(onOrigin path: String) throws -> RunRecord? {
         guard let journal = try context.existingJournal(), let number = try? BlockDevices.deviceNumber(of: path) else { return nil }
         let uuid = BlockDevices.deviceMapperUUID(of: number) ?? ""
-        for run in try journal.runs(in: [.kept, .running, .merging]) {
+        for run in try journal.runs(in: RunState.open) {
             if try journal.snapshots(runID: run.id!).contains(where: { $0.originUUID == uuid && !uuid.isEmpty }) { return run }
         }
         return nil

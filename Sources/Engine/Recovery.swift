@@ -19,9 +19,10 @@ public struct Recovery {
 
     func timestamp() -> Double { context.now().timeIntervalSince1970 }
 
-    /// Runs marked running whose guard process is gone: their volume locks are free.
+    /// Runs marked running whose guard process is gone (their volume locks are free), and runs
+    /// waiting for reassembly.
     public func unfinishedRuns(journal: Journal) throws -> [RunRecord] {
-        try journal.runs(in: [.running]).filter { run in
+        try journal.runs(in: [.running, .needsReassembly]).filter { run in
             let records = (try? journal.snapshots(runID: run.id!)) ?? []
             if records.isEmpty { return kill(run.pid, 0) != 0 }
             return records.allSatisfy { !VolumeLock.isHeld(directory: context.lockDirectory, key: $0.originUUID.isEmpty ? $0.originName : $0.originUUID) }
@@ -32,6 +33,8 @@ public struct Recovery {
     public struct Report: Sendable {
         public var actions: [String] = []
         public var problems: [String] = []
+        /// Snapshots that hold old blocks and are not live: kept; what to mount or activate.
+        public var needsReassembly: [String] = []
     }
 
     /// Recovers everything it can.
@@ -40,19 +43,47 @@ public struct Recovery {
     ///   mounted yet), run no hooks.
     public func recover(boot: Bool = false) async throws -> Report {
         var report = Report()
-        try context.prepareStateDirectory()
+        if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
+            if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
+                report.needsReassembly.append("the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
+            } else {
+                report.actions.append("the state directory \(context.stateDirectory) does not exist: guard has nothing to reassemble (if it is on a filesystem mounted later, run `guard recover` once it is)")
+            }
+            return report
+        }
+        do {
+            try context.prepareStateDirectory(creatingCowDirectory: false)
+        } catch let failure as GuardFailure where failure.exitCode == .needsReassembly {
+            report.needsReassembly.append(failure.message)
+            return report
+        }
         let dm = try context.dm()
         let engine = try context.engine()
 
-        // Guard volumes first: snapshots are stacked on them.
-        let activated = try GuardVolumes(dm: dm, stateDirectory: context.stateDirectory).activateAll()
-        for volume in activated { report.actions.append("activated guard volume \(volume.name)") }
+        // Guard volumes first: snapshots are stacked on them. One that cannot be activated
+        // (its backing file is missing) is reported; the others are activated all the same.
+        let volumes = GuardVolumes(dm: dm, stateDirectory: context.stateDirectory)
+        for (volume, info) in try volumes.list() where info == nil {
+            do {
+                try volumes.activate(volume)
+                report.actions.append("activated guard volume \(volume.name)")
+            } catch {
+                report.problems.append("guard volume \(volume.name) cannot be activated: \(error); its snapshots stay as they are until it is")
+            }
+        }
 
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
         let journal = try? context.journal()
         let files = cowFiles()
         for storage in files + journaledStorages(journal, besides: files) {
-            guard let label = try? CowLabel.read(from: storage.path) else { continue }
+            let label: CowLabel
+            do {
+                guard let read = try CowLabel.read(from: storage.path) else { continue }
+                label = read
+            } catch {
+                report.problems.append("the label of \(storage.path) cannot be read (\(error)); it is kept and nothing is reassembled from it")
+                continue
+            }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
             if boot && [.active, .kept, .merging].contains(label.state) {
                 try await waitForOrigin(label, dm: dm, report: &report)
@@ -64,6 +95,7 @@ public struct Recovery {
                     report.actions.append(merging ? "resumed the merge into \(stack.originName) from \(storage.path)" : "reassembled the snapshot of \(stack.originName) from \(storage.path)")
                 case .alreadyLive: break
                 case .discarded(let why): report.actions.append("removed \(storage.path): \(why)")
+                case .kept(let why): report.problems.append(why)
                 }
             } catch {
                 report.problems.append("reassembly from \(storage.path): \(error)")
@@ -75,7 +107,7 @@ public struct Recovery {
             return report
         }
         // Anything a crash left suspended is resumed first: nothing may stay frozen.
-        for run in try journal.runs(in: [.running, .kept, .merging]) {
+        for run in try journal.runs(in: RunState.open) {
             for record in try journal.snapshots(runID: run.id!) {
                 guard let stack = decodeStack(record.stack) else { continue }
                 for name in (try? engine.resumeSuspended(stack)) ?? [] {
@@ -83,7 +115,19 @@ public struct Recovery {
                 }
             }
         }
-        for run in try unfinishedRuns(journal: journal) {
+        // What the durable records say of each open run, before anything acts on it.
+        let dead = Set(try unfinishedRuns(journal: journal).compactMap(\.id))
+        for run in try journal.runs(in: [.running, .kept, .merging, .needsReassembly]) where run.state != .running || dead.contains(run.id!) {
+            switch try classify(run, journal: journal, engine: engine) {
+            case .needsReassembly(let reasons):
+                report.needsReassembly += reasons.map { "run \(run.id!): \($0)" }
+            case .stale(let reasons):
+                report.problems += reasons.map { "run \(run.id!): \($0); `guard commit \(run.id!)` discards the COW and keeps the volume as it is" }
+            case .ready:
+                break
+            }
+        }
+        for run in try unfinishedRuns(journal: journal) where run.state == .running {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
             } catch {
@@ -116,9 +160,63 @@ public struct Recovery {
         }
         if !boot {
             try? Maintenance(context: context).tidy(journal: journal)
-            report.actions += try removeStrays(journal: journal, engine: engine)
+            let strays = try removeStrays(journal: journal, engine: engine)
+            report.actions += strays.actions
+            report.problems += strays.problems
         }
         return report
+    }
+
+    /// What the durable facts say of an open run.
+    enum Classification {
+        /// Its snapshots are live, or their storage provably holds nothing old: recovery may act.
+        case ready
+        /// Some snapshot holds old blocks and is not live: the run waits, nothing is touched.
+        case needsReassembly([String])
+        /// Some origin was written while its snapshot was not live.
+        case stale([String])
+    }
+
+    /// Decides from the COW labels, the kernel's exception-store headers and the journal, never
+    /// from the current tables alone, whether a run can be recovered now. A run that cannot is
+    /// set to `needs_reassembly` (or `stale`) in the journal, with an event saying why; one
+    /// that can again goes back to the state it had.
+    func classify(_ run: RunRecord, journal: Journal, engine: SnapshotEngine) throws -> Classification {
+        let runID = run.id!
+        let records = try journal.snapshots(runID: runID)
+        var waiting: [String] = []
+        var stale: [String] = []
+        for record in records where [.live, .merging, .invalid].contains(record.state) {
+            guard let stack = decodeStack(record.stack), !(try engine.liveState(stack).live) else { continue }
+            switch engine.evidence(stack) {
+            case .needsReassembly(let why): waiting.append("\(record.volume): \(why)")
+            case .stale(let why): stale.append("\(record.volume): \(why)")
+            case .nothingToKeep, .released: break
+            }
+        }
+        let target: RunState
+        let result: Classification
+        if !waiting.isEmpty {
+            target = .needsReassembly
+            result = .needsReassembly(waiting)
+        } else if !stale.isEmpty {
+            target = .stale
+            result = .stale(stale)
+        } else {
+            guard run.state == .needsReassembly else { return .ready }
+            // Reassembled: back to what it was (a kept run is kept again; anything else is
+            // an unfinished run that recovery now finishes).
+            target = run.decision == .keep && !records.contains(where: { $0.state == .merging }) ? .kept : .running
+            result = .ready
+        }
+        guard run.state != target else { return result }
+        var updated = run
+        updated.state = target
+        try journal.update(updated)
+        let detail = (waiting + stale).joined(separator: "; ")
+        let what = target == .needsReassembly ? "needs reassembly: \(detail)" : target == .stale ? "stale: \(detail)" : "reassembled; the run is \(target.rawValue) again"
+        try journal.event(runID, "result", "recover", what, at: timestamp())
+        return result
     }
 
     /// At boot, LVM may activate an origin a little after guard starts: wait up to 30 s.
@@ -153,14 +251,15 @@ public struct Recovery {
             return "run \(runID): \(what)"
         }
 
-        // Which snapshots were ever taken: the origin's table says so, or a merge is under way.
+        // Which snapshots are live. `classify` has already set aside every run with a snapshot
+        // that is not live but holds old blocks, so a stack that is not live here provably
+        // holds nothing (never initialised, no exception recorded, or released).
         var taken = false
         var merging = false
         for stack in stacks {
-            guard let origin = try engine.dm.info(stack.originRef) else { continue }
-            let live = try engine.dm.table(.number(origin.number))
-            if live.isOnly("snapshot-merge") { merging = true }
-            if live.isOnly("snapshot-origin") || live.isOnly("snapshot-merge") { taken = true }
+            let state = try engine.liveState(stack)
+            taken = taken || state.live
+            merging = merging || state.merging
         }
         let stepsMayHaveRun = !["preflight", "quiesce", "snapshot"].contains(run.phase)
 
@@ -169,7 +268,7 @@ public struct Recovery {
             return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
         }
         if run.decision == .commit {
-            for stack in stacks { try engine.drop(stack) }
+            for stack in stacks { try engine.drop(stack, discarding: true) }
             try journal.setSnapshotState(runID: runID, .committed)
             return try close(.recovered, .finished, "finished the commit: the upgrade is in place, the snapshots are gone")
         }
@@ -180,7 +279,7 @@ public struct Recovery {
         if records.isEmpty || stacks.isEmpty || !taken {
             for stack in stacks { try engine.drop(stack) }
             try journal.setSnapshotState(runID: runID, .discarded)
-            return try close(.recovered, .finished, "no snapshot was ever live; removed what the run had prepared; no volume was changed")
+            return try close(.recovered, .finished, "no snapshot holds a changed block (COW labels and kernel headers checked); removed what the run had prepared; no volume was changed by it")
         }
         if !stepsMayHaveRun {
             // The snapshot was taken but no step ran: the volumes hold what they held before.
@@ -205,6 +304,9 @@ public struct Recovery {
             switch try? engine.mergeState(stack) {
             case .merging?, .complete?, .finished?:
                 continue
+            case .needsReassembly(let why)?:
+                // `classify` sets such runs aside; a reboot raced with this recovery: touch nothing.
+                throw GuardFailure(.needsReassembly, "\(record.volume): \(why)")
             case .failed?:
                 // The kernel stopped (an I/O error that is now fixed): start it again.
                 try await RollbackProcedure(context: context, journal: journal, engine: engine).restartMerge(run: run, record: record, stack: stack, recipe: recipe)
@@ -245,7 +347,7 @@ public struct Recovery {
     /// The COW devices of open runs, and their COW files outside the directories `cowFiles()` scans
     /// (a recipe's own `cow:` directory, or a cow_dir guard.conf no longer names).
     func journaledStorages(_ journal: Journal?, besides files: [CowStorage]) -> [CowStorage] {
-        guard let journal, let runs = try? journal.runs(in: [.running, .kept, .merging]) else { return [] }
+        guard let journal, let runs = try? journal.runs(in: RunState.open) else { return [] }
         let scanned = Set(files.map(\.path))
         return runs.flatMap { run in
             ((try? journal.snapshots(runID: run.id!)) ?? []).compactMap { record -> CowStorage? in
@@ -266,9 +368,10 @@ public struct Recovery {
 
     /// Removes GUARD- layers and COW files of no open run. A stray stack an origin still uses
     /// live (a snapshot-origin table on it) is left alone and reported: it may hold data.
-    func removeStrays(journal: Journal, engine: SnapshotEngine) throws -> [String] {
+    func removeStrays(journal: Journal, engine: SnapshotEngine) throws -> (actions: [String], problems: [String]) {
         var actions: [String] = []
-        let open = Set(try journal.runs(in: [.running, .kept, .merging]).map(\.token))
+        var problems: [String] = []
+        let open = Set(try journal.runs(in: RunState.open).map(\.token))
         let devices = try engine.dm.list()
         var strays: [String: [(DeviceSummary, StackIdentity.Layer)]] = [:]
         for device in devices {
@@ -299,19 +402,37 @@ public struct Recovery {
         }
         let known = try journal.allTokens()
         for storage in cowFiles() {
-            let label = try? CowLabel.read(from: storage.path)
+            // A label that cannot be read (an I/O error, maybe for a moment) is never a stray.
+            let label: CowLabel?
+            do { label = try CowLabel.read(from: storage.path) } catch {
+                problems.append("kept \(storage.path): its label cannot be read (\(error)); nothing is removed until it can")
+                continue
+            }
+            if label == nil, (try? KernelCowHeader.read(from: storage.path)) != nil {
+                problems.append("kept \(storage.path): it has a kernel snapshot header but no guard label; delete it yourself once you know it holds nothing you need")
+                continue
+            }
             if let label, open.contains(label.runToken) { continue }
             if let label, try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
-            if let label, [.active, .kept, .merging].contains(label.state), !known.contains(label.runToken) {
+            if let label, [.active, .kept, .merging, .stale].contains(label.state), !known.contains(label.runToken) {
                 // A snapshot the journal does not know (a journal replaced or lost): keep it.
                 actions.append("kept \(storage.path): it holds a \(label.state.rawValue) snapshot of \(label.originName) from run \(label.runToken), unknown to the journal; `guard recover` reassembles it once its volume is active")
                 continue
+            }
+            if let label, label.state != .released, label.state != .preparing {
+                // The journal knows the run and has closed it: only a provably empty COW goes.
+                let stack = try engine.stackFromLabel(label, storage: storage, originNumber: DeviceNumber(major: 0, minor: 0))
+                let evidence = engine.evidence(stack)
+                if evidence.mustKeep {
+                    problems.append("kept \(storage.path) of run \(label.runToken), which the journal has closed: \(evidence.reason)")
+                    continue
+                }
             }
             for loop in LoopDevice.find(backingFile: storage.path) { try? loop.detach() }
             try? CowLabel.wipe(storage.path)
             try? FileManager.default.removeItem(atPath: storage.path)
             actions.append("removed stray COW file \(storage.path)")
         }
-        return actions
+        return (actions, problems)
     }
 }

@@ -249,10 +249,18 @@ struct RunBody {
         CrashPoint.hit("run.after-take")
         run.suspendMicroseconds = Int64(live.suspendMicroseconds)
         run.phase = "snapshot"
-        try? journal.update(run)
-        try? journal.setSnapshotState(runID: runID, .live)
-        try? journal.event(runID, "result", "take", "suspended for \(live.suspendMicroseconds) µs", at: timestamp())
-        if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(live.suspendMicroseconds) µs", at: timestamp()) }
+        do {
+            // No step runs unless the journal holds the take: recovery must know the snapshot is live.
+            try journal.update(run)
+            try journal.setSnapshotState(runID: runID, .live)
+            try journal.event(runID, "result", "take", "suspended for \(live.suspendMicroseconds) µs", at: timestamp())
+            if let snapshotPhase { try journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(live.suspendMicroseconds) µs", at: timestamp()) }
+        } catch {
+            // Nothing ran under the snapshots yet: dropping them changes nothing.
+            let dropped = (try? live.commit()) != nil
+            await runResumeHooks(runner: runner)
+            return journalUnwritable(error, dropped ? "the snapshots were dropped before any step ran; no volume was changed" : "no step ran; the snapshots are still live: run `guard recover` once the journal is writable")
+        }
         reporter.note("snapshot taken: \(plan.volumes.count) volume(s), suspended for \(formatMicroseconds(live.suspendMicroseconds))")
 
         await runResumeHooks(runner: runner)
@@ -263,9 +271,14 @@ struct RunBody {
         let cowStop = StopFlag()
         let watcher = makeWatcher(engine: engine, stacks: live.stacks, cowStop: cowStop)
         watcher.start()
-        let stepsPhase = try? journal.beginPhase(runID, "steps", at: timestamp())
         var failure: String?
-        for (index, step) in recipe.steps.enumerated() {
+        let stepsPhase: PhaseRecord?
+        do { stepsPhase = try journal.beginPhase(runID, "steps", at: timestamp()) } catch {
+            // The journal must say the steps may have run before the first one starts.
+            stepsPhase = nil
+            failure = "the journal \(journal.path) cannot be written (\(error)); no step was run"
+        }
+        for (index, step) in recipe.steps.enumerated() where stepsPhase != nil {
             if let reason = stop.value ?? cowStop.value {
                 failure = reason
                 break
@@ -343,18 +356,23 @@ struct RunBody {
     mutating func commit(live: consuming LiveSnapshotSet) -> RunReport {
         reporter.phase("commit", run: runID)
         run.decision = .commit
-        try? journal.update(run)
-        let phase = try? journal.beginPhase(runID, "commit", at: timestamp())
-        try? journal.event(runID, "intent", "commit", nil, at: timestamp())
+        let phase: PhaseRecord
+        do {
+            try journal.update(run)
+            phase = try journal.beginPhase(runID, "commit", at: timestamp())
+            try journal.event(runID, "intent", "commit", nil, at: timestamp())
+        } catch {
+            return journalUnwritable(error, "nothing was committed; the snapshots are live; `guard commit \(runID)` once the journal is writable")
+        }
         do {
             CrashPoint.hit("run.before-commit")
             try live.commit()
             CrashPoint.hit("run.after-commit")
             try? journal.setSnapshotState(runID: runID, .committed)
-            if let phase { try? journal.endPhase(phase, status: "done", at: timestamp()) }
+            try? journal.endPhase(phase, status: "done", at: timestamp())
             return finish(outcome: .committed, exit: .success, state: .finished, error: nil, message: "run \(runID) committed: the upgrade is final")
         } catch {
-            if let phase { try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp()) }
+            try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
             return finish(outcome: .kept, exit: .attention, state: .kept, error: "the commit did not complete: \(error)", message: "run \(runID): the upgrade is applied but the commit did not complete (\(error)); run `guard commit \(runID)` again")
         }
     }
@@ -368,7 +386,9 @@ struct RunBody {
         if let duration {
             run.keepUntil = timestamp() + Double(duration.components.seconds)
         }
-        try? journal.update(run)
+        do { try journal.update(run) } catch {
+            return journalUnwritable(error, "the snapshots are live and their labels say kept; run `guard recover` once the journal is writable")
+        }
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
         if let phase { try? journal.endPhase(phase, status: "done", detail: failure, at: timestamp()) }
         if let failure {
@@ -388,13 +408,17 @@ struct RunBody {
         let stacks = live.keep()
         run.decision = .rollback
         run.error = failure
-        try? journal.update(run)
+        do { try journal.update(run) } catch {
+            return journalUnwritable(error, "nothing was merged; the snapshots are live; run `guard recover` once the journal is writable")
+        }
         // A snapshot the kernel invalidated holds nothing to go back to: say so, and release it.
         let invalid = stacks.filter { (try? engine.health($0).isRestorable) == false }
         if !invalid.isEmpty {
             let which = invalid.map { "\($0.originPath) (\((try? engine.health($0).status.description) ?? "Invalid"))" }.joined(separator: ", ")
-            try? journal.event(runID, "error", "rollback-impossible", which, at: timestamp())
-            for stack in stacks { try? engine.drop(stack) }
+            do { try journal.event(runID, "error", "rollback-impossible", which, at: timestamp()) } catch {
+                return journalUnwritable(error, "the invalidated snapshots of \(which) are left as they are")
+            }
+            for stack in stacks { try? engine.drop(stack, discarding: true) }
             try? journal.setSnapshotState(runID: runID, .invalid)
             return finish(
                 outcome: .failed, exit: .attention, state: .finished, error: "\(failure); the snapshot of \(which) overflowed its COW, so a rollback is impossible",
@@ -408,12 +432,22 @@ struct RunBody {
         } catch let refusal as GuardFailure {
             run = (try? journal.run(id: runID)) ?? run
             let state: RunState = run.state == .merging ? .merging : .kept
-            let outcome: RunOutcome = state == .merging ? .rolledBack : (refusal.message.contains("Invalid") ? .failed : .kept)
+            // The kernel's own status decides, not the message: an invalidated snapshot has nothing to merge.
+            let invalidated = stacks.contains { (try? engine.health($0).isRestorable) == false }
+            let outcome: RunOutcome = state == .merging ? .rolledBack : (invalidated ? .failed : .kept)
             return finish(outcome: outcome, exit: .attention, state: outcome == .failed ? .finished : state, error: "\(failure); \(refusal.message)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(refusal.message)")
         } catch {
             run = (try? journal.run(id: runID)) ?? run
             return finish(outcome: .kept, exit: .attention, state: run.state == .merging ? .merging : .kept, error: "\(failure); rollback: \(error)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(error); run `guard recover`")
         }
+    }
+
+    /// The end of a run whose journal cannot be written: the action it was about to take did
+    /// not happen, and the report says what state the volumes are in.
+    func journalUnwritable(_ error: any Error, _ state: String) -> RunReport {
+        RunReport(
+            runID: runID, token: run.token, outcome: .failed, exitCode: .attention,
+            message: "run \(runID): the journal \(journal.path) cannot be written (\(error)), so guard stopped before its next action: \(state)")
     }
 
     /// Writes the run's end and returns its report.

@@ -11,6 +11,16 @@ public enum RunState: String, Codable, Sendable, CaseIterable, DatabaseValueConv
     case merging
     /// Nothing is left to do.
     case finished
+    /// The durable records (COW label, kernel header) say a snapshot holds old blocks, but it
+    /// is not live: a reboot without reassembly, a late device or directory. Everything is
+    /// kept; `guard recover` reassembles it once the device or directory is there.
+    case needsReassembly = "needs_reassembly"
+    /// An origin was written while its snapshot was not live: the snapshot no longer describes
+    /// the volume's past. Its COW is kept; `guard commit` discards it. Nothing is merged.
+    case stale
+
+    /// The states of runs that still own snapshot storage.
+    public static let open: [RunState] = [.running, .kept, .merging, .needsReassembly, .stale]
 }
 
 /// How a run ended, as `guard history` shows it.

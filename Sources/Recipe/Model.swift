@@ -165,6 +165,11 @@ public struct Recipe: Hashable, Sendable, Codable {
     public var verify: [Command]
     public var onSuccess: SuccessAction
     public var onFailure: FailureAction
+    /// Whether a run may end with its snapshots kept (they must survive a reboot).
+    public var keepsSnapshots: Bool {
+        if case .keep = onSuccess { return true }
+        return onFailure == .keep
+    }
     /// Around a rollback: stop the services using the volumes, start them once remounted.
     public var rollbackStop: [Command]
     public var rollbackStart: [Command]

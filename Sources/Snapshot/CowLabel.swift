@@ -21,6 +21,9 @@ public struct CowLabel: Codable, Hashable, Sendable {
         case merging
         /// Commit or merge finished; the storage is being released.
         case released
+        /// The origin was written while the snapshot was not live (before guard could
+        /// reassemble it): never reassembled again, kept until the admin discards it.
+        case stale
     }
 
     public var formatVersion: Int = 1

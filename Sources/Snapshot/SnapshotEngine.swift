@@ -328,12 +328,29 @@ public struct SnapshotEngine {
     ///
     /// Idempotent, and correct for a stack in any state before a merge: never taken,
     /// half-built, live, or half-dropped by a crash.
+    ///
+    /// A stack that is not live is dropped only when its storage provably holds nothing of the
+    /// old data (see `evidence`), or when `discarding` says the run decided to commit and the
+    /// journal holds that decision. The label says `released` before the origin leaves the
+    /// snapshot, so a reboot in between never brings the snapshot back.
     /// - Throws: `.mergeInProgress` when the origin is merging (finish that instead),
-    ///   `.inUse` when the snapshot is mounted.
-    public func drop(_ stack: SnapshotStack) throws {
+    ///   `.inUse` when the snapshot is mounted, `.needsReassembly` or `.stale` when the storage
+    ///   of a snapshot that is not live may hold old blocks (nothing is touched).
+    public func drop(_ stack: SnapshotStack, discarding: Bool = false) throws {
         let operation = "commit of \(stack.originName)"
         let real = try dm.info(stack.ref(.real))
         let snap = try dm.info(stack.ref(.snap))
+        let live = try liveState(stack)
+        if live.merging {
+            throw SnapshotError(.mergeInProgress, operation, "\(stack.originName) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
+        }
+        if !live.live && !discarding { try requireReleasable(stack, operation) }
+        if let snap, snap.openCount > 0 {
+            throw SnapshotError(
+                .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
+                hint: "unmount it first")
+        }
+        try markReleased(stack)
         if let origin = try dm.info(stack.originRef) {
             let live = try dm.table(.number(origin.number))
             if live.isOnly("snapshot-merge") {
@@ -348,11 +365,6 @@ public struct SnapshotEngine {
             if case .snapshotOrigin(let device)? = live.lines.first?.target, live.lines.count == 1,
                 real == nil || device == real?.number
             {
-                if let snap, snap.openCount > 0 {
-                    throw SnapshotError(
-                        .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
-                        hint: "unmount it first")
-                }
                 let own: Table
                 if let real { own = try dm.table(.number(real.number)) } else { own = try Table(parsing: stack.originTable) }
                 try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
@@ -412,15 +424,25 @@ public struct SnapshotEngine {
         }
     }
 
+    /// Writes `released` into the stack's label (the durable decision that its old blocks may
+    /// go). A storage without this stack's label is left as it is.
+    func markReleased(_ stack: SnapshotStack) throws {
+        let path = stack.storage.path
+        guard FileManager.default.fileExists(atPath: path), var label = try CowLabel.read(from: path),
+            label.identity == stack.identity, label.state != .released
+        else { return }
+        label.state = .released
+        try label.write(to: path)
+    }
+
     /// Wipes the label and the kernel header, detaches a loop device still bound to the
-    /// file and deletes it. Idempotent.
+    /// file and deletes it. Idempotent. Only storage whose label says released, or that
+    /// provably holds no old block, is released; anything else is refused and kept.
     func releaseStorage(_ stack: SnapshotStack) throws {
         let path = stack.storage.path
         guard FileManager.default.fileExists(atPath: path) else { return }
-        if var label = try? CowLabel.read(from: path), label.identity == stack.identity {
-            label.state = .released
-            try label.write(to: path)
-        }
+        try requireReleasable(stack, "release of \(path)")
+        try markReleased(stack)
         if stack.storage.isFile {
             for loop in LoopDevice.find(backingFile: path) { try? loop.detach() }
         }
@@ -646,9 +668,13 @@ public struct SnapshotEngine {
         if live.isOnly("error"), try dm.info(stack.ref(.real)) != nil {
             return .failed(.unknown("restart interrupted"))
         }
-        // Back on its own table: the merge was complete and the swap done (only then does guard
-        // reload it), whatever layers a crash left behind.
-        if !live.isOnly("snapshot-origin") { return .finished }
+        // Off the merge: finished only if the label says released (written once the kernel
+        // reported the merge complete, before the swap). A label still `merging` means the
+        // stack was torn down by a reboot: it must be reassembled, never torn down.
+        if !live.isOnly("snapshot-origin") {
+            let evidence = evidence(stack)
+            return evidence.mustKeep ? .needsReassembly(evidence.reason) : .finished
+        }
         throw SnapshotError(.layerMissing, "merge status of \(stack.originName)", "\(origin.name) is not merging (its table is \(live.lines.first?.target.typeName ?? "empty"))")
     }
 
@@ -665,22 +691,33 @@ public struct SnapshotEngine {
             throw SnapshotError(.mergeInProgress, operation, "\(formatBytes(remaining * 512)) are still to merge")
         case .failed(let status):
             throw SnapshotError(.mergeFailed, operation, "the kernel reports the merge as \(status)", hint: "see `dmesg`; fix the I/O error, then run `guard recover`")
+        case .needsReassembly(let why):
+            throw SnapshotError(.needsReassembly, operation, why, hint: "run `guard recover` with \(stack.originName) active and unmounted: the merge resumes")
         case .complete:
             break
         }
         let origin = try requireOrigin(stack, operation)
         let real = try dm.requireInfo(stack.ref(.real))
         let own = try dm.table(.number(real.number))
-        try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
-        CrashPoint.hit("finish.origin-loaded")
-        try withSuspended([.number(origin.number)]) {
-            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
-            // Checked again with the origin quiet: the merge must really be complete.
-            if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
-                try dm.clearInactiveTable(.number(origin.number))
-                throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
+        // The kernel reports the merge complete: the label says so before the origin leaves the
+        // merge target, so "own table, label merging" always means a reboot interrupted it.
+        try markReleased(stack)
+        CrashPoint.hit("finish.label-released")
+        do {
+            try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
+            CrashPoint.hit("finish.origin-loaded")
+            try withSuspended([.number(origin.number)]) {
+                try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
+                // Checked again with the origin quiet: the merge must really be complete.
+                if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
+                    try dm.clearInactiveTable(.number(origin.number))
+                    throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
+                }
+                try dm.resume(.number(origin.number))
             }
-            try dm.resume(.number(origin.number))
+        } catch {
+            if try liveState(stack).merging { try? mark(stack, .merging) }
+            throw error
         }
         CrashPoint.hit("finish.origin-restored")
         try removeLayers(stack, [.snap, .real, .cow])
@@ -797,6 +834,8 @@ public enum ReassemblyResult: Sendable, Hashable {
     case alreadyLive(SnapshotStack)
     /// The storage held no snapshot that ever went live (or a released one); it was removed.
     case discarded(String)
+    /// The storage holds a stale snapshot: kept, not reassembled.
+    case kept(String)
 }
 
 extension SnapshotEngine {
@@ -809,8 +848,14 @@ extension SnapshotEngine {
     public func reassemble(_ storage: CowStorage) throws -> ReassemblyResult {
         let operation = "reassembly from \(storage)"
         guard let label = try CowLabel.read(from: storage.path) else {
-            if storage.isFile { try? FileManager.default.removeItem(atPath: storage.path) }
+            if try KernelCowHeader.read(from: storage.path) != nil {
+                throw SnapshotError(.needsReassembly, operation, "\(storage.path) has a kernel snapshot header but no guard label", hint: "it is kept for you to inspect; delete it yourself once you know it holds nothing you need")
+            }
+            if storage.isFile { try FileManager.default.removeItem(atPath: storage.path) }
             return .discarded("\(storage.path) has no guard label")
+        }
+        if label.state == .stale {
+            return .kept("\(storage.path) holds a stale snapshot of \(label.originName) (written while the snapshot was not live); kept for the admin")
         }
         guard label.state == .active || label.state == .kept || label.state == .merging else {
             let stack = try stackFromLabel(label, storage: storage, originNumber: DeviceNumber(major: 0, minor: 0))
@@ -837,6 +882,7 @@ extension SnapshotEngine {
             try releaseStorage(stack)
             return .discarded("\(storage.path): the kernel never initialised the snapshot (it was never taken)")
         }
+        try requireUntouched(origin, label: label, stack: stack, operation: operation)
         let merging = label.state == .merging
         if merging && !header.valid {
             throw SnapshotError(.invalidSnapshot, operation, "the snapshot being merged is marked invalid in its COW header")
@@ -891,6 +937,24 @@ extension SnapshotEngine {
         }
         log?("reassembled \(merging ? "the merge into" : "the snapshot of") \(origin.name) from \(storage.path)")
         return .reassembled(stack, merging: merging)
+    }
+
+    /// Refuses to reassemble onto an origin that was opened or written since it was activated:
+    /// a snapshot of it would no longer describe its past, and a merge must not start under a
+    /// mounted filesystem. A written origin's label becomes `stale` (durable: the next boot
+    /// does not reassemble it either); the COW is kept, nothing is merged.
+    func requireUntouched(_ origin: DeviceInfo, label: CowLabel, stack: SnapshotStack, operation: String) throws {
+        let writes = BlockDevices.writeRequests(of: origin.number) ?? 0
+        if writes > 0 {
+            var stale = label
+            stale.state = .stale
+            try stale.write(to: stack.storage.path)
+            throw SnapshotError(
+                .stale, operation,
+                "\(origin.name) was written (\(writes) write requests) since it was activated, before its snapshot was reassembled: the snapshot is stale, nothing is merged, and the COW \(stack.storage.path) is kept for you",
+                hint: "`guard commit` of the run discards the COW and keeps the volume as it is")
+        }
+        try waitUntilClosed(origin, operation: operation, hint: "unmount it and stop what holds it, then run `guard recover`; nothing was reassembled")
     }
 
     private func withSuspendedForReassembly(_ order: [DeviceRef], _ body: () throws -> Void) throws {

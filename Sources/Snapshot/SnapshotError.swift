@@ -8,7 +8,7 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Value: Hashable, Sendable {
             case originNotFound, notAVolume, alreadySnapshotted, cowOnOrigin, noSpace, cowTooSmall
-            case invalidSnapshot, inUse, mergeInProgress, mergeFailed, notExtendable, layerMissing, labelMismatch, other
+            case invalidSnapshot, inUse, mergeInProgress, mergeFailed, notExtendable, layerMissing, labelMismatch, needsReassembly, stale, other
         }
         private let value: Value
         private init(_ value: Value) { self.value = value }
@@ -29,6 +29,12 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
         public static let notExtendable = Code(.notExtendable)
         public static let layerMissing = Code(.layerMissing)
         public static let labelMismatch = Code(.labelMismatch)
+        /// The COW's durable records say it holds old blocks of a snapshot that is not live:
+        /// reassemble it (`guard recover` once its device or directory is there); nothing is removed.
+        public static let needsReassembly = Code(.needsReassembly)
+        /// The origin was written while its snapshot was not live: the snapshot no longer
+        /// describes the origin's past. The COW is kept for the admin; nothing is merged.
+        public static let stale = Code(.stale)
         public static let other = Code(.other)
 
         public var description: String { "\(value)" }

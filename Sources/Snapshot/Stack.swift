@@ -125,4 +125,7 @@ public enum MergeState: Sendable, Hashable {
     case failed(SnapshotStatus)
     /// The origin is back on its own table: the merge was finished and torn down.
     case finished
+    /// The origin is off the merge but the label says merging: a reboot tore the stack down
+    /// mid-merge. Reassemble it (`guard recover`); nothing may be torn down.
+    case needsReassembly(String)
 }

@@ -148,6 +148,7 @@ extension Kernel {
             CrashCase(point: "merge.suspended", succeeds: false, expected: .restored, note: "origin and snapshot suspended for the handover"),
             CrashCase(point: "merge.handed-over", succeeds: false, expected: .restored, note: "merging, -snap not removed"),
             CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "merging, not journaled"),
+            CrashCase(point: "finish.label-released", succeeds: false, expected: .restored, note: "merge complete, label says released, origin still on the merge", outcome: "rolled_back", unfinished: false),
             CrashCase(point: "finish.origin-restored", succeeds: false, expected: .restored, note: "origin on its own table, layers left", outcome: "rolled_back", unfinished: false),
             CrashCase(point: "finish.layers-removed", succeeds: false, expected: .restored, note: "layers gone, COW file left", outcome: "rolled_back", unfinished: false),
         ]
@@ -164,8 +165,8 @@ extension Kernel {
                 let marker = fixture.scratch.path("marker")
                 let recipe = try fixture.recipe(succeeds: crash.succeeds, marker: marker, sleep: 30)
                 let runner = Task.detached { try tool("run", recipe) }
-                for _ in 0..<300 where !FileManager.default.fileExists(atPath: marker) { try await Task.sleep(for: .milliseconds(100)) }
-                #expect(FileManager.default.fileExists(atPath: marker), "the step started")
+                // Waits for the step itself; the bound only stops a hung test.
+                try await waitUntil("the step to start", seconds: 600) { FileManager.default.fileExists(atPath: marker) }
                 try await Task.sleep(for: .milliseconds(500))
                 #expect(killProcesses(argv: [guardBinary, "run", recipe]) == 1, "one guard run to kill")
                 result = try await runner.value

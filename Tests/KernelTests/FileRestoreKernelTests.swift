@@ -189,7 +189,7 @@ extension Kernel {
             let restore = try tool("restore", "\(run)", file)
             #expect(restore.status == 0, "\(restore.stderr)")
             Thread.sleep(forTimeInterval: 1)
-            FileManager.default.createFile(atPath: stop, contents: nil)
+            _ = FileManager.default.createFile(atPath: stop, contents: nil)
             let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             process.waitUntilExit()
             let counts = output.split(separator: " ").compactMap { Int($0.trimmingWhitespace()) }

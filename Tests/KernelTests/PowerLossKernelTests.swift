@@ -87,7 +87,7 @@ struct PowerLoss {
         merging.executableURL = URL(fileURLWithPath: guardBinary)
         merging.arguments = ["run", "-v", mergingRecipe, "--state-dir", tool.stateDirectory]
         merging.environment = guardEnvironment()
-        FileManager.default.createFile(atPath: "\(directory)/merging.out", contents: nil)
+        _ = FileManager.default.createFile(atPath: "\(directory)/merging.out", contents: nil)
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(directory)/merging.out"))
         merging.standardOutput = log
         merging.standardError = log

@@ -90,11 +90,14 @@ final class VolumeFixture {
             case .failed(let status):
                 Issue.record("merge failed: \(status)")
                 return
+            case .needsReassembly(let why):
+                Issue.record("the merge is not live: \(why)")
+                return
             case .merging:
                 Thread.sleep(forTimeInterval: 0.1)
             }
         }
-        Issue.record("merge did not complete in \(timeout) s")
+        Issue.record("merge did not complete in \(timeout) s: the machine is too slow or the test hung")
     }
 }
 

@@ -75,9 +75,13 @@ extension GuardCommand {
             let context = try global.context(keepingValid: true)
             let report = try await Recovery(context: context).recover(boot: boot)
             for action in report.actions { say(action) }
-            if report.actions.isEmpty && report.problems.isEmpty { say("nothing to recover") }
+            if report.actions.isEmpty && report.problems.isEmpty && report.needsReassembly.isEmpty { say("nothing to recover") }
+            if !report.needsReassembly.isEmpty {
+                let lines = report.problems + report.needsReassembly.map { "needs reassembly: \($0)" }
+                throw GuardFailure(.needsReassembly, lines.joined(separator: "\nguard: ") + "\nguard: nothing was removed; once that is there, run `guard recover`")
+            }
             if !report.problems.isEmpty {
-                throw GuardFailure(.attention, report.problems.joined(separator: "\n"))
+                throw GuardFailure(.attention, report.problems.joined(separator: "\nguard: "))
             }
         }
     }

@@ -15,8 +15,10 @@ struct StatusOutput: Encodable {
         var fill: Double?
         var mergeProgress: Double?
         var remainingBytes: UInt64?
+        /// Why a volume needs reassembly, and what to mount or activate.
+        var detail: String?
         enum CodingKeys: String, CodingKey {
-            case volume, origin, state, status, fill
+            case volume, origin, state, status, fill, detail
             case usedBytes = "used_bytes"
             case sizeBytes = "size_bytes"
             case mergeProgress = "merge_progress"
@@ -72,7 +74,13 @@ extension GuardCommand {
         func run() async throws {
             let context = try global.context()
             let maintenance = Maintenance(context: context)
-            if wait { try await maintenance.waitForAllMerges() }
+            // A merge that needs reassembly cannot be waited for: the others are, then status says why.
+            var waitFailure: GuardFailure?
+            if wait {
+                do { try await maintenance.waitForAllMerges() } catch let failure as GuardFailure where failure.exitCode == .needsReassembly {
+                    waitFailure = failure
+                }
+            }
             let (runs, strays) = try maintenance.status()
             let output = StatusOutput(
                 runs: runs.map { status in
@@ -83,11 +91,22 @@ extension GuardCommand {
                             StatusOutput.Volume(
                                 volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
-                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes)
+                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
                         })
                 }, strayDevices: strays)
+            let waiting = runs.flatMap { status in
+                status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
+            }
+            let needsReassembly = waitFailure != nil || !waiting.isEmpty || runs.contains { $0.run.state == .needsReassembly }
+            defer {
+                if needsReassembly {
+                    let lines = waiting.isEmpty ? [waitFailure?.message ?? "a run needs reassembly; run `guard recover`"] : waiting
+                    FileHandle.standardError.write(Data(("guard: needs reassembly (nothing is torn down or removed):\n" + lines.map { "guard:   \($0)\n" }.joined()).utf8))
+                }
+            }
             if json {
                 try printJSON(output)
+                if needsReassembly { throw ExitCodeError(.needsReassembly) }
                 return
             }
             if output.runs.isEmpty { say("no live snapshots or merges") }
@@ -104,9 +123,11 @@ extension GuardCommand {
                         line += " \(Int(progress * 100))%, \(Units.formatBytes(volume.remainingBytes ?? 0)) to go"
                     }
                     say(line)
+                    if let detail = volume.detail { say("    \(detail)") }
                 }
             }
             for stray in output.strayDevices { say("stray guard device (no open run): \(stray); `guard recover` removes it") }
+            if needsReassembly { throw ExitCodeError(.needsReassembly) }
         }
     }
 }
