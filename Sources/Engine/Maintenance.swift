@@ -54,6 +54,8 @@ public struct Maintenance {
         case .merging: return "run \(id) is being rolled back (its merge is under way); see `guard status --wait`"
         case .running: return "run \(id) has not finished (it is running, or guard died during it); run `guard recover` first"
         case .needsReassembly:
+            // Committing gives the old blocks up on purpose: the admin may, once told.
+            if verb == "commit" { return nil }
             return "run \(id) needs reassembly: a snapshot that holds old blocks is not live (see `guard status`); mount or activate what it names and run `guard recover` first"
         case .stale:
             // A stale snapshot can only be discarded: committing keeps the volume as it is.
@@ -69,9 +71,12 @@ public struct Maintenance {
         let run = try requireRun(reference, journal: journal)
         if let refusal = refusal(run, "commit") { throw GuardFailure(.usage, refusal) }
         let records = try journal.snapshots(runID: run.id!)
+        if records.contains(where: { $0.state == .merging }) {
+            throw GuardFailure(.usage, "run \(run.id!) was being rolled back when it stopped: its merge must finish, not be given up; make its COW available and run `guard recover`")
+        }
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
-        try commit(run, records: records, journal: journal, reason: "commit")
+        try commit(run, records: records, journal: journal, reason: run.state == .kept ? "commit" : "commit of a \(run.state.rawValue) run: its old blocks are given up")
         return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
     }
 

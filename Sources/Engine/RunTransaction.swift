@@ -107,7 +107,8 @@ public final class RunTransaction {
             } else {
                 try Maintenance(context: context).tidy(journal: existing)
             }
-            let unfinished = try Recovery(context: context).unfinishedRuns(journal: existing)
+            // A run waiting for reassembly blocks only its own volumes (the planner refuses them).
+            let unfinished = try Recovery(context: context).unfinishedRuns(journal: existing).filter { $0.state == .running }
             if !unfinished.isEmpty {
                 try refuse("run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first")
             }

@@ -33,6 +33,24 @@ public enum StorageEvidence: Sendable, Hashable {
     }
 }
 
+/// A file guard puts in every directory it writes COW files into. A COW file that is missing
+/// from a directory that has the marker was released; missing from one without it (an empty
+/// mount point whose filesystem is not mounted yet), it may come back and must be waited for.
+public enum CowDirectoryMarker {
+    public static let name = ".guard-cow-directory"
+
+    public static func isPresent(in directory: String) -> Bool {
+        FileManager.default.fileExists(atPath: "\(directory)/\(name)")
+    }
+
+    static func place(in directory: String) throws {
+        guard !isPresent(in: directory) else { return }
+        let file = try RawFile(path: "\(directory)/\(name)", create: true)
+        try file.write(Array("guard writes COW files here; see Docs/recovery.md\n".utf8), at: 0)
+        try file.sync()
+    }
+}
+
 extension KernelCowHeader {
     /// Whether the persistent exception store holds at least one exception: the first entry
     /// of the first metadata area (chunk 1 of the snapshot area) has a nonzero new chunk.
@@ -89,6 +107,11 @@ extension SnapshotStack {
             }
             if !FileManager.default.fileExists(atPath: directory) {
                 return .needsReassembly("its COW directory \(directory) does not exist (is the filesystem that holds it mounted?); mount it, then run `guard recover`")
+            }
+            // An empty mount point is not the directory guard wrote the COW into.
+            guard CowDirectoryMarker.isPresent(in: directory) else {
+                return .needsReassembly(
+                    "its COW file \(path) is missing and \(directory) is not the directory guard wrote it into (guard's marker \(CowDirectoryMarker.name) is not there: is its filesystem mounted?); mount it, then run `guard recover`")
             }
             return .released
         }

@@ -219,6 +219,7 @@ public struct SnapshotEngine {
         switch stack.storage {
         case .file(let path):
             log?("creating COW file \(path) (\(formatBytes(stack.storageBytes)), preallocated)")
+            try CowDirectoryMarker.place(in: (path as NSString).deletingLastPathComponent)
             let file = try RawFile(path: path, create: true, exclusive: true)
             if !(try Self.preallocate(file, from: 0, length: stack.storageBytes)) {
                 log?("warning: \(path)'s filesystem cannot preallocate; the COW file is sparse")
@@ -653,6 +654,9 @@ public struct SnapshotEngine {
 
     /// Where a merge stands, from the origin's snapshot-merge status.
     public func mergeState(_ stack: SnapshotStack) throws -> MergeState {
+        guard try dm.info(stack.originRef) != nil || !evidence(stack).mustKeep else {
+            return .needsReassembly("its origin \(stack.originName) is not active; activate it without mounting it, then run `guard recover`")
+        }
         let origin = try requireOrigin(stack, "merge status of \(stack.originName)")
         let live = try dm.table(.number(origin.number))
         if live.isOnly("snapshot-merge") {

@@ -20,31 +20,49 @@ struct PowerLoss {
     /// outlives a power loss): an LVM volume group with the three volumes and guard's state.
     var disk: String { ProcessInfo.processInfo.environment["GUARD_POWERLOSS_DISK"] ?? "/dev/vda" }
 
+    /// Issue 15: a second state directory, on its own LV, whose runs keep their COW files on a
+    /// filesystem (LV gpl-cowlate) that boot 2 mounts only late; boot 2 runs no reassembly for it.
+    var lateStateMount: String { "/tmp/guard-powerloss-late-state" }
+    var lateTool: GuardTool { GuardTool(stateDirectory: "\(lateStateMount)/guard") }
+    var lateCowMount: String { "/tmp/guard-powerloss-late-cow" }
+    /// The COW files go to the late filesystem's root: in boot 2 the directory exists (an empty
+    /// mount point) before the filesystem is mounted, and only guard's marker tells them apart.
+    var lateCowDirectory: String { lateCowMount }
+
     func prepareDisk(create: Bool) throws {
         if create {
             try sh("pvcreate -q -ff -y \(disk) && vgcreate -q gpl \(disk) && lvcreate -q -y -L 256M -n state gpl && mkfs.ext4 -q -F /dev/mapper/gpl-state")
-            for name in ["steps", "kept", "merging"] { try sh("lvcreate -q -y -L 24M -n \(name) gpl") }
+            for name in ["steps", "kept", "merging", "late-steps", "late-merging"] { try sh("lvcreate -q -y -L 24M -n \(name) gpl") }
+            try sh("lvcreate -q -y -L 48M -n late-state gpl && mkfs.ext4 -q -F /dev/mapper/gpl-late--state")
+            try sh("lvcreate -q -y -L 96M -n cowlate gpl && mkfs.ext4 -q -F /dev/mapper/gpl-cowlate")
         } else {
             // What LVM's activation does at boot (udev-triggered on a full system).
             try sh("vgchange -q -ay gpl")
         }
         try FileManager.default.createDirectory(atPath: stateMount, withIntermediateDirectories: true)
         try Mounts.mount(source: "/dev/mapper/gpl-state", target: stateMount, fileSystemType: "ext4")
+        try FileManager.default.createDirectory(atPath: lateStateMount, withIntermediateDirectories: true)
+        try Mounts.mount(source: "/dev/mapper/gpl-late--state", target: lateStateMount, fileSystemType: "ext4")
+        // The late filesystem's mount point exists in both boots; boot 2 leaves it empty at first.
+        try FileManager.default.createDirectory(atPath: lateCowMount, withIntermediateDirectories: true)
+        if create {
+            try Mounts.mount(source: "/dev/mapper/gpl-cowlate", target: lateCowMount, fileSystemType: "ext4")
+        }
     }
 
-    func volume(_ name: String) -> String { "/dev/mapper/gpl-\(name)" }
+    func volume(_ name: String) -> String { "/dev/mapper/gpl-\(name.replacingOccurrences(of: "-", with: "--"))" }
 
     func before(_ name: String) throws -> String {
         try String(contentsOfFile: "\(directory)/before-\(name)", encoding: .utf8).trimmingWhitespace()
     }
 
-    func recipe(_ name: String, step: String, verify: Bool, keep: Bool) throws -> String {
+    func recipe(_ name: String, step: String, verify: Bool, keep: Bool, cow: String? = nil) throws -> String {
         let path = "\(directory)/\(name).recipe"
         try """
             name: powerloss-\(name)
             volumes:
               - device: \(volume(name))
-                snapshot: 24M
+                snapshot: \(cow.map { "{ size: 24M, cow: \($0) }" } ?? "24M")
             steps:
               - name: write
                 shell: \(step)
@@ -63,10 +81,10 @@ struct PowerLoss {
         setenv("LVM_SUPPRESS_FD_WARNINGS", "1", 1)
         try prepareDisk(create: true)
         let tool = guardTool
-        for name in ["steps", "kept", "merging"] {
+        for name in ["steps", "kept", "merging", "late-steps", "late-merging"] {
             try sh("dd if=/dev/urandom of=\(volume(name)) bs=1M count=24 oflag=direct status=none")
             try sh("sha256sum < \(volume(name)) | cut -c1-64 > '\(directory)/before-\(name)'")
-            try makeRandomFile("\(directory)/patch-\(name)", mebibytes: name == "merging" ? 16 : 8)
+            try makeRandomFile("\(directory)/patch-\(name)", mebibytes: name.hasSuffix("merging") ? 16 : 8)
         }
         func write(_ name: String) -> String {
             "dd if=\(directory)/patch-\(name) of=\(volume(name)) bs=1M seek=4 oflag=direct conv=notrunc,fsync status=none"
@@ -78,33 +96,48 @@ struct PowerLoss {
         let marker = "\(directory)/step-started"
         let stepsRecipe = try recipe("steps", step: write("steps") + "; touch \(marker); sleep 600", verify: true, keep: false)
         let steps = Task.detached { try tool("run", stepsRecipe) }
-        try await waitUntil("the step to run", seconds: 120) { FileManager.default.fileExists(atPath: marker) }
+        try await waitUntil("the step to run") { FileManager.default.fileExists(atPath: marker) }
+        // The same in the late state directory, its COW on the late filesystem.
+        let late = lateTool
+        let lateMarker = "\(directory)/late-step-started"
+        let lateStepsRecipe = try recipe("late-steps", step: write("late-steps") + "; touch \(lateMarker); sleep 600", verify: true, keep: false, cow: lateCowDirectory)
+        let lateSteps = Task.detached { try late("run", lateStepsRecipe) }
+        try await waitUntil("the late step to run") { FileManager.default.fileExists(atPath: lateMarker) }
         // Merging: a failed verify, the rollback's merge slowed down so the reset lands in it.
         setCopyThrottle(1)
         let mergingRecipe = try recipe("merging", step: write("merging"), verify: false, keep: false)
         // Started without waiting (a shell's `&` would not do: the test waits for its pipes to close).
-        let merging = Process()
-        merging.executableURL = URL(fileURLWithPath: guardBinary)
-        merging.arguments = ["run", "-v", mergingRecipe, "--state-dir", tool.stateDirectory]
-        merging.environment = guardEnvironment()
-        _ = FileManager.default.createFile(atPath: "\(directory)/merging.out", contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(directory)/merging.out"))
-        merging.standardOutput = log
-        merging.standardError = log
-        merging.standardInput = FileHandle.nullDevice
-        try merging.run()
+        func start(_ recipe: String, state: String, output: String) throws {
+            let merging = Process()
+            merging.executableURL = URL(fileURLWithPath: guardBinary)
+            merging.arguments = ["run", "-v", recipe, "--state-dir", state]
+            merging.environment = guardEnvironment()
+            _ = FileManager.default.createFile(atPath: output, contents: nil)
+            let log = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
+            merging.standardOutput = log
+            merging.standardError = log
+            merging.standardInput = FileHandle.nullDevice
+            try merging.run()
+        }
         let dm = try DeviceMapper()
-        try await waitUntil("the merge to start", seconds: 180) { (try? dm.table(.name("gpl-merging")).isOnly("snapshot-merge")) == true }
-        let mergingOutput = ((try? String(contentsOfFile: "\(directory)/merging.out", encoding: .utf8)) ?? "")
-        guard let usage = (try? dm.snapshotStatus(.name("gpl-merging")))?.usage, !usage.isMergeComplete else {
-            Issue.record("the merge finished before the reset, or never started; nothing would be tested: \(mergingOutput)")
-            return
+        let lateMergingRecipe = try recipe("late-merging", step: write("late-merging"), verify: false, keep: false, cow: lateCowDirectory)
+        for (name, recipe, state) in [("merging", mergingRecipe, tool.stateDirectory), ("late-merging", lateMergingRecipe, late.stateDirectory)] {
+            try start(recipe, state: state, output: "\(directory)/\(name).out")
+            let device = "gpl-\(name.replacingOccurrences(of: "-", with: "--"))"
+            try await waitUntil("the merge into \(device) to start") { (try? dm.table(.name(device)).isOnly("snapshot-merge")) == true }
+        }
+        for device in ["gpl-merging", "gpl-late--merging"] {
+            guard let usage = (try? dm.snapshotStatus(.name(device)))?.usage, !usage.isMergeComplete else {
+                let output = (try? String(contentsOfFile: "\(directory)/merging.out", encoding: .utf8)) ?? ""
+                Issue.record("the merge into \(device) finished before the reset, or never started; nothing would be tested: \(output)")
+                return
+            }
         }
         try "ready".write(toFile: "\(directory)/phase1-ready", atomically: true, encoding: .utf8)
         // Power loss: no sync, no unmount, no shutdown.
         try sh("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
         try await Task.sleep(for: .seconds(30))
-        _ = steps
+        _ = (steps, lateSteps)
         Issue.record("the machine did not reset")
     }
 
@@ -115,6 +148,7 @@ struct PowerLoss {
         let dm = try DeviceMapper()
         #expect(try dm.guardDevices().isEmpty, "a fresh boot has no guard device")
         try prepareDisk(create: false)
+        try lateStateWithoutReassembly()
         let tool = guardTool
 
         // What the boot unit runs, before anything mounts the volumes.
@@ -161,5 +195,50 @@ struct PowerLoss {
         recordResult(["power-loss-kept", "reset with a kept snapshot", "keep", "restored", "rolled_back", "snapshot reassembled at boot; guard rollback worked afterwards", ""])
         try? Mounts.unmount(stateMount)
         _ = try? sh("vgchange -q -an gpl")
+    }
+
+    /// Boot 2 for the late state directory: no boot unit ran for it, its COW filesystem is not
+    /// mounted. status, the maintenance job and recover keep everything and say it needs
+    /// reassembly; once the filesystem is mounted, recover restores both volumes.
+    func lateStateWithoutReassembly() throws {
+        let late = lateTool
+        let dm = try DeviceMapper()
+        #expect(Mounts.entry(at: lateCowMount) == nil, "the late filesystem is not mounted yet")
+
+        let status = try late("status")
+        #expect(status.status == 4, "\(status.stdout) \(status.stderr)")
+        #expect(status.stdout.contains("needs reassembly"), "\(status.stdout)")
+        // The maintenance job (guard-maintenance.service runs `guard status --wait --quiet`).
+        let maintenance = try late("status", "--wait", "--quiet")
+        #expect(maintenance.status == 4, "\(maintenance.stdout) \(maintenance.stderr)")
+        let early = try late("recover")
+        #expect(early.status == 4, "\(early.stdout) \(early.stderr)")
+        #expect(early.stderr.contains("marker"), "the message says the COW directory is not the one guard wrote into: \(early.stderr)")
+        let waiting = try #require(try late.json("history") as? [[String: Any]])
+        #expect(waiting.allSatisfy { $0["state"] as? String == "needs_reassembly" }, "\(waiting.map { $0["state"] ?? "" })")
+        for name in ["late-steps", "late-merging"] {
+            #expect(try dm.table(.name("gpl-\(name.replacingOccurrences(of: "-", with: "--"))")).isOnly("linear"), "nothing was stacked or torn down")
+        }
+
+        // The filesystem comes: the labels are as the reset left them.
+        try Mounts.mount(source: "/dev/mapper/gpl-cowlate", target: lateCowMount, fileSystemType: "ext4")
+        let states = try SnapshotEngine.cowFiles(in: lateCowDirectory).compactMap { try CowLabel.read(from: $0.path)?.state }
+        #expect(Set(states) == [.active, .merging], "\(states)")
+        let recover = try late("recover")
+        #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+        #expect(recover.stdout.contains("reassembled the snapshot of gpl-late--steps"), "\(recover.stdout)")
+        #expect(recover.stdout.contains("resumed the merge into gpl-late--merging"), "\(recover.stdout)")
+        for name in ["late-steps", "late-merging"] {
+            try dropCaches(volume(name))
+            #expect(try sha256(volume(name)) == before(name), "\(name): every byte as before the run")
+        }
+        let history = try #require(try late.json("history") as? [[String: Any]])
+        #expect(history.allSatisfy { $0["state"] as? String == "finished" && $0["outcome"] as? String == "recovered" }, "\(history)")
+        #expect(SnapshotEngine.cowFiles(in: lateCowDirectory).isEmpty, "the COW files are released once merged")
+        #expect(try dm.guardDevices().filter { StackIdentity.parse(uuid: $0.uuid) != nil }.isEmpty)
+        recordResult(["power-loss-no-reassembly-steps", "reset while a step runs; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered", "status, maintenance and recover exit 4 and keep everything; recover after the mount rolled back", ""])
+        recordResult(["power-loss-no-reassembly-merge", "reset mid-merge; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered", "status --wait tore nothing down; recover after the mount finished the merge", ""])
+        try Mounts.unmount(lateCowMount)
+        try Mounts.unmount(lateStateMount)
     }
 }

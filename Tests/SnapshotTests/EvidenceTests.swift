@@ -93,7 +93,11 @@ struct EvidenceTests {
         let late = stack("/guard-test-not-mounted/cow/run-0.cow").storageEvidence(fstab: fstab)
         #expect(late.mustKeep && late.reason.contains("/guard-test-not-mounted, which is not mounted"), "\(late)")
 
-        // The directory is there and the file is gone: released (nothing left to keep).
+        // The file is gone from a directory without guard's marker (an empty mount point): kept waiting.
+        let unmarked = stack("\(directory)/gone.cow").storageEvidence()
+        #expect(unmarked.mustKeep && unmarked.reason.contains("marker"), "\(unmarked)")
+        // From the directory guard wrote it into: released (nothing left to keep).
+        try "".write(toFile: "\(directory)/\(CowDirectoryMarker.name)", atomically: true, encoding: .utf8)
         #expect(stack("\(directory)/gone.cow").storageEvidence() == .released)
     }
 }
