@@ -135,6 +135,7 @@ public final class GuardContext: @unchecked Sendable {
                 throw GuardFailure(.usage, "cannot create the state directory \(directory): \(error.localizedDescription); choose another with --state-dir")
             }
         }
+        if creatingCowDirectory { try? CowDirectoryMarker.place(in: cowDirectory) }
     }
 
     public var hostName: String { ProcessInfo.processInfo.hostName }

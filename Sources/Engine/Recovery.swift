@@ -186,8 +186,11 @@ public struct Recovery {
         let records = try journal.snapshots(runID: runID)
         var waiting: [String] = []
         var stale: [String] = []
-        for record in records where [.live, .merging, .invalid].contains(record.state) {
+        // `preparing` too: a take the journal never recorded may still have gone live.
+        for record in records where [.preparing, .live, .merging, .invalid].contains(record.state) {
             guard let stack = decodeStack(record.stack), !(try engine.liveState(stack).live) else { continue }
+            // A take the journal never recorded, whose COW was never created: nothing to wait for.
+            if record.state == .preparing && !FileManager.default.fileExists(atPath: stack.storage.path) { continue }
             switch engine.evidence(stack) {
             case .needsReassembly(let why): waiting.append("\(record.volume): \(why)")
             case .stale(let why): stale.append("\(record.volume): \(why)")
@@ -277,7 +280,12 @@ public struct Recovery {
             return try close(.kept, .kept, "the run had decided to keep its snapshots; they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
         }
         if records.isEmpty || stacks.isEmpty || !taken {
-            for stack in stacks { try engine.drop(stack) }
+            for record in records {
+                guard let stack = decodeStack(record.stack) else { continue }
+                // A COW the journal never saw taken and that was never created holds nothing.
+                let neverCreated = record.state == .preparing && !FileManager.default.fileExists(atPath: stack.storage.path)
+                try engine.drop(stack, discarding: neverCreated)
+            }
             try journal.setSnapshotState(runID: runID, .discarded)
             return try close(.recovered, .finished, "no snapshot holds a changed block (COW labels and kernel headers checked); removed what the run had prepared; no volume was changed by it")
         }

@@ -43,7 +43,7 @@ public enum CowDirectoryMarker {
         FileManager.default.fileExists(atPath: "\(directory)/\(name)")
     }
 
-    static func place(in directory: String) throws {
+    public static func place(in directory: String) throws {
         guard !isPresent(in: directory) else { return }
         let file = try RawFile(path: "\(directory)/\(name)", create: true)
         try file.write(Array("guard writes COW files here; see Docs/recovery.md\n".utf8), at: 0)
