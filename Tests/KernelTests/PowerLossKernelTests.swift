@@ -122,9 +122,10 @@ struct PowerLoss {
         let mergingRecipe = try recipe("merging", step: write("merging"), verify: false, keep: false)
         let dm = try DeviceMapper()
         let lateMergingRecipe = try recipe("late-merging", step: write("late-merging"), verify: false, keep: false, cow: lateCowDirectory)
-        for (name, recipe, state) in [("merging", mergingRecipe, tool.stateDirectory), ("late-merging", lateMergingRecipe, late.stateDirectory)] {
-            try start(recipe, state: state, output: "\(directory)/\(name).out")
-            let device = "gpl-\(name.replacingOccurrences(of: "-", with: "--"))"
+        // Both at once, so that neither merge is over while the other one is still coming.
+        try start(mergingRecipe, state: tool.stateDirectory, output: "\(directory)/merging.out")
+        try start(lateMergingRecipe, state: late.stateDirectory, output: "\(directory)/late-merging.out")
+        for device in ["gpl-merging", "gpl-late--merging"] {
             try await waitUntil("the merge into \(device) to start") { (try? dm.table(.name(device)).isOnly("snapshot-merge")) == true }
         }
         for device in ["gpl-merging", "gpl-late--merging"] {
