@@ -341,22 +341,20 @@ public struct SnapshotEngine {
         let operation = "commit of \(stack.originName)"
         let real = try dm.info(stack.ref(.real))
         let snap = try dm.info(stack.ref(.snap))
-        let live = try liveState(stack)
-        if live.merging {
-            throw SnapshotError(.mergeInProgress, operation, "\(stack.originName) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
+        let origin = try dm.info(stack.originRef)
+        let originTable = try origin.map { try dm.table(.number($0.number)) }
+        // Before the label says released: a merging origin must finish, not be dropped.
+        if let origin, originTable?.isOnly("snapshot-merge") == true {
+            throw SnapshotError(.mergeInProgress, operation, "\(origin.name) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
         }
-        if !live.live && !discarding { try requireReleasable(stack, operation) }
+        if !(try liveState(stack).live) && !discarding { try requireReleasable(stack, operation) }
         if let snap, snap.openCount > 0 {
             throw SnapshotError(
                 .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
                 hint: "unmount it first")
         }
         try markReleased(stack)
-        if let origin = try dm.info(stack.originRef) {
-            let live = try dm.table(.number(origin.number))
-            if live.isOnly("snapshot-merge") {
-                throw SnapshotError(.mergeInProgress, operation, "\(origin.name) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
-            }
+        if let origin, let live = originTable {
             if origin.hasInactiveTable {
                 let inactive = try dm.table(.number(origin.number), inactive: true)
                 if let real, inactive.devices.contains(real.number) || inactive.isOnly("snapshot-origin") {
