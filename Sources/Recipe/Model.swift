@@ -14,14 +14,21 @@ public struct SourceLocation: Hashable, Sendable, Codable, CustomStringConvertib
 /// How a command runs: argv directly, or a shell when the recipe asks for one.
 public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
     case argv([String])
-    /// Run by `/bin/sh -c`, with `set -e` semantics left to the script.
+    /// Run by `/bin/sh -c`, with `set -e` semantics left to the script (steps and hooks).
     case shell(String)
+    /// Run by `/bin/sh -c` with errexit, and pipefail where the shell has it (verify checks,
+    /// as CI systems run scripts): a check that fails in its middle fails.
+    case strictShell(String)
+
+    /// What a strict script runs first (the dash of Debian 12, its /bin/sh, has no pipefail).
+    public static let strictPrologue = "set -e\n(set -o pipefail) 2>/dev/null && set -o pipefail\n"
 
     /// The argv actually executed.
     public var arguments: [String] {
         switch self {
         case .argv(let argv): return argv
         case .shell(let script): return ["/bin/sh", "-c", script]
+        case .strictShell(let script): return ["/bin/sh", "-c", Self.strictPrologue + script]
         }
     }
 
@@ -29,6 +36,7 @@ public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
         switch self {
         case .argv(let argv): return argv.map { $0.contains(" ") || $0.isEmpty ? "'\($0)'" : $0 }.joined(separator: " ")
         case .shell(let script): return "sh -c '\(script)'"
+        case .strictShell(let script): return "sh -ec '\(script)'"
         }
     }
 }

@@ -246,7 +246,7 @@ final class Validator {
         let quiesce = top["quiesce"].map { hookCommands($0.value, "quiesce") } ?? []
         let resume = top["resume"].map { hookCommands($0.value, "resume") } ?? []
         let steps = top["steps"].map { stepList($0.value, "steps", requireOne: true) } ?? []
-        let verify = top["verify"].map { stepList($0.value, "verify", requireOne: false) } ?? []
+        let verify = top["verify"].map { stepList($0.value, "verify", requireOne: false, strict: true) } ?? []
         var rollbackStop: [Command] = []
         var rollbackStart: [Command] = []
         if let entry = top["rollback"], let hooks = mapping(entry.value, "rollback", allowed: RecipeParser.rollbackKeys) {
@@ -372,7 +372,8 @@ final class Validator {
     // MARK: Commands
 
     /// `steps:` or `verify:`: a list of mappings with a name and `run` or `shell`.
-    func stepList(_ node: Node, _ context: String, requireOne: Bool) -> [Command] {
+    /// - Parameter strict: `shell:` scripts run with errexit and pipefail (verify checks).
+    func stepList(_ node: Node, _ context: String, requireOne: Bool, strict: Bool = false) -> [Command] {
         guard case .sequence(let sequence) = node else {
             error(node, "\(context) must be a list (- name: ...), not \(describe(node))")
             return []
@@ -382,7 +383,8 @@ final class Validator {
         }
         var commands: [Command] = []
         for (index, item) in sequence.enumerated() {
-            if let command = command(item, "\(context)[\(index + 1)]", requireName: true, defaultName: "\(context) \(index + 1)") {
+            if var command = command(item, "\(context)[\(index + 1)]", requireName: true, defaultName: "\(context) \(index + 1)") {
+                if strict, case .shell(let script) = command.invocation { command.invocation = .strictShell(script) }
                 if commands.contains(where: { $0.name == command.name }) {
                     error(item, "\(context)[\(index + 1)] repeats the name '\(command.name)'", hint: "names identify steps in the journal; make them unique")
                 }

@@ -149,3 +149,45 @@ func pgrep(_ pattern: String) -> [String] {
         return line.contains(pattern) ? "\(pid): \(line)" : nil
     }
 }
+
+@Suite("verify checks")
+struct StrictVerifyTests {
+    static let recipe = """
+        name: strict
+        volumes:
+          - device: /dev/mapper/vg-www
+            snapshot: 8M
+        steps:
+          - name: middle
+            shell: |
+              false
+              echo carried on
+        verify:
+          - name: middle
+            shell: |
+              false
+              echo carried on
+          - name: pipe
+            shell: false | cat
+        """
+
+    @Test("a shell check that fails in its middle fails (errexit); a step's script keeps its own semantics")
+    func errexit() async throws {
+        let recipe = try RecipeParser.parse(text: Self.recipe, path: "strict.recipe").get()
+        let check = await StepRunner().run(recipe.verify[0], environment: plainEnvironment, timeout: nil)
+        #expect(check.termination == .exited(1), "the check stopped at `false`")
+        #expect(!check.stdoutTail.contains("carried on"), "\(check.stdoutTail)")
+        let step = await StepRunner().run(recipe.steps[0], environment: plainEnvironment, timeout: nil)
+        #expect(step.termination == .exited(0), "a step's script is run as written")
+        #expect(step.stdoutTail.contains("carried on"))
+    }
+
+    @Test("a failing pipeline fails a check where the shell has pipefail")
+    func pipefail() async throws {
+        let recipe = try RecipeParser.parse(text: Self.recipe, path: "strict.recipe").get()
+        let probe = await StepRunner().run(shellStep("set -o pipefail"), environment: plainEnvironment, timeout: nil)
+        let check = await StepRunner().run(recipe.verify[1], environment: plainEnvironment, timeout: nil)
+        // Debian 12's dash has no pipefail: there the pipeline's status is cat's, as the shell defines.
+        #expect(check.succeeded == !probe.succeeded, "pipefail \(probe.succeeded ? "available" : "absent"): \(check.termination)")
+    }
+}
