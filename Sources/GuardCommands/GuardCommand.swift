@@ -119,6 +119,10 @@ struct Settings {
 /// with guard's exit codes (argument errors exit 2, like other usage errors).
 public enum GuardMain {
     public static func run() async {
+        // A closed pipe (the watchdog gone, a reader of `guard history | head` gone) is an
+        // error to report, never a reason to die, least of all with a volume suspended.
+        // Steps get the default back (swift-subprocess resets every signal in the child).
+        signal(SIGPIPE, SIG_IGN)
         do {
             var command = try GuardCommand.parseAsRoot()
             if var asyncCommand = command as? any AsyncParsableCommand {

@@ -28,6 +28,14 @@ struct StepRunnerTests {
         #expect(result.exitCode == code)
     }
 
+    @Test("a step gets SIGPIPE's default back although guard ignores it: a pipeline's writer dies quietly")
+    func sigpipeDefault() async {
+        signal(SIGPIPE, SIG_IGN)  // as guard's entry point does
+        let result = await StepRunner().run(shellStep("yes | head -c 1 >/dev/null"), environment: plainEnvironment, timeout: nil)
+        #expect(result.succeeded)
+        #expect(!result.stderrTail.contains("Broken pipe"), "yes was not killed by SIGPIPE: \(result.stderrTail)")
+    }
+
     @Test("a step killed by a signal reports the signal")
     func signals() async {
         let result = await StepRunner().run(shellStep("kill -SEGV $$"), environment: plainEnvironment, timeout: nil)
