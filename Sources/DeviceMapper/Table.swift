@@ -17,6 +17,9 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
     case snapshot(origin: DeviceNumber, cow: DeviceNumber, persistence: Persistence, chunkSectors: UInt32)
     case snapshotOrigin(device: DeviceNumber)
     case snapshotMerge(origin: DeviceNumber, cow: DeviceNumber, persistence: Persistence, chunkSectors: UInt32)
+    /// guard's write fuse: dm-flakey over `device`, down for good (up 0 s, down 1 s) with
+    /// `error_writes`, so every write fails with EIO and every read passes through.
+    case writeFuse(device: DeviceNumber)
     /// Any other target, or one of the above with parameters guard does not model (feature args).
     case other(type: String, parameters: String)
 
@@ -29,6 +32,7 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
         case .snapshot: return "snapshot"
         case .snapshotOrigin: return "snapshot-origin"
         case .snapshotMerge: return "snapshot-merge"
+        case .writeFuse: return "flakey"
         case .other(let type, _): return type
         }
     }
@@ -42,6 +46,7 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
             .snapshotMerge(let origin, let cow, let persistence, let chunk):
             return "\(origin) \(cow) \(persistence.rawValue) \(chunk)"
         case .snapshotOrigin(let device): return "\(device)"
+        case .writeFuse(let device): return "\(device) 0 0 1 1 error_writes"
         case .other(_, let parameters): return parameters
         }
     }
@@ -49,7 +54,7 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
     /// The devices this target stacks on.
     public var devices: [DeviceNumber] {
         switch self {
-        case .linear(let device, _), .snapshotOrigin(let device): return [device]
+        case .linear(let device, _), .snapshotOrigin(let device), .writeFuse(let device): return [device]
         case .snapshot(let origin, let cow, _, _), .snapshotMerge(let origin, let cow, _, _): return [origin, cow]
         case .error, .zero: return []
         case .other(_, let parameters):
@@ -79,6 +84,10 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
                 return type == "snapshot"
                     ? .snapshot(origin: origin, cow: cow, persistence: persistence, chunkSectors: chunk)
                     : .snapshotMerge(origin: origin, cow: cow, persistence: persistence, chunkSectors: chunk)
+            }
+        case "flakey":
+            if fields.count == 6, let device = DeviceNumber(parsing: fields[0]), fields[1...].joined(separator: " ") == "0 0 1 1 error_writes" {
+                return .writeFuse(device: device)
             }
         default: break
         }
@@ -147,6 +156,22 @@ public struct Table: Hashable, Sendable, CustomStringConvertible {
 
     /// Whether every line has the given target type.
     public func isOnly(_ typeName: String) -> Bool { lines.allSatisfy { $0.target.typeName == typeName } }
+
+    /// The device a one-line `snapshot-origin` or write-fuse table stacks on: a live snapshot's
+    /// origin, writable or fused.
+    public var snapshotOriginDevice: DeviceNumber? {
+        guard lines.count == 1 else { return nil }
+        switch lines[0].target {
+        case .snapshotOrigin(let device), .writeFuse(let device): return device
+        default: return nil
+        }
+    }
+
+    /// Whether this is guard's write fuse.
+    public var isFused: Bool {
+        if lines.count == 1, case .writeFuse = lines[0].target { return true }
+        return false
+    }
 
     public var description: String { lines.map(\.description).joined(separator: "\n") }
 }

@@ -140,7 +140,8 @@ public struct Maintenance {
     @discardableResult
     func finishMerges(runID: Int64, journal: Journal, engine: SnapshotEngine, initial: inout [Int: UInt64]) throws -> Bool {
         var remaining = 0
-        for record in try journal.snapshots(runID: runID) where record.state == .merging {
+        let records = try journal.snapshots(runID: runID)
+        for record in records where record.state == .merging {
             guard let stack = decodeStack(record.stack) else { continue }
             switch try engine.mergeState(stack) {
             case .merging(let left, _):
@@ -161,6 +162,11 @@ public struct Maintenance {
             case .needsReassembly(let why):
                 throw GuardFailure(.needsReassembly, "the merge of \(record.volume) (run \(runID)) is not live and did not finish: \(why); nothing was torn down")
             }
+        }
+        // A volume whose merge never started keeps the run open, whatever the others did.
+        let unmerged = records.filter { $0.state == .live }.map(\.volume)
+        if remaining == 0, !unmerged.isEmpty {
+            throw GuardFailure(.attention, "run \(runID): \(unmerged.joined(separator: ", ")) \(unmerged.count == 1 ? "was" : "were") not rolled back (the merge did not start) while the other volumes were; run `guard recover`, which rolls \(unmerged.count == 1 ? "it" : "them") back")
         }
         if remaining == 0, var run = try journal.run(id: runID), run.state == .merging {
             run.state = .finished
@@ -260,11 +266,18 @@ public struct Maintenance {
                 var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue)
                 if let stack = decodeStack(record.stack) {
                     switch record.state {
+                    case .live where run.state == .merging:
+                        volume.status = "not rolled back"
+                        volume.detail = "\(record.volume) holds the upgraded data and its snapshot is live: its merge did not start while the other volumes of run \(run.id!) merge back; run `guard recover`, which rolls it back"
                     case .live:
                         if let status = try? engine.health(stack).status {
                             volume.status = status.usage == nil ? "\(status)" : "live"
                             volume.usedBytes = status.usage?.allocatedBytes
                             volume.sizeBytes = status.usage?.totalBytes
+                            if status.usage != nil, (try? engine.isFused(stack)) == true {
+                                volume.status = "fused"
+                                volume.detail = "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"
+                            }
                         } else if case let evidence = engine.evidence(stack), evidence.mustKeep {
                             volume.status = "needs reassembly"
                             volume.detail = evidence.reason

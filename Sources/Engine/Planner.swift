@@ -162,6 +162,9 @@ public struct Planner {
             case nil:
                 storage = .fileIn(directory: context.cowDirectory)
             }
+            if case .blockDevice(let device) = storage, let problem = SnapshotEngine.cowDeviceProblem(device) {
+                problems.append("\(at(spec)): \(problem)")
+            }
             if case .fileIn(let directory) = storage {
                 let existing = nearestExisting(directory)
                 freeBytes = try? freeSpace(at: existing)

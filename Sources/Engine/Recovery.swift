@@ -108,7 +108,12 @@ public struct Recovery {
         }
         // Anything a crash left suspended is resumed first: nothing may stay frozen.
         for run in try journal.runs(in: RunState.open) {
-            for record in try journal.snapshots(runID: run.id!) {
+            let records = try journal.snapshots(runID: run.id!)
+            // A run another guard process holds may be inside its own suspend window: its
+            // devices are its to resume, in its order.
+            guard let locks = try? Maintenance(context: context).lock(records, runID: run.id!) else { continue }
+            defer { locks.forEach { $0.release() } }
+            for record in records {
                 guard let stack = decodeStack(record.stack) else { continue }
                 for name in (try? engine.resumeSuspended(stack)) ?? [] {
                     report.actions.append("resumed \(name), left suspended by run \(run.id!)")
@@ -128,6 +133,14 @@ public struct Recovery {
             }
         }
         for run in try unfinishedRuns(journal: journal) where run.state == .running {
+            do {
+                report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
+            } catch {
+                report.problems.append("run \(run.id!): \(error)")
+            }
+        }
+        // Rollbacks that started for some volumes only: the decision is journaled; roll the rest back.
+        for run in try journal.runs(in: [.merging]) where try journal.snapshots(runID: run.id!).contains(where: { $0.state == .live }) {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
             } catch {
@@ -251,6 +264,7 @@ public struct Recovery {
             updated.error = [run.error, "recovered: \(what)"].compactMap { $0 }.joined(separator: "; ")
             try journal.update(updated)
             try journal.event(runID, "result", "recover", what, at: timestamp())
+            RunCgroup.of(token: run.token)?.removeIfEmpty()
             return "run \(runID): \(what)"
         }
 

@@ -22,7 +22,9 @@ struct RollbackProcedure {
     /// - Throws: `GuardFailure` with `.attention` when the rollback is impossible (an Invalid
     ///   snapshot: nothing is stopped or unmounted) or could not start (a busy mount: the
     ///   services are started again and the snapshots stay kept).
-    func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool) async throws {
+    ///   - beforeMerge: called once the volumes are unmounted, before the first merge (the run
+    ///     stops its COW watcher there: it fuses until then, and suspends nothing after).
+    func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool, beforeMerge: () -> Void = {}) async throws {
         let runID = run.id!
         // The watchdog locks its memory while the hooks run and the volumes are unmounted.
         (engine.watchdog as? ProcessWatchdog)?.start()
@@ -48,7 +50,18 @@ struct RollbackProcedure {
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
 
-        await stopHooks(hooks, runner: runner, runID: runID)
+        await stopHooks(hooks, runner: runner, runID: runID, token: run.token)
+
+        // What the run's steps left running (a daemon, a writer that double-forked or called
+        // setsid, the steps of a guard that died) must not write after the merge: kill the
+        // run's cgroup, whatever the stop hooks left of it.
+        if let cgroup = RunCgroup.of(token: run.token) {
+            let killed = cgroup.killAll()
+            if killed > 0 {
+                reporter.note("killed \(killed) process\(killed == 1 ? "" : "es") the run's steps left running")
+                try journal.event(runID, "result", "kill-cgroup", "\(killed) process(es) in \(cgroup.path)", at: timestamp())
+            }
+        }
 
         // Unmount everything mounted from the origins (deepest first); on a busy mount put back what was unmounted.
         var unmounted: [MountEntry] = []
@@ -62,7 +75,7 @@ struct RollbackProcedure {
                     try journal.event(runID, "result", "unmount", mount.target, at: timestamp())
                 } catch {
                     for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, stacks)) }
-                    await startHooks(hooks, runner: runner, runID: runID)
+                    await startHooks(hooks, runner: runner, runID: runID, token: run.token)
                     try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
                     throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
                 }
@@ -70,6 +83,7 @@ struct RollbackProcedure {
         }
 
         // Merge: from here on the volumes read as before the run.
+        beforeMerge()
         var merging: [SnapshotStack] = []
         do {
             for (record, stack) in zip(records, stacks) {
@@ -82,15 +96,21 @@ struct RollbackProcedure {
                 merging.append(stack)
             }
         } catch {
-            try? journal.event(runID, "error", "merge", "\(error)", at: timestamp())
+            let started = records.prefix(merging.count).map(\.volume)
+            let left = records.dropFirst(merging.count).map(\.volume)
+            try? journal.event(runID, "error", "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
             for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
-            await startHooks(hooks, runner: runner, runID: runID)
+            await startHooks(hooks, runner: runner, runID: runID, token: run.token)
             try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
-            if !merging.isEmpty {
-                run.state = .merging
-                try? journal.update(run)
+            guard !merging.isEmpty else {
+                throw GuardFailure(.attention, "rollback of run \(runID) did not start: \(error); nothing was merged, the snapshots are kept: fix that and run `guard rollback \(runID)`")
             }
-            throw GuardFailure(.attention, "rollback of run \(runID) did not start for every volume: \(error); run `guard recover`")
+            // The decision stands and is journaled: `guard recover` rolls back what is left.
+            run.state = .merging
+            try? journal.update(run)
+            throw GuardFailure(
+                .attention,
+                "rollback of run \(runID) is incomplete: \(left.joined(separator: ", ")) \(left.count == 1 ? "is" : "are") NOT rolled back (\(error)) and still hold\(left.count == 1 ? "s" : "") the upgraded data, with \(left.count == 1 ? "its snapshot" : "their snapshots") live; \(started.joined(separator: ", ")) \(started.count == 1 ? "is" : "are") merging back; fix that and run `guard recover`, which rolls the rest back")
         }
         run = try journal.run(id: runID) ?? run
         run.state = .merging
@@ -99,7 +119,7 @@ struct RollbackProcedure {
         try journal.event(runID, "result", "merge-started", nil, at: timestamp())
 
         for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
-        await startHooks(hooks, runner: runner, runID: runID)
+        await startHooks(hooks, runner: runner, runID: runID, token: run.token)
         reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
         try journal.endPhase(phase, status: "done", detail: "merge started", at: timestamp())
 
@@ -117,7 +137,7 @@ struct RollbackProcedure {
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
         let origin = try engine.dm.info(stack.originRef)
         let mounts = origin.map { Mounts.mountPoints(of: $0.number).sorted { $0.target.count > $1.target.count } } ?? []
-        if !mounts.isEmpty { await stopHooks(hooks, runner: runner, runID: runID) }
+        if !mounts.isEmpty { await stopHooks(hooks, runner: runner, runID: runID, token: run.token) }
         var unmounted: [MountEntry] = []
         defer {
             for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, [stack])) }
@@ -129,7 +149,7 @@ struct RollbackProcedure {
         try journal.event(runID, "intent", "restart-merge", snapshot.volume, at: timestamp())
         try engine.restartMerge(stack)
         try journal.event(runID, "result", "merge-restarted", snapshot.volume, at: timestamp())
-        if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID) }
+        if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID, token: run.token) }
     }
 
     func stackDevice(_ entry: MountEntry, _ stacks: [SnapshotStack]) -> String {
@@ -151,19 +171,24 @@ struct RollbackProcedure {
         }
     }
 
-    func stopHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64) async {
-        await runHooks(hooks.0, kind: "rollback-stop", environment: hooks.2, runner: runner, runID: runID)
+    func stopHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64, token: String) async {
+        await runHooks(hooks.0, kind: "rollback-stop", environment: hooks.2, runner: runner, runID: runID, token: token)
     }
 
-    func startHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64) async {
-        await runHooks(hooks.1, kind: "rollback-start", environment: hooks.2, runner: runner, runID: runID, warnOnFailure: true)
+    func startHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64, token: String) async {
+        await runHooks(hooks.1, kind: "rollback-start", environment: hooks.2, runner: runner, runID: runID, token: token, warnOnFailure: true)
     }
 
-    /// Runs the rollback's stop or start commands, reporting and journaling each.
-    func runHooks(_ commands: [Command], kind: String, environment: [String: String], runner: StepRunner, runID: Int64, warnOnFailure: Bool = false) async {
+    /// Runs the rollback's stop or start commands, reporting and journaling each. The stop
+    /// hooks run in the run's cgroup (killed with it after them); the start hooks start the
+    /// services again for good, outside it.
+    func runHooks(_ commands: [Command], kind: String, environment: [String: String], runner: StepRunner, runID: Int64, token: String, warnOnFailure: Bool = false) async {
         for (index, command) in commands.enumerated() {
             reporter.stepStarted(kind: kind, index: index, count: commands.count, name: command.name)
-            let result = await runner.run(command, environment: StepRunner.environment(recipe: environment, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]), timeout: command.timeout)
+            let cgroup = kind == "rollback-stop" ? try? RunCgroup.of(token: token)?.child("\(kind)-\(index + 1)") : nil
+            let result = await runner.run(
+                command, environment: StepRunner.environment(recipe: environment, command: command.environment, run: ["GUARD_RUN_ID": "\(runID)", "GUARD_PHASE": "rollback"]),
+                timeout: command.timeout, cgroup: cgroup)
             reporter.stepFinished(kind: kind, result: result)
             try? record(result, kind: kind, index: index, runID: runID)
             if warnOnFailure && !result.succeeded { reporter.warning("rollback.start '\(command.name)' \(result.termination)") }

@@ -196,6 +196,8 @@ struct RunBody {
     var run: RunRecord
     let plan: Plan
     var records: [SnapshotRecord]
+    /// Where every step and hook of the run runs (nil without cgroup v2).
+    let cgroup: RunCgroup?
     var reporter: any Reporter { context.reporter }
     var runID: Int64 { run.id! }
     var recipe: Recipe { plan.recipe }
@@ -206,6 +208,13 @@ struct RunBody {
         self.run = run
         self.plan = plan
         self.records = records
+        do {
+            cgroup = try RunCgroup.create(token: run.token)
+            if cgroup == nil { context.reporter.warning("cgroup v2 is not mounted: the steps are contained by their process group only (a step that calls setsid or double-forks can outlive the run)") }
+        } catch {
+            cgroup = nil
+            context.reporter.warning("\(error); the steps are contained by their process group only")
+        }
     }
 
     func timestamp() -> Double { context.now().timeIntervalSince1970 }
@@ -271,6 +280,9 @@ struct RunBody {
         let stop = options.interrupt
         let cowStop = StopFlag()
         let watcher = makeWatcher(engine: engine, stacks: live.stacks, cowStop: cowStop)
+        // A run that will roll back on failure fuses a COW that reaches stop_at and cannot
+        // grow: every write the fuse refuses from then on would be undone by the merge.
+        if recipe.onFailure == .rollback { watcher.armFuse() }
         watcher.start()
         var failure: String?
         let stepsPhase: PhaseRecord?
@@ -308,17 +320,18 @@ struct RunBody {
             if !failed.isEmpty { failure = "verify failed: " + failed.joined(separator: "; ") }
             if let verifyPhase { try? journal.endPhase(verifyPhase, status: failed.isEmpty ? "done" : "failed", detail: failure, at: timestamp()) }
         }
-        let stacks = watcher.stop()
-        recordWatch(watcher, stacks: stacks)
+        // decision: a rollback keeps the watcher (and its fuse) until the merge starts
         if failure == nil, let late = cowStop.value { failure = late }
-
-        // decision
+        if failure == nil || (recipe.onFailure == .keep && stop.value == nil) {
+            recordWatch(watcher, stacks: watcher.stop())
+            if failure == nil, let late = cowStop.value { failure = late }
+        }
         if let failure {
             let interrupted = stop.value != nil
             if recipe.onFailure == .keep && !interrupted {
                 return keep(live: live, until: nil, failure: failure)
             }
-            return await rollback(live: live, engine: engine, failure: failure)
+            return await rollback(live: live, engine: engine, failure: failure, watcher: watcher)
         }
         switch recipe.onSuccess {
         case .commit:
@@ -403,10 +416,19 @@ struct RunBody {
             message: "run \(runID) succeeded; the snapshots are kept\(until): `guard rollback \(runID)` undoes the upgrade, `guard commit \(runID)` makes it final")
     }
 
-    mutating func rollback(live: consuming LiveSnapshotSet, engine: SnapshotEngine, failure: String) async -> RunReport {
+    /// - Parameter watcher: still watching: it fuses a COW that reaches stop_at while the stop
+    ///   hooks run, and is stopped before the first suspend of the rollback.
+    mutating func rollback(live: consuming LiveSnapshotSet, engine: SnapshotEngine, failure: String, watcher: CowWatcher) async -> RunReport {
+        watcher.armFuse()
         reporter.phase("rollback", run: runID)
         reporter.warning("\(failure); rolling back")
         let stacks = live.keep()
+        let report = await rollingBack(stacks: stacks, engine: engine, failure: failure, watcher: watcher)
+        recordWatch(watcher, stacks: watcher.stop())
+        return report
+    }
+
+    mutating func rollingBack(stacks: [SnapshotStack], engine: SnapshotEngine, failure: String, watcher: CowWatcher) async -> RunReport {
         run.decision = .rollback
         run.error = failure
         do { try journal.update(run) } catch {
@@ -415,6 +437,7 @@ struct RunBody {
         // A snapshot the kernel invalidated holds nothing to go back to: say so, and release it.
         let invalid = stacks.filter { (try? engine.health($0).isRestorable) == false }
         if !invalid.isEmpty {
+            watcher.stop()
             let which = invalid.map { "\($0.originPath) (\((try? engine.health($0).status.description) ?? "Invalid"))" }.joined(separator: ", ")
             do { try journal.event(runID, "error", "rollback-impossible", which, at: timestamp()) } catch {
                 return journalUnwritable(error, "the invalidated snapshots of \(which) are left as they are")
@@ -427,7 +450,7 @@ struct RunBody {
         }
         let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
         do {
-            try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), stacks: stacks, recipe: recipe, wait: true)
+            try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), stacks: stacks, recipe: recipe, wait: true, beforeMerge: { watcher.stop() })
             run = (try? journal.run(id: runID)) ?? run
             return finish(outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure, message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
         } catch let refusal as GuardFailure {
@@ -435,8 +458,12 @@ struct RunBody {
             let state: RunState = run.state == .merging ? .merging : .kept
             // The kernel's own status decides, not the message: an invalidated snapshot has nothing to merge.
             let invalidated = stacks.contains { (try? engine.health($0).isRestorable) == false }
-            let outcome: RunOutcome = state == .merging ? .rolledBack : (invalidated ? .failed : .kept)
-            return finish(outcome: outcome, exit: .attention, state: outcome == .failed ? .finished : state, error: "\(failure); \(refusal.message)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(refusal.message)")
+            // Some volumes merging and some not is no rollback: the run stays open until `guard recover`.
+            let unmerged = ((try? journal.snapshots(runID: runID)) ?? []).contains { $0.state == .live }
+            let outcome: RunOutcome = state == .merging ? (unmerged ? .failed : .rolledBack) : (invalidated ? .failed : .kept)
+            let fused = stacks.filter { (try? engine.isFused($0)) == true }.map(\.originPath)
+            let fuse = fused.isEmpty || state == .merging ? "" : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
+            return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(refusal.message)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(refusal.message)\(fuse)")
         } catch {
             run = (try? journal.run(id: runID)) ?? run
             return finish(outcome: .kept, exit: .attention, state: run.state == .merging ? .merging : .kept, error: "\(failure); rollback: \(error)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(error); run `guard recover`")
@@ -463,6 +490,7 @@ struct RunBody {
         if let done { try? journal.endPhase(done, status: "done", detail: outcome.rawValue, at: timestamp()) }
         run.phase = "done"
         try? journal.update(run)
+        cgroup?.removeIfEmpty()
         let text = message ?? "run \(runID): \(outcome.rawValue)" + (error.map { " (\($0))" } ?? "")
         return RunReport(runID: runID, token: run.token, outcome: outcome, exitCode: exit, message: text)
     }
@@ -494,7 +522,7 @@ struct RunBody {
         var record = try? journal.insert(StepRecord(runID: runID, kind: kind, position: index, name: command.name, argv: command.invocation.arguments, startedAt: timestamp()))
         let environment = StepRunner.environment(recipe: recipe.environment, command: command.environment, run: runEnvironment(phase: kind))
         let timeout = command.timeout ?? (kind == "step" || kind == "verify" ? recipe.defaultTimeout : nil)
-        let result = await runner.run(command, environment: environment, timeout: timeout, stop: stop)
+        let result = await runner.run(command, environment: environment, timeout: timeout, stop: stop, cgroup: try? cgroup?.child("\(kind)-\(index + 1)"))
         if var updated = record {
             updated.duration = result.duration
             updated.termination = result.termination.description
@@ -552,6 +580,14 @@ struct RunBody {
                 let reason = "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow"
                 cowStop.set(reason)
                 try? journal.event(runID, "error", "cow-full", reason)
+            case .fusing(let index, let fill):
+                // Journaled first, but never waited on: the fuse only refuses writes, recovery
+                // reads it from the kernel's table, and a journal that fails must not cost the rollback.
+                reporter.warning("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow; \(names[index]) now refuses writes until the rollback (guard's fuse)")
+                try? journal.event(runID, "intent", "fuse", "\(names[index]) at \(Int(fill * 100))%")
+            case .fused(let index, let fill, let microseconds):
+                cowStop.set("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow")
+                try? journal.event(runID, "result", "fuse", "\(names[index]) refuses writes (suspended \(microseconds) µs)")
             case .invalidated(let index, let status):
                 let reason = "the snapshot of \(names[index]) became \(status) (its COW overflowed)"
                 cowStop.set(reason)

@@ -94,10 +94,13 @@ public struct StepRunner: Sendable {
     ///   - environment: the full environment (base + recipe + step), see `environment(for:)`.
     ///   - timeout: nil for none.
     ///   - stop: polled while it runs; a non-nil reason stops the step (TERM, then KILL).
+    ///   - cgroup: the command's own cgroup: it runs inside from its first instruction, and
+    ///     when it is stopped or times out everything in it is killed, escapees of the
+    ///     process group (setsid, double fork) included.
     /// - Returns: the result; a step that cannot start is a failed result, not an error.
     public func run(
         _ command: Command, environment: [String: String], timeout: Duration?,
-        stop: (@Sendable () -> String?)? = nil
+        stop: (@Sendable () -> String?)? = nil, cgroup: RunCgroup? = nil
     ) async -> StepResult {
         let argv = command.invocation.arguments
         let started = ContinuousClock.now
@@ -132,6 +135,7 @@ public struct StepRunner: Sendable {
             environment["USER"] = account.name
             environment["LOGNAME"] = account.name
         }
+        if let cgroup { launch = cgroup.wrap(launch) }
 
         let tails = TailBuffers(limit: tailBytes)
         let outcome = OutcomeFlag()
@@ -176,6 +180,7 @@ public struct StepRunner: Sendable {
             }
             // Members of the session that outlived the leader are killed too.
             kill(-result.processIdentifier.value, SIGKILL)
+            if outcome.get() != nil, let cgroup { cgroup.killAll() }
             let termination: StepTermination
             if let forced = outcome.get() {
                 termination = forced

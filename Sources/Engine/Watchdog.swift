@@ -34,10 +34,14 @@ public final class ProcessWatchdog: WindowWatchdog {
         }
     }
 
-    public func disarm() {
-        guard process != nil else { return }
-        try? send("disarm")
-        if receive() != "disarmed" { log("the watchdog did not confirm disarming") }
+    @discardableResult
+    public func disarm() -> Bool {
+        guard process != nil else { return true }
+        if (try? send("disarm")) != nil, receive() == "disarmed" { return true }
+        // It fired (and exited) or died: the next arm starts a new one.
+        log("the watchdog did not confirm disarming: it fired or died")
+        stop()
+        return false
     }
 
     deinit { stop() }

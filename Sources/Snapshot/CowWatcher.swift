@@ -2,10 +2,18 @@ import DeviceMapper
 import Foundation
 import Synchronization
 
-/// Watches the COW use of live snapshots while the steps run: records the peak, grows
-/// file-backed COWs before they fill (by the extension policy), and raises the alarm when
-/// one is about to fill and cannot grow, so the steps can be stopped while a rollback is
-/// still possible.
+/// Watches the COW use of live snapshots while the steps run, and on a rollback until the
+/// merge starts: records the peak, grows file-backed COWs before they fill (by the extension
+/// policy), raises the alarm when one reaches the stop point and cannot grow, so the steps
+/// are stopped while a rollback is still possible, and, once the fuse is armed (the run will
+/// roll back), blows it: the origin then refuses writes, so writers guard cannot stop (a
+/// database server, a daemon, a cron job) cannot overflow the COW before the merge.
+///
+/// It polls every `interval` (250 ms); when the write rate it measured would bring a COW to
+/// its stop point sooner than that, it polls at half the time left, down to
+/// `minimumInterval` (5 ms). What it cannot catch: more than `100% - stop_at` of a COW
+/// written between two polls plus the fuse's suspend (`Scripts/bench` measures the fastest
+/// writer it stops in time), or a single request larger than that.
 public final class CowWatcher: Sendable {
     /// One reading of one snapshot.
     public struct Sample: Sendable, Hashable {
@@ -22,6 +30,10 @@ public final class CowWatcher: Sendable {
         case extended(volumeIndex: Int, to: UInt64)
         /// Fill reached the stop threshold and the COW cannot grow: stop writing now.
         case nearlyFull(volumeIndex: Int, fill: Double)
+        /// About to blow the fuse of this volume (armed, at the stop point, cannot grow).
+        case fusing(volumeIndex: Int, fill: Double)
+        /// The origin refuses writes; it was suspended for `microseconds`.
+        case fused(volumeIndex: Int, fill: Double, microseconds: UInt64)
         /// The kernel invalidated the snapshot: the rollback is no longer possible.
         case invalidated(volumeIndex: Int, status: SnapshotStatus)
         case error(volumeIndex: Int, message: String)
@@ -32,21 +44,32 @@ public final class CowWatcher: Sendable {
         var peakSectors: [UInt64]
         var running = true
         var alarmed: Set<Int> = []
+        var fuseArmed = false
+        var fused: Set<Int> = []
+        var fusing: Set<Int> = []
+        /// The last reading of each stack: seconds, allocated sectors.
+        var last: [Int: (at: Double, sectors: UInt64)] = [:]
     }
+
+    /// The shortest time between two polls.
+    public static let minimumInterval: Duration = .milliseconds(5)
 
     private let state: Mutex<State>
     private let policies: [ExtensionPolicy?]
     private let stopThreshold: Double
     private let interval: Duration
     private let onEvent: @Sendable (Event) -> Void
-    // @unchecked-free: DeviceMapper is Sendable; the engine's other fields are only read.
-    private let dm: DeviceMapper
-    private let engineLog: (@Sendable (String) -> Void)?
+    private let engine: WatcherEngine
+    private var dm: DeviceMapper { engine.engine.dm }
     private let done = Mutex<Bool>(false)
 
     /// - Parameters:
     ///   - policies: per stack, how to grow its COW; nil never grows it.
-    ///   - stopThreshold: fill at which a COW that cannot grow raises `.nearlyFull`.
+    ///   - stopThreshold: fill at which a COW that cannot grow raises `.nearlyFull` (and
+    ///     blows the fuse once it is armed).
+    ///   - engine: extends and fuses with this engine and its watchdog. The caller suspends
+    ///     nothing itself while the watcher runs (steps, verify, the rollback's stop hooks
+    ///     and unmounts) and stops it before its next suspend, so the watchdog has one user.
     public init(
         engine: SnapshotEngine, stacks: [SnapshotStack], policies: [ExtensionPolicy?], stopThreshold: Double = 0.9,
         interval: Duration = .milliseconds(250), onEvent: @escaping @Sendable (Event) -> Void
@@ -56,9 +79,18 @@ public final class CowWatcher: Sendable {
         self.stopThreshold = stopThreshold
         self.interval = interval
         self.onEvent = onEvent
-        self.dm = engine.dm
-        self.engineLog = engine.log
+        self.engine = WatcherEngine(engine: engine)
     }
+
+    /// From now on a COW that reaches the stop point and cannot grow gets the fuse: the run
+    /// will roll back, so every write the fuse refuses would be undone anyway. Blows it at
+    /// once for a COW already there.
+    public func armFuse() {
+        state.withLock { $0.fuseArmed = true }
+    }
+
+    /// The volumes whose origin the watcher fused.
+    public var fusedVolumes: Set<Int> { state.withLock { $0.fused } }
 
     /// Starts polling on a thread of its own.
     public func start() {
@@ -66,8 +98,8 @@ public final class CowWatcher: Sendable {
             let clock = ContinuousClock()
             let start = clock.now
             while state.withLock({ $0.running }) {
-                poll(elapsed: start.duration(to: clock.now))
-                Thread.sleep(forTimeInterval: Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18)
+                let next = poll(elapsed: start.duration(to: clock.now))
+                Thread.sleep(forTimeInterval: Double(next.components.seconds) + Double(next.components.attoseconds) / 1e18)
             }
             poll(elapsed: start.duration(to: clock.now))
             done.withLock { $0 = true }
@@ -89,8 +121,11 @@ public final class CowWatcher: Sendable {
     /// Peak COW use per stack, in bytes.
     public var peakBytes: [UInt64] { state.withLock { $0.peakSectors.map { $0 * 512 } } }
 
-    private func poll(elapsed: Duration) {
+    /// One reading of every stack; returns how long to wait for the next.
+    @discardableResult
+    private func poll(elapsed: Duration) -> Duration {
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        var next = interval
         for (index, stack) in stacks.enumerated() {
             let status: SnapshotStatus
             do {
@@ -105,12 +140,18 @@ public final class CowWatcher: Sendable {
                 if first { onEvent(.invalidated(volumeIndex: index, status: status)) }
                 continue
             }
-            state.withLock { $0.peakSectors[index] = max($0.peakSectors[index], usage.allocatedSectors) }
+            let previous = state.withLock { state -> (at: Double, sectors: UInt64)? in
+                state.peakSectors[index] = max(state.peakSectors[index], usage.allocatedSectors)
+                defer { state.last[index] = (seconds, usage.allocatedSectors) }
+                return state.last[index]
+            }
+            if let wait = Self.nextPoll(usage: usage, previous: previous, now: seconds, stopThreshold: stopThreshold, interval: interval) {
+                next = min(next, wait)
+            }
             if let policy = policies[index], usage.fill >= policy.threshold, stack.storageBytes < policy.maximumBytes {
                 let target = min(stack.storageBytes + policy.stepBytes, policy.maximumBytes)
                 do {
-                    let engine = SnapshotEngine(dm: dm, log: engineLog)
-                    let grown = try engine.extend(stack, to: target)
+                    let grown = try engine.engine.extend(stack, to: target)
                     state.withLock { $0.stacks[index] = grown }
                     onEvent(.extended(volumeIndex: index, to: grown.storageBytes))
                     continue
@@ -121,7 +162,44 @@ public final class CowWatcher: Sendable {
             if usage.fill >= stopThreshold {
                 let first = state.withLock { $0.alarmed.insert(index).inserted }
                 if first { onEvent(.nearlyFull(volumeIndex: index, fill: usage.fill)) }
+                let fuse = state.withLock { state -> (blow: Bool, first: Bool) in
+                    guard state.fuseArmed && !state.fused.contains(index) else { return (false, false) }
+                    return (true, state.fusing.insert(index).inserted)
+                }
+                if fuse.blow {
+                    if fuse.first { onEvent(.fusing(volumeIndex: index, fill: usage.fill)) }
+                    do {
+                        let microseconds = try engine.engine.blowFuse(stack)
+                        state.withLock { _ = $0.fused.insert(index) }
+                        onEvent(.fused(volumeIndex: index, fill: usage.fill, microseconds: microseconds))
+                    } catch {
+                        onEvent(.error(volumeIndex: index, message: "\(error)"))
+                    }
+                }
             }
         }
+        return max(next, Self.minimumInterval)
     }
+
+    /// When to read a COW again: sooner than `interval` when the rate measured since the last
+    /// reading would bring it to the stop point before two polls (at half the time left), so
+    /// a fast writer is caught while there is room; nil when the regular interval will do.
+    static func nextPoll(usage: SnapshotUsage, previous: (at: Double, sectors: UInt64)?, now: Double, stopThreshold: Double, interval: Duration) -> Duration? {
+        guard let previous, now > previous.at, usage.allocatedSectors > previous.sectors else { return nil }
+        let rate = Double(usage.allocatedSectors - previous.sectors) / (now - previous.at)  // sectors per second
+        let stop = stopThreshold * Double(usage.totalSectors)
+        let left = stop - Double(usage.allocatedSectors)
+        guard left > 0 else { return nil }  // at the stop point: the alarm and the fuse act now
+        let seconds = left / rate / 2
+        let regular = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
+        guard seconds < regular else { return nil }
+        return .microseconds(Int64(seconds * 1_000_000))
+    }
+}
+
+/// The engine the watcher extends and fuses with, with the run's watchdog.
+// @unchecked: the watchdog is a class used from one thread at a time (see `CowWatcher.init`);
+// DeviceMapper is Sendable and the rest is read only.
+struct WatcherEngine: @unchecked Sendable {
+    let engine: SnapshotEngine
 }

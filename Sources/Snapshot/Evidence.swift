@@ -72,7 +72,7 @@ extension SnapshotEngine {
         let table = try dm.table(.number(origin.number))
         guard table.devices.contains(real.number) else { return (false, false) }
         if table.isOnly("snapshot-merge") { return (true, true) }
-        return (table.isOnly("snapshot-origin"), false)
+        return (table.snapshotOriginDevice == real.number, false)  // writable or fused
     }
 
     /// What the storage of a stack that is not live holds, from durable facts only.

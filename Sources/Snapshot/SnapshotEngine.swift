@@ -10,7 +10,18 @@ public protocol WindowWatchdog: AnyObject {
     /// If `disarm()` does not follow within `timeout`, or this process dies, resume
     /// `devices` in this order.
     func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws
-    func disarm()
+    /// - Returns: false when the watchdog did not confirm: it fired (and resumed the devices
+    ///   itself) or died; the caller says so.
+    @discardableResult
+    func disarm() -> Bool
+}
+
+extension SnapshotEngine {
+    /// Disarms the watchdog; a watchdog that fired or died during the window is reported.
+    func disarmWatchdog(_ operation: String) {
+        guard let watchdog, !watchdog.disarm() else { return }
+        log?("warning: the suspend watchdog fired or died during the \(operation) (it resumes the devices itself when it fires); check `guard status` and the system log")
+    }
 }
 
 /// guard's own implementation of `lvcreate -s`, the removal of a snapshot, and
@@ -93,6 +104,10 @@ public struct SnapshotEngine {
                     hint: "commit or roll back the earlier run (`guard status`), or remove the LVM snapshot (`lvs`)")
             case .snapshotMerge:
                 throw SnapshotError(.mergeInProgress, operation, "\(info.name) is merging a snapshot", hint: "wait for it (`guard status --wait`)")
+            case .writeFuse:
+                throw SnapshotError(
+                    .alreadySnapshotted, operation, "\(info.name) has a snapshot and refuses writes (guard's fuse)",
+                    hint: "roll back or commit the earlier run (`guard status`)")
             case .snapshot:
                 throw SnapshotError(.notAVolume, operation, "\(info.name) is itself a snapshot")
             default: continue
@@ -168,23 +183,69 @@ public struct SnapshotEngine {
                 for other in origins where number == other.info.number || BlockDevices.allLowerDevices(of: number).contains(other.info.number) {
                     throw SnapshotError(.cowOnOrigin, operation, "the COW device \(path) is stacked on \(other.info.path), a volume of this snapshot set")
                 }
-                if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
-                    throw SnapshotError(.inUse, operation, "the COW device \(path) is mounted or in use", hint: "name an unused device: guard overwrites it")
-                }
+                try Self.requireBlank(cowDevice: path, number: number, operation: operation)
                 storageBytes = try BlockDevices.size(of: path)
                 if storageBytes < area + CowLabel.areaOffset {
                     throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(area + CowLabel.areaOffset))")
                 }
                 storage = .blockDevice(path: path)
             }
-            stacks.append(
-                SnapshotStack(
+            var stack = SnapshotStack(
                     identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
                     originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
                     originTable: origin.table.description, storage: storage, storageBytes: storageBytes,
-                    chunkSectors: request.chunkSectors))
+                    chunkSectors: request.chunkSectors)
+            if !storage.isFile { stack.storageIdentity = BlockDevices.stableIdentity(of: storage.path) }
+            stacks.append(stack)
         }
         return stacks
+    }
+
+    /// Refuses a COW device that holds anything guard would destroy, before any write: a disk
+    /// with partitions, a device open exclusively (mounted, a PV, swap, RAID), any signature
+    /// libblkid knows (filesystem, LVM, swap, RAID, partition table), or a guard label of a
+    /// snapshot that is not released.
+    static func requireBlank(cowDevice path: String, number: DeviceNumber, operation: String) throws {
+        if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
+            throw SnapshotError(.inUse, operation, "the COW device \(path) is mounted or in use", hint: "name an unused device: guard overwrites it")
+        }
+        let partitions = BlockDevices.partitions(of: number)
+        if !partitions.isEmpty {
+            throw SnapshotError(.inUse, operation, "the COW device \(path) is a disk with partitions (\(partitions.joined(separator: ", "))); guard would overwrite them", hint: "name an unused partition or disk")
+        }
+        let probe = open(path, O_RDONLY | O_EXCL | O_CLOEXEC)
+        if probe < 0 {
+            let reason = String(cString: strerror(errno))
+            throw SnapshotError(.inUse, operation, "the COW device \(path) cannot be opened exclusively (\(reason)): something uses it", hint: "name an unused device: guard overwrites it")
+        }
+        close(probe)
+        let found: [String]
+        do { found = try BlockDevices.signatures(of: path) } catch {
+            throw SnapshotError(.other, operation, "the COW device \(path) cannot be probed for signatures: \(error)", hint: "check the device")
+        }
+        if !found.isEmpty {
+            throw SnapshotError(
+                .inUse, operation, "the COW device \(path) holds \(found.joined(separator: ", ")) (found by libblkid); guard would overwrite it",
+                hint: "name a blank device; if what it holds is unneeded, erase it yourself (`wipefs -a \(path)`)")
+        }
+        if let label = try? CowLabel.read(from: path), label.state != .released {
+            throw SnapshotError(
+                .inUse, operation, "the COW device \(path) holds guard's \(label.state.rawValue) snapshot of \(label.originName) (run \(label.identity.runToken)), which may hold old blocks",
+                hint: "finish that run first (`guard status`, `guard recover`)")
+        }
+    }
+
+    /// Why `path` cannot be a COW device, or nil (the planner's check, before anything is written).
+    public static func cowDeviceProblem(_ path: String) -> String? {
+        do {
+            let number = try BlockDevices.deviceNumber(of: path)
+            try requireBlank(cowDevice: path, number: number, operation: "COW device \(path)")
+            return nil
+        } catch let error as SnapshotError {
+            return error.description
+        } catch {
+            return "COW device \(path): \(error)"
+        }
     }
 
     /// Builds planned stacks (see `plan`): after a failure, what was built is removed.
@@ -231,10 +292,16 @@ public struct SnapshotEngine {
             handle = loop
             cowDevice = loop.device.number
         case .blockDevice(let path):
-            let file = try RawFile(path: path)
+            // Exclusive from the checks to the label: nobody mounts or claims it in between.
+            // The kernel lets one exclusive holder at a time, so it is closed just before
+            // -cow claims it.
+            let number = try BlockDevices.deviceNumber(of: path)
+            try Self.requireBlank(cowDevice: path, number: number, operation: "snapshot of \(stack.originPath)")
+            let file = try RawFile(path: path, exclusive: true)
             try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
             try label.write(to: file)
-            cowDevice = try BlockDevices.deviceNumber(of: path)
+            try file.sync()
+            cowDevice = number
         }
         let areaSectors = stack.areaBytes / 512
         let cow = try dm.create(
@@ -312,7 +379,7 @@ public struct SnapshotEngine {
         }
         let end = clock.now
 
-        watchdog?.disarm()
+        disarmWatchdog("snapshot window")
         if memoryLocked { Memory.unlockAll() }
         DeviceMapper.releaseLog()
         batch.finish()
@@ -361,9 +428,8 @@ public struct SnapshotEngine {
                     try dm.clearInactiveTable(.number(origin.number))  // a swap that never happened
                 }
             }
-            if case .snapshotOrigin(let device)? = live.lines.first?.target, live.lines.count == 1,
-                real == nil || device == real?.number
-            {
+            // A fused origin too: the commit lifts the fuse with the snapshot.
+            if let device = live.snapshotOriginDevice, real == nil || device == real?.number {
                 let own: Table
                 if let real { own = try dm.table(.number(real.number)) } else { own = try Table(parsing: stack.originTable) }
                 try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
@@ -405,8 +471,8 @@ public struct SnapshotEngine {
         try watchdog?.arm(resumeInOrder: resumeOrder, timeout: watchdogTimeout)
         DeviceMapper.holdLog()
         defer {
-            watchdog?.disarm()
             DeviceMapper.releaseLog()
+            disarmWatchdog("suspend of \(resumeOrder.count) device(s)")
         }
         do {
             try body()
@@ -444,6 +510,18 @@ public struct SnapshotEngine {
         try markReleased(stack)
         if stack.storage.isFile {
             for loop in LoopDevice.find(backingFile: path) { try? loop.detach() }
+        }
+        if !stack.storage.isFile {
+            // A device is wiped only while it carries this run's label: a device that took its
+            // path since (a replaced disk, renumbering) or was reused by hand is left alone.
+            guard let label = try? CowLabel.read(from: path), label.identity == stack.identity else {
+                log?("left \(path) as it is: it does not carry the label of run \(stack.identity.runToken)")
+                return
+            }
+            if let journaled = stack.storageIdentity, let now = BlockDevices.stableIdentity(of: path), now != journaled {
+                log?("left \(path) as it is: it is \(now) now, the run used \(journaled)")
+                return
+            }
         }
         try CowLabel.wipe(path)
         if stack.storage.isFile {
@@ -509,6 +587,53 @@ public struct SnapshotEngine {
         return grown
     }
 
+    // MARK: The write fuse
+
+    /// Blows the write fuse: the origin's table becomes `flakey <-real> 0 0 1 1 error_writes`,
+    /// so every later write fails with EIO, as on a failed disk, and reaches neither the origin
+    /// nor the COW, while reads go on. For a run that will roll back, before a COW that cannot
+    /// grow overflows: every write the fuse refuses would be undone by the merge anyway, and
+    /// the snapshot stays valid. The merge (`startMerge`) or a commit (`drop`) replaces the
+    /// table; a reboot forgets it (the label still says active: the merge runs at boot).
+    ///
+    /// The suspend neither flushes nor freezes the filesystem: that would write its dirty pages
+    /// into the COW, the very thing the fuse prevents. Bios in flight complete; bios that
+    /// arrive during the suspend are queued and fail after it.
+    /// - Returns: how long the origin was suspended, in microseconds.
+    @discardableResult
+    public func blowFuse(_ stack: SnapshotStack) throws -> UInt64 {
+        let operation = "write fuse of \(stack.originName)"
+        let origin = try requireOrigin(stack, operation)
+        let live = try dm.table(.number(origin.number))
+        if live.isFused { return 0 }
+        let real = try dm.requireInfo(stack.ref(.real))
+        guard live.snapshotOriginDevice == real.number else {
+            throw SnapshotError(.layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))")
+        }
+        if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
+        do {
+            try dm.load(.number(origin.number), table: Table(.writeFuse(device: real.number), length: stack.originSectors), readOnly: origin.isReadOnly)
+        } catch {
+            try? dm.clearInactiveTable(.number(origin.number))
+            throw error
+        }
+        let clock = ContinuousClock()
+        let start = clock.now
+        try withSuspended([.number(origin.number)]) {
+            try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
+            try dm.resume(.number(origin.number))
+        }
+        let elapsed = start.duration(to: clock.now)
+        log?("\(origin.name) refuses writes (guard's fuse): its snapshot stays valid for the rollback")
+        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+    }
+
+    /// Whether the stack's origin is on guard's write fuse.
+    public func isFused(_ stack: SnapshotStack) throws -> Bool {
+        guard let origin = try dm.info(stack.originRef) else { return false }
+        return try dm.table(.number(origin.number)).isFused
+    }
+
     // MARK: Merging back (rollback)
 
     /// Starts merging the snapshot back into the origin. From the moment this returns, reads
@@ -527,7 +652,7 @@ public struct SnapshotEngine {
             return
         }
         guard let real = try dm.info(stack.ref(.real)), let snap = try dm.info(stack.ref(.snap)),
-            case .snapshotOrigin(let device)? = live.lines.first?.target, device == real.number
+            let device = live.snapshotOriginDevice, device == real.number  // writable or fused
         else {
             throw SnapshotError(.layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))", hint: "run `guard recover`")
         }
@@ -877,7 +1002,7 @@ extension SnapshotEngine {
         guard live.lengthSectors == label.originSectors else {
             throw SnapshotError(.labelMismatch, operation, "\(origin.name) has \(live.lengthSectors) sectors, the snapshot was of \(label.originSectors)")
         }
-        guard !live.isOnly("snapshot-origin") && !live.isOnly("snapshot-merge") else {
+        guard live.snapshotOriginDevice == nil && !live.isOnly("snapshot-merge") else {
             throw SnapshotError(.alreadySnapshotted, operation, "\(origin.name) already has another snapshot")
         }
         guard let header = try KernelCowHeader.read(from: storage.path) else {
@@ -961,7 +1086,7 @@ extension SnapshotEngine {
 
     private func withSuspendedForReassembly(_ order: [DeviceRef], _ body: () throws -> Void) throws {
         try watchdog?.arm(resumeInOrder: order, timeout: watchdogTimeout)
-        defer { watchdog?.disarm() }
+        defer { disarmWatchdog("reassembly") }
         do { try body() } catch {
             try? dm.clearInactiveTable(order.last!)
             try? dm.resume(order.last!)

@@ -42,6 +42,9 @@ public struct SnapshotStack: Hashable, Sendable, Codable {
     /// Size of the whole storage (label area included), in bytes.
     public var storageBytes: UInt64
     public var chunkSectors: UInt32
+    /// A COW device's name that survives reboots (`BlockDevices.stableIdentity`), journaled
+    /// with the stack and checked before guard writes to the device again.
+    public var storageIdentity: String?
     public var realName: String
     public var cowName: String
     public var snapName: String

@@ -45,3 +45,27 @@ struct BlockDeviceTests {
         #expect(me.allSatisfy { $0.pid != getpid() }, "guard never lists itself")
     }
 }
+
+@Suite("signatures")
+struct SignatureTests {
+    @Test("libblkid's probe names the filesystem, swap or partition table on an image, and nothing on random data")
+    func probe() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-signatures-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func image(_ name: String, _ command: String) throws -> String {
+            let path = "\(directory)/\(name)"
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/bin/sh")
+            process.arguments = ["-c", "head -c 16M /dev/urandom > '\(path)' && \(command.replacingOccurrences(of: "IMAGE", with: "'\(path)'")) >/dev/null 2>&1"]
+            try process.run()
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 0, "\(command)")
+            return path
+        }
+        #expect(try BlockDevices.signatures(of: image("ext4", "mkfs.ext4 -q -F IMAGE")).contains("ext4"))
+        #expect(try BlockDevices.signatures(of: image("swap", "PATH=$PATH:/sbin:/usr/sbin mkswap IMAGE")) == ["swap"])
+        #expect(try BlockDevices.signatures(of: image("random", "true")) == [])
+        #expect(throws: BlockDeviceError.self) { try BlockDevices.signatures(of: "\(directory)/missing") }
+    }
+}

@@ -199,3 +199,32 @@ struct StrictVerifyTests {
         #expect(check.succeeded == !probe.succeeded, "pipefail \(probe.succeeded ? "available" : "absent"): \(check.termination)")
     }
 }
+
+@Suite("run cgroup", .enabled(if: RunCgroup.mountPoint != nil && getuid() == 0, "needs cgroup v2 and root"))
+struct RunCgroupTests {
+    @Test("a step that escapes its process group (setsid) is still in the run's cgroup: killed when the step is stopped, or with the cgroup")
+    func escapees() async throws {
+        let token = "test\(UInt32.random(in: 0...UInt32.max))"
+        let cgroup = try #require(try RunCgroup.create(token: token))
+        defer { cgroup.killAll(); cgroup.removeIfEmpty() }
+        let marker = "\(Int.random(in: 100_000...999_999))"
+        // Stopped by its timeout: the setsid'd sleep goes with it.
+        let stopped = await StepRunner(killGrace: .seconds(1)).run(
+            shellStep("setsid sleep 310.\(marker) </dev/null >/dev/null 2>&1 & sleep 311.\(marker)"), environment: plainEnvironment, timeout: .milliseconds(800),
+            cgroup: try cgroup.child("step-1"))
+        #expect(stopped.termination == .timedOut)
+        #expect(pgrep("310.\(marker)").isEmpty, "the escapee was killed with the step's cgroup")
+        // Finished normally: what it left in a session of its own lives on (a daemon it started)
+        // until the run's cgroup is killed, as a rollback does.
+        let finished = await StepRunner().run(
+            shellStep("setsid sleep 312.\(marker) </dev/null >/dev/null 2>&1 & sleep 0.3"), environment: plainEnvironment, timeout: nil, cgroup: try cgroup.child("step-2"))
+        #expect(finished.succeeded)
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(!pgrep("312.\(marker)").isEmpty, "a finished step's daemon is left alone")
+        #expect(cgroup.processes.count == 1)
+        #expect(cgroup.killAll() == 1)
+        #expect(pgrep("312.\(marker)").isEmpty)
+        cgroup.removeIfEmpty()
+        #expect(!FileManager.default.fileExists(atPath: cgroup.path))
+    }
+}

@@ -151,6 +151,139 @@ extension Kernel {
             recordResult(["cow-overrun", "one write larger than the COW during the steps", "rollback", outcome == "rolled_back" ? "restored" : "upgraded", outcome ?? "?", "snapshot Invalid: no rollback possible; says the data is the upgraded data", ""])
         }
 
+        @Test("a two-volume rollback whose second merge cannot start says which volume is not rolled back, stays open, and guard recover finishes it")
+        func partialRollback() async throws {
+            let first = try RawVolume()
+            let second = try RawVolume(label: "partialRollback-2")
+            let tool = first.guardTool
+            let before = (try first.checksum, try second.checksum)
+            // Something outside guard holds the second volume open (not mounted: no stop hook or
+            // unmount frees it), so its merge cannot start.
+            let pidFile = first.scratch.path("holder.pid")
+            try startDetached(["/bin/sh", "-c", "echo $$ > \(pidFile); exec 3<\(second.device); exec sleep 600"])
+            try await waitUntil("the holder to start") { FileManager.default.fileExists(atPath: pidFile) }
+            first.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
+            let recipe = try writeRecipe(
+                """
+                name: partial
+                volumes:
+                  - device: \(first.device)
+                    snapshot: 8M
+                  - device: \(second.device)
+                    snapshot: 8M
+                steps:
+                  - name: write both
+                    shell: for d in \(first.device) \(second.device); do dd if=/dev/urandom of=$d bs=1M count=2 seek=3 oflag=direct conv=notrunc status=none; done
+                verify:
+                  - name: fail
+                    run: [/bin/false]
+                """, in: first.scratch)
+            let result = try tool("run", recipe)
+            #expect(result.status == 3, "\(result.stderr)")
+            #expect(result.stderr.contains("\(second.device) is NOT rolled back"), "\(result.stderr)")
+            #expect(result.stderr.contains("guard recover"), "\(result.stderr)")
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String != "rolled_back", "not a rollback while a volume keeps the upgrade: \(history.first ?? [:])")
+            let status = try #require(try tool.json("status") as? [String: Any])
+            let volumes = ((status["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]]) ?? []
+            #expect(volumes.contains { $0["volume"] as? String == second.device && $0["status"] as? String == "not rolled back" }, "\(volumes)")
+            #expect(try second.checksum != before.1, "the second volume still holds the upgrade")
+
+            _ = try sh("kill -KILL $(cat \(pidFile))")
+            try await Task.sleep(for: .milliseconds(300))
+            let recover = try tool("recover")
+            #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+            #expect(try first.checksum == before.0, "the first volume as before the run")
+            #expect(try second.checksum == before.1, "guard recover rolled the second volume back")
+            let after = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(after.first?["outcome"] as? String == "recovered")
+            #expect(after.first?["state"] as? String == "finished")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["partial-rollback", "two volumes; the second's merge cannot start (held open outside guard)", "rollback", "restored", "recovered", "run says which volume is not rolled back, stays open (exit 3); guard recover rolled it back", ""])
+        }
+
+        @Test("a step double-forks a writer into a session of its own, then guard is killed with -9: guard recover kills the writer before the rollback, and the volume is as before the run")
+        func escapedWriterKilledByRecover() async throws {
+            let volume = try RawVolume()
+            let tool = volume.guardTool
+            let before = try volume.checksum
+            let pidFile = volume.scratch.path("writer.pid")
+            // 64 KiB direct writes over 100 places: at most 6.25 MiB of COW, less than the 16 MiB.
+            let writer = "echo $$ > \(pidFile); while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$(( $(od -An -N2 -tu2 /dev/urandom) % 100 )) oflag=direct conv=notrunc status=none; sleep 0.05; done"
+            let recipe = try volume.recipe(
+                """
+                steps:
+                  - name: start a writer and wait
+                    shell: (setsid sh -c '\(writer)' </dev/null >/dev/null 2>&1 &); sleep 600
+                """, snapshot: "16M")
+            volume.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
+            let runner = Task.detached { try tool("run", recipe) }
+            try await waitUntil("the writer to start") { FileManager.default.fileExists(atPath: pidFile) }
+            try await Task.sleep(for: .seconds(1))
+            #expect(killProcesses(argv: [guardBinary, "run", recipe]) == 1, "one guard run to kill")
+            let killed = try await runner.value
+            #expect(killed.status == 9 || killed.status == 137, "\(killed.stderr)")
+            let pid = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(isRunning(pid), "the writer outlived guard")
+
+            let recover = try tool("recover")
+            #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+            #expect(!isRunning(pid), "guard recover killed the writer")
+            #expect(try volume.checksum == before, "rolled back with no write after it")
+            try await Task.sleep(for: .seconds(1))
+            #expect(try volume.checksum == before, "and nothing writes afterwards")
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let events = try lastRunEvents(tool)
+            #expect(events.contains("result kill-cgroup"), "\(events)")
+            #expect(history.first?["outcome"] as? String == "recovered")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["escaped-writer", "a step double-forks a writer (setsid), then kill -9 of guard", "rollback", "restored", "recovered", "guard recover killed the run's cgroup before the merge; nothing writes after it", ""])
+        }
+
+        @Test("a COW device that holds something is refused before any write: a disk whose partition is mounted, an ext4, LVM or swap signature", arguments: ["partition-mounted", "ext4", "lvm", "swap"])
+        func cowDeviceRefusals(content: String) throws {
+            let volume = try RawVolume()
+            let image = volume.scratch.path("cow-disk.img")
+            try makeSparseFile(image, mebibytes: 64)
+            let path = try sh("losetup -f --show \(content == "partition-mounted" ? "-P " : "")\(image)").trimmingWhitespace()
+            volume.scratch.defer_ { _ = try? sh("losetup -d \(path)") }
+            struct Disk { let path: String }
+            let loop = Disk(path: path)
+            let expected: String
+            switch content {
+            case "partition-mounted":
+                try sh("echo 'type=83' | sfdisk -q \(loop.path) >/dev/null; partx -u \(loop.path) 2>/dev/null; udevadm settle 2>/dev/null; mkfs.ext4 -q -F \(loop.path)p1")
+                let mount = volume.scratch.path("p1")
+                try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+                try Mounts.mount(source: "\(loop.path)p1", target: mount, fileSystemType: "ext4")
+                volume.scratch.defer_ { try? Mounts.unmount(mount) }
+                expected = "partitions"
+            case "ext4":
+                try sh("mkfs.ext4 -q -F \(loop.path)")
+                expected = "ext4"
+            case "lvm":
+                try sh("LVM_SUPPRESS_FD_WARNINGS=1 pvcreate -q -ff -y \(loop.path)")
+                volume.scratch.defer_ { _ = try? sh("LVM_SUPPRESS_FD_WARNINGS=1 pvremove -q -ff -y \(loop.path)") }
+                expected = "LVM2_member"
+            default:
+                try sh("mkswap -q \(loop.path) >/dev/null")
+                expected = "swap"
+            }
+            let firstMiB = try sha256(loop.path, offset: 0, length: 1 << 20)
+            let before = try volume.checksum
+            let recipe = try writeRecipe(
+                "name: cow-device\nvolumes:\n  - device: \(volume.device)\n    snapshot: { size: 16M, cow: \(loop.path) }\nsteps:\n  - name: write\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=1 oflag=direct conv=notrunc status=none\n",
+                in: volume.scratch)
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 2, "\(result.stderr)")
+            #expect(result.stderr.contains(loop.path) && result.stderr.contains(expected), "\(result.stderr)")
+            #expect(result.stderr.contains("nothing was touched"), "\(result.stderr)")
+            #expect(try sha256(loop.path, offset: 0, length: 1 << 20) == firstMiB, "the COW device's first MiB is unchanged")
+            #expect(try volume.checksum == before, "the volume is unchanged: no step ran")
+            #expect(try expectLayers(volume.name) == 0)
+            recordResult(["cow-device-\(content)", "`cow:` names a device that holds \(content == "partition-mounted" ? "a disk with a mounted partition" : "an \(expected) signature")", "-", "untouched", "(no run)", "refused in preflight (exit 2); the device's first MiB unchanged", ""])
+        }
+
         @Test("an I/O error mid-merge stops it with a clear error; once the device heals, guard recover finishes it", arguments: ["cow", "origin"])
         func ioErrorMidMerge(where failing: String) async throws {
             let volume = try RawVolume(controllable: failing == "origin")
@@ -313,6 +446,19 @@ extension Kernel {
             recordResult(["journal-\(problem)", ["corrupt": "the journal is corrupt", "on-volume": "the state directory is on the volume to snapshot", "full": "the state filesystem is full"][problem]!, "-", "untouched", "(no run)", "refused in preflight, exit 2", ""])
         }
     }
+}
+
+/// The journal's events of the latest run, as "kind action" (`guard show --json`).
+func lastRunEvents(_ tool: GuardTool) throws -> [String] {
+    let history = try #require(try tool.json("history") as? [[String: Any]])
+    let show = try #require(try tool.json("show", "\(history.first?["id"] as? Int ?? 0)") as? [String: Any])
+    return (show["events"] as? [[String: Any]] ?? []).map { "\($0["kind"] ?? "") \($0["action"] ?? "")" }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+func isRunning(_ pid: String) -> Bool {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
+    return stat[stat.index(close, offsetBy: 2)...].first != "Z"
 }
 
 /// How many guard layers stack on the volume named `volume`.

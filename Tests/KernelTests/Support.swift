@@ -75,6 +75,19 @@ func run(_ argv: [String], environment: [String: String]? = nil, input: String? 
         stderr: String(decoding: errData, as: UTF8.self))
 }
 
+/// Starts `argv` in a session of its own (setsid), detached from the test: no pipe to the
+/// test (a shell's `cmd &` would hand it the test's pipes, and reading them would never end).
+/// setsid forks (Process makes its child a group leader), so the command says its own pid.
+func startDetached(_ argv: [String]) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/setsid")
+    process.arguments = argv
+    process.standardInput = FileHandle.nullDevice
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+}
+
 /// Runs a shell command line; fails the test with its stderr when it exits non-zero.
 @discardableResult
 func sh(_ command: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> String {

@@ -95,7 +95,9 @@ extension GuardCommand {
             if case .keep(nil) = recipe.onSuccess, let configuration {
                 success += configuration.keep.map { " (for \(Units.formatDuration($0)), guard.conf's keep)" } ?? " (until `guard commit` or `guard rollback`)"
             }
-            say("on success: \(success); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full")
+            let fuse = recipe.onFailure == .rollback ? ", and the volume refuses writes from there until the merge (the fuse)" : ""
+            say("on success: \(success); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full\(fuse)")
+            say(RunCgroup.mountPoint.map { "steps run in a cgroup of the run's own under \($0)/guard" } ?? "cgroup v2 is not mounted: steps are contained by their process group only")
         }
     }
 }
