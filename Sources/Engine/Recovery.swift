@@ -75,6 +75,8 @@ public struct Recovery {
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
         let journal = try? context.journal()
         let files = cowFiles()
+        // Runs whose merge this recovery resumed: their guard died mid-merge, recovery finishes it.
+        var resumedMerges: Set<String> = []
         for storage in files + journaledStorages(journal, besides: files) {
             let label: CowLabel
             do {
@@ -92,6 +94,7 @@ public struct Recovery {
                 let result = try engine.reassemble(storage)
                 switch result {
                 case .reassembled(let stack, let merging):
+                    if merging { resumedMerges.insert(stack.identity.runToken) }
                     report.actions.append(merging ? "resumed the merge into \(stack.originName) from \(storage.path)" : "reassembled the snapshot of \(stack.originName) from \(storage.path)")
                 case .alreadyLive: break
                 case .discarded(let why): report.actions.append("removed \(storage.path): \(why)")
@@ -138,6 +141,18 @@ public struct Recovery {
             } catch {
                 report.problems.append("run \(run.id!): \(error)")
             }
+        }
+        // A rollback whose guard died mid-merge (its merge resumed above from the COW): recovery
+        // finishes it, so it is recorded as recovered, whatever instant the power went (before or
+        // after that guard had journaled the merge's start).
+        for run in try journal.runs(in: [.merging]) where resumedMerges.contains(run.token) && run.outcome != .recovered {
+            var updated = run
+            updated.outcome = .recovered
+            let what = "rolled back (the merge, interrupted by a restart, resumed from the COW; the volumes read as before the run)"
+            updated.error = [run.error, "recovered: \(what)"].compactMap { $0 }.joined(separator: "; ")
+            try journal.update(updated)
+            try journal.event(run.id!, "result", "recover", what, at: timestamp())
+            report.actions.append("run \(run.id!): \(what)")
         }
         // Rollbacks that started for some volumes only: the decision is journaled; roll the rest back.
         for run in try journal.runs(in: [.merging]) where try journal.snapshots(runID: run.id!).contains(where: { $0.state == .live }) {
