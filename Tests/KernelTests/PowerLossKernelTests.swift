@@ -99,16 +99,7 @@ struct PowerLoss {
         try await waitUntil("the step to run") { FileManager.default.fileExists(atPath: marker) }
         // Started without waiting (a shell's `&` would not do: the test waits for its pipes to close).
         func start(_ recipe: String, state: String, output: String) throws {
-            let merging = Process()
-            merging.executableURL = URL(fileURLWithPath: guardBinary)
-            merging.arguments = ["run", "-v", recipe, "--state-dir", state]
-            merging.environment = guardEnvironment()
-            _ = FileManager.default.createFile(atPath: output, contents: nil)
-            let log = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
-            merging.standardOutput = log
-            merging.standardError = log
-            merging.standardInput = FileHandle.nullDevice
-            try merging.run()
+            try startGuard(["run", "-v", recipe, "--state-dir", state], output: output)
         }
         // The same in the late state directory, its COW on the late filesystem. A process of
         // its own: a second blocking run() would take the last thread of the cooperative pool.

@@ -40,39 +40,80 @@ struct CommandResult {
     var stderr: String
 }
 
-/// Runs `argv` and waits for it.
+/// Runs `argv` and waits for it: posix_spawn, both pipes read with poll(2) until they close,
+/// waitpid(2) on the child itself. No Foundation Process, RunLoop or SIGCHLD source in the
+/// way (a Process once waited forever here for a child that had exited). A command still
+/// running after `hangSeconds` is killed and reported as hung: that bound only stops a hung
+/// test, it is never a pass condition.
 @discardableResult
-func run(_ argv: [String], environment: [String: String]? = nil, input: String? = nil) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env")
-    process.arguments = argv[0].hasPrefix("/") ? Array(argv.dropFirst()) : argv
-    if let environment { process.environment = environment }
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    let inPipe = Pipe()
-    process.standardInput = input == nil ? FileHandle.nullDevice : inPipe
-    try process.run()
+func run(_ argv: [String], environment: [String: String]? = nil, input: String? = nil, hangSeconds: Double = 1800) throws -> CommandResult {
+    let program = argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env"
+    let arguments = argv[0].hasPrefix("/") ? argv : ["/usr/bin/env"] + argv
+    let variables = (environment ?? ProcessInfo.processInfo.environment).map { "\($0.key)=\($0.value)" }
+    var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
+    guard pipe(&outPipe) == 0, pipe(&errPipe) == 0, pipe(&inPipe) == 0 else {
+        throw ShellError(command: argv.joined(separator: " "), status: -1, stderr: "pipe: \(String(cString: strerror(errno)))")
+    }
+    // Close-on-exec at once: a command another task spawns meanwhile must not inherit them.
+    for fd in outPipe + errPipe + inPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
+    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+    var pid: pid_t = 0
+    let spawned = withCStrings(arguments) { argvPointer in
+        withCStrings(variables) { envPointer in posix_spawn(&pid, program, &actions, nil, argvPointer, envPointer) }
+    }
+    for fd in [inPipe[0], outPipe[1], errPipe[1]] { close(fd) }
+    guard spawned == 0 else {
+        for fd in [inPipe[1], outPipe[0], errPipe[0]] { close(fd) }
+        throw ShellError(command: argv.joined(separator: " "), status: -1, stderr: "posix_spawn \(program): \(String(cString: strerror(spawned)))")
+    }
     if let input {
-        inPipe.fileHandleForWriting.write(Data(input.utf8))
-        try inPipe.fileHandleForWriting.close()
+        let bytes = Array(input.utf8)
+        _ = bytes.withUnsafeBytes { write(inPipe[1], $0.baseAddress, $0.count) }
     }
-    // Read both pipes while the process runs, or a chatty process blocks on a full pipe.
-    let group = DispatchGroup()
-    nonisolated(unsafe) var outData = Data()
-    nonisolated(unsafe) var errData = Data()
-    group.enter()
-    DispatchQueue.global().async {
-        outData = out.fileHandleForReading.readDataToEndOfFile()
-        group.leave()
+    close(inPipe[1])
+    var outData = [UInt8](), errData = [UInt8]()
+    var openPipes: [Int32: Bool] = [outPipe[0]: true, errPipe[0]: true]
+    let deadline = Date().addingTimeInterval(hangSeconds)
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while openPipes.values.contains(true) && Date() < deadline {
+        var fds = openPipes.filter(\.value).keys.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        let ready = poll(&fds, nfds_t(fds.count), 1000)
+        if ready < 0 && errno != EINTR { break }
+        for entry in fds where entry.revents != 0 {
+            let count = read(entry.fd, &buffer, buffer.count)
+            if count > 0 {
+                if entry.fd == outPipe[0] { outData += buffer[0..<count] } else { errData += buffer[0..<count] }
+            } else if count == 0 || errno != EINTR {
+                openPipes[entry.fd] = false
+            }
+        }
     }
-    errData = err.fileHandleForReading.readDataToEndOfFile()
-    group.wait()
-    process.waitUntilExit()
-    return CommandResult(
-        status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-        stderr: String(decoding: errData, as: UTF8.self))
+    close(outPipe[0])
+    close(errPipe[0])
+    var status: Int32 = 0
+    if openPipes.values.contains(true) || Date() >= deadline {
+        kill(pid, SIGKILL)
+        _ = waitpid(pid, &status, 0)
+        Issue.record("`\(argv.joined(separator: " "))` still ran after \(Int(hangSeconds)) s: the machine is too slow or the test hung; it was killed")
+        return CommandResult(status: -1, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+    }
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    // WIFEXITED: the low 7 bits are 0; the code is in bits 8-15. A signal gives 128 + its number.
+    let code = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    return CommandResult(status: code, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+}
+
+/// A NULL-terminated C string array for the duration of `body`.
+func withCStrings<T>(_ strings: [String], _ body: ([UnsafeMutablePointer<CChar>?]) -> T) -> T {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { pointers.forEach { free($0) } }
+    return body(pointers)
 }
 
 /// Starts `argv` in a session of its own (setsid), detached from the test: no pipe to the
@@ -86,6 +127,23 @@ func startDetached(_ argv: [String]) throws {
     process.standardOutput = FileHandle.nullDevice
     process.standardError = FileHandle.nullDevice
     try process.run()
+}
+
+/// Starts guard without waiting for it (a second blocking `run` would take the last thread of
+/// the cooperative pool), its stdout and stderr into `output`, the test's environment plus `extra`.
+@discardableResult
+func startGuard(_ arguments: [String], output: String, extra: [String: String] = [:]) throws -> Process {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: guardBinary)
+    process.arguments = arguments
+    process.environment = guardEnvironment().merging(extra) { $1 }
+    _ = FileManager.default.createFile(atPath: output, contents: nil)
+    let log = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
+    process.standardOutput = log
+    process.standardError = log
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    return process
 }
 
 /// Runs a shell command line; fails the test with its stderr when it exits non-zero.
