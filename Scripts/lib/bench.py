@@ -294,10 +294,87 @@ def bench_memory():
     sh("lvremove -q -f %s/memory" % VG)
 
 
+# ------------------------------------------------------------------ 7. the fuse's margin
+class RateWriter(threading.Thread):
+    """A service guard cannot stop: 1 MiB direct writes to new places on a raw volume at a set
+    rate (None: as fast as it can), going on whatever they return, until told to stop."""
+
+    def __init__(self, device, rate_mib):
+        super().__init__(daemon=True)
+        self.device, self.rate, self.running, self.written, self.refused = device, rate_mib, True, 0, 0
+        self.go = threading.Event()
+
+    def run(self):
+        import mmap
+        block = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT wants
+        block.write(os.urandom(1 << 20))
+        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
+        self.go.wait()
+        start, offset = time.monotonic(), 0
+        while self.running:
+            try:
+                os.pwrite(fd, block, offset)
+                self.written += 1
+            except OSError:
+                self.refused += 1
+            offset = (offset + (1 << 20)) % (900 << 20)
+            if self.rate:
+                ahead = (self.written + self.refused) / self.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+        os.close(fd)
+
+
+def bench_fuse():
+    log("7. the fuse's margin: how fast a writer guard cannot stop may be, and the rollback survives")
+    rates = [8, 32, 128, None] if QUICK else [8, 16, 32, 64, 128, 256, None]
+    rows = []
+    for rate in rates:
+        device = make_lv("fuse", "1G", filesystem=False)
+        stop = os.path.join(WORK, "fuse-stop")
+        if os.path.exists(stop):
+            os.remove(stop)
+        writer = RateWriter(device, rate)
+        writer.start()
+        # The writer starts with the run's resume hook (after the snapshot instant) and is
+        # stopped only by the rollback's stop hook, like a service.
+        go = os.path.join(WORK, "fuse-go")
+        if os.path.exists(go):
+            os.remove(go)
+        threading.Thread(target=lambda: (wait_for(go), writer.go.set()), daemon=True).start()
+        path = recipe("fuse", device, None, size="8M",
+                      steps="  - name: a migration the writer outruns\n    run: [sleep, '600']\n")
+        with open(path, "a") as f:
+            f.write("resume:\n  - name: the service writes\n    run: [touch, %s]\nrollback:\n  stop:\n    - name: stop the service\n      run: [touch, %s]\n" % (go, stop))
+        threading.Thread(target=lambda: (wait_for(stop), setattr(writer, "running", False)), daemon=True).start()
+        elapsed, run = timed(lambda: guard("run", path, check=False))
+        writer.running = False
+        writer.go.set()
+        writer.join()
+        last = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]
+        kept = last["outcome"] == "rolled_back"
+        rows.append({"rate_mib_s": rate, "outcome": last["outcome"], "snapshot_valid": kept, "written_mib": writer.written,
+                     "refused_writes": writer.refused, "seconds": elapsed})
+        log("   writer at %s: %s (%d MiB written, %d writes refused)" % ("%d MiB/s" % rate if rate else "full speed", last["outcome"], writer.written, writer.refused))
+        sh("lvremove -q -f %s/fuse" % VG)
+    stopped = [row["rate_mib_s"] for row in rows if row["snapshot_valid"]]
+    results["fuse"] = {
+        "size": "8M", "reserve": "32M", "stop_at": "90%", "rows": rows,
+        "fastest_rate_stopped_mib_s": "full speed" if any(row["rate_mib_s"] is None and row["snapshot_valid"] for row in rows)
+        else (max(r for r in stopped if r) if [r for r in stopped if r] else None),
+        "lvm2": "an lvcreate -s -L 8M snapshot has no fuse: any writer that changes more than 8 MiB invalidates it",
+    }
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
 def main():
     loop = setup()
     try:
-        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory]:
+        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory, bench_fuse]:
             bench()
             json.dump(results, open(OUTPUT, "w"), indent=2, sort_keys=True)
     finally:

@@ -36,17 +36,6 @@ public enum BlockDevices {
         return size
     }
 
-    /// The logical sector size of a block device in bytes.
-    /// - Note: ioctl BLKSSZGET.
-    public static func sectorSize(of path: String) throws(BlockDeviceError) -> UInt32 {
-        let fd = try Sys.open(path, O_RDONLY, operation: "sector size query of \(path)")
-        defer { Sys.close(fd) }
-        var size: Int32 = 0
-        _ = try Sys.ioctl(fd, guard_req_blksszget(), "BLKSSZGET", pointer: &size,
-                          operation: "sector size query of \(path)")
-        return UInt32(size)
-    }
-
     /// The size of a block device from sysfs, in bytes, without opening it.
     public static func size(of device: DeviceNumber) -> UInt64? {
         guard let text = Sys.readSmallFile("/sys/dev/block/\(device)/size"),
@@ -70,14 +59,6 @@ public enum BlockDevices {
     public static func kernelName(of device: DeviceNumber) -> String? {
         guard let link = Sys.readlink("/sys/dev/block/\(device)") else { return nil }
         return link.split(separator: "/").last.map(String.init)
-    }
-
-    /// The /dev node of a device number ("/dev/dm-3"), if devtmpfs has one.
-    public static func nodePath(of device: DeviceNumber) -> String? {
-        guard let name = kernelName(of: device) else { return nil }
-        let path = "/dev/\(name)"
-        if let number = try? deviceNumber(of: path), number == device { return path }
-        return nil
     }
 
     /// Devices stacked directly on top of `device` (/sys/dev/block/M:m/holders).
@@ -118,11 +99,6 @@ public enum BlockDevices {
     /// The dm UUID of a device-mapper device from sysfs.
     public static func deviceMapperUUID(of device: DeviceNumber) -> String? {
         Sys.readSmallFile("/sys/dev/block/\(device)/dm/uuid")?.trimmingWhitespace()
-    }
-
-    /// Whether the kernel has the block device `device` at all.
-    public static func exists(_ device: DeviceNumber) -> Bool {
-        access("/sys/dev/block/\(device)", F_OK) == 0
     }
 
     private static func relatives(of device: DeviceNumber, _ directory: String) -> [DeviceNumber] {

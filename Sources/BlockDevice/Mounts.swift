@@ -13,6 +13,15 @@ public struct MountEntry: Hashable, Sendable {
     public var device: DeviceNumber
     /// The subtree of the filesystem mounted here ("/" unless it is a bind mount).
     public var root: String
+
+    public init(source: String, target: String, fileSystemType: String, options: String, device: DeviceNumber, root: String) {
+        self.source = source
+        self.target = target
+        self.fileSystemType = fileSystemType
+        self.options = options
+        self.device = device
+        self.root = root
+    }
 }
 
 /// A process that holds files on a filesystem.
@@ -77,6 +86,69 @@ public enum Mounts {
                 code: .from(errno: failure.errno), operation: "mount of \(source) on \(target)", call: "mount",
                 errno: failure.errno, detail: failure.message.isEmpty ? nil : failure.message)
         }
+    }
+
+    /// The block devices that hold what is written under `directory`, or nil when that cannot be
+    /// told. A filesystem on a block device has it as its st_dev; one with an anonymous st_dev
+    /// (major 0) is resolved through the mount table: memory filesystems hold nothing on a disk,
+    /// an overlay writes to its upper directory (resolved in turn), btrfs to the device it was
+    /// mounted from; anything else (a FUSE or network filesystem) is unknown.
+    public static func backingDevices(of directory: String, depth: Int = 0) -> Set<DeviceNumber>? {
+        guard let device = try? BlockDevices.filesystemDevice(of: directory) else { return nil }
+        guard device.major == 0 else { return [device] }
+        guard depth < 4, let mount = entry(containing: directory) else { return nil }
+        switch mount.fileSystemType {
+        case "tmpfs", "ramfs", "devtmpfs", "proc", "sysfs", "cgroup2", "devpts", "mqueue":
+            return []
+        case "overlay":
+            let options = mount.options.split(separator: ",")
+            guard let upper = options.first(where: { $0.hasPrefix("upperdir=") })?.dropFirst("upperdir=".count) else { return nil }
+            return backingDevices(of: String(upper), depth: depth + 1)
+        case "btrfs":
+            guard mount.source.hasPrefix("/dev/"), let source = try? BlockDevices.deviceNumber(of: mount.source) else { return nil }
+            return [source]
+        default:
+            return nil
+        }
+    }
+
+    /// Bind-mounts `source` (a directory) on `target`, read-only when asked.
+    /// - Note: libmount with MS_BIND, then MS_REMOUNT|MS_BIND|MS_RDONLY for a read-only bind.
+    public static func bind(_ source: String, on target: String, readOnly: Bool) throws(BlockDeviceError) {
+        if let failure = LibMount.run(source: source, target: target, fileSystemType: nil, options: nil, unmount: false, flags: UInt(MS_BIND)) {
+            throw BlockDeviceError(code: .from(errno: failure.errno), operation: "bind mount of \(source) on \(target)", call: "mount", errno: failure.errno, detail: failure.message.isEmpty ? nil : failure.message)
+        }
+        guard readOnly else { return }
+        try Sys.mount(nil, target, flags: UInt(MS_REMOUNT | MS_BIND | MS_RDONLY), operation: "read-only remount of the bind mount \(target)")
+    }
+
+    /// Whether `path` is still the directory a mount table named: no symbolic link anywhere in
+    /// it (its canonical form is itself), and a directory. A mount point that became a symlink
+    /// after its filesystem was unmounted would redirect a mount made by its path.
+    public static func isUnchangedMountPoint(_ path: String) -> Bool {
+        guard let resolved = Glibc.realpath(path, nil) else { return false }
+        defer { free(resolved) }
+        guard String(cString: resolved) == normalize(path), let info = try? Sys.lstat(path, operation: "checking \(path)") else { return false }
+        return info.st_mode & S_IFMT == S_IFDIR
+    }
+
+    /// Makes `directory` a mount point of its own with private propagation (a bind mount of
+    /// itself, made private), so that nothing mounted under it ever appears in another mount
+    /// namespace: on a systemd host `/` is shared, and every service with PrivateTmp,
+    /// ProtectSystem or its own namespace (udevd, logind, backup agents) would get a copy of
+    /// each mount, which an open file there keeps mounted after guard unmounts its own.
+    ///
+    /// Idempotent: a directory that is already a private mount point is left as it is. The
+    /// bind itself still appears (empty) in namespaces that were slaves of its parent; what is
+    /// mounted under it afterwards does not.
+    /// - Note: mount(2) with MS_BIND, then MS_PRIVATE.
+    public static func makePrivateMountPoint(_ directory: String) throws(BlockDeviceError) {
+        let target = normalize(directory)
+        let mounted = ((try? LibMount.readTable("/proc/self/mountinfo")) ?? []).contains { $0.target == target }
+        if !mounted {
+            try Sys.mount(target, target, flags: UInt(MS_BIND), operation: "bind mount of \(target) on itself")
+        }
+        try Sys.mount(nil, target, flags: UInt(MS_PRIVATE), operation: "private propagation for \(target)")
     }
 
     /// Unmounts the filesystem mounted on `target`.

@@ -42,11 +42,6 @@ public struct RawFile: ~Copyable {
         return UInt64(info.st_size)
     }
 
-    /// Whether this is a block device rather than a regular file.
-    public func isBlockDevice() throws(BlockDeviceError) -> Bool {
-        try Sys.fstat(descriptor, operation: "stat of \(path)").st_mode & S_IFMT == S_IFBLK
-    }
-
     /// Reads exactly `count` bytes at `offset` (fewer only at end of file).
     /// - Note: pread(2), retried on EINTR and short reads.
     public func read(at offset: UInt64, count: Int) throws(BlockDeviceError) -> [UInt8] {

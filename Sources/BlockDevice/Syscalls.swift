@@ -66,6 +66,11 @@ enum Sys {
         return result
     }
 
+    /// mount(2) without libmount: a bind or a propagation change (no filesystem is read).
+    static func mount(_ source: String?, _ target: String, flags: UInt, operation: @autoclosure () -> String) throws(BlockDeviceError) {
+        _ = try retrying("mount(\(target))", operation: operation()) { Glibc.mount(source, target, nil, flags, nil) }
+    }
+
     /// A C string buffer as a Swift string (up to its first NUL).
     static func string(_ buffer: [CChar]) -> String {
         let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }

@@ -82,11 +82,6 @@ int guard_ioctl_long(int fd, unsigned long request, unsigned long argument)
 }
 
 unsigned long guard_req_blkgetsize64(void) { return BLKGETSIZE64; }
-unsigned long guard_req_blksszget(void) { return BLKSSZGET; }
-unsigned long guard_req_blkflsbuf(void) { return BLKFLSBUF; }
-unsigned long guard_req_blkroget(void) { return BLKROGET; }
-unsigned long guard_req_fifreeze(void) { return FIFREEZE; }
-unsigned long guard_req_fithaw(void) { return FITHAW; }
 
 int guard_loop_configure(int loop_fd, int backing_fd, int read_only, int autoclear, int direct_io,
                          const char *backing_name)

@@ -107,9 +107,6 @@ public struct DeviceMapper: Sendable {
     /// Sends the messages kept since `holdLog()` to the log sink.
     public static func releaseLog() { LibDM.holdLog(false) }
 
-    /// libdevmapper's version ("1.02.185 (2022-05-18)").
-    public static var libraryVersion: String { LibDM.libraryVersion() }
-
     /// The kernel driver's version ("4.47.0").
     /// - Note: DM_DEVICE_VERSION.
     public static func driverVersion() throws -> String {
@@ -266,17 +263,20 @@ public struct DeviceMapper: Sendable {
     /// Removes the device, retrying a bounded number of times while it is briefly busy
     /// (udev's blkid, a closing mount).
     ///
-    /// - Parameter attempts: tries in all; waits grow from 20 ms, about 2.5 s for 8 attempts.
+    /// - Parameters:
+    ///   - attempts: tries in all; waits grow from 20 ms, about 2.5 s for 8 attempts.
+    ///   - batch: share one udev cookie with other removals and wait for it once
+    ///     (`UdevBatch.finish()`); nil waits now.
     /// - Throws: `.busy` naming who holds the device (mount points, stacked devices, open count).
     /// - Note: DM_DEVICE_REMOVE.
-    public func remove(_ device: DeviceRef, attempts: Int = 8, udevFlags: UdevFlags = []) throws {
+    public func remove(_ device: DeviceRef, attempts: Int = 8, udevFlags: UdevFlags = [], batch: UdevBatch? = nil) throws {
         var delay: useconds_t = 20_000
         for attempt in 1...max(attempts, 1) {
             do {
                 try LibDM.run(
                     .init(
                         type: LibDM.remove, call: "DM_DEVICE_REMOVE", operation: "remove of \(device)", device: device,
-                        udevFlags: udevFlags.rawValue),
+                        udevFlags: udevFlags.rawValue, sharedCookie: batch),
                     extract: { _ in () })
                 return
             } catch var error as DeviceMapperError where error.code == .busy {
@@ -306,15 +306,6 @@ public struct DeviceMapper: Sendable {
             if !processes.isEmpty { parts.append("opened by " + processes.map(\.description).joined(separator: ", ")) }
         }
         return parts.joined(separator: ", ") + "; close it and try again"
-    }
-
-    /// Renames the device.
-    /// - Note: DM_DEVICE_RENAME.
-    public func rename(_ device: DeviceRef, to newName: String) throws {
-        try LibDM.run(
-            .init(type: LibDM.rename, call: "DM_DEVICE_RENAME", operation: "rename of \(device) to \(newName)", device: device, udevFlags: 0),
-            configure: { LibDM.setNewName($0, newName) },
-            extract: { _ in () })
     }
 
     /// The device's live table (or its inactive one).
@@ -348,16 +339,6 @@ public struct DeviceMapper: Sendable {
                 detail: "its live table is \(lines.map(\.type).joined(separator: ", ")), not a snapshot")
         }
         return status
-    }
-
-    /// Sends a message to a target.
-    /// - Note: DM_DEVICE_TARGET_MSG.
-    @discardableResult
-    public func message(_ device: DeviceRef, sector: UInt64 = 0, _ text: String) throws -> String? {
-        try LibDM.run(
-            .init(type: LibDM.targetMessage, call: "DM_DEVICE_TARGET_MSG '\(text)'", operation: "message to \(device)", device: device),
-            configure: { LibDM.setMessage($0, sector: sector, text) },
-            extract: LibDM.messageResponse)
     }
 
     static func validate(name: String, uuid: String) throws {

@@ -79,12 +79,6 @@ enum LibDM {
         }
     }
 
-    static func libraryVersion() -> String {
-        var buffer = [CChar](repeating: 0, count: 64)
-        _ = dm_get_library_version(&buffer, buffer.count)
-        return cString(buffer)
-    }
-
     /// What one task needs besides its type.
     struct Request {
         var type: Int32
@@ -207,7 +201,7 @@ enum LibDM {
             if !notes.contains(text) { notes.append(text) }
         }
         // The kernel explains refused tables and failed resumes only in its log.
-        let explained: Set<Int32> = [reload, resume, suspend, create, targetMessage]
+        let explained: Set<Int32> = [reload, resume, suspend, create]
         if code != 0 && explained.contains(request.type),
             let kernel = KernelLog.latestDeviceMapperMessage(since: started)
         {
@@ -297,10 +291,6 @@ enum LibDM {
         return cString(buffer)
     }
 
-    static func messageResponse(_ task: OpaquePointer) -> String? {
-        dm_task_get_message_response(task).map { String(cString: $0) }
-    }
-
     // MARK: Task options (called inside `configure`).
 
     static func addTarget(_ task: OpaquePointer, _ line: Table.Line) -> Bool {
@@ -311,10 +301,6 @@ enum LibDM {
     static func noFlush(_ task: OpaquePointer) -> Bool { dm_task_no_flush(task) != 0 }
     static func skipLockFS(_ task: OpaquePointer) -> Bool { dm_task_skip_lockfs(task) != 0 }
     static func queryInactive(_ task: OpaquePointer) -> Bool { dm_task_query_inactive_table(task) != 0 }
-    static func setNewName(_ task: OpaquePointer, _ name: String) -> Bool { dm_task_set_newname(task, name) != 0 }
-    static func setMessage(_ task: OpaquePointer, sector: UInt64, _ text: String) -> Bool {
-        dm_task_set_sector(task, sector) != 0 && dm_task_set_message(task, text) != 0
-    }
 
     static let create = Int32(DM_DEVICE_CREATE)
     static let reload = Int32(DM_DEVICE_RELOAD)
@@ -322,14 +308,12 @@ enum LibDM {
     static let suspend = Int32(DM_DEVICE_SUSPEND)
     static let resume = Int32(DM_DEVICE_RESUME)
     static let infoType = Int32(DM_DEVICE_INFO)
-    static let rename = Int32(DM_DEVICE_RENAME)
     static let version = Int32(DM_DEVICE_VERSION)
     static let status = Int32(DM_DEVICE_STATUS)
     static let table = Int32(DM_DEVICE_TABLE)
     static let list = Int32(DM_DEVICE_LIST)
     static let clear = Int32(DM_DEVICE_CLEAR)
     static let listVersions = Int32(DM_DEVICE_LIST_VERSIONS)
-    static let targetMessage = Int32(DM_DEVICE_TARGET_MSG)
 
     static let hiddenFlags = UInt16(
         DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG)

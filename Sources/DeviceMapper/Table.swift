@@ -174,6 +174,30 @@ public struct Table: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { lines.map(\.description).joined(separator: "\n") }
+
+    /// What stands in for a key guard does not keep.
+    public static let redactedKey = "<key-not-kept>"
+
+    /// The table without secrets, as guard stores it (journal, COW label, output): a `crypt`
+    /// target's key (`<cipher> <key> <iv_offset> ...`) becomes `<key-not-kept>`, unless it is
+    /// a reference to a kernel keyring key (`:64:logon:...`), which holds no secret itself.
+    public var redacted: Table {
+        Table(lines.map { line in
+            guard case .other("crypt", let parameters) = line.target else { return line }
+            var fields = parameters.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            guard fields.count > 1, !fields[1].hasPrefix(":") else { return line }
+            fields[1] = Self.redactedKey
+            return Line(start: line.start, length: line.length, target: .other(type: "crypt", parameters: fields.joined(separator: " ")))
+        })
+    }
+
+    /// Whether a key was taken out of this table (it cannot be loaded as it is).
+    public var isRedacted: Bool {
+        lines.contains { line in
+            guard case .other("crypt", let parameters) = line.target else { return false }
+            return parameters.split(separator: " ").dropFirst().first == Substring(Self.redactedKey)
+        }
+    }
 }
 
 /// A table text that does not parse.

@@ -75,8 +75,11 @@ public final class GuardContext: @unchecked Sendable {
     public var lockDirectory: String { "\(stateDirectory)/locks" }
 
     /// The journal, opened (and created) on first use.
+    /// - Throws: `.usage` when the state directory or the journal could have been changed by
+    ///   someone other than root: its rows drive what guard does as root (hooks, wipes).
     public func journal(check: Bool = false) throws -> Journal {
         if let journalHandle { return journalHandle }
+        try requireTrustedState()
         do {
             let journal = try Journal.open(path: journalPath, check: check)
             journalHandle = journal
@@ -112,6 +115,20 @@ public final class GuardContext: @unchecked Sendable {
         return engine
     }
 
+    /// Refuses state that someone other than root could have changed: the state directory, its
+    /// locks/, the COW directory and the journal must be owned by root and not writable by
+    /// group or others. What is missing is not checked (it is created 0700 by guard).
+    public func requireTrustedState() throws {
+        var problems = [(stateDirectory, "the state directory"), (lockDirectory, "the lock directory"), (cowDirectory, "the COW directory")]
+            .compactMap { TrustedFiles.directoryProblem($0.0, what: $0.1) }
+        if let problem = TrustedFiles.fileProblem(journalPath, what: "the journal") { problems.append(problem) }
+        guard problems.isEmpty else {
+            throw GuardFailure(
+                .usage,
+                problems.joined(separator: "; ") + "; guard acts as root on what its state says, so it refuses state others could have changed (`chown root:root` it and `chmod go-w` it, or choose another --state-dir); nothing was touched")
+        }
+    }
+
     /// Makes the state directory (0700) and its cow/ and locks/ subdirectories.
     ///
     /// A directory that /etc/fstab puts on a filesystem not mounted now is never created:
@@ -136,6 +153,9 @@ public final class GuardContext: @unchecked Sendable {
             }
         }
         if creatingCowDirectory { try? CowDirectoryMarker.place(in: cowDirectory) }
+        // `guard recover` goes on without: reassembly from the COW labels only stacks devices,
+        // and must not be stopped at boot; what the journal drives is refused when it is opened.
+        if creatingCowDirectory { try requireTrustedState() }
     }
 
     public var hostName: String { ProcessInfo.processInfo.hostName }

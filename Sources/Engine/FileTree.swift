@@ -95,6 +95,11 @@ struct Entry {
     var permissions: mode_t { stat.st_mode & 0o7777 }
 }
 
+// Linux's O_PATH and AT_EMPTY_PATH (<fcntl.h> under _GNU_SOURCE, which Glibc's module does
+// not export): a descriptor that names an inode without opening it, and *at() calls on it.
+let O_PATH: Int32 = 0o10000000
+let AT_EMPTY_PATH: Int32 = 0x1000
+
 /// File-descriptor level helpers: every lookup is relative to an open directory and never
 /// follows a symlink, so nothing a path holds can lead guard outside the volume.
 enum FS {
@@ -362,7 +367,8 @@ public struct TreeRestore {
         let nowRoot = try FS.openRoot(now)
         defer { close(nowRoot) }
         guard let device = FS.fstat(nowRoot)?.stat.st_dev else { throw FileTreeError(now, call: "fstat") }
-        var links: [ino_t: String] = [:]
+        var links: [ino_t: Link] = [:]
+        defer { for link in links.values where link.fd >= 0 { close(link.fd) } }
         for relative in paths {
             if relative.isEmpty {
                 throw FileTreeError(now, "restoring the whole volume file by file is not what restore is for; use `guard rollback RUN` (a merge) or name the paths")
@@ -434,7 +440,7 @@ public struct TreeRestore {
         return prefix + (name.utf8.count <= room ? name : String(decoding: Array(name.utf8.prefix(room)), as: UTF8.self))
     }
 
-    func restoreEntry(_ thenDir: Int32, _ nowDir: Int32, name: String, path: String, device: dev_t, links: inout [ino_t: String], report: inout RestoreReport) throws {
+    func restoreEntry(_ thenDir: Int32, _ nowDir: Int32, name: String, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
         let source = FS.lstat(thenDir, name)
         let target = nowDir >= 0 ? FS.lstat(nowDir, name) : nil
         guard let source else {
@@ -466,57 +472,88 @@ public struct TreeRestore {
         }
         report.files += 1
         if source.kind == .file { report.bytes += source.size }
-        if source.stat.st_nlink > 1, source.kind != .directory, let first = links[source.stat.st_ino] {
-            report.actions.append("link \(path) to \(first)")
+        if source.stat.st_nlink > 1, source.kind != .directory, source.kind != .socket, let first = links[source.stat.st_ino] {
+            report.actions.append("link \(path) to \(first.path)")
             report.bytes -= source.size
             if !dryRun { try replace(nowDir, name, path: path) { temporary in
-                guard linkat(AT_FDCWD, now + "/" + first, nowDir, temporary, 0) == 0 else { throw FileTreeError(path, call: "link") }
+                // Through the first copy's own descriptor (AT_EMPTY_PATH): no path is looked
+                // up, so a symlink swapped into the tree since cannot redirect the link.
+                guard first.fd >= 0, linkat(first.fd, "", nowDir, temporary, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "link") }
             } }
             return
         }
-        links[source.stat.st_ino] = path
+        // The first of several links keeps a descriptor of what guard created, for the others.
+        let pin = source.stat.st_nlink > 1 && !dryRun
+        links[source.stat.st_ino] = Link(fd: -1, path: path)
         report.actions.append("restore \(path) (\(source.kind.rawValue)\(source.kind == .file ? ", \(source.size) bytes" : ""))")
         if dryRun { return }
+        var pinned: Int32 = -1
         switch source.kind {
         case .file:
-            try replace(nowDir, name, path: path) { temporary in try copyFile(thenDir, name, source: source, to: nowDir, temporary, path: path) }
+            pinned = try replace(nowDir, name, path: path, pin: pin) { temporary in try copyFile(thenDir, name, source: source, to: nowDir, temporary, path: path) }
         case .symlink:
             guard let destination = FS.readLink(thenDir, name) else { throw FileTreeError(path, call: "readlink") }
-            try replace(nowDir, name, path: path) { temporary in
+            pinned = try replace(nowDir, name, path: path, pin: pin) { temporary in
                 guard symlinkat(destination, nowDir, temporary) == 0 else { throw FileTreeError(path, call: "symlink") }
                 guard fchownat(nowDir, temporary, source.stat.st_uid, source.stat.st_gid, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "lchown") }
                 var times = [source.stat.st_atim, source.stat.st_mtim]
                 guard utimensat(nowDir, temporary, &times, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "utimensat") }
             }
         case .fifo, .device:
-            try replace(nowDir, name, path: path) { temporary in
+            pinned = try replace(nowDir, name, path: path, pin: pin) { temporary in
                 guard mknodat(nowDir, temporary, source.stat.st_mode, source.stat.st_rdev) == 0 else { throw FileTreeError(path, call: "mknod") }
-                guard fchownat(nowDir, temporary, source.stat.st_uid, source.stat.st_gid, AT_SYMLINK_NOFOLLOW) == 0,
-                    fchmodat(nowDir, temporary, source.permissions, 0) == 0
-                else { throw FileTreeError(path, call: "chown") }
+                // From here on through a descriptor of the node itself: whatever is put in its
+                // place meanwhile (a symlink, another file) is neither followed nor changed.
+                let node = openat(nowDir, temporary, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                guard node >= 0 else { throw FileTreeError(path, call: "open (O_PATH)") }
+                defer { close(node) }
+                guard let created = FS.fstat(node), created.stat.st_mode & S_IFMT == source.stat.st_mode & S_IFMT,
+                    created.stat.st_rdev == source.stat.st_rdev, created.stat.st_uid == geteuid(), created.stat.st_nlink == 1
+                else { throw FileTreeError(path, "was replaced by something else while guard restored it; it was left as it is") }
+                guard fchownat(node, "", source.stat.st_uid, source.stat.st_gid, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "chown") }
+                // chmod(2) has no AT_EMPTY_PATH: the descriptor's /proc entry names the node itself.
+                guard chmod("/proc/self/fd/\(node)", source.permissions) == 0 else { throw FileTreeError(path, call: "chmod") }
                 var times = [source.stat.st_atim, source.stat.st_mtim]
-                _ = utimensat(nowDir, temporary, &times, AT_SYMLINK_NOFOLLOW)
+                _ = utimensat(AT_FDCWD, "/proc/self/fd/\(node)", &times, 0)
             }
         case .socket:
             report.actions.append("skip \(path) (a socket: its server creates it)")
         case .directory:
             break
         }
+        if pinned >= 0 { links[source.stat.st_ino] = Link(fd: pinned, path: path) }
+    }
+
+    /// The first restored link of an inode with several: the others are linked to `fd`.
+    struct Link {
+        /// An O_PATH descriptor of what guard created (-1 in a dry run).
+        var fd: Int32
+        var path: String
     }
 
     /// Creates the entry under a temporary name beside `name`, then renames it over `name`
     /// and syncs the directory; on failure the temporary entry is removed.
-    func replace(_ directory: Int32, _ name: String, path: String, create: (String) throws -> Void) throws {
+    /// - Parameter pin: keep an O_PATH descriptor of the created entry (taken before the
+    ///   rename, so it is what guard made) and return it; else -1.
+    @discardableResult
+    func replace(_ directory: Int32, _ name: String, path: String, pin: Bool = false, create: (String) throws -> Void) throws -> Int32 {
         let temporary = temporaryName(name)
         _ = unlinkat(directory, temporary, 0)
+        var pinned: Int32 = -1
         do {
             try create(temporary)
+            if pin {
+                pinned = openat(directory, temporary, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                guard pinned >= 0 else { throw FileTreeError(path, call: "open (O_PATH)") }
+            }
             guard renameat(directory, temporary, directory, name) == 0 else { throw FileTreeError(path, call: "rename") }
         } catch {
+            if pinned >= 0 { close(pinned) }
             _ = unlinkat(directory, temporary, 0)
             throw error
         }
         _ = fsync(directory)
+        return pinned
     }
 
     func copyFile(_ thenDir: Int32, _ name: String, source: Entry, to nowDir: Int32, _ temporary: String, path: String) throws {
@@ -576,7 +613,7 @@ public struct TreeRestore {
         guard futimens(output, &times) == 0 else { throw FileTreeError(path, call: "futimens") }
     }
 
-    func restoreDirectory(_ thenDir: Int32, _ nowDir: Int32, name: String, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: String], report: inout RestoreReport) throws {
+    func restoreDirectory(_ thenDir: Int32, _ nowDir: Int32, name: String, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
         if let target, target.kind != .directory {
             report.actions.append("remove \(path) (a \(target.kind.rawValue) now, a directory in the snapshot)")
             if !dryRun, unlinkat(nowDir, name, 0) != 0 { throw FileTreeError(path, call: "unlink") }

@@ -14,12 +14,21 @@ public final class VolumeLock {
     /// - Parameter key: the volume's stable identity (dm UUID or name).
     public static func acquire(directory: String, key: String, holder: String) throws -> VolumeLock {
         let path = lockPath(directory: directory, key: key)
-        let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        // Never through a link: a lock file replaced by a symlink would truncate its target.
+        let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard descriptor >= 0 else {
             throw GuardFailure(.usage, "cannot open the lock file \(path): \(String(cString: strerror(errno)))")
         }
-        if flock(descriptor, LOCK_EX | LOCK_NB) != 0 {
+        // guard monitor holds a volume's lock only around one extension or fuse (milliseconds):
+        // wait for it rather than refuse.
+        var patience = 250
+        while flock(descriptor, LOCK_EX | LOCK_NB) != 0 {
             let owner = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            if owner.hasPrefix(Self.monitorHolder), patience > 0 {
+                patience -= 1
+                usleep(20_000)
+                continue
+            }
             close(descriptor)
             throw GuardFailure(.usage, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
         }
@@ -27,6 +36,9 @@ public final class VolumeLock {
         lock.describe(holder)
         return lock
     }
+
+    /// How `guard monitor` names itself as a holder.
+    public static let monitorHolder = "guard monitor"
 
     private init(path: String, descriptor: Int32) {
         self.path = path
@@ -52,7 +64,7 @@ public final class VolumeLock {
     /// changes nothing (a dry run uses it); a lock file it cannot open counts as held.
     public static func holder(directory: String, key: String) -> String? {
         let path = lockPath(directory: directory, key: key)
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard descriptor >= 0 else { return errno == ENOENT ? nil : "unknown (\(path): \(String(cString: strerror(errno))))" }
         defer { close(descriptor) }
         if flock(descriptor, LOCK_SH | LOCK_NB) == 0 { return nil }

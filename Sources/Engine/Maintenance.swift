@@ -66,7 +66,8 @@ public struct Maintenance {
     // MARK: guard commit
 
     /// Drops a kept run's snapshots: its upgrade becomes final.
-    public func commit(_ reference: String) throws -> String {
+    /// - Parameter reason: why, for the journal (a commit by `guard monitor`'s `on_full`).
+    public func commit(_ reference: String, reason: String? = nil) throws -> String {
         let journal = try context.journal()
         let run = try requireRun(reference, journal: journal)
         if let refusal = refusal(run, "commit") { throw GuardFailure(.usage, refusal) }
@@ -76,7 +77,7 @@ public struct Maintenance {
         }
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
-        try commit(run, records: records, journal: journal, reason: run.state == .kept ? "commit" : "commit of a \(run.state.rawValue) run: its old blocks are given up")
+        try commit(run, records: records, journal: journal, reason: reason ?? (run.state == .kept ? "commit" : "commit of a \(run.state.rawValue) run: its old blocks are given up"))
         return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
     }
 
@@ -85,9 +86,13 @@ public struct Maintenance {
         SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         var run = run
         run.decision = .commit
-        try journal.update(run)
-        let phase = try journal.beginPhase(run.id!, "commit", at: timestamp())
-        try journal.event(run.id!, "intent", "commit", reason, at: timestamp())
+        let decided = run
+        let phase = try journal.batch {
+            try journal.update(decided)
+            let phase = try journal.beginPhase(decided.id!, "commit", at: timestamp())
+            try journal.event(decided.id!, "intent", "commit", reason, at: timestamp())
+            return phase
+        }
         for (record, stack) in zip(records, try stacks(records)) where record.state == .live || record.state == .invalid {
             // The decision is in the journal: the old blocks may go even if the stack is not live.
             try engine.drop(stack, discarding: true)
@@ -95,12 +100,15 @@ public struct Maintenance {
             updated.state = .committed
             try journal.update(updated)
         }
-        try journal.endPhase(phase, status: "done", detail: reason, at: timestamp())
         run = try journal.run(id: run.id!) ?? run
         run.state = .finished
         run.outcome = .committed
         run.finishedAt = timestamp()
-        try journal.update(run)
+        let committed = run
+        try journal.batch {
+            try journal.endPhase(phase, status: "done", detail: reason, at: timestamp())
+            try journal.update(committed)
+        }
     }
 
     // MARK: guard rollback
@@ -273,7 +281,7 @@ public struct Maintenance {
                         if let status = try? engine.health(stack).status {
                             volume.status = status.usage == nil ? "\(status)" : "live"
                             volume.usedBytes = status.usage?.allocatedBytes
-                            volume.sizeBytes = status.usage?.totalBytes
+                            volume.sizeBytes = status.usage == nil ? nil : stack.budgetBytes  // the size, without the fuse reserve
                             if status.usage != nil, (try? engine.isFused(stack)) == true {
                                 volume.status = "fused"
                                 volume.detail = "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"

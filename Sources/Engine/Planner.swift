@@ -18,8 +18,11 @@ public struct PlannedVolume: Sendable {
     /// The mount point the recipe names, or the current one.
     public var mountPoint: String?
     public var storage: VolumeRequest.Storage
-    /// Size of the COW area the kernel uses.
+    /// The snapshot's size: COW space for changes, where `stop_at` and the fuse apply.
     public var cowBytes: UInt64
+    /// COW space beyond it, so a burst between a reading and the fuse cannot overflow the COW
+    /// (`CowGeometry.fuseReserve`); the COW file (or device) holds both.
+    public var reserveBytes: UInt64
     public var chunkSectors: UInt32
     public var extensionPolicy: ExtensionPolicy?
     /// Free bytes where the COW file goes (nil for a device).
@@ -32,7 +35,7 @@ public struct PlannedVolume: Sendable {
     public var history: PeakUse?
 
     public var request: VolumeRequest {
-        VolumeRequest(origin: originPath, storage: storage, size: .bytes(cowBytes), chunkSectors: chunkSectors)
+        VolumeRequest(origin: originPath, storage: storage, size: .bytes(cowBytes), chunkSectors: chunkSectors, reserveBytes: reserveBytes)
     }
 
     /// The key of this volume's lock: its dm UUID, or its name.
@@ -54,6 +57,23 @@ public struct Planner {
     public let context: GuardContext
 
     public init(context: GuardContext) { self.context = context }
+
+    /// How a COW of `cowBytes` (plus its fuse reserve) grows by `extend` on a volume of
+    /// `originBytes`: the policy, or nil when the maximum size (never more than the whole origin
+    /// once) is not above the size. The policy's maximum counts the storage: label and reserve
+    /// included. The planner and `guard monitor` (for kept runs) resolve policies alike.
+    public static func growth(_ extend: ExtendSpec, originBytes: UInt64, cowBytes: UInt64, reserveBytes: UInt64, geometry: CowGeometry) -> (policy: ExtensionPolicy?, maximum: UInt64) {
+        func bytes(_ size: SizeSpec) -> UInt64 {
+            switch size {
+            case .bytes(let bytes): return bytes
+            case .percent(let percent): return UInt64(Double(originBytes) * percent / 100)
+            case .auto: return cowBytes
+            }
+        }
+        let maximum = min(geometry.roundUp(bytes(extend.max)), geometry.bytesForWholeOrigin(originBytes))
+        guard maximum > cowBytes else { return (nil, maximum) }
+        return (ExtensionPolicy(threshold: extend.at, stepBytes: geometry.roundUp(bytes(extend.by)), maximumBytes: maximum + reserveBytes + CowLabel.areaOffset), maximum)
+    }
 
     /// Resolves every volume; collects every problem instead of stopping at the first.
     public func plan(_ recipe: Recipe) throws -> Plan {
@@ -94,6 +114,15 @@ public struct Planner {
                 continue
             } catch {
                 problems.append("\(at(spec)): \(error)")
+                continue
+            }
+            // btrfs knows its devices by the filesystem's UUID, which a snapshot shares: a mounted
+            // snapshot can be taken for the volume (or the volume for it). Refused, by the mount
+            // table (btrfs mounts show an anonymous device) or by the signature on the volume.
+            let btrfs = ((try? Mounts.current()) ?? []).contains { $0.fileSystemType == "btrfs" && (try? BlockDevices.deviceNumber(of: $0.source)) == origin.info.number }
+                || ((try? BlockDevices.signatures(of: origin.info.path)) ?? []).contains { $0.hasPrefix("btrfs") }
+            if btrfs {
+                problems.append("\(at(spec)): \(origin.info.path) holds btrfs, which tells its devices apart by the filesystem's UUID, which a snapshot shares; guard does not snapshot btrfs volumes: use btrfs's own snapshots (`btrfs subvolume snapshot`)")
                 continue
             }
             let mounts = Mounts.mountPoints(of: origin.info.number)
@@ -165,11 +194,27 @@ public struct Planner {
             if case .blockDevice(let device) = storage, let problem = SnapshotEngine.cowDeviceProblem(device) {
                 problems.append("\(at(spec)): \(problem)")
             }
+            // The COW holds the origin's blocks as the origin reads them: an encrypted origin's in
+            // plaintext, unless the COW is on encrypted storage too.
+            if engine.isOnEncryption(origin.info.number) {
+                let cowDevice: DeviceNumber?
+                switch storage {
+                case .fileIn(let directory): cowDevice = try? BlockDevices.filesystemDevice(of: nearestExisting(directory))
+                case .blockDevice(let path): cowDevice = try? BlockDevices.deviceNumber(of: path)
+                }
+                if !(cowDevice.map(engine.isOnEncryption) ?? false) {
+                    warnings.append(
+                        "\(at(spec)): \(origin.info.path) is encrypted (dm-crypt) but its COW (\(storage.place)) is not: the COW will hold the volume's old blocks decrypted; put it on encrypted storage (`cow:` in the recipe, or cow_dir in guard.conf)")
+                }
+            }
+            // A COW file gets the fuse reserve on top; a device has what it has beyond the size.
+            let reserveBytes = storage.isDevice ? 0 : geometry.fuseReserve(forSize: cowBytes, originBytes: origin.bytes)
             if case .fileIn(let directory) = storage {
                 let existing = nearestExisting(directory)
                 freeBytes = try? freeSpace(at: existing)
-                if let freeBytes, freeBytes < cowBytes + CowLabel.areaOffset + (16 << 20) {
-                    problems.append("\(at(spec)): the COW needs \(Units.formatBytes(cowBytes + CowLabel.areaOffset)) in \(directory), which has \(Units.formatBytes(freeBytes)) free")
+                let needed = cowBytes + reserveBytes + CowLabel.areaOffset
+                if let freeBytes, freeBytes < needed + (16 << 20) {
+                    problems.append("\(at(spec)): the COW needs \(Units.formatBytes(needed)) in \(directory) (\(Units.formatBytes(cowBytes)) and \(Units.formatBytes(reserveBytes)) of fuse reserve), which has \(Units.formatBytes(freeBytes)) free")
                 }
             }
 
@@ -177,25 +222,16 @@ public struct Planner {
             // guard.conf's policy for a COW file whose recipe has none.
             let configured = spec.extend == nil && !storage.isDevice ? configuration.extend : nil
             if let extend = spec.extend ?? configured {
-                func bytes(_ size: SizeSpec) -> UInt64 {
-                    switch size {
-                    case .bytes(let bytes): return bytes
-                    case .percent(let percent): return UInt64(Double(origin.bytes) * percent / 100)
-                    case .auto: return cowBytes
-                    }
+                let growth = Self.growth(extend, originBytes: origin.bytes, cowBytes: cowBytes, reserveBytes: reserveBytes, geometry: geometry)
+                if growth.policy == nil && configured == nil {
+                    // (guard.conf's policy that does not fit a volume is left out silently.)
+                    warnings.append("\(at(spec)): extend.max (\(Units.formatBytes(growth.maximum))) is not above the snapshot size; the COW will not grow")
                 }
-                let maximum = min(geometry.roundUp(bytes(extend.max)), ceiling)
-                if maximum <= cowBytes && configured != nil {
-                    // guard.conf's policy does not fit this volume: no growth, no warning.
-                } else if maximum <= cowBytes {
-                    warnings.append("\(at(spec)): extend.max (\(Units.formatBytes(maximum))) is not above the snapshot size; the COW will not grow")
-                } else {
-                    policy = ExtensionPolicy(threshold: extend.at, stepBytes: geometry.roundUp(bytes(extend.by)), maximumBytes: maximum + CowLabel.areaOffset)
-                }
+                policy = growth.policy
             }
 
             // What earlier runs needed, against the most this snapshot can ever hold.
-            let capacity = policy.map { $0.maximumBytes - CowLabel.areaOffset } ?? cowBytes
+            let capacity = policy.map { $0.maximumBytes - CowLabel.areaOffset - reserveBytes } ?? cowBytes
             if let history = peaks[index], UInt64(history.peakBytes) > capacity {
                 warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(Units.formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(Units.formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy")
             }
@@ -203,7 +239,7 @@ public struct Planner {
             volumes.append(
                 PlannedVolume(
                     index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
-                    mounts: mounts, mountPoint: mountPoint, storage: storage, cowBytes: cowBytes, chunkSectors: chunkSectors,
+                    mounts: mounts, mountPoint: mountPoint, storage: storage, cowBytes: cowBytes, reserveBytes: reserveBytes, chunkSectors: chunkSectors,
                     extensionPolicy: policy, freeBytes: freeBytes, sizeNote: sizeNote, extensionFromConfiguration: policy != nil && configured != nil,
                     history: peaks[index]))
         }
@@ -218,12 +254,15 @@ public struct Planner {
         }
         // Nothing guard writes may live on a volume it snapshots: a merge would roll it back.
         for volume in volumes {
-            if SnapshotEngine.isOnDevice(nearestExisting(context.stateDirectory), volume.info.number) {
-                problems.append("\(at(volume.spec)): guard's state directory \(context.stateDirectory) (journal, COW files) is on \(volume.originPath), which this recipe snapshots; use --state-dir on another filesystem")
+            let state = nearestExisting(context.stateDirectory)
+            if SnapshotEngine.isOnDevice(state, volume.info.number) {
+                let why = Mounts.backingDevices(of: state) == nil ? "may be on \(volume.originPath) (guard cannot tell which device holds it)" : "is on \(volume.originPath)"
+                problems.append("\(at(volume.spec)): guard's state directory \(context.stateDirectory) (journal, COW files) \(why), which this recipe snapshots; use --state-dir on a filesystem on another block device")
             }
             for other in volumes {
                 if case .fileIn(let directory) = other.storage, SnapshotEngine.isOnDevice(nearestExisting(directory), volume.info.number) {
-                    problems.append("\(at(other.spec)): the COW directory \(directory) is on \(volume.originPath), which this recipe snapshots; put it on another filesystem")
+                    let why = Mounts.backingDevices(of: nearestExisting(directory)) == nil ? "may be on \(volume.originPath) (guard cannot tell which device holds it)" : "is on \(volume.originPath)"
+                    problems.append("\(at(other.spec)): the COW directory \(directory) \(why), which this recipe snapshots; put it on a filesystem on another block device")
                 }
             }
         }

@@ -277,8 +277,11 @@ public struct Recovery {
             updated.state = state
             if state != .merging { updated.finishedAt = timestamp() }
             updated.error = [run.error, "recovered: \(what)"].compactMap { $0 }.joined(separator: "; ")
-            try journal.update(updated)
-            try journal.event(runID, "result", "recover", what, at: timestamp())
+            let closed = updated
+            try journal.batch {
+                try journal.update(closed)
+                try journal.event(runID, "result", "recover", what, at: timestamp())
+            }
             RunCgroup.of(token: run.token)?.removeIfEmpty()
             return "run \(runID): \(what)"
         }

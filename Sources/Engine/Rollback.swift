@@ -26,7 +26,7 @@ struct RollbackProcedure {
     ///     stops its COW watcher there: it fuses until then, and suspends nothing after).
     func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool, beforeMerge: () -> Void = {}) async throws {
         let runID = run.id!
-        // The watchdog locks its memory while the hooks run and the volumes are unmounted.
+        // The watchdog process starts while the hooks run and the volumes are unmounted.
         (engine.watchdog as? ProcessWatchdog)?.start()
         SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         // Refuse before stopping anything when a snapshot can no longer be merged.
@@ -44,9 +44,13 @@ struct RollbackProcedure {
         }
         var run = run
         run.decision = .rollback
-        try journal.update(run)
-        let phase = try journal.beginPhase(runID, "rollback", at: timestamp())
-        try journal.event(runID, "intent", "rollback", records.map(\.volume).joined(separator: ", "), at: timestamp())
+        let decided = run
+        let phase = try journal.batch {
+            try journal.update(decided)
+            let phase = try journal.beginPhase(runID, "rollback", at: timestamp())
+            try journal.event(runID, "intent", "rollback", records.map(\.volume).joined(separator: ", "), at: timestamp())
+            return phase
+        }
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
 
@@ -63,22 +67,26 @@ struct RollbackProcedure {
             }
         }
 
-        // Unmount everything mounted from the origins (deepest first); on a busy mount put back what was unmounted.
+        // Unmount every mount of the origins and everything mounted inside them, deepest first;
+        // on a busy mount put back what was unmounted.
         var unmounted: [MountEntry] = []
-        for stack in stacks {
-            guard let info = try engine.dm.info(stack.originRef) else { continue }
-            let mounts = Mounts.mountPoints(of: info.number).sorted { $0.target.count > $1.target.count }
-            for mount in mounts {
-                do {
-                    try Mounts.unmount(mount.target)
-                    unmounted.append(mount)
-                    try journal.event(runID, "result", "unmount", mount.target, at: timestamp())
-                } catch {
-                    for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, stacks)) }
-                    await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-                    try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
-                    throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
-                }
+        let origins = Set(try stacks.compactMap { try engine.dm.info($0.originRef)?.number })
+        let mounts: [MountEntry]
+        do { mounts = try Self.mountsToUnmount(origins: origins, table: Mounts.current()) } catch {
+            await startHooks(hooks, runner: runner, runID: runID, token: run.token)
+            try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+            throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept")
+        }
+        for mount in mounts {
+            do {
+                try Mounts.unmount(mount.target)
+                unmounted.append(mount)
+                try journal.event(runID, "result", "unmount", mount.target, at: timestamp())
+            } catch {
+                remountAll(unmounted, origins: origins)
+                await startHooks(hooks, runner: runner, runID: runID, token: run.token)
+                try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+                throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
             }
         }
 
@@ -99,7 +107,7 @@ struct RollbackProcedure {
             let started = records.prefix(merging.count).map(\.volume)
             let left = records.dropFirst(merging.count).map(\.volume)
             try? journal.event(runID, "error", "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
-            for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
+            remountAll(unmounted, origins: origins)
             await startHooks(hooks, runner: runner, runID: runID, token: run.token)
             try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
             guard !merging.isEmpty else {
@@ -118,7 +126,7 @@ struct RollbackProcedure {
         try journal.update(run)
         try journal.event(runID, "result", "merge-started", nil, at: timestamp())
 
-        for entry in unmounted { remount(entry, device: stackDevice(entry, stacks)) }
+        remountAll(unmounted, origins: origins)
         await startHooks(hooks, runner: runner, runID: runID, token: run.token)
         reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
         try journal.endPhase(phase, status: "done", detail: "merge started", at: timestamp())
@@ -135,13 +143,11 @@ struct RollbackProcedure {
         let runID = run.id!
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
-        let origin = try engine.dm.info(stack.originRef)
-        let mounts = origin.map { Mounts.mountPoints(of: $0.number).sorted { $0.target.count > $1.target.count } } ?? []
+        let origins = Set([try engine.dm.info(stack.originRef)?.number].compactMap { $0 })
+        let mounts = try Self.mountsToUnmount(origins: origins, table: Mounts.current())
         if !mounts.isEmpty { await stopHooks(hooks, runner: runner, runID: runID, token: run.token) }
         var unmounted: [MountEntry] = []
-        defer {
-            for entry in unmounted.reversed() { remount(entry, device: stackDevice(entry, [stack])) }
-        }
+        defer { remountAll(unmounted, origins: origins) }
         for mount in mounts {
             try Mounts.unmount(mount.target)
             unmounted.append(mount)
@@ -152,23 +158,74 @@ struct RollbackProcedure {
         if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID, token: run.token) }
     }
 
-    func stackDevice(_ entry: MountEntry, _ stacks: [SnapshotStack]) -> String {
-        if let name = BlockDevices.deviceMapperName(of: entry.device) { return "/dev/mapper/\(name)" }
-        return entry.source
+    /// What a rollback unmounts: every mount of `origins` and every mount inside one of them
+    /// (another filesystem mounted in the volume would keep it busy), deepest first, the
+    /// later of two mounts stacked on one place first.
+    /// - Throws: `GuardFailure` for a filesystem without a device mounted inside a volume (a
+    ///   tmpfs): unmounting it would lose what it holds; nothing is unmounted.
+    static func mountsToUnmount(origins: Set<DeviceNumber>, table: [MountEntry]) throws -> [MountEntry] {
+        let roots = table.filter { origins.contains($0.device) }
+        let inside = table.enumerated().filter { _, entry in roots.contains { Mounts.isPath(entry.target, under: $0.target) } }
+        if let (_, virtual) = inside.first(where: { !origins.contains($0.element.device) && $0.element.device.major == 0 }) {
+            throw GuardFailure(
+                .attention,
+                "\(virtual.target) (\(virtual.fileSystemType)) is mounted inside a volume being rolled back; unmounting it would lose what it holds; unmount it first (rollback.stop in the recipe)")
+        }
+        func depth(_ path: String) -> Int { path.split(separator: "/").count }
+        return inside.sorted { (depth($0.element.target), $0.offset) > (depth($1.element.target), $1.offset) }.map(\.element)
     }
 
-    /// Mounts `entry` again with its type and options; without the options if they are refused.
-    func remount(_ entry: MountEntry, device: String) {
-        do {
-            try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType, options: entry.options)
-        } catch {
+    /// Mounts again what a rollback unmounted, parents before children: each filesystem by its
+    /// device, type and options; each bind mount as a bind of the same subtree; each only
+    /// where its mount point is still the directory it was (a symlink put in its place since
+    /// the unmount is refused, with a warning).
+    func remountAll(_ unmounted: [MountEntry], origins: Set<DeviceNumber>) {
+        var mounted: [MountEntry] = []
+        for entry in unmounted.reversed() {
+            guard Mounts.isUnchangedMountPoint(entry.target) else {
+                reporter.warning("did not mount \(entry.source) on \(entry.target) again: the mount point changed since it was unmounted (a symbolic link or something else is there now); check it, then mount it by hand")
+                continue
+            }
+            let device = origins.contains(entry.device) ? BlockDevices.deviceMapperName(of: entry.device).map { "/dev/mapper/\($0)" } ?? entry.source : entry.source
             do {
-                try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType)
-                reporter.warning("mounted \(device) on \(entry.target) without its options \(entry.options): \(error)")
+                if entry.root == "/" {
+                    try mount(entry, device: device)
+                } else {
+                    try bind(entry, device: device, from: mounted)
+                }
+                mounted.append(entry)
             } catch {
                 reporter.warning("could not mount \(device) on \(entry.target) again: \(error); mount it by hand")
             }
         }
+    }
+
+    /// Mounts `entry`'s filesystem with its type and options; without the options if they are refused.
+    func mount(_ entry: MountEntry, device: String) throws {
+        do {
+            try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType, options: entry.options)
+        } catch {
+            try Mounts.mount(source: device, target: entry.target, fileSystemType: entry.fileSystemType)
+            reporter.warning("mounted \(device) on \(entry.target) without its options \(entry.options): \(error)")
+        }
+    }
+
+    /// A bind mount of a subtree: bound from a mount of the whole filesystem made again before
+    /// it, or from one mounted for the moment on a private directory of guard's.
+    func bind(_ entry: MountEntry, device: String, from mounted: [MountEntry]) throws {
+        let readOnly = entry.options.split(separator: ",").contains("ro")
+        if let whole = mounted.first(where: { $0.device == entry.device && $0.root == "/" }) {
+            try Mounts.bind(whole.target + entry.root, on: entry.target, readOnly: readOnly)
+            return
+        }
+        let views = context.stateDirectory + "/views"
+        try FileManager.default.createDirectory(atPath: views, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try Mounts.makePrivateMountPoint(views)
+        let scratch = views + "/remount-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
+        defer { SnapshotFiles.release(scratch) }
+        try Mounts.mount(source: device, target: scratch, fileSystemType: entry.fileSystemType)
+        try Mounts.bind(scratch + entry.root, on: entry.target, readOnly: readOnly)
     }
 
     func stopHooks(_ hooks: ([Command], [Command], [String: String]), runner: StepRunner, runID: Int64, token: String) async {

@@ -81,7 +81,8 @@ public final class RunTransaction {
             if dryRun { refusals.append(message) } else { throw GuardFailure(.usage, message + separator + "nothing was touched") }
         }
         let recipe: Recipe
-        switch RecipeParser.load(path: recipePath) {
+        let loaded = RecipeFile.load(recipePath)
+        switch loaded.recipe {
         case .success(let value): recipe = value
         case .failure(let errors): throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
         }
@@ -90,7 +91,7 @@ public final class RunTransaction {
                 ? "guard run --dry-run needs root to resolve the volumes (`guard check --syntax-only` validates the recipe without); nothing was touched"
                 : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
         }
-        if !options.allowUnsafeRecipe, let problem = RecipeSafety.problem(recipePath) {
+        if !options.allowUnsafeRecipe, let problem = loaded.problem {
             try refuse("\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
         }
         _ = try context.dm()
@@ -145,26 +146,32 @@ public final class RunTransaction {
         journal.onRebuilt = { reporter.warning($0) }
         let recipe = plan.recipe
         let now = context.now().timeIntervalSince1970
-        var run = try journal.insert(
-            RunRecord(
-                token: StackIdentity.newToken(), recipeName: recipe.name, recipePath: recipePath, recipeSHA256: recipe.sha256,
-                recipeText: recipe.text, host: context.hostName, user: context.userName, pid: getpid(), startedAt: now))
+        // The run, its preflight and its volumes: one transaction, nothing happens in between.
+        var (run, records) = try journal.batch {
+            let run = try journal.insert(
+                RunRecord(
+                    token: StackIdentity.newToken(), recipeName: recipe.name, recipePath: recipePath, recipeSHA256: recipe.sha256,
+                    recipeText: recipe.text, host: context.hostName, user: context.userName, pid: getpid(), startedAt: now))
+            let preflightPhase = try journal.beginPhase(run.id!, "preflight", at: now)
+            var records: [SnapshotRecord] = []
+            for volume in plan.volumes {
+                records.append(
+                    try journal.insert(
+                        SnapshotRecord(
+                            runID: run.id!, volumeIndex: volume.index, volume: volume.spec.device, mountPoint: volume.mountPoint,
+                            originName: volume.info.name, originUUID: volume.info.uuid, originDevice: volume.info.number.description,
+                            originTable: "", originBytes: Int64(volume.originBytes), cowPath: Self.cowPath(volume, token: run.token),
+                            cowKind: volume.storage.isDevice ? "device" : "file", sizeBytes: Int64(volume.cowBytes),
+                            chunkBytes: Int64(volume.chunkSectors) * 512, state: .preparing, stack: "{}")))
+            }
+            try journal.endPhase(preflightPhase, status: "done", detail: "\(plan.volumes.count) volume(s)")
+            return (run, records)
+        }
         let runID = run.id!
         for lock in locks { lock.describe("run \(runID) (pid \(getpid()))") }
-        let preflightPhase = try journal.beginPhase(runID, "preflight", at: now)
-        var records: [SnapshotRecord] = []
         for volume in plan.volumes {
-            records.append(
-                try journal.insert(
-                    SnapshotRecord(
-                        runID: runID, volumeIndex: volume.index, volume: volume.spec.device, mountPoint: volume.mountPoint,
-                        originName: volume.info.name, originUUID: volume.info.uuid, originDevice: volume.info.number.description,
-                        originTable: "", originBytes: Int64(volume.originBytes), cowPath: Self.cowPath(volume, token: run.token),
-                        cowKind: volume.storage.isDevice ? "device" : "file", sizeBytes: Int64(volume.cowBytes),
-                        chunkBytes: Int64(volume.chunkSectors) * 512, state: .preparing, stack: "{}")))
             reporter.log("volume \(volume.index + 1): \(volume.originPath), snapshot \(Units.formatBytes(volume.cowBytes)) (\(volume.sizeNote))")
         }
-        try journal.endPhase(preflightPhase, status: "done", detail: "\(plan.volumes.count) volume(s)")
         reporter.note("run \(runID) of \(recipe.name) (\(recipePath), sha256 \(recipe.sha256.prefix(12)))")
 
         var state = RunBody(context: context, journal: journal, run: run, plan: plan, records: records)
@@ -185,6 +192,14 @@ extension VolumeRequest.Storage {
     var isDevice: Bool {
         if case .blockDevice = self { return true }
         return false
+    }
+
+    /// Where the COW goes, in words.
+    var place: String {
+        switch self {
+        case .fileIn(let directory): return "a file in \(directory)"
+        case .blockDevice(let path): return "the device \(path)"
+        }
     }
 }
 
@@ -240,7 +255,7 @@ struct RunBody {
         let engine: SnapshotEngine
         do {
             engine = try context.engine()
-            // The watchdog locks its memory while the COW storage is prepared.
+            // The watchdog process starts while the COW storage is prepared.
             (engine.watchdog as? ProcessWatchdog)?.start()
         } catch {
             if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
@@ -259,12 +274,16 @@ struct RunBody {
         CrashPoint.hit("run.after-take")
         run.suspendMicroseconds = Int64(live.suspendMicroseconds)
         run.phase = "snapshot"
+        let window = live.suspendMicroseconds
+        let taken = run
         do {
             // No step runs unless the journal holds the take: recovery must know the snapshot is live.
-            try journal.update(run)
-            try journal.setSnapshotState(runID: runID, .live)
-            try journal.event(runID, "result", "take", "suspended for \(live.suspendMicroseconds) µs", at: timestamp())
-            if let snapshotPhase { try journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(live.suspendMicroseconds) µs", at: timestamp()) }
+            try journal.batch {
+                try journal.update(taken)
+                try journal.setSnapshotState(runID: runID, .live)
+                try journal.event(runID, "result", "take", "suspended for \(window) µs", at: timestamp())
+                if let snapshotPhase { try journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(window) µs", at: timestamp()) }
+            }
         } catch {
             // Nothing ran under the snapshots yet: dropping them changes nothing.
             let dropped = (try? live.commit()) != nil
@@ -372,9 +391,12 @@ struct RunBody {
         run.decision = .commit
         let phase: PhaseRecord
         do {
-            try journal.update(run)
-            phase = try journal.beginPhase(runID, "commit", at: timestamp())
-            try journal.event(runID, "intent", "commit", nil, at: timestamp())
+            phase = try journal.batch {
+                try journal.update(run)
+                let phase = try journal.beginPhase(runID, "commit", at: timestamp())
+                try journal.event(runID, "intent", "commit", nil, at: timestamp())
+                return phase
+            }
         } catch {
             return journalUnwritable(error, "nothing was committed; the snapshots are live; `guard commit \(runID)` once the journal is writable")
         }
@@ -486,10 +508,17 @@ struct RunBody {
         run.state = state
         if let error { run.error = error }
         if state == .finished || state == .kept { run.finishedAt = timestamp() }
-        let done = try? journal.beginPhase(runID, "done", at: timestamp())
-        if let done { try? journal.endPhase(done, status: "done", detail: outcome.rawValue, at: timestamp()) }
         run.phase = "done"
-        try? journal.update(run)
+        let ended = run
+        do {
+            try journal.batch {
+                let done = try journal.beginPhase(runID, "done", at: timestamp())
+                try journal.endPhase(done, status: "done", detail: outcome.rawValue, at: timestamp())
+                try journal.update(ended)
+            }
+        } catch {
+            try? journal.update(ended)  // the outcome, at least
+        }
         cgroup?.removeIfEmpty()
         let text = message ?? "run \(runID): \(outcome.rawValue)" + (error.map { " (\($0))" } ?? "")
         return RunReport(runID: runID, token: run.token, outcome: outcome, exitCode: exit, message: text)
@@ -556,6 +585,7 @@ struct RunBody {
         let runID = self.runID
         let records = self.records
         let names = plan.volumes.map { $0.spec.device }
+        let reserves = stacks.map { $0.reserveBytes ?? 0 }
         let lastSampleAt = LockedValue<[Int: Double]>([:])
         return CowWatcher(
             engine: engine, stacks: stacks, policies: plan.volumes.map(\.extensionPolicy), stopThreshold: recipe.stopAtFill,
@@ -564,18 +594,21 @@ struct RunBody {
             switch event {
             case .sample(let sample):
                 guard let usage = sample.status.usage else { return }
-                reporter.cow(volume: names[sample.volumeIndex], usedBytes: usage.allocatedBytes, sizeBytes: usage.totalBytes)
+                // Against the snapshot's size: the fuse reserve is not the admin's to plan with.
+                let size = sample.storageBytes - CowLabel.areaOffset - reserves[sample.volumeIndex]
+                reporter.cow(volume: names[sample.volumeIndex], usedBytes: usage.allocatedBytes, sizeBytes: size)
                 let due = lastSampleAt.withLock { last -> Bool in
                     if let previous = last[sample.volumeIndex], sample.elapsed - previous < 2 { return false }
                     last[sample.volumeIndex] = sample.elapsed
                     return true
                 }
                 if due, let id = records[sample.volumeIndex].id {
-                    try? journal.addSamples([CowSampleRecord(snapshotID: id, at: sample.elapsed, usedBytes: Int64(usage.allocatedBytes), sizeBytes: Int64(usage.totalBytes))])
+                    try? journal.addSamples([CowSampleRecord(snapshotID: id, at: sample.elapsed, usedBytes: Int64(usage.allocatedBytes), sizeBytes: Int64(size))])
                 }
             case .extended(let index, let storage):
-                reporter.note("the snapshot of \(names[index]) grew to \(Units.formatBytes(storage - CowLabel.areaOffset))")
-                try? journal.event(runID, "result", "extend", "\(names[index]) to \(storage - CowLabel.areaOffset) bytes")
+                let size = storage - CowLabel.areaOffset - reserves[index]
+                reporter.note("the snapshot of \(names[index]) grew to \(Units.formatBytes(size))")
+                try? journal.event(runID, "result", "extend", "\(names[index]) to \(size) bytes")
             case .nearlyFull(let index, let fill):
                 let reason = "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow"
                 cowStop.set(reason)
@@ -603,29 +636,37 @@ struct RunBody {
         for index in records.indices {
             records[index] = (try? journal.snapshots(runID: runID).first { $0.volumeIndex == index }) ?? records[index]
             records[index].peakUsedBytes = Int64(peaks[index])
-            records[index].sizeBytes = Int64(stacks[index].areaBytes)
+            records[index].sizeBytes = Int64(stacks[index].budgetBytes)
             records[index].stack = encode(stacks[index])
             try? journal.update(records[index])
         }
     }
 }
 
-/// Checks that a recipe run as root cannot be changed by anyone but root.
-public enum RecipeSafety {
-    /// The reason the file is unsafe, or nil.
-    public static func problem(_ path: String) -> String? {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return nil }
-        if info.st_uid != 0 { return "the recipe \(path) is owned by uid \(info.st_uid), not root" }
-        if info.st_mode & 0o022 != 0 { return "the recipe \(path) is writable by its group or by everyone (mode \(String(info.st_mode & 0o777, radix: 8)))" }
-        let directory = (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent
-        var parent = stat()
-        if stat(directory, &parent) == 0 {
-            let sticky = parent.st_mode & 0o1000 != 0
-            if parent.st_uid != 0 && !sticky { return "the recipe's directory \(directory) is owned by uid \(parent.st_uid), not root" }
-            if parent.st_mode & 0o022 != 0 && !sticky { return "the recipe's directory \(directory) is writable by others (mode \(String(parent.st_mode & 0o777, radix: 8)))" }
+/// A recipe read as guard runs it: once, through one descriptor that follows no symbolic link
+/// in its last component, so the text checked is the text parsed, run and journaled; with the
+/// reason, if any, someone other than root could have changed it (guard runs it as root).
+public enum RecipeFile {
+    /// The largest recipe guard reads (1 MiB).
+    public static let sizeLimit = 1 << 20
+
+    /// - Returns: the recipe or every error in it, and why it is unsafe to run as root (nil: only
+    ///   root can change the file and the directories above it).
+    public static func load(_ path: String) -> (recipe: Result<Recipe, RecipeErrors>, problem: String?) {
+        func failure(_ message: String) -> Result<Recipe, RecipeErrors> {
+            .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: message)]))
         }
-        return nil
+        let contents: TrustedFiles.Contents
+        do {
+            contents = try TrustedFiles.read(path, what: "the recipe", limit: sizeLimit)
+        } catch {
+            let reason = error.code == .notFound ? "the recipe does not exist" : "the recipe cannot be read: \(error)"
+            return (failure(reason), nil)
+        }
+        guard let text = String(validating: contents.bytes, as: UTF8.self) else {
+            return (failure("the recipe cannot be read as UTF-8 text"), contents.problem)
+        }
+        return (RecipeParser.parse(text: text, path: path), contents.problem)
     }
 }
 

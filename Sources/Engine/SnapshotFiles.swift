@@ -152,6 +152,10 @@ public struct SnapshotFiles {
         defer { for view in views { Self.release(view.snapshotRoot) } }
         try FileManager.default.createDirectory(atPath: viewsDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         chmod(viewsDirectory, 0o700)
+        // Views are mounted under a private parent only: they never reach another namespace.
+        do { try Mounts.makePrivateMountPoint(viewsDirectory) } catch {
+            throw GuardFailure(.attention, "cannot make \(viewsDirectory) a private mount point, so the snapshot's views would show in other mount namespaces: \(error); nothing was mounted")
+        }
         for (record, stack) in zip(records, stacks) {
             let health = try engine.health(stack)
             guard health.isRestorable else {
@@ -174,8 +178,6 @@ public struct SnapshotFiles {
             } catch {
                 throw GuardFailure(.attention, "cannot mount the snapshot of \(record.volume) read-only: \(error)")
             }
-            // No propagation: the view never appears in other mount namespaces.
-            _ = Glibc.mount(nil, target, nil, UInt(MS_PRIVATE), nil)
             views.append(View(volume: record.volume, mountPoint: mount.target, snapshotRoot: target))
         }
         return try body(run, views)

@@ -46,8 +46,8 @@ public final class ProcessWatchdog: WindowWatchdog {
 
     deinit { stop() }
 
-    /// Starts the watchdog process without waiting for it: it locks its memory (seconds on a
-    /// slow machine) while guard prepares, and `arm` then finds it ready.
+    /// Starts the watchdog process without waiting for it: it starts (a second on a slow
+    /// machine) while guard prepares, and `arm` then finds it ready.
     public func start() {
         try? launch()
     }
@@ -79,8 +79,8 @@ public final class ProcessWatchdog: WindowWatchdog {
     private func startIfNeeded() throws {
         try launch()
         if ready { return }
-        // Locking a fresh process's memory reads all of guard and its libraries: seconds on a
-        // slow or busy machine. Nothing is suspended yet, so waiting is harmless.
+        // A fresh process takes a moment on a slow or busy machine (longer when its first arm
+        // must lock its memory). Nothing is suspended yet, so waiting is harmless.
         guard receive(timeoutMilliseconds: 60_000) == "ready" else {
             stop()
             throw GuardFailure(.attention, "the suspend watchdog \(executable) did not start within 60 s; nothing was suspended")
@@ -152,7 +152,9 @@ public enum WatchdogServer {
     /// Serves the protocol on stdin/stdout until told to exit or guard goes away.
     /// - Returns: the exit status.
     public static func serve() -> Int32 {
-        try? Memory.lockAll()
+        // Memory is locked when an arm names a device a page of the watchdog could have to be
+        // read from (its program, libraries or swap there): most windows need no lock at all.
+        var locked = false
         guard let dm = try? DeviceMapper(udev: .none) else {
             writeLine("error device-mapper unavailable")
             return 1
@@ -191,7 +193,10 @@ public enum WatchdogServer {
                 switch words.first {
                 case "arm":
                     let milliseconds = words.count > 1 ? Int64(words[1]) ?? 30_000 : 30_000
-                    armed = (ContinuousClock.now + .milliseconds(milliseconds), words.dropFirst(2).compactMap(ProcessWatchdog.decode))
+                    let devices = words.dropFirst(2).compactMap(ProcessWatchdog.decode)
+                    let numbers = Set(devices.compactMap { ref -> DeviceNumber? in if case .number(let number) = ref { return number } else { return nil } })
+                    if !locked && Memory.mayFault(on: numbers) { locked = (try? Memory.lockAll()) != nil }
+                    armed = (ContinuousClock.now + .milliseconds(milliseconds), devices)
                     writeLine("armed")
                 case "disarm":
                     armed = nil

@@ -1,4 +1,6 @@
 import ArgumentParser
+import BlockDevice
+import DeviceMapper
 import Engine
 import Foundation
 import Recipe
@@ -30,7 +32,7 @@ public struct GuardCommand: AsyncParsableCommand {
         version: version,
         subcommands: [
             Run.self, Check.self, Rollback.self, Commit.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
-            Volume.self, Config.self, WatchdogCommand.self,
+            Monitor.self, Volume.self, Config.self, WatchdogCommand.self,
         ]
     )
 
@@ -57,7 +59,7 @@ struct GlobalOptions: ParsableArguments {
     /// - Parameter keepingValid: use the valid lines of a guard.conf that has errors, with a
     ///   warning, instead of refusing (`guard recover`: a typo must not stop boot-time recovery).
     func context(keepingValid: Bool = false) throws -> GuardContext {
-        guard let mode = UdevModeName(rawValue: udev) else {
+        guard let mode = UdevMode(rawValue: udev) else {
             throw GuardFailure(.usage, "--udev must be automatic, cookies or none, not '\(udev)'")
         }
         let settings = try self.settings(keepingValid: keepingValid)
@@ -65,7 +67,7 @@ struct GlobalOptions: ParsableArguments {
         if let errors = settings.fileErrors {
             reporter.warning("\(errors); going on with the file's valid settings (fix it: every other command refuses it)")
         }
-        return GuardContext(stateDirectory: settings.stateDirectory.value, udev: mode.mode, reporter: reporter, configuration: settings.file)
+        return GuardContext(stateDirectory: settings.stateDirectory.value, udev: mode, reporter: reporter, configuration: settings.file)
     }
 
     /// The configuration file and the state directory in effect, each with where it came from.
@@ -73,7 +75,7 @@ struct GlobalOptions: ParsableArguments {
         let environment = ProcessInfo.processInfo.environment
         let named = configuration.map { ($0, "--config") } ?? environment["GUARD_CONFIG"].map { ($0, "GUARD_CONFIG") }
         let path = named?.0 ?? GuardConfiguration.defaultPath
-        let file: GuardConfiguration
+        var file: GuardConfiguration
         var fileErrors: RecipeErrors?
         if keepingValid {
             (file, fileErrors) = GuardConfiguration.loadKeepingValid(path: path, required: named != nil)
@@ -83,6 +85,15 @@ struct GlobalOptions: ParsableArguments {
             } catch let errors as RecipeErrors {
                 throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
             }
+        }
+        // guard.conf names the state directory, whose journal drives what guard does as root.
+        if let problem = Self.trustProblem(ofConfiguration: path) {
+            guard keepingValid else {
+                throw GuardFailure(.usage, "\(problem); guard refuses a configuration others could have changed (`chown root:root` it and `chmod go-w` it); nothing was touched")
+            }
+            // `guard recover` at boot goes on, with the built-in defaults.
+            file = GuardConfiguration()
+            fileErrors = RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "\(problem); its settings are ignored")])
         }
         let fileSource = file.path ?? "built-in default"
         let state: Settings.Value
@@ -97,6 +108,22 @@ struct GlobalOptions: ParsableArguments {
         }
         return Settings(
             file: file, fileErrors: fileErrors, configurationSource: named?.1 ?? (file.path == nil ? "none" : "default location"), stateDirectory: state)
+    }
+}
+
+extension GlobalOptions {
+    /// Why the configuration file at `path` could have been changed by someone other than root
+    /// (the file, or a directory above it or above what it links to), or nil. Only a regular
+    /// file is checked: /dev/null (no settings) is none.
+    static func trustProblem(ofConfiguration path: String) -> String? {
+        let resolved = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: resolved, isDirectory: &isDirectory), !isDirectory.boolValue,
+            (try? FileManager.default.attributesOfItem(atPath: resolved)[.type] as? FileAttributeType) == .typeRegular
+        else { return nil }
+        return TrustedFiles.fileProblem(resolved, what: "the configuration file")
+            ?? TrustedFiles.ancestryProblem(of: resolved, what: "the configuration file")
+            ?? (resolved == path ? nil : TrustedFiles.ancestryProblem(of: path, what: "the configuration file"))
     }
 }
 

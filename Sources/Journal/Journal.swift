@@ -1,6 +1,10 @@
 import Foundation
 import GRDB
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// An error opening or writing the journal, with what to do about it.
 public struct JournalError: Error, Sendable, CustomStringConvertible {
     public var path: String
@@ -154,13 +158,47 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` in one write transaction; SQLite errors become `JournalError`s.
+    /// Runs `body` in one write transaction; SQLite errors become `JournalError`s. Inside a
+    /// `batch` on the same thread, it joins the batch's transaction.
     @discardableResult
     public func write<T>(_ body: (Database) throws -> T) throws -> T {
+        if let db = batchDatabase() { return try body(db) }
         do {
             return try queue.write(body)
         } catch let error as DatabaseError {
             throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+        }
+    }
+
+    /// The transaction of the batch running on this thread, if any.
+    private var batchTransaction: (thread: pthread_t, db: Database)?
+
+    private func batchDatabase() -> Database? {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let batchTransaction, pthread_equal(batchTransaction.thread, pthread_self()) != 0 else { return nil }
+        return batchTransaction.db
+    }
+
+    /// Runs `body` with every journal write inside it in one transaction, made durable by one
+    /// fsync: for records that belong together with no kernel action between them (a run's row,
+    /// its first phase and its snapshots; the end of one phase and the start of the next). If
+    /// any write fails, none of them is kept and the error is thrown. Writes from other
+    /// threads (the COW watcher's) wait for it.
+    @discardableResult
+    public func batch<T>(_ body: () throws -> T) throws -> T {
+        if batchDatabase() != nil { return try body() }
+        try rebuildIfDeleted()
+        return try write { db in
+            lock.lock()
+            batchTransaction = (pthread_self(), db)
+            lock.unlock()
+            defer {
+                lock.lock()
+                batchTransaction = nil
+                lock.unlock()
+            }
+            return try body()
         }
     }
 
@@ -195,7 +233,7 @@ public final class Journal: @unchecked Sendable {
     }
 
     public func beginPhase(_ runID: Int64, _ name: String, at: Double = Date().timeIntervalSince1970) throws -> PhaseRecord {
-        try rebuildIfDeleted()
+        if batchDatabase() == nil { try rebuildIfDeleted() }  // a batch checked when it began
         return try write { db in
             var phase = PhaseRecord(runID: runID, name: name, startedAt: at)
             try phase.insert(db)

@@ -160,6 +160,19 @@ public enum FailureAction: String, Hashable, Sendable, Codable, CustomStringConv
     public var description: String { rawValue }
 }
 
+/// What `guard monitor` does when a kept run's COW reaches `stop_at` and cannot grow.
+public enum FullAction: String, Hashable, Sendable, Codable, CaseIterable, CustomStringConvertible {
+    /// The volume refuses writes (they fail with EIO) until `guard rollback` or `guard commit`:
+    /// the rollback stays possible, the service on the volume sees a failed disk.
+    case fuse
+    /// Drop the snapshots: the upgrade becomes final, the service keeps writing.
+    case commit
+    /// Roll back now (the rollback's stop and start hooks run); a fuse if it cannot start.
+    case rollback
+
+    public var description: String { rawValue }
+}
+
 /// A validated recipe.
 public struct Recipe: Hashable, Sendable, Codable {
     public var name: String
@@ -173,6 +186,8 @@ public struct Recipe: Hashable, Sendable, Codable {
     public var verify: [Command]
     public var onSuccess: SuccessAction
     public var onFailure: FailureAction
+    /// What guard monitor does when a kept snapshot fills up and cannot grow.
+    public var onFull: FullAction = .fuse
     /// Whether a run may end with its snapshots kept (they must survive a reboot).
     public var keepsSnapshots: Bool {
         if case .keep = onSuccess { return true }

@@ -24,6 +24,7 @@ public struct RecipeError: Error, Hashable, Sendable, CustomStringConvertible {
 /// Every problem found in a recipe file (all of them, not only the first).
 public struct RecipeErrors: Error, Sendable, CustomStringConvertible {
     public var errors: [RecipeError]
+    public init(errors: [RecipeError]) { self.errors = errors }
     public var description: String { errors.map(\.description).joined(separator: "\n") }
 }
 
@@ -64,7 +65,7 @@ public enum RecipeParser {
     /// The keys a recipe may have at the top level, for `guard help` and suggestions.
     public static let topLevelKeys = [
         "name", "description", "volumes", "quiesce", "resume", "steps", "verify", "on_success", "on_failure",
-        "rollback", "env", "timeout", "cow", "chunk", "stop_at",
+        "rollback", "env", "timeout", "cow", "chunk", "stop_at", "on_full",
     ]
     static let volumeKeys = ["device", "mount", "snapshot"]
     static let snapshotKeys = ["size", "chunk", "cow", "extend"]
@@ -255,12 +256,15 @@ final class Validator {
         }
         let onSuccess = top["on_success"].flatMap { successAction($0.value) } ?? .commit
         let onFailure = top["on_failure"].flatMap { failureAction($0.value) } ?? .rollback
+        let onFull = top["on_full"].flatMap { fullAction($0.value) } ?? .fuse
 
-        return Recipe(
+        var recipe = Recipe(
             name: name, description: description, volumes: volumes, quiesce: quiesce, resume: resume, steps: steps,
             verify: verify, onSuccess: onSuccess, onFailure: onFailure, rollbackStop: rollbackStop,
             rollbackStart: rollbackStart, environment: environment, defaultTimeout: defaultTimeout, stopAtFill: stopAtFill,
             text: text, sha256: SHA256.hex(text), path: path)
+        recipe.onFull = onFull
+        return recipe
     }
 
     func chunk(_ node: Node, _ context: String) -> UInt64? {
@@ -509,6 +513,15 @@ final class Validator {
             error(node, "on_success must be 'commit', 'keep' or 'keep DURATION', not '\(text)'", hint: hint)
             return nil
         }
+    }
+
+    func fullAction(_ node: Node) -> FullAction? {
+        guard let text = string(node, "on_full") else { return nil }
+        if let action = FullAction(rawValue: text.trimmed) { return action }
+        let names = FullAction.allCases.map(\.rawValue)
+        let hint = suggestion(for: text.trimmed, among: names).map { "did you mean '\($0)'?" } ?? "use 'fuse', 'commit' or 'rollback'"
+        error(node, "on_full must be 'fuse', 'commit' or 'rollback', not '\(text)'", hint: hint)
+        return nil
     }
 
     func failureAction(_ node: Node) -> FailureAction? {

@@ -26,6 +26,9 @@ public enum Units {
         return .success(UInt64(bytes.rounded(.up)))
     }
 
+    /// The longest duration a recipe or guard.conf may give, in seconds (100 years).
+    public static let longestDuration: Double = 36500 * 86400
+
     /// Parses a duration: `30s`, `10m`, `2h`, `1d`, `1h30m`, `500ms`.
     public static func parseDuration(_ text: String) -> Result<Duration, UnitError> {
         let trimmed = text.trimmed.lowercased()
@@ -55,6 +58,11 @@ public enum Units {
                 return .failure(UnitError("unknown duration unit '\(unit)' in '\(text.trimmed)'", hint: "use ms, s, m, h, d or w"))
             }
             total += seconds
+        }
+        // Durations are timeouts and keep times: anything past a century is a typo, and would
+        // not fit the milliseconds guard counts in.
+        guard total.isFinite, total <= Self.longestDuration else {
+            return .failure(UnitError("the duration '\(text.trimmed)' is too long", hint: "at most 100 years (36500d)"))
         }
         return .success(.milliseconds(Int64((total * 1000).rounded())))
     }

@@ -70,11 +70,18 @@ public struct CowLabel: Codable, Hashable, Sendable {
     }
 
     /// Encodes one slot: magic, version, payload length, generation, CRC-32 of the payload, JSON payload.
-    func encodedSlot() -> [UInt8] {
+    /// - Throws: `SnapshotError` when the label does not fit its slot (an origin whose table
+    ///   has thousands of segments): the planner asks before anything is written.
+    func encodedSlot() throws -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let payload = [UInt8]((try? encoder.encode(self)) ?? Data())
-        precondition(payload.count + Self.slotHeaderBytes <= Self.slotCapacity, "COW label too large")
+        guard payload.count + Self.slotHeaderBytes <= Self.slotCapacity else {
+            throw SnapshotError(
+                .other, "snapshot of \(originName)",
+                "guard's COW label would need \(payload.count + Self.slotHeaderBytes) bytes, more than its \(Self.slotCapacity) (the volume's table has \(originTable.split(separator: "\n").count) segments, \(originTable.utf8.count) bytes)",
+                hint: "move the volume to fewer segments (`lvconvert`, `pvmove`), or snapshot it with lvm2")
+        }
         var bytes = Self.magic
         bytes += UInt32(1).littleEndianBytes
         bytes += UInt32(payload.count).littleEndianBytes
@@ -120,7 +127,7 @@ public struct CowLabel: Codable, Hashable, Sendable {
 
     mutating func write(to file: borrowing RawFile) throws {
         generation += 1
-        try file.write(encodedSlot(), at: Self.slotOffsets[Int(generation % 2)])
+        try file.write(try encodedSlot(), at: Self.slotOffsets[Int(generation % 2)])
         try file.sync()
     }
 

@@ -44,7 +44,8 @@ public final class CowWatcher: Sendable {
         var peakSectors: [UInt64]
         var running = true
         var alarmed: Set<Int> = []
-        var fuseArmed = false
+        /// The volumes whose fuse is armed.
+        var fuseArmed: Set<Int> = []
         var fused: Set<Int> = []
         var fusing: Set<Int> = []
         /// The last reading of each stack: seconds, allocated sectors.
@@ -53,40 +54,64 @@ public final class CowWatcher: Sendable {
 
     /// The shortest time between two polls.
     public static let minimumInterval: Duration = .milliseconds(5)
+    /// The time between two polls of a COW past half its stop point.
+    public static let closeInterval: Duration = .milliseconds(25)
 
     private let state: Mutex<State>
     private let policies: [ExtensionPolicy?]
-    private let stopThreshold: Double
+    private let stopThresholds: [Double]
     private let interval: Duration
+    private let gate: Gate
     private let onEvent: @Sendable (Event) -> Void
     private let engine: WatcherEngine
     private var dm: DeviceMapper { engine.engine.dm }
     private let done = Mutex<Bool>(false)
 
+    /// Runs an action of the watcher on stack `index` (an extension, a fuse) and returns true,
+    /// or returns false without running it (the watcher tries again at its next reading).
+    /// `guard monitor` holds the volume's lock around it, so that no other guard command
+    /// suspends the volume meanwhile; a run holds its locks already.
+    public typealias Gate = @Sendable (_ index: Int, _ action: () -> Void) -> Bool
+
     /// - Parameters:
     ///   - policies: per stack, how to grow its COW; nil never grows it.
-    ///   - stopThreshold: fill at which a COW that cannot grow raises `.nearlyFull` (and
-    ///     blows the fuse once it is armed).
+    ///   - stopThresholds: per stack, the fill at which a COW that cannot grow raises
+    ///     `.nearlyFull` (and blows the fuse once it is armed).
     ///   - engine: extends and fuses with this engine and its watchdog. The caller suspends
     ///     nothing itself while the watcher runs (steps, verify, the rollback's stop hooks
     ///     and unmounts) and stops it before its next suspend, so the watchdog has one user.
+    ///   - gate: around each extension and fuse (see `Gate`).
     public init(
-        engine: SnapshotEngine, stacks: [SnapshotStack], policies: [ExtensionPolicy?], stopThreshold: Double = 0.9,
-        interval: Duration = .milliseconds(250), onEvent: @escaping @Sendable (Event) -> Void
+        engine: SnapshotEngine, stacks: [SnapshotStack], policies: [ExtensionPolicy?], stopThresholds: [Double],
+        interval: Duration = .milliseconds(250), gate: @escaping Gate = { _, action in action(); return true },
+        onEvent: @escaping @Sendable (Event) -> Void
     ) {
+        precondition(policies.count == stacks.count && stopThresholds.count == stacks.count, "one policy and one stop point per stack")
         self.state = Mutex(State(stacks: stacks, peakSectors: Array(repeating: 0, count: stacks.count)))
         self.policies = policies
-        self.stopThreshold = stopThreshold
+        self.stopThresholds = stopThresholds
         self.interval = interval
+        self.gate = gate
         self.onEvent = onEvent
         self.engine = WatcherEngine(engine: engine)
     }
 
+    /// One stop point for every stack (a run's `stop_at`).
+    public convenience init(
+        engine: SnapshotEngine, stacks: [SnapshotStack], policies: [ExtensionPolicy?], stopThreshold: Double = 0.9,
+        interval: Duration = .milliseconds(250), onEvent: @escaping @Sendable (Event) -> Void
+    ) {
+        self.init(
+            engine: engine, stacks: stacks, policies: policies, stopThresholds: Array(repeating: stopThreshold, count: stacks.count),
+            interval: interval, onEvent: onEvent)
+    }
+
     /// From now on a COW that reaches the stop point and cannot grow gets the fuse: the run
     /// will roll back, so every write the fuse refuses would be undone anyway. Blows it at
-    /// once for a COW already there.
-    public func armFuse() {
-        state.withLock { $0.fuseArmed = true }
+    /// the next reading for a COW already there.
+    /// - Parameter volumes: the stacks to arm; nil: all of them.
+    public func armFuse(volumes: Set<Int>? = nil) {
+        state.withLock { $0.fuseArmed.formUnion(volumes ?? Set($0.stacks.indices)) }
     }
 
     /// The volumes whose origin the watcher fused.
@@ -145,36 +170,48 @@ public final class CowWatcher: Sendable {
                 defer { state.last[index] = (seconds, usage.allocatedSectors) }
                 return state.last[index]
             }
-            if let wait = Self.nextPoll(usage: usage, previous: previous, now: seconds, stopThreshold: stopThreshold, interval: interval) {
+            let stopThreshold = stopThresholds[index]
+            // Fill against the snapshot's size; the fuse reserve lies beyond 100%.
+            let fill = stack.fill(usage)
+            if let wait = Self.nextPoll(usage: usage, budgetSectors: stack.budgetBytes / 512, previous: previous, now: seconds, stopThreshold: stopThreshold, interval: interval) {
                 next = min(next, wait)
             }
-            if let policy = policies[index], usage.fill >= policy.threshold, stack.storageBytes < policy.maximumBytes {
+            // Past half the stop point, read it often: a burst must find the fuse soon.
+            if fill >= stopThreshold / 2 { next = min(next, Self.closeInterval) }
+            if let policy = policies[index], fill >= policy.threshold, stack.storageBytes < policy.maximumBytes {
                 let target = min(stack.storageBytes + policy.stepBytes, policy.maximumBytes)
-                do {
-                    let grown = try engine.engine.extend(stack, to: target)
+                var grown: SnapshotStack?
+                var failure: (any Error)?
+                let ran = gate(index) {
+                    do { grown = try engine.engine.extend(stack, to: target) } catch { failure = error }
+                }
+                if let grown {
                     state.withLock { $0.stacks[index] = grown }
                     onEvent(.extended(volumeIndex: index, to: grown.storageBytes))
                     continue
-                } catch {
-                    onEvent(.error(volumeIndex: index, message: "\(error)"))
                 }
+                if let failure { onEvent(.error(volumeIndex: index, message: "\(failure)")) }
+                if !ran { continue }
             }
-            if usage.fill >= stopThreshold {
+            if fill >= stopThreshold {
                 let first = state.withLock { $0.alarmed.insert(index).inserted }
-                if first { onEvent(.nearlyFull(volumeIndex: index, fill: usage.fill)) }
+                if first { onEvent(.nearlyFull(volumeIndex: index, fill: fill)) }
                 let fuse = state.withLock { state -> (blow: Bool, first: Bool) in
-                    guard state.fuseArmed && !state.fused.contains(index) else { return (false, false) }
+                    guard state.fuseArmed.contains(index) && !state.fused.contains(index) else { return (false, false) }
                     return (true, state.fusing.insert(index).inserted)
                 }
                 if fuse.blow {
-                    if fuse.first { onEvent(.fusing(volumeIndex: index, fill: usage.fill)) }
-                    do {
-                        let microseconds = try engine.engine.blowFuse(stack)
-                        state.withLock { _ = $0.fused.insert(index) }
-                        onEvent(.fused(volumeIndex: index, fill: usage.fill, microseconds: microseconds))
-                    } catch {
-                        onEvent(.error(volumeIndex: index, message: "\(error)"))
+                    if fuse.first { onEvent(.fusing(volumeIndex: index, fill: fill)) }
+                    var microseconds: UInt64?
+                    var failure: (any Error)?
+                    _ = gate(index) {
+                        do { microseconds = try engine.engine.blowFuse(stack) } catch { failure = error }
                     }
+                    if let microseconds {
+                        state.withLock { _ = $0.fused.insert(index) }
+                        onEvent(.fused(volumeIndex: index, fill: fill, microseconds: microseconds))
+                    }
+                    if let failure { onEvent(.error(volumeIndex: index, message: "\(failure)")) }
                 }
             }
         }
@@ -184,10 +221,10 @@ public final class CowWatcher: Sendable {
     /// When to read a COW again: sooner than `interval` when the rate measured since the last
     /// reading would bring it to the stop point before two polls (at half the time left), so
     /// a fast writer is caught while there is room; nil when the regular interval will do.
-    static func nextPoll(usage: SnapshotUsage, previous: (at: Double, sectors: UInt64)?, now: Double, stopThreshold: Double, interval: Duration) -> Duration? {
+    static func nextPoll(usage: SnapshotUsage, budgetSectors: UInt64, previous: (at: Double, sectors: UInt64)?, now: Double, stopThreshold: Double, interval: Duration) -> Duration? {
         guard let previous, now > previous.at, usage.allocatedSectors > previous.sectors else { return nil }
         let rate = Double(usage.allocatedSectors - previous.sectors) / (now - previous.at)  // sectors per second
-        let stop = stopThreshold * Double(usage.totalSectors)
+        let stop = stopThreshold * Double(budgetSectors)
         let left = stop - Double(usage.allocatedSectors)
         guard left > 0 else { return nil }  // at the stop point: the alarm and the fuse act now
         let seconds = left / rate / 2

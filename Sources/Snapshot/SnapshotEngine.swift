@@ -116,10 +116,20 @@ public struct SnapshotEngine {
         return Origin(info: info, table: table)
     }
 
-    /// Whether `directory`'s filesystem lives on `origin` or on something stacked over it.
+    /// Whether `device` is a dm-crypt device or stacked on one: what it reads is decrypted, so a
+    /// snapshot's COW of it holds plaintext.
+    public func isOnEncryption(_ device: DeviceNumber) -> Bool {
+        ([device] + BlockDevices.allLowerDevices(of: device)).contains { number in
+            BlockDevices.deviceMapperName(of: number) != nil && (try? dm.table(.number(number)))?.lines.contains { $0.target.typeName == "crypt" } == true
+        }
+    }
+
+    /// Whether what is written in `directory` may land on `origin` (its filesystem is on it or on
+    /// something stacked over it). A filesystem whose devices cannot be told (FUSE, NFS) counts
+    /// as on it: guard never puts what a merge would roll back where it cannot check.
     public static func isOnDevice(_ directory: String, _ origin: DeviceNumber) -> Bool {
-        guard let device = try? BlockDevices.filesystemDevice(of: directory) else { return false }
-        return device == origin || BlockDevices.allLowerDevices(of: device).contains(origin)
+        guard let devices = Mounts.backingDevices(of: directory) else { return true }
+        return devices.contains { $0 == origin || BlockDevices.allLowerDevices(of: $0).contains(origin) }
     }
 
     // MARK: Taking a snapshot set
@@ -154,7 +164,10 @@ public struct SnapshotEngine {
         var stacks: [SnapshotStack] = []
         for (index, (origin, request)) in zip(origins, requests).enumerated() {
             let geometry = CowGeometry(chunkSectors: request.chunkSectors)
-            let area = request.size.resolve(originBytes: origin.bytes, geometry: geometry)
+            let budget = request.size.resolve(originBytes: origin.bytes, geometry: geometry)
+            // The fuse reserve, where the whole origin would not fit in the size already.
+            let whole = geometry.bytesForWholeOrigin(origin.bytes)
+            let area = budget >= whole ? budget : budget + min(geometry.roundUp(request.reserveBytes), whole - budget)
             let operation = "snapshot of \(origin.info.path)"
             let storage: CowStorage
             let storageBytes: UInt64
@@ -185,17 +198,20 @@ public struct SnapshotEngine {
                 }
                 try Self.requireBlank(cowDevice: path, number: number, operation: operation)
                 storageBytes = try BlockDevices.size(of: path)
-                if storageBytes < area + CowLabel.areaOffset {
-                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(area + CowLabel.areaOffset))")
+                if storageBytes < budget + CowLabel.areaOffset {
+                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(budget + CowLabel.areaOffset))")
                 }
                 storage = .blockDevice(path: path)
             }
             var stack = SnapshotStack(
                     identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
                     originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
-                    originTable: origin.table.description, storage: storage, storageBytes: storageBytes,
+                    originTable: origin.table.redacted.description, storage: storage, storageBytes: storageBytes,
                     chunkSectors: request.chunkSectors)
             if !storage.isFile { stack.storageIdentity = BlockDevices.stableIdentity(of: storage.path) }
+            // A device's space past the size is all reserve (it cannot grow).
+            stack.reserveBytes = stack.areaBytes > budget ? stack.areaBytes - budget : nil
+            _ = try stack.label(state: .preparing, createdAt: 0).encodedSlot()  // it fits, or nothing is written
             stacks.append(stack)
         }
         return stacks
@@ -255,7 +271,7 @@ public struct SnapshotEngine {
         do {
             for stack in stacks {
                 let origin = try inspectOrigin(stack.originPath)
-                guard origin.info.number == stack.originNumber, origin.table.description == stack.originTable else {
+                guard origin.info.number == stack.originNumber, origin.table.redacted.description == stack.originTable else {
                     throw SnapshotError(.other, "snapshot of \(stack.originPath)", "the volume changed since it was planned (its table is now \(origin.table))")
                 }
                 built.append(stack)
@@ -347,8 +363,10 @@ public struct SnapshotEngine {
         }
         let batch = UdevBatch()
         try watchdog?.arm(resumeInOrder: reals + snaps + origins, timeout: watchdogTimeout)
-        var memoryLocked = true
-        do { try Memory.lockAll() } catch { memoryLocked = false }
+        // Locked only where a page of guard could have to come from a suspended origin.
+        let lockNeeded = Memory.mayFault(on: Set(stacks.map(\.originNumber)))
+        var memoryLocked = lockNeeded
+        if lockNeeded { do { try Memory.lockAll() } catch { memoryLocked = false } }
         DeviceMapper.holdLog()
 
         let clock = ContinuousClock()
@@ -383,7 +401,7 @@ public struct SnapshotEngine {
         if memoryLocked { Memory.unlockAll() }
         DeviceMapper.releaseLog()
         batch.finish()
-        if !memoryLocked { log?("warning: could not lock guard's memory for the suspend window") }
+        if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
         if let failure { throw failure }
         let elapsed = end - start
         return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
@@ -431,7 +449,16 @@ public struct SnapshotEngine {
             // A fused origin too: the commit lifts the fuse with the snapshot.
             if let device = live.snapshotOriginDevice, real == nil || device == real?.number {
                 let own: Table
-                if let real { own = try dm.table(.number(real.number)) } else { own = try Table(parsing: stack.originTable) }
+                if let real {
+                    own = try dm.table(.number(real.number))
+                } else {
+                    own = try Table(parsing: stack.originTable)
+                    if own.isRedacted {
+                        throw SnapshotError(
+                            .layerMissing, operation, "\(origin.name)'s -real layer is gone and its own table holds a key guard does not keep",
+                            hint: "load the volume's table again yourself (`cryptsetup open`, `dmsetup reload`), then run `guard recover`")
+                    }
+                }
                 try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
                 CrashPoint.hit("commit.origin-loaded")
                 try withSuspended([.number(origin.number)] + (snap.map { [DeviceRef.number($0.number)] } ?? [])) {
@@ -482,9 +509,12 @@ public struct SnapshotEngine {
         }
     }
 
+    /// Removes the layers in order, waiting for udev once for all of them.
     private func removeLayers(_ stack: SnapshotStack, _ layers: [StackIdentity.Layer]) throws {
+        let batch = UdevBatch()
+        defer { batch.finish() }
         for layer in layers where try dm.info(stack.ref(layer)) != nil {
-            try dm.remove(stack.ref(layer))
+            try dm.remove(stack.ref(layer), batch: batch)
             log?("removed \(stack.identity.uuid(layer))")
         }
     }
@@ -574,14 +604,17 @@ public struct SnapshotEngine {
         }
         var grown = stack
         grown.storageBytes = storageBytes
+        // The label grows first: once -cow is larger the kernel may put exceptions past the old
+        // end, and a reassembly from a label that still had the old size would cut them off.
+        // A label larger than the area the kernel used is harmless (the file is that large).
+        if var label = try CowLabel.read(from: path), label.identity == stack.identity {
+            label.storageBytes = storageBytes
+            try label.write(to: path)
+        }
         try dm.load(stack.ref(.cow), table: Table(.linear(device: loopNumber, offset: offset), length: grown.areaBytes / 512))
         try withSuspended([stack.ref(.cow)]) {
             try dm.suspend(stack.ref(.cow), flush: true, lockFileSystem: false)
             try dm.resume(stack.ref(.cow))
-        }
-        if var label = try CowLabel.read(from: path) {
-            label.storageBytes = storageBytes
-            try label.write(to: path)
         }
         log?("grew the COW of \(stack.originName) to \(formatBytes(grown.areaBytes))")
         return grown

@@ -48,10 +48,20 @@ public struct SnapshotStack: Hashable, Sendable, Codable {
     public var realName: String
     public var cowName: String
     public var snapName: String
+    /// The fuse reserve within the area (nil in stacks journaled before it existed: none).
+    public var reserveBytes: UInt64?
 
     public var geometry: CowGeometry { CowGeometry(chunkSectors: chunkSectors) }
     /// Bytes the kernel can use for the snapshot (storage minus guard's label area).
     public var areaBytes: UInt64 { storageBytes - CowLabel.areaOffset }
+    /// The snapshot's size as the recipe gave it (grown by extensions): the area without the
+    /// fuse reserve. Fill, `stop_at` and growth thresholds are fractions of it.
+    public var budgetBytes: UInt64 { areaBytes - min(reserveBytes ?? 0, areaBytes) }
+
+    /// How full the snapshot is against its size: allocated / budget (above 1 in the reserve).
+    public func fill(_ usage: SnapshotUsage) -> Double {
+        Double(usage.allocatedBytes) / Double(max(budgetBytes, 1))
+    }
     public var originBytes: UInt64 { originSectors * 512 }
     public var originPath: String { "/dev/mapper/\(originName)" }
     public var snapPath: String { "/dev/mapper/\(snapName)" }
@@ -102,12 +112,15 @@ public struct VolumeRequest: Sendable, Hashable {
     public var storage: Storage
     public var size: CowSize
     public var chunkSectors: UInt32
+    /// COW space beyond `size` for the fuse (see `CowGeometry.fuseReserve`); 0: none.
+    public var reserveBytes: UInt64
 
-    public init(origin: String, storage: Storage, size: CowSize, chunkSectors: UInt32 = SnapshotEngine.defaultChunkSectors) {
+    public init(origin: String, storage: Storage, size: CowSize, chunkSectors: UInt32 = SnapshotEngine.defaultChunkSectors, reserveBytes: UInt64 = 0) {
         self.origin = origin
         self.storage = storage
         self.size = size
         self.chunkSectors = chunkSectors
+        self.reserveBytes = reserveBytes
     }
 }
 

@@ -140,4 +140,17 @@ struct DeviceMapperParsingTests {
             Issue.record("unexpected \(error)")
         }
     }
+
+    @Test("a dm-crypt table is stored without its key; a keyring reference and other targets are kept as they are")
+    func cryptKeysRedacted() throws {
+        let key = String(repeating: "0123456789abcdef", count: 4)
+        let table = try Table(parsing: "0 2048 crypt aes-xts-plain64 \(key) 0 7:0 0 1 allow_discards\n2048 2048 linear 7:1 0")
+        #expect(!table.redacted.description.contains(key))
+        #expect(table.redacted.description == "0 2048 crypt aes-xts-plain64 <key-not-kept> 0 7:0 0 1 allow_discards\n2048 2048 linear 7:1 0")
+        #expect(table.redacted.isRedacted && !table.isRedacted)
+        let keyring = try Table(parsing: "0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:abc 0 7:0 4096")
+        #expect(keyring.redacted == keyring, "a keyring reference holds no secret")
+        let plain = try Table(parsing: "0 204800 linear 7:0 2048")
+        #expect(plain.redacted == plain)
+    }
 }

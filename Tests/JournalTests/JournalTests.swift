@@ -154,3 +154,51 @@ func migratesOlderJournal() throws {
     let stored = try journal.restores(runID: run.id!)
     #expect(stored.count == 1 && stored[0].pathList == ["/srv/www/db"] && stored[0].bytes == 42 && stored[0].status == "done")
 }
+
+/// Issue 18: writes that belong together share one transaction (one fsync).
+@Suite("journal batches")
+struct JournalBatchTests {
+    @Test("a batch is one transaction: its writes land together, or none of them when one fails")
+    func batchIsAtomic() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let journal = try Journal.open(path: "\(directory)/journal.sqlite")
+        let run = try addRun(journal)
+        try journal.batch {
+            try journal.event(run.id!, "intent", "one")
+            try journal.batch { try journal.event(run.id!, "intent", "two") }  // nested: the same transaction
+        }
+        #expect(try journal.events(runID: run.id!).map(\.action).suffix(2) == ["one", "two"])
+
+        struct Refused: Error {}
+        #expect(throws: Refused.self) {
+            try journal.batch {
+                try journal.event(run.id!, "intent", "three")
+                throw Refused()
+            }
+        }
+        #expect(try !journal.events(runID: run.id!).map(\.action).contains("three"), "rolled back with the batch")
+    }
+
+    @Test("a write from another thread during a batch waits for it and lands after it")
+    func otherThreadsWait() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let journal = try Journal.open(path: "\(directory)/journal.sqlite")
+        let run = try addRun(journal)
+        let id = run.id!
+        let other = Thread {
+            try? journal.event(id, "result", "from-another-thread")
+        }
+        try journal.batch {
+            try journal.event(id, "intent", "first")
+            other.start()
+            Thread.sleep(forTimeInterval: 0.2)
+            try journal.event(id, "intent", "second")
+        }
+        for _ in 0..<100 where try !journal.events(runID: id).contains(where: { $0.action == "from-another-thread" }) {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(try journal.events(runID: id).map(\.action).suffix(3) == ["first", "second", "from-another-thread"])
+    }
+}

@@ -67,6 +67,22 @@ struct SnapshotLayoutTests {
         #expect(try KernelCowHeader.read(from: path) == nil)
     }
 
+    @Test("a label too large for its slot (a volume of thousands of segments) is a clear error, not a trap, and writes nothing")
+    func labelTooLarge() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("label-\(UInt32.random(in: 0...UInt32.max)).cow").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(count: 2 << 20)))
+        let table = (0..<3000).map { "\($0 * 8) 8 linear 7:0 \($0 * 64)" }.joined(separator: "\n")
+        var label = CowLabel(
+            identity: StackIdentity(runToken: "0badc0de", volumeIndex: 0), originUUID: "LVM-xyz", originName: "vg-fragmented",
+            originSectors: 24_000, originTable: table, chunkSectors: 8, storageBytes: 2 << 20, state: .preparing, createdAt: 1)
+        #expect(throws: SnapshotError.self) { try label.write(to: path) }
+        do { try label.write(to: path) } catch {
+            #expect("\(error)".contains("3000 segments"), "\(error)")
+        }
+        #expect(try CowLabel.read(from: path) == nil, "nothing was written")
+    }
+
     @Test("the kernel's COW header is read as the kernel writes it")
     func kernelHeader() {
         // le32 magic "SnAp", valid 1, version 1, chunk size 8 sectors.

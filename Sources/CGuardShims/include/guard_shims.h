@@ -25,11 +25,6 @@ int guard_ioctl_ptr(int fd, unsigned long request, void *argument);
 int guard_ioctl_long(int fd, unsigned long request, unsigned long argument);
 
 unsigned long guard_req_blkgetsize64(void);
-unsigned long guard_req_blksszget(void);
-unsigned long guard_req_blkflsbuf(void);
-unsigned long guard_req_blkroget(void);
-unsigned long guard_req_fifreeze(void);
-unsigned long guard_req_fithaw(void);
 
 #include <sys/stat.h>
 /// dev_t helpers (macros in glibc).

@@ -31,7 +31,8 @@ extension GuardCommand {
 
         func run() throws {
             let parsed: Recipe
-            switch RecipeParser.load(path: recipe) {
+            let loaded = RecipeFile.load(recipe)
+            switch loaded.recipe {
             case .success(let value): parsed = value
             case .failure(let errors):
                 throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
@@ -49,7 +50,7 @@ extension GuardCommand {
             if !plan.problems.isEmpty {
                 throw GuardFailure(.usage, plan.problems.joined(separator: "\n"))
             }
-            if let safety = RecipeSafety.problem(recipe) {
+            if let safety = loaded.problem {
                 say("warning: \(safety); `guard run` refuses it without --allow-unsafe-recipe")
             }
         }
@@ -65,12 +66,15 @@ extension GuardCommand {
                     switch planned.storage {
                     case .fileIn(let directory):
                         say("     COW: a preallocated file in \(directory)" + (planned.freeBytes.map { ", \(Units.formatBytes($0)) free there" } ?? ""))
+                        if planned.reserveBytes > 0 {
+                            say("     fuse reserve: \(Units.formatBytes(planned.reserveBytes)) more in the COW file, for what is written between stop_at and the fuse")
+                        }
                     case .blockDevice(let path):
                         say("     COW: the device \(path) (overwritten)")
                     }
                     if let policy = planned.extensionPolicy {
                         let source = planned.extensionFromConfiguration ? " (extend from \(configuration?.path ?? "guard.conf"))" : ""
-                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset))\(source)")
+                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset - planned.reserveBytes))\(source)")
                     }
                     if let history = planned.history {
                         say("     earlier runs: peak COW use \(Units.formatBytes(UInt64(history.peakBytes))) (\(history.runs) run\(history.runs == 1 ? "" : "s") of \(recipe.name))")

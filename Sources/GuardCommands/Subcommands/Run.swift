@@ -78,12 +78,13 @@ final class InterruptHandler: @unchecked Sendable {
     // @unchecked: the sources are created and cancelled on the same thread.
     private var sources: [any DispatchSourceSignal] = []
 
-    init(_ action: @escaping @Sendable () -> Void) {
+    /// - Parameter message: written to stderr when a signal arrives.
+    init(message: String? = "\nguard: stopping the steps and rolling back; please wait\n", _ action: @escaping @Sendable () -> Void) {
         for signalNumber in [SIGINT, SIGTERM] {
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
             source.setEventHandler {
-                FileHandle.standardError.write(Data("\nguard: stopping the steps and rolling back; please wait\n".utf8))
+                if let message { FileHandle.standardError.write(Data(message.utf8)) }
                 action()
             }
             source.resume()

@@ -1,0 +1,209 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Snapshot
+import Testing
+
+extension Kernel {
+    /// Issue 16: a rollback that cannot be lost while a run is live or kept, whoever writes.
+    @Suite("live safety: the fuse and guard monitor")
+    struct LiveSafetyKernelTests {
+        @Test("a writer outside the run that never stops overruns a small COW without extend: the fuse keeps the snapshot valid, the run rolls back to the pre-run data")
+        func fuseHoldsAWriterGuardCannotStop() async throws {
+            // 128 MiB: the writer would overrun the 4 MiB size and its 32 MiB fuse reserve.
+            let volume = try RawVolume(mebibytes: 128)
+            let before = try volume.checksum
+            let (go, pidFile, refused) = (volume.scratch.path("go"), volume.scratch.path("writer.pid"), volume.scratch.path("refused"))
+            // A service: started before the run, outside it (a session of its own, no pipe to
+            // guard). It writes only once the run's resume hook says so, so the bytes at the
+            // snapshot instant are the bytes before the run; then 64 KiB blocks over the whole
+            // volume, every 20 ms, and it never stops by itself, whatever its writes return.
+            let writer = "echo $$ > \(pidFile); while [ ! -e \(go) ]; do sleep 0.1; done; i=0; while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$((i % 2000)) oflag=direct conv=notrunc status=none || touch \(refused); i=$((i+1)); sleep 0.02; done"
+            try startDetached(["/bin/sh", "-c", writer])
+            try await waitUntil("the writer to start") { FileManager.default.fileExists(atPath: pidFile) }
+            volume.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
+            let recipe = try volume.recipe(
+                """
+                resume:
+                  - name: the service goes on writing
+                    shell: touch \(go)
+                steps:
+                  - name: a long migration
+                    shell: sleep 600
+                rollback:
+                  stop:
+                    - name: stop the service (it writes on while it shuts down)
+                      shell: sleep 2; kill $(cat \(pidFile)); sleep 0.5
+                """, snapshot: "4M")
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("full and cannot grow"), "\(result.stderr)")
+            #expect(result.stderr.contains("rolled back to their state before the run"), "\(result.stderr)")
+            #expect(FileManager.default.fileExists(atPath: refused), "the writer's writes were refused (EIO) once the fuse was blown")
+            let events = try lastRunEvents(volume.guardTool)
+            #expect(events.contains("intent fuse") && events.contains("result fuse"), "\(events)")
+            #expect(!events.contains("error rollback-impossible"), "\(events)")
+            #expect(try volume.checksum == before, "every byte as at the snapshot instant")
+            let pid = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingWhitespace()
+            #expect(!isRunning(pid), "the rollback's stop hook stopped the writer")
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+            recordResult(["fuse-external-writer", "a writer outside the run overruns a 4 MiB COW without extend; stopped only by the rollback's stop hook", "rollback", "restored", "rolled_back", "the fuse refused its writes from stop_at to the merge: the snapshot stayed valid", ""])
+        }
+
+        @Test("a database server rewrites a table for its client past a small COW: the fuse keeps the rollback, and the database starts again with the pre-run data and passes its own checks")
+        func databaseServerMigration() async throws {
+            let bin = try #require(postgresBinaries(), "Debian's postgresql packages are missing (Scripts/setup installs them)")
+            let volume = try RawVolume(mebibytes: 192)
+            try sh("mkfs.ext4 -q -F \(volume.device)")
+            let (mount, sockets) = (volume.scratch.path("pg"), volume.scratch.path("sockets"))
+            for directory in [mount, sockets] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+            try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
+            let data = "\(mount)/data"
+            let pgctl = "runuser -u postgres -- \(bin)/pg_ctl -D \(data)"
+            let start = "\(pgctl) -l \(sockets)/server.log -o \"-k \(sockets) -c listen_addresses=''\" -w -t 300 start"
+            volume.scratch.defer_ {
+                _ = try? sh("\(pgctl) -m immediate stop >/dev/null 2>&1; true")
+                try? Mounts.unmount(mount)
+            }
+            try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb -A trust -D \(data) >/dev/null && \(start) >/dev/null")
+            let psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
+            try sh("\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 300000) g; checkpoint'")
+            let query = "select count(*), sum(balance) from accounts"
+            let before = try sh("\(psql) -c '\(query)'").trimmingWhitespace()
+            #expect(before == "300000|30000000")
+
+            // The step is the client: the server writes, for it, far more than the 4 MiB snapshot
+            // and its 32 MiB fuse reserve (a new version of every row, and the WAL).
+            let recipe = try writeRecipe(
+                """
+                name: accounts-migration
+                volumes:
+                  - device: \(volume.device)
+                    mount: \(mount)
+                    snapshot: 4M
+                steps:
+                  - name: every account gets its interest
+                    run: [\(bin)/psql, -h, \(sockets), -d, postgres, -v, ON_ERROR_STOP=1, -c, "update accounts set balance = balance + 1"]
+                    user: postgres
+                rollback:
+                  stop:
+                    - name: stop the database (it writes while it shuts down)
+                      shell: \(pgctl) -m fast -t 60 stop || \(pgctl) -m immediate stop
+                  start:
+                    - name: start the database
+                      shell: \(start)
+                """, in: volume.scratch)
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("full and cannot grow"), "\(result.stderr)")
+            let events = try lastRunEvents(volume.guardTool)
+            #expect(events.contains("result fuse"), "\(events)")
+            #expect(!events.contains("error rollback-impossible"), "\(events)")
+            // The database runs again (the start hook), recovered from the snapshot instant.
+            #expect(try sh("\(psql) -c '\(query)'").trimmingWhitespace() == before, "the migration is undone")
+            let check = try run(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pg_amcheck -h \(sockets) -d postgres --install-missing --heapallindexed 2>&1"])
+            #expect(check.status == 0, "pg_amcheck: \(check.stdout)")
+            recordResult(["fuse-database-server", "a PostgreSQL server rewrites a table for a client step past a 4 MiB snapshot", "rollback", "restored", "rolled_back", "the fuse held the server's writes (and its shutdown's) until the merge; the database started again with the pre-run rows; pg_amcheck passed", ""])
+        }
+
+        @Test("a kept snapshot: guard monitor grows its COW, then fuses the volume when it cannot grow; never Invalid; the rollback restores the pre-run data")
+        func monitorGrowsThenFusesAKeptSnapshot() async throws {
+            // 96 MiB: the writer would overrun the 6 MiB size and its 32 MiB fuse reserve.
+            let volume = try RawVolume(mebibytes: 96)
+            let tool = volume.guardTool
+            let before = try volume.checksum
+            let recipe = try volume.recipe(
+                """
+                steps:
+                  - name: a small upgrade
+                    shell: dd if=/dev/urandom of=\(volume.device) bs=64K count=8 oflag=direct conv=notrunc status=none
+                stop_at: 80%
+                on_success: keep
+                """, snapshot: "{ size: 4M, extend: { at: 50%, by: 2M, max: 6M } }")
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let id = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+
+            let log = volume.scratch.path("monitor.log")
+            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
+            volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
+            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            // The service's writes after the run, each 64 KiB to a new place, until one is refused.
+            let done = volume.scratch.path("writer.done")
+            let writer = "i=16; while [ $i -lt 1500 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
+            try startDetached(["/bin/sh", "-c", writer])
+            try await waitUntil("the writer to end") { FileManager.default.fileExists(atPath: done) }
+            // The writer sees its write refused as soon as the fuse is blown; the monitor says so just after.
+            try await waitUntil("the monitor to report the fuse") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("refuses writes") }
+            let monitorLog = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            #expect(try String(contentsOfFile: done, encoding: .utf8).hasPrefix("refused"), "a write was refused: \(monitorLog)")
+
+            let events = try lastRunEvents(tool)
+            #expect(events.contains("result extend"), "the monitor grew the COW: \(events) \(monitorLog)")
+            #expect(events.contains("intent fuse") && events.contains("result fuse"), "\(events)")
+            #expect(monitorLog.contains("refuses writes"), "\(monitorLog)")
+            let dm = try DeviceMapper()
+            let snap = try #require(try dm.guardDevices().first { $0.name.contains(volume.name) && $0.name.hasSuffix("-snap") })
+            let status = try dm.snapshotStatus(.number(snap.number))
+            #expect(status.isRestorable, "the kernel's status of the kept snapshot: \(status)")
+            let shown = try #require(try tool.json("status") as? [String: Any])
+            let volumes = ((shown["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]]) ?? []
+            #expect(volumes.first?["status"] as? String == "fused", "\(volumes)")
+            #expect(volumes.first?["size_bytes"] as? Int == 6 << 20, "grown to extend.max: \(volumes)")
+
+            monitor.terminate()
+            try await waitUntil("the monitor to stop on SIGTERM") { !monitor.isRunning }
+            let rollback = try tool("rollback", "\(id)", "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try volume.checksum == before, "every byte as before the run")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["monitor-kept-fuse", "a kept run's COW fills with the volume's writes after the run; guard monitor runs", "keep", "restored", "rolled_back", "grown to extend.max, then fused at stop_at (writes refused); snapshot valid; guard rollback restored the pre-run bytes", ""])
+        }
+
+        @Test("on_full: rollback: guard monitor rolls a kept run back itself when its snapshot fills and cannot grow; the volume is as before the run")
+        func monitorRollsBackAFullKeptRun() async throws {
+            let volume = try RawVolume(mebibytes: 96)
+            let tool = volume.guardTool
+            let before = try volume.checksum
+            let recipe = try volume.recipe(
+                """
+                steps:
+                  - name: a small upgrade
+                    shell: dd if=/dev/urandom of=\(volume.device) bs=64K count=8 oflag=direct conv=notrunc status=none
+                on_success: keep
+                on_full: rollback
+                """, snapshot: "4M")
+            #expect(try tool("run", recipe).status == 0)
+            let log = volume.scratch.path("monitor.log")
+            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
+            volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
+            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            // The service's writes, until one is refused (the fuse holds from the stop point to the merge).
+            let done = volume.scratch.path("writer.done")
+            try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1500 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
+            try await waitUntil("the monitor to roll the run back") {
+                ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "finished"
+                    || ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "merging"
+            }
+            try await waitUntil("the writer to stop") { FileManager.default.fileExists(atPath: done) }
+            let wait = try tool("status", "--wait")
+            #expect(wait.status == 0, "\(wait.stderr)")
+            monitor.terminate()
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String == "rolled_back", "\(history.first ?? [:]) \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+            let events = try lastRunEvents(tool)
+            #expect(events.contains("intent on-full") && events.contains("intent rollback"), "\(events)")
+            #expect(try volume.checksum == before, "every byte as before the run")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["monitor-kept-rollback", "a kept run's COW fills after the run; on_full: rollback; guard monitor runs", "keep", "restored", "rolled_back", "the monitor fused the volume at stop_at and rolled the run back itself", ""])
+        }
+    }
+}
+
+/// The directory of the newest PostgreSQL server's programs (Debian's postgresql packages).
+func postgresBinaries() -> String? {
+    let versions = ((try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql")) ?? []).compactMap(Int.init).sorted()
+    guard let newest = versions.last else { return nil }
+    let directory = "/usr/lib/postgresql/\(newest)/bin"
+    return FileManager.default.isExecutableFile(atPath: directory + "/initdb") ? directory : nil
+}
