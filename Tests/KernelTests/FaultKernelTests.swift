@@ -118,17 +118,18 @@ extension Kernel {
             recordResult(["cow-nearly-full", "COW without extension reaches stop_at during the steps", "rollback", "restored", "rolled_back", "steps stopped, merged back", ""])
         }
 
-        @Test("a single write past the COW invalidates the snapshot: the run ends failed, saying the volume holds the upgraded data")
+        @Test("a single write larger than the COW and its fuse reserve: the fuse stops it and the run rolls back, or the snapshot is Invalid and the run says the volume holds the upgraded data")
         func cowOverrun() throws {
-            let volume = try RawVolume()
+            // 64 MiB: one write of 48 MiB is larger than the 4 MiB snapshot and its 32 MiB fuse reserve.
+            let volume = try RawVolume(mebibytes: 64)
             let before = try volume.checksum
             let patch = volume.scratch.path("patch")
-            try makeRandomFile(patch, mebibytes: 12)
+            try makeRandomFile(patch, mebibytes: 48)
             let after = try volume.checksum(after: patch, atMiB: 4)
-            // One write(2) of 12 MiB, bigger than the 4 MiB COW: the kernel overruns the COW
+            // One write(2) of 48 MiB, bigger than the whole COW: the kernel overruns the COW
             // inside that one request, before the COW watcher can stop the step.
             let recipe = try volume.recipe(
-                "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=12M count=1 seek=4194304 oflag=direct,seek_bytes conv=notrunc status=none\n", snapshot: "4M")
+                "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=48M count=1 seek=4194304 oflag=direct,seek_bytes conv=notrunc status=none\n", snapshot: "4M")
             let result = try volume.guardTool("run", recipe)
             let history = try #require(try volume.guardTool.json("history") as? [[String: Any]])
             let outcome = history.first?["outcome"] as? String
@@ -148,7 +149,7 @@ extension Kernel {
                 #expect((history.first?["snapshots"] as? [[String: Any]])?.first?["state"] as? String == "invalid")
             }
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
-            recordResult(["cow-overrun", "one write larger than the COW during the steps", "rollback", outcome == "rolled_back" ? "restored" : "upgraded", outcome ?? "?", "snapshot Invalid: no rollback possible; says the data is the upgraded data", ""])
+            recordResult(["cow-overrun", "one write larger than the COW and its fuse reserve during the steps", "rollback", outcome == "rolled_back" ? "restored" : "upgraded", outcome ?? "?", outcome == "rolled_back" ? "stopped before the overrun: rolled back" : "snapshot Invalid: no rollback possible; says the data is the upgraded data", ""])
         }
 
         @Test("a two-volume rollback whose second merge cannot start says which volume is not rolled back, stays open, and guard recover finishes it")

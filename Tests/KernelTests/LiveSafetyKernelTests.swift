@@ -10,15 +10,15 @@ extension Kernel {
     struct LiveSafetyKernelTests {
         @Test("a writer outside the run that never stops overruns a small COW without extend: the fuse keeps the snapshot valid, the run rolls back to the pre-run data")
         func fuseHoldsAWriterGuardCannotStop() async throws {
-            // 128 MiB: the writer would overrun the 4 MiB size and its 32 MiB fuse reserve.
-            let volume = try RawVolume(mebibytes: 128)
+            // 64 MiB: the writer would overrun the 4 MiB size and its 32 MiB fuse reserve.
+            let volume = try RawVolume(mebibytes: 64)
             let before = try volume.checksum
             let (go, pidFile, refused) = (volume.scratch.path("go"), volume.scratch.path("writer.pid"), volume.scratch.path("refused"))
             // A service: started before the run, outside it (a session of its own, no pipe to
             // guard). It writes only once the run's resume hook says so, so the bytes at the
             // snapshot instant are the bytes before the run; then 64 KiB blocks over the whole
             // volume, every 20 ms, and it never stops by itself, whatever its writes return.
-            let writer = "echo $$ > \(pidFile); while [ ! -e \(go) ]; do sleep 0.1; done; i=0; while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$((i % 2000)) oflag=direct conv=notrunc status=none || touch \(refused); i=$((i+1)); sleep 0.02; done"
+            let writer = "echo $$ > \(pidFile); while [ ! -e \(go) ]; do sleep 0.1; done; i=0; while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$((i % 1000)) oflag=direct conv=notrunc status=none || touch \(refused); i=$((i+1)); sleep 0.02; done"
             try startDetached(["/bin/sh", "-c", writer])
             try await waitUntil("the writer to start") { FileManager.default.fileExists(atPath: pidFile) }
             volume.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
@@ -67,10 +67,10 @@ extension Kernel {
             }
             try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb -A trust -D \(data) >/dev/null && \(start) >/dev/null")
             let psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
-            try sh("\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 300000) g; checkpoint'")
+            try sh("\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 200000) g; checkpoint'")
             let query = "select count(*), sum(balance) from accounts"
             let before = try sh("\(psql) -c '\(query)'").trimmingWhitespace()
-            #expect(before == "300000|30000000")
+            #expect(before == "200000|20000000")
 
             // The step is the client: the server writes, for it, far more than the 4 MiB snapshot
             // and its 32 MiB fuse reserve (a new version of every row, and the WAL).
@@ -108,8 +108,8 @@ extension Kernel {
 
         @Test("a kept snapshot: guard monitor grows its COW, then fuses the volume when it cannot grow; never Invalid; the rollback restores the pre-run data")
         func monitorGrowsThenFusesAKeptSnapshot() async throws {
-            // 96 MiB: the writer would overrun the 6 MiB size and its 32 MiB fuse reserve.
-            let volume = try RawVolume(mebibytes: 96)
+            // 64 MiB: the writer would overrun the 6 MiB size and its 32 MiB fuse reserve.
+            let volume = try RawVolume(mebibytes: 64)
             let tool = volume.guardTool
             let before = try volume.checksum
             let recipe = try volume.recipe(
@@ -130,7 +130,7 @@ extension Kernel {
             try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
             // The service's writes after the run, each 64 KiB to a new place, until one is refused.
             let done = volume.scratch.path("writer.done")
-            let writer = "i=16; while [ $i -lt 1500 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
+            let writer = "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
             try startDetached(["/bin/sh", "-c", writer])
             try await waitUntil("the writer to end") { FileManager.default.fileExists(atPath: done) }
             // The writer sees its write refused as soon as the fuse is blown; the monitor says so just after.
@@ -162,7 +162,7 @@ extension Kernel {
 
         @Test("on_full: rollback: guard monitor rolls a kept run back itself when its snapshot fills and cannot grow; the volume is as before the run")
         func monitorRollsBackAFullKeptRun() async throws {
-            let volume = try RawVolume(mebibytes: 96)
+            let volume = try RawVolume(mebibytes: 64)
             let tool = volume.guardTool
             let before = try volume.checksum
             let recipe = try volume.recipe(
@@ -180,7 +180,7 @@ extension Kernel {
             try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
             // The service's writes, until one is refused (the fuse holds from the stop point to the merge).
             let done = volume.scratch.path("writer.done")
-            try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1500 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
+            try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
             try await waitUntil("the monitor to roll the run back") {
                 ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "finished"
                     || ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "merging"

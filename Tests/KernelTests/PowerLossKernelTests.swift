@@ -116,8 +116,12 @@ struct PowerLoss {
         // Both at once, so that neither merge is over while the other one is still coming.
         try start(mergingRecipe, state: tool.stateDirectory, output: "\(directory)/merging.out")
         try start(lateMergingRecipe, state: late.stateDirectory, output: "\(directory)/late-merging.out")
+        // Each merge is held where it is as soon as it starts: a suspended merging origin stops
+        // its merge (dm-snapshot's presuspend), so the reset lands mid-merge however fast the
+        // machine is (the merges used to be raced against the reset, and a fast one finished).
         for device in ["gpl-merging", "gpl-late--merging"] {
             try await waitUntil("the merge into \(device) to start") { (try? dm.table(.name(device)).isOnly("snapshot-merge")) == true }
+            try dm.suspend(.name(device), flush: false, lockFileSystem: false)
         }
         for device in ["gpl-merging", "gpl-late--merging"] {
             guard let usage = (try? dm.snapshotStatus(.name(device)))?.usage, !usage.isMergeComplete else {

@@ -179,7 +179,7 @@ extension Kernel {
             let volume = try RawVolume()
             let tool = volume.guardTool
             // The COW directory on ext4 over a device the test can switch to `error`.
-            let disk = try RawVolume(mebibytes: 48, controllable: true, label: "cow-disk")
+            let disk = try RawVolume(mebibytes: 96, controllable: true, label: "cow-disk")  // the COW with its fuse reserve, and room to spare
             try sh("dmsetup remove \(disk.name)")
             let under = "/dev/mapper/\(try #require(disk.under))"
             // No journal: a read error must not abort it into read-only (the test is about guard).
