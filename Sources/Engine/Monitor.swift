@@ -157,7 +157,7 @@ public final class KeptRunMonitor {
             case .sample(let sample):
                 guard let usage = sample.status.usage else { return }
                 let item = watched[sample.volumeIndex]
-                let budget = sample.storageBytes - CowLabel.areaOffset - (item.stack.reserveBytes ?? 0)
+                let budget = sample.sizeBytes
                 let fill = Double(usage.allocatedBytes) / Double(max(budget, 1))
                 for level in [50, 75, 90] where fill * 100 >= Double(level) {
                     Self.once("\(item.key)/fill-\(level)/\(sample.storageBytes)", announced) {
@@ -180,19 +180,15 @@ public final class KeptRunMonitor {
                     updated.peakUsedBytes = Int64(usage.allocatedBytes)
                     try? journal?.update(updated)
                 }
-            case .extended(let index, let storage):
+            case .extended(let index, let grown):
                 let item = watched[index]
-                let budget = storage - CowLabel.areaOffset - (item.stack.reserveBytes ?? 0)
-                reporter.note("kept run \(item.runID): the snapshot of \(item.record.volume) grew to \(Units.formatBytes(budget))")
-                if var updated = try? journal?.snapshots(runID: item.runID).first(where: { $0.volumeIndex == item.record.volumeIndex }),
-                    var stack = decodeStack(updated.stack)
-                {
-                    stack.storageBytes = storage
-                    updated.stack = encode(stack)
-                    updated.sizeBytes = Int64(stack.budgetBytes)
+                reporter.note("kept run \(item.runID): the snapshot of \(item.record.volume) grew to \(Units.formatBytes(grown.budgetBytes))")
+                if var updated = try? journal?.snapshots(runID: item.runID).first(where: { $0.volumeIndex == item.record.volumeIndex }) {
+                    updated.stack = encode(grown)
+                    updated.sizeBytes = Int64(grown.budgetBytes)
                     try? journal?.update(updated)
                 }
-                record(index, "result", "extend", "\(item.record.volume) to \(budget) bytes")
+                record(index, "result", "extend", "\(item.record.volume) to \(grown.budgetBytes) bytes")
             case .nearlyFull(let index, let fill):
                 let item = watched[index]
                 let reason = "the kept snapshot of \(item.record.volume) is \(Int(fill * 100))% full and cannot grow"

@@ -585,7 +585,6 @@ struct RunBody {
         let runID = self.runID
         let records = self.records
         let names = plan.volumes.map { $0.spec.device }
-        let reserves = stacks.map { $0.reserveBytes ?? 0 }
         let lastSampleAt = LockedValue<[Int: Double]>([:])
         return CowWatcher(
             engine: engine, stacks: stacks, policies: plan.volumes.map(\.extensionPolicy), stopThreshold: recipe.stopAtFill,
@@ -595,7 +594,7 @@ struct RunBody {
             case .sample(let sample):
                 guard let usage = sample.status.usage else { return }
                 // Against the snapshot's size: the fuse reserve is not the admin's to plan with.
-                let size = sample.storageBytes - CowLabel.areaOffset - reserves[sample.volumeIndex]
+                let size = sample.sizeBytes
                 reporter.cow(volume: names[sample.volumeIndex], usedBytes: usage.allocatedBytes, sizeBytes: size)
                 let due = lastSampleAt.withLock { last -> Bool in
                     if let previous = last[sample.volumeIndex], sample.elapsed - previous < 2 { return false }
@@ -605,8 +604,8 @@ struct RunBody {
                 if due, let id = records[sample.volumeIndex].id {
                     try? journal.addSamples([CowSampleRecord(snapshotID: id, at: sample.elapsed, usedBytes: Int64(usage.allocatedBytes), sizeBytes: Int64(size))])
                 }
-            case .extended(let index, let storage):
-                let size = storage - CowLabel.areaOffset - reserves[index]
+            case .extended(let index, let grown):
+                let size = grown.budgetBytes
                 reporter.note("the snapshot of \(names[index]) grew to \(Units.formatBytes(size))")
                 try? journal.event(runID, "result", "extend", "\(names[index]) to \(size) bytes")
             case .nearlyFull(let index, let fill):

@@ -22,12 +22,15 @@ public final class CowWatcher: Sendable {
         /// Seconds since the watcher started.
         public var elapsed: Double
         public var storageBytes: UInt64
+        /// The snapshot's size: the COW without its fuse reserve (what fill is a fraction of).
+        public var sizeBytes: UInt64
     }
 
     /// Something the engine must react to.
     public enum Event: Sendable {
         case sample(Sample)
-        case extended(volumeIndex: Int, to: UInt64)
+        /// The COW grew: `stack` is the stack with its new storage and size.
+        case extended(volumeIndex: Int, stack: SnapshotStack)
         /// Fill reached the stop threshold and the COW cannot grow: stop writing now.
         case nearlyFull(volumeIndex: Int, fill: Double)
         /// About to blow the fuse of this volume (armed, at the stop point, cannot grow).
@@ -159,7 +162,7 @@ public final class CowWatcher: Sendable {
                 onEvent(.error(volumeIndex: index, message: "\(error)"))
                 continue
             }
-            onEvent(.sample(Sample(volumeIndex: index, status: status, elapsed: seconds, storageBytes: stack.storageBytes)))
+            onEvent(.sample(Sample(volumeIndex: index, status: status, elapsed: seconds, storageBytes: stack.storageBytes, sizeBytes: stack.budgetBytes)))
             guard case .active(let usage) = status else {
                 let first = state.withLock { $0.alarmed.insert(index).inserted }
                 if first { onEvent(.invalidated(volumeIndex: index, status: status)) }
@@ -187,7 +190,7 @@ public final class CowWatcher: Sendable {
                 }
                 if let grown {
                     state.withLock { $0.stacks[index] = grown }
-                    onEvent(.extended(volumeIndex: index, to: grown.storageBytes))
+                    onEvent(.extended(volumeIndex: index, stack: grown))
                     continue
                 }
                 if let failure { onEvent(.error(volumeIndex: index, message: "\(failure)")) }

@@ -106,28 +106,35 @@ extension Kernel {
             recordResult(["fuse-database-server", "a PostgreSQL server rewrites a table for a client step past a 4 MiB snapshot", "rollback", "restored", "rolled_back", "the fuse held the server's writes (and its shutdown's) until the merge; the database started again with the pre-run rows; pg_amcheck passed", ""])
         }
 
+        /// A kept run of a small upgrade on `volume` (recipe lines `extra`), then `guard monitor`
+        /// started on its state directory and seen watching.
+        func keptRunWatched(_ volume: RawVolume, snapshot: String, extra: String) async throws -> (run: Int, monitor: Process, log: String) {
+            let tool = volume.guardTool
+            let recipe = try volume.recipe(
+                """
+                steps:
+                  - name: a small upgrade
+                    shell: dd if=/dev/urandom of=\(volume.device) bs=64K count=8 oflag=direct conv=notrunc status=none
+                on_success: keep
+                \(extra)
+                """, snapshot: snapshot)
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let id = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+            let log = volume.scratch.path("monitor.log")
+            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
+            volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
+            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            return (id, monitor, log)
+        }
+
         @Test("a kept snapshot: guard monitor grows its COW, then fuses the volume when it cannot grow; never Invalid; the rollback restores the pre-run data")
         func monitorGrowsThenFusesAKeptSnapshot() async throws {
             // 64 MiB: the writer would overrun the 6 MiB size and its 32 MiB fuse reserve.
             let volume = try RawVolume(mebibytes: 64)
             let tool = volume.guardTool
             let before = try volume.checksum
-            let recipe = try volume.recipe(
-                """
-                steps:
-                  - name: a small upgrade
-                    shell: dd if=/dev/urandom of=\(volume.device) bs=64K count=8 oflag=direct conv=notrunc status=none
-                stop_at: 80%
-                on_success: keep
-                """, snapshot: "{ size: 4M, extend: { at: 50%, by: 2M, max: 6M } }")
-            let kept = try tool("run", recipe)
-            #expect(kept.status == 0, "\(kept.stderr)")
-            let id = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
-
-            let log = volume.scratch.path("monitor.log")
-            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
-            volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
-            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            let (id, monitor, log) = try await keptRunWatched(volume, snapshot: "{ size: 4M, extend: { at: 50%, by: 2M, max: 6M } }", extra: "stop_at: 80%")
             // The service's writes after the run, each 64 KiB to a new place, until one is refused.
             let done = volume.scratch.path("writer.done")
             let writer = "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
@@ -165,19 +172,7 @@ extension Kernel {
             let volume = try RawVolume(mebibytes: 64)
             let tool = volume.guardTool
             let before = try volume.checksum
-            let recipe = try volume.recipe(
-                """
-                steps:
-                  - name: a small upgrade
-                    shell: dd if=/dev/urandom of=\(volume.device) bs=64K count=8 oflag=direct conv=notrunc status=none
-                on_success: keep
-                on_full: rollback
-                """, snapshot: "4M")
-            #expect(try tool("run", recipe).status == 0)
-            let log = volume.scratch.path("monitor.log")
-            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
-            volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
-            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            let (_, monitor, log) = try await keptRunWatched(volume, snapshot: "4M", extra: "on_full: rollback")
             // The service's writes, until one is refused (the fuse holds from the stop point to the merge).
             let done = volume.scratch.path("writer.done")
             try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
