@@ -163,7 +163,7 @@ extension Kernel {
             let result: CommandResult
             if crash.point.hasPrefix("external:") {
                 let marker = fixture.scratch.path("marker")
-                let recipe = try fixture.recipe(succeeds: crash.succeeds, marker: marker, sleep: 30)
+                let recipe = try fixture.recipe(succeeds: crash.succeeds, marker: marker, sleep: 600)
                 let runner = Task.detached { try tool("run", recipe) }
                 // Waits for the step itself; the bound only stops a hung test.
                 try await waitUntil("the step to start", seconds: 600) { FileManager.default.fileExists(atPath: marker) }
@@ -177,11 +177,15 @@ extension Kernel {
 
             // The watchdog (or nothing being suspended) leaves no device frozen.
             let dm = try DeviceMapper()
-            try await Task.sleep(for: .milliseconds(300))
-            let frozen = try dm.list().filter { device in
-                guard device.isGuardDevice || device.name == fixture.name else { return false }
-                return try dm.info(.number(device.number))?.isSuspended ?? false
+            let frozenDevices = {
+                try dm.list().filter { device in
+                    guard device.isGuardDevice || device.name == fixture.name else { return false }
+                    return try dm.info(.number(device.number))?.isSuspended ?? false
+                }
             }
+            // The watchdog resumes them when it sees guard gone: wait for that, not for a time.
+            try await waitUntil("the watchdog to resume what guard left suspended") { try frozenDevices().isEmpty }
+            let frozen = try frozenDevices()
             #expect(frozen.isEmpty, "still suspended after guard died: \(frozen.map(\.name))")
 
             // Every other command notices the unfinished run (a finishing merge it completes

@@ -168,9 +168,12 @@ extension Kernel {
             // A process holding a file open keeps the filesystem busy; the error names it.
             let holder = Process()
             holder.executableURL = URL(fileURLWithPath: "/bin/sh")
-            holder.arguments = ["-c", "exec tail -f '\(mountPoint)/file' > /dev/null"]
+            // The file is open (fd 3) before tail runs; the test waits for the process to be tail.
+            holder.arguments = ["-c", "exec 3<'\(mountPoint)/file'; exec tail -f '\(mountPoint)/file' > /dev/null"]
             try holder.run()
-            Thread.sleep(forTimeInterval: 0.5)
+            try waitUntilNow("the holder to run tail") {
+                (try? String(contentsOfFile: "/proc/\(holder.processIdentifier)/comm", encoding: .utf8)) == "tail\n"
+            }
             var failure: BlockDeviceError?
             do { try Mounts.unmount(mountPoint) } catch { failure = error }
             kill(holder.processIdentifier, SIGKILL)  // SIGKILL: a child of a test thread may inherit a mask that blocks SIGTERM

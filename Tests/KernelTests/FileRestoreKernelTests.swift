@@ -169,26 +169,32 @@ extension Kernel {
             let reader = lvm.scratch.path("reader.py")
             try """
                 import hashlib, sys, time, os
-                path, old, new, stop = sys.argv[1:5]
+                path, old, new, stop, started = sys.argv[1:6]
                 counts = {"old": 0, "new": 0, "mixed": 0}
-                while not os.path.exists(stop) or counts["old"] + counts["new"] + counts["mixed"] < 3:
+                # Reads until told to stop and until it has read the restored file 3 times.
+                while not os.path.exists(stop) or counts["new"] < 3:
                     with open(path, "rb") as f:
                         digest = hashlib.sha256(f.read()).hexdigest()
                     counts["new" if digest == new else "old" if digest == old else "mixed"] += 1
+                    if not os.path.exists(started):
+                        open(started, "w").close()
                 print(counts["old"], counts["new"], counts["mixed"])
                 """.write(toFile: reader, atomically: true, encoding: .utf8)
             let stop = lvm.scratch.path("stop")
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             // Here "old" is the upgraded content and "new" the restored one.
-            process.arguments = ["python3", reader, file, new, old, stop]
+            // It races nothing: the restore starts after the reader's first read, and the reader
+            // stops only after it has read the restored file.
+            let started = lvm.scratch.path("started")
+            process.arguments = ["python3", reader, file, new, old, stop, started]
             let pipe = Pipe()
             process.standardOutput = pipe
             try process.run()
-            Thread.sleep(forTimeInterval: 1)
+            try waitUntilNow("the reader's first read") { FileManager.default.fileExists(atPath: started) }
             let restore = try tool("restore", "\(run)", file)
             #expect(restore.status == 0, "\(restore.stderr)")
-            Thread.sleep(forTimeInterval: 1)
+            if restore.status != 0 { kill(process.processIdentifier, SIGKILL) }  // it would wait for the restored file
             _ = FileManager.default.createFile(atPath: stop, contents: nil)
             let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             process.waitUntilExit()

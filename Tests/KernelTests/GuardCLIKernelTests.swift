@@ -306,14 +306,17 @@ extension Kernel {
             let lvm = try LVMFixture()
             let guardTool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             let marker = lvm.scratch.path("started")
+            // The first run's step waits for the test: the second run always meets a live first one.
+            let release = lvm.scratch.path("release")
             let slow = try writeRecipe(
-                "name: slow\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: wait\n    shell: touch \(marker); sleep 6\n", in: lvm.scratch, name: "slow.recipe")
+                "name: slow\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: wait\n    shell: touch \(marker); while [ ! -e \(release) ]; do sleep 0.1; done\n", in: lvm.scratch, name: "slow.recipe")
             let fast = try writeRecipe(
                 "name: fast\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: nothing\n    run: [/bin/true]\n", in: lvm.scratch, name: "fast.recipe")
             let first = Task.detached { try guardTool("run", slow) }
-            for _ in 0..<200 where !FileManager.default.fileExists(atPath: marker) { try await Task.sleep(for: .milliseconds(100)) }
-            #expect(FileManager.default.fileExists(atPath: marker))
+            defer { _ = FileManager.default.createFile(atPath: release, contents: nil) }  // never leave it waiting
+            try await waitUntil("the first run's step to start") { FileManager.default.fileExists(atPath: marker) }
             let second = try guardTool("run", fast)
+            _ = FileManager.default.createFile(atPath: release, contents: nil)
             #expect(second.status == 2, "\(second.stderr)")
             #expect(second.stderr.contains("run 1 (pid"), "the refusal names the first run: \(second.stderr)")
             #expect(second.stderr.contains("nothing was touched") || second.stderr.contains("in use by another guard command"), "\(second.stderr)")

@@ -39,10 +39,13 @@ func systemLogLines(scratch: Scratch, _ body: () throws -> Void) throws -> [Stri
             listener.waitUntilExit()
             unlink("/dev/log")
         }
-        for _ in 0..<200 where lstat("/dev/log", &devLog) != 0 { Thread.sleep(forTimeInterval: 0.05) }
+        try waitUntilNow("the listener on /dev/log") { lstat("/dev/log", &devLog) == 0 }
         try body()
-        Thread.sleep(forTimeInterval: 0.3)
-        return ((try? String(contentsOfFile: received, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+        // Datagrams are read in order: once the test's own last line is in, guard's lines are.
+        let end = "guard-test-end-\(UUID().uuidString)"
+        try sh("logger -d -u /dev/log \(end)")
+        try waitUntilNow("the listener to write every line") { ((try? String(contentsOfFile: received, encoding: .utf8)) ?? "").contains(end) }
+        return ((try? String(contentsOfFile: received, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init).filter { !$0.contains(end) }
     }
     let since = Int(Date().timeIntervalSince1970) - 1
     try body()

@@ -133,7 +133,7 @@ struct PowerLoss {
         try "ready".write(toFile: "\(directory)/phase1-ready", atomically: true, encoding: .utf8)
         // Power loss: no sync, no unmount, no shutdown.
         try sh("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
-        try await Task.sleep(for: .seconds(30))
+        try await Task.sleep(for: .seconds(600))
         _ = steps
         Issue.record("the machine did not reset")
     }

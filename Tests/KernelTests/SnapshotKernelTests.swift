@@ -80,7 +80,7 @@ final class VolumeFixture {
     }
 
     /// Waits for a merge to complete (polling the kernel's status) and tears it down.
-    func finishMerge(_ stack: SnapshotStack, timeout: Double = 120) throws {
+    func finishMerge(_ stack: SnapshotStack, timeout: Double = 600) throws {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             switch try engine.mergeState(stack) {
@@ -200,9 +200,13 @@ extension Kernel {
             let writer = SequenceWriter(first: first.volume.path, second: second.volume.path)
             writer.start()
             defer { writer.stop() }
-            Thread.sleep(forTimeInterval: 0.5)
+            // Each round starts once the writer has written since the last: the writer is live
+            // at every snapshot however slow the machine.
+            var seen: UInt64 = 0
             let engine = first.engine
             for round in 0..<5 {
+                try waitUntilNow("the writer to write (round \(round))") { writer.count >= seen + 2 }
+                seen = writer.count
                 let requests = [first.request(size: .bytes(8 << 20)), second.request(size: .bytes(8 << 20))]
                 let live = try engine.prepare(requests, token: StackIdentity.newToken()).take()
                 let n1 = try SequenceWriter.read(live.stacks[0].snapPath)
@@ -210,9 +214,8 @@ extension Kernel {
                 #expect(n1 > 0 && n2 > 0, "the writer was writing (round \(round))")
                 #expect(n2 <= n1 && n2 + 1 >= n1, "round \(round): volume 1 has \(n1), volume 2 has \(n2)")
                 try live.commit()
-                Thread.sleep(forTimeInterval: 0.2)
             }
-            #expect(writer.count > 10)
+            try waitUntilNow("the writer to go on after the last commit") { writer.count > seen }
             #expect(try first.layers().isEmpty && second.layers().isEmpty)
         }
 
