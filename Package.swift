@@ -16,7 +16,9 @@ let package = Package(
     name: "guard",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "guard", targets: ["GuardCLI"])
+        .executable(name: "guard", targets: ["GuardCLI"]),
+        // The same program with the test hooks on, for the kernel suite; never installed.
+        .executable(name: "guard-test", targets: ["GuardTestCLI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -90,6 +92,11 @@ let package = Package(
         .executableTarget(
             name: "GuardCLI",
             dependencies: ["GuardCommands"],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "GuardTestCLI",
+            dependencies: ["GuardCommands", "Snapshot"],
             swiftSettings: strict
         ),
 

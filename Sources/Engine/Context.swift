@@ -41,7 +41,8 @@ public final class GuardContext: @unchecked Sendable {
     /// The state directory: journal.sqlite, cow/, locks/, volumes/, logs.
     public let stateDirectory: String
     public let udev: UdevMode
-    /// "now", overridable for tests of keep durations (GUARD_NOW, seconds since 1970).
+    /// "now", overridable for tests of keep durations (GUARD_NOW, seconds since 1970, honoured
+    /// only by the test build: `TestHooks`).
     public let now: @Sendable () -> Date
     /// The guard executable, for the watchdog helper.
     public let executable: String
@@ -61,7 +62,7 @@ public final class GuardContext: @unchecked Sendable {
         self.reporter = reporter
         if let now {
             self.now = now
-        } else if let fixed = ProcessInfo.processInfo.environment["GUARD_NOW"].flatMap(Double.init) {
+        } else if TestHooks.isEnabled, let fixed = ProcessInfo.processInfo.environment["GUARD_NOW"].flatMap(Double.init) {
             self.now = { Date(timeIntervalSince1970: fixed) }
         } else {
             self.now = { Date() }

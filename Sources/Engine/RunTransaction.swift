@@ -139,7 +139,6 @@ public final class RunTransaction {
 
     /// Runs the recipe; returns how it ended (never throws after the run is journaled).
     public func execute(recipePath: String) async throws -> RunReport {
-        CrashPoint.prepare()
         let (plan, journal, locks) = try preflight(recipePath: recipePath)
         defer { locks.forEach { $0.release() } }
         let reporter = self.reporter

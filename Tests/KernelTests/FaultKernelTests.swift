@@ -130,6 +130,31 @@ extension Kernel {
             recordResult(["cow-nearly-full", "COW without extension reaches stop_at during the steps", "rollback", "restored", "rolled_back", "steps stopped, merged back", ""])
         }
 
+        @Test("the guard users run ignores the test hooks: GUARD_CRASH_AT does not kill it and GUARD_NOW does not set its clock; guard-test honours both")
+        func testHooksOnlyInTestBuild() throws {
+            let volume = try RawVolume()
+            let recipe = try volume.recipe("steps:\n  - name: write\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=1 oflag=direct conv=notrunc status=none\n")
+            let hooks = ["GUARD_CRASH_AT": "run.after-take", "GUARD_NOW": "86400"]  // 1970-01-02
+            var plain = volume.guardTool
+            plain.binary = plainGuardBinary
+            #expect(plain.binary != volume.guardTool.binary, "two different programs: \(plain.binary)")
+            let result = try plain("run", recipe, extra: hooks)
+            #expect(result.status == 0, "not killed at run.after-take: exit \(result.status), \(result.stderr)")
+            let history = try #require(try plain.json("history") as? [[String: Any]])
+            #expect(history.first?["outcome"] as? String == "committed")
+            let started = history.first?["started_at"] as? String ?? ""
+            #expect(!started.hasPrefix("1970"), "the run's clock is the real one: \(started)")
+
+            // The same variables on the test build: killed at the point, on the clock it was given.
+            let killed = try volume.guardTool("run", recipe, extra: hooks)
+            #expect(killed.status == 9 || killed.status == 137, "guard-test died at run.after-take: exit \(killed.status)")
+            #expect(try volume.guardTool("recover").status == 0)
+            let after = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            let testClock = (after.first?["started_at"] as? String) ?? ""
+            #expect(testClock.hasPrefix("1970-01-02"), "guard-test ran on GUARD_NOW's clock: \(testClock)")
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+        }
+
         @Test("a single write larger than the COW and its fuse reserve: the fuse stops it and the run rolls back, or the snapshot is Invalid and the run says the volume holds the upgraded data")
         func cowOverrun() throws {
             // 64 MiB: one write of 48 MiB is larger than the 4 MiB snapshot and its 32 MiB fuse reserve.

@@ -8,17 +8,19 @@ import Testing
 struct GuardTool {
     let stateDirectory: String
     var environment: [String: String] = [:]
+    /// `guard-test` (the test hooks on) unless a test asks for the `guard` users run.
+    var binary: String = guardBinary
 
     /// Runs `guard <arguments> --state-dir <dir>`.
     @discardableResult
     func callAsFunction(_ arguments: String..., now: Date? = nil, extra: [String: String] = [:]) throws -> CommandResult {
         var env = guardEnvironment().merging(environment) { $1 }.merging(extra) { $1 }
         if let now { env["GUARD_NOW"] = "\(now.timeIntervalSince1970)" }
-        return try run([guardBinary] + arguments + ["--state-dir", stateDirectory], environment: env)
+        return try run([binary] + arguments + ["--state-dir", stateDirectory], environment: env)
     }
 
     func json(_ arguments: String...) throws -> Any {
-        let result = try run([guardBinary] + arguments + ["--json", "--state-dir", stateDirectory], environment: guardEnvironment().merging(environment) { $1 })
+        let result = try run([binary] + arguments + ["--json", "--state-dir", stateDirectory], environment: guardEnvironment().merging(environment) { $1 })
         guard result.status == 0 else { throw ShellError(command: "guard \(arguments)", status: result.status, stderr: result.stderr) }
         return try JSONSerialization.jsonObject(with: Data(result.stdout.utf8))
     }

@@ -204,17 +204,23 @@ func guardEnvironment() -> [String: String] {
     return environment
 }
 
-/// The `guard` binary built beside the test bundle.
-var guardBinary: String {
-    // Scripts/test copies the binary into the VM's memory: exec'ing it from the 9p root costs seconds.
-    if let path = ProcessInfo.processInfo.environment["GUARD_BINARY"], FileManager.default.isExecutableFile(atPath: path) {
+/// `guard-test`, the `guard` program with its test hooks on (GUARD_CRASH_AT, GUARD_NOW), built
+/// beside the test bundle: what the kernel suite runs.
+var guardBinary: String { builtBinary("guard-test", variable: "GUARD_BINARY") }
+
+/// `guard` as users run it (installed and packaged): it ignores the test hooks.
+var plainGuardBinary: String { builtBinary("guard", variable: "GUARD_PLAIN_BINARY") }
+
+func builtBinary(_ name: String, variable: String) -> String {
+    // Scripts/test copies the binaries into the VM's memory: exec'ing one from the 9p root costs seconds.
+    if let path = ProcessInfo.processInfo.environment[variable], FileManager.default.isExecutableFile(atPath: path) {
         return path
     }
     let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
     let directory = URL(fileURLWithPath: executable).deletingLastPathComponent()
-    for candidate in [directory.appendingPathComponent("guard").path, ".build/debug/guard"]
+    for candidate in [directory.appendingPathComponent(name).path, ".build/debug/\(name)"]
     where FileManager.default.isExecutableFile(atPath: candidate) {
         return candidate
     }
-    return "guard"
+    return name
 }
