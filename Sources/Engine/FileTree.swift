@@ -100,12 +100,80 @@ struct Entry {
 let O_PATH: Int32 = 0o10000000
 let AT_EMPTY_PATH: Int32 = 0x1000
 
+/// A directory entry's name as the kernel keeps it: bytes, which need not be UTF-8.
+///
+/// Every system call gets the bytes; people get `display`, which is the name itself when it is
+/// UTF-8 and otherwise shows each byte that is not as `\xNN` (and a backslash as `\\`).
+/// `FileName.parsing` reads that form back, so a name `guard diff` shows can be restored.
+struct FileName: Hashable, Comparable {
+    /// The bytes, NUL-terminated: passed to the *at() calls as a C string.
+    let cString: [CChar]
+
+    init(bytes: some Sequence<UInt8>) { cString = bytes.map { CChar(bitPattern: $0) } + [0] }
+    init(_ string: String) { self.init(bytes: string.utf8) }
+
+    var bytes: [UInt8] { cString.dropLast().map { UInt8(bitPattern: $0) } }
+    var isDotOrDotDot: Bool { cString == [46, 0] || cString == [46, 46, 0] }
+
+    func hasPrefix(_ prefix: String) -> Bool { bytes.starts(with: prefix.utf8) }
+
+    var display: String {
+        let bytes = bytes
+        if let text = String(validating: bytes, as: UTF8.self) { return text }
+        var text = ""
+        var parser = Unicode.UTF8.ForwardParser()
+        var iterator = bytes.makeIterator()
+        var position = 0
+        loop: while true {
+            switch parser.parseScalar(from: &iterator) {
+            case .valid(let encoded):
+                let scalar = Unicode.UTF8.decode(encoded)
+                text += scalar == "\\" ? "\\\\" : String(Character(scalar))
+                position += encoded.count
+            case .error(let length):
+                for byte in bytes[position..<position + length] { text += "\\x" + String(byte, radix: 16, uppercase: true).leftPadded(to: 2) }
+                position += length
+            case .emptyInput:
+                break loop
+            }
+        }
+        return text
+    }
+
+    /// The name a `display` form stands for, when it has escapes (`\xNN`, `\\`) and they
+    /// give bytes that are not UTF-8; nil otherwise (the text is then the name itself).
+    static func parsing(_ text: String) -> FileName? {
+        guard text.contains("\\") else { return nil }
+        var bytes: [UInt8] = []
+        var utf8 = Array(text.utf8)[...]
+        while let byte = utf8.popFirst() {
+            guard byte == UInt8(ascii: "\\") else { bytes.append(byte); continue }
+            switch utf8.popFirst() {
+            case UInt8(ascii: "\\"): bytes.append(byte)
+            case UInt8(ascii: "x"):
+                guard utf8.count >= 2, let value = UInt8(String(decoding: utf8.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+                bytes.append(value)
+                utf8 = utf8.dropFirst(2)
+            default: return nil
+            }
+        }
+        guard String(validating: bytes, as: UTF8.self) == nil, !bytes.contains(0), !bytes.contains(UInt8(ascii: "/")) else { return nil }
+        return FileName(bytes: bytes)
+    }
+
+    static func < (a: FileName, b: FileName) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+}
+
+extension String {
+    fileprivate func leftPadded(to width: Int) -> String { String(repeating: "0", count: Swift.max(0, width - count)) + self }
+}
+
 /// File-descriptor level helpers: every lookup is relative to an open directory and never
 /// follows a symlink, so nothing a path holds can lead guard outside the volume.
 enum FS {
-    static func lstat(_ directory: Int32, _ name: String) -> Entry? {
+    static func lstat(_ directory: Int32, _ name: FileName) -> Entry? {
         var result = stat()
-        guard fstatat(directory, name, &result, AT_SYMLINK_NOFOLLOW) == 0 else { return nil }
+        guard fstatat(directory, name.cString, &result, AT_SYMLINK_NOFOLLOW) == 0 else { return nil }
         return Entry(stat: result)
     }
 
@@ -116,8 +184,8 @@ enum FS {
     }
 
     /// Opens a subdirectory without following a symlink.
-    static func openDirectory(_ directory: Int32, _ name: String, path: String) throws -> Int32 {
-        let fd = openat(directory, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    static func openDirectory(_ directory: Int32, _ name: FileName, path: String) throws -> Int32 {
+        let fd = openat(directory, name.cString, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         if fd < 0 {
             if errno == ELOOP || errno == ENOTDIR {
                 throw FileTreeError(path, "is not a directory (a symlink or a file is in the way); guard never follows a symlink in a path")
@@ -133,23 +201,36 @@ enum FS {
         return fd
     }
 
-    static func names(_ directory: Int32) -> [String] {
+    /// The entries of a directory, as the bytes the kernel has (none is lost to an encoding).
+    static func names(_ directory: Int32) -> [FileName] {
         let copy = dup(directory)
         guard copy >= 0, let stream = fdopendir(copy) else { return [] }
         defer { closedir(stream) }
-        var result: [String] = []
+        var result: [FileName] = []
         while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { result.append(name) }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { FileName(bytes: $0.prefix { $0 != 0 }) }
+            if !name.isDotOrDotDot { result.append(name) }
         }
         return result.sorted()
     }
 
-    static func readLink(_ directory: Int32, _ name: String) -> String? {
+    /// A symlink's target, NUL-terminated, byte for byte.
+    static func readLink(_ directory: Int32, _ name: FileName) -> [CChar]? {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlinkat(directory, name, &buffer, buffer.count - 1)
+        let n = readlinkat(directory, name.cString, &buffer, buffer.count - 1)
         guard n >= 0 else { return nil }
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return Array(buffer[0..<n]) + [0]
+    }
+
+    /// The name a path component given by a person stands for in `directories`: the text
+    /// itself when it names an entry (or when its escapes stand for nothing there), else the
+    /// non-UTF-8 name its `\xNN` escapes spell.
+    static func resolve(_ component: String, in directories: [Int32]) -> FileName {
+        let literal = FileName(component)
+        guard let escaped = FileName.parsing(component) else { return literal }
+        let valid = directories.filter { $0 >= 0 }
+        if valid.contains(where: { lstat($0, literal) != nil }) { return literal }
+        return valid.contains(where: { lstat($0, escaped) != nil }) ? escaped : literal
     }
 
     /// Extended attributes (ACLs are among them: system.posix_acl_*) of an open file.
@@ -157,9 +238,9 @@ enum FS {
 
     /// Opens an entry to read its attributes (O_PATH does not allow xattr calls, so files and
     /// directories are opened read-only; others have no attributes guard copies).
-    static func openForAttributes(_ directory: Int32, _ name: String, kind: FileKind) -> Int32? {
+    static func openForAttributes(_ directory: Int32, _ name: FileName, kind: FileKind) -> Int32? {
         guard kind == .file || kind == .directory else { return nil }
-        let fd = openat(directory, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | (kind == .directory ? O_DIRECTORY : 0))
+        let fd = openat(directory, name.cString, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | (kind == .directory ? O_DIRECTORY : 0))
         return fd >= 0 ? fd : nil
     }
 
@@ -217,15 +298,49 @@ public struct TreeDiff {
         return changes.sorted { $0.path < $1.path }
     }
 
+    /// Both sides' bytes of the regular file at `relative` (a path `changes` reported), read
+    /// through descriptors that follow no symlink; nil for a side that is not a regular file,
+    /// is larger than `limit` bytes or cannot be read.
+    public func contents(of relative: String, limit: Int) throws -> (then: [UInt8]?, now: [UInt8]?) {
+        let thenRoot = try FS.openRoot(then)
+        defer { close(thenRoot) }
+        let nowRoot = try FS.openRoot(now)
+        defer { close(nowRoot) }
+        let (thenParent, nowParent, name) = try parents(of: relative, thenRoot: thenRoot, nowRoot: nowRoot)
+        defer {
+            if let thenParent { close(thenParent) }
+            if let nowParent { close(nowParent) }
+        }
+        func read(_ directory: Int32?) -> [UInt8]? {
+            guard let directory else { return nil }
+            let fd = openat(directory, name.cString, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+            guard fd >= 0 else { return nil }
+            defer { close(fd) }
+            guard let entry = FS.fstat(fd), entry.kind == .file, entry.size <= limit else { return nil }
+            var bytes = [UInt8](repeating: 0, count: Int(entry.size) + 1)
+            var count = 0
+            while count < bytes.count {
+                let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + count, $0.count - count) }
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 { return nil }
+                if n == 0 { break }
+                count += n
+            }
+            return count <= limit ? Array(bytes[..<count]) : nil  // grown past the limit since fstat
+        }
+        return (read(thenParent), read(nowParent))
+    }
+
     /// Opens the parent directories of `relative` on both sides (nil where it does not exist).
-    func parents(of relative: String, thenRoot: Int32, nowRoot: Int32) throws -> (Int32?, Int32?, String) {
+    func parents(of relative: String, thenRoot: Int32, nowRoot: Int32) throws -> (Int32?, Int32?, FileName) {
         var components = relative.split(separator: "/").map(String.init)
-        let name = components.removeLast()
+        let last = components.removeLast()
         var thenFD: Int32? = dup(thenRoot)
         var nowFD: Int32? = dup(nowRoot)
         var walked = ""
-        for component in components {
-            walked += (walked.isEmpty ? "" : "/") + component
+        for text in components {
+            let component = FS.resolve(text, in: [thenFD ?? -1, nowFD ?? -1])
+            walked += (walked.isEmpty ? "" : "/") + component.display
             if let fd = thenFD {
                 thenFD = FS.lstat(fd, component)?.kind == .directory ? try FS.openDirectory(fd, component, path: walked) : nil
                 close(fd)
@@ -239,10 +354,10 @@ public struct TreeDiff {
                 close(fd)
             }
         }
-        return (thenFD, nowFD, name)
+        return (thenFD, nowFD, FS.resolve(last, in: [thenFD ?? -1, nowFD ?? -1]))
     }
 
-    func compare(_ thenDir: Int32?, _ nowDir: Int32?, name: String, path: String, device: dev_t, into changes: inout [FileChange]) throws {
+    func compare(_ thenDir: Int32?, _ nowDir: Int32?, name: FileName, path: String, device: dev_t, into changes: inout [FileChange]) throws {
         let before = thenDir.flatMap { FS.lstat($0, name) }
         let after = nowDir.flatMap { FS.lstat($0, name) }
         switch (before, after) {
@@ -252,14 +367,14 @@ public struct TreeDiff {
             if after.kind == .directory, after.stat.st_dev == device, let nowDir {
                 let fd = try FS.openDirectory(nowDir, name, path: path)
                 defer { close(fd) }
-                for child in FS.names(fd) { try compare(nil, fd, name: child, path: path + "/" + child, device: device, into: &changes) }
+                for child in FS.names(fd) { try compare(nil, fd, name: child, path: path + "/" + child.display, device: device, into: &changes) }
             }
         case (let before?, nil):
             changes.append(FileChange(path: path, change: .deleted, kind: before.kind, sizeBefore: before.size, sizeAfter: nil, details: []))
             if before.kind == .directory, let thenDir {
                 let fd = try FS.openDirectory(thenDir, name, path: path)
                 defer { close(fd) }
-                for child in FS.names(fd) { try compare(fd, nil, name: child, path: path + "/" + child, device: device, into: &changes) }
+                for child in FS.names(fd) { try compare(fd, nil, name: child, path: path + "/" + child.display, device: device, into: &changes) }
             }
         case (let before?, let after?):
             if after.kind == .directory && after.stat.st_dev != device { return }  // another filesystem mounted here
@@ -281,12 +396,12 @@ public struct TreeDiff {
     func compareDirectories(_ thenFD: Int32, _ nowFD: Int32, path: String, device: dev_t, into changes: inout [FileChange]) throws {
         let names = Set(FS.names(thenFD)).union(FS.names(nowFD)).sorted()
         for name in names {
-            try compare(thenFD, nowFD, name: name, path: path.isEmpty ? name : path + "/" + name, device: device, into: &changes)
+            try compare(thenFD, nowFD, name: name, path: path.isEmpty ? name.display : path + "/" + name.display, device: device, into: &changes)
         }
     }
 
     /// Two entries of the same kind: nil when they are the same.
-    func compareEntries(_ before: Entry, _ after: Entry, _ thenDir: Int32, _ nowDir: Int32, name: String, path: String) throws -> FileChange? {
+    func compareEntries(_ before: Entry, _ after: Entry, _ thenDir: Int32, _ nowDir: Int32, name: FileName, path: String) throws -> FileChange? {
         let a = before.stat, b = after.stat
         let sameTimes = a.st_mtim.tv_sec == b.st_mtim.tv_sec && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec
         if a.st_ino == b.st_ino && a.st_ctim.tv_sec == b.st_ctim.tv_sec && a.st_ctim.tv_nsec == b.st_ctim.tv_nsec && sameTimes && a.st_size == b.st_size {
@@ -383,14 +498,15 @@ public struct TreeRestore {
     }
 
     /// Opens both parents; missing parents on the volume are created from the snapshot's.
-    func openParents(_ relative: String, thenRoot: Int32, nowRoot: Int32, device: dev_t, report: inout RestoreReport) throws -> (Int32, Int32, String) {
+    func openParents(_ relative: String, thenRoot: Int32, nowRoot: Int32, device: dev_t, report: inout RestoreReport) throws -> (Int32, Int32, FileName) {
         var components = relative.split(separator: "/").map(String.init)
-        let name = components.removeLast()
+        let last = components.removeLast()
         var thenFD = dup(thenRoot)
         var nowFD = dup(nowRoot)
         var walked = ""
-        for component in components {
-            walked += (walked.isEmpty ? "" : "/") + component
+        for text in components {
+            let component = FS.resolve(text, in: [thenFD, nowFD])
+            walked += (walked.isEmpty ? "" : "/") + component.display
             guard let source = FS.lstat(thenFD, component) else {
                 close(thenFD); if nowFD >= 0 { close(nowFD) }
                 throw FileTreeError(walked, "is not in the snapshot; nothing under it can be restored")
@@ -415,7 +531,7 @@ public struct TreeRestore {
                 } else {
                     report.actions.append("create directory \(walked)")
                     if !dryRun {
-                        guard mkdirat(nowFD, component, 0o700) == 0 else { defer { close(thenFD); close(nowFD) }; throw FileTreeError(walked, call: "mkdir") }
+                        guard mkdirat(nowFD, component.cString, 0o700) == 0 else { defer { close(thenFD); close(nowFD) }; throw FileTreeError(walked, call: "mkdir") }
                         let created = try FS.openDirectory(nowFD, component, path: walked)
                         try copyAttributes(from: thenFD, source: source, to: created, path: walked)
                         close(nowFD)
@@ -431,16 +547,16 @@ public struct TreeRestore {
                 nowFD = nextNow
             }
         }
-        return (thenFD, nowFD, name)
+        return (thenFD, nowFD, FS.resolve(last, in: [thenFD, nowFD]))
     }
 
-    func temporaryName(_ name: String) -> String {
-        let prefix = ".guard-restore.\(tag)."
-        let room = 250 - prefix.utf8.count
-        return prefix + (name.utf8.count <= room ? name : String(decoding: Array(name.utf8.prefix(room)), as: UTF8.self))
+    /// Beside `name`, under the 255-byte limit: the prefix and as much of the name as fits.
+    func temporaryName(_ name: FileName) -> FileName {
+        let prefix = Array(".guard-restore.\(tag).".utf8)
+        return FileName(bytes: prefix + name.bytes.prefix(250 - prefix.count))
     }
 
-    func restoreEntry(_ thenDir: Int32, _ nowDir: Int32, name: String, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
+    func restoreEntry(_ thenDir: Int32, _ nowDir: Int32, name: FileName, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
         let source = FS.lstat(thenDir, name)
         let target = nowDir >= 0 ? FS.lstat(nowDir, name) : nil
         guard let source else {
@@ -478,7 +594,7 @@ public struct TreeRestore {
             if !dryRun { try replace(nowDir, name, path: path) { temporary in
                 // Through the first copy's own descriptor (AT_EMPTY_PATH): no path is looked
                 // up, so a symlink swapped into the tree since cannot redirect the link.
-                guard first.fd >= 0, linkat(first.fd, "", nowDir, temporary, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "link") }
+                guard first.fd >= 0, linkat(first.fd, "", nowDir, temporary.cString, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "link") }
             } }
             return
         }
@@ -494,17 +610,17 @@ public struct TreeRestore {
         case .symlink:
             guard let destination = FS.readLink(thenDir, name) else { throw FileTreeError(path, call: "readlink") }
             pinned = try replace(nowDir, name, path: path, pin: pin) { temporary in
-                guard symlinkat(destination, nowDir, temporary) == 0 else { throw FileTreeError(path, call: "symlink") }
-                guard fchownat(nowDir, temporary, source.stat.st_uid, source.stat.st_gid, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "lchown") }
+                guard symlinkat(destination, nowDir, temporary.cString) == 0 else { throw FileTreeError(path, call: "symlink") }
+                guard fchownat(nowDir, temporary.cString, source.stat.st_uid, source.stat.st_gid, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "lchown") }
                 var times = [source.stat.st_atim, source.stat.st_mtim]
-                guard utimensat(nowDir, temporary, &times, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "utimensat") }
+                guard utimensat(nowDir, temporary.cString, &times, AT_SYMLINK_NOFOLLOW) == 0 else { throw FileTreeError(path, call: "utimensat") }
             }
         case .fifo, .device:
             pinned = try replace(nowDir, name, path: path, pin: pin) { temporary in
-                guard mknodat(nowDir, temporary, source.stat.st_mode, source.stat.st_rdev) == 0 else { throw FileTreeError(path, call: "mknod") }
+                guard mknodat(nowDir, temporary.cString, source.stat.st_mode, source.stat.st_rdev) == 0 else { throw FileTreeError(path, call: "mknod") }
                 // From here on through a descriptor of the node itself: whatever is put in its
                 // place meanwhile (a symlink, another file) is neither followed nor changed.
-                let node = openat(nowDir, temporary, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                let node = openat(nowDir, temporary.cString, O_PATH | O_NOFOLLOW | O_CLOEXEC)
                 guard node >= 0 else { throw FileTreeError(path, call: "open (O_PATH)") }
                 defer { close(node) }
                 guard let created = FS.fstat(node), created.stat.st_mode & S_IFMT == source.stat.st_mode & S_IFMT,
@@ -536,31 +652,31 @@ public struct TreeRestore {
     /// - Parameter pin: keep an O_PATH descriptor of the created entry (taken before the
     ///   rename, so it is what guard made) and return it; else -1.
     @discardableResult
-    func replace(_ directory: Int32, _ name: String, path: String, pin: Bool = false, create: (String) throws -> Void) throws -> Int32 {
+    func replace(_ directory: Int32, _ name: FileName, path: String, pin: Bool = false, create: (FileName) throws -> Void) throws -> Int32 {
         let temporary = temporaryName(name)
-        _ = unlinkat(directory, temporary, 0)
+        _ = unlinkat(directory, temporary.cString, 0)
         var pinned: Int32 = -1
         do {
             try create(temporary)
             if pin {
-                pinned = openat(directory, temporary, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                pinned = openat(directory, temporary.cString, O_PATH | O_NOFOLLOW | O_CLOEXEC)
                 guard pinned >= 0 else { throw FileTreeError(path, call: "open (O_PATH)") }
             }
-            guard renameat(directory, temporary, directory, name) == 0 else { throw FileTreeError(path, call: "rename") }
+            guard renameat(directory, temporary.cString, directory, name.cString) == 0 else { throw FileTreeError(path, call: "rename") }
         } catch {
             if pinned >= 0 { close(pinned) }
-            _ = unlinkat(directory, temporary, 0)
+            _ = unlinkat(directory, temporary.cString, 0)
             throw error
         }
         _ = fsync(directory)
         return pinned
     }
 
-    func copyFile(_ thenDir: Int32, _ name: String, source: Entry, to nowDir: Int32, _ temporary: String, path: String) throws {
-        let input = openat(thenDir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    func copyFile(_ thenDir: Int32, _ name: FileName, source: Entry, to nowDir: Int32, _ temporary: FileName, path: String) throws {
+        let input = openat(thenDir, name.cString, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
         guard input >= 0 else { throw FileTreeError(path, call: "open (snapshot)") }
         defer { close(input) }
-        let output = openat(nowDir, temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        let output = openat(nowDir, temporary.cString, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard output >= 0 else { throw FileTreeError(path, call: "create") }
         defer { close(output) }
         try copyData(input, output, size: source.size, path: path)
@@ -613,10 +729,10 @@ public struct TreeRestore {
         guard futimens(output, &times) == 0 else { throw FileTreeError(path, call: "futimens") }
     }
 
-    func restoreDirectory(_ thenDir: Int32, _ nowDir: Int32, name: String, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
+    func restoreDirectory(_ thenDir: Int32, _ nowDir: Int32, name: FileName, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
         if let target, target.kind != .directory {
             report.actions.append("remove \(path) (a \(target.kind.rawValue) now, a directory in the snapshot)")
-            if !dryRun, unlinkat(nowDir, name, 0) != 0 { throw FileTreeError(path, call: "unlink") }
+            if !dryRun, unlinkat(nowDir, name.cString, 0) != 0 { throw FileTreeError(path, call: "unlink") }
         }
         if target?.kind != .directory {
             report.actions.append("create directory \(path)")
@@ -625,10 +741,10 @@ public struct TreeRestore {
                 // Nothing exists below: everything in the snapshot's directory is restored.
                 let fd = try FS.openDirectory(thenDir, name, path: path)
                 defer { close(fd) }
-                for child in FS.names(fd) { try restoreEntry(fd, -1, name: child, path: path + "/" + child, device: device, links: &links, report: &report) }
+                for child in FS.names(fd) { try restoreEntry(fd, -1, name: child, path: path + "/" + child.display, device: device, links: &links, report: &report) }
                 return
             }
-            guard mkdirat(nowDir, name, 0o700) == 0 else { throw FileTreeError(path, call: "mkdir") }
+            guard mkdirat(nowDir, name.cString, 0o700) == 0 else { throw FileTreeError(path, call: "mkdir") }
         }
         let thenFD = try FS.openDirectory(thenDir, name, path: path)
         defer { close(thenFD) }
@@ -636,7 +752,7 @@ public struct TreeRestore {
         defer { if nowFD >= 0 { close(nowFD) } }
         let names = Set(FS.names(thenFD)).union(nowFD >= 0 ? FS.names(nowFD) : []).sorted()
         for child in names where !child.hasPrefix(".guard-restore.\(tag).") {
-            try restoreEntry(thenFD, nowFD, name: child, path: path + "/" + child, device: device, links: &links, report: &report)
+            try restoreEntry(thenFD, nowFD, name: child, path: path + "/" + child.display, device: device, links: &links, report: &report)
         }
         if !dryRun && nowFD >= 0 {
             try copyAttributes(from: thenFD, source: source, to: nowFD, path: path)
@@ -645,16 +761,16 @@ public struct TreeRestore {
     }
 
     /// Removes an entry and, for a directory, everything below it on the same filesystem.
-    func removeTree(_ directory: Int32, _ name: String, path: String, device: dev_t) throws {
+    func removeTree(_ directory: Int32, _ name: FileName, path: String, device: dev_t) throws {
         guard let entry = FS.lstat(directory, name) else { return }
         if entry.kind == .directory {
             guard entry.stat.st_dev == device else { throw FileTreeError(path, "is another filesystem mounted inside the volume; not removed") }
             let fd = try FS.openDirectory(directory, name, path: path)
-            for child in FS.names(fd) { try removeTree(fd, child, path: path + "/" + child, device: device) }
+            for child in FS.names(fd) { try removeTree(fd, child, path: path + "/" + child.display, device: device) }
             close(fd)
-            guard unlinkat(directory, name, AT_REMOVEDIR) == 0 else { throw FileTreeError(path, call: "rmdir") }
+            guard unlinkat(directory, name.cString, AT_REMOVEDIR) == 0 else { throw FileTreeError(path, call: "rmdir") }
         } else {
-            guard unlinkat(directory, name, 0) == 0 else { throw FileTreeError(path, call: "unlink") }
+            guard unlinkat(directory, name.cString, 0) == 0 else { throw FileTreeError(path, call: "unlink") }
         }
     }
 }

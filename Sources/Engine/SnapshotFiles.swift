@@ -41,7 +41,11 @@ public struct SnapshotFiles {
 
     // MARK: guard diff
 
-    public func diff(_ reference: String, paths: [String], times: Bool, patch: ((View, FileChange) -> Void)? = nil) throws -> [VolumeChanges] {
+    /// - Parameter patch: called for each modified file with both sides' bytes (nil for a side
+    ///   larger than `patchLimit` or not readable as a regular file), read without following symlinks.
+    public func diff(
+        _ reference: String, paths: [String], times: Bool, patchLimit: Int = 256 << 10, patch: ((View, FileChange, [UInt8]?, [UInt8]?) -> Void)? = nil
+    ) throws -> [VolumeChanges] {
         try withViews(reference) { run, views in
             var result: [VolumeChanges] = []
             let wanted = try assign(paths, to: views)
@@ -52,7 +56,12 @@ public struct SnapshotFiles {
                 var changes: [FileChange] = []
                 for relative in relatives { changes += try differ.changes(under: relative) }
                 changes.sort { $0.path < $1.path }
-                if let patch { for change in changes where change.change == .modified && change.kind == .file { patch(view, change) } }
+                if let patch {
+                    for change in changes where change.change == .modified && change.kind == .file {
+                        let (before, after) = try differ.contents(of: change.path, limit: patchLimit)
+                        patch(view, change, before, after)
+                    }
+                }
                 result.append(VolumeChanges(volume: view.volume, mountPoint: view.mountPoint, changes: changes))
             }
             return result

@@ -80,3 +80,65 @@ struct FileTreeTests {
         }
     }
 }
+
+/// Names (and symlink targets) that are not UTF-8, as Latin-1 systems and old archives leave
+/// them: listed by diff in a form that shows every byte, and restored byte for byte.
+@Suite("file names that are not UTF-8")
+struct NonUTF8NameTests {
+    let base = NSTemporaryDirectory() + "guard-bytes-\(UInt32.random(in: 0...UInt32.max))"
+
+    /// Runs `script` in `base` with bash's $'...' quoting for the raw bytes.
+    func shell(_ script: String) {
+        #expect(system("cd '\(base)' && bash -c \(shellQuote(script))") == 0, "\(script)")
+    }
+
+    func shellQuote(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+
+    /// The bytes of the names `ls` sees in `directory` (Foundation would decode them lossily).
+    func rawNames(_ directory: String) -> [[UInt8]] {
+        let fd = open(directory, O_RDONLY | O_DIRECTORY)
+        defer { close(fd) }
+        return FS.names(fd).map(\.bytes)
+    }
+
+    @Test("a Latin-1 file, a directory and a symlink target: diff shows \\xNN, restore by that name and by the parent puts the same bytes back")
+    func nonUTF8() throws {
+        try FileManager.default.createDirectory(atPath: base + "/then", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        // café (Latin-1 é = 0xE9), a directory r\xE9pertoire with a file, a symlink to \xFF, a name with a backslash.
+        shell("""
+            printf v1 > then/$'caf\\xe9'; mkdir then/$'r\\xe9pertoire'; printf inner > then/$'r\\xe9pertoire'/$'f\\xfc'
+            ln -s $'target\\xff' then/link; printf back > then/$'back\\\\slash\\xe9'
+            cp -a then now
+            printf v2 > now/$'caf\\xe9'; rm -r now/$'r\\xe9pertoire'; rm now/link; ln -s elsewhere now/link; rm now/$'back\\\\slash\\xe9'
+            """)
+        let changes = try TreeDiff(then: base + "/then", now: base + "/now", times: false).changes(under: "")
+        let summary = changes.map { "\($0.change.rawValue) \($0.path)" }
+        #expect(summary == [
+            "deleted back\\\\slash\\xE9", "modified caf\\xE9", "modified link", "deleted r\\xE9pertoire", "deleted r\\xE9pertoire/f\\xFC",
+        ], "\(summary)")
+
+        // Restored by the names diff printed: the file, then the directory (with its file) and the symlink.
+        var report = RestoreReport()
+        try TreeRestore(then: base + "/then", now: base + "/now", deleteCreated: false, dryRun: false, tag: "t")
+            .restore(["caf\\xE9", "r\\xE9pertoire", "link", "back\\\\slash\\xE9"], into: &report)
+        #expect(rawNames(base + "/now").sorted { $0.lexicographicallyPrecedes($1) } == rawNames(base + "/then").sorted { $0.lexicographicallyPrecedes($1) })
+        shell("""
+            [ "$(cat now/$'caf\\xe9')" = v1 ] && [ "$(cat now/$'r\\xe9pertoire'/$'f\\xfc')" = inner ] && [ "$(readlink now/link)" = $'target\\xff' ] && [ "$(cat now/$'back\\\\slash\\xe9')" = back ]
+            """)
+        #expect(try TreeDiff(then: base + "/then", now: base + "/now", times: false).changes(under: "").isEmpty)
+        #expect(report.actions.contains("restore caf\\xE9 (file, 2 bytes)"), "\(report.actions)")
+    }
+
+    @Test("the display form reads back to the same bytes; a UTF-8 name is shown as it is, escapes and all")
+    func displayRoundTrip() {
+        for bytes: [UInt8] in [[0x63, 0x61, 0x66, 0xE9], [0xFF], [0x5C, 0xE9], [0xC3], [0x61, 0x5C, 0x78, 0x34, 0x31, 0x80]] {
+            let name = FileName(bytes: bytes)
+            #expect(FileName.parsing(name.display)?.bytes == bytes, "\(name.display)")
+        }
+        #expect(FileName("caf\u{E9}").display == "caf\u{E9}")
+        #expect(FileName("a\\xE9").display == "a\\xE9", "a UTF-8 name is its own display")
+        #expect(FileName.parsing("a\\x41") == nil, "escapes that spell UTF-8 are not a non-UTF-8 name")
+        #expect(FileName.parsing("plain") == nil)
+    }
+}

@@ -129,6 +129,42 @@ extension Kernel {
             #expect(try tool("commit", "\(run)").status == 0)
         }
 
+        @Test("names that are not UTF-8 (Latin-1 files, a directory, a symlink's target): diff shows each byte as \\xNN, restore takes that name, the bytes come back")
+        func nonUTF8Names() throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let m = lvm.mountPoint
+            // Bash's $'...' writes the raw bytes: caf\xE9 (Latin-1 café), r\xE9pertoire/f\xFC, a link to target\xFF.
+            try sh("""
+                bash -c "printf v1 > \(m)/$'caf\\xe9' && mkdir \(m)/$'r\\xe9pertoire' && printf inner > \(m)/$'r\\xe9pertoire'/$'f\\xfc' && ln -s $'target\\xff' \(m)/link && sync"
+                """)
+            let listing = "cd \(m) && find . -print0 | sort -z | xargs -0 stat -c '%n %F %s %a' | od -c | sha256sum; cat $'caf\\xe9' $'r\\xe9pertoire'/$'f\\xfc'; readlink link | od -c"
+            let before = try sh("bash -c \"\(listing)\"")
+            let run = try keptRun(lvm, tool, steps: """
+                  - name: damage the names
+                    shell: bash -c "printf v2 > \(m)/$'caf\\xe9' && rm -r \(m)/$'r\\xe9pertoire' && ln -sfn elsewhere \(m)/link"
+                """)
+            #expect(try sh("bash -c \"\(listing)\"") != before)
+
+            let diff = try tool("diff", "\(run)")
+            #expect(diff.status == 0, "\(diff.stderr)")
+            for line in ["modified", "deleted"] { #expect(diff.stdout.contains(line), "\(diff.stdout)") }
+            #expect(diff.stdout.contains("\(m)/caf\\xE9"), "the Latin-1 name, byte by byte: \(diff.stdout)")
+            #expect(diff.stdout.contains("\(m)/r\\xE9pertoire/f\\xFC"), "\(diff.stdout)")
+            let json = try #require(try tool.json("diff", "\(run)") as? [[String: Any]])
+            let paths = Set(((json.first?["changes"] as? [[String: Any]]) ?? []).compactMap { $0["path"] as? String })
+            #expect(paths == ["caf\\xE9", "link", "r\\xE9pertoire", "r\\xE9pertoire/f\\xFC"], "\(paths)")
+            let patch = try tool("diff", "\(run)", "caf\\xE9", "--patch")
+            #expect(patch.stdout.contains("-v1") && patch.stdout.contains("+v2"), "the patch of a file named in bytes: \(patch.stdout)")
+
+            // Restored by the names diff printed, as an admin would paste them.
+            let restore = try tool("restore", "\(run)", "\(m)/caf\\xE9", "r\\xE9pertoire", "link")
+            #expect(restore.status == 0, "\(restore.stderr)")
+            #expect(try sh("bash -c \"\(listing)\"") == before, "every name, size, mode, content and the link's target as before")
+            #expect(try tool("diff", "\(run)").stdout.isEmpty)
+            #expect(try tool("commit", "\(run)").status == 0)
+        }
+
         @Test("escapes are refused and touch nothing: ../../etc/passwd, a path outside the volume, a symlink in the path")
         func escapesRefused() throws {
             let lvm = try LVMFixture()

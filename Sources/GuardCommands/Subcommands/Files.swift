@@ -3,6 +3,10 @@ import Engine
 import Foundation
 import Recipe
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 extension GuardCommand {
     struct Diff: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -13,6 +17,8 @@ extension GuardCommand {
                 Each line: the change (created, deleted, modified, metadata), the path, its size then and now, and what changed in its metadata (mode, owner, xattrs; mtime with --times).
 
                 --json prints an array, one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
+
+                A name that is not UTF-8 is shown with each such byte as \\xNN (a backslash in it as \\\\); guard restore takes that form back.
 
                 Refused for a run whose snapshots are not kept, and for an Invalid snapshot.
 
@@ -42,7 +48,7 @@ extension GuardCommand {
         func run() throws {
             let context = try global.context()
             let patches = PatchCollector()
-            let collect: ((SnapshotFiles.View, FileChange) -> Void)? = patch && !json ? { patches.collect($0, $1) } : nil
+            let collect: ((SnapshotFiles.View, FileChange, [UInt8]?, [UInt8]?) -> Void)? = patch && !json ? { patches.collect($0, $1, $2, $3) } : nil
             let volumes = try SnapshotFiles(context: context).diff(target, paths: paths, times: times, patch: collect)
             if json {
                 try printJSON(volumes)
@@ -129,15 +135,20 @@ final class PatchCollector: @unchecked Sendable {
     // @unchecked: filled synchronously on the command's thread, read after.
     var text: [String: String] = [:]
 
-    func collect(_ view: SnapshotFiles.View, _ change: FileChange) {
-        let before = view.snapshotRoot + "/" + change.path
-        let after = view.mountPoint + "/" + change.path
+    /// Both sides come as bytes read by the engine (through descriptors, never a path that a
+    /// symlink could redirect); `diff -u` reads them from a private directory of guard's own.
+    func collect(_ view: SnapshotFiles.View, _ change: FileChange, _ then: [UInt8]?, _ now: [UInt8]?) {
         let shown = view.mountPoint == "/" ? "/" + change.path : view.mountPoint + "/" + change.path
-        guard let a = FileManager.default.contents(atPath: before), let b = FileManager.default.contents(atPath: after) else { return }
-        guard a.count <= 256 << 10, b.count <= 256 << 10, !a.contains(0), !b.contains(0) else {
+        guard let a = then, let b = now, !a.contains(0), !b.contains(0) else {
             text[shown] = "    (not shown: binary or larger than 256 KiB)"
             return
         }
+        var template = Array((NSTemporaryDirectory() + "guard-patch-XXXXXX").utf8CString)
+        guard let made = mkdtemp(&template) else { return }
+        let directory = String(cString: made)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let before = directory + "/then", after = directory + "/now"
+        guard FileManager.default.createFile(atPath: before, contents: Data(a)), FileManager.default.createFile(atPath: after, contents: Data(b)) else { return }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/diff")
         process.arguments = ["-u", "--label", "then:" + shown, "--label", "now:" + shown, before, after]
