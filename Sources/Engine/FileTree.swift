@@ -115,7 +115,7 @@ struct FileName: Hashable, Comparable {
     var bytes: [UInt8] { cString.dropLast().map { UInt8(bitPattern: $0) } }
     var isDotOrDotDot: Bool { cString == [46, 0] || cString == [46, 46, 0] }
 
-    func hasPrefix(_ prefix: String) -> Bool { bytes.starts(with: prefix.utf8) }
+    func hasPrefix(_ prefix: String) -> Bool { cString.dropLast().starts(with: prefix.utf8) { UInt8(bitPattern: $0) == $1 } }
 
     var display: String {
         let bytes = bytes
@@ -161,7 +161,10 @@ struct FileName: Hashable, Comparable {
         return FileName(bytes: bytes)
     }
 
-    static func < (a: FileName, b: FileName) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+    /// Byte order (unsigned), as `ls` in the C locale; the terminating NUL sorts a prefix first.
+    static func < (a: FileName, b: FileName) -> Bool {
+        a.cString.lexicographicallyPrecedes(b.cString) { UInt8(bitPattern: $0) < UInt8(bitPattern: $1) }
+    }
 }
 
 extension String {
