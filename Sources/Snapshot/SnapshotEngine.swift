@@ -16,14 +16,6 @@ public protocol WindowWatchdog: AnyObject {
     func disarm() -> Bool
 }
 
-extension SnapshotEngine {
-    /// Disarms the watchdog; a watchdog that fired or died during the window is reported.
-    func disarmWatchdog(_ operation: String) {
-        guard let watchdog, !watchdog.disarm() else { return }
-        log?("warning: the suspend watchdog fired or died during the \(operation) (it resumes the devices itself when it fires); check `guard status` and the system log")
-    }
-}
-
 /// guard's own implementation of `lvcreate -s`, the removal of a snapshot, and
 /// `lvconvert --merge`, for any active device-mapper volume (an LVM LV or a guard volume).
 ///
@@ -353,58 +345,16 @@ public struct SnapshotEngine {
     ///
     /// - Returns: the window's length in microseconds, first suspend to last resume.
     func take(_ stacks: [SnapshotStack]) throws -> UInt64 {
-        // Everything the window needs is computed before it.
-        let origins = stacks.map { DeviceRef.number($0.originNumber) }
-        let reals = stacks.map { $0.ref(.real) }
-        let snaps = stacks.map { $0.ref(.snap) }
         for stack in stacks {
             // Less to flush inside the window.
             for mount in Mounts.mountPoints(of: stack.originNumber) { try? FileSystems.sync(mount.target) }
         }
-        let batch = UdevBatch()
-        try watchdog?.arm(resumeInOrder: reals + snaps + origins, timeout: watchdogTimeout)
-        // Locked only where a page of guard could have to come from a suspended origin.
-        let lockNeeded = Memory.mayFault(on: Set(stacks.map(\.originNumber)))
-        var memoryLocked = lockNeeded
-        if lockNeeded { do { try Memory.lockAll() } catch { memoryLocked = false } }
-        DeviceMapper.holdLog()
+        return try executor.run(.take(stacks))
+    }
 
-        let clock = ContinuousClock()
-        let start = clock.now
-        var suspended: [DeviceRef] = []
-        var failure: (any Error)?
-        do {
-            for origin in origins {
-                try dm.suspend(origin, flush: true, lockFileSystem: true)
-                suspended.append(origin)
-            }
-            CrashPoint.hit("window.suspended")
-            for real in reals { try dm.resume(real, udevFlags: .hidden, batch: batch) }
-            CrashPoint.hit("window.real-resumed")
-            for snap in snaps { try dm.resume(snap, udevFlags: [.hidden, .lowPriority], batch: batch) }
-            CrashPoint.hit("window.snap-resumed")
-            for origin in origins {
-                try dm.resume(origin, batch: batch)
-                suspended.removeFirst()
-            }
-        } catch {
-            failure = error
-            // Origins still suspended go back to their own table: drop the swap, then resume.
-            for origin in suspended {
-                try? dm.clearInactiveTable(origin)
-                try? dm.resume(origin, batch: batch)
-            }
-        }
-        let end = clock.now
-
-        disarmWatchdog("snapshot window")
-        if memoryLocked { Memory.unlockAll() }
-        DeviceMapper.releaseLog()
-        batch.finish()
-        if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
-        if let failure { throw failure }
-        let elapsed = end - start
-        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+    /// The one executor of transitions (`Transition`), with this engine's watchdog and log.
+    var executor: TransitionExecutor<DeviceMapper> {
+        TransitionExecutor(devices: dm, watchdog: watchdog, watchdogTimeout: watchdogTimeout, log: log)
     }
 
     // MARK: Dropping a snapshot (commit, or undoing a preparation)
@@ -459,16 +409,7 @@ public struct SnapshotEngine {
                             hint: "load the volume's table again yourself (`cryptsetup open`, `dmsetup reload`), then run `guard recover`")
                     }
                 }
-                try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
-                CrashPoint.hit("commit.origin-loaded")
-                try withSuspended([.number(origin.number)] + (snap.map { [DeviceRef.number($0.number)] } ?? [])) {
-                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
-                    if let snap { try dm.suspend(.number(snap.number), flush: true, lockFileSystem: false) }
-                    CrashPoint.hit("commit.suspended")
-                    try dm.resume(.number(origin.number))
-                    // Nothing stays frozen, not even a layer about to go.
-                    if let snap { try dm.resume(.number(snap.number)) }
-                }
+                try executor.run(.drop(origin: origin, own: own, snap: snap, name: operation))
                 log?("\(origin.name) is back on its own table")
             } else if origin.isSuspended {
                 try dm.resume(.number(origin.number))  // left suspended by a crash, own table
@@ -490,22 +431,6 @@ public struct SnapshotEngine {
             guard error.errno == EOPNOTSUPP else { throw error }
             try file.truncate(to: offset + length)
             return false
-        }
-    }
-
-    /// Suspends inside `body` with the watchdog armed to resume `resumeOrder` if guard dies.
-    private func withSuspended(_ resumeOrder: [DeviceRef], _ body: () throws -> Void) throws {
-        try watchdog?.arm(resumeInOrder: resumeOrder, timeout: watchdogTimeout)
-        DeviceMapper.holdLog()
-        defer {
-            DeviceMapper.releaseLog()
-            disarmWatchdog("suspend of \(resumeOrder.count) device(s)")
-        }
-        do {
-            try body()
-        } catch {
-            for device in resumeOrder { try? dm.resume(device) }
-            throw error
         }
     }
 
@@ -611,11 +536,7 @@ public struct SnapshotEngine {
             label.storageBytes = storageBytes
             try label.write(to: path)
         }
-        try dm.load(stack.ref(.cow), table: Table(.linear(device: loopNumber, offset: offset), length: grown.areaBytes / 512))
-        try withSuspended([stack.ref(.cow)]) {
-            try dm.suspend(stack.ref(.cow), flush: true, lockFileSystem: false)
-            try dm.resume(stack.ref(.cow))
-        }
+        try executor.run(.extend(cow: stack.ref(.cow), table: Table(.linear(device: loopNumber, offset: offset), length: grown.areaBytes / 512), stack: stack))
         log?("grew the COW of \(stack.originName) to \(formatBytes(grown.areaBytes))")
         return grown
     }
@@ -644,21 +565,9 @@ public struct SnapshotEngine {
             throw SnapshotError(.layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))")
         }
         if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
-        do {
-            try dm.load(.number(origin.number), table: Table(.writeFuse(device: real.number), length: stack.originSectors), readOnly: origin.isReadOnly)
-        } catch {
-            try? dm.clearInactiveTable(.number(origin.number))
-            throw error
-        }
-        let clock = ContinuousClock()
-        let start = clock.now
-        try withSuspended([.number(origin.number)]) {
-            try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
-            try dm.resume(.number(origin.number))
-        }
-        let elapsed = start.duration(to: clock.now)
+        let window = try executor.run(.blowFuse(origin: origin, real: real.number, stack: stack))
         log?("\(origin.name) refuses writes (guard's fuse): its snapshot stays valid for the rollback")
-        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+        return window
     }
 
     /// Whether the stack's origin is on guard's write fuse.
@@ -710,31 +619,14 @@ public struct SnapshotEngine {
             try label.write(to: stack.storage.path)
         }
         CrashPoint.hit("merge.label-merging")
-        do {
-            try dm.load(
-                .number(origin.number),
-                table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
-                readOnly: origin.isReadOnly)
-            CrashPoint.hit("merge.origin-loaded")
-            try dm.load(.number(snap.number), table: Table(.error, length: stack.originSectors))
-            CrashPoint.hit("merge.snap-loaded")
-        } catch {
-            try? dm.clearInactiveTable(.number(origin.number))
-            try? dm.clearInactiveTable(.number(snap.number))
+        // Resuming the origin hands the exceptions over to the merge. A table that did not
+        // load leaves nothing merging: the label goes back to active.
+        try executor.run(.startMerge(origin: origin, snap: snap, real: real.number, cow: cow.number, stack: stack)) {
             if var label = try? CowLabel.read(from: stack.storage.path) {
                 label.state = .active
                 try? label.write(to: stack.storage.path)
             }
-            throw error
         }
-        try withSuspended([.number(origin.number), .number(snap.number)]) {
-            try dm.suspend(.number(origin.number), flush: true, lockFileSystem: false)
-            try dm.suspend(.number(snap.number), flush: true, lockFileSystem: false)
-            CrashPoint.hit("merge.suspended")
-            try dm.resume(.number(origin.number))  // the kernel hands the exceptions over
-            try dm.resume(.number(snap.number))
-        }
-        CrashPoint.hit("merge.handed-over")
         try dm.remove(.number(snap.number))
         log?("\(origin.name) is merging its snapshot back")
     }
@@ -758,21 +650,10 @@ public struct SnapshotEngine {
         let cow = try dm.requireInfo(stack.ref(.cow))
         if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
         if live.isOnly("snapshot-merge") {
-            try dm.load(.number(origin.number), table: Table(.error, length: stack.originSectors), readOnly: origin.isReadOnly)
-            try withSuspended([.number(origin.number)]) {
-                try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
-                try dm.resume(.number(origin.number))
-            }
+            try executor.run(.endFailedMerge(origin: origin, stack: stack))
         }
         CrashPoint.hit("restart.error-table")
-        try dm.load(
-            .number(origin.number),
-            table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
-            readOnly: origin.isReadOnly)
-        try withSuspended([.number(origin.number)]) {
-            try dm.suspend(.number(origin.number), flush: false, lockFileSystem: false)
-            try dm.resume(.number(origin.number))
-        }
+        try executor.run(.restartMerge(origin: origin, real: real.number, cow: cow.number, stack: stack))
         log?("restarted the merge into \(origin.name)")
     }
 
@@ -864,17 +745,14 @@ public struct SnapshotEngine {
         try markReleased(stack)
         CrashPoint.hit("finish.label-released")
         do {
-            try dm.load(.number(origin.number), table: own, readOnly: origin.isReadOnly)
-            CrashPoint.hit("finish.origin-loaded")
-            try withSuspended([.number(origin.number)]) {
-                try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
-                // Checked again with the origin quiet: the merge must really be complete.
-                if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
-                    try dm.clearInactiveTable(.number(origin.number))
-                    throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
-                }
-                try dm.resume(.number(origin.number))
-            }
+            // Checked again with the origin quiet: the merge must really be complete, or the
+            // origin stays on the merge.
+            try executor.run(
+                .finishMerge(origin: origin, own: own, stack: stack) { [dm] in
+                    if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
+                        throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
+                    }
+                })
         } catch {
             if try liveState(stack).merging { try? mark(stack, .merging) }
             throw error
@@ -1065,31 +943,8 @@ extension SnapshotEngine {
                 udevFlags: .hidden)
             let real = try dm.create(name: stack.realName, uuid: stack.identity.uuid(.real))
             try dm.load(stack.ref(.real), table: live, readOnly: origin.isReadOnly)
-            let batch = UdevBatch()
-            if merging {
-                try dm.load(
-                    .number(origin.number),
-                    table: Table(.snapshotMerge(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: label.chunkSectors), length: label.originSectors),
-                    readOnly: origin.isReadOnly)
-                try withSuspendedForReassembly([stack.ref(.real), .number(origin.number)]) {
-                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
-                    try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: batch)
-                    try dm.resume(.number(origin.number), batch: batch)
-                }
-            } else {
-                _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
-                try dm.load(
-                    stack.ref(.snap),
-                    table: Table(.snapshot(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: label.chunkSectors), length: label.originSectors))
-                try dm.load(.number(origin.number), table: Table(.snapshotOrigin(device: real.number), length: label.originSectors), readOnly: origin.isReadOnly)
-                try withSuspendedForReassembly([stack.ref(.real), stack.ref(.snap), .number(origin.number)]) {
-                    try dm.suspend(.number(origin.number), flush: true, lockFileSystem: true)
-                    try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: batch)
-                    try dm.resume(stack.ref(.snap), udevFlags: [.hidden, .lowPriority], batch: batch)
-                    try dm.resume(.number(origin.number), batch: batch)
-                }
-            }
-            batch.finish()
+            if !merging { _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap)) }
+            try executor.run(.reassemble(origin: origin, stack: stack, real: real.number, cow: cow.number, merging: merging))
         } catch {
             try? dm.clearInactiveTable(.number(origin.number))
             try? removeLayers(stack, [.snap, .real, .cow])
@@ -1115,16 +970,6 @@ extension SnapshotEngine {
                 hint: "`guard commit` of the run discards the COW and keeps the volume as it is")
         }
         try waitUntilClosed(origin, operation: operation, hint: "unmount it and stop what holds it, then run `guard recover`; nothing was reassembled")
-    }
-
-    private func withSuspendedForReassembly(_ order: [DeviceRef], _ body: () throws -> Void) throws {
-        try watchdog?.arm(resumeInOrder: order, timeout: watchdogTimeout)
-        defer { disarmWatchdog("reassembly") }
-        do { try body() } catch {
-            try? dm.clearInactiveTable(order.last!)
-            try? dm.resume(order.last!)
-            throw error
-        }
     }
 
     /// The stack a label describes, with the origin's current number.

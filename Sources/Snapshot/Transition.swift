@@ -1,0 +1,354 @@
+import BlockDevice
+import DeviceMapper
+
+/// One change of the snapshot stack's tables, described as data: the tables to load, the
+/// order to suspend, what to check while everything is suspended, the order to resume, and
+/// where the crash points sit. lvm2 does the same in libdm/libdm-deptree.c: a description
+/// (its dm_tree) from which one executor derives the order of the kernel calls.
+///
+/// From a transition the executor (`TransitionExecutor`) derives everything that used to be
+/// written by hand at each site: the watchdog's list (the resume order), the undo after a
+/// failure (its `onFailure`), whether memory must be locked (a suspended device guard's pages
+/// could fault on), and the one udev wait after the last resume.
+///
+/// The descriptions of guard's transitions are `Transition.take`, `.drop`, `.startMerge`,
+/// `.endFailedMerge`, `.restartMerge`, `.finishMerge`, `.blowFuse`, `.extend` and
+/// `.reassemble` below; Docs/architecture.md draws them.
+public struct Transition: @unchecked Sendable {
+    // @unchecked: `check` is a closure run only by the executor, on the caller's thread.
+
+    /// A table loaded (inactive) before the window; a later resume of the device makes it live.
+    public struct Load {
+        public var device: DeviceRef
+        public var table: Table
+        public var readOnly: Bool
+        public var crashPointAfter: StaticString?
+
+        public init(device: DeviceRef, table: Table, readOnly: Bool, crashPointAfter: StaticString? = nil) {
+            self.device = device
+            self.table = table
+            self.readOnly = readOnly
+            self.crashPointAfter = crashPointAfter
+        }
+    }
+
+    public struct Suspension: Hashable, Sendable {
+        public var device: DeviceRef
+        /// Flush queued I/O (false for the fuse: its point is that nothing more is written).
+        public var flush: Bool
+        /// Freeze the filesystem on the device (FIFREEZE through the kernel).
+        public var lockFileSystem: Bool
+    }
+
+    public struct Resumption {
+        public var device: DeviceRef
+        public var udevFlags: UdevFlags
+        public var crashPointAfter: StaticString?
+    }
+
+    /// What the executor does when a call in the window fails.
+    public enum OnFailure: Hashable, Sendable {
+        /// Resume every device not resumed yet: tables loaded for this transition go live.
+        /// For transitions whose durable decision (the label) is already written, so going
+        /// forward is what recovery would do anyway.
+        case completeForward
+        /// Devices still suspended drop the table loaded for them and resume on the one
+        /// they had: nothing of the transition happened to them.
+        case revertSuspended
+    }
+
+    /// For messages: "snapshot window", "commit of website".
+    public var name: String
+    public var loads: [Load] = []
+    public var suspensions: [Suspension]
+    public var crashPointSuspended: StaticString?
+    /// Runs with every device of `suspensions` suspended; a throw fails the window.
+    public var check: (() throws -> Void)?
+    public var resumptions: [Resumption]
+    public var onFailure: OnFailure
+
+    /// The order the watchdog resumes in if guard dies or stalls inside the window.
+    public var watchdogOrder: [DeviceRef] { resumptions.map(\.device) }
+
+    /// Devices whose suspension guard's own pages could fault on (known by number).
+    public var suspendedNumbers: Set<DeviceNumber> {
+        Set(suspensions.compactMap { if case .number(let number) = $0.device { number } else { nil } })
+    }
+
+    /// What is wrong with the description; empty for a transition the executor may run.
+    /// A device suspended but never resumed would stay frozen; a table loaded but never
+    /// resumed would never go live.
+    public var problems: [String] {
+        var problems: [String] = []
+        let resumed = resumptions.map(\.device)
+        for device in Set(resumed) where resumed.count(where: { $0 == device }) > 1 {
+            problems.append("\(name): \(device) is resumed twice")
+        }
+        let suspended = suspensions.map(\.device)
+        for device in Set(suspended) where suspended.count(where: { $0 == device }) > 1 {
+            problems.append("\(name): \(device) is suspended twice")
+        }
+        for device in suspended where !resumed.contains(device) {
+            problems.append("\(name): \(device) is suspended and never resumed")
+        }
+        for load in loads where !resumed.contains(load.device) {
+            problems.append("\(name): the table loaded into \(load.device) never goes live")
+        }
+        if suspensions.isEmpty { problems.append("\(name): nothing is suspended") }
+        return problems
+    }
+}
+
+// MARK: - The descriptions
+
+extension Transition {
+    /// The snapshot window (`lvcreate -s`): every origin suspended (flushed, frozen), then
+    /// every `-real`, every `-snap` and every origin resumed, so all snapshots are of one
+    /// instant. The tables were loaded by `prepare`; a failure puts the origins still
+    /// suspended back on their own tables (the set is then dropped).
+    public static func take(_ stacks: [SnapshotStack]) -> Transition {
+        func group(_ refs: [DeviceRef], _ flags: UdevFlags, _ crashPoint: StaticString?) -> [Resumption] {
+            refs.enumerated().map { index, ref in
+                Resumption(device: ref, udevFlags: flags, crashPointAfter: index == refs.count - 1 ? crashPoint : nil)
+            }
+        }
+        let origins = stacks.map { DeviceRef.number($0.originNumber) }
+        return Transition(
+            name: "snapshot window",
+            suspensions: origins.map { Suspension(device: $0, flush: true, lockFileSystem: true) },
+            crashPointSuspended: "window.suspended",
+            resumptions: group(stacks.map { $0.ref(.real) }, .hidden, "window.real-resumed")
+                + group(stacks.map { $0.ref(.snap) }, [.hidden, .lowPriority], "window.snap-resumed")
+                + group(origins, [], nil),
+            onFailure: .revertSuspended)
+    }
+
+    /// The commit: the origin back on its own table (`own`); the snapshot, if any, suspended
+    /// with it so nothing is copied into a COW about to go, and resumed so nothing stays
+    /// frozen. The label says released before this runs.
+    public static func drop(origin: DeviceInfo, own: Table, snap: DeviceInfo?, name: String) -> Transition {
+        let snapRef = snap.map { DeviceRef.number($0.number) }
+        return Transition(
+            name: name,
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "commit.origin-loaded")],
+            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)]
+                + (snapRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
+            crashPointSuspended: "commit.suspended",
+            resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]
+                + (snapRef.map { [Resumption(device: $0, udevFlags: [])] } ?? []),
+            onFailure: .completeForward)
+    }
+
+    /// The start of a rollback (`lvconvert --merge`): the origin gets `snapshot-merge` over
+    /// `-real` and `-cow`, the snapshot an `error` table; resuming the origin hands the
+    /// exceptions over. The label says merging before this runs.
+    public static func startMerge(origin: DeviceInfo, snap: DeviceInfo, real: DeviceNumber, cow: DeviceNumber, stack: SnapshotStack) -> Transition {
+        let originRef = DeviceRef.number(origin.number), snapRef = DeviceRef.number(snap.number)
+        return Transition(
+            name: "rollback of \(stack.originName)",
+            loads: [
+                Load(
+                    device: originRef,
+                    table: Table(.snapshotMerge(origin: real, cow: cow, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
+                    readOnly: origin.isReadOnly, crashPointAfter: "merge.origin-loaded"),
+                Load(device: snapRef, table: Table(.error, length: stack.originSectors), readOnly: false, crashPointAfter: "merge.snap-loaded"),
+            ],
+            suspensions: [Suspension(device: originRef, flush: true, lockFileSystem: false), Suspension(device: snapRef, flush: true, lockFileSystem: false)],
+            crashPointSuspended: "merge.suspended",
+            resumptions: [Resumption(device: originRef, udevFlags: []), Resumption(device: snapRef, udevFlags: [], crashPointAfter: "merge.handed-over")],
+            onFailure: .completeForward)
+    }
+
+    /// Ends a merge the kernel failed: the origin on an `error` table for an instant (the
+    /// kernel allows one merging snapshot per COW, and the failed one must go first).
+    public static func endFailedMerge(origin: DeviceInfo, stack: SnapshotStack) -> Transition {
+        onOwnSuspend(origin, Table(.error, length: stack.originSectors), name: "end of the failed merge into \(stack.originName)")
+    }
+
+    /// A fresh `snapshot-merge` that reads the exceptions still in the COW and merges on.
+    public static func restartMerge(origin: DeviceInfo, real: DeviceNumber, cow: DeviceNumber, stack: SnapshotStack) -> Transition {
+        onOwnSuspend(
+            origin,
+            Table(.snapshotMerge(origin: real, cow: cow, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
+            name: "restart of the merge into \(stack.originName)")
+    }
+
+    /// The end of a merge the kernel reports complete: the origin back on its own table
+    /// (`own`, `-real`'s). `check` runs with the origin quiet and must confirm completion;
+    /// if it does not, the origin stays on the merge.
+    public static func finishMerge(origin: DeviceInfo, own: Table, stack: SnapshotStack, check: @escaping () throws -> Void) -> Transition {
+        Transition(
+            name: "teardown of the merge into \(stack.originName)",
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "finish.origin-loaded")],
+            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)],
+            check: check,
+            resumptions: [Resumption(device: .number(origin.number), udevFlags: [])],
+            onFailure: .revertSuspended)
+    }
+
+    /// guard's write fuse: the origin on `flakey` over `-real` refusing writes. The suspend
+    /// neither flushes nor freezes: that would write dirty pages into the COW.
+    public static func blowFuse(origin: DeviceInfo, real: DeviceNumber, stack: SnapshotStack) -> Transition {
+        onOwnSuspend(origin, Table(.writeFuse(device: real), length: stack.originSectors), name: "write fuse of \(stack.originName)")
+    }
+
+    /// A grown `-cow`: its table one larger; the kernel's exception store sees the size on resume.
+    public static func extend(cow: DeviceRef, table: Table, stack: SnapshotStack) -> Transition {
+        Transition(
+            name: "extension of the COW of \(stack.originName)",
+            loads: [Load(device: cow, table: table, readOnly: false)],
+            suspensions: [Suspension(device: cow, flush: true, lockFileSystem: false)],
+            resumptions: [Resumption(device: cow, udevFlags: [])],
+            onFailure: .completeForward)
+    }
+
+    /// A stack rebuilt after a reboot: `-real` and (for a snapshot) `-snap` are new devices
+    /// with their tables loaded, the origin gets `snapshot-origin` (or `snapshot-merge` for a
+    /// merge that resumes). A failure puts the origin back on its own table.
+    public static func reassemble(origin: DeviceInfo, stack: SnapshotStack, real: DeviceNumber, cow: DeviceNumber, merging: Bool) -> Transition {
+        let originRef = DeviceRef.number(origin.number)
+        let chunk = stack.chunkSectors, sectors = stack.originSectors
+        let table =
+            merging
+            ? Table(.snapshotMerge(origin: real, cow: cow, persistence: .persistent, chunkSectors: chunk), length: sectors)
+            : Table(.snapshotOrigin(device: real), length: sectors)
+        return Transition(
+            name: "reassembly of \(stack.originName)",
+            loads: (merging ? [] : [Load(device: stack.ref(.snap), table: Table(.snapshot(origin: real, cow: cow, persistence: .persistent, chunkSectors: chunk), length: sectors), readOnly: false)])
+                + [Load(device: originRef, table: table, readOnly: origin.isReadOnly)],
+            suspensions: [Suspension(device: originRef, flush: true, lockFileSystem: true)],
+            resumptions: [Resumption(device: stack.ref(.real), udevFlags: .hidden)]
+                + (merging ? [] : [Resumption(device: stack.ref(.snap), udevFlags: [.hidden, .lowPriority])])
+                + [Resumption(device: originRef, udevFlags: [])],
+            onFailure: .revertSuspended)
+    }
+
+    /// One device to a new table, suspended without a flush or a freeze.
+    private static func onOwnSuspend(_ device: DeviceInfo, _ table: Table, name: String) -> Transition {
+        let ref = DeviceRef.number(device.number)
+        return Transition(
+            name: name,
+            loads: [Load(device: ref, table: table, readOnly: device.isReadOnly)],
+            suspensions: [Suspension(device: ref, flush: false, lockFileSystem: false)],
+            resumptions: [Resumption(device: ref, udevFlags: [])],
+            onFailure: .completeForward)
+    }
+}
+
+// MARK: - The executor
+
+/// The kernel calls a transition needs: `DeviceMapper`'s, or a recorder in the unit tests.
+public protocol TransitionDevices {
+    func load(_ device: DeviceRef, table: Table, readOnly: Bool) throws
+    func clearInactiveTable(_ device: DeviceRef) throws
+    func suspend(_ device: DeviceRef, flush: Bool, lockFileSystem: Bool) throws
+    func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws
+}
+
+extension DeviceMapper: TransitionDevices {}
+
+/// Runs transitions. The only code in guard that suspends a device.
+public struct TransitionExecutor<Devices: TransitionDevices> {
+    public var devices: Devices
+    public var watchdog: (any WindowWatchdog)?
+    public var watchdogTimeout: Duration
+    /// Receives warnings, after the window (never while a device is suspended).
+    public var log: ((String) -> Void)?
+    /// Where crash points go: `CrashPoint.hit`, or a recorder in the unit tests.
+    public var crashPoint: (StaticString) -> Void = { CrashPoint.hit($0) }
+    /// Whether guard's memory must be locked while these devices are suspended.
+    public var mayFault: (Set<DeviceNumber>) -> Bool = { Memory.mayFault(on: $0) }
+    public var lockMemory: () throws -> Void = { try Memory.lockAll() }
+    public var unlockMemory: () -> Void = { Memory.unlockAll() }
+
+    public init(devices: Devices, watchdog: (any WindowWatchdog)?, watchdogTimeout: Duration, log: ((String) -> Void)?) {
+        self.devices = devices
+        self.watchdog = watchdog
+        self.watchdogTimeout = watchdogTimeout
+        self.log = log
+    }
+
+    /// Loads the tables, then runs the window: watchdog armed with the resume order, memory
+    /// locked where it must be, libdevmapper's log held, suspends, the check, resumes; then
+    /// one udev wait. Nothing is logged, journaled, executed or read from a filesystem
+    /// between the first suspend and the last resume.
+    ///
+    /// - Parameter afterFailedLoad: runs when a load failed (after the loaded tables are
+    ///   cleared, before the error is thrown): nothing was suspended.
+    /// - Returns: the window's length in microseconds, first suspend to last resume.
+    @discardableResult
+    public func run(_ transition: Transition, afterFailedLoad: (() -> Void)? = nil) throws -> UInt64 {
+        let problems = transition.problems
+        guard problems.isEmpty else {
+            throw SnapshotError(.other, transition.name, "guard refused its own description of the change: \(problems.joined(separator: "; "))")
+        }
+        var loaded: [DeviceRef] = []
+        do {
+            for load in transition.loads {
+                loaded.append(load.device)
+                try devices.load(load.device, table: load.table, readOnly: load.readOnly)
+                if let point = load.crashPointAfter { crashPoint(point) }
+            }
+        } catch {
+            for device in loaded { try? devices.clearInactiveTable(device) }
+            afterFailedLoad?()
+            throw error
+        }
+        return try window(transition)
+    }
+
+    private func window(_ transition: Transition) throws -> UInt64 {
+        let batch = UdevBatch()
+        try watchdog?.arm(resumeInOrder: transition.watchdogOrder, timeout: watchdogTimeout)
+        // Locked only where a page of guard could have to come from a suspended device.
+        let lockNeeded = mayFault(transition.suspendedNumbers)
+        var memoryLocked = lockNeeded
+        if lockNeeded { do { try lockMemory() } catch { memoryLocked = false } }
+        DeviceMapper.holdLog()
+
+        let clock = ContinuousClock()
+        let start = clock.now
+        var suspended: [DeviceRef] = []
+        var resumed: Set<DeviceRef> = []
+        var failure: (any Error)?
+        do {
+            for suspension in transition.suspensions {
+                try devices.suspend(suspension.device, flush: suspension.flush, lockFileSystem: suspension.lockFileSystem)
+                suspended.append(suspension.device)
+            }
+            if let point = transition.crashPointSuspended { crashPoint(point) }
+            try transition.check?()
+            for resumption in transition.resumptions {
+                try devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)
+                resumed.insert(resumption.device)
+                suspended.removeAll { $0 == resumption.device }
+                if let point = resumption.crashPointAfter { crashPoint(point) }
+            }
+        } catch {
+            failure = error
+            switch transition.onFailure {
+            case .completeForward:
+                for resumption in transition.resumptions where !resumed.contains(resumption.device) {
+                    try? devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)
+                }
+            case .revertSuspended:
+                for device in suspended {
+                    try? devices.clearInactiveTable(device)
+                    try? devices.resume(device, udevFlags: [], batch: batch)
+                }
+            }
+        }
+        let end = clock.now
+
+        if let watchdog, !watchdog.disarm() {
+            log?("warning: the suspend watchdog fired or died during the \(transition.name) (it resumes the devices itself when it fires); check `guard status` and the system log")
+        }
+        if memoryLocked { unlockMemory() }
+        DeviceMapper.releaseLog()
+        batch.finish()
+        if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
+        if let failure { throw failure }
+        let elapsed = end - start
+        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+    }
+}

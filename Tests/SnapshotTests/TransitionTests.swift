@@ -1,0 +1,174 @@
+import BlockDevice
+@testable import DeviceMapper
+import Snapshot
+import Testing
+
+/// The kernel calls a transition makes, in order, with a failure injected where a test says.
+final class RecordingDevices: TransitionDevices, @unchecked Sendable {
+    // @unchecked: used from one test's thread only.
+    var calls: [String] = []
+    var failAt: String?
+
+    private func record(_ call: String) throws {
+        calls.append(call)
+        if call == failAt { throw SnapshotError(.other, "test", "injected failure at \(call)") }
+    }
+    func load(_ device: DeviceRef, table: Table, readOnly: Bool) throws {
+        try record("load \(device) \(table.lines.first!.target.typeName)")
+    }
+    func clearInactiveTable(_ device: DeviceRef) throws { try record("clear \(device)") }
+    func suspend(_ device: DeviceRef, flush: Bool, lockFileSystem: Bool) throws {
+        try record("suspend \(device)\(flush ? "" : " noflush")\(lockFileSystem ? " lockfs" : "")")
+    }
+    func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws {
+        try record("resume \(device)")
+    }
+}
+
+final class RecordingWatchdog: WindowWatchdog, @unchecked Sendable {
+    var armed: [[DeviceRef]] = []
+    var disarms = 0
+    func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws { armed.append(devices) }
+    func disarm() -> Bool {
+        disarms += 1
+        return true
+    }
+}
+
+@Suite("transitions: the stack's changes as data, one executor")
+struct TransitionTests {
+    static let identity0 = StackIdentity(runToken: "3f9a2c1e", volumeIndex: 0)
+    static let identity1 = StackIdentity(runToken: "3f9a2c1e", volumeIndex: 1)
+
+    static func stack(_ identity: StackIdentity, origin: UInt32) -> SnapshotStack {
+        SnapshotStack(
+            identity: identity, originName: "vg-lv\(origin)", originUUID: "LVM-\(origin)",
+            originNumber: DeviceNumber(major: 254, minor: origin), originSectors: 2048, originTable: "0 2048 linear 7:0 0",
+            storage: .file(path: "/var/lib/guard/cow/\(origin).cow"), storageBytes: 4 << 20, chunkSectors: 8)
+    }
+
+    static func info(_ minor: UInt32) -> DeviceInfo {
+        DeviceInfo(
+            name: "dm\(minor)", uuid: "", number: DeviceNumber(major: 254, minor: minor), openCount: 0, isSuspended: false,
+            hasLiveTable: true, hasInactiveTable: false, isReadOnly: false, targetCount: 1, eventNumber: 0)
+    }
+
+    /// Runs `transition` on recorders; returns the calls, the crash points hit, the watchdog.
+    static func run(_ transition: Transition, failAt: String? = nil) -> (calls: [String], crashPoints: [String], watchdog: RecordingWatchdog, error: (any Error)?, afterFailedLoad: Bool) {
+        let devices = RecordingDevices()
+        devices.failAt = failAt
+        let watchdog = RecordingWatchdog()
+        var executor = TransitionExecutor(devices: devices, watchdog: watchdog, watchdogTimeout: .seconds(30), log: nil)
+        var points: [String] = []
+        var afterFailedLoad = false
+        executor.crashPoint = { points.append($0.description) }
+        executor.mayFault = { _ in false }
+        do {
+            try executor.run(transition) { afterFailedLoad = true }
+            return (devices.calls, points, watchdog, nil, afterFailedLoad)
+        } catch {
+            return (devices.calls, points, watchdog, error, afterFailedLoad)
+        }
+    }
+
+    @Test("the snapshot window: origins suspended, then every -real, every -snap, every origin resumed; the watchdog knows that order")
+    func take() {
+        let take = Transition.take([Self.stack(Self.identity0, origin: 3), Self.stack(Self.identity1, origin: 4)])
+        #expect(take.problems.isEmpty)
+        let result = Self.run(take)
+        #expect(result.error == nil)
+        #expect(
+            result.calls == [
+                "suspend 254:3 lockfs", "suspend 254:4 lockfs",
+                "resume GUARD-3f9a2c1e-0-real", "resume GUARD-3f9a2c1e-1-real",
+                "resume GUARD-3f9a2c1e-0-snap", "resume GUARD-3f9a2c1e-1-snap",
+                "resume 254:3", "resume 254:4",
+            ])
+        #expect(result.crashPoints == ["window.suspended", "window.real-resumed", "window.snap-resumed"])
+        #expect(result.watchdog.armed == [take.watchdogOrder])
+        #expect(take.watchdogOrder.map(\.description) == result.calls.filter { $0.hasPrefix("resume") }.map { String($0.dropFirst(7)) })
+        #expect(result.watchdog.disarms == 1)
+    }
+
+    @Test("a failed snapshot window puts the origins still suspended back on their own tables, and only those")
+    func takeFailure() {
+        let take = Transition.take([Self.stack(Self.identity0, origin: 3), Self.stack(Self.identity1, origin: 4)])
+        // The second origin's suspend fails: the first goes back, the second was never suspended.
+        let early = Self.run(take, failAt: "suspend 254:4 lockfs")
+        #expect(early.error != nil)
+        #expect(early.calls == ["suspend 254:3 lockfs", "suspend 254:4 lockfs", "clear 254:3", "resume 254:3"])
+        #expect(early.watchdog.disarms == 1)
+        // The first origin resumed on its snapshot-origin, the second's resume fails: it goes back alone.
+        let late = Self.run(take, failAt: "resume 254:4")
+        #expect(late.calls.suffix(3) == ["resume 254:4", "clear 254:4", "resume 254:4"])
+        #expect(!late.calls.contains("clear 254:3"))
+    }
+
+    @Test("a commit whose window fails goes forward: every device not resumed yet is resumed (the label already says released)")
+    func dropForward() {
+        let drop = Transition.drop(origin: Self.info(3), own: Table(.error, length: 2048), snap: Self.info(9), name: "commit of vg-lv3")
+        #expect(drop.problems.isEmpty)
+        let ok = Self.run(drop)
+        #expect(ok.calls == ["load 254:3 error", "suspend 254:3 lockfs", "suspend 254:9", "resume 254:3", "resume 254:9"])
+        #expect(ok.crashPoints == ["commit.origin-loaded", "commit.suspended"])
+        let failed = Self.run(drop, failAt: "suspend 254:9")
+        #expect(failed.error != nil)
+        #expect(failed.calls.suffix(2) == ["resume 254:3", "resume 254:9"])
+        #expect(!failed.calls.contains { $0.hasPrefix("clear") })
+    }
+
+    @Test("a table that does not load is cleared with those loaded before it; nothing is suspended, the watchdog never armed")
+    func loadFailure() {
+        let stack = Self.stack(Self.identity0, origin: 3)
+        let merge = Transition.startMerge(origin: Self.info(3), snap: Self.info(9), real: DeviceNumber(major: 254, minor: 7), cow: DeviceNumber(major: 254, minor: 8), stack: stack)
+        #expect(merge.problems.isEmpty)
+        let ok = Self.run(merge)
+        #expect(ok.calls == ["load 254:3 snapshot-merge", "load 254:9 error", "suspend 254:3", "suspend 254:9", "resume 254:3", "resume 254:9"])
+        #expect(ok.crashPoints == ["merge.origin-loaded", "merge.snap-loaded", "merge.suspended", "merge.handed-over"])
+        let failed = Self.run(merge, failAt: "load 254:9 error")
+        #expect(failed.error != nil && failed.afterFailedLoad)
+        #expect(failed.calls == ["load 254:3 snapshot-merge", "load 254:9 error", "clear 254:3", "clear 254:9"])
+        #expect(failed.watchdog.armed.isEmpty && failed.watchdog.disarms == 0)
+    }
+
+    @Test("a merge that is not complete with the origin quiet leaves the origin on the merge")
+    func finishCheck() {
+        struct NotComplete: Error {}
+        let stack = Self.stack(Self.identity0, origin: 3)
+        let finish = Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), stack: stack) { throw NotComplete() }
+        let result = Self.run(finish)
+        #expect(result.error is NotComplete)
+        #expect(result.calls == ["load 254:3 error", "suspend 254:3 lockfs", "clear 254:3", "resume 254:3"])
+        let done = Self.run(Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), stack: stack) {})
+        #expect(done.calls == ["load 254:3 error", "suspend 254:3 lockfs", "resume 254:3"])
+    }
+
+    @Test("the fuse and the restart of a merge suspend without a flush or a freeze; reassembly resumes the new layers before the origin")
+    func otherShapes() {
+        let stack = Self.stack(Self.identity0, origin: 3)
+        let real = DeviceNumber(major: 254, minor: 7), cow = DeviceNumber(major: 254, minor: 8)
+        #expect(Self.run(.blowFuse(origin: Self.info(3), real: real, stack: stack)).calls == ["load 254:3 flakey", "suspend 254:3 noflush", "resume 254:3"])
+        #expect(Self.run(.endFailedMerge(origin: Self.info(3), stack: stack)).calls == ["load 254:3 error", "suspend 254:3 noflush", "resume 254:3"])
+        #expect(Self.run(.restartMerge(origin: Self.info(3), real: real, cow: cow, stack: stack)).calls == ["load 254:3 snapshot-merge", "suspend 254:3 noflush", "resume 254:3"])
+        #expect(Self.run(.extend(cow: stack.ref(.cow), table: Table(.error, length: 8), stack: stack)).calls == ["load GUARD-3f9a2c1e-0-cow error", "suspend GUARD-3f9a2c1e-0-cow", "resume GUARD-3f9a2c1e-0-cow"])
+        #expect(
+            Self.run(.reassemble(origin: Self.info(3), stack: stack, real: real, cow: cow, merging: false)).calls == [
+                "load GUARD-3f9a2c1e-0-snap snapshot", "load 254:3 snapshot-origin", "suspend 254:3 lockfs",
+                "resume GUARD-3f9a2c1e-0-real", "resume GUARD-3f9a2c1e-0-snap", "resume 254:3",
+            ])
+        let merging = Self.run(.reassemble(origin: Self.info(3), stack: stack, real: real, cow: cow, merging: true), failAt: "resume 254:3")
+        #expect(merging.calls == ["load 254:3 snapshot-merge", "suspend 254:3 lockfs", "resume GUARD-3f9a2c1e-0-real", "resume 254:3", "clear 254:3", "resume 254:3"])
+    }
+
+    @Test("a description that would leave a device frozen or a table never live is refused before any kernel call")
+    func refusedDescriptions() {
+        var bad = Transition.take([Self.stack(Self.identity0, origin: 3)])
+        bad.resumptions.removeLast()  // the origin would stay suspended
+        #expect(bad.problems == ["snapshot window: 254:3 is suspended and never resumed"])
+        let result = Self.run(bad)
+        #expect(result.error != nil && result.calls.isEmpty && result.watchdog.armed.isEmpty)
+        var unresumedLoad = Transition.drop(origin: Self.info(3), own: Table(.error, length: 2048), snap: nil, name: "commit")
+        unresumedLoad.loads.append(.init(device: .number(DeviceNumber(major: 254, minor: 5)), table: Table(.error, length: 8), readOnly: false))
+        #expect(unresumedLoad.problems == ["commit: the table loaded into 254:5 never goes live"])
+    }
+}
