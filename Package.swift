@@ -44,6 +44,9 @@ let package = Package(
             dependencies: ["CDeviceMapper"]
         ),
 
+        // How sizes are written for people, shared by every layer (no dependencies).
+        .target(name: "Quantities", swiftSettings: strict),
+
         // Kernel-facing layers.
         .target(
             name: "BlockDevice",
@@ -57,7 +60,7 @@ let package = Package(
         ),
         .target(
             name: "Snapshot",
-            dependencies: ["DeviceMapper", "BlockDevice"],
+            dependencies: ["DeviceMapper", "BlockDevice", "Quantities"],
             swiftSettings: strict
         ),
 
@@ -69,13 +72,13 @@ let package = Package(
         ),
         .target(
             name: "Recipe",
-            dependencies: ["Yams"],
+            dependencies: ["Yams", "Quantities"],
             swiftSettings: strict
         ),
         .target(
             name: "Engine",
             dependencies: [
-                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice",
+                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities",
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -84,7 +87,7 @@ let package = Package(
         .target(
             name: "GuardCommands",
             dependencies: [
-                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice",
+                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -103,9 +106,9 @@ let package = Package(
         // Host tests: no root, no device-mapper.
         .testTarget(name: "DeviceMapperTests", dependencies: ["DeviceMapper"], swiftSettings: strict),
         .testTarget(name: "BlockDeviceTests", dependencies: ["BlockDevice"], swiftSettings: strict),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "DeviceMapper"], swiftSettings: strict),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "DeviceMapper", "Quantities"], swiftSettings: strict),
         .testTarget(name: "JournalTests", dependencies: ["Journal"], swiftSettings: strict),
-        .testTarget(name: "RecipeTests", dependencies: ["Recipe"], swiftSettings: strict),
+        .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Quantities"], swiftSettings: strict),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Recipe", "Journal"], swiftSettings: strict),
         .testTarget(
             name: "GuardCommandsTests",
@@ -115,7 +118,7 @@ let package = Package(
         // Kernel suite: root + device-mapper (in the VM on machines without it).
         .testTarget(
             name: "KernelTests",
-            dependencies: ["DeviceMapper", "BlockDevice", "Snapshot", "Engine", "Journal", "Recipe"],
+            dependencies: ["DeviceMapper", "BlockDevice", "Snapshot", "Engine", "Journal", "Recipe", "Quantities"],
             swiftSettings: strict
         ),
     ]

@@ -2,6 +2,7 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
@@ -161,7 +162,7 @@ public final class KeptRunMonitor {
                 let fill = Double(usage.allocatedBytes) / Double(max(budget, 1))
                 for level in [50, 75, 90] where fill * 100 >= Double(level) {
                     Self.once("\(item.key)/fill-\(level)/\(sample.storageBytes)", announced) {
-                        reporter.warning("kept run \(item.runID): the snapshot of \(item.record.volume) is \(Int(fill * 100))% full (\(Units.formatBytes(usage.allocatedBytes)) of \(Units.formatBytes(budget)))")
+                        reporter.warning("kept run \(item.runID): the snapshot of \(item.record.volume) is \(Int(fill * 100))% full (\(formatBytes(usage.allocatedBytes)) of \(formatBytes(budget)))")
                         record(sample.volumeIndex, "warning", "cow-fill", "\(item.record.volume) at \(Int(fill * 100))%")
                     }
                 }
@@ -182,7 +183,7 @@ public final class KeptRunMonitor {
                 }
             case .extended(let index, let grown):
                 let item = watched[index]
-                reporter.note("kept run \(item.runID): the snapshot of \(item.record.volume) grew to \(Units.formatBytes(grown.budgetBytes))")
+                reporter.note("kept run \(item.runID): the snapshot of \(item.record.volume) grew to \(formatBytes(grown.budgetBytes))")
                 if var updated = try? journal?.snapshots(runID: item.runID).first(where: { $0.volumeIndex == item.record.volumeIndex }) {
                     updated.stack = encode(grown)
                     updated.sizeBytes = Int64(grown.budgetBytes)

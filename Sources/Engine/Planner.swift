@@ -2,6 +2,7 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
@@ -160,15 +161,15 @@ public struct Planner {
             switch spec.size {
             case .bytes(let bytes):
                 cowBytes = CowSize.bytes(bytes).resolve(originBytes: origin.bytes, geometry: geometry)
-                sizeNote = "\(Units.formatBytes(bytes)) as written"
+                sizeNote = "\(formatBytes(bytes)) as written"
             case .percent(let percent):
                 cowBytes = CowSize.percentOfOrigin(percent).resolve(originBytes: origin.bytes, geometry: geometry)
-                sizeNote = "\(Units.trim(percent))% of \(Units.formatBytes(origin.bytes))"
+                sizeNote = "\(oneDecimal(percent))% of \(formatBytes(origin.bytes))"
             case .auto:
                 if let peak = peaks[index]?.peakBytes, peak > 0 {
                     let wanted = UInt64(Double(peak) * 1.5) + (16 << 20)
                     cowBytes = CowSize.bytes(wanted).resolve(originBytes: origin.bytes, geometry: geometry)
-                    sizeNote = "auto: 1.5 × the peak use of earlier runs (\(Units.formatBytes(UInt64(peak)))) + 16 MiB"
+                    sizeNote = "auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB"
                 } else {
                     cowBytes = CowSize.percentOfOrigin(20).resolve(originBytes: origin.bytes, geometry: geometry)
                     sizeNote = "auto: no earlier run of \(recipe.name) to learn from, 20% of the volume"
@@ -178,7 +179,7 @@ public struct Planner {
             let ceiling = geometry.bytesForWholeOrigin(origin.bytes)
             if cowBytes > ceiling {
                 cowBytes = ceiling
-                sizeNote += ", capped at \(Units.formatBytes(ceiling)) (the whole volume changed)"
+                sizeNote += ", capped at \(formatBytes(ceiling)) (the whole volume changed)"
             }
 
             var storage: VolumeRequest.Storage
@@ -214,7 +215,7 @@ public struct Planner {
                 freeBytes = try? freeSpace(at: existing)
                 let needed = cowBytes + reserveBytes + CowLabel.areaOffset
                 if let freeBytes, freeBytes < needed + (16 << 20) {
-                    problems.append("\(at(spec)): the COW needs \(Units.formatBytes(needed)) in \(directory) (\(Units.formatBytes(cowBytes)) and \(Units.formatBytes(reserveBytes)) of fuse reserve), which has \(Units.formatBytes(freeBytes)) free")
+                    problems.append("\(at(spec)): the COW needs \(formatBytes(needed)) in \(directory) (\(formatBytes(cowBytes)) and \(formatBytes(reserveBytes)) of fuse reserve), which has \(formatBytes(freeBytes)) free")
                 }
             }
 
@@ -225,7 +226,7 @@ public struct Planner {
                 let growth = Self.growth(extend, originBytes: origin.bytes, cowBytes: cowBytes, reserveBytes: reserveBytes, geometry: geometry)
                 if growth.policy == nil && configured == nil {
                     // (guard.conf's policy that does not fit a volume is left out silently.)
-                    warnings.append("\(at(spec)): extend.max (\(Units.formatBytes(growth.maximum))) is not above the snapshot size; the COW will not grow")
+                    warnings.append("\(at(spec)): extend.max (\(formatBytes(growth.maximum))) is not above the snapshot size; the COW will not grow")
                 }
                 policy = growth.policy
             }
@@ -233,7 +234,7 @@ public struct Planner {
             // What earlier runs needed, against the most this snapshot can ever hold.
             let capacity = policy.map { $0.maximumBytes - CowLabel.areaOffset - reserveBytes } ?? cowBytes
             if let history = peaks[index], UInt64(history.peakBytes) > capacity {
-                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(Units.formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(Units.formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy")
+                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy")
             }
 
             volumes.append(

@@ -7,6 +7,7 @@ import Snapshot
 
 #if canImport(Glibc)
 import Glibc
+import Quantities
 #endif
 
 /// Set when the run must stop its steps (Ctrl-C, a COW about to fill).
@@ -123,7 +124,7 @@ public final class RunTransaction {
         }
         let stateFilesystem = Planner(context: context).nearestExisting(context.stateDirectory)
         if let free = try? freeSpace(at: stateFilesystem), free < 16 << 20 {
-            try refuse("the state directory \(context.stateDirectory) has only \(Units.formatBytes(free)) free; the journal and COW files need room")
+            try refuse("the state directory \(context.stateDirectory) has only \(formatBytes(free)) free; the journal and COW files need room")
         }
         if dryRun {
             for volume in plan.volumes {
@@ -169,7 +170,7 @@ public final class RunTransaction {
         let runID = run.id!
         for lock in locks { lock.describe("run \(runID) (pid \(getpid()))") }
         for volume in plan.volumes {
-            reporter.log("volume \(volume.index + 1): \(volume.originPath), snapshot \(Units.formatBytes(volume.cowBytes)) (\(volume.sizeNote))")
+            reporter.log("volume \(volume.index + 1): \(volume.originPath), snapshot \(formatBytes(volume.cowBytes)) (\(volume.sizeNote))")
         }
         reporter.note("run \(runID) of \(recipe.name) (\(recipePath), sha256 \(recipe.sha256.prefix(12)))")
 
@@ -605,7 +606,7 @@ struct RunBody {
                 }
             case .extended(let index, let grown):
                 let size = grown.budgetBytes
-                reporter.note("the snapshot of \(names[index]) grew to \(Units.formatBytes(size))")
+                reporter.note("the snapshot of \(names[index]) grew to \(formatBytes(size))")
                 try? journal.event(runID, "result", "extend", "\(names[index]) to \(size) bytes")
             case .nearlyFull(let index, let fill):
                 let reason = "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow"
@@ -681,8 +682,8 @@ func decodeStack(_ text: String) -> SnapshotStack? {
 /// "850 µs", "12.3 ms", "1.20 s".
 public func formatMicroseconds(_ value: UInt64) -> String {
     if value < 1000 { return "\(value) µs" }
-    if value < 1_000_000 { return "\(Units.trim(Double(value) / 1000)) ms" }
-    return "\(Units.trim(Double(value) / 1_000_000)) s"
+    if value < 1_000_000 { return "\(oneDecimal(Double(value) / 1000)) ms" }
+    return "\(oneDecimal(Double(value) / 1_000_000)) s"
 }
 
 /// "2026-11-25 20:14:03" in local time.

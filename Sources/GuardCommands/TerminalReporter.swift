@@ -6,6 +6,7 @@ import Recipe
 
 #if canImport(Glibc)
 import Glibc
+import Quantities
 #endif
 
 /// What a person sees: phases, steps with their output, COW fill and merge progress.
@@ -89,10 +90,10 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
     }
 
     func stepFinished(kind: String, result: StepResult) {
-        let text = "\(kind) '\(result.name)': \(result.termination) after \(Units.trim(result.duration))s"
+        let text = "\(kind) '\(result.name)': \(result.termination) after \(oneDecimal(result.duration))s"
         system(result.succeeded ? .info : .warning, text)
         if result.succeeded {
-            if verbosity != .quiet { emit(style("    ok ", "32") + "(\(Units.trim(result.duration))s)") }
+            if verbosity != .quiet { emit(style("    ok ", "32") + "(\(oneDecimal(result.duration))s)") }
         } else {
             emit(style("    FAILED ", "31") + "\(result.termination)" + (result.stderrTail.isEmpty ? "" : ": " + lastLine(result.stderrTail)))
         }
@@ -108,7 +109,7 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
             return true
         }
         guard changed, verbosity != .quiet else { return }
-        let text = "COW \(volume): \(percent)% of \(Units.formatBytes(sizeBytes)) used"
+        let text = "COW \(volume): \(percent)% of \(formatBytes(sizeBytes)) used"
         if isTerminal { status(style(text, "2")) } else { emit(text) }
     }
 

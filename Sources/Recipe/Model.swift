@@ -1,3 +1,4 @@
+import Quantities
 /// A place in a recipe file, 1-based.
 public struct SourceLocation: Hashable, Sendable, Codable, CustomStringConvertible {
     public var line: Int
@@ -78,8 +79,8 @@ public enum SizeSpec: Hashable, Sendable, Codable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .bytes(let bytes): return Units.formatBytes(bytes)
-        case .percent(let percent): return "\(Units.trim(percent))%"
+        case .bytes(let bytes): return formatBytes(bytes)
+        case .percent(let percent): return "\(oneDecimal(percent))%"
         case .auto: return "auto"
         }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Quantities
 import Yams
 
 /// One problem in a recipe, with where it is and how to fix it.
@@ -270,7 +271,7 @@ final class Validator {
     func chunk(_ node: Node, _ context: String) -> UInt64? {
         guard case .bytes(let bytes)? = size(node, context, allowPercent: false, allowAuto: false) else { return nil }
         guard bytes >= 4096, bytes <= 1 << 20, bytes.nonzeroBitCount == 1 else {
-            error(node, "\(context) must be a power of two from 4K to 1M, not \(Units.formatBytes(bytes))")
+            error(node, "\(context) must be a power of two from 4K to 1M, not \(formatBytes(bytes))")
             return nil
         }
         return bytes

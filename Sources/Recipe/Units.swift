@@ -102,18 +102,6 @@ public enum Units {
         return percent / 100
     }
 
-    /// "25.0 MiB".
-    public static func formatBytes(_ bytes: UInt64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var value = Double(bytes)
-        var unit = 0
-        while value >= 1024 && unit < units.count - 1 {
-            value /= 1024
-            unit += 1
-        }
-        return unit == 0 ? "\(bytes) B" : "\(trim(value)) \(units[unit])"
-    }
-
     /// "1h30m", "10m", "45s", "250ms".
     public static func formatDuration(_ duration: Duration) -> String {
         let totalMilliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
@@ -126,13 +114,6 @@ public enum Units {
         }
         if seconds > 0 || parts.isEmpty { parts.append("\(seconds)s") }
         return parts.joined()
-    }
-
-    /// A number with at most one decimal and no trailing ".0".
-    public static func trim(_ value: Double) -> String {
-        let tenths = (value * 10).rounded()
-        if tenths.truncatingRemainder(dividingBy: 10) == 0 { return "\(Int64(tenths / 10))" }
-        return "\(Int64(tenths) / 10).\(abs(Int64(tenths) % 10))"
     }
 }
 

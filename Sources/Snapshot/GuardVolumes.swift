@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Quantities
 
 /// A guard-owned linear device over a file or block device, so that machines without LVM
 /// can snapshot too: `guard volume create website --backing /srv/website.img --size 100M`

@@ -1,3 +1,4 @@
+import Quantities
 /// How much COW space a snapshot needs, following the kernel's persistent store layout
 /// (drivers/md/dm-snap-persistent.c): chunk 0 is the header, then areas of one metadata
 /// chunk followed by the data chunks it describes, each exception taking 16 bytes.
@@ -71,7 +72,7 @@ public enum CowSize: Hashable, Sendable, Codable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .bytes(let bytes): return formatBytes(bytes)
-        case .percentOfOrigin(let percent): return "\(percent.formatted1)% of the origin"
+        case .percentOfOrigin(let percent): return "\(oneDecimal(percent))% of the origin"
         }
     }
 }
@@ -89,27 +90,5 @@ public struct ExtensionPolicy: Hashable, Sendable, Codable {
         self.threshold = threshold
         self.stepBytes = stepBytes
         self.maximumBytes = maximumBytes
-    }
-}
-
-/// "25.0 MiB", "1.5 GiB", "512 B".
-public func formatBytes(_ bytes: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var value = Double(bytes)
-    var unit = 0
-    while value >= 1024 && unit < units.count - 1 {
-        value /= 1024
-        unit += 1
-    }
-    return unit == 0 ? "\(bytes) B" : "\(value.formatted1) \(units[unit])"
-}
-
-extension Double {
-    /// One decimal, without Foundation: 12.34 -> "12.3".
-    var formatted1: String {
-        let scaled = (self * 10).rounded()
-        let whole = Int(scaled) / 10
-        let tenth = abs(Int(scaled) % 10)
-        return "\(whole).\(tenth)"
     }
 }

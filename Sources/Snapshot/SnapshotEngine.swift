@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Quantities
 
 /// Resumes devices if guard dies or stalls while they are suspended.
 ///

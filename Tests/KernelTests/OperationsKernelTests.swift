@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Quantities
 import Recipe
 import Snapshot
 import Testing
@@ -83,7 +84,7 @@ extension Kernel {
             let first = try tool("run", "--dry-run", recipe)
             #expect(first.status == 0, "\(first.stderr)")
             #expect(first.stdout.contains("dry run of website-schema-v2"), "\(first.stdout)")
-            #expect(first.stdout.contains("snapshot: \(Units.formatBytes(25 << 20)) (\(Units.formatBytes(25 << 20)) as written)"), "\(first.stdout)")
+            #expect(first.stdout.contains("snapshot: \(formatBytes(25 << 20)) (\(formatBytes(25 << 20)) as written)"), "\(first.stdout)")
             #expect(first.stdout.contains("earlier runs: none of website-schema-v2"), "\(first.stdout)")
             #expect(first.stderr.contains("every preflight check passes; nothing was touched"), "\(first.stderr)")
             #expect(!FileManager.default.fileExists(atPath: state), "a dry run made \(state)")
@@ -99,7 +100,7 @@ extension Kernel {
             let journalRows = try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'")
             let second = try tool("run", "--dry-run", recipe)
             #expect(second.status == 0, "\(second.stderr)")
-            #expect(second.stdout.contains("earlier runs: peak COW use \(Units.formatBytes(UInt64(peak))) (1 run of website-schema-v2)"), "\(second.stdout)")
+            #expect(second.stdout.contains("earlier runs: peak COW use \(formatBytes(UInt64(peak))) (1 run of website-schema-v2)"), "\(second.stdout)")
             #expect(try deviceMapperState() == after.0, "no device")
             #expect(try manifest(lvm.mountPoint) == after.1)
             #expect(listing(state + "/cow") == after.2, "no COW file")
@@ -151,11 +152,11 @@ extension Kernel {
             let small = try writeRecipe(try String(contentsOfFile: recipe, encoding: .utf8).replacingOccurrences(of: "size: auto", with: "size: 4M"), in: lvm.scratch, name: "small.recipe")
             let warned = try tool("run", "--dry-run", small)
             #expect(warned.status == 0, "a warning, not a refusal: \(warned.stderr)")
-            #expect(warned.stdout.contains("earlier runs: peak COW use \(Units.formatBytes(UInt64(peak))) (1 run of website-auto)"), "\(warned.stdout)")
-            #expect(warned.stderr.contains("earlier runs of website-auto used up to \(Units.formatBytes(UInt64(peak))) of COW on \(lvm.device), more than this snapshot can hold (\(Units.formatBytes(4 << 20)))"), "\(warned.stderr)")
+            #expect(warned.stdout.contains("earlier runs: peak COW use \(formatBytes(UInt64(peak))) (1 run of website-auto)"), "\(warned.stdout)")
+            #expect(warned.stderr.contains("earlier runs of website-auto used up to \(formatBytes(UInt64(peak))) of COW on \(lvm.device), more than this snapshot can hold (\(formatBytes(4 << 20)))"), "\(warned.stderr)")
 
             let learned = try tool("run", "--dry-run", recipe)
-            #expect(learned.stdout.contains("auto: 1.5 × the peak use of earlier runs (\(Units.formatBytes(UInt64(peak)))) + 16 MiB"), "\(learned.stdout)")
+            #expect(learned.stdout.contains("auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB"), "\(learned.stdout)")
             #expect(try tool("run", recipe).status == 0)
             let expected = CowGeometry(chunkSectors: 8).roundUp(UInt64(Double(peak) * 1.5) + (16 << 20))
             #expect(try snapshot(2)["size_bytes"] as? Int == Int(expected), "run 2 sized from run 1's peak \(peak)")
@@ -185,7 +186,7 @@ extension Kernel {
             let check = try guardWithConfiguration(file, "check", recipe)
             #expect(check.status == 0, "\(check.stderr)")
             #expect(check.stdout.contains("COW: a preallocated file in \(cow)"), "\(check.stdout)")
-            #expect(check.stdout.contains("grows at 50% by \(Units.formatBytes(8 << 20)) up to \(Units.formatBytes(64 << 20)) (extend from \(file))"), "\(check.stdout)")
+            #expect(check.stdout.contains("grows at 50% by \(formatBytes(8 << 20)) up to \(formatBytes(64 << 20)) (extend from \(file))"), "\(check.stdout)")
             #expect(check.stdout.contains("on success: keep (for 2d, guard.conf's keep)"), "\(check.stdout)")
 
             let started = Date()

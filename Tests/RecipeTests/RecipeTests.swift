@@ -1,4 +1,5 @@
 import Foundation
+import Quantities
 import Recipe
 import Testing
 
@@ -268,7 +269,7 @@ struct RecipeTests {
         #expect(try Units.parseDuration("1h30m").get() == .seconds(5400))
         #expect(try Units.parseDuration("250ms").get() == .milliseconds(250))
         #expect(Units.formatDuration(.seconds(90061)) == "1d1h1m1s")
-        #expect(Units.formatBytes(25 << 20) == "25 MiB")
+        #expect(formatBytes(25 << 20) == "25 MiB")
         #expect(SHA256.hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         #expect(SHA256.hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         let long = String(repeating: "a", count: 1_000)

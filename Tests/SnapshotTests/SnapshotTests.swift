@@ -1,5 +1,6 @@
 import BlockDevice
 import Foundation
+import Quantities
 import Snapshot
 import Testing
 
@@ -96,8 +97,9 @@ struct SnapshotLayoutTests {
 
     @Test("sizes print as admins read them")
     func formatting() {
-        #expect(formatBytes(25 << 20) == "25.0 MiB")
+        #expect(formatBytes(25 << 20) == "25 MiB")
+        #expect(formatBytes(1536 << 20) == "1.5 GiB")
         #expect(formatBytes(512) == "512 B")
-        #expect(CowSize.percentOfOrigin(20).description == "20.0% of the origin")
+        #expect(CowSize.percentOfOrigin(20).description == "20% of the origin")
     }
 }

@@ -4,6 +4,7 @@ import BlockDevice
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
@@ -60,24 +61,24 @@ extension GuardCommand {
             say("volumes:")
             for (index, volume) in recipe.volumes.enumerated() {
                 if let planned = plan?.volumes.first(where: { $0.index == index }) {
-                    say("  \(index + 1). \(volume.device) -> \(planned.originPath) (\(planned.info.number)), \(Units.formatBytes(planned.originBytes))")
+                    say("  \(index + 1). \(volume.device) -> \(planned.originPath) (\(planned.info.number)), \(formatBytes(planned.originBytes))")
                     say("     mounted on: \(planned.mounts.map(\.target).joined(separator: ", ").ifEmpty("not mounted"))")
-                    say("     snapshot: \(Units.formatBytes(planned.cowBytes)) (\(planned.sizeNote)), chunk \(Units.formatBytes(UInt64(planned.chunkSectors) * 512))")
+                    say("     snapshot: \(formatBytes(planned.cowBytes)) (\(planned.sizeNote)), chunk \(formatBytes(UInt64(planned.chunkSectors) * 512))")
                     switch planned.storage {
                     case .fileIn(let directory):
-                        say("     COW: a preallocated file in \(directory)" + (planned.freeBytes.map { ", \(Units.formatBytes($0)) free there" } ?? ""))
+                        say("     COW: a preallocated file in \(directory)" + (planned.freeBytes.map { ", \(formatBytes($0)) free there" } ?? ""))
                         if planned.reserveBytes > 0 {
-                            say("     fuse reserve: \(Units.formatBytes(planned.reserveBytes)) more in the COW file, for what is written between stop_at and the fuse")
+                            say("     fuse reserve: \(formatBytes(planned.reserveBytes)) more in the COW file, for what is written between stop_at and the fuse")
                         }
                     case .blockDevice(let path):
                         say("     COW: the device \(path) (overwritten)")
                     }
                     if let policy = planned.extensionPolicy {
                         let source = planned.extensionFromConfiguration ? " (extend from \(configuration?.path ?? "guard.conf"))" : ""
-                        say("     grows at \(Int(policy.threshold * 100))% by \(Units.formatBytes(policy.stepBytes)) up to \(Units.formatBytes(policy.maximumBytes - CowLabel.areaOffset - planned.reserveBytes))\(source)")
+                        say("     grows at \(Int(policy.threshold * 100))% by \(formatBytes(policy.stepBytes)) up to \(formatBytes(policy.maximumBytes - CowLabel.areaOffset - planned.reserveBytes))\(source)")
                     }
                     if let history = planned.history {
-                        say("     earlier runs: peak COW use \(Units.formatBytes(UInt64(history.peakBytes))) (\(history.runs) run\(history.runs == 1 ? "" : "s") of \(recipe.name))")
+                        say("     earlier runs: peak COW use \(formatBytes(UInt64(history.peakBytes))) (\(history.runs) run\(history.runs == 1 ? "" : "s") of \(recipe.name))")
                     } else if plan != nil {
                         say("     earlier runs: none of \(recipe.name) in the journal")
                     }

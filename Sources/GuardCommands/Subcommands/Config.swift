@@ -1,6 +1,7 @@
 import ArgumentParser
 import Engine
 import Foundation
+import Quantities
 import Recipe
 
 extension GuardCommand {
@@ -51,7 +52,7 @@ extension GuardCommand {
             let settings = try global.settings()
             let file = settings.file
             let fromFile = file.path ?? "built-in default"
-            let extend = file.extend.map { "at \(Units.trim($0.at * 100))% by \($0.by) max \($0.max)" }
+            let extend = file.extend.map { "at \(oneDecimal($0.at * 100))% by \($0.by) max \($0.max)" }
             let output = Output(
                 configFile: file.path, configSource: settings.configurationSource,
                 stateDir: Setting(value: settings.stateDirectory.value, source: settings.stateDirectory.source),

@@ -5,6 +5,7 @@ import Recipe
 
 #if canImport(Glibc)
 import Glibc
+import Quantities
 #endif
 
 extension GuardCommand {
@@ -61,11 +62,11 @@ extension GuardCommand {
                     let path = volume.mountPoint == "/" ? "/" + change.path : volume.mountPoint + "/" + change.path
                     var sizes = ""
                     switch change.change {
-                    case .created: sizes = change.sizeAfter.map { Units.formatBytes(UInt64($0)) } ?? ""
-                    case .deleted: sizes = change.sizeBefore.map { Units.formatBytes(UInt64($0)) } ?? ""
+                    case .created: sizes = change.sizeAfter.map { formatBytes(UInt64($0)) } ?? ""
+                    case .deleted: sizes = change.sizeBefore.map { formatBytes(UInt64($0)) } ?? ""
                     case .modified, .metadata:
                         if change.kind == FileKind.file, let before = change.sizeBefore, let after = change.sizeAfter {
-                            sizes = before == after ? Units.formatBytes(UInt64(after)) : "\(Units.formatBytes(UInt64(before))) -> \(Units.formatBytes(UInt64(after)))"
+                            sizes = before == after ? formatBytes(UInt64(after)) : "\(formatBytes(UInt64(before))) -> \(formatBytes(UInt64(after)))"
                         }
                     }
                     let kind = change.kind == FileKind.file ? "" : " (\(change.kind.rawValue))"
@@ -121,7 +122,7 @@ extension GuardCommand {
             for action in report.actions {
                 if dryRun { say("would " + action) } else if global.verbose || !action.hasPrefix("restore ") { say(action) }
             }
-            let summary = "\(report.files) entries, \(Units.formatBytes(UInt64(max(report.bytes, 0))))" + (report.removed > 0 ? ", \(report.removed) removed" : "")
+            let summary = "\(report.files) entries, \(formatBytes(UInt64(max(report.bytes, 0))))" + (report.removed > 0 ? ", \(report.removed) removed" : "")
             context.reporter.note(dryRun ? "dry run: would restore \(summary); nothing was touched" : "restored \(summary) from run \(target)'s snapshot")
             if !report.kept.isEmpty && !dryRun {
                 context.reporter.note("kept \(report.kept.count) path(s) created after the snapshot (--delete removes them)")

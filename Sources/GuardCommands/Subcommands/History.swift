@@ -2,6 +2,7 @@ import ArgumentParser
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 
 /// `history --json`: one run.
@@ -109,7 +110,7 @@ extension GuardCommand {
                 if run.state == .merging { outcome += " (merging)" }
                 rows.append([
                     "\(run.id)", run.recipe, formatDate(run.startedAt), duration, "\(run.volumes.count)",
-                    Units.formatBytes(UInt64(size)), Units.formatBytes(UInt64(peak)), outcome,
+                    formatBytes(UInt64(size)), formatBytes(UInt64(peak)), outcome,
                 ])
             }
             say(table(rows))

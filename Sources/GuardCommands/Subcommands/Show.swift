@@ -2,6 +2,7 @@ import ArgumentParser
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 
 /// `show --json`: everything the journal knows about one run.
@@ -237,11 +238,11 @@ extension GuardCommand {
             if let error = detail.error { say("  error: \(error)") }
             say("phases:")
             for phase in detail.phases {
-                say("  \(phase.name.padding(toLength: 10, withPad: " ", startingAt: 0)) \(phase.status.padding(toLength: 8, withPad: " ", startingAt: 0)) \(phase.durationSeconds.map { "\(Units.trim($0))s" } ?? "-")" + (phase.detail.map { "  \($0)" } ?? ""))
+                say("  \(phase.name.padding(toLength: 10, withPad: " ", startingAt: 0)) \(phase.status.padding(toLength: 8, withPad: " ", startingAt: 0)) \(phase.durationSeconds.map { "\(oneDecimal($0))s" } ?? "-")" + (phase.detail.map { "  \($0)" } ?? ""))
             }
             if !detail.steps.isEmpty { say("steps:") }
             for step in detail.steps {
-                say("  \(step.kind) \(step.position + 1): \(step.name): \(step.termination ?? "running")" + (step.durationSeconds.map { " after \(Units.trim($0))s" } ?? ""))
+                say("  \(step.kind) \(step.position + 1): \(step.name): \(step.termination ?? "running")" + (step.durationSeconds.map { " after \(oneDecimal($0))s" } ?? ""))
                 for (label, tail) in [("stdout", step.stdoutTail), ("stderr", step.stderrTail)] {
                     guard let tail, !tail.isEmpty else { continue }
                     let lines = tail.split(separator: "\n", omittingEmptySubsequences: false).suffix(6)
@@ -250,16 +251,16 @@ extension GuardCommand {
             }
             say("snapshots:")
             for snapshot in detail.snapshots {
-                say("  \(snapshot.volume) (\(snapshot.originName), \(Units.formatBytes(UInt64(snapshot.originBytes)))): \(snapshot.state)")
-                say("    COW \(snapshot.cowKind) \(snapshot.cowPath): \(Units.formatBytes(UInt64(snapshot.sizeBytes))), chunk \(Units.formatBytes(UInt64(snapshot.chunkBytes))), peak use \(Units.formatBytes(UInt64(snapshot.peakUsedBytes)))")
+                say("  \(snapshot.volume) (\(snapshot.originName), \(formatBytes(UInt64(snapshot.originBytes)))): \(snapshot.state)")
+                say("    COW \(snapshot.cowKind) \(snapshot.cowPath): \(formatBytes(UInt64(snapshot.sizeBytes))), chunk \(formatBytes(UInt64(snapshot.chunkBytes))), peak use \(formatBytes(UInt64(snapshot.peakUsedBytes)))")
                 if !snapshot.cowSamples.isEmpty {
                     let points = snapshot.cowSamples.count > 12 ? stride(from: 0, to: snapshot.cowSamples.count, by: snapshot.cowSamples.count / 12).map { snapshot.cowSamples[$0] } : snapshot.cowSamples
-                    say("    COW use over time: " + points.map { "\(Units.trim($0.at))s \(Units.formatBytes(UInt64($0.usedBytes)))" }.joined(separator: ", "))
+                    say("    COW use over time: " + points.map { "\(oneDecimal($0.at))s \(formatBytes(UInt64($0.usedBytes)))" }.joined(separator: ", "))
                 }
             }
             if !detail.restores.isEmpty { say("file restores:") }
             for restore in detail.restores {
-                say("  \(restore.startedAt ?? "-") by \(restore.user): \(restore.status), \(restore.files) entries, \(Units.formatBytes(UInt64(max(restore.bytes, 0))))" + (restore.removed > 0 ? ", \(restore.removed) removed" : "") + ": " + restore.paths.joined(separator: " "))
+                say("  \(restore.startedAt ?? "-") by \(restore.user): \(restore.status), \(restore.files) entries, \(formatBytes(UInt64(max(restore.bytes, 0))))" + (restore.removed > 0 ? ", \(restore.removed) removed" : "") + ": " + restore.paths.joined(separator: " "))
                 if let detail = restore.detail { say("    \(detail)") }
             }
             if recipe { say("recipe:\n\(record.recipeText)") }

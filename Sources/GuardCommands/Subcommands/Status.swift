@@ -2,6 +2,7 @@ import ArgumentParser
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 
 struct StatusOutput: Encodable {
@@ -117,10 +118,10 @@ extension GuardCommand {
                 for volume in run.volumes {
                     var line = "  \(volume.volume): \(volume.status)"
                     if let used = volume.usedBytes, let size = volume.sizeBytes {
-                        line += ", COW \(Units.formatBytes(used)) of \(Units.formatBytes(size)) (\(Int((volume.fill ?? 0) * 100))%)"
+                        line += ", COW \(formatBytes(used)) of \(formatBytes(size)) (\(Int((volume.fill ?? 0) * 100))%)"
                     }
                     if let progress = volume.mergeProgress, volume.status == "merging" {
-                        line += " \(Int(progress * 100))%, \(Units.formatBytes(volume.remainingBytes ?? 0)) to go"
+                        line += " \(Int(progress * 100))%, \(formatBytes(volume.remainingBytes ?? 0)) to go"
                     }
                     say(line)
                     if let detail = volume.detail { say("    \(detail)") }

@@ -3,6 +3,7 @@ import BlockDevice
 import DeviceMapper
 import Engine
 import Foundation
+import Quantities
 import Recipe
 import Snapshot
 
@@ -45,7 +46,7 @@ extension GuardCommand {
                 try context.prepareStateDirectory()
                 do {
                     let volume = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).create(name: name, backing: backing, size: bytes)
-                    say("created \(volume.path) (\(Units.formatBytes(volume.sizeBytes)) on \(volume.backing))")
+                    say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing))")
                 } catch let error as SnapshotError {
                     throw GuardFailure(.usage, "\(error)")
                 }
@@ -85,7 +86,7 @@ extension GuardCommand {
                 if json { return try printJSON(entries) }
                 if entries.isEmpty { return say("no guard volumes") }
                 var rows = [["NAME", "DEVICE", "SIZE", "BACKING", "STATE"]]
-                for entry in entries { rows.append([entry.name, entry.path, Units.formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive"]) }
+                for entry in entries { rows.append([entry.name, entry.path, formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive"]) }
                 say(table(rows))
             }
         }
