@@ -68,7 +68,10 @@ public final class CowWatcher: Sendable {
     private let onEvent: @Sendable (Event) -> Void
     private let engine: WatcherEngine
     private var dm: DeviceMapper { engine.engine.dm }
-    private let done = Mutex<Bool>(false)
+    /// Signalled by `stop()`: the polling thread wakes at once instead of at its next reading.
+    private let wake = DispatchSemaphore(value: 0)
+    /// Signalled by the polling thread after its last reading (and passed on by each waiter).
+    private let finished = DispatchSemaphore(value: 0)
 
     /// Runs an action of the watcher on stack `index` (an extension, a fuse) and returns true,
     /// or returns false without running it (the watcher tries again at its next reading).
@@ -127,10 +130,11 @@ public final class CowWatcher: Sendable {
             let start = clock.now
             while state.withLock({ $0.running }) {
                 let next = poll(elapsed: start.duration(to: clock.now))
-                Thread.sleep(forTimeInterval: Double(next.components.seconds) + Double(next.components.attoseconds) / 1e18)
+                let nanoseconds = Int(next.components.seconds) * 1_000_000_000 + Int(next.components.attoseconds / 1_000_000_000)
+                _ = wake.wait(timeout: .now() + .nanoseconds(nanoseconds))
             }
             poll(elapsed: start.duration(to: clock.now))
-            done.withLock { $0 = true }
+            finished.signal()
         }
         thread.name = "guard-cow-watcher"
         thread.start()
@@ -140,7 +144,10 @@ public final class CowWatcher: Sendable {
     @discardableResult
     public func stop() -> [SnapshotStack] {
         state.withLock { $0.running = false }
-        while !done.withLock({ $0 }) { Thread.sleep(forTimeInterval: 0.01) }
+        wake.signal()
+        // Blocks for one last reading at most (milliseconds), not a poll loop.
+        finished.wait()
+        finished.signal()  // for the next caller of stop()
         return stacks
     }
 
