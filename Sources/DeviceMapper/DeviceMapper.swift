@@ -2,7 +2,6 @@
 import Glibc
 #endif
 import BlockDevice
-import Synchronization
 
 /// What the kernel knows about one device-mapper device (DM_DEVICE_INFO).
 public struct DeviceInfo: Hashable, Sendable {

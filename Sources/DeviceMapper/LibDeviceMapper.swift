@@ -4,7 +4,6 @@ import Glibc
 import BlockDevice
 import CDeviceMapper
 import CGuardShims
-import Synchronization
 
 // Every call into libdevmapper is in this file. libdevmapper keeps global state (its
 // control descriptor, pending /dev/mapper node operations, the log function), so calls
@@ -47,11 +46,11 @@ private let logCallback: guard_dm_log_callback = { level, file, line, dmErrno, m
 
 enum LibDM {
     /// Serializes every libdevmapper call: the library is not thread-safe.
-    static let serial = SerialLock()
+    static let serial = LockedValue(())
     /// Messages logged by libdevmapper during the current call.
-    static let messages = Mutex<[DeviceMapperLogMessage]>([])
+    static let messages = LockedValue<[DeviceMapperLogMessage]>([])
     /// Where messages go after a call (guard's log), set by the caller; nil drops them.
-    static let sink = Mutex<(@Sendable (DeviceMapperLogMessage) -> Void)?>(nil)
+    static let sink = LockedValue<(@Sendable (DeviceMapperLogMessage) -> Void)?>(nil)
 
     private static let installed: Bool = {
         guard_dm_log_install(logCallback, 5)
@@ -66,14 +65,14 @@ enum LibDM {
     }
 
     static func configureUdev(sync: Bool) {
-        serial.run {
+        serial.withLock { _ in
             install()
             dm_udev_set_sync_support(sync ? 1 : 0)
         }
     }
 
     static func udevSyncActive() -> Bool {
-        serial.run {
+        serial.withLock { _ in
             install()
             return dm_udev_get_sync_support() != 0
         }
@@ -99,7 +98,7 @@ enum LibDM {
         extract: (OpaquePointer) throws -> T
     ) throws -> T {
         let started = monotonicSeconds()
-        return try serial.run { () throws -> T in
+        return try serial.withLock { _ throws -> T in
             install()
             messages.withLock { $0.removeAll() }
             guard let task = dm_task_create(request.type) else {
@@ -147,7 +146,7 @@ enum LibDM {
 
     /// Waits for a shared cookie (or performs pending node operations without udev).
     static func wait(_ batch: UdevBatch) {
-        serial.run {
+        serial.withLock { _ in
             _ = dm_udev_wait(batch.cookie)
             batch.cookie = 0
             batch.used = false
@@ -156,7 +155,7 @@ enum LibDM {
 
     /// While set, messages are kept in memory instead of going to the sink (which may write
     /// to a disk): inside the suspend window nothing may touch a filesystem.
-    static let held = Mutex<[DeviceMapperLogMessage]?>(nil)
+    static let held = LockedValue<[DeviceMapperLogMessage]?>(nil)
 
     static func holdLog(_ hold: Bool) {
         let released = held.withLock { buffer -> [DeviceMapperLogMessage] in
@@ -357,29 +356,5 @@ enum KernelLog {
             return String(line[range.lowerBound...])
         }
         return nil
-    }
-}
-
-/// A plain mutex whose critical section can return any value (Synchronization.Mutex
-/// requires a `sending` result, which generic task results are not).
-final class SerialLock: @unchecked Sendable {
-    // @unchecked: the pthread mutex is only touched through lock/unlock below, and it is
-    // never moved (it lives in a heap allocation of its own for the object's lifetime).
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    init() {
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    func run<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
     }
 }

@@ -1,3 +1,4 @@
+import BlockDevice
 import Foundation
 import Recipe
 import Subprocess

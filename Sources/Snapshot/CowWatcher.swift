@@ -1,6 +1,6 @@
+import BlockDevice
 import DeviceMapper
 import Foundation
-import Synchronization
 
 /// Watches the COW use of live snapshots while the steps run, and on a rollback until the
 /// merge starts: records the peak, grows file-backed COWs before they fill (by the extension
@@ -60,7 +60,7 @@ public final class CowWatcher: Sendable {
     /// The time between two polls of a COW past half its stop point.
     public static let closeInterval: Duration = .milliseconds(25)
 
-    private let state: Mutex<State>
+    private let state: LockedValue<State>
     private let policies: [ExtensionPolicy?]
     private let stopThresholds: [Double]
     private let interval: Duration
@@ -93,7 +93,7 @@ public final class CowWatcher: Sendable {
         onEvent: @escaping @Sendable (Event) -> Void
     ) {
         precondition(policies.count == stacks.count && stopThresholds.count == stacks.count, "one policy and one stop point per stack")
-        self.state = Mutex(State(stacks: stacks, peakSectors: Array(repeating: 0, count: stacks.count)))
+        self.state = LockedValue(State(stacks: stacks, peakSectors: Array(repeating: 0, count: stacks.count)))
         self.policies = policies
         self.stopThresholds = stopThresholds
         self.interval = interval
