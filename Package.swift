@@ -66,6 +66,11 @@ let package = Package(
 
         // Above the kernel.
         .target(
+            name: "Files",
+            dependencies: ["BlockDevice"],
+            swiftSettings: strict
+        ),
+        .target(
             name: "Journal",
             dependencies: [.product(name: "GRDB", package: "GRDB.swift")],
             swiftSettings: strict
@@ -78,7 +83,7 @@ let package = Package(
         .target(
             name: "Engine",
             dependencies: [
-                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities",
+                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files",
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -87,7 +92,7 @@ let package = Package(
         .target(
             name: "GuardCommands",
             dependencies: [
-                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities",
+                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -109,7 +114,7 @@ let package = Package(
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "DeviceMapper", "Quantities"], swiftSettings: strict),
         .testTarget(name: "JournalTests", dependencies: ["Journal"], swiftSettings: strict),
         .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Quantities"], swiftSettings: strict),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "Recipe", "Journal"], swiftSettings: strict),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Files", "Recipe", "Journal"], swiftSettings: strict),
         .testTarget(
             name: "GuardCommandsTests",
             dependencies: ["GuardCommands", "Journal"],

@@ -2,12 +2,12 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
 #if canImport(Glibc)
 import Glibc
-import Quantities
 #endif
 
 /// Set when the run must stop its steps (Ctrl-C, a COW about to fill).

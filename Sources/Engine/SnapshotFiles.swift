@@ -1,5 +1,6 @@
 import BlockDevice
 import DeviceMapper
+import Files
 import Foundation
 import Journal
 import Snapshot

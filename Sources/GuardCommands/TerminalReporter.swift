@@ -2,11 +2,11 @@ import BlockDevice
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 
 #if canImport(Glibc)
 import Glibc
-import Quantities
 #endif
 
 /// What a person sees: phases, steps with their output, COW fill and merge progress.

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 
 @testable import Engine
+@testable import Files
 
 #if canImport(Glibc)
 import Glibc

@@ -1,11 +1,12 @@
 import ArgumentParser
 import Engine
+import Files
 import Foundation
+import Quantities
 import Recipe
 
 #if canImport(Glibc)
 import Glibc
-import Quantities
 #endif
 
 extension GuardCommand {

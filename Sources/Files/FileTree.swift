@@ -455,6 +455,8 @@ public struct RestoreReport: Sendable, Encodable {
     public var files: Int64 = 0
     public var bytes: Int64 = 0
     public var removed: Int64 = 0
+
+    public init() {}
 }
 
 /// Copies paths back from a snapshot's tree into the live volume's. Every entry is written
