@@ -90,7 +90,7 @@ public struct Maintenance {
         let phase = try journal.batch {
             try journal.update(decided)
             let phase = try journal.beginPhase(decided.id!, "commit", at: timestamp())
-            try journal.event(decided.id!, "intent", "commit", reason, at: timestamp())
+            try journal.event(decided.id!, .intent, "commit", reason, at: timestamp())
             return phase
         }
         for (record, stack) in zip(records, try stacks(records)) where record.state == .live || record.state == .invalid {
@@ -106,7 +106,7 @@ public struct Maintenance {
         run.finishedAt = timestamp()
         let committed = run
         try journal.batch {
-            try journal.endPhase(phase, status: "done", detail: reason, at: timestamp())
+            try journal.endPhase(phase, status: .done, detail: reason, at: timestamp())
             try journal.update(committed)
         }
     }
@@ -158,12 +158,12 @@ public struct Maintenance {
                 reporter.merge(volume: record.volume, fraction: 1 - Double(left) / Double(max(start, left)))
                 remaining += 1
             case .complete, .finished:
-                try journal.event(runID, "intent", "finish-merge", record.volume, at: timestamp())
+                try journal.event(runID, .intent, "finish-merge", record.volume, at: timestamp())
                 try engine.finishMerge(stack)
                 var updated = record
                 updated.state = .merged
                 try journal.update(updated)
-                try journal.event(runID, "result", "merged", record.volume, at: timestamp())
+                try journal.event(runID, .result, "merged", record.volume, at: timestamp())
                 reporter.merge(volume: record.volume, fraction: 1)
             case .failed(let status):
                 throw GuardFailure(.attention, "the merge of \(record.volume) (run \(runID)) failed: the kernel reports \(status); check `dmesg` for I/O errors, fix them and run `guard recover`")

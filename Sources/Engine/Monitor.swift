@@ -135,7 +135,7 @@ public final class KeptRunMonitor {
         let peaks = LockedValue<[Int: UInt64]>([:])
         let lastPeakWrite = LockedValue<[Int: Double]>([:])
         // Journal writes from the watcher's thread: best effort, never in the way of a fuse.
-        let record: @Sendable (Int, String, String, String) -> Void = { index, kind, action, detail in
+        let record: @Sendable (Int, EventKind, String, String) -> Void = { index, kind, action, detail in
             try? journal?.event(watched[index].runID, kind, action, "\(detail) (guard monitor)", at: Date().timeIntervalSince1970)
         }
         let watcher = CowWatcher(
@@ -163,7 +163,7 @@ public final class KeptRunMonitor {
                 for level in [50, 75, 90] where fill * 100 >= Double(level) {
                     Self.once("\(item.key)/fill-\(level)/\(sample.storageBytes)", announced) {
                         reporter.warning("kept run \(item.runID): the snapshot of \(item.record.volume) is \(Int(fill * 100))% full (\(formatBytes(usage.allocatedBytes)) of \(formatBytes(budget)))")
-                        record(sample.volumeIndex, "warning", "cow-fill", "\(item.record.volume) at \(Int(fill * 100))%")
+                        record(sample.volumeIndex, .warning, "cow-fill", "\(item.record.volume) at \(Int(fill * 100))%")
                     }
                 }
                 // The kept run's peak COW use, in the journal at most every 5 s.
@@ -189,11 +189,11 @@ public final class KeptRunMonitor {
                     updated.sizeBytes = Int64(grown.budgetBytes)
                     try? journal?.update(updated)
                 }
-                record(index, "result", "extend", "\(item.record.volume) to \(grown.budgetBytes) bytes")
+                record(index, .result, "extend", "\(item.record.volume) to \(grown.budgetBytes) bytes")
             case .nearlyFull(let index, let fill):
                 let item = watched[index]
                 let reason = "the kept snapshot of \(item.record.volume) is \(Int(fill * 100))% full and cannot grow"
-                Self.once("\(item.key)/cow-full", announced) { record(index, "error", "cow-full", reason) }
+                Self.once("\(item.key)/cow-full", announced) { record(index, .error, "cow-full", reason) }
                 switch item.onFull {
                 case .fuse: break  // the watcher blows it (armed), reported below
                 case .commit, .rollback:
@@ -202,7 +202,7 @@ public final class KeptRunMonitor {
                 }
             case .fusing(let index, let fill):
                 let item = watched[index]
-                Self.once("\(item.key)/fusing", announced) { record(index, "intent", "fuse", "\(item.record.volume) at \(Int(fill * 100))%") }
+                Self.once("\(item.key)/fusing", announced) { record(index, .intent, "fuse", "\(item.record.volume) at \(Int(fill * 100))%") }
             case .fused(let index, _, let microseconds):
                 let item = watched[index]
                 // Once per monitor: a restarted monitor finds the fuse blown (0 µs) and says so again.
@@ -210,13 +210,13 @@ public final class KeptRunMonitor {
                     reporter.result(
                         "kept run \(item.runID): the snapshot of \(item.record.volume) is full and cannot grow: \(item.record.volume) refuses writes from now on (guard's fuse), so the rollback stays possible; `guard rollback \(item.runID)` restores the volume, `guard commit \(item.runID)` keeps it as it is and lifts the fuse",
                         success: false)
-                    record(index, "result", "fuse", "\(item.record.volume) refuses writes (suspended \(microseconds) µs)")
+                    record(index, .result, "fuse", "\(item.record.volume) refuses writes (suspended \(microseconds) µs)")
                 }
             case .invalidated(let index, let status):
                 let item = watched[index]
                 Self.once("\(item.key)/invalid", announced) {
                     reporter.result("kept run \(item.runID): the kernel invalidated the snapshot of \(item.record.volume) (\(status)): a rollback of it is no longer possible; `guard commit \(item.runID)` releases it", success: false)
-                    record(index, "error", "cow-invalid", "\(item.record.volume): \(status)")
+                    record(index, .error, "cow-invalid", "\(item.record.volume): \(status)")
                 }
             case .error(let index, let message):
                 reporter.log("kept run \(watched[index].runID), \(watched[index].record.volume): \(message)")
@@ -234,7 +234,7 @@ public final class KeptRunMonitor {
         let maintenance = Maintenance(context: context)
         do {
             guard let journal = try context.existingJournal(), let run = try journal.run(id: request.runID), run.state == .kept else { return }
-            try journal.event(request.runID, "intent", "on-full", "\(request.action): \(request.reason) (guard monitor)")
+            try journal.event(request.runID, .intent, "on-full", "\(request.action): \(request.reason) (guard monitor)")
             switch request.action {
             case .commit:
                 let message = try maintenance.commit("\(request.runID)", reason: "\(request.reason); on_full: commit (guard monitor)")

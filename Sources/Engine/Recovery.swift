@@ -151,7 +151,7 @@ public struct Recovery {
             let what = "rolled back (the merge, interrupted by a restart, resumed from the COW; the volumes read as before the run)"
             updated.error = [run.error, "recovered: \(what)"].compactMap { $0 }.joined(separator: "; ")
             try journal.update(updated)
-            try journal.event(run.id!, "result", "recover", what, at: timestamp())
+            try journal.event(run.id!, .result, "recover", what, at: timestamp())
             report.actions.append("run \(run.id!): \(what)")
         }
         // Rollbacks that started for some volumes only: the decision is journaled; roll the rest back.
@@ -246,7 +246,7 @@ public struct Recovery {
         try journal.update(updated)
         let detail = (waiting + stale).joined(separator: "; ")
         let what = target == .needsReassembly ? "needs reassembly: \(detail)" : target == .stale ? "stale: \(detail)" : "reassembled; the run is \(target.rawValue) again"
-        try journal.event(runID, "result", "recover", what, at: timestamp())
+        try journal.event(runID, .result, "recover", what, at: timestamp())
         return result
     }
 
@@ -268,7 +268,7 @@ public struct Recovery {
         defer { locks.forEach { $0.release() } }
         let stacks = records.compactMap { decodeStack($0.stack) }
         let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
-        try journal.event(runID, "intent", "recover", "phase \(run.phase), decision \(run.decision?.rawValue ?? "none")", at: timestamp())
+        try journal.event(runID, .intent, "recover", "phase \(run.phase), decision \(run.decision?.rawValue ?? "none")", at: timestamp())
 
         var updated = run
         func close(_ outcome: RunOutcome, _ state: RunState, _ what: String) throws -> String {
@@ -280,7 +280,7 @@ public struct Recovery {
             let closed = updated
             try journal.batch {
                 try journal.update(closed)
-                try journal.event(runID, "result", "recover", what, at: timestamp())
+                try journal.event(runID, .result, "recover", what, at: timestamp())
             }
             RunCgroup.of(token: run.token)?.removeIfEmpty()
             return "run \(runID): \(what)"

@@ -33,7 +33,7 @@ struct RollbackProcedure {
         for (record, stack) in zip(records, stacks) {
             let health = try engine.health(stack)
             if !health.isRestorable {
-                try journal.event(runID, "error", "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
+                try journal.event(runID, .error, "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
                 var updated = record
                 updated.state = .invalid
                 try journal.update(updated)
@@ -48,7 +48,7 @@ struct RollbackProcedure {
         let phase = try journal.batch {
             try journal.update(decided)
             let phase = try journal.beginPhase(runID, "rollback", at: timestamp())
-            try journal.event(runID, "intent", "rollback", records.map(\.volume).joined(separator: ", "), at: timestamp())
+            try journal.event(runID, .intent, "rollback", records.map(\.volume).joined(separator: ", "), at: timestamp())
             return phase
         }
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
@@ -63,7 +63,7 @@ struct RollbackProcedure {
             let killed = cgroup.killAll()
             if killed > 0 {
                 reporter.note("killed \(killed) process\(killed == 1 ? "" : "es") the run's steps left running")
-                try journal.event(runID, "result", "kill-cgroup", "\(killed) process(es) in \(cgroup.path)", at: timestamp())
+                try journal.event(runID, .result, "kill-cgroup", "\(killed) process(es) in \(cgroup.path)", at: timestamp())
             }
         }
 
@@ -74,18 +74,18 @@ struct RollbackProcedure {
         let mounts: [MountEntry]
         do { mounts = try Self.mountsToUnmount(origins: origins, table: Mounts.current()) } catch {
             await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-            try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+            try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
             throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept")
         }
         for mount in mounts {
             do {
                 try Mounts.unmount(mount.target)
                 unmounted.append(mount)
-                try journal.event(runID, "result", "unmount", mount.target, at: timestamp())
+                try journal.event(runID, .result, "unmount", mount.target, at: timestamp())
             } catch {
                 remountAll(unmounted, origins: origins)
                 await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-                try journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+                try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
                 throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
             }
         }
@@ -106,10 +106,10 @@ struct RollbackProcedure {
         } catch {
             let started = records.prefix(merging.count).map(\.volume)
             let left = records.dropFirst(merging.count).map(\.volume)
-            try? journal.event(runID, "error", "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
+            try? journal.event(runID, .error, "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
             remountAll(unmounted, origins: origins)
             await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-            try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+            try? journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
             guard !merging.isEmpty else {
                 throw GuardFailure(.attention, "rollback of run \(runID) did not start: \(error); nothing was merged, the snapshots are kept: fix that and run `guard rollback \(runID)`")
             }
@@ -124,12 +124,12 @@ struct RollbackProcedure {
         run.state = .merging
         run.outcome = .rolledBack
         try journal.update(run)
-        try journal.event(runID, "result", "merge-started", nil, at: timestamp())
+        try journal.event(runID, .result, "merge-started", nil, at: timestamp())
 
         remountAll(unmounted, origins: origins)
         await startHooks(hooks, runner: runner, runID: runID, token: run.token)
         reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
-        try journal.endPhase(phase, status: "done", detail: "merge started", at: timestamp())
+        try journal.endPhase(phase, status: .done, detail: "merge started", at: timestamp())
 
         if wait {
             try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
@@ -152,9 +152,9 @@ struct RollbackProcedure {
             try Mounts.unmount(mount.target)
             unmounted.append(mount)
         }
-        try journal.event(runID, "intent", "restart-merge", snapshot.volume, at: timestamp())
+        try journal.event(runID, .intent, "restart-merge", snapshot.volume, at: timestamp())
         try engine.restartMerge(stack)
-        try journal.event(runID, "result", "merge-restarted", snapshot.volume, at: timestamp())
+        try journal.event(runID, .result, "merge-restarted", snapshot.volume, at: timestamp())
         if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID, token: run.token) }
     }
 

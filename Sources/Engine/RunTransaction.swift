@@ -164,7 +164,7 @@ public final class RunTransaction {
                             cowKind: volume.storage.isDevice ? "device" : "file", sizeBytes: Int64(volume.cowBytes),
                             chunkBytes: Int64(volume.chunkSectors) * 512, state: .preparing, stack: "{}")))
             }
-            try journal.endPhase(preflightPhase, status: "done", detail: "\(plan.volumes.count) volume(s)")
+            try journal.endPhase(preflightPhase, status: .done, detail: "\(plan.volumes.count) volume(s)")
             return (run, records)
         }
         let runID = run.id!
@@ -242,11 +242,11 @@ struct RunBody {
             reporter.phase("quiesce", run: runID)
             let phase = try? journal.beginPhase(runID, "quiesce", at: timestamp())
             if let failed = await runCommands(recipe.quiesce, kind: "quiesce", runner: runner) {
-                if let phase { try? journal.endPhase(phase, status: "failed", detail: failed, at: timestamp()) }
+                if let phase { try? journal.endPhase(phase, status: .failed, detail: failed, at: timestamp()) }
                 await runResumeHooks(runner: runner)
                 return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "quiesce failed: \(failed); no volume was touched")
             }
-            if let phase { try? journal.endPhase(phase, status: "done", at: timestamp()) }
+            if let phase { try? journal.endPhase(phase, status: .done, at: timestamp()) }
         }
 
         // snapshot
@@ -258,7 +258,7 @@ struct RunBody {
             // The watchdog process starts while the COW storage is prepared.
             (engine.watchdog as? ProcessWatchdog)?.start()
         } catch {
-            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
+            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: .failed, detail: "\(error)", at: timestamp()) }
             await runResumeHooks(runner: runner)
             return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
         }
@@ -266,7 +266,7 @@ struct RunBody {
         do {
             live = try takeSnapshots(engine)
         } catch {
-            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: "failed", detail: "\(error)", at: timestamp()) }
+            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: .failed, detail: "\(error)", at: timestamp()) }
             try? journal.setSnapshotState(runID: runID, .discarded)
             await runResumeHooks(runner: runner)
             return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
@@ -281,8 +281,8 @@ struct RunBody {
             try journal.batch {
                 try journal.update(taken)
                 try journal.setSnapshotState(runID: runID, .live)
-                try journal.event(runID, "result", "take", "suspended for \(window) µs", at: timestamp())
-                if let snapshotPhase { try journal.endPhase(snapshotPhase, status: "done", detail: "suspend window \(window) µs", at: timestamp()) }
+                try journal.event(runID, .result, "take", "suspended for \(window) µs", at: timestamp())
+                if let snapshotPhase { try journal.endPhase(snapshotPhase, status: .done, detail: "suspend window \(window) µs", at: timestamp()) }
             }
         } catch {
             // Nothing ran under the snapshots yet: dropping them changes nothing.
@@ -320,7 +320,7 @@ struct RunBody {
                 break
             }
         }
-        if let stepsPhase { try? journal.endPhase(stepsPhase, status: failure == nil ? "done" : "failed", detail: failure, at: timestamp()) }
+        if let stepsPhase { try? journal.endPhase(stepsPhase, status: failure == nil ? .done : .failed, detail: failure, at: timestamp()) }
 
         // verify
         if failure == nil && !recipe.verify.isEmpty {
@@ -337,7 +337,7 @@ struct RunBody {
                 }
             }
             if !failed.isEmpty { failure = "verify failed: " + failed.joined(separator: "; ") }
-            if let verifyPhase { try? journal.endPhase(verifyPhase, status: failed.isEmpty ? "done" : "failed", detail: failure, at: timestamp()) }
+            if let verifyPhase { try? journal.endPhase(verifyPhase, status: failed.isEmpty ? .done : .failed, detail: failure, at: timestamp()) }
         }
         // decision: a rollback keeps the watcher (and its fuse) until the merge starts
         if failure == nil, let late = cowStop.value { failure = late }
@@ -371,11 +371,11 @@ struct RunBody {
             records[index].cowPath = stack.storage.path
             try journal.update(records[index])
         }
-        try journal.event(runID, "intent", "prepare", stacks.map { "\($0.originPath) cow \($0.storage.path)" }.joined(separator: "; "), at: timestamp())
+        try journal.event(runID, .intent, "prepare", stacks.map { "\($0.originPath) cow \($0.storage.path)" }.joined(separator: "; "), at: timestamp())
         CrashPoint.hit("run.before-prepare")
         let prepared = try engine.prepare(stacks)
         do {
-            try journal.event(runID, "intent", "take", "suspend \(prepared.stacks.map(\.originName).joined(separator: ", "))", at: timestamp())
+            try journal.event(runID, .intent, "take", "suspend \(prepared.stacks.map(\.originName).joined(separator: ", "))", at: timestamp())
         } catch {
             prepared.abandon()
             throw error
@@ -394,7 +394,7 @@ struct RunBody {
             phase = try journal.batch {
                 try journal.update(run)
                 let phase = try journal.beginPhase(runID, "commit", at: timestamp())
-                try journal.event(runID, "intent", "commit", nil, at: timestamp())
+                try journal.event(runID, .intent, "commit", nil, at: timestamp())
                 return phase
             }
         } catch {
@@ -405,10 +405,10 @@ struct RunBody {
             try live.commit()
             CrashPoint.hit("run.after-commit")
             try? journal.setSnapshotState(runID: runID, .committed)
-            try? journal.endPhase(phase, status: "done", at: timestamp())
+            try? journal.endPhase(phase, status: .done, at: timestamp())
             return finish(outcome: .committed, exit: .success, state: .finished, error: nil, message: "run \(runID) committed: the upgrade is final")
         } catch {
-            try? journal.endPhase(phase, status: "failed", detail: "\(error)", at: timestamp())
+            try? journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
             return finish(outcome: .kept, exit: .attention, state: .kept, error: "the commit did not complete: \(error)", message: "run \(runID): the upgrade is applied but the commit did not complete (\(error)); run `guard commit \(runID)` again")
         }
     }
@@ -426,7 +426,7 @@ struct RunBody {
             return journalUnwritable(error, "the snapshots are live and their labels say kept; run `guard recover` once the journal is writable")
         }
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
-        if let phase { try? journal.endPhase(phase, status: "done", detail: failure, at: timestamp()) }
+        if let phase { try? journal.endPhase(phase, status: .done, detail: failure, at: timestamp()) }
         if let failure {
             return finish(
                 outcome: .kept, exit: .attention, state: .kept, error: failure,
@@ -461,7 +461,7 @@ struct RunBody {
         if !invalid.isEmpty {
             watcher.stop()
             let which = invalid.map { "\($0.originPath) (\((try? engine.health($0).status.description) ?? "Invalid"))" }.joined(separator: ", ")
-            do { try journal.event(runID, "error", "rollback-impossible", which, at: timestamp()) } catch {
+            do { try journal.event(runID, .error, "rollback-impossible", which, at: timestamp()) } catch {
                 return journalUnwritable(error, "the invalidated snapshots of \(which) are left as they are")
             }
             for stack in stacks { try? engine.drop(stack, discarding: true) }
@@ -513,7 +513,7 @@ struct RunBody {
         do {
             try journal.batch {
                 let done = try journal.beginPhase(runID, "done", at: timestamp())
-                try journal.endPhase(done, status: "done", detail: outcome.rawValue, at: timestamp())
+                try journal.endPhase(done, status: .done, detail: outcome.rawValue, at: timestamp())
                 try journal.update(ended)
             }
         } catch {
@@ -542,7 +542,7 @@ struct RunBody {
         let phase = try? journal.beginPhase(runID, "resume", at: timestamp())
         let failed = await runCommands(recipe.resume, kind: "resume", runner: runner)
         if let failed { reporter.warning("\(failed); carrying on") }
-        if let phase { try? journal.endPhase(phase, status: failed == nil ? "done" : "failed", detail: failed, at: timestamp()) }
+        if let phase { try? journal.endPhase(phase, status: failed == nil ? .done : .failed, detail: failed, at: timestamp()) }
     }
 
     /// Runs one command, journaling it; returns nil on success or how it failed.
@@ -607,23 +607,23 @@ struct RunBody {
             case .extended(let index, let grown):
                 let size = grown.budgetBytes
                 reporter.note("the snapshot of \(names[index]) grew to \(formatBytes(size))")
-                try? journal.event(runID, "result", "extend", "\(names[index]) to \(size) bytes")
+                try? journal.event(runID, .result, "extend", "\(names[index]) to \(size) bytes")
             case .nearlyFull(let index, let fill):
                 let reason = "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow"
                 cowStop.set(reason)
-                try? journal.event(runID, "error", "cow-full", reason)
+                try? journal.event(runID, .error, "cow-full", reason)
             case .fusing(let index, let fill):
                 // Journaled first, but never waited on: the fuse only refuses writes, recovery
                 // reads it from the kernel's table, and a journal that fails must not cost the rollback.
                 reporter.warning("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow; \(names[index]) now refuses writes until the rollback (guard's fuse)")
-                try? journal.event(runID, "intent", "fuse", "\(names[index]) at \(Int(fill * 100))%")
+                try? journal.event(runID, .intent, "fuse", "\(names[index]) at \(Int(fill * 100))%")
             case .fused(let index, let fill, let microseconds):
                 cowStop.set("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow")
-                try? journal.event(runID, "result", "fuse", "\(names[index]) refuses writes (suspended \(microseconds) µs)")
+                try? journal.event(runID, .result, "fuse", "\(names[index]) refuses writes (suspended \(microseconds) µs)")
             case .invalidated(let index, let status):
                 let reason = "the snapshot of \(names[index]) became \(status) (its COW overflowed)"
                 cowStop.set(reason)
-                try? journal.event(runID, "error", "cow-invalid", reason)
+                try? journal.event(runID, .error, "cow-invalid", reason)
             case .error(let index, let message):
                 reporter.log("COW watch of \(names[index]): \(message)")
             }

@@ -225,7 +225,7 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// Records an intent (before touching the kernel), a result (after), a note or an error.
-    public func event(_ runID: Int64, _ kind: String, _ action: String, _ detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
+    public func event(_ runID: Int64, _ kind: EventKind, _ action: String, _ detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
         try write { db in
             var event = EventRecord(runID: runID, at: at, kind: kind, action: action, detail: detail)
             try event.insert(db)
@@ -242,7 +242,7 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
-    public func endPhase(_ phase: PhaseRecord, status: String, detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
+    public func endPhase(_ phase: PhaseRecord, status: PhaseStatus, detail: String? = nil, at: Double = Date().timeIntervalSince1970) throws {
         try write { db in
             var phase = phase
             phase.finishedAt = at

@@ -37,6 +37,16 @@ public enum RunDecision: String, Codable, Sendable, DatabaseValueConvertible {
     case commit, keep, rollback
 }
 
+/// What a journal event records: an intent is written before its action, a result after it.
+public enum EventKind: String, Codable, Sendable, CaseIterable, DatabaseValueConvertible {
+    case intent, result, note, warning, error
+}
+
+/// Where a phase stands.
+public enum PhaseStatus: String, Codable, Sendable, CaseIterable, DatabaseValueConvertible {
+    case started, done, failed
+}
+
 /// One run of a recipe.
 public struct RunRecord: Codable, Sendable, Hashable, FetchableRecord, MutablePersistableRecord {
     public static let databaseTableName = "runs"
@@ -110,8 +120,7 @@ public struct PhaseRecord: Codable, Sendable, Hashable, FetchableRecord, Mutable
     public var name: String
     public var startedAt: Double
     public var finishedAt: Double?
-    /// started, done, failed.
-    public var status: String
+    public var status: PhaseStatus
     public var detail: String?
 
     public enum Columns {
@@ -129,7 +138,7 @@ public struct PhaseRecord: Codable, Sendable, Hashable, FetchableRecord, Mutable
         self.runID = runID
         self.name = name
         self.startedAt = startedAt
-        self.status = "started"
+        self.status = .started
     }
 
     public mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
@@ -309,8 +318,7 @@ public struct EventRecord: Codable, Sendable, Hashable, FetchableRecord, Mutable
     public var id: Int64?
     public var runID: Int64
     public var at: Double
-    /// intent, result, note, error.
-    public var kind: String
+    public var kind: EventKind
     public var action: String
     public var detail: String?
 
@@ -323,7 +331,7 @@ public struct EventRecord: Codable, Sendable, Hashable, FetchableRecord, Mutable
         case runID = "run_id"
     }
 
-    public init(runID: Int64, at: Double, kind: String, action: String, detail: String?) {
+    public init(runID: Int64, at: Double, kind: EventKind, action: String, detail: String?) {
         self.runID = runID
         self.at = at
         self.kind = kind

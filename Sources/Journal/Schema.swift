@@ -122,6 +122,36 @@ enum Schema {
                     CREATE INDEX restores_run ON restores(run_id);
                     """)
         }
+        // SQLite adds a CHECK constraint only by copying a table into a new one. A journal is
+        // the record of every rollback guard may still owe, and this migration runs at boot:
+        // it must never fail on rows an older guard wrote, or copy them. So the closed sets
+        // are enforced by triggers on every later write (the same refusal a CHECK gives:
+        // the statement aborts, the transaction rolls back); rows already there are left as
+        // they are. The sets are frozen here, not read from the record types.
+        migrator.registerMigration("v3 closed sets for states, kinds and outcomes") { db in
+            let sets: [(table: String, column: String, values: [String], nullable: Bool)] = [
+                ("runs", "state", ["running", "kept", "merging", "finished", "needs_reassembly", "stale"], false),
+                ("runs", "decision", ["commit", "keep", "rollback"], true),
+                ("runs", "outcome", ["committed", "kept", "rolled_back", "failed", "recovered"], true),
+                ("phases", "status", ["started", "done", "failed"], false),
+                ("steps", "kind", ["step", "verify", "quiesce", "resume", "rollback-stop", "rollback-start"], false),
+                ("snapshots", "state", ["preparing", "live", "merging", "merged", "committed", "discarded", "invalid"], false),
+                ("events", "kind", ["intent", "result", "note", "warning", "error"], false),
+            ]
+            for set in sets {
+                let list = set.values.map { "'\($0)'" }.joined(separator: ", ")
+                let outside = "NEW.\(set.column) NOT IN (\(list))" + (set.nullable ? " AND NEW.\(set.column) IS NOT NULL" : "")
+                let message = "\(set.table).\(set.column) must be one of \(set.values.joined(separator: ", "))\(set.nullable ? " or NULL" : "")"
+                for (event, name) in [("INSERT", "insert"), ("UPDATE OF \(set.column)", "update")] {
+                    try db.execute(
+                        sql: """
+                            CREATE TRIGGER \(set.table)_\(set.column)_\(name) BEFORE \(event) ON \(set.table)
+                            WHEN \(outside)
+                            BEGIN SELECT RAISE(ABORT, '\(message)'); END
+                            """)
+                }
+            }
+        }
         return migrator
     }
 }

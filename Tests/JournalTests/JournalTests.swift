@@ -15,7 +15,7 @@ func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome 
     var run = try journal.insert(
         RunRecord(token: String(format: "%08x", UInt32.random(in: 0...UInt32.max)), recipeName: recipe, recipePath: "/etc/guard/\(recipe).recipe", recipeSHA256: "abc", recipeText: "name: \(recipe)", host: "web1", user: "alice", pid: 42, startedAt: startedAt))
     let phase = try journal.beginPhase(run.id!, "steps", at: startedAt + 1)
-    try journal.endPhase(phase, status: "done", at: startedAt + 2)
+    try journal.endPhase(phase, status: .done, at: startedAt + 2)
     var snapshot = try journal.insert(
         SnapshotRecord(
             runID: run.id!, volumeIndex: 0, volume: "/dev/mapper/vg-\(recipe)", mountPoint: "/srv/\(recipe)", originName: "vg-\(recipe)",
@@ -28,7 +28,7 @@ func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome 
     step.exitCode = 0
     step.termination = "exit 0"
     try journal.update(step)
-    try journal.event(run.id!, "intent", "commit", nil, at: startedAt + 3)
+    try journal.event(run.id!, .intent, "commit", nil, at: startedAt + 3)
     run.outcome = outcome
     run.state = .finished
     run.exitCode = outcome == .rolledBack ? 1 : 0
@@ -55,7 +55,7 @@ struct JournalTests {
         }
         #expect(mode == "wal")
         #expect(synchronous == 2, "FULL")
-        #expect(migrations == 2, "v1 and v2 restores")
+        #expect(migrations == 3, "v1, v2 restores, v3 closed sets")
         let reopened = try Journal.open(path: path, check: true)
         #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
     }
@@ -165,15 +165,15 @@ struct JournalBatchTests {
         let journal = try Journal.open(path: "\(directory)/journal.sqlite")
         let run = try addRun(journal)
         try journal.batch {
-            try journal.event(run.id!, "intent", "one")
-            try journal.batch { try journal.event(run.id!, "intent", "two") }  // nested: the same transaction
+            try journal.event(run.id!, .intent, "one")
+            try journal.batch { try journal.event(run.id!, .intent, "two") }  // nested: the same transaction
         }
         #expect(try journal.events(runID: run.id!).map(\.action).suffix(2) == ["one", "two"])
 
         struct Refused: Error {}
         #expect(throws: Refused.self) {
             try journal.batch {
-                try journal.event(run.id!, "intent", "three")
+                try journal.event(run.id!, .intent, "three")
                 throw Refused()
             }
         }
@@ -188,18 +188,95 @@ struct JournalBatchTests {
         let run = try addRun(journal)
         let id = run.id!
         let other = Thread {
-            try? journal.event(id, "result", "from-another-thread")
+            try? journal.event(id, .result, "from-another-thread")
         }
         try journal.batch {
-            try journal.event(id, "intent", "first")
+            try journal.event(id, .intent, "first")
             other.start()
             Thread.sleep(forTimeInterval: 0.2)
-            try journal.event(id, "intent", "second")
+            try journal.event(id, .intent, "second")
         }
         // Bounded only against a hang: a busy machine may start the thread late.
         for _ in 0..<30_000 where try !journal.events(runID: id).contains(where: { $0.action == "from-another-thread" }) {
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(try journal.events(runID: id).map(\.action).suffix(3) == ["first", "second", "from-another-thread"])
+    }
+}
+
+/// Issue 14: states, kinds and outcomes are closed sets in Swift (enums) and in SQLite (v3's triggers).
+@Suite("journal closed sets")
+struct JournalClosedSetTests {
+    static func sqlite(_ journal: Journal, _ sql: String) -> String? {
+        do {
+            try journal.write { try $0.execute(sql: sql) }
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    @Test("a value outside a column's set is refused on insert and update, naming the set; NULL stays allowed where it was")
+    func refusesOutside() throws {
+        let journal = try Journal.inMemory()
+        let run = try addRun(journal)
+        let id = run.id!
+        let refused = [
+            "UPDATE runs SET state = 'done' WHERE id = \(id)",
+            "UPDATE runs SET decision = 'merge' WHERE id = \(id)",
+            "UPDATE runs SET outcome = 'rolledBack' WHERE id = \(id)",
+            "UPDATE phases SET status = 'ok' WHERE run_id = \(id)",
+            "UPDATE steps SET kind = 'hook' WHERE run_id = \(id)",
+            "UPDATE snapshots SET state = 'kept' WHERE run_id = \(id)",
+            "INSERT INTO events (run_id, at, kind, action) VALUES (\(id), 1, 'intention', 'commit')",
+        ]
+        for sql in refused {
+            let error = Self.sqlite(journal, sql)
+            #expect(error?.contains("must be one of") == true, "\(sql): \(error ?? "accepted")")
+        }
+        #expect(Self.sqlite(journal, "UPDATE runs SET decision = NULL, outcome = NULL WHERE id = \(id)") == nil)
+        #expect(Self.sqlite(journal, "UPDATE runs SET state = 'needs_reassembly' WHERE id = \(id)") == nil)
+        #expect(try journal.run(id: id)?.state == .needsReassembly)
+        try journal.event(id, .warning, "cow-fill", "50%")
+        #expect(try journal.events(runID: id).map(\.kind) == [.intent, .warning])
+    }
+
+    @Test("the sets in the schema are the Swift enums' cases: a new case needs a new migration")
+    func setsMatchEnums() throws {
+        let journal = try Journal.inMemory()
+        let triggers = try journal.read { try String.fetchAll($0, sql: "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%_insert'") }
+        func values(_ table: String, _ column: String) -> Set<String> {
+            guard let sql = triggers.first(where: { $0.contains("ON \(table)\n") && $0.contains("NEW.\(column) NOT IN") }),
+                let open = sql.range(of: "NOT IN ("), let close = sql[open.upperBound...].firstIndex(of: ")")
+            else { return [] }
+            return Set(sql[open.upperBound..<close].split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: " '")) })
+        }
+        #expect(values("runs", "state") == Set(RunState.allCases.map(\.rawValue)))
+        #expect(values("runs", "outcome") == Set(RunOutcome.allCases.map(\.rawValue)))
+        #expect(values("runs", "decision") == ["commit", "keep", "rollback"])
+        #expect(values("phases", "status") == Set(PhaseStatus.allCases.map(\.rawValue)))
+        #expect(values("snapshots", "state") == Set(SnapshotState.allCases.map(\.rawValue)))
+        #expect(values("events", "kind") == Set(EventKind.allCases.map(\.rawValue)))
+        #expect(values("steps", "kind").count == 6)
+    }
+
+    @Test("rows an older guard wrote are kept as they are by the migration, whatever they hold")
+    func keepsOldRows() throws {
+        let directory = try temporaryDirectory()
+        let path = "\(directory)/journal.sqlite"
+        do {
+            let queue = try DatabaseQueue(path: path)
+            try Schema.migrator.migrate(queue, upTo: "v2 restores")
+            try queue.write { db in
+                try db.execute(sql: """
+                    INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
+                    VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept');
+                    INSERT INTO events (run_id, at, kind, action) VALUES (1, 1.0, 'odd', 'take');
+                    """)
+            }
+        }
+        let journal = try Journal.open(path: path, check: true)
+        #expect(try journal.run("0badc0de")?.state == .kept)
+        #expect(try journal.read { try String.fetchOne($0, sql: "SELECT kind FROM events") } == "odd")
     }
 }

@@ -173,7 +173,7 @@ struct RunDetail: Encodable {
         suspendUs = run.suspendMicroseconds
         phases = try journal.phases(runID: runID).map { phase in
             Phase(
-                name: phase.name, status: phase.status, startedAt: iso8601(phase.startedAt), finishedAt: iso8601(phase.finishedAt),
+                name: phase.name, status: phase.status.rawValue, startedAt: iso8601(phase.startedAt), finishedAt: iso8601(phase.finishedAt),
                 durationSeconds: phase.finishedAt.map { ((($0 - phase.startedAt) * 1000).rounded()) / 1000 }, detail: phase.detail)
         }
         steps = try journal.steps(runID: runID).map {
@@ -188,7 +188,7 @@ struct RunDetail: Encodable {
                 suspendUs: suspend, state: record.state.rawValue,
                 cowSamples: try journal.samples(snapshotID: record.id!).map { Sample(at: $0.at, usedBytes: $0.usedBytes, sizeBytes: $0.sizeBytes) })
         }
-        events = try journal.events(runID: runID).map { Event(at: iso8601($0.at), kind: $0.kind, action: $0.action, detail: $0.detail) }
+        events = try journal.events(runID: runID).map { Event(at: iso8601($0.at), kind: $0.kind.rawValue, action: $0.action, detail: $0.detail) }
         restores = try journal.restores(runID: runID).map {
             Restore(
                 startedAt: iso8601($0.startedAt), finishedAt: iso8601($0.finishedAt), user: $0.user, paths: $0.pathList, delete: $0.deleteCreated,
