@@ -95,7 +95,7 @@ public struct Maintenance {
         }
         for (record, stack) in zip(records, try stacks(records)) where record.state == .live || record.state == .invalid {
             // The decision is in the journal: the old blocks may go even if the stack is not live.
-            try engine.drop(stack, discarding: true)
+            try engine.discard(stack, commitJournaled: true)
             var updated = record
             updated.state = .committed
             try journal.update(updated)
@@ -124,7 +124,7 @@ public struct Maintenance {
         let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
         let engine = try context.engine()
         try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
-            run: run, records: records, stacks: try stacks(records), recipe: recipe, wait: wait)
+            run: run, records: records, live: try LiveSnapshotSet.attach(try stacks(records), engine: engine), recipe: recipe, wait: wait)
         return wait
             ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
             : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)"
@@ -149,9 +149,10 @@ public struct Maintenance {
     func finishMerges(runID: Int64, journal: Journal, engine: SnapshotEngine, initial: inout [Int: UInt64]) throws -> Bool {
         var remaining = 0
         let records = try journal.snapshots(runID: runID)
+        let merging = MergingSnapshotSet.attach(records.filter { $0.state == .merging }.compactMap { decodeStack($0.stack) }, engine: engine)
         for record in records where record.state == .merging {
             guard let stack = decodeStack(record.stack) else { continue }
-            switch try engine.mergeState(stack) {
+            switch try merging.state(stack) {
             case .merging(let left, _):
                 let start = initial[record.volumeIndex] ?? max(left, UInt64(record.peakUsedBytes / 512), 1)
                 initial[record.volumeIndex] = start
@@ -159,7 +160,7 @@ public struct Maintenance {
                 remaining += 1
             case .complete, .finished:
                 try journal.event(runID, .intent, "finish-merge", record.volume, at: timestamp())
-                try engine.finishMerge(stack)
+                try merging.finish(stack)
                 var updated = record
                 updated.state = .merged
                 try journal.update(updated)

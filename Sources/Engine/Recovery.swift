@@ -303,7 +303,7 @@ public struct Recovery {
             return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
         }
         if run.decision == .commit {
-            for stack in stacks { try engine.drop(stack, discarding: true) }
+            for stack in stacks { try engine.discard(stack, commitJournaled: true) }
             try journal.setSnapshotState(runID: runID, .committed)
             return try close(.recovered, .finished, "finished the commit: the upgrade is in place, the snapshots are gone")
         }
@@ -316,14 +316,14 @@ public struct Recovery {
                 guard let stack = decodeStack(record.stack) else { continue }
                 // A COW the journal never saw taken and that was never created holds nothing.
                 let neverCreated = record.state == .preparing && !FileManager.default.fileExists(atPath: stack.storage.path)
-                try engine.drop(stack, discarding: neverCreated)
+                try engine.discard(stack, commitJournaled: neverCreated)
             }
             try journal.setSnapshotState(runID: runID, .discarded)
             return try close(.recovered, .finished, "no snapshot holds a changed block (COW labels and kernel headers checked); removed what the run had prepared; no volume was changed by it")
         }
         if !stepsMayHaveRun {
             // The snapshot was taken but no step ran: the volumes hold what they held before.
-            for stack in stacks { try engine.drop(stack) }
+            for stack in stacks { try engine.discard(stack, commitJournaled: false) }
             try journal.setSnapshotState(runID: runID, .discarded)
             return try close(.recovered, .finished, "the run stopped before its steps; dropped its snapshots; no volume was changed by it")
         }
@@ -361,15 +361,19 @@ public struct Recovery {
             try journal.update(marked)
             if boot {
                 // Nothing is mounted yet: merge at once, before anything writes to the origins.
-                for (record, stack) in pending {
-                    try engine.startMerge(stack)
-                    var updated = record
-                    updated.state = .merging
-                    try journal.update(updated)
+                let live = try LiveSnapshotSet.attach(pending.map(\.1), engine: engine)
+                do {
+                    _ = try live.startMerges { index in
+                        var updated = pending[index].0
+                        updated.state = .merging
+                        try journal.update(updated)
+                    }
+                } catch {
+                    throw error.underlying
                 }
             } else {
                 try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
-                    run: marked, records: pending.map(\.0), stacks: pending.map(\.1), recipe: recipe, wait: false)
+                    run: marked, records: pending.map(\.0), live: try LiveSnapshotSet.attach(pending.map(\.1), engine: engine), recipe: recipe, wait: false)
             }
         }
         for record in records where record.state != .merging && record.state != .merged {

@@ -24,8 +24,9 @@ struct RollbackProcedure {
     ///   services are started again and the snapshots stay kept).
     ///   - beforeMerge: called once the volumes are unmounted, before the first merge (the run
     ///     stops its COW watcher there: it fuses until then, and suspends nothing after).
-    func perform(run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], recipe: Recipe?, wait: Bool, beforeMerge: () -> Void = {}) async throws {
+    func perform(run: RunRecord, records: [SnapshotRecord], live: consuming LiveSnapshotSet, recipe: Recipe?, wait: Bool, beforeMerge: () -> Void = {}) async throws {
         let runID = run.id!
+        let stacks = live.stacks
         // The watchdog process starts while the hooks run and the volumes are unmounted.
         (engine.watchdog as? ProcessWatchdog)?.start()
         SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
@@ -92,18 +93,15 @@ struct RollbackProcedure {
 
         // Merge: from here on the volumes read as before the run.
         beforeMerge()
-        var merging: [SnapshotStack] = []
         do {
-            for (record, stack) in zip(records, stacks) {
-                CrashPoint.hit("rollback.before-merge")
-                try engine.startMerge(stack)
-                CrashPoint.hit("rollback.after-merge-start")
-                var updated = record
+            _ = try live.startMerges { index in
+                var updated = records[index]
                 updated.state = .merging
                 try journal.update(updated)
-                merging.append(stack)
             }
-        } catch {
+        } catch let failure {
+            let error = failure.underlying
+            let merging = failure.merging
             let started = records.prefix(merging.count).map(\.volume)
             let left = records.dropFirst(merging.count).map(\.volume)
             try? journal.event(runID, .error, "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
@@ -153,7 +151,8 @@ struct RollbackProcedure {
             unmounted.append(mount)
         }
         try journal.event(runID, .intent, "restart-merge", snapshot.volume, at: timestamp())
-        try engine.restartMerge(stack)
+        // The kernel reports this merge failed: it is merging, and only a merging set restarts.
+        try MergingSnapshotSet.attach([stack], engine: engine).restart(stack)
         try journal.event(runID, .result, "merge-restarted", snapshot.volume, at: timestamp())
         if !mounts.isEmpty { await startHooks(hooks, runner: runner, runID: runID, token: run.token) }
     }

@@ -415,8 +415,8 @@ struct RunBody {
 
     mutating func keep(live: consuming LiveSnapshotSet, until duration: Duration?, failure: String?) -> RunReport {
         reporter.phase("keep", run: runID)
-        for stack in live.keep() {
-            do { try context.engine(watchdog: false).mark(stack, .kept) } catch { reporter.warning("could not mark the snapshot of \(stack.originName) as kept in its COW label: \(error)") }
+        for (stack, error) in live.keep().unmarked {
+            reporter.warning("could not mark the snapshot of \(stack.originName) as kept in its COW label: \(error)")
         }
         run.decision = .keep
         if let duration {
@@ -444,13 +444,13 @@ struct RunBody {
         watcher.armFuse()
         reporter.phase("rollback", run: runID)
         reporter.warning("\(failure); rolling back")
-        let stacks = live.keep()
-        let report = await rollingBack(stacks: stacks, engine: engine, failure: failure, watcher: watcher)
+        let report = await rollingBack(live: live, engine: engine, failure: failure, watcher: watcher)
         recordWatch(watcher, stacks: watcher.stop())
         return report
     }
 
-    mutating func rollingBack(stacks: [SnapshotStack], engine: SnapshotEngine, failure: String, watcher: CowWatcher) async -> RunReport {
+    mutating func rollingBack(live: consuming LiveSnapshotSet, engine: SnapshotEngine, failure: String, watcher: CowWatcher) async -> RunReport {
+        let stacks = live.stacks
         run.decision = .rollback
         run.error = failure
         do { try journal.update(run) } catch {
@@ -464,7 +464,7 @@ struct RunBody {
             do { try journal.event(runID, .error, "rollback-impossible", which, at: timestamp()) } catch {
                 return journalUnwritable(error, "the invalidated snapshots of \(which) are left as they are")
             }
-            for stack in stacks { try? engine.drop(stack, discarding: true) }
+            live.discard()
             try? journal.setSnapshotState(runID: runID, .invalid)
             return finish(
                 outcome: .failed, exit: .attention, state: .finished, error: "\(failure); the snapshot of \(which) overflowed its COW, so a rollback is impossible",
@@ -472,7 +472,7 @@ struct RunBody {
         }
         let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
         do {
-            try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), stacks: stacks, recipe: recipe, wait: true, beforeMerge: { watcher.stop() })
+            try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), live: live, recipe: recipe, wait: true, beforeMerge: { watcher.stop() })
             run = (try? journal.run(id: runID)) ?? run
             return finish(outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure, message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
         } catch let refusal as GuardFailure {

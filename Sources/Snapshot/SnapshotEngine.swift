@@ -373,7 +373,7 @@ public struct SnapshotEngine {
     /// - Throws: `.mergeInProgress` when the origin is merging (finish that instead),
     ///   `.inUse` when the snapshot is mounted, `.needsReassembly` or `.stale` when the storage
     ///   of a snapshot that is not live may hold old blocks (nothing is touched).
-    public func drop(_ stack: SnapshotStack, discarding: Bool = false) throws {
+    func drop(_ stack: SnapshotStack, discarding: Bool = false) throws {
         let operation = "commit of \(stack.originName)"
         let real = try dm.info(stack.ref(.real))
         let snap = try dm.info(stack.ref(.snap))
@@ -586,7 +586,7 @@ public struct SnapshotEngine {
     /// - Precondition: neither the origin nor the snapshot is mounted or open.
     /// - Throws: `.invalidSnapshot` when the kernel invalidated the snapshot (the rollback is
     ///   impossible, the volume keeps the upgraded data); `.inUse` when mounted.
-    public func startMerge(_ stack: SnapshotStack) throws {
+    func startMerge(_ stack: SnapshotStack) throws {
         let operation = "rollback of \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
@@ -639,7 +639,7 @@ public struct SnapshotEngine {
     /// goes to an `error` table for an instant, which ends the failed target, and then gets a
     /// fresh `snapshot-merge`, which reads the exceptions still in the COW and merges on.
     /// In that instant reads would fail, so the origin must not be open (unmounted).
-    public func restartMerge(_ stack: SnapshotStack) throws {
+    func restartMerge(_ stack: SnapshotStack) throws {
         let operation = "restart of the merge into \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
@@ -722,7 +722,7 @@ public struct SnapshotEngine {
 
     /// Tears a finished merge down: the origin back on its own table, `-real`, `-cow` and the
     /// COW storage removed. Refuses unless the kernel reports the merge complete.
-    public func finishMerge(_ stack: SnapshotStack) throws {
+    func finishMerge(_ stack: SnapshotStack) throws {
         let operation = "teardown of the merge into \(stack.originName)"
         switch try mergeState(stack) {
         case .finished:
@@ -770,96 +770,6 @@ public struct SnapshotEngine {
             throw SnapshotError(.originNotFound, operation, "the origin \(stack.originName) (\(stack.originUUID)) is not active", hint: "activate it (`lvchange -ay`, `guard volume activate`) and run `guard recover`")
         }
         return origin
-    }
-}
-
-/// Marks a ~Copyable value as finished, so its deinit knows a consuming method ran
-/// (`discard self` needs trivially destroyed stored properties).
-final class Completion {
-    var done = false
-}
-
-/// A snapshot set whose layers are built and whose origins have `snapshot-origin` loaded
-/// but not live. It must be taken (the suspend window) or abandoned; dropping it
-/// without either (a bug) tears it down.
-public struct PreparedSnapshotSet: ~Copyable {
-    public let stacks: [SnapshotStack]
-    let engine: SnapshotEngine
-    let handles: [LoopHandle]
-    private let completion = Completion()
-
-    init(engine: SnapshotEngine, stacks: [SnapshotStack], handles: [LoopHandle]) {
-        self.engine = engine
-        self.stacks = stacks
-        self.handles = handles
-    }
-
-    /// Takes the snapshots: the critical window.
-    /// - Returns: the live set; its `suspendMicroseconds` is the window's length.
-    /// - Throws: after undoing everything, if the window failed.
-    public consuming func take() throws -> LiveSnapshotSet {
-        completion.done = true
-        do {
-            let window = try engine.take(stacks)
-            handles.forEach { $0.release() }  // the -cow layers hold the loop devices now
-            return LiveSnapshotSet(engine: engine, stacks: stacks, suspendMicroseconds: window)
-        } catch {
-            handles.forEach { $0.release() }
-            for stack in stacks.reversed() { try? engine.drop(stack) }
-            throw error
-        }
-    }
-
-    /// Removes everything `prepare` built; no origin was ever suspended.
-    public consuming func abandon() {
-        completion.done = true
-        handles.forEach { $0.release() }
-        for stack in stacks.reversed() { try? engine.drop(stack) }
-    }
-
-    deinit {
-        guard !completion.done else { return }
-        handles.forEach { $0.release() }
-        for stack in stacks.reversed() { try? engine.drop(stack) }
-    }
-}
-
-/// Live snapshots of a set of volumes, from one instant. The ways out are commit (drop the
-/// snapshots, keep the upgrade), rollback (merge them back) and keep (leave them for later).
-/// Dropped without one of them (a bug), the snapshots stay live, which is safe:
-/// `guard recover` and `guard status` find them by their GUARD- UUIDs.
-public struct LiveSnapshotSet: ~Copyable {
-    public let stacks: [SnapshotStack]
-    /// How long the origins were suspended to take the set (0 for a set attached later).
-    public let suspendMicroseconds: UInt64
-    let engine: SnapshotEngine
-
-    init(engine: SnapshotEngine, stacks: [SnapshotStack], suspendMicroseconds: UInt64 = 0) {
-        self.engine = engine
-        self.stacks = stacks
-        self.suspendMicroseconds = suspendMicroseconds
-    }
-
-    /// Drops the snapshots; the volumes keep their current data.
-    public consuming func commit() throws {
-        for stack in stacks { try engine.drop(stack) }
-    }
-
-    /// Starts merging every snapshot back (the volumes must be unmounted); returns the stacks
-    /// to watch with `mergeState` and finish with `finishMerge`.
-    public consuming func rollback() throws -> [SnapshotStack] {
-        for stack in stacks { try engine.startMerge(stack) }
-        return stacks
-    }
-
-    /// Leaves the snapshots in place for a later commit or rollback; returns what describes them.
-    public consuming func keep() -> [SnapshotStack] {
-        stacks
-    }
-
-    /// Re-attaches to snapshots taken earlier (a kept run), as found in the kernel.
-    public static func attach(_ stacks: [SnapshotStack], engine: SnapshotEngine) -> LiveSnapshotSet {
-        LiveSnapshotSet(engine: engine, stacks: stacks)
     }
 }
 

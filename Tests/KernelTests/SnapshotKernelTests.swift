@@ -1,7 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
-import Snapshot
+@testable import Snapshot
 import Testing
 
 /// A guard volume on a loop file with ext4, mounted, in a scratch state directory.
@@ -132,7 +132,7 @@ extension Kernel {
 
             // Roll back: unmount, merge, every byte of the volume is the snapshot's.
             try fixture.unmount()
-            let merging = try live.rollback()
+            let merging = try live.startMerges { _ in }.stacks
             try fixture.finishMerge(merging[0])
             #expect(try sha256(fixture.volume.path) == snapImage, "after the merge the whole volume equals the pre-migration image")
             #expect(try fixture.layers().isEmpty)
@@ -173,7 +173,7 @@ extension Kernel {
             try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 40)  // rewritten in place
             try sh("sync")
             try fixture.unmount()
-            let stacks = try live.rollback()
+            let stacks = try live.startMerges { _ in }.stacks
             try fixture.mount()  // at once: the origin already shows the old data
             var reads = 0
             var sawMerging = false
@@ -242,7 +242,7 @@ extension Kernel {
                 let attributes = try FileManager.default.attributesOfItem(atPath: stacks[0].storage.path)
                 #expect((attributes[.size] as? NSNumber)?.uint64Value == stacks[0].storageBytes)
                 try LiveSnapshotSet.attach(stacks, engine: fixture.engine).commit()
-                _ = live.keep()
+                _ = live.keep().stacks
             }
             // Without: 4 MiB COW, 12 MiB written: Invalid, reported as such; the origin has what was written.
             do {
@@ -261,7 +261,7 @@ extension Kernel {
                 #expect(try sha256(fixture.volume.path, offset: 0, length: 12 << 20) == sha256(patch), "the origin has every byte written")
                 let header = try #require(try KernelCowHeader.read(from: live.stacks[0].storage.path))
                 #expect(!header.valid, "the kernel persisted the invalid flag")
-                let stacks = live.keep()
+                let stacks = live.keep().stacks
                 do {
                     try fixture.engine.startMerge(stacks[0])
                     Issue.record("merging an Invalid snapshot must be refused")
@@ -302,7 +302,7 @@ extension Kernel {
                 let image = try sha256(live.stacks[0].snapPath)
                 try fixture.badMigration()
                 try fixture.unmount()
-                let stacks = live.keep()
+                let stacks = live.keep().stacks
                 try simulateReboot(fixture, stacks)
                 let result = try fixture.engine.reassemble(stacks[0].storage)
                 guard case .reassembled(let stack, merging: false) = result else {
@@ -328,7 +328,7 @@ extension Kernel {
                 try fixture.unmount()
                 try sh("echo 1 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
                 defer { _ = try? sh("echo 0 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle") }
-                let stacks = try live.rollback()
+                let stacks = try live.startMerges { _ in }.stacks
                 Thread.sleep(forTimeInterval: 0.3)
                 guard case .merging(let remaining, _) = try fixture.engine.mergeState(stacks[0]) else {
                     Issue.record("the merge finished too fast to interrupt")
