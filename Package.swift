@@ -117,7 +117,7 @@ let package = Package(
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Files", "Recipe", "Journal"], swiftSettings: strict),
         .testTarget(
             name: "GuardCommandsTests",
-            dependencies: ["GuardCommands", "Journal"],
+            dependencies: ["GuardCommands", "Journal", "Engine", "Snapshot", "DeviceMapper"],
             swiftSettings: strict
         ),
         // Kernel suite: root + device-mapper (in the VM on machines without it).

@@ -160,10 +160,11 @@ public enum GuardMain {
             exit(0)
         } catch let done as ExitCodeError {
             exit(done.code.rawValue)
-        } catch let failure as GuardFailure {
-            FileHandle.standardError.write(Data(("guard: " + failure.message + "\n").utf8))
-            exit(failure.exitCode.rawValue)
         } catch {
+            if let status = ExitStatus.of(error) {
+                FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+                exit(status.code.rawValue)
+            }
             let code = GuardCommand.exitCode(for: error)
             if code == .success {
                 GuardCommand.exit(withError: error)

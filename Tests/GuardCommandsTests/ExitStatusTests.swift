@@ -1,0 +1,24 @@
+import DeviceMapper
+import Engine
+@testable import GuardCommands
+import Snapshot
+import Testing
+
+/// Issue 14: the layers' typed errors become exit codes in one place, and 2 ("nothing was
+/// touched") is never given to an error that may come after a change.
+@Test("each layer's error gets the exit code its meaning calls for")
+func exitStatusOfLayerErrors() {
+    func code(_ error: any Error) -> ExitCode? { ExitStatus.of(error)?.code }
+    #expect(code(GuardFailure(.needsReassembly, "x")) == .needsReassembly)
+    #expect(code(SnapshotError(.needsReassembly, "commit of vg-lv", "its COW holds old blocks")) == .needsReassembly)
+    #expect(code(SnapshotError(.cowOnOrigin, "snapshot of vg-lv", "the COW would live on the volume")) == .usage)
+    for after in [SnapshotError.Code.inUse, .mergeInProgress, .mergeFailed, .stale, .layerMissing, .originNotFound, .invalidSnapshot, .other] {
+        #expect(code(SnapshotError(after, "commit of vg-lv", "why")) == .attention, "\(after)")
+    }
+    #expect(code(DeviceMapperError(code: .permissionDenied, operation: "connection to device-mapper", detail: "needs root")) == .usage)
+    #expect(code(DeviceMapperError(code: .busy, operation: "remove of x")) == .attention)
+    let message = ExitStatus.of(SnapshotError(.inUse, "commit of vg-lv", "the snapshot is open", hint: "unmount it first"))?.message
+    #expect(message == "commit of vg-lv refused: the snapshot is open; unmount it first")
+    struct Unknown: Error {}
+    #expect(ExitStatus.of(Unknown()) == nil, "anything else is argument parsing's (usage)")
+}
