@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "guard", targets: ["GuardCLI"]),
         // The same program with the test hooks on, for the kernel suite; never installed.
         .executable(name: "guard-test", targets: ["GuardTestCLI"]),
+        .executable(name: "guard-watchdog", targets: ["GuardWatchdog"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -64,6 +65,18 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // The suspend-window watchdog: its own small program, without Foundation.
+        .target(
+            name: "Watchdog",
+            dependencies: ["DeviceMapper", "BlockDevice"],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "GuardWatchdog",
+            dependencies: ["Watchdog"],
+            swiftSettings: strict
+        ),
+
         // Above the kernel.
         .target(
             name: "Files",
@@ -83,7 +96,7 @@ let package = Package(
         .target(
             name: "Engine",
             dependencies: [
-                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files",
+                "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files", "Watchdog",
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -92,7 +105,7 @@ let package = Package(
         .target(
             name: "GuardCommands",
             dependencies: [
-                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files",
+                "Engine", "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files", "Watchdog",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict

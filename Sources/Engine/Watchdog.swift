@@ -2,6 +2,7 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Snapshot
+import Watchdog
 
 #if canImport(Glibc)
 import Glibc
@@ -26,7 +27,7 @@ public final class ProcessWatchdog: WindowWatchdog {
     public func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws {
         try startIfNeeded()
         let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
-        let refs = devices.map(Self.encode).joined(separator: " ")
+        let refs = devices.map(WatchdogProtocol.encode).joined(separator: " ")
         try send("arm \(milliseconds) \(refs)")
         guard receive() == "armed" else {
             stop()
@@ -60,8 +61,9 @@ public final class ProcessWatchdog: WindowWatchdog {
         let input = Pipe()
         let output = Pipe()
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["__watchdog"]
+        let server = Self.server(for: executable)
+        process.executableURL = URL(fileURLWithPath: server.path)
+        process.arguments = server.arguments
         process.standardInput = input
         process.standardOutput = output
         do {
@@ -89,6 +91,19 @@ public final class ProcessWatchdog: WindowWatchdog {
     }
 
     private var pipes: (Pipe, Pipe)?
+
+    /// The watchdog program for the guard at `executable`: `guard-watchdog` beside it (the
+    /// build directory, the test VM) or in `../lib/guard/` (installed: /usr/sbin/guard and
+    /// /usr/lib/guard/guard-watchdog); where neither is, guard itself (`guard __watchdog`),
+    /// which works the same but locks its whole program when it must lock memory.
+    static func server(for executable: String) -> (path: String, arguments: [String]) {
+        let directory = (executable as NSString).deletingLastPathComponent
+        for candidate in ["\(directory)/guard-watchdog", "\(directory)/../lib/guard/guard-watchdog"]
+        where FileManager.default.isExecutableFile(atPath: candidate) {
+            return ((candidate as NSString).standardizingPath, [])
+        }
+        return (executable, ["__watchdog"])
+    }
 
     private func stop() {
         if process != nil {
@@ -125,104 +140,5 @@ public final class ProcessWatchdog: WindowWatchdog {
             if byte == 10 { return String(decoding: line, as: UTF8.self) }
             line.append(byte)
         }
-    }
-
-    static func encode(_ ref: DeviceRef) -> String {
-        switch ref {
-        case .name(let name): return "name=\(name)"
-        case .uuid(let uuid): return "uuid=\(uuid)"
-        case .number(let number): return "dev=\(number)"
-        }
-    }
-
-    static func decode(_ text: Substring) -> DeviceRef? {
-        let parts = text.split(separator: "=", maxSplits: 1)
-        guard parts.count == 2 else { return nil }
-        switch parts[0] {
-        case "name": return .name(String(parts[1]))
-        case "uuid": return .uuid(String(parts[1]))
-        case "dev": return DeviceNumber(parsing: parts[1]).map { .number($0) }
-        default: return nil
-        }
-    }
-}
-
-/// The watchdog process itself (`guard __watchdog`).
-public enum WatchdogServer {
-    /// Serves the protocol on stdin/stdout until told to exit or guard goes away.
-    /// - Returns: the exit status.
-    public static func serve() -> Int32 {
-        // Memory is locked when an arm names a device a page of the watchdog could have to be
-        // read from (its program, libraries or swap there): most windows need no lock at all.
-        var locked = false
-        guard let dm = try? DeviceMapper(udev: .none) else {
-            writeLine("error device-mapper unavailable")
-            return 1
-        }
-        writeLine("ready")
-        var armed: (deadline: ContinuousClock.Instant, devices: [DeviceRef])?
-        var buffer: [UInt8] = []
-        while true {
-            var timeout: Int32 = -1
-            if let armed {
-                let remaining = ContinuousClock.now.duration(to: armed.deadline)
-                timeout = max(0, Int32(remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000))
-            }
-            var descriptor = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&descriptor, 1, timeout)
-            if ready < 0 && errno == EINTR { continue }
-            if ready == 0, let current = armed {
-                fire(dm, current.devices, reason: "guard did not finish its suspend window in time")
-                return 2
-            }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let count = read(0, &chunk, chunk.count)
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 {
-                if let current = armed {
-                    fire(dm, current.devices, reason: "guard exited while devices were suspended")
-                    return 2
-                }
-                return 0
-            }
-            buffer += chunk[0..<count]
-            while let newline = buffer.firstIndex(of: 10) {
-                let line = String(decoding: buffer[..<newline], as: UTF8.self)
-                buffer.removeSubrange(...newline)
-                let words = line.split(separator: " ")
-                switch words.first {
-                case "arm":
-                    let milliseconds = words.count > 1 ? Int64(words[1]) ?? 30_000 : 30_000
-                    let devices = words.dropFirst(2).compactMap(ProcessWatchdog.decode)
-                    let numbers = Set(devices.compactMap { ref -> DeviceNumber? in if case .number(let number) = ref { return number } else { return nil } })
-                    if !locked && Memory.mayFault(on: numbers) { locked = (try? Memory.lockAll()) != nil }
-                    armed = (ContinuousClock.now + .milliseconds(milliseconds), devices)
-                    writeLine("armed")
-                case "disarm":
-                    armed = nil
-                    writeLine("disarmed")
-                case "exit":
-                    return 0
-                default:
-                    writeLine("error unknown command")
-                }
-            }
-        }
-    }
-
-    private static func fire(_ dm: DeviceMapper, _ devices: [DeviceRef], reason: String) {
-        var resumed: [String] = []
-        for device in devices {
-            if let info = try? dm.info(device), info.isSuspended || info.hasInactiveTable {
-                if (try? dm.resume(device)) != nil { resumed.append(info.name) }
-            }
-        }
-        let message = "guard watchdog: \(reason); resumed \(resumed.isEmpty ? "nothing (nothing was suspended)" : resumed.joined(separator: ", ")); run `guard recover`\n"
-        _ = message.withCString { write(2, $0, strlen($0)) }
-    }
-
-    private static func writeLine(_ text: String) {
-        let line = text + "\n"
-        _ = line.withCString { write(1, $0, strlen($0)) }
     }
 }

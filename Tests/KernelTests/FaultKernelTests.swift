@@ -155,6 +155,22 @@ extension Kernel {
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
         }
 
+        @Test("the suspend watchdog is guard-watchdog, a small program of its own beside guard, not a second copy of guard")
+        func watchdogProgram() throws {
+            let volume = try RawVolume()
+            let seen = volume.scratch.path("watchdog")
+            // The watchdog outlives the window for the rest of the command: a step finds it.
+            let recipe = try volume.recipe(
+                "steps:\n  - name: look\n    shell: for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = guard-watchdog ] && echo \"$(cat $p/cmdline | tr '\\0' ' ') $(grep VmRSS $p/status)\"; done > \(seen); true\n")
+            let result = try volume.guardTool("run", recipe)
+            #expect(result.status == 0, "\(result.stderr)")
+            let found = try String(contentsOfFile: seen, encoding: .utf8)
+            let expected = (volume.guardTool.binary as NSString).deletingLastPathComponent + "/guard-watchdog"
+            #expect(found.hasPrefix(expected), "the watchdog is \(expected): \(found)")
+            #expect(!found.contains("__watchdog"), "not guard itself: \(found)")
+            try expectNothingLeft(state: volume.guardTool.stateDirectory)
+        }
+
         @Test("a single write larger than the COW and its fuse reserve: the fuse stops it and the run rolls back, or the snapshot is Invalid and the run says the volume holds the upgraded data")
         func cowOverrun() throws {
             // 64 MiB: one write of 48 MiB is larger than the 4 MiB snapshot and its 32 MiB fuse reserve.

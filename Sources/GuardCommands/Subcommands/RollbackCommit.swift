@@ -1,7 +1,8 @@
 import ArgumentParser
-import Recipe
 import Engine
 import Foundation
+import Recipe
+import Watchdog
 
 extension GuardCommand {
     struct Rollback: AsyncParsableCommand {
