@@ -81,7 +81,7 @@ public struct RunCgroup: Sendable, Hashable {
     /// the kernel has none), and waits up to `timeout` for them to be gone.
     /// - Returns: how many processes there were.
     @discardableResult
-    public func killAll(timeout: Duration = .seconds(10)) -> Int {
+    public func killAll(timeout: Duration = .seconds(10)) async -> Int {
         guard FileManager.default.fileExists(atPath: path) else { return 0 }
         let found = processes.count
         guard found > 0 else { return 0 }
@@ -91,7 +91,8 @@ public struct RunCgroup: Sendable, Hashable {
                 for pid in processes { kill(pid, SIGKILL) }
             }
             if processes.isEmpty { break }
-            usleep(20_000)
+            // Waits without holding a thread of the cooperative pool.
+            try? await Task.sleep(for: .milliseconds(20))
         } while ContinuousClock.now < deadline
         return found
     }

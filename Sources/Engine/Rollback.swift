@@ -61,7 +61,7 @@ struct RollbackProcedure {
         // setsid, the steps of a guard that died) must not write after the merge: kill the
         // run's cgroup, whatever the stop hooks left of it.
         if let cgroup = RunCgroup.of(token: run.token) {
-            let killed = cgroup.killAll()
+            let killed = await cgroup.killAll()
             if killed > 0 {
                 reporter.note("killed \(killed) process\(killed == 1 ? "" : "es") the run's steps left running")
                 try journal.event(runID, .result, "kill-cgroup", "\(killed) process(es) in \(cgroup.path)", at: timestamp())

@@ -181,7 +181,7 @@ public struct StepRunner: Sendable {
             }
             // Members of the session that outlived the leader are killed too.
             kill(-result.processIdentifier.value, SIGKILL)
-            if outcome.get() != nil, let cgroup { cgroup.killAll() }
+            if outcome.get() != nil, let cgroup { await cgroup.killAll() }
             let termination: StepTermination
             if let forced = outcome.get() {
                 termination = forced

@@ -217,7 +217,10 @@ struct RunCgroupTests {
     func escapees() async throws {
         let token = "test\(UInt32.random(in: 0...UInt32.max))"
         let cgroup = try #require(try RunCgroup.create(token: token))
-        defer { cgroup.killAll(); cgroup.removeIfEmpty() }
+        defer {
+            for pid in cgroup.processes { kill(pid, SIGKILL) }
+            cgroup.removeIfEmpty()
+        }
         let marker = "\(Int.random(in: 100_000...999_999))"
         // Stopped by its timeout: the setsid'd sleep goes with it.
         let stopped = await StepRunner(killGrace: .seconds(1)).run(
@@ -233,7 +236,7 @@ struct RunCgroupTests {
         try await Task.sleep(for: .milliseconds(200))
         #expect(!pgrep("312.\(marker)").isEmpty, "a finished step's daemon is left alone")
         #expect(cgroup.processes.count == 1)
-        #expect(cgroup.killAll() == 1)
+        #expect(await cgroup.killAll() == 1)
         #expect(pgrep("312.\(marker)").isEmpty)
         cgroup.removeIfEmpty()
         #expect(!FileManager.default.fileExists(atPath: cgroup.path))
