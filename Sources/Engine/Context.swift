@@ -21,13 +21,24 @@ public enum ExitCode: Int32, Sendable {
     case needsReassembly = 4
 }
 
-/// An error that ends a guard command, with its exit code and the message for stderr.
+/// An error that ends a guard command: what kind of end it is, and the message for stderr.
+/// GuardCommands alone turns the kind into an exit code (`ExitStatus`).
 public struct GuardFailure: Error, Sendable, CustomStringConvertible {
-    public var exitCode: ExitCode
+    public enum Kind: Sendable, Hashable {
+        /// Refused before anything was touched: bad input, a preflight refusal, a lock held.
+        case refused
+        /// Something did not complete; the message says what to run.
+        case attention
+        /// A snapshot that holds old blocks is not live: everything is kept; the message names
+        /// what to mount or activate before `guard recover`.
+        case needsReassembly
+    }
+
+    public var kind: Kind
     public var message: String
 
-    public init(_ exitCode: ExitCode, _ message: String) {
-        self.exitCode = exitCode
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
         self.message = message
     }
 
@@ -86,7 +97,7 @@ public final class GuardContext: @unchecked Sendable {
             journalHandle = journal
             return journal
         } catch let error as JournalError {
-            throw GuardFailure(.usage, "\(error)")
+            throw GuardFailure(.refused, "\(error)")
         }
     }
 
@@ -104,7 +115,7 @@ public final class GuardContext: @unchecked Sendable {
             deviceMapper = dm
             return dm
         } catch let error as DeviceMapperError {
-            throw GuardFailure(.usage, "\(error)")
+            throw GuardFailure(.refused, "\(error)")
         }
     }
 
@@ -125,7 +136,7 @@ public final class GuardContext: @unchecked Sendable {
         if let problem = TrustedFiles.fileProblem(journalPath, what: "the journal") { problems.append(problem) }
         guard problems.isEmpty else {
             throw GuardFailure(
-                .usage,
+                .refused,
                 problems.joined(separator: "; ") + "; guard acts as root on what its state says, so it refuses state others could have changed (`chown root:root` it and `chmod go-w` it, or choose another --state-dir); nothing was touched")
         }
     }
@@ -150,7 +161,7 @@ public final class GuardContext: @unchecked Sendable {
             do {
                 try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             } catch {
-                throw GuardFailure(.usage, "cannot create the state directory \(directory): \(error.localizedDescription); choose another with --state-dir")
+                throw GuardFailure(.refused, "cannot create the state directory \(directory): \(error.localizedDescription); choose another with --state-dir")
             }
         }
         if creatingCowDirectory { try? CowDirectoryMarker.place(in: cowDirectory) }

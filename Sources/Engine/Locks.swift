@@ -17,7 +17,7 @@ public final class VolumeLock {
         // Never through a link: a lock file replaced by a symlink would truncate its target.
         let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard descriptor >= 0 else {
-            throw GuardFailure(.usage, "cannot open the lock file \(path): \(String(cString: strerror(errno)))")
+            throw GuardFailure(.refused, "cannot open the lock file \(path): \(String(cString: strerror(errno)))")
         }
         // guard monitor holds a volume's lock only around one extension or fuse (milliseconds):
         // wait for it rather than refuse.
@@ -30,7 +30,7 @@ public final class VolumeLock {
                 continue
             }
             close(descriptor)
-            throw GuardFailure(.usage, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
+            throw GuardFailure(.refused, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
         }
         let lock = VolumeLock(path: path, descriptor: descriptor)
         lock.describe(holder)

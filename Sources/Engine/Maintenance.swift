@@ -38,7 +38,7 @@ public struct Maintenance {
     /// Looks a run up by number or token, with a clear refusal when it does not exist.
     func requireRun(_ reference: String, journal: Journal) throws -> RunRecord {
         guard let run = try journal.run(reference) else {
-            throw GuardFailure(.usage, "there is no run '\(reference)' in the journal \(journal.path) (see `guard history`)")
+            throw GuardFailure(.refused, "there is no run '\(reference)' in the journal \(journal.path) (see `guard history`)")
         }
         return run
     }
@@ -70,10 +70,10 @@ public struct Maintenance {
     public func commit(_ reference: String, reason: String? = nil) throws -> String {
         let journal = try context.journal()
         let run = try requireRun(reference, journal: journal)
-        if let refusal = refusal(run, "commit") { throw GuardFailure(.usage, refusal) }
+        if let refusal = refusal(run, "commit") { throw GuardFailure(.refused, refusal) }
         let records = try journal.snapshots(runID: run.id!)
         if records.contains(where: { $0.state == .merging }) {
-            throw GuardFailure(.usage, "run \(run.id!) was being rolled back when it stopped: its merge must finish, not be given up; make its COW available and run `guard recover`")
+            throw GuardFailure(.refused, "run \(run.id!) was being rolled back when it stopped: its merge must finish, not be given up; make its COW available and run `guard recover`")
         }
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
@@ -117,7 +117,7 @@ public struct Maintenance {
     public func rollback(_ reference: String, wait: Bool) async throws -> String {
         let journal = try context.journal()
         let run = try requireRun(reference, journal: journal)
-        if let refusal = refusal(run, "roll back") { throw GuardFailure(.usage, refusal) }
+        if let refusal = refusal(run, "roll back") { throw GuardFailure(.refused, refusal) }
         let records = try journal.snapshots(runID: run.id!)
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }

@@ -302,25 +302,25 @@ public struct Planner {
     public func resolveDevice(_ device: String) throws -> String {
         if device.hasPrefix("/dev/") {
             guard FileManager.default.fileExists(atPath: device) else {
-                throw GuardFailure(.usage, "the device \(device) does not exist (see `lvs` or `guard volume list`)")
+                throw GuardFailure(.refused, "the device \(device) does not exist (see `lvs` or `guard volume list`)")
             }
             return device
         }
         if !device.hasPrefix("/") {
             let parts = device.split(separator: "/")
-            guard parts.count == 2 else { throw GuardFailure(.usage, "'\(device)' is not a device, VG/LV or mount point") }
+            guard parts.count == 2 else { throw GuardFailure(.refused, "'\(device)' is not a device, VG/LV or mount point") }
             // lvm2 doubles dashes inside VG and LV names in dm names.
             let name = parts.map { $0.replacingOccurrences(of: "-", with: "--") }.joined(separator: "-")
             for candidate in ["/dev/mapper/\(name)", "/dev/\(device)"] where FileManager.default.fileExists(atPath: candidate) {
                 return candidate
             }
-            throw GuardFailure(.usage, "the logical volume \(device) is not active (no /dev/mapper/\(name)); activate it with `lvchange -ay \(device)`")
+            throw GuardFailure(.refused, "the logical volume \(device) is not active (no /dev/mapper/\(name)); activate it with `lvchange -ay \(device)`")
         }
         guard let entry = Mounts.entry(at: device) else {
-            throw GuardFailure(.usage, "\(device) is not a mount point (name the device, e.g. /dev/mapper/vg-lv)")
+            throw GuardFailure(.refused, "\(device) is not a mount point (name the device, e.g. /dev/mapper/vg-lv)")
         }
         guard let name = BlockDevices.deviceMapperName(of: entry.device) else {
-            throw GuardFailure(.usage, "\(device) is mounted from \(entry.source), which is not a device-mapper volume")
+            throw GuardFailure(.refused, "\(device) is mounted from \(entry.source), which is not a device-mapper volume")
         }
         return "/dev/mapper/\(name)"
     }

@@ -53,7 +53,7 @@ public struct Recovery {
         }
         do {
             try context.prepareStateDirectory(creatingCowDirectory: false)
-        } catch let failure as GuardFailure where failure.exitCode == .needsReassembly {
+        } catch let failure as GuardFailure where failure.kind == .needsReassembly {
             report.needsReassembly.append(failure.message)
             return report
         }

@@ -79,16 +79,16 @@ public final class RunTransaction {
         var refusals: [String] = []
         var housekeeping: [String] = []
         func refuse(_ message: String, _ separator: String = "; ") throws {
-            if dryRun { refusals.append(message) } else { throw GuardFailure(.usage, message + separator + "nothing was touched") }
+            if dryRun { refusals.append(message) } else { throw GuardFailure(.refused, message + separator + "nothing was touched") }
         }
         let recipe: Recipe
         let loaded = RecipeFile.load(recipePath)
         switch loaded.recipe {
         case .success(let value): recipe = value
-        case .failure(let errors): throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
+        case .failure(let errors): throw GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
         }
         if geteuid() != 0 {
-            throw GuardFailure(.usage, dryRun
+            throw GuardFailure(.refused, dryRun
                 ? "guard run --dry-run needs root to resolve the volumes (`guard check --syntax-only` validates the recipe without); nothing was touched"
                 : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
         }

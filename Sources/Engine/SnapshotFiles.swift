@@ -72,7 +72,7 @@ public struct SnapshotFiles {
     // MARK: guard restore
 
     public func restore(_ reference: String, paths: [String], deleteCreated: Bool, dryRun: Bool) throws -> RestoreReport {
-        guard !paths.isEmpty else { throw GuardFailure(.usage, "name the paths to restore (`guard diff RUN` lists what changed)") }
+        guard !paths.isEmpty else { throw GuardFailure(.refused, "name the paths to restore (`guard diff RUN` lists what changed)") }
         return try withViews(reference) { run, views in
             let wanted = try assign(paths, to: views)
             let journal = try context.journal()
@@ -88,7 +88,7 @@ public struct SnapshotFiles {
             do {
                 try restoreAll(dryRun: true, into: &preview)
             } catch {
-                throw GuardFailure(.usage, "\(error); nothing was touched")
+                throw GuardFailure(.refused, "\(error); nothing was touched")
             }
             if dryRun { return preview }
             var record = try journal.insert(
@@ -122,23 +122,23 @@ public struct SnapshotFiles {
         var result = Array(repeating: [String](), count: views.count)
         for path in paths {
             if path.split(separator: "/").contains("..") {
-                throw GuardFailure(.usage, "\(path): `..` is not allowed; give the path inside the volume; nothing was touched")
+                throw GuardFailure(.refused, "\(path): `..` is not allowed; give the path inside the volume; nothing was touched")
             }
             var index = 0
             if path.hasPrefix("/") {
                 let candidates = views.enumerated().filter { Mounts.isPath(Mounts.normalize(path), under: $0.element.mountPoint) }
                 guard let best = candidates.max(by: { $0.element.mountPoint.count < $1.element.mountPoint.count }) else {
                     let where_ = views.map(\.mountPoint).joined(separator: ", ")
-                    throw GuardFailure(.usage, "\(path) is not on a volume of this run (mounted at \(where_)); nothing was touched")
+                    throw GuardFailure(.refused, "\(path) is not on a volume of this run (mounted at \(where_)); nothing was touched")
                 }
                 index = best.offset
             } else if views.count != 1 {
-                throw GuardFailure(.usage, "\(path): the run has \(views.count) volumes; give an absolute path (under \(views.map(\.mountPoint).joined(separator: " or ")))")
+                throw GuardFailure(.refused, "\(path): the run has \(views.count) volumes; give an absolute path (under \(views.map(\.mountPoint).joined(separator: " or ")))")
             }
             do {
                 result[index].append(try VolumePath.relative(path, root: views[index].mountPoint))
             } catch {
-                throw GuardFailure(.usage, "\(error); nothing was touched")
+                throw GuardFailure(.refused, "\(error); nothing was touched")
             }
         }
         return result
@@ -151,7 +151,7 @@ public struct SnapshotFiles {
         let run = try maintenance.requireRun(reference, journal: journal)
         guard run.state == .kept else {
             let why = maintenance.refusal(run, "look into") ?? "its snapshots are not kept"
-            throw GuardFailure(.usage, "run \(run.id!) has no kept snapshot to read: \(why)")
+            throw GuardFailure(.refused, "run \(run.id!) has no kept snapshot to read: \(why)")
         }
         let records = try journal.snapshots(runID: run.id!)
         let locks = try maintenance.lock(records, runID: run.id!)
@@ -178,7 +178,7 @@ public struct SnapshotFiles {
             }
             let mounts = Mounts.mountPoints(of: origin.number).filter { $0.root == "/" }
             guard let mount = mounts.first(where: { $0.target == record.mountPoint }) ?? mounts.first else {
-                throw GuardFailure(.usage, "\(record.volume) is not mounted; mount it (guard compares the snapshot with the mounted volume) and try again")
+                throw GuardFailure(.refused, "\(record.volume) is not mounted; mount it (guard compares the snapshot with the mounted volume) and try again")
             }
             let target = viewsDirectory + "/\(run.token)-\(record.volumeIndex)"
             Self.release(target)

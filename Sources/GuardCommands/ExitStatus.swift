@@ -15,7 +15,11 @@ enum ExitStatus {
     static func of(_ error: any Error) -> (code: ExitCode, message: String)? {
         switch error {
         case let failure as GuardFailure:
-            return (failure.exitCode, failure.message)
+            switch failure.kind {
+            case .refused: return (.usage, failure.message)
+            case .attention: return (.attention, failure.message)
+            case .needsReassembly: return (.needsReassembly, failure.message)
+            }
         case let error as SnapshotError:
             switch error.code {
             case .needsReassembly:

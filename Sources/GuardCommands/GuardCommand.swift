@@ -60,7 +60,7 @@ struct GlobalOptions: ParsableArguments {
     ///   warning, instead of refusing (`guard recover`: a typo must not stop boot-time recovery).
     func context(keepingValid: Bool = false) throws -> GuardContext {
         guard let mode = UdevMode(rawValue: udev) else {
-            throw GuardFailure(.usage, "--udev must be automatic, cookies or none, not '\(udev)'")
+            throw GuardFailure(.refused, "--udev must be automatic, cookies or none, not '\(udev)'")
         }
         let settings = try self.settings(keepingValid: keepingValid)
         let reporter = TerminalReporter(verbosity: quiet ? .quiet : (verbose ? .verbose : .normal))
@@ -83,13 +83,13 @@ struct GlobalOptions: ParsableArguments {
             do {
                 file = try GuardConfiguration.load(path: path, required: named != nil)
             } catch let errors as RecipeErrors {
-                throw GuardFailure(.usage, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
+                throw GuardFailure(.refused, "\(errors)\nfix the configuration file, or name another with --config; nothing was touched")
             }
         }
         // guard.conf names the state directory, whose journal drives what guard does as root.
         if let problem = Self.trustProblem(ofConfiguration: path) {
             guard keepingValid else {
-                throw GuardFailure(.usage, "\(problem); guard refuses a configuration others could have changed (`chown root:root` it and `chmod go-w` it); nothing was touched")
+                throw GuardFailure(.refused, "\(problem); guard refuses a configuration others could have changed (`chown root:root` it and `chmod go-w` it); nothing was touched")
             }
             // `guard recover` at boot goes on, with the built-in defaults.
             file = GuardConfiguration()

@@ -78,7 +78,7 @@ struct TrustTests {
         let context = GuardContext(stateDirectory: dir, reporter: SilentReporter())
         #expect(throws: GuardFailure.self) { try context.journal() }
         do { _ = try context.journal() } catch let failure as GuardFailure {
-            #expect(failure.exitCode == .usage)
+            #expect(failure.kind == .refused)
             #expect(failure.message.contains(dir) && failure.message.contains("writable"), "\(failure.message)")
         }
         #expect(!FileManager.default.fileExists(atPath: "\(dir)/journal.sqlite"), "nothing was created")

@@ -36,7 +36,7 @@ extension GuardCommand {
             switch loaded.recipe {
             case .success(let value): parsed = value
             case .failure(let errors):
-                throw GuardFailure(.usage, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
+                throw GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
             }
             say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
             if syntaxOnly || geteuid() != 0 {
@@ -49,7 +49,7 @@ extension GuardCommand {
             Self.printRecipe(parsed, plan: plan, configuration: context.configuration)
             for warning in plan.warnings { say("warning: \(warning)") }
             if !plan.problems.isEmpty {
-                throw GuardFailure(.usage, plan.problems.joined(separator: "\n"))
+                throw GuardFailure(.refused, plan.problems.joined(separator: "\n"))
             }
             if let safety = loaded.problem {
                 say("warning: \(safety); `guard run` refuses it without --allow-unsafe-recipe")

@@ -31,7 +31,7 @@ extension GuardCommand {
 
         func run() async throws {
             guard interval >= 0.05, interval <= 60 else {
-                throw GuardFailure(.usage, "--interval must be between 0.05 and 60 seconds, not \(interval)")
+                throw GuardFailure(.refused, "--interval must be between 0.05 and 60 seconds, not \(interval)")
             }
             let context = try global.context()
             let stop = StopFlag()

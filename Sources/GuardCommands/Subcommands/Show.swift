@@ -223,7 +223,7 @@ extension GuardCommand {
         func run() throws {
             let context = try global.context()
             guard let journal = try context.existingJournal(), let record = try journal.run(target) else {
-                throw GuardFailure(.usage, "there is no run '\(target)' in \(context.journalPath) (see `guard history`)")
+                throw GuardFailure(.refused, "there is no run '\(target)' in \(context.journalPath) (see `guard history`)")
             }
             let detail = try RunDetail(run: record, journal: journal)
             if json {

@@ -78,7 +78,7 @@ extension GuardCommand {
             // A merge that needs reassembly cannot be waited for: the others are, then status says why.
             var waitFailure: GuardFailure?
             if wait {
-                do { try await maintenance.waitForAllMerges() } catch let failure as GuardFailure where failure.exitCode == .needsReassembly {
+                do { try await maintenance.waitForAllMerges() } catch let failure as GuardFailure where failure.kind == .needsReassembly {
                     waitFailure = failure
                 }
             }

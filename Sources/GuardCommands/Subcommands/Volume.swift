@@ -40,7 +40,7 @@ extension GuardCommand {
                 if let size {
                     switch Units.parseSize(size) {
                     case .success(let value): bytes = value
-                    case .failure(let error): throw GuardFailure(.usage, "--size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
+                    case .failure(let error): throw GuardFailure(.refused, "--size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
                     }
                 }
                 try context.prepareStateDirectory()
@@ -48,7 +48,7 @@ extension GuardCommand {
                     let volume = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).create(name: name, backing: backing, size: bytes)
                     say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing))")
                 } catch let error as SnapshotError {
-                    throw GuardFailure(.usage, "\(error)")
+                    throw GuardFailure(.refused, "\(error)")
                 }
             }
         }
@@ -108,7 +108,7 @@ extension GuardCommand {
                 do {
                     try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).remove(name: name)
                 } catch let error as SnapshotError {
-                    throw GuardFailure(.usage, "\(error)")
+                    throw GuardFailure(.refused, "\(error)")
                 }
                 say("removed \(name)")
             }
