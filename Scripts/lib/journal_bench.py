@@ -12,8 +12,23 @@ TRIALS = int(sys.argv[sys.argv.index("--trials") + 1]) if "--trials" in sys.argv
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 source = open(os.path.join(ROOT, "Sources/Journal/Schema.swift")).read()
-# Every migration, in order: (name, DDL).
-migrations = re.findall(r'registerMigration\("([^"]+)"\).*?sql: """\n(.*?)"""', source, re.S)
+# Every migration, in order: its name, and its SQL (plain DDL, or the closed sets of v3 made
+# into the same triggers Schema.swift makes).
+def closed_set_triggers(body):
+    sql = []
+    for table, column, values, nullable in re.findall(r'\("(\w+)", "(\w+)", \[([^\]]*)\], (true|false)\)', body):
+        names = re.findall(r'"([^"]+)"', values)
+        listed = ", ".join("'%s'" % v for v in names)
+        outside = "NEW.%s NOT IN (%s)" % (column, listed) + (" AND NEW.%s IS NOT NULL" % column if nullable == "true" else "")
+        message = "%s.%s must be one of %s%s" % (table, column, ", ".join(names), " or NULL" if nullable == "true" else "")
+        for event, name in [("INSERT", "insert"), ("UPDATE OF %s" % column, "update")]:
+            sql.append("CREATE TRIGGER %s_%s_%s BEFORE %s ON %s WHEN %s BEGIN SELECT RAISE(ABORT, '%s'); END;" % (table, column, name, event, table, outside, message))
+    return "\n".join(sql)
+
+migrations = []
+for name, body in re.findall(r'registerMigration\("([^"]+)"\) \{ db in\n(.*?)\n        \}\n', source, re.S):
+    literal = re.search(r'sql: """\n(.*?)"""', body, re.S)
+    migrations.append((name, closed_set_triggers(body) if "let sets" in body else literal.group(1)))
 
 state = tempfile.mkdtemp(prefix="guard-journal-bench-")
 db = sqlite3.connect(os.path.join(state, "journal.sqlite"))
