@@ -197,14 +197,16 @@ public struct DeviceMapper: Sendable {
     }
 
     /// Creates a device, loads `table` and resumes it: a ready device in three ioctls.
+    /// - Parameter batch: share one udev cookie and wait for it later (`UdevBatch.finish()`);
+    ///   nil waits now.
     @discardableResult
-    public func create(name: String, uuid: String, table: Table, readOnly: Bool = false, udevFlags: UdevFlags = [])
+    public func create(name: String, uuid: String, table: Table, readOnly: Bool = false, udevFlags: UdevFlags = [], batch: UdevBatch? = nil)
         throws -> DeviceInfo
     {
         let info = try create(name: name, uuid: uuid, readOnly: readOnly, udevFlags: udevFlags)
         do {
             try load(.name(name), table: table, readOnly: readOnly)
-            try resume(.name(name), udevFlags: udevFlags)
+            try resume(.name(name), udevFlags: udevFlags, batch: batch)
         } catch {
             try? remove(.name(name), attempts: 3)
             throw error

@@ -275,13 +275,14 @@ struct RunBody {
         run.suspendMicroseconds = Int64(live.suspendMicroseconds)
         run.phase = "snapshot"
         let window = live.suspendMicroseconds
+        let windowParts = live.window.description
         let taken = run
         do {
             // No step runs unless the journal holds the take: recovery must know the snapshot is live.
             try journal.batch {
                 try journal.update(taken)
                 try journal.setSnapshotState(runID: runID, .live)
-                try journal.event(runID, .result, "take", "suspended for \(window) µs", at: timestamp())
+                try journal.event(runID, .result, "take", windowParts, at: timestamp())
                 if let snapshotPhase { try journal.endPhase(snapshotPhase, status: .done, detail: "suspend window \(window) µs", at: timestamp()) }
             }
         } catch {

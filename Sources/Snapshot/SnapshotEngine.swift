@@ -261,6 +261,10 @@ public struct SnapshotEngine {
     public func prepare(_ stacks: [SnapshotStack]) throws -> PreparedSnapshotSet {
         var handles: [LoopHandle] = []
         var built: [SnapshotStack] = []
+        // One udev wait for the whole take: the layers' resumes here and the window's share
+        // a cookie, waited for after the window (the tables name devices by number, so
+        // nothing here needs udev's /dev nodes).
+        let udev = UdevBatch()
         do {
             for stack in stacks {
                 let origin = try inspectOrigin(stack.originPath)
@@ -268,20 +272,21 @@ public struct SnapshotEngine {
                     throw SnapshotError(.other, "snapshot of \(stack.originPath)", "the volume changed since it was planned (its table is now \(origin.table))")
                 }
                 built.append(stack)
-                if let handle = try build(stack, origin: origin) { handles.append(handle) }
+                if let handle = try build(stack, origin: origin, udev: udev) { handles.append(handle) }
             }
         } catch {
             log?("preparing the snapshot set failed (\(error)); removing what was built")
+            udev.finish()
             handles.forEach { $0.release() }
             for stack in built.reversed() { try? drop(stack) }
             throw error
         }
-        return PreparedSnapshotSet(engine: self, stacks: stacks, handles: handles)
+        return PreparedSnapshotSet(engine: self, stacks: stacks, handles: handles, udev: udev)
     }
 
-    /// Builds one stack up to the inactive origin table; returns the COW loop handle to keep
-    /// until the snapshot holds the loop device.
-    private func build(_ stack: SnapshotStack, origin: Origin) throws -> LoopHandle? {
+    /// Builds one stack up to the inactive origin table (`-cow` and `-real` live, `-snap`
+    /// loaded); returns the COW loop handle to keep until the snapshot holds the loop device.
+    private func build(_ stack: SnapshotStack, origin: Origin, udev: UdevBatch) throws -> LoopHandle? {
         let now = Int64(Date().timeIntervalSince1970)
         var label = stack.label(state: .preparing, createdAt: now)
         var handle: LoopHandle?
@@ -316,11 +321,15 @@ public struct SnapshotEngine {
         let cow = try dm.create(
             name: stack.cowName, uuid: stack.identity.uuid(.cow),
             table: Table(.linear(device: cowDevice, offset: CowLabel.areaOffsetSectors), length: areaSectors),
-            udevFlags: .hidden)
+            udevFlags: .hidden, batch: udev)
         CrashPoint.hit("prepare.cow-live")
         let real = try dm.create(name: stack.realName, uuid: stack.identity.uuid(.real))
         try dm.load(.uuid(stack.identity.uuid(.real)), table: origin.table, readOnly: origin.info.isReadOnly)
         CrashPoint.hit("prepare.real-loaded")
+        // Live before the window (one resume less inside it): the origin's own blocks mapped a
+        // second time, opened by nothing until -snap is resumed inside the window.
+        try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: udev)
+        CrashPoint.hit("prepare.real-live")
         _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
         try dm.load(
             stack.ref(.snap),
@@ -340,17 +349,19 @@ public struct SnapshotEngine {
         return handle
     }
 
-    /// The critical window: suspend every origin (flush, freeze), resume every `-real`, every
-    /// `-snap`, then every origin. Nothing is logged, journaled, executed or read from a
-    /// filesystem in between; memory is locked and the watchdog armed.
+    /// The critical window: suspend every origin (flush, freeze), resume every `-snap`, then
+    /// every origin. Nothing is logged, journaled, executed or read from a filesystem in
+    /// between; memory is locked and the watchdog armed. `udev` is the batch `prepare`
+    /// opened: its one wait follows the window.
     ///
-    /// - Returns: the window's length in microseconds, first suspend to last resume.
-    func take(_ stacks: [SnapshotStack]) throws -> UInt64 {
+    /// - Returns: when the window began and ended, and its parts.
+    func take(_ stacks: [SnapshotStack], udev: UdevBatch) throws -> WindowTiming {
         for stack in stacks {
             // Less to flush inside the window.
             for mount in Mounts.mountPoints(of: stack.originNumber) { try? FileSystems.sync(mount.target) }
         }
-        return try executor.run(.take(stacks))
+        defer { udev.finish() }
+        return try executor.run(.take(stacks), udev: udev)
     }
 
     /// The one executor of transitions (`Transition`), with this engine's watchdog and log.
@@ -375,6 +386,9 @@ public struct SnapshotEngine {
     ///   of a snapshot that is not live may hold old blocks (nothing is touched).
     func drop(_ stack: SnapshotStack, discarding: Bool = false) throws {
         let operation = "commit of \(stack.originName)"
+        // One udev wait for the origin's resume and the layers' removal.
+        let udev = UdevBatch()
+        defer { udev.finish() }
         let real = try dm.info(stack.ref(.real))
         let snap = try dm.info(stack.ref(.snap))
         let origin = try dm.info(stack.originRef)
@@ -410,14 +424,14 @@ public struct SnapshotEngine {
                             hint: "load the volume's table again yourself (`cryptsetup open`, `dmsetup reload`), then run `guard recover`")
                     }
                 }
-                try executor.run(.drop(origin: origin, own: own, snap: snap, name: operation))
+                try executor.run(.drop(origin: origin, own: own, snap: snap, name: operation), udev: udev)
                 log?("\(origin.name) is back on its own table")
             } else if origin.isSuspended {
                 try dm.resume(.number(origin.number))  // left suspended by a crash, own table
             }
         }
         CrashPoint.hit("commit.origin-restored")
-        try removeLayers(stack, [.snap, .real, .cow])
+        try removeLayers(stack, [.snap, .real, .cow], udev: udev)
         CrashPoint.hit("commit.layers-removed")
         try releaseStorage(stack)
     }
@@ -435,9 +449,10 @@ public struct SnapshotEngine {
         }
     }
 
-    /// Removes the layers in order, waiting for udev once for all of them.
-    private func removeLayers(_ stack: SnapshotStack, _ layers: [StackIdentity.Layer]) throws {
-        let batch = UdevBatch()
+    /// Removes the layers in order, waiting for udev once for all of them (and for what
+    /// `udev` already holds: the commit's resumes).
+    private func removeLayers(_ stack: SnapshotStack, _ layers: [StackIdentity.Layer], udev: UdevBatch? = nil) throws {
+        let batch = udev ?? UdevBatch()
         defer { batch.finish() }
         for layer in layers where try dm.info(stack.ref(layer)) != nil {
             try dm.remove(stack.ref(layer), batch: batch)
@@ -568,7 +583,7 @@ public struct SnapshotEngine {
         if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
         let window = try executor.run(.blowFuse(origin: origin, real: real.number, stack: stack))
         log?("\(origin.name) refuses writes (guard's fuse): its snapshot stays valid for the rollback")
-        return window
+        return window.microseconds
     }
 
     /// Whether the stack's origin is on guard's write fuse.
@@ -621,14 +636,17 @@ public struct SnapshotEngine {
         }
         CrashPoint.hit("merge.label-merging")
         // Resuming the origin hands the exceptions over to the merge. A table that did not
-        // load leaves nothing merging: the label goes back to active.
-        try executor.run(.startMerge(origin: origin, snap: snap, real: real.number, cow: cow.number, stack: stack)) {
+        // load leaves nothing merging: the label goes back to active. One udev wait for the
+        // resumes and the removal of -snap.
+        let udev = UdevBatch()
+        defer { udev.finish() }
+        try executor.run(.startMerge(origin: origin, snap: snap, real: real.number, cow: cow.number, stack: stack), udev: udev) {
             if var label = try? CowLabel.read(from: stack.storage.path) {
                 label.state = .active
                 try? label.write(to: stack.storage.path)
             }
         }
-        try dm.remove(.number(snap.number))
+        try dm.remove(.number(snap.number), batch: udev)
         log?("\(origin.name) is merging its snapshot back")
     }
 

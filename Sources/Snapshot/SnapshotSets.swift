@@ -20,23 +20,26 @@ public struct PreparedSnapshotSet: ~Copyable {
     public let stacks: [SnapshotStack]
     let engine: SnapshotEngine
     let handles: [LoopHandle]
+    /// The udev cookie of the layers' resumes, shared with the window and waited for after it.
+    let udev: UdevBatch
     private let completion = Completion()
 
-    init(engine: SnapshotEngine, stacks: [SnapshotStack], handles: [LoopHandle]) {
+    init(engine: SnapshotEngine, stacks: [SnapshotStack], handles: [LoopHandle], udev: UdevBatch) {
         self.engine = engine
         self.stacks = stacks
         self.handles = handles
+        self.udev = udev
     }
 
     /// Takes the snapshots: the critical window.
-    /// - Returns: the live set; its `suspendMicroseconds` is the window's length.
+    /// - Returns: the live set; its `window` says when the origins were suspended and for how long.
     /// - Throws: after undoing everything, if the window failed.
     public consuming func take() throws -> LiveSnapshotSet {
         completion.done = true
         do {
-            let window = try engine.take(stacks)
+            let window = try engine.take(stacks, udev: udev)
             handles.forEach { $0.release() }  // the -cow layers hold the loop devices now
-            return LiveSnapshotSet(engine: engine, stacks: stacks, suspendMicroseconds: window)
+            return LiveSnapshotSet(engine: engine, stacks: stacks, window: window)
         } catch {
             handles.forEach { $0.release() }
             for stack in stacks.reversed() { try? engine.drop(stack) }
@@ -47,12 +50,14 @@ public struct PreparedSnapshotSet: ~Copyable {
     /// Removes everything `prepare` built; no origin was ever suspended.
     public consuming func abandon() {
         completion.done = true
+        udev.finish()
         handles.forEach { $0.release() }
         for stack in stacks.reversed() { try? engine.drop(stack) }
     }
 
     deinit {
         guard !completion.done else { return }
+        udev.finish()
         handles.forEach { $0.release() }
         for stack in stacks.reversed() { try? engine.drop(stack) }
     }
@@ -64,14 +69,17 @@ public struct PreparedSnapshotSet: ~Copyable {
 /// `guard recover` and `guard status` find them by their GUARD- UUIDs.
 public struct LiveSnapshotSet: ~Copyable {
     public let stacks: [SnapshotStack]
+    /// When and how long the origins were suspended to take the set (`.none` for a set
+    /// attached later).
+    public let window: WindowTiming
     /// How long the origins were suspended to take the set (0 for a set attached later).
-    public let suspendMicroseconds: UInt64
+    public var suspendMicroseconds: UInt64 { window.microseconds }
     let engine: SnapshotEngine
 
-    init(engine: SnapshotEngine, stacks: [SnapshotStack], suspendMicroseconds: UInt64 = 0) {
+    init(engine: SnapshotEngine, stacks: [SnapshotStack], window: WindowTiming = .none) {
         self.engine = engine
         self.stacks = stacks
-        self.suspendMicroseconds = suspendMicroseconds
+        self.window = window
     }
 
     /// Re-attaches to snapshots taken earlier (a kept run, or the volumes of a run whose merge

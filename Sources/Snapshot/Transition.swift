@@ -9,7 +9,8 @@ import DeviceMapper
 /// From a transition the executor (`TransitionExecutor`) derives everything that used to be
 /// written by hand at each site: the watchdog's list (the resume order), the undo after a
 /// failure (its `onFailure`), whether memory must be locked (a suspended device guard's pages
-/// could fault on), and the one udev wait after the last resume.
+/// could fault on), and the one udev wait after the last resume (or the caller's, for a
+/// batch it shares).
 ///
 /// The descriptions of guard's transitions are `Transition.take`, `.drop`, `.startMerge`,
 /// `.endFailedMerge`, `.restartMerge`, `.finishMerge`, `.blowFuse`, `.extend` and
@@ -103,9 +104,12 @@ public struct Transition: @unchecked Sendable {
 
 extension Transition {
     /// The snapshot window (`lvcreate -s`): every origin suspended (flushed, frozen), then
-    /// every `-real`, every `-snap` and every origin resumed, so all snapshots are of one
-    /// instant. The tables were loaded by `prepare`; a failure puts the origins still
-    /// suspended back on their own tables (the set is then dropped).
+    /// every `-snap` and every origin resumed, so all snapshots are of one instant. `prepare`
+    /// loaded the tables and already made `-cow` and `-real` live: a `-real` is a second
+    /// mapping of the origin's blocks that nothing opens, and a snapshot reads through it
+    /// only once `-snap` is resumed, here, with the origin frozen (lvm2 resumes its new
+    /// `-real` before the suspend too). A failure puts the origins still suspended back on
+    /// their own tables (the set is then dropped).
     public static func take(_ stacks: [SnapshotStack]) -> Transition {
         func group(_ refs: [DeviceRef], _ flags: UdevFlags, _ crashPoint: StaticString?) -> [Resumption] {
             refs.enumerated().map { index, ref in
@@ -117,8 +121,7 @@ extension Transition {
             name: "snapshot window",
             suspensions: origins.map { Suspension(device: $0, flush: true, lockFileSystem: true) },
             crashPointSuspended: "window.suspended",
-            resumptions: group(stacks.map { $0.ref(.real) }, .hidden, "window.real-resumed")
-                + group(stacks.map { $0.ref(.snap) }, [.hidden, .lowPriority], "window.snap-resumed")
+            resumptions: group(stacks.map { $0.ref(.snap) }, [.hidden, .lowPriority], "window.snap-resumed")
                 + group(origins, [], nil),
             onFailure: .revertSuspended)
     }
@@ -135,7 +138,7 @@ extension Transition {
                 + (snapRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
             crashPointSuspended: "commit.suspended",
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]
-                + (snapRef.map { [Resumption(device: $0, udevFlags: [])] } ?? []),
+                + (snapRef.map { [Resumption(device: $0, udevFlags: [.hidden, .lowPriority])] } ?? []),
             onFailure: .completeForward)
     }
 
@@ -155,7 +158,11 @@ extension Transition {
             ],
             suspensions: [Suspension(device: originRef, flush: true, lockFileSystem: false), Suspension(device: snapRef, flush: true, lockFileSystem: false)],
             crashPointSuspended: "merge.suspended",
-            resumptions: [Resumption(device: originRef, udevFlags: []), Resumption(device: snapRef, udevFlags: [], crashPointAfter: "merge.handed-over")],
+            resumptions: [
+                Resumption(device: originRef, udevFlags: []),
+                // Hidden: an error table, removed right after; udev must not probe it.
+                Resumption(device: snapRef, udevFlags: [.hidden, .lowPriority], crashPointAfter: "merge.handed-over"),
+            ],
             onFailure: .completeForward)
     }
 
@@ -237,6 +244,47 @@ extension Transition {
 
 // MARK: - The executor
 
+/// When a window began and ended, and its two parts: suspending (the flush and the
+/// filesystem freeze) and what followed while suspended (the check and the resumes).
+public struct WindowTiming: Sendable {
+    /// Before the first suspend.
+    public var start: ContinuousClock.Instant
+    /// After the last suspend returned: every device flushed and frozen.
+    public var suspended: ContinuousClock.Instant
+    /// After the last resume.
+    public var end: ContinuousClock.Instant
+
+    public init(start: ContinuousClock.Instant, suspended: ContinuousClock.Instant, end: ContinuousClock.Instant) {
+        self.start = start
+        self.suspended = suspended
+        self.end = end
+    }
+
+    /// A timing for a set that was not taken by this process (attached later).
+    public static var none: WindowTiming {
+        let now = ContinuousClock.now
+        return WindowTiming(start: now, suspended: now, end: now)
+    }
+
+    /// The whole window, first suspend to last resume.
+    public var microseconds: UInt64 { Self.microseconds(end - start) }
+    /// The suspends: the flush and the freeze.
+    public var suspendMicroseconds: UInt64 { Self.microseconds(suspended - start) }
+    /// The check and the resumes, with everything suspended.
+    public var resumeMicroseconds: UInt64 { Self.microseconds(end - suspended) }
+
+    /// "suspended for 61234 µs (suspend and freeze 48000 µs, resumes 13234 µs)": the journal's words.
+    public var description: String {
+        "suspended for \(microseconds) µs (suspend and freeze \(suspendMicroseconds) µs, resumes \(resumeMicroseconds) µs)"
+    }
+
+    static func microseconds(_ duration: Duration) -> UInt64 {
+        let parts = duration.components
+        guard parts.seconds >= 0 else { return 0 }
+        return UInt64(parts.seconds) * 1_000_000 + UInt64(parts.attoseconds / 1_000_000_000_000)
+    }
+}
+
 /// The kernel calls a transition needs: `DeviceMapper`'s, or a recorder in the unit tests.
 public protocol TransitionDevices {
     func load(_ device: DeviceRef, table: Table, readOnly: Bool) throws
@@ -273,11 +321,15 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
     /// one udev wait. Nothing is logged, journaled, executed or read from a filesystem
     /// between the first suspend and the last resume.
     ///
-    /// - Parameter afterFailedLoad: runs when a load failed (after the loaded tables are
-    ///   cleared, before the error is thrown): nothing was suspended.
-    /// - Returns: the window's length in microseconds, first suspend to last resume.
+    /// - Parameters:
+    ///   - udev: a batch the caller already uses and waits for itself (the take shares the
+    ///     one `prepare` opened, so no udev cookie is made inside the window); nil for one
+    ///     of the executor's own, waited for after the last resume.
+    ///   - afterFailedLoad: runs when a load failed (after the loaded tables are cleared,
+    ///     before the error is thrown): nothing was suspended.
+    /// - Returns: when the window began and ended, and its parts.
     @discardableResult
-    public func run(_ transition: Transition, afterFailedLoad: (() -> Void)? = nil) throws -> UInt64 {
+    public func run(_ transition: Transition, udev: UdevBatch? = nil, afterFailedLoad: (() -> Void)? = nil) throws -> WindowTiming {
         let problems = transition.problems
         guard problems.isEmpty else {
             throw SnapshotError(.other, transition.name, "guard refused its own description of the change: \(problems.joined(separator: "; "))")
@@ -294,11 +346,11 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
             afterFailedLoad?()
             throw error
         }
-        return try window(transition)
+        return try window(transition, udev: udev)
     }
 
-    private func window(_ transition: Transition) throws -> UInt64 {
-        let batch = UdevBatch()
+    private func window(_ transition: Transition, udev: UdevBatch?) throws -> WindowTiming {
+        let batch = udev ?? UdevBatch()
         try watchdog?.arm(resumeInOrder: transition.watchdogOrder, timeout: watchdogTimeout)
         // Locked only where a page of guard could have to come from a suspended device.
         let lockNeeded = mayFault(transition.suspendedNumbers)
@@ -308,6 +360,7 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
 
         let clock = ContinuousClock()
         let start = clock.now
+        var allSuspended = start
         var suspended: [DeviceRef] = []
         var resumed: Set<DeviceRef> = []
         var failure: (any Error)?
@@ -316,6 +369,7 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
                 try devices.suspend(suspension.device, flush: suspension.flush, lockFileSystem: suspension.lockFileSystem)
                 suspended.append(suspension.device)
             }
+            allSuspended = clock.now
             if let point = transition.crashPointSuspended { crashPoint(point) }
             try transition.check?()
             for resumption in transition.resumptions {
@@ -345,10 +399,9 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
         }
         if memoryLocked { unlockMemory() }
         DeviceMapper.releaseLog()
-        batch.finish()
+        if udev == nil { batch.finish() }
         if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
         if let failure { throw failure }
-        let elapsed = end - start
-        return UInt64(elapsed.components.seconds) * 1_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000)
+        return WindowTiming(start: start, suspended: allSuspended, end: end)
     }
 }

@@ -130,6 +130,7 @@ extension Kernel {
             CrashCase(point: "run.before-prepare", succeeds: true, expected: .restored, note: "journal says snapshot phase, nothing built"),
             CrashCase(point: "prepare.cow-file", succeeds: true, expected: .restored, note: "COW file written, no device yet"),
             CrashCase(point: "prepare.real-loaded", succeeds: true, expected: .restored, note: "-real loaded, not resumed"),
+            CrashCase(point: "prepare.real-live", succeeds: true, expected: .restored, note: "-real live before the window, origin untouched"),
             CrashCase(point: "prepare.snap-loaded", succeeds: true, expected: .restored, note: "-snap loaded, not resumed"),
             CrashCase(point: "prepare.origin-loaded", succeeds: true, expected: .restored, note: "origin has the inactive snapshot-origin table"),
             CrashCase(point: "run.before-take", succeeds: true, expected: .restored, note: "all tables loaded, nothing suspended"),

@@ -219,6 +219,41 @@ extension Kernel {
             #expect(try first.layers().isEmpty && second.layers().isEmpty)
         }
 
+        @Test("the snapshot is the instant of the freeze: every number acknowledged before the suspend is in it, none written after the resume")
+        func snapshotIsTheInstantOfTheFreeze() throws {
+            let fixture = try VolumeFixture(megabytes: 64)
+            let writer = AppendWriter(path: "\(fixture.mountPoint)/sequence")
+            writer.start()
+            defer { writer.stop() }
+            let snapMount = fixture.scratch.path("snap")
+            try FileManager.default.createDirectory(atPath: snapMount, withIntermediateDirectories: true)
+            for round in 0..<3 {
+                let before = writer.count
+                try waitUntilNow("the writer to write (round \(round))") { writer.count >= before + 3 }
+                let live = try fixture.engine.prepare([fixture.request(size: .bytes(16 << 20))], token: StackIdentity.newToken()).take()
+                let window = live.window
+                // Numbers whose write began after the last resume, so the check below is not empty.
+                try waitUntilNow("the writer to write after the window (round \(round))") { writer.records.contains { $0.started > window.end } }
+                let records = writer.records
+                let stack = live.stacks[0]
+                _ = try sh("e2fsck -fn '\(stack.snapPath)'")  // the frozen filesystem is clean: exit 0
+                _ = try sh("mount -o ro '\(stack.snapPath)' '\(snapMount)'")
+                let text = try String(contentsOfFile: "\(snapMount)/sequence", encoding: .utf8)
+                _ = try sh("umount '\(snapMount)'")
+                try live.commit()
+
+                let numbers = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().map { UInt64($0) }
+                #expect(text.hasSuffix("\n") && numbers.enumerated().allSatisfy { $0.element == UInt64($0.offset + 1) }, "round \(round): the snapshot's file is 1, 2, 3, ... with nothing torn")
+                let inSnapshot = UInt64(numbers.count)
+                let ackedBefore = records.filter { $0.acknowledged < window.start }.map(\.number).max() ?? 0
+                let firstAfter = records.filter { $0.started > window.end }.map(\.number).min() ?? 0
+                #expect(ackedBefore > 0 && firstAfter > 0, "round \(round): the writer wrote before the suspend and after the resume")
+                #expect(inSnapshot >= ackedBefore, "round \(round): \(ackedBefore) was acknowledged before the suspend began; the snapshot ends at \(inSnapshot)")
+                #expect(inSnapshot < firstAfter, "round \(round): \(firstAfter) was written after the resume; the snapshot ends at \(inSnapshot)")
+            }
+            #expect(try fixture.layers().isEmpty)
+        }
+
         @Test("writing past the COW size: extension keeps the snapshot valid; without it the snapshot is Invalid and the origin intact")
         func cowOverflow() throws {
             // With extension: 8 MiB COW growing by 8 MiB at 60 % up to 64 MiB; 30 MiB written.
@@ -390,6 +425,52 @@ final class EventLog: @unchecked Sendable {
     }
 
     var all: [CowWatcher.Event] { lock.withLock { events } }
+}
+
+/// Appends "1\n", "2\n", ... to a file with an fsync after each, and remembers when each
+/// number's write began and when its fsync returned.
+final class AppendWriter: @unchecked Sendable {
+    // @unchecked: `running` and `written` are only touched under `lock`.
+    struct Record: Sendable {
+        var number: UInt64
+        var started: ContinuousClock.Instant
+        var acknowledged: ContinuousClock.Instant
+    }
+
+    private let lock = NSLock()
+    private var running = true
+    private var written: [Record] = []
+    private let path: String
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(path: String) { self.path = path }
+
+    var count: Int { lock.withLock { written.count } }
+    var records: [Record] { lock.withLock { written } }
+
+    func start() {
+        Thread.detachNewThread { [self] in
+            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+            defer {
+                if fd >= 0 { close(fd) }
+                finished.signal()
+            }
+            var n: UInt64 = 0
+            while fd >= 0, lock.withLock({ running }) {
+                n += 1
+                let line = Array("\(n)\n".utf8)
+                let started = ContinuousClock.now
+                guard write(fd, line, line.count) == line.count, fsync(fd) == 0 else { return }
+                let record = Record(number: n, started: started, acknowledged: .now)
+                lock.withLock { written.append(record) }
+            }
+        }
+    }
+
+    func stop() {
+        lock.withLock { running = false }
+        finished.wait()
+    }
 }
 
 /// Writes an increasing sequence number durably to volume 1, then to volume 2, over and over.

@@ -71,7 +71,7 @@ struct TransitionTests {
         }
     }
 
-    @Test("the snapshot window: origins suspended, then every -real, every -snap, every origin resumed; the watchdog knows that order")
+    @Test("the snapshot window: origins suspended, then every -snap, every origin resumed (-real is live before); the watchdog knows that order")
     func take() {
         let take = Transition.take([Self.stack(Self.identity0, origin: 3), Self.stack(Self.identity1, origin: 4)])
         #expect(take.problems.isEmpty)
@@ -80,14 +80,26 @@ struct TransitionTests {
         #expect(
             result.calls == [
                 "suspend 254:3 lockfs", "suspend 254:4 lockfs",
-                "resume GUARD-3f9a2c1e-0-real", "resume GUARD-3f9a2c1e-1-real",
                 "resume GUARD-3f9a2c1e-0-snap", "resume GUARD-3f9a2c1e-1-snap",
                 "resume 254:3", "resume 254:4",
             ])
-        #expect(result.crashPoints == ["window.suspended", "window.real-resumed", "window.snap-resumed"])
+        #expect(result.crashPoints == ["window.suspended", "window.snap-resumed"])
         #expect(result.watchdog.armed == [take.watchdogOrder])
         #expect(take.watchdogOrder.map(\.description) == result.calls.filter { $0.hasPrefix("resume") }.map { String($0.dropFirst(7)) })
         #expect(result.watchdog.disarms == 1)
+    }
+
+    @Test("a window's timing: start, all suspended, end in order; the journal's words give the whole and its two parts")
+    func windowTiming() throws {
+        var executor = TransitionExecutor(devices: RecordingDevices(), watchdog: nil, watchdogTimeout: .seconds(30), log: nil)
+        executor.crashPoint = { _ in }
+        executor.mayFault = { _ in false }
+        let timing = try executor.run(.take([Self.stack(Self.identity0, origin: 3)]))
+        #expect(timing.start <= timing.suspended && timing.suspended <= timing.end)
+        #expect(timing.microseconds == (timing.suspendMicroseconds + timing.resumeMicroseconds) || timing.microseconds == timing.suspendMicroseconds + timing.resumeMicroseconds + 1)
+        let start = ContinuousClock.now
+        let fixed = WindowTiming(start: start, suspended: start + .microseconds(48_000), end: start + .microseconds(61_234))
+        #expect(fixed.description == "suspended for 61234 µs (suspend and freeze 48000 µs, resumes 13234 µs)")
     }
 
     @Test("a failed snapshot window puts the origins still suspended back on their own tables, and only those")
