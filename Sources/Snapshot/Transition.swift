@@ -128,13 +128,17 @@ extension Transition {
 
     /// The commit: the origin back on its own table (`own`); the snapshot, if any, suspended
     /// with it so nothing is copied into a COW about to go, and resumed so nothing stays
-    /// frozen. The label says released before this runs.
+    /// frozen. The label says released before this runs. The origin's filesystem is not
+    /// frozen: the suspend still waits for every write in flight (the copies into the COW
+    /// with them) and holds new ones until the resume, and nothing needs the filesystem
+    /// consistent at this instant (the snapshot is going), so the service does not wait for
+    /// a freeze and its journal checkpoint a second time.
     public static func drop(origin: DeviceInfo, own: Table, snap: DeviceInfo?, name: String) -> Transition {
         let snapRef = snap.map { DeviceRef.number($0.number) }
         return Transition(
             name: name,
             loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "commit.origin-loaded")],
-            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)]
+            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: false)]
                 + (snapRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
             crashPointSuspended: "commit.suspended",
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]

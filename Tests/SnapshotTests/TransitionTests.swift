@@ -121,7 +121,7 @@ struct TransitionTests {
         let drop = Transition.drop(origin: Self.info(3), own: Table(.error, length: 2048), snap: Self.info(9), name: "commit of vg-lv3")
         #expect(drop.problems.isEmpty)
         let ok = Self.run(drop)
-        #expect(ok.calls == ["load 254:3 error", "suspend 254:3 lockfs", "suspend 254:9", "resume 254:3", "resume 254:9"])
+        #expect(ok.calls == ["load 254:3 error", "suspend 254:3", "suspend 254:9", "resume 254:3", "resume 254:9"], "the commit flushes without freezing the filesystem")
         #expect(ok.crashPoints == ["commit.origin-loaded", "commit.suspended"])
         let failed = Self.run(drop, failAt: "suspend 254:9")
         #expect(failed.error != nil)
