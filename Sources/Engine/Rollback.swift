@@ -78,18 +78,27 @@ struct RollbackProcedure {
             try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
             throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept")
         }
+        // The unmounts are journaled together once done (results, not decisions: recovery
+        // does not read them).
+        func journalUnmounts() throws {
+            guard !unmounted.isEmpty else { return }
+            let when = timestamp()
+            try journal.batch { for mount in unmounted { try journal.event(runID, .result, "unmount", mount.target, at: when) } }
+        }
         for mount in mounts {
             do {
                 try Mounts.unmount(mount.target)
                 unmounted.append(mount)
-                try journal.event(runID, .result, "unmount", mount.target, at: timestamp())
             } catch {
+                try? journalUnmounts()
                 remountAll(unmounted, origins: origins)
                 await startHooks(hooks, runner: runner, runID: runID, token: run.token)
                 try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
                 throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
             }
         }
+
+        try journalUnmounts()
 
         // Merge: from here on the volumes read as before the run.
         beforeMerge()
@@ -118,13 +127,17 @@ struct RollbackProcedure {
                 .attention,
                 "rollback of run \(runID) is incomplete: \(left.joined(separator: ", ")) \(left.count == 1 ? "is" : "are") NOT rolled back (\(error)) and still hold\(left.count == 1 ? "s" : "") the upgraded data, with \(left.count == 1 ? "its snapshot" : "their snapshots") live; \(started.joined(separator: ", ")) \(started.count == 1 ? "is" : "are") merging back; fix that and run `guard recover`, which rolls the rest back")
         }
+        // Each merge is journaled as it starts (above): the volumes go back to the service
+        // first, then the run's state is written, in one transaction.
+        remountAll(unmounted, origins: origins)
         run = try journal.run(id: runID) ?? run
         run.state = .merging
         run.outcome = .rolledBack
-        try journal.update(run)
-        try journal.event(runID, .result, "merge-started", nil, at: timestamp())
-
-        remountAll(unmounted, origins: origins)
+        let merged = run
+        try journal.batch {
+            try journal.update(merged)
+            try journal.event(runID, .result, "merge-started", nil, at: timestamp())
+        }
         await startHooks(hooks, runner: runner, runID: runID, token: run.token)
         reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
         try journal.endPhase(phase, status: .done, detail: "merge started", at: timestamp())
