@@ -126,10 +126,21 @@ def libdevmapper_suspend_resume(name):
     import ctypes
     dm = ctypes.CDLL("libdevmapper.so.1.02.1")
     dm.dm_task_create.restype = ctypes.c_void_p
+    dm.dm_task_create.argtypes = [ctypes.c_int]
+    dm.dm_task_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    dm.dm_task_set_cookie.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint16]
+    dm.dm_task_run.argtypes = [ctypes.c_void_p]
+    dm.dm_task_destroy.argtypes = [ctypes.c_void_p]
+    dm.dm_udev_wait.argtypes = [ctypes.c_uint32]
     for task_type in (4, 5):  # DM_DEVICE_SUSPEND, DM_DEVICE_RESUME
+        # The resume carries a udev cookie, as dmsetup's does: without one, udev's rules drop
+        # the device's /dev/mapper link. The wait follows the resume (the writer is running again).
+        cookie = ctypes.c_uint32(0)
         task = dm.dm_task_create(task_type)
-        ok = dm.dm_task_set_name(ctypes.c_void_p(task), name.encode()) and dm.dm_task_run(ctypes.c_void_p(task))
-        dm.dm_task_destroy(ctypes.c_void_p(task))
+        ok = dm.dm_task_set_name(task, name.encode()) and (task_type == 4 or dm.dm_task_set_cookie(task, ctypes.byref(cookie), 0)) and dm.dm_task_run(task)
+        dm.dm_task_destroy(task)
+        if task_type == 5 and cookie.value:
+            dm.dm_udev_wait(cookie)
         if not ok:
             raise RuntimeError("libdevmapper %s of %s failed" % ("suspend" if task_type == 4 else "resume", name))
 
@@ -172,6 +183,8 @@ def bench_stall():
         # The physical floor, on the same volume: a bare suspend and resume, no table change.
         stalls["dmsetup_suspend_resume"].append(stall_of(guard_mount, lambda: sh("dmsetup suspend %s && dmsetup resume %s" % (guard_lv, guard_lv))))
         stalls["libdevmapper_suspend_resume"].append(stall_of(guard_mount, lambda: libdevmapper_suspend_resume(os.path.basename(guard_lv))))
+        if not os.path.exists(guard_lv):
+            raise RuntimeError("%s is gone after the bare suspend and resume (udev dropped its link)" % guard_lv)
 
         stalls["lvcreate"].append(stall_of(lvm_mount, lambda: sh("lvcreate -q -s -L 256M -n stallsnap %s/stalllvm" % VG)))
         sh("lvremove -q -f %s/stallsnap" % VG)

@@ -20,7 +20,9 @@ lines = ["# Benchmarks", "",
          "alternatives ran on identical volumes in the same run, on kernel %s, with %d trials per "
          "measurement (median and worst). Under software emulation (the VM on a machine without "
          "device-mapper, as here) absolute times are many times slower than on hardware; the "
-         "ratios are what the goals are about." % (devices.get("kernel", "?"), devices.get("trials", 0)), ""]
+         "ratios are what the goals are about. The volumes are LVs of one disk image; guard's state "
+         "directory (its journal and COW files, `/var/lib/guard` on a server) is an ext4 filesystem "
+         "on a second disk image, as it would be on a disk." % (devices.get("kernel", "?"), devices.get("trials", 0)), ""]
 
 s = devices.get("stall_ms")
 if s:
