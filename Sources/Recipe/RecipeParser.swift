@@ -502,8 +502,8 @@ final class Validator {
         switch words.first.map(String.init) {
         case "commit" where words.count == 1: return .commit
         case "keep" where words.count == 1: return .keep(nil)
-        case "keep" where words.count == 2:
-            switch Units.parseDuration(String(words[1])) {
+        case "keep" where words.count >= 2:  // `keep 24h`, `keep 1h 30min`
+            switch Units.parseDuration(words.dropFirst().joined(separator: " ")) {
             case .success(let duration): return .keep(duration)
             case .failure(let failure):
                 error(node, "on_success: \(failure.message)", hint: failure.hint)

@@ -29,40 +29,58 @@ public enum Units {
     /// The longest duration a recipe or guard.conf may give, in seconds (100 years).
     public static let longestDuration: Double = 36500 * 86400
 
-    /// Parses a duration: `30s`, `10m`, `2h`, `1d`, `1h30m`, `500ms`.
+    /// The units a duration may use, in seconds: systemd's (systemd.time(7)), spelled in any
+    /// case, except `M` (see `parseDuration`).
+    static let durationUnits: [String: Double] = [
+        "us": 1e-6, "usec": 1e-6, "µs": 1e-6,
+        "ms": 1e-3, "msec": 1e-3,
+        "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+        "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+        "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+        "d": 86400, "day": 86400, "days": 86400,
+        "w": 604_800, "week": 604_800, "weeks": 604_800,
+        "month": 2_629_800, "months": 2_629_800,  // 30.44 days, as systemd counts a month
+        "y": 31_557_600, "year": 31_557_600, "years": 31_557_600,  // 365.25 days
+    ]
+
+    /// Parses a duration in systemd's syntax: `30s`, `10m`, `2h`, `1h 30min`, `2weeks`,
+    /// `1month`, `500ms`. `M` alone is refused: systemd reads it as a month, guard's older
+    /// recipes as a minute, so it must be written `min` or `month`.
     public static func parseDuration(_ text: String) -> Result<Duration, UnitError> {
-        let trimmed = text.trimmed.lowercased()
+        let trimmed = text.trimmed
         guard !trimmed.isEmpty else { return .failure(UnitError("an empty duration")) }
         if trimmed.allSatisfy({ $0.isNumber || $0 == "." }) {
-            return .failure(UnitError("the duration '\(trimmed)' has no unit", hint: "did you mean \(trimmed)s or \(trimmed)m? (units: ms, s, m, h, d)"))
+            return .failure(UnitError("the duration '\(trimmed)' has no unit", hint: "did you mean \(trimmed)s or \(trimmed)min? (units: ms, s, min, h, d, w, month, y)"))
         }
         var total: Double = 0
         var rest = Substring(trimmed)
-        while !rest.isEmpty {
+        while true {
+            rest = rest.drop { $0.isWhitespace }
+            if rest.isEmpty { break }
             let number = rest.prefix { $0.isNumber || $0 == "." }
-            rest = rest.dropFirst(number.count)
-            let unit = rest.prefix { $0.isLetter }
+            rest = rest.dropFirst(number.count).drop { $0.isWhitespace }
+            let unit = String(rest.prefix { $0.isLetter })
             rest = rest.dropFirst(unit.count)
             guard let value = Double(number) else {
-                return .failure(UnitError("'\(text.trimmed)' is not a duration", hint: "write it like 30s, 10m, 2h or 1h30m"))
+                return .failure(UnitError("'\(trimmed)' is not a duration", hint: "write it like 30s, 10min, 2h or 1h 30min"))
             }
-            let seconds: Double
-            switch unit {
-            case "ms": seconds = value / 1000
-            case "s", "sec", "secs", "second", "seconds": seconds = value
-            case "m", "min", "mins", "minute", "minutes": seconds = value * 60
-            case "h", "hour", "hours": seconds = value * 3600
-            case "d", "day", "days": seconds = value * 86400
-            case "w", "week", "weeks": seconds = value * 604800
-            default:
-                return .failure(UnitError("unknown duration unit '\(unit)' in '\(text.trimmed)'", hint: "use ms, s, m, h, d or w"))
+            if unit.isEmpty {
+                return .failure(UnitError("'\(number)' in '\(trimmed)' has no unit", hint: "units: ms, s, min, h, d, w, month, y"))
             }
-            total += seconds
+            if unit == "M" {
+                return .failure(UnitError(
+                    "the unit 'M' in '\(trimmed)' is ambiguous: systemd reads it as a month, guard used to read it as a minute",
+                    hint: "write \(number)min for minutes or \(number)month for months"))
+            }
+            guard let size = Self.durationUnits[unit.lowercased()] else {
+                return .failure(UnitError("unknown duration unit '\(unit)' in '\(trimmed)'", hint: "use ms, s, min, h, d, w, month or y"))
+            }
+            total += value * size
         }
         // Durations are timeouts and keep times: anything past a century is a typo, and would
         // not fit the milliseconds guard counts in.
         guard total.isFinite, total <= Self.longestDuration else {
-            return .failure(UnitError("the duration '\(text.trimmed)' is too long", hint: "at most 100 years (36500d)"))
+            return .failure(UnitError("the duration '\(trimmed)' is too long", hint: "at most 100 years (36500d)"))
         }
         return .success(.milliseconds(Int64((total * 1000).rounded())))
     }

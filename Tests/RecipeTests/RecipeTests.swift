@@ -155,8 +155,8 @@ struct RecipeTests {
         BadCase(label: "size without a unit", find: "size: 25M,", replace: "size: 25,", line: 5, message: ["has no unit", "did you mean 25M"]),
         BadCase(label: "bad size unit", find: "size: 25M,", replace: "size: 25X,", line: 5, message: ["unknown size unit 'x'"]),
         BadCase(label: "bad percentage", find: "size: 25M,", replace: "size: 150%,", line: 5, message: ["not a percentage"]),
-        BadCase(label: "bad duration", find: "timeout: 10m", replace: "timeout: 10", line: 11, message: ["has no unit", "10s or 10m"]),
-        BadCase(label: "bad duration unit", find: "timeout: 10m", replace: "timeout: 10y", line: 11, message: ["unknown duration unit 'y'"]),
+        BadCase(label: "bad duration", find: "timeout: 10m", replace: "timeout: 10", line: 11, message: ["has no unit", "10s or 10min"]),
+        BadCase(label: "bad duration unit", find: "timeout: 10m", replace: "timeout: 10q", line: 11, message: ["unknown duration unit 'q'"]),
         BadCase(label: "bad keep duration", find: "on_success: keep 24h", replace: "on_success: keep 24", line: 15, message: ["on_success", "has no unit"]),
         BadCase(label: "bad on_success", find: "on_success: keep 24h", replace: "on_success: comit", line: 15, message: ["on_success must be", "did you mean 'commit'"]),
         BadCase(label: "bad on_failure", find: "on_failure: rollback", replace: "on_failure: rolback", line: 16, message: ["on_failure must be", "did you mean 'rollback'"]),
@@ -259,6 +259,33 @@ struct RecipeTests {
         }
         #expect(parsed + rejected == 3000)
         #expect(rejected > 1000, "most mutations break the recipe")
+    }
+
+    @Test("durations in systemd's syntax: spaces, words, months and years; 'M' refused as ambiguous, with the fix")
+    func systemdDurations() throws {
+        #expect(try Units.parseDuration("1h 30min").get() == .seconds(5400))
+        #expect(try Units.parseDuration("2weeks").get() == .seconds(2 * 604_800))
+        #expect(try Units.parseDuration("1month").get() == .seconds(2_629_800))
+        #expect(try Units.parseDuration("1y 12month").get() == .seconds(31_557_600 + 12 * 2_629_800))
+        #expect(try Units.parseDuration("2 h").get() == .seconds(7200))
+        #expect(try Units.parseDuration("48hr").get() == .seconds(172_800))
+        #expect(try Units.parseDuration("55s500ms").get() == .milliseconds(55_500))
+        #expect(try Units.parseDuration("10m").get() == .seconds(600), "a lower-case m is a minute, in systemd too")
+        #expect(try Units.parseDuration("2H").get() == .seconds(7200), "other units in any case")
+        for text in ["1M", "30M", "1h 5M"] {
+            guard case .failure(let error) = Units.parseDuration(text) else { Issue.record("\(text) parsed"); continue }
+            #expect(error.message.contains("ambiguous") && error.message.contains(text), "\(error.message)")
+            #expect(error.hint?.contains("min for minutes") == true && error.hint?.contains("month for months") == true, "\(error.hint ?? "")")
+        }
+        for text in ["1h 30", "5 parsecs", "h"] {
+            guard case .failure = Units.parseDuration(text) else { Issue.record("\(text) parsed"); continue }
+        }
+        // In a recipe, with the line and the fix.
+        let keep = try parse(validRecipe.replacingOccurrences(of: "on_success: keep 24h", with: "on_success: keep 1d 12h")).get()
+        #expect(keep.onSuccess == .keep(.seconds(129_600)))
+        let refused = errors(validRecipe.replacingOccurrences(of: "timeout: 10m", with: "timeout: 10M"))
+        #expect(refused.count == 1 && refused[0].description.hasPrefix("test.recipe:11:") && refused[0].description.contains("ambiguous"), "\(refused)")
+        #expect(refused.first?.hint?.contains("10min") == true, "\(refused.first?.hint ?? "")")
     }
 
     @Test("sizes, durations and SHA-256")
