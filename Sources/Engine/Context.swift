@@ -19,6 +19,9 @@ public enum ExitCode: Int32, Sendable {
     /// device or directory): everything is kept; the message names what to mount or activate
     /// before `guard recover`.
     case needsReassembly = 4
+    /// Busy: another guard command holds a volume or the journal; nothing was touched, and the
+    /// same command can be tried again later (EX_TEMPFAIL, as sysexits.h has it).
+    case busy = 75
 }
 
 /// An error that ends a guard command: what kind of end it is, and the message for stderr.
@@ -32,6 +35,9 @@ public struct GuardFailure: Error, Sendable, CustomStringConvertible {
         /// A snapshot that holds old blocks is not live: everything is kept; the message names
         /// what to mount or activate before `guard recover`.
         case needsReassembly
+        /// Refused before anything was touched because another guard command holds a volume
+        /// or the journal: the same command can succeed later.
+        case busy
     }
 
     public var kind: Kind
@@ -97,7 +103,7 @@ public final class GuardContext: @unchecked Sendable {
             journalHandle = journal
             return journal
         } catch let error as JournalError {
-            throw GuardFailure(.refused, "\(error)")
+            throw GuardFailure(error.isBusy ? .busy : .refused, "\(error)")
         }
     }
 

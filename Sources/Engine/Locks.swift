@@ -30,7 +30,7 @@ public final class VolumeLock {
                 continue
             }
             close(descriptor)
-            throw GuardFailure(.refused, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
+            throw GuardFailure(.busy, "the volume \(key) is in use by another guard command (\(owner.isEmpty ? "unknown" : owner)); wait for it to finish")
         }
         let lock = VolumeLock(path: path, descriptor: descriptor)
         lock.describe(holder)

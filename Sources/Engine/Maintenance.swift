@@ -2,6 +2,7 @@ import BlockDevice
 import DeviceMapper
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
@@ -256,21 +257,52 @@ public struct Maintenance {
     public struct RunStatus: Sendable {
         public var run: RunRecord
         public var volumes: [VolumeStatus]
+        /// Its guard process is gone while the journal says it runs: `guard recover` finishes it.
+        public var unfinished = false
     }
 
-    /// Live snapshots, their fill, merges and their progress.
+    /// A COW this full needs a person: a commit, a rollback or a larger `extend`.
+    public static let attentionFill = 0.8
+
+    /// What needs a person in a status, one line each, naming the run, the volume and what to
+    /// run. A volume that needs reassembly is not here: it has an exit code of its own (4).
+    public static func attention(_ runs: [RunStatus], strays: [String]) -> [String] {
+        var lines: [String] = []
+        for status in runs {
+            let id = status.run.id ?? 0
+            if status.unfinished {
+                lines.append("run \(id) did not finish (guard was killed or the machine went down during \(status.run.phase)); run `guard recover`")
+            }
+            if status.run.state == .stale {
+                lines.append("run \(id)'s snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(id)` discards it")
+            }
+            for volume in status.volumes {
+                let name = "run \(id), \(volume.volume)"
+                switch volume.status {
+                case "live":
+                    if let used = volume.usedBytes, let size = volume.sizeBytes, size > 0, Double(used) / Double(size) >= attentionFill {
+                        lines.append("\(name): COW \(Int(Double(used) * 100 / Double(size)))% full (\(formatBytes(used)) of \(formatBytes(size))); when it fills, the snapshot is lost or the fuse stops writes: `guard commit \(id)` or `guard rollback \(id)`, or give the recipe an `extend:` and run `guard monitor`")
+                    }
+                case "needs reassembly", "merging", "merged", "preparing", "committed", "discarded": break
+                default:
+                    lines.append("\(name): \(volume.status)" + (volume.detail.map { ": \($0)" } ?? ""))
+                }
+            }
+        }
+        for stray in strays { lines.append("stray guard device (no open run): \(stray); `guard recover` removes it") }
+        return lines
+    }
+
+    /// Live snapshots, their fill, merges and their progress. Changes nothing: finished merges
+    /// and expired kept runs are left to `tidy` (`guard status --tidy`, the maintenance job).
     public func status() throws -> (runs: [RunStatus], strays: [String]) {
         guard let journal = try context.existingJournal() else { return ([], try strayDevices(known: [])) }
-        try? tidy(journal: journal)
         let dm = try context.dm()
         let engine = SnapshotEngine(dm: dm)
         var result: [RunStatus] = []
         let unfinished = Set(try Recovery(context: context).unfinishedRuns(journal: journal).compactMap(\.id))
         for run in try journal.runs(in: RunState.open) {
             var volumes: [VolumeStatus] = []
-            if unfinished.contains(run.id!) && run.state == .running {
-                reporter.warning("run \(run.id!) did not finish (guard was killed or the machine went down during \(run.phase)); run `guard recover`")
-            }
             for record in try journal.snapshots(runID: run.id!) {
                 var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue)
                 if let stack = decodeStack(record.stack) {
@@ -316,7 +348,7 @@ public struct Maintenance {
                 }
                 volumes.append(volume)
             }
-            result.append(RunStatus(run: run, volumes: volumes))
+            result.append(RunStatus(run: run, volumes: volumes, unfinished: unfinished.contains(run.id!) && run.state == .running))
         }
         let known = Set(try journal.runs(in: RunState.open).map(\.token))
         return (result, try strayDevices(known: known))

@@ -51,6 +51,12 @@ public struct Plan: Sendable {
     public var problems: [String]
     /// Things worth knowing that do not stop a run.
     public var warnings: [String]
+    /// The problems that are another guard command at work on a volume (a run's steps, a
+    /// merge): the same run can be tried again once it is done.
+    public var busy: Set<String> = []
+
+    /// Every problem is another guard command at work: trying later is the fix (exit 75).
+    public var onlyBusy: Bool { !problems.isEmpty && problems.allSatisfy(busy.contains) }
 }
 
 /// Resolves recipes against the system: devices, sizes, COW locations, free space.
@@ -82,6 +88,7 @@ public struct Planner {
         let engine = SnapshotEngine(dm: dm)
         var problems: [String] = []
         var warnings: [String] = []
+        var busy: Set<String> = []
         var volumes: [PlannedVolume] = []
         let peaks = (try? context.existingJournal()?.peakUse(recipe: recipe.name)) ?? [:]
         let configuration = context.configuration
@@ -105,8 +112,10 @@ public struct Planner {
                     switch run.state {
                     case .running:
                         message = "\(at(spec)): \(path) is being upgraded by run \(id) (pid \(run.pid), started \(formatDate(run.startedAt))); wait for it to finish, or run `guard recover` if it died"
+                        if kill(run.pid, 0) == 0 || errno == EPERM { busy.insert(message) }
                     case .merging:
                         message = "\(at(spec)): \(path) is being rolled back by run \(id); wait for the merge (`guard status --wait`)"
+                        busy.insert(message)
                     default:
                         message = "\(at(spec)): \(path) has the kept snapshot of run \(id); `guard commit \(id)` or `guard rollback \(id)` first"
                     }
@@ -275,7 +284,7 @@ public struct Planner {
                 warnings.append("\(recipe.path): \(unit); after a power loss during this run, run `guard recover` before mounting the volumes")
             }
         }
-        return Plan(recipe: recipe, volumes: volumes, problems: problems, warnings: warnings)
+        return Plan(recipe: recipe, volumes: volumes, problems: problems, warnings: warnings, busy: busy)
     }
 
     /// Mount points the boot mounts (and writes) before guard-reassemble.service can run.

@@ -70,6 +70,8 @@ public final class RunTransaction {
         public var refusals: [String]
         /// What a real run would do first (finish a merge, commit a kept run whose time is up).
         public var housekeeping: [String]
+        /// Every refusal is another guard command at work: the run can be tried again later.
+        public var busy: Bool
     }
 
     /// The checks of preflight. A real run throws at the first refusal and tidies the journal
@@ -77,9 +79,15 @@ public final class RunTransaction {
     /// journal row, no lock file.
     public func checks(recipePath: String, dryRun: Bool) throws -> DryRun {
         var refusals: [String] = []
+        var busy: [String] = []
         var housekeeping: [String] = []
-        func refuse(_ message: String, _ separator: String = "; ") throws {
-            if dryRun { refusals.append(message) } else { throw GuardFailure(.refused, message + separator + "nothing was touched") }
+        func refuse(_ message: String, _ separator: String = "; ", busy isBusy: Bool = false) throws {
+            if dryRun {
+                refusals.append(message)
+                if isBusy { busy.append(message) }
+            } else {
+                throw GuardFailure(isBusy ? .busy : .refused, message + separator + "nothing was touched")
+            }
         }
         let recipe: Recipe
         let loaded = RecipeFile.load(recipePath)
@@ -120,7 +128,7 @@ public final class RunTransaction {
         let plan = try Planner(context: context).plan(recipe)
         if !dryRun { for warning in plan.warnings { reporter.warning(warning) } }
         if !plan.problems.isEmpty {
-            try refuse(plan.problems.joined(separator: "\n"), "\n")
+            try refuse(plan.problems.joined(separator: "\n"), "\n", busy: plan.onlyBusy)
         }
         let stateFilesystem = Planner(context: context).nearestExisting(context.stateDirectory)
         if let free = try? freeSpace(at: stateFilesystem), free < 16 << 20 {
@@ -129,11 +137,11 @@ public final class RunTransaction {
         if dryRun {
             for volume in plan.volumes {
                 if let holder = VolumeLock.holder(directory: context.lockDirectory, key: volume.lockKey) {
-                    refusals.append("the volume \(volume.originPath) is in use by another guard command (\(holder)); wait for it to finish")
+                    try refuse("the volume \(volume.originPath) is in use by another guard command (\(holder)); wait for it to finish", busy: true)
                 }
             }
         }
-        return DryRun(plan: plan, refusals: refusals, housekeeping: housekeeping)
+        return DryRun(plan: plan, refusals: refusals, housekeeping: housekeeping, busy: !refusals.isEmpty && refusals.allSatisfy(busy.contains))
     }
 
     // MARK: The run

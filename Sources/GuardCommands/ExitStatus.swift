@@ -19,6 +19,7 @@ enum ExitStatus {
             case .refused: return (.usage, failure.message)
             case .attention: return (.attention, failure.message)
             case .needsReassembly: return (.needsReassembly, failure.message)
+            case .busy: return (.busy, failure.message)
             }
         case let error as SnapshotError:
             switch error.code {

@@ -15,7 +15,7 @@ public struct GuardCommand: AsyncParsableCommand {
         discussion: """
             guard takes a copy-on-write snapshot of every volume a recipe names, runs the recipe's upgrade steps and verify checks, then commits the upgrade, keeps the snapshot for a later `guard rollback`, or merges the snapshot back. Every run is journaled in SQLite (`guard history`), and a crash or reboot at any moment leaves the volumes upgraded or restored (`guard recover`).
 
-            Exit codes: 0 done (the upgrade is applied, or the command did what was asked); 1 the upgrade failed and the volumes were restored; 2 usage, recipe or preflight error, nothing was touched; 3 needs attention, the message says what to run; 4 a snapshot needs reassembly (its device or directory is missing, or it was not reassembled at boot): everything is kept, mount or activate what the message names and run `guard recover`.
+            Exit codes: 0 done (the upgrade is applied, or the command did what was asked); 1 the upgrade failed and the volumes were restored; 2 usage, recipe or preflight error, nothing was touched; 3 needs attention, the message says what to run; 4 a snapshot needs reassembly (its device or directory is missing, or it was not reassembled at boot): everything is kept, mount or activate what the message names and run `guard recover`; 75 busy, another guard command holds a volume or the journal: nothing was touched, try again once it has finished. `guard status` exits 3 or 4 when something needs a person.
 
             State: --state-dir, or GUARD_STATE_DIR, or state_dir in guard.conf, or /var/lib/guard (journal.sqlite, cow/, locks/, volumes/). It must not be on a volume guard snapshots.
 

@@ -10,11 +10,20 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
     public var path: String
     public var reason: String
     public var hint: String?
+    /// Another process holds the journal (SQLite's busy or locked): trying later can work.
+    public var isBusy: Bool
 
-    public init(path: String, reason: String, hint: String? = nil) {
+    public init(path: String, reason: String, hint: String? = nil, isBusy: Bool = false) {
         self.path = path
         self.reason = reason
         self.hint = hint
+        self.isBusy = isBusy
+    }
+
+    /// SQLite's error, explained, with what to do.
+    init(path: String, _ error: DatabaseError) {
+        let busy = error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED
+        self.init(path: path, reason: Journal.explain(error), hint: Journal.hint(error), isBusy: busy)
     }
 
     public var description: String { "journal \(path): \(reason)" + (hint.map { "; \($0)" } ?? "") }
@@ -80,7 +89,7 @@ public final class Journal: @unchecked Sendable {
         } catch let error as JournalError {
             throw error
         } catch let error as DatabaseError {
-            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+            throw JournalError(path: path, error)
         } catch {
             throw JournalError(path: path, reason: "\(error)")
         }
@@ -131,7 +140,7 @@ public final class Journal: @unchecked Sendable {
             inode = Self.inode(of: path) ?? 0
             lock.unlock()
         } catch let error as DatabaseError {
-            throw JournalError(path: path, reason: Self.explain(error))
+            throw JournalError(path: path, error)
         }
         onRebuilt?("the journal \(path) was deleted while guard was using it; guard wrote it again from its open copy")
         return true
@@ -166,7 +175,7 @@ public final class Journal: @unchecked Sendable {
         do {
             return try queue.write(body)
         } catch let error as DatabaseError {
-            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+            throw JournalError(path: path, error)
         }
     }
 
@@ -206,7 +215,7 @@ public final class Journal: @unchecked Sendable {
         do {
             return try queue.read(body)
         } catch let error as DatabaseError {
-            throw JournalError(path: path, reason: Self.explain(error), hint: Self.hint(error))
+            throw JournalError(path: path, error)
         }
     }
 

@@ -12,6 +12,7 @@ func exitStatusOfLayerErrors() {
     #expect(code(GuardFailure(.needsReassembly, "x")) == .needsReassembly)
     #expect(code(GuardFailure(.refused, "x")) == .usage)
     #expect(code(GuardFailure(.attention, "x")) == .attention)
+    #expect(code(GuardFailure(.busy, "x"))?.rawValue == 75, "busy: EX_TEMPFAIL, try again later")
     #expect(code(SnapshotError(.needsReassembly, "commit of vg-lv", "its COW holds old blocks")) == .needsReassembly)
     #expect(code(SnapshotError(.cowOnOrigin, "snapshot of vg-lv", "the COW would live on the volume")) == .usage)
     for after in [SnapshotError.Code.inUse, .mergeInProgress, .mergeFailed, .stale, .layerMissing, .originNotFound, .invalidSnapshot, .other] {

@@ -114,6 +114,8 @@ struct InstallTests {
             let abstract = String(command.abstract.prefix(50))
             #expect(page.contains(abstract), "\(name).8 lacks the command's abstract '\(abstract)'")
             #expect(page.contains("Examples:"), "\(name).8 (the command's help) has no examples")
+            let exitStatus = page.components(separatedBy: ".Sh \"EXIT STATUS\"").dropFirst().first ?? ""
+            #expect(["0", "1", "2", "3", "4", "75"].allSatisfy { exitStatus.contains(".It \($0)\n") } && !exitStatus.contains(".Ex -std"), "\(name).8's EXIT STATUS lists guard's codes")
             for option in command.longNames {
                 #expect(page.contains("Fl -\(option)"), "\(name).8 lacks --\(option)")
                 for (shell, text) in [("bash", bash), ("zsh", zsh), ("fish", fish)] {

@@ -195,11 +195,16 @@ extension Kernel {
             if thorough {
                 let status = try tool("status")
                 if crash.unfinished {
+                    #expect(status.status == 3, "a run that did not finish needs attention: \(status.stderr)")
                     #expect(status.stderr.contains("did not finish"), "\(status.stderr)")
                     let refused = try tool("run", try fixture.recipe(succeeds: true))
                     #expect(refused.status == 2 && refused.stderr.contains("guard recover"), "\(refused.stderr)")
                 } else {
-                    #expect(status.stderr.contains("merge is complete and torn down"), "\(status.stderr)")
+                    // `guard status` only says so; `--tidy` (the maintenance job) tears it down.
+                    #expect(!status.stderr.contains("torn down"), "\(status.stderr)")
+                    let tidy = try tool("status", "--tidy")
+                    #expect(tidy.status == 0, "\(tidy.stderr)")
+                    #expect(tidy.stderr.contains("merge is complete and torn down"), "\(tidy.stderr)")
                 }
             }
 
@@ -228,7 +233,7 @@ extension Kernel {
                 #expect(try sh("dmsetup table | sort") == tables)
                 #expect(try fixture.current == bytes)
             }
-            let did = crash.unfinished ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "") : "the next guard command (here `guard status`) finished the merge's teardown"
+            let did = crash.unfinished ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "") : "the next guard command (here `guard status --tidy`) finished the merge's teardown"
             recordResult([crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", did, String(format: "%.1f", Date().timeIntervalSince(started))])
         }
     }

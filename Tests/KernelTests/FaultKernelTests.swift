@@ -238,9 +238,13 @@ extension Kernel {
             #expect(result.stderr.contains("guard recover"), "\(result.stderr)")
             let history = try #require(try tool.json("history") as? [[String: Any]])
             #expect(history.first?["outcome"] as? String != "rolled_back", "not a rollback while a volume keeps the upgrade: \(history.first ?? [:])")
-            let status = try #require(try tool.json("status") as? [String: Any])
+            let looked = try tool("status", "--json")
+            #expect(looked.status == 3, "a volume not rolled back needs attention: \(looked.stderr)")
+            #expect(looked.stderr.contains("needs attention") && looked.stderr.contains("\(second.device): not rolled back"), "\(looked.stderr)")
+            let status = try #require(try JSONSerialization.jsonObject(with: Data(looked.stdout.utf8)) as? [String: Any])
             let volumes = ((status["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]]) ?? []
             #expect(volumes.contains { $0["volume"] as? String == second.device && $0["status"] as? String == "not rolled back" }, "\(volumes)")
+            #expect((status["attention"] as? [String] ?? []).count == 1, "\(status)")
             #expect(try second.checksum != before.1, "the second volume still holds the upgrade")
 
             let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)

@@ -292,10 +292,16 @@ extension Kernel {
             let twice = try guardTool("rollback", "1")
             #expect(twice.status == 2 && twice.stderr.contains("already rolled back"), "\(twice.stderr)")
 
-            // Kept past its keep duration: the next guard command commits it.
+            // Kept past its keep duration: `guard status` says so and changes nothing; the
+            // maintenance job (`guard status --tidy`) commits it.
             let second = try guardTool("run", recipe, now: start)
             #expect(second.status == 0, "\(second.stderr)")
-            let later = try guardTool("status", now: start.addingTimeInterval(3 * 86_400))
+            let looked = try guardTool("status", now: start.addingTimeInterval(3 * 86_400))
+            #expect(looked.status == 0, "\(looked.stderr)")
+            #expect(looked.stderr.contains("guard status --tidy") && !looked.stderr.contains("committing it"), "\(looked.stderr)")
+            #expect((try guardTool.json("history") as? [[String: Any]])?.first?["state"] as? String == "kept", "plain `guard status` committed nothing")
+            #expect(try sh("dmsetup table \(lvm.vg)-website").contains("snapshot-origin"), "plain `guard status` left the snapshot in place")
+            let later = try guardTool("status", "--tidy", now: start.addingTimeInterval(3 * 86_400))
             #expect(later.status == 0)
             #expect(later.stderr.contains("committing it"), "\(later.stderr)")
             let history = try #require(try guardTool.json("history") as? [[String: Any]])
@@ -319,7 +325,7 @@ extension Kernel {
             try await waitUntil("the first run's step to start") { FileManager.default.fileExists(atPath: marker) }
             let second = try guardTool("run", fast)
             _ = FileManager.default.createFile(atPath: release, contents: nil)
-            #expect(second.status == 2, "\(second.stderr)")
+            #expect(second.status == 75, "busy, try again later (EX_TEMPFAIL), not a bad recipe: \(second.stderr)")
             #expect(second.stderr.contains("run 1 (pid"), "the refusal names the first run: \(second.stderr)")
             #expect(second.stderr.contains("nothing was touched") || second.stderr.contains("in use by another guard command"), "\(second.stderr)")
             let firstResult = try await first.value

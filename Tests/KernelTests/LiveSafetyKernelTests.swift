@@ -153,7 +153,10 @@ extension Kernel {
             let snap = try #require(try dm.guardDevices().first { $0.name.contains(volume.name) && $0.name.hasSuffix("-snap") })
             let status = try dm.snapshotStatus(.number(snap.number))
             #expect(status.isRestorable, "the kernel's status of the kept snapshot: \(status)")
-            let shown = try #require(try tool.json("status") as? [String: Any])
+            let looked = try tool("status", "--json")
+            #expect(looked.status == 3, "a blown fuse needs attention: \(looked.stderr)")
+            #expect(looked.stderr.contains("fused") && looked.stderr.contains("guard rollback"), "\(looked.stderr)")
+            let shown = try #require(try JSONSerialization.jsonObject(with: Data(looked.stdout.utf8)) as? [String: Any])
             let volumes = ((shown["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]]) ?? []
             #expect(volumes.first?["status"] as? String == "fused", "\(volumes)")
             #expect(volumes.first?["size_bytes"] as? Int == 6 << 20, "grown to extend.max: \(volumes)")

@@ -205,8 +205,8 @@ struct PowerLoss {
         let status = try late("status")
         #expect(status.status == 4, "\(status.stdout) \(status.stderr)")
         #expect(status.stdout.contains("needs reassembly"), "\(status.stdout)")
-        // The maintenance job (guard-maintenance.service runs `guard status --wait --quiet`).
-        let maintenance = try late("status", "--wait", "--quiet")
+        // The maintenance job (guard-maintenance.service runs `guard status --tidy --wait --quiet`).
+        let maintenance = try late("status", "--tidy", "--wait", "--quiet")
         #expect(maintenance.status == 4, "\(maintenance.stdout) \(maintenance.stderr)")
         let early = try late("recover")
         #expect(early.status == 4, "\(early.stdout) \(early.stderr)")

@@ -52,7 +52,7 @@ extension GuardCommand {
                 for warning in result.plan.warnings { context.reporter.warning(warning) }
                 for chore in result.housekeeping { say("first, guard would \(chore)") }
                 if !result.refusals.isEmpty {
-                    throw GuardFailure(.refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
+                    throw GuardFailure(result.busy ? .busy : .refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
                 }
                 context.reporter.note("dry run: every preflight check passes; nothing was touched")
                 return

@@ -43,8 +43,10 @@ struct StatusOutput: Encodable {
 
     var runs: [Run]
     var strayDevices: [String]
+    /// What needs a person (exit 3), one line each; empty when nothing does.
+    var attention: [String]
     enum CodingKeys: String, CodingKey {
-        case runs
+        case runs, attention
         case strayDevices = "stray_devices"
     }
 }
@@ -54,13 +56,15 @@ extension GuardCommand {
         static let configuration = CommandConfiguration(
             abstract: "Live snapshots, their COW fill, merges and their progress.",
             discussion: """
-                Also tears down merges the kernel has completed and commits kept runs whose keep duration has passed. --wait waits for every merge under way and tears it down.
+                Changes nothing, unless told to: --tidy tears down merges the kernel has completed and commits kept runs whose keep duration has passed (guard-maintenance.timer runs `guard status --tidy --wait`); --wait waits for every merge under way and tears it down.
 
-                --json prints {"runs": [...], "stray_devices": [...]}; each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes).
+                Exits 0 when all is well, 4 when a run needs reassembly, and 3 when something else needs a person: a run that did not finish, a stale snapshot, a fuse that has blown, a merge that failed, a volume not rolled back, a COW 80% full or more, a stray guard device. Each is named on stderr with what to run, so a monitoring check can run `guard status --quiet`.
+
+                --json prints {"runs": [...], "stray_devices": [...], "attention": [...]}; each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status
-                  guard status --wait
+                  guard status --tidy --wait
                   guard status --json
                 """)
 
@@ -72,9 +76,13 @@ extension GuardCommand {
         @Flag(help: "Wait for merges under way to complete and tear them down.")
         var wait = false
 
+        @Flag(help: "Tear down completed merges and commit kept runs whose keep duration has passed (the maintenance job).")
+        var tidy = false
+
         func run() async throws {
             let context = try global.context()
             let maintenance = Maintenance(context: context)
+            if tidy, let journal = try context.existingJournal() { try maintenance.tidy(journal: journal) }
             // A merge that needs reassembly cannot be waited for: the others are, then status says why.
             var waitFailure: GuardFailure?
             if wait {
@@ -83,6 +91,8 @@ extension GuardCommand {
                 }
             }
             let (runs, strays) = try maintenance.status()
+            if !tidy, let journal = try context.existingJournal() { Self.noteChores(maintenance, journal: journal, runs: runs, reporter: context.reporter) }
+            let attention = Maintenance.attention(runs, strays: strays)
             let output = StatusOutput(
                 runs: runs.map { status in
                     StatusOutput.Run(
@@ -94,20 +104,24 @@ extension GuardCommand {
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
                                 mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
                         })
-                }, strayDevices: strays)
+                }, strayDevices: strays, attention: attention)
             let waiting = runs.flatMap { status in
                 status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
             }
             let needsReassembly = waitFailure != nil || !waiting.isEmpty || runs.contains { $0.run.state == .needsReassembly }
+            let exitCode: Engine.ExitCode = needsReassembly ? .needsReassembly : (attention.isEmpty ? .success : .attention)
             defer {
                 if needsReassembly {
                     let lines = waiting.isEmpty ? [waitFailure?.message ?? "a run needs reassembly; run `guard recover`"] : waiting
                     FileHandle.standardError.write(Data(("guard: needs reassembly (nothing is torn down or removed):\n" + lines.map { "guard:   \($0)\n" }.joined()).utf8))
                 }
+                if !attention.isEmpty {
+                    FileHandle.standardError.write(Data(("guard: needs attention:\n" + attention.map { "guard:   \($0)\n" }.joined()).utf8))
+                }
             }
             if json {
                 try printJSON(output)
-                if needsReassembly { throw ExitCodeError(.needsReassembly) }
+                if exitCode != .success { throw ExitCodeError(exitCode) }
                 return
             }
             if output.runs.isEmpty { say("no live snapshots or merges") }
@@ -128,7 +142,22 @@ extension GuardCommand {
                 }
             }
             for stray in output.strayDevices { say("stray guard device (no open run): \(stray); `guard recover` removes it") }
-            if needsReassembly { throw ExitCodeError(.needsReassembly) }
+            if exitCode != .success { throw ExitCodeError(exitCode) }
+        }
+
+        /// Says what the housekeeping would do, without doing it.
+        static func noteChores(_ maintenance: Maintenance, journal: Journal, runs: [Maintenance.RunStatus], reporter: any Reporter) {
+            for (run, chore) in (try? maintenance.chores(journal: journal)) ?? [] {
+                switch chore {
+                case .commitExpired(let until):
+                    reporter.note("run \(run.id!) was kept until \(formatDate(until)); the maintenance job (or `guard status --tidy`) commits it")
+                case .finishMerge:
+                    let volumes = runs.first { $0.run.id == run.id }?.volumes ?? []
+                    if !volumes.isEmpty, volumes.allSatisfy({ $0.status == "merged" }) {
+                        reporter.note("run \(run.id!): the merge is complete; the maintenance job (or `guard status --tidy`) tears it down")
+                    }
+                }
+            }
         }
     }
 }
