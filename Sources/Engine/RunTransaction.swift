@@ -554,8 +554,31 @@ struct RunBody {
         if let phase { try? journal.endPhase(phase, status: failed == nil ? .done : .failed, detail: failed, at: timestamp()) }
     }
 
-    /// Runs one command, journaling it; returns nil on success or how it failed.
+    /// Runs one command, journaling it; returns nil on success or how it failed. A verify
+    /// check with `retries:` runs again after `interval:` until it passes or has no tries
+    /// left; each attempt is a row of its own in the journal. A stopped run does not retry.
     func runOne(_ command: Command, kind: String, index: Int, count: Int, runner: StepRunner, stop: (@Sendable () -> String?)?) async -> String? {
+        let attempts = kind == "verify" ? command.retries + 1 : 1
+        var problem: String?
+        for attempt in 1...attempts {
+            if attempt > 1 {
+                reporter.note("\(kind) '\(command.name)' \(problem ?? "failed"); attempt \(attempt) of \(attempts) in \(Units.formatDuration(command.interval))")
+                let resume = ContinuousClock.now + command.interval
+                while ContinuousClock.now < resume {
+                    if let reason = stop?() { return "\(problem ?? "failed") (no more attempts: \(reason))" }
+                    try? await Task.sleep(for: min(.milliseconds(100), resume - ContinuousClock.now))
+                }
+            }
+            let (passed, termination) = await attemptOne(command, kind: kind, index: index, count: count, runner: runner, stop: stop)
+            if passed { return nil }
+            problem = attempts > 1 ? "\(termination.description) (attempt \(attempt) of \(attempts))" : termination.description
+            if case .stopped = termination { break }
+        }
+        return problem
+    }
+
+    /// One attempt of a command, journaled as a step row.
+    func attemptOne(_ command: Command, kind: String, index: Int, count: Int, runner: StepRunner, stop: (@Sendable () -> String?)?) async -> (Bool, StepTermination) {
         reporter.stepStarted(kind: kind, index: index, count: count, name: command.name)
         var record = try? journal.insert(StepRecord(runID: runID, kind: kind, position: index, name: command.name, argv: command.invocation.arguments, startedAt: timestamp()))
         let environment = StepRunner.environment(recipe: recipe.environment, command: command.environment, run: runEnvironment(phase: kind))
@@ -572,7 +595,7 @@ struct RunBody {
             record = updated
         }
         reporter.stepFinished(kind: kind, result: result)
-        return result.succeeded ? nil : result.termination.description
+        return (result.succeeded, result.termination)
     }
 
     /// GUARD_* variables: the run, and each volume's device, mount point and snapshot.

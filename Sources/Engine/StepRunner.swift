@@ -18,6 +18,8 @@ public enum StepTermination: Hashable, Sendable, Codable, CustomStringConvertibl
     case stopped(String)
     /// Never started: missing program, unknown user, missing directory.
     case failedToStart(String)
+    /// A built-in check (http:) ran and failed: why.
+    case checkFailed(String)
 
     public var description: String {
         switch self {
@@ -26,6 +28,7 @@ public enum StepTermination: Hashable, Sendable, Codable, CustomStringConvertibl
         case .timedOut: return "timed out"
         case .stopped(let reason): return "stopped: \(reason)"
         case .failedToStart(let reason): return "failed to start: \(reason)"
+        case .checkFailed(let reason): return "failed: \(reason)"
         }
     }
 }
@@ -50,7 +53,7 @@ public struct StepResult: Hashable, Sendable, Codable {
         case .exited(let code): return code
         case .signaled(let signal): return 128 + signal
         case .timedOut, .stopped: return nil
-        case .failedToStart: return nil
+        case .failedToStart, .checkFailed: return nil
         }
     }
 }
@@ -103,6 +106,9 @@ public struct StepRunner: Sendable {
         _ command: Command, environment: [String: String], timeout: Duration?,
         stop: (@Sendable () -> String?)? = nil, cgroup: RunCgroup? = nil
     ) async -> StepResult {
+        if case .http(let check) = command.invocation {
+            return await HTTPProbe.run(check, name: command.name, timeout: timeout, stop: stop, tailBytes: tailBytes)
+        }
         let argv = command.invocation.arguments
         let started = ContinuousClock.now
         func failed(_ reason: String) -> StepResult {

@@ -20,6 +20,8 @@ public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
     /// Run by `/bin/sh -c` with errexit, and pipefail where the shell has it (verify checks,
     /// as CI systems run scripts): a check that fails in its middle fails.
     case strictShell(String)
+    /// guard's own HTTP GET (verify checks): no process, no curl needed.
+    case http(HTTPCheck)
 
     /// What a strict script runs first (the dash of Debian 12, its /bin/sh, has no pipefail).
     public static let strictPrologue = "set -e\n(set -o pipefail) 2>/dev/null && set -o pipefail\n"
@@ -30,6 +32,7 @@ public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
         case .argv(let argv): return argv
         case .shell(let script): return ["/bin/sh", "-c", script]
         case .strictShell(let script): return ["/bin/sh", "-c", Self.strictPrologue + script]
+        case .http(let check): return check.words
         }
     }
 
@@ -38,9 +41,76 @@ public enum Invocation: Hashable, Sendable, Codable, CustomStringConvertible {
         case .argv(let argv): return argv.map { $0.contains(" ") || $0.isEmpty ? "'\($0)'" : $0 }.joined(separator: " ")
         case .shell(let script): return "sh -c '\(script)'"
         case .strictShell(let script): return "sh -ec '\(script)'"
+        case .http(let check): return check.words.joined(separator: " ")
         }
     }
 }
+
+/// A built-in verify check: GET `url` (plain HTTP), wanted status, wanted text in the body.
+public struct HTTPCheck: Hashable, Sendable, Codable {
+    public var url: String
+    /// nil: any 2xx.
+    public var status: Int?
+    /// Text the body must contain (within its first `HTTPCheck.bodyLimit` bytes).
+    public var contains: String?
+
+    /// How much of a body guard reads.
+    public static let bodyLimit = 1 << 20
+
+    public init(url: String, status: Int? = nil, contains: String? = nil) {
+        self.url = url
+        self.status = status
+        self.contains = contains
+    }
+
+    /// How the journal shows it, as an argv: `http GET URL [status N] [contains TEXT]`.
+    public var words: [String] {
+        ["http", "GET", url] + (status.map { ["status", "\($0)"] } ?? []) + (contains.map { ["contains", $0] } ?? [])
+    }
+
+    /// An `http://` URL split for a request, or why it is not one.
+    public static func parse(_ url: String) -> Result<(host: String, port: UInt16, target: String), UnitError> {
+        let lowered = url.lowercased()
+        if lowered.hasPrefix("https://") {
+            return .failure(UnitError("guard's built-in check speaks plain HTTP, not HTTPS: '\(url)'", hint: "check the service on its local http:// port, or use `run: [curl, -fsS, \(url)]`"))
+        }
+        guard lowered.hasPrefix("http://") else {
+            return .failure(UnitError("'\(url)' is not an http:// URL", hint: "for example http://127.0.0.1:8080/health"))
+        }
+        let rest = url.dropFirst("http://".count)
+        let authority = rest.prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        var target = String(rest.dropFirst(authority.count).prefix { $0 != "#" })
+        if target.isEmpty { target = "/" } else if target.hasPrefix("?") { target = "/" + target }
+        guard !authority.contains("@") else {
+            return .failure(UnitError("'\(url)' carries credentials", hint: "guard's check sends no credentials; use a health URL that needs none, or `run: [curl, ...]`"))
+        }
+        var host = String(authority)
+        var port: UInt16 = 80
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { return .failure(UnitError("'\(url)' has an unclosed [ in its host")) }
+            let after = host[host.index(after: close)...]
+            if after.hasPrefix(":") {
+                guard let number = UInt16(after.dropFirst()), number > 0 else { return .failure(UnitError("'\(url)' has a bad port")) }
+                port = number
+            } else if !after.isEmpty {
+                return .failure(UnitError("'\(url)' has text after its [host]"))
+            }
+            host = String(host[host.index(after: host.startIndex)..<close])
+        } else if let colon = host.lastIndex(of: ":") {
+            guard let number = UInt16(host[host.index(after: colon)...]), number > 0 else { return .failure(UnitError("'\(url)' has a bad port")) }
+            port = number
+            host = String(host[..<colon])
+        }
+        guard !host.isEmpty, !host.contains(where: { $0 == " " || $0 == "\r" || $0 == "\n" }) else {
+            return .failure(UnitError("'\(url)' has no host"))
+        }
+        guard !target.contains(where: { $0 == " " || $0 == "\r" || $0 == "\n" }) else {
+            return .failure(UnitError("'\(url)' has spaces or line breaks in its path", hint: "write them as %20"))
+        }
+        return .success((host, port, target))
+    }
+}
+
 
 /// A command of a recipe: a step, a verify check, or a hook.
 public struct Command: Hashable, Sendable, Codable {
@@ -54,10 +124,19 @@ public struct Command: Hashable, Sendable, Codable {
     /// A user name or numeric uid to run as (guard runs as root).
     public var user: String?
     public var location: SourceLocation
+    /// Verify checks: how many times a failed check runs again before it counts as failed
+    /// (a service restarted by a step is often not ready at once).
+    public var retries: Int
+    /// Verify checks: the pause before each retry.
+    public var interval: Duration
+
+    /// The pause between a verify check's attempts when the recipe gives none.
+    public static let defaultInterval: Duration = .seconds(2)
 
     public init(
         name: String, invocation: Invocation, timeout: Duration? = nil, environment: [String: String] = [:],
-        workingDirectory: String? = nil, user: String? = nil, location: SourceLocation = SourceLocation(line: 0, column: 0)
+        workingDirectory: String? = nil, user: String? = nil, location: SourceLocation = SourceLocation(line: 0, column: 0),
+        retries: Int = 0, interval: Duration = Command.defaultInterval
     ) {
         self.name = name
         self.invocation = invocation
@@ -66,6 +145,8 @@ public struct Command: Hashable, Sendable, Codable {
         self.workingDirectory = workingDirectory
         self.user = user
         self.location = location
+        self.retries = retries
+        self.interval = interval
     }
 }
 

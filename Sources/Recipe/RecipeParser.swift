@@ -71,7 +71,10 @@ public enum RecipeParser {
     static let volumeKeys = ["device", "mount", "snapshot"]
     static let snapshotKeys = ["size", "chunk", "cow", "extend"]
     static let extendKeys = ["at", "by", "max"]
-    static let commandKeys = ["name", "run", "shell", "timeout", "env", "cwd", "user"]
+    static let commandKeys = ["name", "run", "shell", "http", "timeout", "retries", "interval", "env", "cwd", "user"]
+    static let httpKeys = ["url", "status", "contains", "timeout"]
+    /// Keys only a verify check has: a step changes the system and runs once.
+    static let verifyOnlyKeys = ["http", "retries", "interval"]
     static let rollbackKeys = ["stop", "start"]
 }
 
@@ -388,7 +391,7 @@ final class Validator {
         }
         var commands: [Command] = []
         for (index, item) in sequence.enumerated() {
-            if var command = command(item, "\(context)[\(index + 1)]", requireName: true, defaultName: "\(context) \(index + 1)") {
+            if var command = command(item, "\(context)[\(index + 1)]", requireName: true, defaultName: "\(context) \(index + 1)", verify: strict) {
                 if strict, case .shell(let script) = command.invocation { command.invocation = .strictShell(script) }
                 if commands.contains(where: { $0.name == command.name }) {
                     error(item, "\(context)[\(index + 1)] repeats the name '\(command.name)'", hint: "names identify steps in the journal; make them unique")
@@ -414,7 +417,8 @@ final class Validator {
     }
 
     /// One command in any of its forms.
-    func command(_ node: Node, _ context: String, requireName: Bool, defaultName: String) -> Command? {
+    /// - Parameter verify: a verify check, which may be `http:` and may have `retries:` and `interval:`.
+    func command(_ node: Node, _ context: String, requireName: Bool, defaultName: String, verify: Bool = false) -> Command? {
         switch node {
         case .scalar:
             guard let line = string(node, context) else { return nil }
@@ -427,12 +431,25 @@ final class Validator {
             guard let entries = mapping(node, context, allowed: RecipeParser.commandKeys, required: requireName ? ["name"] : []) else { return nil }
             var name: String?
             if let entry = entries["name"], let value = string(entry.value, "\(context).name") { name = value.trimmed }
+            if !verify {
+                for key in RecipeParser.verifyOnlyKeys {
+                    if let entry = entries[key] {
+                        error(entry.key, "'\(key)' in \(context): only verify checks have it", hint: "a step changes the system and runs once; put checks that may need to wait under verify:")
+                    }
+                }
+            }
             var invocation: Invocation?
+            var httpTimeout: Duration?
+            let given = ["run", "shell", "http"].filter { entries[$0] != nil }
             switch (entries["run"], entries["shell"]) {
+            case _ where given.count > 1:
+                error(entries[given[1]]!.key, "\(context) has both '\(given[0])' and '\(given[1])'", hint: "keep one")
+            case (nil, nil) where verify && entries["http"] != nil:
+                if let check = httpCheck(entries["http"]!.value, "\(context).http", timeout: &httpTimeout) { invocation = .http(check) }
             case (nil, nil):
-                error(node, "\(context) needs 'run' (a command) or 'shell' (a shell script)")
+                error(node, verify ? "\(context) needs 'run' (a command), 'shell' (a shell script) or 'http' (a URL)" : "\(context) needs 'run' (a command) or 'shell' (a shell script)")
             case (.some, .some):
-                error(entries["shell"]!.key, "\(context) has both 'run' and 'shell'", hint: "keep one")
+                break
             case (let run?, nil):
                 if case .sequence = run.value {
                     invocation = argvList(run.value, "\(context).run").map { .argv($0) }
@@ -442,16 +459,67 @@ final class Validator {
             case (nil, let shell?):
                 invocation = string(shell.value, "\(context).shell").map { .shell($0) }
             }
-            let timeout = entries["timeout"].flatMap { duration($0.value, "\(context).timeout") }
+            var timeout = entries["timeout"].flatMap { duration($0.value, "\(context).timeout") }
+            if let httpTimeout {
+                if let entry = entries["timeout"] { error(entry.key, "\(context) has a timeout twice, here and in http:", hint: "keep one") }
+                timeout = httpTimeout
+            }
+            var retries = 0
+            if let entry = entries["retries"], let text = string(entry.value, "\(context).retries") {
+                if let number = Int(text.trimmed), (0...1000).contains(number) {
+                    retries = number
+                } else {
+                    error(entry.value, "\(context).retries must be a whole number from 0 to 1000, not '\(text)'", hint: "retries: 5 runs the check up to 6 times")
+                }
+            }
+            var interval = Command.defaultInterval
+            if let entry = entries["interval"], let value = duration(entry.value, "\(context).interval") {
+                interval = value
+                if retries == 0 && entries["retries"] == nil { error(entry.key, "\(context) has an interval but no retries", hint: "add retries: N (how many times it runs again)") }
+            }
             let environment = entries["env"].map { self.environment($0.value, "\(context).env") } ?? [:]
             let workingDirectory = entries["cwd"].flatMap { absolutePath($0.value, "\(context).cwd") }
             let user = entries["user"].flatMap { string($0.value, "\(context).user") }
             guard let invocation else { return nil }
             return Command(
                 name: name ?? (requireName ? defaultName : invocation.description), invocation: invocation, timeout: timeout, environment: environment,
-                workingDirectory: workingDirectory, user: user?.trimmed, location: location(node))
+                workingDirectory: workingDirectory, user: user?.trimmed, location: location(node), retries: retries, interval: interval)
         case .alias:
             error(node, "\(context) cannot be an alias")
+            return nil
+        }
+    }
+
+    /// `http: URL` or `http: {url, status, contains, timeout}`.
+    func httpCheck(_ node: Node, _ context: String, timeout: inout Duration?) -> HTTPCheck? {
+        var url: String?
+        var check = HTTPCheck(url: "")
+        var urlNode = node
+        if case .mapping = node {
+            guard let entries = mapping(node, context, allowed: RecipeParser.httpKeys, required: ["url"]) else { return nil }
+            if let entry = entries["url"] {
+                url = string(entry.value, "\(context).url")
+                urlNode = entry.value
+            }
+            if let entry = entries["status"], let text = string(entry.value, "\(context).status") {
+                if let status = Int(text.trimmed), (100...599).contains(status) {
+                    check.status = status
+                } else {
+                    error(entry.value, "\(context).status must be an HTTP status from 100 to 599, not '\(text)'", hint: "leave it out to accept any 2xx")
+                }
+            }
+            if let entry = entries["contains"], let text = string(entry.value, "\(context).contains") { check.contains = text }
+            timeout = entries["timeout"].flatMap { duration($0.value, "\(context).timeout") }
+        } else {
+            url = string(node, context)
+        }
+        guard let url = url?.trimmed else { return nil }
+        switch HTTPCheck.parse(url) {
+        case .success:
+            check.url = url
+            return check
+        case .failure(let failure):
+            error(urlNode, "\(context): \(failure.message)", hint: failure.hint)
             return nil
         }
     }

@@ -253,6 +253,71 @@ extension Kernel {
             #expect(logged("run 1: verify 'every row has an id and an email': exit 1", severity: 4), "\(story)")
             #expect(logged("run 1 failed (", severity: 3), "the outcome at error priority: \(story)")
         }
+
+        @Test("verify retries: a health URL that answers only after the step's restart passes on a later attempt; a check that never passes rolls back after its retries")
+        func verifyRetriesAndHTTP() throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            try writeDatabase(at: lvm.mountPoint)
+            let before = try manifest(lvm.mountPoint)
+            // The "service": an HTTP server outside the volume that starts 2 s after the step
+            // restarts it (the step creates the marker), as a restarted service is not ready at once.
+            let site = lvm.scratch.path("site")
+            try FileManager.default.createDirectory(atPath: site, withIntermediateDirectories: true)
+            try "schema v3\n".write(toFile: "\(site)/health", atomically: true, encoding: .utf8)
+            let marker = lvm.scratch.path("restarted")
+            let port = Int.random(in: 20_000...40_000)
+            let server = Process()
+            server.executableURL = URL(fileURLWithPath: "/bin/sh")
+            server.arguments = ["-c", "while [ ! -e \(marker) ]; do sleep 0.1; done; sleep 2; exec python3 -m http.server \(port) --bind 127.0.0.1 --directory \(site)"]
+            server.standardOutput = FileHandle.nullDevice
+            server.standardError = FileHandle.nullDevice
+            try server.run()
+            defer {
+                kill(server.processIdentifier, SIGKILL)
+                server.waitUntilExit()
+            }
+            func recipe(_ name: String, contains: String, retries: Int, interval: String) throws -> String {
+                try writeRecipe(
+                    """
+                    name: \(name)
+                    volumes:
+                      - device: \(lvm.device)
+                        snapshot: 20M
+                    steps:
+                      - name: migrate and restart
+                        shell: echo migrated >> \(lvm.mountPoint)/database; touch \(marker)
+                    verify:
+                      - name: health
+                        http: { url: "http://127.0.0.1:\(port)/health", contains: "\(contains)", timeout: 2s }
+                        retries: \(retries)
+                        interval: \(interval)
+
+                    """, in: lvm.scratch, name: "\(name).recipe")
+            }
+            func verifyAttempts(_ run: Int) throws -> [String] {
+                let shown = try #require(try tool.json("show", "\(run)") as? [String: Any])
+                return (shown["steps"] as? [[String: Any]] ?? []).filter { $0["kind"] as? String == "verify" }.map { $0["termination"] as? String ?? "" }
+            }
+
+            let good = try tool("run", try recipe("ready-later", contains: "schema v3", retries: 20, interval: "500ms"))
+            #expect(good.status == 0, "\(good.stderr)")
+            #expect(good.stderr.contains("attempt 2 of 21"), "the check was retried: \(good.stderr)")
+            let attempts = try verifyAttempts(1)
+            #expect(attempts.count >= 2 && attempts.last == "exit 0", "\(attempts)")
+            #expect(attempts.dropLast().allSatisfy { $0.hasPrefix("failed: cannot connect to 127.0.0.1 port \(port)") }, "the early attempts met no server: \(attempts)")
+            #expect(try String(contentsOfFile: "\(lvm.mountPoint)/database", encoding: .utf8).hasSuffix("migrated\n"), "the upgrade stays")
+
+            let afterGood = try manifest(lvm.mountPoint)
+            let bad = try tool("run", try recipe("never-ready", contains: "schema v4", retries: 2, interval: "200ms"))
+            #expect(bad.status == 1, "\(bad.stderr)")
+            #expect(bad.stderr.contains("check 'health' failed: status 200, but the body does not contain 'schema v4' (attempt 3 of 3)"), "\(bad.stderr)")
+            #expect(try verifyAttempts(2).count == 3, "one journal row per attempt")
+            #expect(try manifest(lvm.mountPoint) == afterGood, "rolled back to the volume as before the second run")
+            #expect(afterGood != before)
+            let history = try #require(try tool.json("history") as? [[String: Any]])
+            #expect(history.map { $0["outcome"] as? String ?? "" } == ["rolled_back", "committed"], "\(history)")
+        }
     }
 }
 

@@ -174,8 +174,46 @@ struct RecipeTests {
         BadCase(label: "duplicate key", find: "on_failure: rollback", replace: "on_failure: rollback\non_failure: keep", line: 16, message: ["duplicate key 'on_failure'"]),
         BadCase(label: "YAML syntax", find: "quiesce: [systemctl, stop, website]", replace: "quiesce: [systemctl, stop, website", line: 7, message: ["YAML syntax error"]),
         BadCase(label: "duplicate step name", find: "verify:", replace: "  - name: add id column\n    run: ls\nverify:", line: 12, message: ["repeats the name 'add id column'"]),
+        BadCase(label: "retries on a step", find: "    timeout: 10m", replace: "    retries: 3\n    timeout: 10m", line: 11, message: ["'retries' in steps[1]: only verify checks have it"]),
+        BadCase(label: "http on a step", find: "    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n", replace: "    http: http://127.0.0.1/\n", line: 10, message: ["'http' in steps[1]: only verify checks have it"]),
+        BadCase(label: "retries not a number", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: many\n", line: 14, message: ["verify[1].retries must be a whole number"]),
+        BadCase(label: "interval without retries", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    interval: 5s\n", line: 14, message: ["has an interval but no retries"]),
+        BadCase(label: "bad interval", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: 2\n    interval: 5\n", line: 15, message: ["verify[1].interval", "has no unit"]),
+        BadCase(label: "http and shell together", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    http: http://127.0.0.1/\n", line: 14, message: ["both 'shell' and 'http'"]),
+        BadCase(label: "https URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: https://example.org/health", line: 14, message: ["plain HTTP, not HTTPS", "curl"]),
+        BadCase(label: "not a URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: localhost:8080/health", line: 14, message: ["is not an http:// URL"]),
+        BadCase(label: "bad HTTP status", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, status: 2000 }", line: 14, message: ["status must be an HTTP status"]),
+        BadCase(label: "unknown http key", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, contain: ok }", line: 14, message: ["unknown key 'contain'", "did you mean 'contains'"]),
+        BadCase(label: "two timeouts", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, timeout: 5s }\n    timeout: 3s", line: 15, message: ["timeout twice"]),
         BadCase(label: "device that is no path", find: "device: /dev/mapper/datadisks-website", replace: "device: website", line: 3, message: ["not a device path, VG/LV name or mount point"]),
     ]
+
+    @Test("verify checks: http in both forms, retries and interval")
+    func verifyChecks() throws {
+        let text = validRecipe.replacingOccurrences(of: "    shell: \"! grep -v '^id:' /mnt/website/database\"\n", with: """
+                shell: "! grep -v '^id:' /mnt/website/database"
+                retries: 3
+              - name: health
+                http: http://127.0.0.1:8080/health?full=1
+              - name: ready
+                http: { url: "http://[::1]/ready", status: 204, contains: ok, timeout: 5s }
+                retries: 10
+                interval: 500ms
+
+            """)
+        let recipe = try parse(text).get()
+        #expect(recipe.verify.count == 3)
+        #expect(recipe.verify[0].retries == 3 && recipe.verify[0].interval == Command.defaultInterval)
+        #expect(recipe.verify[1].invocation == .http(HTTPCheck(url: "http://127.0.0.1:8080/health?full=1")))
+        #expect(recipe.verify[1].retries == 0)
+        #expect(recipe.verify[2].invocation == .http(HTTPCheck(url: "http://[::1]/ready", status: 204, contains: "ok")))
+        #expect(recipe.verify[2].timeout == .seconds(5) && recipe.verify[2].retries == 10 && recipe.verify[2].interval == .milliseconds(500))
+        #expect(recipe.verify[2].invocation.arguments == ["http", "GET", "http://[::1]/ready", "status", "204", "contains", "ok"])
+        let parts = try HTTPCheck.parse("http://[::1]/ready").get()
+        #expect(parts.host == "::1" && parts.port == 80 && parts.target == "/ready")
+        let query = try HTTPCheck.parse("http://web.local:8080?x=1").get()
+        #expect(query.host == "web.local" && query.port == 8080 && query.target == "/?x=1")
+    }
 
     @Test("each bad input gives its error, naming the line", arguments: badCases)
     func badInput(_ bad: BadCase) throws {

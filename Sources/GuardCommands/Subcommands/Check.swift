@@ -91,6 +91,7 @@ extension GuardCommand {
                 for (index, command) in commands.enumerated() {
                     var extras: [String] = []
                     if let timeout = command.timeout ?? (title == "steps" || title == "verify" ? recipe.defaultTimeout : nil) { extras.append("timeout \(Units.formatDuration(timeout))") }
+                    if command.retries > 0 { extras.append("\(command.retries) retr\(command.retries == 1 ? "y" : "ies") every \(Units.formatDuration(command.interval))") }
                     if let user = command.user { extras.append("as \(user)") }
                     if let directory = command.workingDirectory { extras.append("in \(directory)") }
                     say("  \(index + 1). \(command.name): \(command.invocation)" + (extras.isEmpty ? "" : " (\(extras.joined(separator: ", ")))"))
