@@ -354,3 +354,26 @@ struct SeededGenerator: RandomNumberGenerator {
         return z ^ (z >> 31)
     }
 }
+
+@Suite("COW use plot")
+struct SparklineTests {
+    @Test("bars rise with the use, scaled to the size; empty slices carry the last value; nothing used is blank")
+    func bars() {
+        let mib: UInt64 = 1 << 20
+        let samples: [(at: Double, used: UInt64)] = [(0, 0), (1, 3 * mib), (2, 6 * mib), (8, 24 * mib)]
+        #expect(Sparkline.bars(samples, scale: 24 * mib, width: 8) == " ▁▂▂▂▂▂█")
+        #expect(Sparkline.bars([(at: 5.0, used: 12 * mib)], scale: 24 * mib, width: 8) == "▄", "one sample: one column")
+        #expect(Sparkline.bars(samples, scale: 0, width: 8) == "")
+    }
+
+    @Test("the plot has a caption with the scale and the peak, the bars, and a time axis as wide as the bars")
+    func plot() {
+        let mib: UInt64 = 1 << 20
+        let lines = Sparkline.plot([(0, 0, 20 * mib), (6, 10 * mib, 20 * mib), (12.5, 15 * mib, 25 * mib)], width: 20)
+        #expect(lines.count == 3)
+        #expect(lines[0] == "    COW use over time, █ = 25 MiB (the snapshot's size at its largest; it grew from 20 MiB), peak 15 MiB (60%):")
+        #expect(lines[1].count == 6 + 20 && lines[1].hasSuffix("▅"), "\(lines[1])")
+        #expect(lines[2] == "      0s" + String(repeating: " ", count: 20 - 2 - 5) + "12.5s")
+        #expect(Sparkline.plot([]).isEmpty)
+    }
+}

@@ -253,9 +253,8 @@ extension GuardCommand {
             for snapshot in detail.snapshots {
                 say("  \(snapshot.volume) (\(snapshot.originName), \(formatBytes(UInt64(snapshot.originBytes)))): \(snapshot.state)")
                 say("    COW \(snapshot.cowKind) \(snapshot.cowPath): \(formatBytes(UInt64(snapshot.sizeBytes))), chunk \(formatBytes(UInt64(snapshot.chunkBytes))), peak use \(formatBytes(UInt64(snapshot.peakUsedBytes)))")
-                if !snapshot.cowSamples.isEmpty {
-                    let points = snapshot.cowSamples.count > 12 ? stride(from: 0, to: snapshot.cowSamples.count, by: snapshot.cowSamples.count / 12).map { snapshot.cowSamples[$0] } : snapshot.cowSamples
-                    say("    COW use over time: " + points.map { "\(oneDecimal($0.at))s \(formatBytes(UInt64($0.usedBytes)))" }.joined(separator: ", "))
+                for line in Sparkline.plot(snapshot.cowSamples.map { (at: $0.at, used: UInt64(max($0.usedBytes, 0)), size: UInt64(max($0.sizeBytes, 0))) }) {
+                    say(line)
                 }
             }
             if !detail.restores.isEmpty { say("file restores:") }

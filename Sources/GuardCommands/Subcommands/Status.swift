@@ -65,6 +65,7 @@ extension GuardCommand {
                 Examples:
                   guard status
                   guard status --tidy --wait
+                  guard status --watch
                   guard status --json
                 """)
 
@@ -79,9 +80,21 @@ extension GuardCommand {
         @Flag(help: "Tear down completed merges and commit kept runs whose keep duration has passed (the maintenance job).")
         var tidy = false
 
+        @Flag(help: "Show the status again every --interval seconds until Ctrl-C, in place on a terminal. Changes nothing.")
+        var watch = false
+
+        @Option(help: ArgumentHelp("Seconds between two views with --watch.", valueName: "seconds"))
+        var interval: Double = 2
+
+        func validate() throws {
+            if watch && (json || tidy || wait) { throw ValidationError("--watch shows the status only: leave out --json, --tidy and --wait") }
+            if !(0.2...3600).contains(interval) { throw ValidationError("--interval must be between 0.2 and 3600 seconds, not \(interval)") }
+        }
+
         func run() async throws {
             let context = try global.context()
             let maintenance = Maintenance(context: context)
+            if watch { try await Self.watch(maintenance, every: interval) }
             if tidy, let journal = try context.existingJournal() { try maintenance.tidy(journal: journal) }
             // A merge that needs reassembly cannot be waited for: the others are, then status says why.
             var waitFailure: GuardFailure?
@@ -93,18 +106,7 @@ extension GuardCommand {
             let (runs, strays) = try maintenance.status()
             if !tidy, let journal = try context.existingJournal() { Self.noteChores(maintenance, journal: journal, runs: runs, reporter: context.reporter) }
             let attention = Maintenance.attention(runs, strays: strays)
-            let output = StatusOutput(
-                runs: runs.map { status in
-                    StatusOutput.Run(
-                        id: status.run.id!, token: status.run.token, recipe: status.run.recipeName, state: status.run.state.rawValue,
-                        outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil),
-                        volumes: status.volumes.map { volume in
-                            StatusOutput.Volume(
-                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
-                                sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
-                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
-                        })
-                }, strayDevices: strays, attention: attention)
+            let output = Self.output(runs, strays: strays, attention: attention)
             let waiting = runs.flatMap { status in
                 status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
             }
@@ -124,11 +126,51 @@ extension GuardCommand {
                 if exitCode != .success { throw ExitCodeError(exitCode) }
                 return
             }
-            if output.runs.isEmpty { say("no live snapshots or merges") }
+            for line in Self.lines(output, runs: runs) { say(line) }
+            if exitCode != .success { throw ExitCodeError(exitCode) }
+        }
+
+        /// `--watch`: the human view again and again; on a terminal the screen is cleared and
+        /// redrawn in place, elsewhere each view follows the last after a time line. Ctrl-C ends it.
+        static func watch(_ maintenance: Maintenance, every seconds: Double) async throws -> Never {
+            let terminal = isatty(STDOUT_FILENO) == 1
+            while true {
+                let (runs, strays) = try maintenance.status()
+                let attention = Maintenance.attention(runs, strays: strays)
+                var lines = ["guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))", ""]
+                lines += Self.lines(Self.output(runs, strays: strays, attention: attention), runs: runs)
+                if !attention.isEmpty { lines += ["", "needs attention:"] + attention.map { "  \($0)" } }
+                let text = lines.joined(separator: "\n") + "\n"
+                // Home, the view, then erase what an older, longer view left below it.
+                FileHandle.standardOutput.write(Data((terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n").utf8))
+                try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+            }
+        }
+
+        /// The status as data (`--json`, and the lines of the human view).
+        static func output(_ runs: [Maintenance.RunStatus], strays: [String], attention: [String]) -> StatusOutput {
+            StatusOutput(
+                runs: runs.map { status in
+                    StatusOutput.Run(
+                        id: status.run.id!, token: status.run.token, recipe: status.run.recipeName, state: status.run.state.rawValue,
+                        outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil),
+                        volumes: status.volumes.map { volume in
+                            StatusOutput.Volume(
+                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
+                                sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
+                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
+                        })
+                }, strayDevices: strays, attention: attention)
+        }
+
+        /// The human view of a status.
+        static func lines(_ output: StatusOutput, runs: [Maintenance.RunStatus]) -> [String] {
+            var lines: [String] = []
+            if output.runs.isEmpty { lines.append("no live snapshots or merges") }
             for run in output.runs {
                 var header = "run \(run.id) (\(run.recipe)): \(run.state)"
                 if let until = runs.first(where: { $0.run.id == run.id })?.run.keepUntil { header += " until \(formatDate(until))" }
-                say(header)
+                lines.append(header)
                 for volume in run.volumes {
                     var line = "  \(volume.volume): \(volume.status)"
                     if let used = volume.usedBytes, let size = volume.sizeBytes {
@@ -137,12 +179,12 @@ extension GuardCommand {
                     if let progress = volume.mergeProgress, volume.status == "merging" {
                         line += " \(Int(progress * 100))%, \(formatBytes(volume.remainingBytes ?? 0)) to go"
                     }
-                    say(line)
-                    if let detail = volume.detail { say("    \(detail)") }
+                    lines.append(line)
+                    if let detail = volume.detail { lines.append("    \(detail)") }
                 }
             }
-            for stray in output.strayDevices { say("stray guard device (no open run): \(stray); `guard recover` removes it") }
-            if exitCode != .success { throw ExitCodeError(exitCode) }
+            for stray in output.strayDevices { lines.append("stray guard device (no open run): \(stray); `guard recover` removes it") }
+            return lines
         }
 
         /// Says what the housekeeping would do, without doing it.
