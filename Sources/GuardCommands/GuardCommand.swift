@@ -32,7 +32,7 @@ public struct GuardCommand: AsyncParsableCommand {
         version: version,
         subcommands: [
             Run.self, Check.self, Rollback.self, Commit.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
-            Monitor.self, Volume.self, Config.self, WatchdogCommand.self,
+            Monitor.self, MetricsCommand.self, Volume.self, Config.self, WatchdogCommand.self,
         ]
     )
 

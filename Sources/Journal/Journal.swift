@@ -320,6 +320,22 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
+    /// Finished runs by outcome (`guard metrics`).
+    public func outcomeCounts() throws -> [RunOutcome: Int] {
+        try read { db in
+            var counts: [RunOutcome: Int] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT outcome, COUNT(*) AS n FROM runs WHERE outcome IS NOT NULL GROUP BY outcome") {
+                if let outcome = RunOutcome(rawValue: row["outcome"]) { counts[outcome] = row["n"] }
+            }
+            return counts
+        }
+    }
+
+    /// The newest run, if any.
+    public func lastRun() throws -> RunRecord? {
+        try read { db in try RunRecord.order(RunRecord.Columns.id.desc).fetchOne(db) }
+    }
+
     public func snapshots(runID: Int64) throws -> [SnapshotRecord] {
         try read { db in
             try SnapshotRecord.filter(SnapshotRecord.Columns.runID == runID).order(Column("volume_index")).fetchAll(db)

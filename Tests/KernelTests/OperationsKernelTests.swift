@@ -254,6 +254,44 @@ extension Kernel {
             #expect(logged("run 1 failed (", severity: 3), "the outcome at error priority: \(story)")
         }
 
+        @Test("guard metrics --textfile: runs by outcome, the kept run, its COW use as `guard status` reads it, the last run's times; written whole")
+        func metricsTextfile() throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            try writeDatabase(at: lvm.mountPoint)
+            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false, onSuccess: "keep 1d"), in: lvm.scratch)
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let directory = lvm.scratch.path("textfile")
+            let missing = try tool("metrics", "--textfile", directory)
+            #expect(missing.status == 2 && missing.stderr.contains("--textfile \(directory) is not a directory"), "\(missing.stderr)")
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let written = try tool("metrics", "--textfile", directory)
+            #expect(written.status == 0 && written.stdout.isEmpty, "\(written.stderr)")
+            #expect(listing(directory) == ["guard.prom"], "no temporary file left: \(listing(directory))")
+            let text = try String(contentsOfFile: "\(directory)/guard.prom", encoding: .utf8)
+            var values: [String: Double] = [:]
+            for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+                let parts = line.split(separator: " ")
+                #expect(parts.count == 2, "one sample per line: \(line)")
+                values[String(parts[0])] = Double(parts[1])
+            }
+            let status = try #require(try tool.json("status") as? [String: Any])
+            let volume = try #require(((status["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]])?.first)
+            let labels = "{run=\"1\",recipe=\"website-schema-v2\",volume=\"\(lvm.device)\"}"
+            #expect(values["guard_kept_runs"] == 1 && values["guard_open_runs{state=\"kept\"}"] == 1, "\(text)")
+            #expect(values["guard_runs_total{outcome=\"kept\"}"] == 1 && values["guard_runs_total{outcome=\"rolled_back\"}"] == 0, "\(text)")
+            let used = try #require(values["guard_snapshot_cow_used_bytes\(labels)"], "\(text)")
+            #expect(used > 0 && used <= Double(volume["used_bytes"] as? Int ?? 0), "the COW use as status reads it (it can only grow in between): \(used) \(volume)")
+            #expect(values["guard_snapshot_cow_size_bytes\(labels)"] == Double(volume["size_bytes"] as? Int ?? -1), "\(text)")
+            #expect(values["guard_last_run_exit_code{run=\"1\",recipe=\"website-schema-v2\"}"] == 0, "\(text)")
+            let started = try #require(values["guard_last_run_start_timestamp_seconds{run=\"1\",recipe=\"website-schema-v2\"}"])
+            #expect(abs(started - Date().timeIntervalSince1970) < 600, "a Unix time: \(started)")
+            #expect(values["guard_attention"] == 0 && values["guard_needs_reassembly"] == 0 && values["guard_merges_in_progress"] == 0, "\(text)")
+            let printed = try tool("metrics")
+            #expect(printed.stdout.contains("# TYPE guard_runs_total counter"), "\(printed.stdout)")
+        }
+
         @Test("verify retries: a health URL that answers only after the step's restart passes on a later attempt; a check that never passes rolls back after its retries")
         func verifyRetriesAndHTTP() throws {
             let lvm = try LVMFixture()
