@@ -132,6 +132,21 @@ struct InstallTests {
                 #expect(FileManager.default.fileExists(atPath: "\(man)/\(target).8"), "\(name).8 refers to \(target)(8), which is not installed")
             }
         }
+        // guard.recipe(5) and guard.conf(5) come from Docs/: every key of their tables is in them,
+        // and man renders them without a warning.
+        let recipesDoc = try String(contentsOfFile: "\(packageRoot)/Docs/recipes.md", encoding: .utf8)
+        let guideDoc = try String(contentsOfFile: "\(packageRoot)/Docs/guide.md", encoding: .utf8)
+        let configurationDoc = guideDoc.components(separatedBy: "## Configuration: /etc/guard/guard.conf").dropFirst().first?.components(separatedBy: "\n## ").first ?? ""
+        for (page, doc) in [("guard.recipe.5", recipesDoc), ("guard.conf.5", configurationDoc)] {
+            let text = try String(contentsOfFile: "\(destdir)/usr/share/man/man5/\(page)", encoding: .utf8)
+            let keys = doc.split(separator: "\n").filter { $0.hasPrefix("| `") }.map { String($0.dropFirst(3).prefix { $0 != "`" }) }
+            #expect(keys.count >= 4, "\(page): the doc's tables")
+            for key in keys {
+                #expect(text.contains("\\fB\(key.replacingOccurrences(of: "-", with: "\\-"))\\fR"), "\(page) lacks `\(key)` of its doc")
+            }
+            let rendered = try await runProgram("/usr/bin/man", ["--warnings", "-l", "\(destdir)/usr/share/man/man5/\(page)"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
+            #expect(rendered.status == 0 && rendered.stderr.isEmpty && rendered.stdout.contains("SEE ALSO"), "\(page): \(rendered.stderr)")
+        }
         let installedConfig = try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8)
         #expect(installedConfig == (try String(contentsOfFile: "\(packageRoot)/Config/guard.conf", encoding: .utf8)))
         let shipped = try await guardCommand(["config", "--json", "--config", "\(destdir)/etc/guard/guard.conf"], environment: ["GUARD_STATE_DIR": ""])
@@ -162,11 +177,63 @@ struct InstallTests {
             guard line.hasPrefix("-") else { return nil }
             return String(line.split(separator: " ", omittingEmptySubsequences: true).last!.dropFirst())
         })
-        let expected = Set(try documentedFiles(try await commandTree()).map { $0.hasSuffix(".8") ? $0 + ".gz" : $0 })
-        #expect(listed == expected, "in the package only: \(listed.subtracting(expected).sorted()); missing: \(expected.subtracting(listed).sorted())")
+        let expected = Set(try documentedFiles(try await commandTree()).map { $0.hasSuffix(".8") || $0.hasSuffix(".5") ? $0 + ".gz" : $0 })
+        let docs = "/usr/share/doc/guard/"
+        let overrides = "/usr/share/lintian/overrides/guard"
+        #expect(listed.contains(overrides), "the package carries its lintian overrides")
+        let programFiles = listed.filter { !$0.hasPrefix(docs) && $0 != overrides }
+        #expect(programFiles == expected, "in the package only: \(programFiles.subtracting(expected).sorted()); missing: \(expected.subtracting(programFiles).sorted())")
+        // The documentation: copyright, changelog, the docs (compressed above 4 KiB), the recipes as examples.
+        var wantedDocs: Set<String> = ["copyright", "changelog.gz", "README.md", "README.md.gz"]
+        for file in try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs") where file.hasSuffix(".md") || file.hasSuffix(".json") {
+            wantedDocs.formUnion([file, file + ".gz"])
+        }
+        let recipes = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Recipes")
+        let docFiles = Set(listed.filter { $0.hasPrefix(docs) }.map { String($0.dropFirst(docs.count)) })
+        #expect(docFiles.filter { !$0.hasPrefix("examples/") }.isSubset(of: wantedDocs), "\(docFiles.sorted())")
+        #expect(docFiles.contains("copyright") && docFiles.contains("changelog.gz") && docFiles.contains { $0.hasPrefix("guide.md") })
+        #expect(Set(docFiles.filter { $0.hasPrefix("examples/") }.map { String($0.dropFirst("examples/".count)) }) == Set(recipes))
+
         let control = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-control-\(UInt32.random(in: 0...UInt32.max))").path
         defer { try? FileManager.default.removeItem(atPath: control) }
         _ = try await capture(["dpkg-deb", "-e", deb, control])
         #expect(try String(contentsOfFile: "\(control)/conffiles", encoding: .utf8) == "/etc/guard/guard.conf\n")
+        // Depends from dpkg-shlibdeps: versioned libraries, the programs guard runs.
+        let depends = try await capture(["dpkg-deb", "-f", deb, "Depends"])
+        for library in ["libc6 (>= ", "libdevmapper1.02.1 (>= ", "libmount1 (>= ", "libsqlite3-0 (>= ", "e2fsprogs"] {
+            #expect(depends.contains(library), "Depends lacks \(library): \(depends)")
+        }
+        // The postinst enables the boot unit (and the timer and the monitor) as dh_installsystemd does.
+        let postinst = try String(contentsOfFile: "\(control)/postinst", encoding: .utf8)
+        #expect(postinst.contains("deb-systemd-helper enable \"$unit\"") && postinst.contains("for unit in guard-reassemble.service guard-maintenance.timer guard-monitor.service"), "\(postinst)")
+        #expect(try String(contentsOfFile: "\(control)/postrm", encoding: .utf8).contains("deb-systemd-helper purge"))
+
+        // md5sums hold for every file but the conffile; the binaries are stripped.
+        let data = FileManager.default.temporaryDirectory.appendingPathComponent("guard-deb-data-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: data) }
+        _ = try await capture(["dpkg-deb", "-x", deb, data])
+        let sums = try String(contentsOfFile: "\(control)/md5sums", encoding: .utf8).split(separator: "\n")
+        #expect(sums.count == listed.count - 1, "one line per file but guard.conf: \(sums.count) of \(listed.count)")
+        _ = try await capture(["sh", "-c", "cd \(data) && md5sum --quiet -c \(control)/md5sums"])
+        for binary in ["usr/sbin/guard", "usr/lib/guard/guard-watchdog"] {
+            let sections = try await capture(["readelf", "-S", "--wide", "\(data)/\(binary)"])
+            #expect(!sections.contains(".symtab"), "\(binary) is not stripped")
+        }
+        let stripped = try await runProgram("\(data)/usr/sbin/guard", ["--version"], environment: [:])
+        #expect(stripped.status == 0 && stripped.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == version, "the stripped binary runs: \(stripped.stderr)")
+
+        // lintian: no errors; each warning is one Docs/install.md explains.
+        let lintian = try await runProgram("/usr/bin/lintian", ["--no-tag-display-limit", deb], environment: ProcessInfo.processInfo.environment)
+        // The test packages the debug build, which finds the Swift runtime in the toolchain
+        // (RUNPATH /opt/swift/...); the release build links it in and has no such tag.
+        let tags = lintian.stdout.split(separator: "\n").filter { $0.hasPrefix("E: ") || $0.hasPrefix("W: ") }
+            .filter { !($0.contains("custom-library-search-path") && $0.contains("/swift/")) }
+        #expect(!tags.contains { $0.hasPrefix("E: ") }, "lintian errors:\n\(tags.joined(separator: "\n"))")
+        let install = try String(contentsOfFile: "\(packageRoot)/Docs/install.md", encoding: .utf8)
+        let explained = install.components(separatedBy: "<!-- lintian-warnings -->").dropFirst().first?.components(separatedBy: "<!-- /lintian-warnings -->").first ?? ""
+        for tag in tags where tag.hasPrefix("W: ") {
+            let name = tag.split(separator: " ").dropFirst(2).first.map(String.init) ?? ""
+            #expect(explained.contains("`\(name)`"), "lintian warns \(tag), which Docs/install.md does not explain")
+        }
     }
 }

@@ -22,6 +22,7 @@ extension GuardCommand {
                   1  the upgrade failed and the volumes were restored
                   2  recipe, usage or preflight error: nothing was touched
                   3  needs attention (a rollback that could not complete); the message says what to run
+                  75 busy: another guard command holds a volume or the journal; nothing was touched, try again later
 
                 Examples:
                   guard run /etc/guard/website-migration.recipe
