@@ -180,7 +180,8 @@ public final class RunTransaction {
         for volume in plan.volumes {
             reporter.log("volume \(volume.index + 1): \(volume.originPath), snapshot \(formatBytes(volume.cowBytes)) (\(volume.sizeNote))")
         }
-        reporter.note("run \(runID) of \(recipe.name) (\(recipePath), sha256 \(recipe.sha256.prefix(12)))")
+        reporter.context(run: runID, recipe: recipe.name)
+        reporter.event(.runStarted, "run \(runID) of \(recipe.name) (\(recipePath), sha256 \(recipe.sha256.prefix(12)))")
 
         var state = RunBody(context: context, journal: journal, run: run, plan: plan, records: records)
         let report = await state.proceed(options: options)

@@ -24,17 +24,25 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
     private var lastMerge: [String: Int] = [:]
     private var statusLineShown = false
     private var currentRun: Int64?
+    private var currentRecipe: String?
+    private var currentPhase: String?
+    /// stderr is the journal (a systemd unit's output): what goes to the journal natively is
+    /// not printed again, so no line is there twice.
+    let standardErrorIsJournal: Bool
 
     init(verbosity: Verbosity, isTerminal: Bool = isatty(2) == 1, environment: [String: String] = ProcessInfo.processInfo.environment) {
         self.verbosity = verbosity
         self.isTerminal = isTerminal
         self.color = isTerminal && environment["NO_COLOR"] == nil && environment["TERM"] != "dumb"
+        self.standardErrorIsJournal = SystemLog.standardErrorIsJournal(environment)
     }
 
     private func style(_ text: String, _ code: String) -> String { color ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
 
-    /// Progress goes to stderr so stdout stays data (`--json`, tables).
-    private func emit(_ line: String) {
+    /// Progress goes to stderr so stdout stays data (`--json`, tables). A line the system log
+    /// already has (`logged`) is not printed when stderr is the journal.
+    private func emit(_ line: String, logged: Bool = true) {
+        if logged && standardErrorIsJournal { return }
         lock.lock()
         defer { lock.unlock() }
         if statusLineShown {
@@ -51,16 +59,50 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
         statusLineShown = true
     }
 
-    /// Every line names its run ("run 12: phase steps"), once.
-    private func system(_ priority: SystemLog.Priority, _ text: String) {
-        guard let run = lock.withLock({ currentRun }), !text.hasPrefix("run \(run) "), !text.hasPrefix("run \(run):") else {
-            return SystemLog.write(priority, text)
+    /// Every line names its run ("run 12: phase steps"), once, and carries the run, recipe,
+    /// phase and volume as fields where journald takes them.
+    private func system(_ priority: SystemLog.Priority, _ text: String, volume: String? = nil, event: LogEvent? = nil) {
+        let (run, recipe, phase) = lock.withLock { (currentRun, currentRecipe, currentPhase) }
+        var fields: [(String, String)] = []
+        if let run { fields.append(("GUARD_RUN_ID", "\(run)")) }
+        if let recipe { fields.append(("GUARD_RECIPE", recipe)) }
+        if let phase { fields.append(("GUARD_PHASE", phase)) }
+        if let volume { fields.append(("GUARD_VOLUME", volume)) }
+        if let event { fields.append(("MESSAGE_ID", event.messageID)) }
+        guard let run, !text.hasPrefix("run \(run) "), !text.hasPrefix("run \(run):") else {
+            return SystemLog.write(priority, text, fields: fields)
         }
-        SystemLog.write(priority, "run \(run): " + text)
+        SystemLog.write(priority, "run \(run): " + text, fields: fields)
+    }
+
+    func context(run: Int64, recipe: String) {
+        lock.withLock {
+            currentRun = run
+            currentRecipe = recipe
+        }
+    }
+
+    func event(_ event: LogEvent, _ text: String) {
+        switch event {
+        case .runStarted:
+            system(.notice, text, event: event)
+            if verbosity != .quiet { emit(text) }
+        case .needsReassembly:
+            system(.warning, text, event: event)
+        case .runSucceeded, .runKept:
+            system(.notice, text, event: event)
+            emit(text)
+        case .runRolledBack, .runFailed:
+            system(.error, text, event: event)
+            emit(style("guard: ", "31") + text)
+        }
     }
 
     func phase(_ name: String, run: Int64?) {
-        if let run { lock.withLock { currentRun = run } }
+        lock.withLock {
+            if let run { currentRun = run }
+            currentPhase = name
+        }
         system(.info, "phase \(name)")
         guard verbosity != .quiet else { return }
         emit(style("==> \(name)", "1"))
@@ -86,7 +128,7 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
     func stepOutput(_ output: StepOutput) {
         guard verbosity != .quiet else { return }
         let prefix = style("    [\(output.step)] ", "2")
-        emit(prefix + (output.stream == .stderr ? style(output.text, "33") : output.text))
+        emit(prefix + (output.stream == .stderr ? style(output.text, "33") : output.text), logged: false)
     }
 
     func stepFinished(kind: String, result: StepResult) {
@@ -110,7 +152,7 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
         }
         guard changed, verbosity != .quiet else { return }
         let text = "COW \(volume): \(percent)% of \(formatBytes(sizeBytes)) used"
-        if isTerminal { status(style(text, "2")) } else { emit(text) }
+        if isTerminal { status(style(text, "2")) } else { emit(text, logged: false) }
     }
 
     func merge(volume: String, fraction: Double) {
@@ -121,9 +163,10 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
             lastMerge[volume] = percent
             return true
         }
+        if changed && percent == 100 { system(.info, "merge of \(volume) complete", volume: volume) }
         guard changed, verbosity != .quiet else { return }
         let text = "merging \(volume): \(percent)%"
-        if isTerminal && percent < 100 { status(text) } else { emit(text) }
+        if isTerminal && percent < 100 { status(text) } else { emit(text, logged: false) }
     }
 
     func log(_ text: String) {

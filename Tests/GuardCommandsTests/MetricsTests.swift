@@ -1,4 +1,5 @@
 @testable import Engine
+import Foundation
 @testable import GuardCommands
 import Journal
 import Testing
@@ -33,4 +34,17 @@ func metricsText() {
     #expect(lines.contains("guard_last_run_start_timestamp_seconds{run=\"7\",recipe=\"web \\\"v2\\\"\"} 1700000000.500"))
     #expect(lines.contains("guard_last_run_exit_code{run=\"7\",recipe=\"web \\\"v2\\\"\"} 0"))
     #expect(text.hasSuffix("\n"))
+}
+
+@Test("journald's catalog explains every event guard logs with a MESSAGE_ID")
+func catalogCoversEvents() throws {
+    let catalog = try String(contentsOfFile: "\(packageRoot)/Units/guard.catalog", encoding: .utf8)
+    let ids = LogEvent.allCases.map(\.messageID)
+    #expect(Set(ids).count == ids.count, "every id is its own")
+    for id in ids {
+        #expect(id.count == 32 && id.allSatisfy { $0.isHexDigit && !$0.isUppercase }, "\(id) is a 128-bit id")
+        let entry = catalog.components(separatedBy: "-- \(id)\n").dropFirst().first ?? ""
+        #expect(entry.hasPrefix("Subject: ") && entry.contains("Defined-By: guard"), "no catalog entry for \(id)")
+    }
+    #expect(catalog.components(separatedBy: "\n-- ").count - 1 == ids.count, "no entry without an event")
 }

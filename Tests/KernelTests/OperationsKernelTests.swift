@@ -1,5 +1,6 @@
 import BlockDevice
 import DeviceMapper
+import Engine
 import Foundation
 import Quantities
 import Recipe
@@ -254,6 +255,43 @@ extension Kernel {
             #expect(logged("run 1 failed (", severity: 3), "the outcome at error priority: \(story)")
         }
 
+        @Test("journald: every line natively with PRIORITY, GUARD_RUN_ID, GUARD_RECIPE, GUARD_PHASE (GUARD_VOLUME where one is named), the start and the outcome with their MESSAGE_ID; under a unit no line is printed twice")
+        func journaldFields() throws {
+            let lvm = try LVMFixture()
+            try writeDatabase(at: lvm.mountPoint)
+            // The test is journald: a datagram socket at journald's path (the VM runs none).
+            let path = SystemLogListener.path
+            try #require(!FileManager.default.fileExists(atPath: path), "a journald is running here; this test plays journald itself")
+            let listener = try SystemLogListener()
+            defer { listener.close() }
+            let state = lvm.scratch.path("state")
+            let bad = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: true), in: lvm.scratch, name: "bad.recipe")
+            let failed = try run([guardBinary, "run", bad, "--state-dir", state], environment: guardEnvironment())
+            #expect(failed.status == 1, "\(failed.stderr)")
+            let entries = listener.drain()
+            #expect(entries.allSatisfy { $0["SYSLOG_IDENTIFIER"] == "guard" && $0["PRIORITY"] != nil && $0["MESSAGE"] != nil }, "\(entries)")
+            let ofRun = entries.filter { $0["GUARD_RUN_ID"] == "1" && $0["GUARD_RECIPE"] == "website-schema-v2" }
+            #expect(ofRun.count >= 8, "the run's story, each line with the run and recipe: \(entries.count) entries")
+            #expect(ofRun.contains { $0["GUARD_PHASE"] == "steps" && $0["MESSAGE"]?.contains("step 1/1 'add id column' started") == true }, "\(ofRun)")
+            #expect(ofRun.contains { $0["MESSAGE_ID"] == LogEvent.runStarted.messageID && $0["PRIORITY"] == "5" }, "\(ofRun)")
+            #expect(ofRun.contains { $0["MESSAGE_ID"] == LogEvent.runRolledBack.messageID && $0["PRIORITY"] == "3" }, "the rollback at error priority with its id: \(ofRun)")
+            #expect(ofRun.contains { $0["GUARD_VOLUME"] == lvm.device && $0["GUARD_PHASE"] == "rollback" }, "the merge names its volume: \(ofRun)")
+
+            // Under a unit stderr is the journal (JOURNAL_STREAM names it): the lines guard sends
+            // natively are not printed there again.
+            let good = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false), in: lvm.scratch, name: "good.recipe")
+            let output = lvm.scratch.path("unit-stderr")
+            let unit = try run(["/bin/sh", "-c", "exec 2>\(output); JOURNAL_STREAM=$(stat -c %d:%i \(output)) exec \(guardBinary) run \(good) --state-dir \(state)"], environment: guardEnvironment())
+            #expect(unit.status == 0, "\(unit.stderr)")
+            let printed = try String(contentsOfFile: output, encoding: .utf8)
+            let logged = listener.drain().filter { $0["GUARD_RUN_ID"] == "2" }
+            #expect(logged.contains { $0["MESSAGE_ID"] == LogEvent.runSucceeded.messageID }, "\(logged)")
+            for message in logged.compactMap({ $0["MESSAGE"] }) {
+                let line = message.replacingOccurrences(of: "run 2: ", with: "")
+                #expect(!printed.contains(line), "'\(line)' is in the journal twice (natively and on stderr):\n\(printed)")
+            }
+        }
+
         @Test("guard metrics --textfile: runs by outcome, the kept run, its COW use as `guard status` reads it, the last run's times; written whole")
         func metricsTextfile() throws {
             let lvm = try LVMFixture()
@@ -290,6 +328,14 @@ extension Kernel {
             #expect(values["guard_attention"] == 0 && values["guard_needs_reassembly"] == 0 && values["guard_merges_in_progress"] == 0, "\(text)")
             let printed = try tool("metrics")
             #expect(printed.stdout.contains("# TYPE guard_runs_total counter"), "\(printed.stdout)")
+
+            // guard status --watch shows the kept run again and again until it is stopped.
+            let watched = try run(["/usr/bin/timeout", "2", guardBinary, "status", "--watch", "--interval", "0.3", "--state-dir", tool.stateDirectory], environment: guardEnvironment())
+            #expect(watched.status == 124, "it runs until stopped: \(watched.stderr)")
+            let views = watched.stdout.components(separatedBy: "guard status, every 0.3s: ")
+            #expect(views.count >= 3 && views.dropFirst().allSatisfy { $0.contains("run 1 (website-schema-v2): kept") }, "\(watched.stdout)")
+            let refused = try tool("status", "--watch", "--json")
+            #expect(refused.status == 2 && refused.stderr.contains("--watch shows the status only"), "\(refused.stderr)")
         }
 
         @Test("verify retries: a health URL that answers only after the step's restart passes on a later attempt; a check that never passes rolls back after its retries")

@@ -224,3 +224,53 @@ func builtBinary(_ name: String, variable: String) -> String {
     }
     return name
 }
+
+
+/// journald's native socket, played by a test: every datagram guard sends, as fields, read
+/// as it comes (as journald does: a sender never finds the queue full).
+final class SystemLogListener: @unchecked Sendable {
+    // @unchecked: `entries` is only touched under `lock`.
+    static let path = "/run/systemd/journal/socket"
+    let descriptor: Int32
+    private let lock = NSLock()
+    private var entries: [[String: String]] = []
+    private var reader: Thread?
+
+    init() throws {
+        try FileManager.default.createDirectory(atPath: "/run/systemd/journal", withIntermediateDirectories: true)
+        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in Self.path.utf8.enumerated() { buffer[index] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard bound == 0 else { throw ShellError(command: "bind \(Self.path)", status: errno, stderr: String(cString: strerror(errno))) }
+        let socketFD = descriptor
+        reader = Thread { [weak self] in
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                let count = recv(socketFD, &buffer, buffer.count, 0)
+                guard count > 0, let self else { return }
+                let entry = SystemLog.fields(ofNativeEntry: Array(buffer[0..<count]))
+                self.lock.withLock { self.entries.append(entry) }
+            }
+        }
+        reader?.start()
+    }
+
+    /// Every entry received since the last drain.
+    func drain() -> [[String: String]] {
+        usleep(200_000)  // the last datagrams of a process that just exited
+        return lock.withLock {
+            defer { entries.removeAll() }
+            return entries
+        }
+    }
+
+    func close() {
+        shutdown(descriptor, Int32(SHUT_RDWR))
+        Glibc.close(descriptor)
+        unlink(Self.path)
+    }
+}

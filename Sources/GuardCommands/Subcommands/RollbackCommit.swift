@@ -78,6 +78,7 @@ extension GuardCommand {
             for action in report.actions { say(action) }
             if report.actions.isEmpty && report.problems.isEmpty && report.needsReassembly.isEmpty { say("nothing to recover") }
             if !report.needsReassembly.isEmpty {
+                for line in report.needsReassembly { context.reporter.event(.needsReassembly, "needs reassembly: \(line)") }
                 let lines = report.problems + report.needsReassembly.map { "needs reassembly: \($0)" }
                 throw GuardFailure(.needsReassembly, lines.joined(separator: "\nguard: ") + "\nguard: nothing was removed; once that is there, run `guard recover`")
             }

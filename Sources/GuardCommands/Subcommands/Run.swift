@@ -2,6 +2,7 @@ import ArgumentParser
 import Recipe
 import Engine
 import Foundation
+import Journal
 import Snapshot
 
 #if canImport(Glibc)
@@ -62,7 +63,9 @@ extension GuardCommand {
             let signals = InterruptHandler { interrupt.set("interrupted (Ctrl-C)") }
             defer { signals.cancel() }
             let report = try await RunTransaction(context: context, options: options).execute(recipePath: recipe)
-            context.reporter.result(report.message, success: report.exitCode == .success)
+            // A kept failure (on_failure: keep) is no success, though its outcome is kept.
+            let ending = report.exitCode == .success ? LogEvent.ending(report.outcome) : (report.outcome == .rolledBack ? .runRolledBack : .runFailed)
+            context.reporter.event(ending, report.message)
             throw ExitCodeError(report.exitCode)
         }
     }

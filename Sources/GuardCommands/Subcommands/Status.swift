@@ -112,6 +112,7 @@ extension GuardCommand {
             }
             let needsReassembly = waitFailure != nil || !waiting.isEmpty || runs.contains { $0.run.state == .needsReassembly }
             let exitCode: Engine.ExitCode = needsReassembly ? .needsReassembly : (attention.isEmpty ? .success : .attention)
+            for line in waiting { context.reporter.event(.needsReassembly, "needs reassembly: \(line)") }
             defer {
                 if needsReassembly {
                     let lines = waiting.isEmpty ? [waitFailure?.message ?? "a run needs reassembly; run `guard recover`"] : waiting
