@@ -5,11 +5,10 @@ import Testing
 /// Issue 22: journald's native protocol, read back from a socket of the test's own.
 @Suite("system log: journald's native protocol")
 struct SystemLogTests {
-    @Test("an entry carries MESSAGE, PRIORITY, the identifier and guard's fields; a message with a newline goes in the binary form")
-    func nativeEntry() throws {
+    /// A datagram socket bound at a fresh path: a journald that reads only when told to.
+    static func boundSocket() throws -> (Int32, String) {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("journal-\(UInt32.random(in: 0...UInt32.max)).socket").path
         let listener = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
-        defer { close(listener); unlink(path) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { buffer in
@@ -17,6 +16,13 @@ struct SystemLogTests {
         }
         let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
         try #require(bound == 0)
+        return (listener, path)
+    }
+
+    @Test("an entry carries MESSAGE, PRIORITY, the identifier and guard's fields; a message with a newline goes in the binary form")
+    func nativeEntry() throws {
+        let (listener, path) = try Self.boundSocket()
+        defer { close(listener); unlink(path) }
         let sent = SystemLog.sendToJournal(.error, "run 4 failed:\nverify 'health' exit 1", fields: [("GUARD_RUN_ID", "4"), ("GUARD_RECIPE", "web"), ("MESSAGE_ID", "0daef6f1528e45648b75728188725573")], socket: path)
         #expect(sent)
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -31,16 +37,8 @@ struct SystemLogTests {
 
     @Test("a journald that does not read (its queue full) never makes guard wait: the entry goes to syslog instead", .timeLimit(.minutes(1)))
     func neverBlocks() throws {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("journal-full-\(UInt32.random(in: 0...UInt32.max)).socket").path
-        let listener = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        let (listener, path) = try Self.boundSocket()
         defer { close(listener); unlink(path) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        try #require(bound == 0)
         var refused = 0
         for index in 0..<5000 where !SystemLog.sendToJournal(.info, "line \(index)", fields: [], socket: path) { refused += 1 }
         #expect(refused > 0, "the queue filled and sending returned at once instead of waiting")
