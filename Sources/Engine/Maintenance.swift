@@ -259,6 +259,9 @@ public struct Maintenance {
         public var volumes: [VolumeStatus]
         /// Its guard process is gone while the journal says it runs: `guard recover` finishes it.
         public var unfinished = false
+
+        /// A snapshot of the run holds old blocks but is not live (`guard status` exits 4).
+        public var needsReassembly: Bool { run.state == .needsReassembly || volumes.contains { $0.status == "needs reassembly" } }
     }
 
     /// A COW this full needs a person: a commit, a rollback or a larger `extend`.

@@ -40,7 +40,7 @@ struct Metrics {
         family("guard_merges_in_progress", "gauge", "Rollbacks whose merge is under way, one per volume.", [("", "\(merging.count)")])
         family("guard_merge_remaining_bytes", "gauge", "Bytes a merge still has to copy back, per merging volume.", merging.map { ($0.0, "\($0.1.remainingBytes ?? 0)") })
         family("guard_attention", "gauge", "Things that need a person (`guard status` exits 3): unfinished runs, stale snapshots, blown fuses, failed merges, COWs 80% full, stray devices.", [("", "\(attention)")])
-        let reassembly = runs.filter { $0.run.state == .needsReassembly || $0.volumes.contains { $0.status == "needs reassembly" } }.count
+        let reassembly = runs.filter(\.needsReassembly).count
         family("guard_needs_reassembly", "gauge", "Runs whose snapshot holds old blocks but is not live (`guard status` exits 4).", [("", "\(reassembly)")])
         let last = lastRun.map { label([("run", "\($0.id ?? 0)"), ("recipe", $0.recipeName)]) } ?? ""
         family("guard_last_run_start_timestamp_seconds", "gauge", "When the newest run started (Unix time).", lastRun.map { [(last, seconds($0.startedAt))] } ?? [])

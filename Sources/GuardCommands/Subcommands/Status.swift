@@ -110,7 +110,7 @@ extension GuardCommand {
             let waiting = runs.flatMap { status in
                 status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
             }
-            let needsReassembly = waitFailure != nil || !waiting.isEmpty || runs.contains { $0.run.state == .needsReassembly }
+            let needsReassembly = waitFailure != nil || runs.contains(where: \.needsReassembly)
             let exitCode: Engine.ExitCode = needsReassembly ? .needsReassembly : (attention.isEmpty ? .success : .attention)
             for line in waiting { context.reporter.event(.needsReassembly, "needs reassembly: \(line)") }
             defer {
