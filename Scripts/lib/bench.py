@@ -175,7 +175,7 @@ def bench_stall():
               "dmsetup_suspend_resume": [], "libdevmapper_suspend_resume": []}
     for trial in range(TRIALS):
         stalls["guard"].append(stall_of(guard_mount, lambda: guard("run", path)))
-        last = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]
+        last = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]
         stalls["guard_suspend_us"].append(last["suspend_us"] / 1000.0)
         suspend_part, resume_part = window_parts(last["id"])
         stalls["guard_suspend_part"].append(suspend_part)
@@ -228,7 +228,7 @@ def bench_restore():
             sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
             path = recipe("restore", device, mount, steps="  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n" % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep")
             guard("run", path)
-            run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]["id"]
+            run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
             seconds, _ = timed(lambda: guard("rollback", str(run_id)))
             rows["guard_rollback"].append(seconds)
             seconds, _ = timed(lambda: guard("status", "--wait"))
@@ -325,7 +325,7 @@ def bench_chunks():
                 label = chunk
                 path = recipe("chunks", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk=chunk)
                 seconds, _ = timed(lambda: guard("run", path))
-                show = json.loads(guard("show", "--json", str(json.loads(guard("history", "--json", "--limit", "1").stdout)[0]["id"])).stdout)
+                show = json.loads(guard("show", "--json", str(json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"])).stdout)
                 step = [s for s in show["steps"] if s["kind"] == "step"][0]
                 elapsed = float(step["stdout_tail"].strip())
             else:
@@ -409,7 +409,7 @@ def bench_fuse():
         writer.running = False
         writer.go.set()
         writer.join()
-        last = json.loads(guard("history", "--json", "--limit", "1").stdout)[0]
+        last = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]
         kept = last["outcome"] == "rolled_back"
         rows.append({"rate_mib_s": rate, "outcome": last["outcome"], "snapshot_valid": kept, "written_mib": writer.written,
                      "refused_writes": writer.refused, "seconds": elapsed})

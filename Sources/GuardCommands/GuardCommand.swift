@@ -150,8 +150,18 @@ public enum GuardMain {
         // error to report, never a reason to die, least of all with a volume suspended.
         // Steps get the default back (swift-subprocess resets every signal in the child).
         signal(SIGPIPE, SIG_IGN)
+        var command: any ParsableCommand
         do {
-            var command = try GuardCommand.parseAsRoot()
+            command = try GuardCommand.parseAsRoot()
+        } catch {
+            // A usage error before there is a command: --json still gets its one document.
+            if CommandLine.arguments.dropFirst().contains("--json"), GuardCommand.exitCode(for: error) != .success {
+                try? printJSON(ErrorDocument(code: .usage, message: GuardCommand.message(for: error)))
+            }
+            usageError(error)
+        }
+        let json = (command as? any JSONOutputCommand)?.json == true
+        do {
             if var asyncCommand = command as? any AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {
@@ -160,29 +170,83 @@ public enum GuardMain {
             exit(0)
         } catch let done as ExitCodeError {
             exit(done.code.rawValue)
+        } catch let printed as DocumentPrinted {
+            // The command's own document is on stdout: the message goes to stderr alone.
+            let status = ExitStatus.of(printed.error) ?? (code: .usage, message: "\(printed.error)")
+            FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+            exit(status.code.rawValue)
         } catch {
             if let status = ExitStatus.of(error) {
                 FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+                if json { try? printJSON(ErrorDocument(code: status.code, message: status.message)) }
                 exit(status.code.rawValue)
             }
-            let code = GuardCommand.exitCode(for: error)
-            if code == .success {
-                GuardCommand.exit(withError: error)
+            // A usage error found while running (ValidationError): exit 2, like one of parsing.
+            if json, GuardCommand.exitCode(for: error) != .success {
+                try? printJSON(ErrorDocument(code: .usage, message: GuardCommand.message(for: error)))
             }
-            let message = GuardCommand.fullMessage(for: error)
-            FileHandle.standardError.write(Data((message + "\n").utf8))
-            exit(ExitCode.usage.rawValue)
+            usageError(error)
         }
+    }
+
+    /// --help and --version exit 0 as argument-parser has it; a usage error exits 2, guard's
+    /// code for "nothing was touched", not argument-parser's 64.
+    static func usageError(_ error: any Error) -> Never {
+        if GuardCommand.exitCode(for: error) == .success {
+            GuardCommand.exit(withError: error)
+        }
+        FileHandle.standardError.write(Data((GuardCommand.fullMessage(for: error) + "\n").utf8))
+        exit(ExitCode.usage.rawValue)
     }
 }
 
-/// Writes JSON with sorted keys, stable across versions (Docs/guide.md documents the fields).
+/// Writes one JSON document to stdout: the value's fields (an absent one as null), sorted,
+/// with `schema_version` (Docs/schema/ has the schema of every document).
 func printJSON<T: Encodable>(_ value: T) throws {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-    let data = try encoder.encode(value)
-    FileHandle.standardOutput.write(data)
-    FileHandle.standardOutput.write(Data("\n".utf8))
+    guard case .object(var members) = try DocumentEncoder().encode(value) else {
+        preconditionFailure("a JSON document is an object")
+    }
+    members["schema_version"] = .integer(Int64(JSONContract.schemaVersion))
+    FileHandle.standardOutput.write(Data((JSONValue.object(members).text() + "\n").utf8))
+}
+
+/// A command with `--json`: when it fails, stdout gets the error document
+/// (Docs/schema/error.schema.json) as well as stderr the message, so a script that parses
+/// stdout always gets one document.
+protocol JSONOutputCommand {
+    var json: Bool { get }
+}
+
+/// A failure of a `--json` command that has printed its own document (a check's errors, a
+/// dry run's refusals): stderr gets the message, stdout no error document.
+struct DocumentPrinted: Error {
+    let error: any Error
+    init(_ error: any Error) { self.error = error }
+}
+
+/// The error document of a command that failed with `--json`.
+struct ErrorDocument: Encodable {
+    struct Failure: Encodable {
+        var exitCode: Int32
+        var kind: String
+        var message: String
+        enum CodingKeys: String, CodingKey {
+            case kind, message
+            case exitCode = "exit_code"
+        }
+    }
+    var error: Failure
+
+    init(code: Engine.ExitCode, message: String) {
+        let kind = switch code {
+        case .success, .usage: "refused"
+        case .failedRestored: "failed"
+        case .attention: "attention"
+        case .needsReassembly: "needs_reassembly"
+        case .busy: "busy"
+        }
+        error = Failure(exitCode: code.rawValue, kind: kind, message: message)
+    }
 }
 
 /// Standard output, for data.

@@ -80,7 +80,8 @@ struct GuardCommandsTests {
         let state = try stateWithRuns()
         let output = try await guardCommand(["history", "--json", "--state-dir", state])
         #expect(output.status == 0, "\(output.stderr)")
-        let runs = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [[String: Any]])
+        let document = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
+        let runs = try #require(document["runs"] as? [[String: Any]])
         #expect(runs.count == 2)
         let newest = runs[0]
         for key in ["id", "token", "recipe", "state", "outcome", "started_at", "finished_at", "duration_seconds", "exit_code", "suspend_us", "snapshots"] {
@@ -160,7 +161,7 @@ struct GuardCommandsTests {
         // The file's state_dir is where history finds the journal.
         let fromFile = try await guardCommand(["history", "--json", "--config", file], environment: clean)
         #expect(fromFile.status == 0, "\(fromFile.stderr)")
-        #expect((try JSONSerialization.jsonObject(with: Data(fromFile.stdout.utf8)) as? [Any])?.count == 2)
+        #expect(((try JSONSerialization.jsonObject(with: Data(fromFile.stdout.utf8)) as? [String: Any])?["runs"] as? [Any])?.count == 2)
         let viaVariable = try await guardCommand(["history", "--json"], environment: ["GUARD_CONFIG": file, "GUARD_STATE_DIR": ""])
         #expect(viaVariable.stdout == fromFile.stdout)
 

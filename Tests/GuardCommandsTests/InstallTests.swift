@@ -183,14 +183,16 @@ struct InstallTests {
         #expect(listed.contains(overrides), "the package carries its lintian overrides")
         let programFiles = listed.filter { !$0.hasPrefix(docs) && $0 != overrides }
         #expect(programFiles == expected, "in the package only: \(programFiles.subtracting(expected).sorted()); missing: \(expected.subtracting(programFiles).sorted())")
-        // The documentation: copyright, changelog, the docs (compressed above 4 KiB), the recipes as examples.
+        // The documentation: copyright, changelog, the docs (compressed above 4 KiB), the recipes as examples, the JSON schemas.
         var wantedDocs: Set<String> = ["copyright", "changelog.gz", "README.md", "README.md.gz"]
         for file in try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs") where file.hasSuffix(".md") || file.hasSuffix(".json") {
             wantedDocs.formUnion([file, file + ".gz"])
         }
         let recipes = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Recipes")
         let docFiles = Set(listed.filter { $0.hasPrefix(docs) }.map { String($0.dropFirst(docs.count)) })
-        #expect(docFiles.filter { !$0.hasPrefix("examples/") }.isSubset(of: wantedDocs), "\(docFiles.sorted())")
+        #expect(docFiles.filter { !$0.hasPrefix("examples/") && !$0.hasPrefix("schema/") }.isSubset(of: wantedDocs), "\(docFiles.sorted())")
+        let schemas = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs/schema").filter { $0.hasSuffix(".schema.json") }
+        #expect(Set(docFiles.filter { $0.hasPrefix("schema/") }.map { String($0.dropFirst("schema/".count)) }) == Set(schemas), "the --json schemas, uncompressed")
         #expect(docFiles.contains("copyright") && docFiles.contains("changelog.gz") && docFiles.contains { $0.hasPrefix("guide.md") })
         #expect(Set(docFiles.filter { $0.hasPrefix("examples/") }.map { String($0.dropFirst("examples/".count)) }) == Set(recipes))
 

@@ -217,7 +217,7 @@ extension Kernel {
             case .restored: #expect(bytes == fixture.before, "after \(crash.point) the volume must be as before the run")
             case .upgraded: #expect(bytes == fixture.after, "after \(crash.point) the volume must hold the upgrade")
             }
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             let outcome = history.first?["outcome"] as? String
             #expect(outcome == crash.outcome, "the journal says \(crash.outcome): \(history.first ?? [:])")
             let error = history.first?["error"] as? String ?? ""

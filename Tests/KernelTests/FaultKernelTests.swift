@@ -140,7 +140,7 @@ extension Kernel {
             #expect(plain.binary != volume.guardTool.binary, "two different programs: \(plain.binary)")
             let result = try plain("run", recipe, extra: hooks)
             #expect(result.status == 0, "not killed at run.after-take: exit \(result.status), \(result.stderr)")
-            let history = try #require(try plain.json("history") as? [[String: Any]])
+            let history = try #require(try plain.history())
             #expect(history.first?["outcome"] as? String == "committed")
             let started = history.first?["started_at"] as? String ?? ""
             #expect(!started.hasPrefix("1970"), "the run's clock is the real one: \(started)")
@@ -149,7 +149,7 @@ extension Kernel {
             let killed = try volume.guardTool("run", recipe, extra: hooks)
             #expect(killed.status == 9 || killed.status == 137, "guard-test died at run.after-take: exit \(killed.status)")
             #expect(try volume.guardTool("recover").status == 0)
-            let after = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            let after = try #require(try volume.guardTool.history())
             let testClock = (after.first?["started_at"] as? String) ?? ""
             #expect(testClock.hasPrefix("1970-01-02"), "guard-test ran on GUARD_NOW's clock: \(testClock)")
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
@@ -184,7 +184,7 @@ extension Kernel {
             let recipe = try volume.recipe(
                 "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=48M count=1 seek=4194304 oflag=direct,seek_bytes conv=notrunc status=none\n", snapshot: "4M")
             let result = try volume.guardTool("run", recipe)
-            let history = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try volume.guardTool.history())
             let outcome = history.first?["outcome"] as? String
             let checksum = try volume.checksum
             // The race it still has, stated: the watcher could stop the step before the kernel
@@ -236,7 +236,7 @@ extension Kernel {
             #expect(result.status == 3, "\(result.stderr)")
             #expect(result.stderr.contains("\(second.device) is NOT rolled back"), "\(result.stderr)")
             #expect(result.stderr.contains("guard recover"), "\(result.stderr)")
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String != "rolled_back", "not a rollback while a volume keeps the upgrade: \(history.first ?? [:])")
             let looked = try tool("status", "--json")
             #expect(looked.status == 3, "a volume not rolled back needs attention: \(looked.stderr)")
@@ -254,7 +254,7 @@ extension Kernel {
             #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
             #expect(try first.checksum == before.0, "the first volume as before the run")
             #expect(try second.checksum == before.1, "guard recover rolled the second volume back")
-            let after = try #require(try tool.json("history") as? [[String: Any]])
+            let after = try #require(try tool.history())
             #expect(after.first?["outcome"] as? String == "recovered")
             #expect(after.first?["state"] as? String == "finished")
             try expectNothingLeft(state: tool.stateDirectory)
@@ -291,7 +291,7 @@ extension Kernel {
             #expect(try volume.checksum == before, "rolled back with no write after it")
             try await Task.sleep(for: .seconds(1))
             #expect(try volume.checksum == before, "and nothing writes afterwards")
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             let events = try lastRunEvents(tool)
             #expect(events.contains("result kill-cgroup"), "\(events)")
             #expect(history.first?["outcome"] as? String == "recovered")
@@ -385,7 +385,7 @@ extension Kernel {
             #expect(recover.stdout.contains("restarted the merge"), "\(recover.stdout)")
             #expect(try volume.checksum == before, "every byte merged back after the device healed")
             try expectNothingLeft(state: tool.stateDirectory)
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "rolled_back")
             recordResult(["io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back", "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix", ""])
         }
@@ -441,7 +441,7 @@ extension Kernel {
             #expect(result.status == 0, "\(result.stderr)")
             #expect(Date().timeIntervalSince(started) >= 2, "guard waited for the lock")
             holder.waitUntilExit()
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.count == 2)
             recordResult(["journal-locked", "another process holds the journal's write lock", "commit", "upgraded", "committed", "guard waited for the lock, then ran", ""])
         }
@@ -455,7 +455,7 @@ extension Kernel {
             let result = try tool("run", recipe)
             #expect(result.status == 0, "\(result.stderr)")
             #expect(result.stderr.contains("was deleted while guard was using it"), "\(result.stderr)")
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "committed", "\(history)")
             let show = try #require(try tool.json("show", "1") as? [String: Any])
             #expect((show["phases"] as? [[String: Any]])?.contains { $0["name"] as? String == "steps" } == true, "phases from before the deletion are kept")
@@ -508,7 +508,7 @@ extension Kernel {
 
 /// The journal's events of the latest run, as "kind action" (`guard show --json`).
 func lastRunEvents(_ tool: GuardTool) throws -> [String] {
-    let history = try #require(try tool.json("history") as? [[String: Any]])
+    let history = try #require(try tool.history())
     let show = try #require(try tool.json("show", "\(history.first?["id"] as? Int ?? 0)") as? [String: Any])
     return (show["events"] as? [[String: Any]] ?? []).map { "\($0["kind"] ?? "") \($0["action"] ?? "")" }
 }

@@ -29,7 +29,7 @@ extension Kernel {
                 """, in: lvm.scratch)
             let run = try tool("run", recipe)
             #expect(run.status == 0, "\(run.stderr)")
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             return try #require(history.first?["id"] as? Int)
         }
 
@@ -54,7 +54,7 @@ extension Kernel {
             #expect(lines.count == 2, "exactly the two files changed: \(diff.stdout)")
             #expect(lines.contains { $0.hasPrefix("modified") && $0.contains("\(lvm.mountPoint)/database") }, "\(diff.stdout)")
             #expect(lines.contains { $0.hasPrefix("modified") && $0.contains("\(lvm.mountPoint)/index.html") }, "\(diff.stdout)")
-            let json = try #require(try tool.json("diff", "\(run)") as? [[String: Any]])
+            let json = try #require((try tool.json("diff", "\(run)") as? [String: Any])?["volumes"] as? [[String: Any]])
             let changes = try #require(json.first?["changes"] as? [[String: Any]])
             #expect(Set(changes.compactMap { $0["path"] as? String }) == ["database", "index.html"])
             let patch = try tool("diff", "\(run)", "index.html", "--patch")
@@ -151,7 +151,7 @@ extension Kernel {
             for line in ["modified", "deleted"] { #expect(diff.stdout.contains(line), "\(diff.stdout)") }
             #expect(diff.stdout.contains("\(m)/caf\\xE9"), "the Latin-1 name, byte by byte: \(diff.stdout)")
             #expect(diff.stdout.contains("\(m)/r\\xE9pertoire/f\\xFC"), "\(diff.stdout)")
-            let json = try #require(try tool.json("diff", "\(run)") as? [[String: Any]])
+            let json = try #require((try tool.json("diff", "\(run)") as? [String: Any])?["volumes"] as? [[String: Any]])
             let paths = Set(((json.first?["changes"] as? [[String: Any]]) ?? []).compactMap { $0["path"] as? String })
             #expect(paths == ["caf\\xE9", "link", "r\\xE9pertoire", "r\\xE9pertoire/f\\xFC"], "\(paths)")
             let patch = try tool("diff", "\(run)", "caf\\xE9", "--patch")

@@ -19,11 +19,45 @@ struct GuardTool {
         return try run([binary] + arguments + ["--state-dir", stateDirectory], environment: env)
     }
 
+    /// Runs `guard <arguments> --json`: its document, checked against its schema in Docs/schema/
+    /// (issue 21: every document the suite reads is validated, not only the contract test's).
     func json(_ arguments: String...) throws -> Any {
         let result = try run([binary] + arguments + ["--json", "--state-dir", stateDirectory], environment: guardEnvironment().merging(environment) { $1 })
         guard result.status == 0 else { throw ShellError(command: "guard \(arguments)", status: result.status, stderr: result.stderr) }
+        try expectValid(result.stdout, arguments: arguments)
         return try JSONSerialization.jsonObject(with: Data(result.stdout.utf8))
     }
+
+    /// `guard history --json`'s runs, newest first.
+    func history() throws -> [[String: Any]]? {
+        (try json("history") as? [String: Any])?["runs"] as? [[String: Any]]
+    }
+}
+
+/// The package's root (Scripts/, Docs/).
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+/// The schema of what `guard <arguments> --json` prints (Docs/schema/NAME.schema.json).
+func schemaName(_ arguments: [String]) -> String {
+    switch arguments.first {
+    case "show", "rollback", "commit": return "run"
+    case "run": return arguments.contains("--dry-run") ? "plan" : "run"
+    case "check": return "plan"
+    case "volume": return ["create", "remove"].contains(arguments.dropFirst().first) ? "volume" : "volume-list"
+    case let command?: return command
+    case nil: return "error"
+    }
+}
+
+/// Fails the test with every violation when `document` does not match the schema of the
+/// command that printed it (or `schema`, when given).
+func expectValid(_ document: String, arguments: [String], schema: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let name = schema ?? schemaName(arguments)
+    let file = NSTemporaryDirectory() + "guard-doc-\(UInt32.random(in: 0...UInt32.max)).json"
+    try Data(document.utf8).write(to: URL(fileURLWithPath: file))
+    defer { try? FileManager.default.removeItem(atPath: file) }
+    let result = try run(["/usr/bin/python3", "\(packageRoot)/Scripts/lib/validate-json.py", name, file])
+    #expect(result.status == 0, "guard \(arguments.joined(separator: " ")) --json does not match \(name).schema.json:\n\(result.stderr)\n\(document)", sourceLocation: sourceLocation)
 }
 
 /// An LVM setup like the tutorial's: VG datadisks on a loop device, LV website 100M, ext4.
@@ -158,7 +192,7 @@ extension Kernel {
             let migrated = try manifest(lvm.mountPoint)
 
             // The journal tells the story.
-            let history = try #require(try guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try guardTool.history())
             #expect(history.count == 2)
             let kept = history[0]
             let rolledBack = history[1]
@@ -299,12 +333,12 @@ extension Kernel {
             let looked = try guardTool("status", now: start.addingTimeInterval(3 * 86_400))
             #expect(looked.status == 0, "\(looked.stderr)")
             #expect(looked.stderr.contains("guard status --tidy") && !looked.stderr.contains("committing it"), "\(looked.stderr)")
-            #expect((try guardTool.json("history") as? [[String: Any]])?.first?["state"] as? String == "kept", "plain `guard status` committed nothing")
+            #expect((try guardTool.history())?.first?["state"] as? String == "kept", "plain `guard status` committed nothing")
             #expect(try sh("dmsetup table \(lvm.vg)-website").contains("snapshot-origin"), "plain `guard status` left the snapshot in place")
             let later = try guardTool("status", "--tidy", now: start.addingTimeInterval(3 * 86_400))
             #expect(later.status == 0)
             #expect(later.stderr.contains("committing it"), "\(later.stderr)")
-            let history = try #require(try guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try guardTool.history())
             #expect(history.first?["outcome"] as? String == "committed")
             try expectNothingLeft(state: guardTool.stateDirectory)
         }
@@ -330,7 +364,7 @@ extension Kernel {
             #expect(second.stderr.contains("nothing was touched") || second.stderr.contains("in use by another guard command"), "\(second.stderr)")
             let firstResult = try await first.value
             #expect(firstResult.status == 0, "\(firstResult.stderr)")
-            let history = try #require(try guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try guardTool.history())
             #expect(history.count == 1, "the refused run left no journal row")
             try expectNothingLeft(state: guardTool.stateDirectory)
         }

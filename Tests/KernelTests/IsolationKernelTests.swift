@@ -35,7 +35,7 @@ extension Kernel {
                 """, in: lvm.scratch)
             let kept = try tool("run", recipe)
             #expect(kept.status == 0, "\(kept.stderr)")
-            let run = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+            let run = try #require((try tool.history())?.first?["id"] as? Int)
 
             // A service with a mount namespace of its own, a slave of the host's (PrivateTmp,
             // ProtectSystem, udevd, an indexer): it looks for views and holds any it sees open.
@@ -94,7 +94,7 @@ extension Kernel {
             #expect(kept.status == 0, "\(kept.stderr)")
             let shown = try #require(try tool.json("status") as? [String: Any])
             let token = try #require((shown["runs"] as? [[String: Any]])?.first?["token"] as? String)
-            let run = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+            let run = try #require((try tool.history())?.first?["id"] as? Int)
 
             // The attacker: swaps d for a symlink to the outside directory, and plants symlinks
             // to the outside files at guard's temporary names, in a loop.
@@ -216,7 +216,7 @@ extension Kernel {
             let kept = try tool("run", "-v", recipe)
             #expect(kept.status == 0, "\(kept.stderr)")
             #expect(kept.stderr.contains("is encrypted (dm-crypt) but its COW") && kept.stderr.contains("decrypted"), "\(kept.stderr)")
-            let run = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+            let run = try #require((try tool.history())?.first?["id"] as? Int)
             let show = try tool("show", "\(run)", "--json")
             #expect(show.stdout.contains(Table.redactedKey), "the table is shown without its key")
             var places = [kept.stdout, kept.stderr, show.stdout, try tool("show", "\(run)").stdout, try tool("status", "--json").stdout]

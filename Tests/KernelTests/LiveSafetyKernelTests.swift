@@ -120,7 +120,7 @@ extension Kernel {
                 """, snapshot: snapshot)
             let kept = try tool("run", recipe)
             #expect(kept.status == 0, "\(kept.stderr)")
-            let id = try #require((try tool.json("history") as? [[String: Any]])?.first?["id"] as? Int)
+            let id = try #require((try tool.history())?.first?["id"] as? Int)
             let log = volume.scratch.path("monitor.log")
             let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
             volume.scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
@@ -180,14 +180,14 @@ extension Kernel {
             let done = volume.scratch.path("writer.done")
             try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
             try await waitUntil("the monitor to roll the run back") {
-                ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "finished"
-                    || ((try? tool.json("history") as? [[String: Any]])?.first?["state"] as? String) == "merging"
+                ((try? tool.history())?.first?["state"] as? String) == "finished"
+                    || ((try? tool.history())?.first?["state"] as? String) == "merging"
             }
             try await waitUntil("the writer to stop") { FileManager.default.fileExists(atPath: done) }
             let wait = try tool("status", "--wait")
             #expect(wait.status == 0, "\(wait.stderr)")
             monitor.terminate()
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "rolled_back", "\(history.first ?? [:]) \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
             let events = try lastRunEvents(tool)
             #expect(events.contains("intent on-full") && events.contains("intent rollback"), "\(events)")

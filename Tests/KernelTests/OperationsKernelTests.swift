@@ -206,7 +206,7 @@ extension Kernel {
             // --state-dir wins over state_dir: that directory has no run.
             let other = try guardWithConfiguration(file, "history", "--json", "--state-dir", lvm.scratch.path("other"))
             #expect(other.status == 0, "\(other.stderr)")
-            #expect((try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [Any])?.isEmpty == true, "\(other.stdout)")
+            #expect(((try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [String: Any])?["runs"] as? [Any])?.isEmpty == true, "\(other.stdout)")
 
             // A typo in guard.conf: every command refuses it, but `guard recover` (the boot unit)
             // goes on with the valid lines, so it still finds the journal in state_dir and leaves
@@ -399,7 +399,7 @@ extension Kernel {
             #expect(try verifyAttempts(2).count == 3, "one journal row per attempt")
             #expect(try manifest(lvm.mountPoint) == afterGood, "rolled back to the volume as before the second run")
             #expect(afterGood != before)
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.map { $0["outcome"] as? String ?? "" } == ["rolled_back", "committed"], "\(history)")
         }
     }

@@ -170,7 +170,7 @@ struct PowerLoss {
         #expect(try dm.table(.name("gpl-steps")).isOnly("linear") && dm.table(.name("gpl-merging")).isOnly("linear"))
 
         // The kept run survived the reset and can still be rolled back.
-        let history = try #require(try tool.json("history") as? [[String: Any]])
+        let history = try #require(try tool.history())
         let keptRun = try #require(history.first { ($0["recipe"] as? String) == "powerloss-kept" })
         #expect(keptRun["state"] as? String == "kept")
         let rollback = try tool("rollback", "\(keptRun["id"] as! Int)", "--wait")
@@ -178,7 +178,7 @@ struct PowerLoss {
         try dropCaches(volume("kept"))
         #expect(try sha256(volume("kept")) == before("kept"))
 
-        let after = try #require(try tool.json("history") as? [[String: Any]])
+        let after = try #require(try tool.history())
         let outcomes = Dictionary(uniqueKeysWithValues: after.map { ($0["recipe"] as! String, $0["outcome"] as? String ?? "") })
         #expect(outcomes["powerloss-steps"] == "recovered")
         // Its guard process died mid-merge: recovery finished the rollback and says so.
@@ -211,7 +211,7 @@ struct PowerLoss {
         let early = try late("recover")
         #expect(early.status == 4, "\(early.stdout) \(early.stderr)")
         #expect(early.stderr.contains("marker"), "the message says the COW directory is not the one guard wrote into: \(early.stderr)")
-        let waiting = try #require(try late.json("history") as? [[String: Any]])
+        let waiting = try #require(try late.history())
         #expect(waiting.allSatisfy { $0["state"] as? String == "needs_reassembly" }, "\(waiting.map { $0["state"] ?? "" })")
         for name in ["late-steps", "late-merging"] {
             #expect(try dm.table(.name("gpl-\(name.replacingOccurrences(of: "-", with: "--"))")).isOnly("linear"), "nothing was stacked or torn down")
@@ -229,7 +229,7 @@ struct PowerLoss {
             try dropCaches(volume(name))
             #expect(try sha256(volume(name)) == before(name), "\(name): every byte as before the run")
         }
-        let history = try #require(try late.json("history") as? [[String: Any]])
+        let history = try #require(try late.history())
         #expect(history.allSatisfy { $0["state"] as? String == "finished" && $0["outcome"] as? String == "recovered" }, "\(history)")
         #expect(SnapshotEngine.cowFiles(in: lateCowDirectory).isEmpty, "the COW files are released once merged")
         #expect(try dm.guardDevices().filter { StackIdentity.parse(uuid: $0.uuid) != nil }.isEmpty)

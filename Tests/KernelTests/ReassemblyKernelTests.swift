@@ -46,12 +46,12 @@ extension Kernel {
             let result = try volume.guardTool("run", recipe)
             #expect(result.status == 0, "\(result.stderr)")
             #expect(try volume.checksum == after)
-            let history = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try volume.guardTool.history())
             return ("\(history.first?["id"] as? Int ?? 0)", before, after)
         }
 
         func runState(_ volume: RawVolume) throws -> String? {
-            let history = try #require(try volume.guardTool.json("history") as? [[String: Any]])
+            let history = try #require(try volume.guardTool.history())
             return history.first?["state"] as? String
         }
 
@@ -121,7 +121,7 @@ extension Kernel {
             let commit = try tool("commit", run)
             #expect(commit.status == 0, "\(commit.stderr)")
             #expect(try volume.checksum == written)
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "committed")
             try expectNothingLeft(state: tool.stateDirectory)
             recordResult(["written-before-recovery", "reset with a kept snapshot; the volume written before guard recover", "keep", "as written", "committed", "stale: COW kept, nothing merged, exit 3; guard commit discarded it", ""])
@@ -167,7 +167,7 @@ extension Kernel {
             #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
             #expect(recover.stdout.contains("resumed the merge into \(volume.name)"), "\(recover.stdout)")
             #expect(try volume.checksum == before, "the merge finished: every byte as before the run")
-            let history = try #require(try tool.json("history") as? [[String: Any]])
+            let history = try #require(try tool.history())
             #expect(["recovered", "rolled_back"].contains(history.first?["outcome"] as? String ?? ""), "\(history.first ?? [:])")
             #expect(history.first?["state"] as? String == "finished")
             try expectNothingLeft(state: tool.stateDirectory)

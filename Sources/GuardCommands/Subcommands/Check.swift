@@ -30,30 +30,44 @@ extension GuardCommand {
         @Flag(help: "Only validate the file; do not resolve the volumes.")
         var syntaxOnly = false
 
+        @Flag(help: "Print the plan as JSON (Docs/schema/plan.schema.json); an invalid recipe's errors are in it, each with its line and column.")
+        var json = false
+
         func run() throws {
             let parsed: Recipe
             let loaded = RecipeFile.load(recipe)
+            let resolving = !syntaxOnly && geteuid() == 0
             switch loaded.recipe {
             case .success(let value): parsed = value
             case .failure(let errors):
-                throw GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
+                let failure = GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipe)")
+                guard json else { throw failure }
+                try printJSON(PlanDocument(mode: resolving ? "check" : "syntax", path: recipe, errors: errors))
+                throw DocumentPrinted(failure)
             }
-            say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
-            if syntaxOnly || geteuid() != 0 {
+            let unsafe = loaded.problem.map { "\($0); `guard run` refuses it without --allow-unsafe-recipe" }
+            if !resolving {
+                if json {
+                    return try printJSON(PlanDocument(mode: "syntax", recipe: parsed, path: recipe, plan: nil, warnings: unsafe.map { [$0] } ?? [], problems: []))
+                }
+                say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
                 Self.printRecipe(parsed, plan: nil, configuration: nil)
                 if !syntaxOnly { say("(run as root to resolve the volumes against this system)") }
                 return
             }
             let context = try global.context()
             let plan = try Planner(context: context).plan(parsed)
+            let failure = plan.problems.isEmpty ? nil : GuardFailure(.refused, plan.problems.joined(separator: "\n"))
+            if json {
+                try printJSON(PlanDocument(mode: "check", recipe: parsed, path: recipe, plan: plan, warnings: plan.warnings + (unsafe.map { [$0] } ?? []), problems: plan.problems))
+                if let failure { throw DocumentPrinted(failure) }
+                return
+            }
+            say("recipe \(parsed.name) (\(recipe), sha256 \(parsed.sha256.prefix(12))) is valid")
             Self.printRecipe(parsed, plan: plan, configuration: context.configuration)
             for warning in plan.warnings { say("warning: \(warning)") }
-            if !plan.problems.isEmpty {
-                throw GuardFailure(.refused, plan.problems.joined(separator: "\n"))
-            }
-            if let safety = loaded.problem {
-                say("warning: \(safety); `guard run` refuses it without --allow-unsafe-recipe")
-            }
+            if let failure { throw failure }
+            if let unsafe { say("warning: \(unsafe)") }
         }
 
         /// The plan as `guard check` and `guard run --dry-run` print it.

@@ -18,7 +18,7 @@ extension GuardCommand {
 
                 Each line: the change (created, deleted, modified, metadata), the path, its size then and now, and what changed in its metadata (mode, owner, xattrs; mtime with --times).
 
-                --json prints an array, one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
+                --json prints {"volumes": [...]} (Docs/schema/diff.schema.json), one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
 
                 A name that is not UTF-8 is shown with each such byte as \\xNN (a backslash in it as \\\\); guard restore takes that form back.
 
@@ -27,7 +27,7 @@ extension GuardCommand {
                 Examples:
                   guard diff 12
                   guard diff 12 /srv/www/db --patch
-                  guard diff --json 12 | jq '.[].changes[] | select(.change == "deleted")'
+                  guard diff --json 12 | jq '.volumes[].changes[] | select(.change == "deleted")'
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -53,7 +53,7 @@ extension GuardCommand {
             let collect: ((SnapshotFiles.View, FileChange, [UInt8]?, [UInt8]?) -> Void)? = patch && !json ? { patches.collect($0, $1, $2, $3) } : nil
             let volumes = try SnapshotFiles(context: context).diff(target, paths: paths, times: times, patch: collect)
             if json {
-                try printJSON(volumes)
+                try printJSON(["volumes": volumes])
                 return
             }
             var total = 0

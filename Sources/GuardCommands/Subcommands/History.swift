@@ -70,12 +70,12 @@ extension GuardCommand {
             discussion: """
                 One line a run: its number, recipe, start, duration, volumes, snapshot size, peak COW use and outcome (committed, kept, rolled_back, failed, recovered). Reads only the journal: no root or device-mapper needed beyond reading it.
 
-                --json prints an array of runs with stable snake_case keys: id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_us, snapshots (volume, size_bytes, peak_used_bytes, suspend_us, state). Docs/guide.md describes every field.
+                --json prints {"runs": [...]} (Docs/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_us, snapshots (volume, size_bytes, peak_used_bytes, suspend_us, state). Docs/guide.md describes every field.
 
                 Examples:
                   guard history
                   guard history --recipe website-schema-v2 --limit 5
-                  guard history --json | jq '.[] | select(.outcome == "rolled_back")'
+                  guard history --json | jq '.runs[] | select(.outcome == "rolled_back")'
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -93,7 +93,7 @@ extension GuardCommand {
             let context = try global.context()
             let runs = try context.existingJournal()?.history(limit: max(limit, 0), recipe: recipe) ?? []
             if json {
-                try printJSON(runs.map(HistoryEntry.init))
+                try printJSON(["runs": runs.map(HistoryEntry.init)])
                 return
             }
             if runs.isEmpty {

@@ -26,10 +26,14 @@ extension GuardCommand {
         @Flag(help: "Wait until the merge is complete and torn down.")
         var wait = false
 
+        @Flag(help: "Print the run afterwards as `guard show --json` does (Docs/schema/run.schema.json).")
+        var json = false
+
         func run() async throws {
             let context = try global.context()
             let message = try await Maintenance(context: context).rollback(target, wait: wait)
             context.reporter.note(message)
+            if json { try printRunDocument(target, context: context) }
         }
     }
 
@@ -48,10 +52,14 @@ extension GuardCommand {
         @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
         var target: String
 
+        @Flag(help: "Print the run afterwards as `guard show --json` does (Docs/schema/run.schema.json).")
+        var json = false
+
         func run() throws {
             let context = try global.context()
             let message = try Maintenance(context: context).commit(target)
             context.reporter.note(message)
+            if json { try printRunDocument(target, context: context) }
         }
     }
 
@@ -72,19 +80,37 @@ extension GuardCommand {
         @Flag(help: "Early boot mode (the systemd unit uses it).")
         var boot = false
 
+        @Flag(help: "Print what was done as JSON (Docs/schema/recover.schema.json): actions, problems, needs_reassembly.")
+        var json = false
+
+        struct Document: Encodable {
+            var actions: [String]
+            var problems: [String]
+            var needsReassembly: [String]
+            enum CodingKeys: String, CodingKey {
+                case actions, problems
+                case needsReassembly = "needs_reassembly"
+            }
+        }
+
         func run() async throws {
             let context = try global.context(keepingValid: true)
             let report = try await Recovery(context: context).recover(boot: boot)
-            for action in report.actions { say(action) }
-            if report.actions.isEmpty && report.problems.isEmpty && report.needsReassembly.isEmpty { say("nothing to recover") }
+            if json {
+                try printJSON(Document(actions: report.actions, problems: report.problems, needsReassembly: report.needsReassembly))
+            } else {
+                for action in report.actions { say(action) }
+                if report.actions.isEmpty && report.problems.isEmpty && report.needsReassembly.isEmpty { say("nothing to recover") }
+            }
+            var failure: GuardFailure?
             if !report.needsReassembly.isEmpty {
                 for line in report.needsReassembly { context.reporter.event(.needsReassembly, "needs reassembly: \(line)") }
                 let lines = report.problems + report.needsReassembly.map { "needs reassembly: \($0)" }
-                throw GuardFailure(.needsReassembly, lines.joined(separator: "\nguard: ") + "\nguard: nothing was removed; once that is there, run `guard recover`")
+                failure = GuardFailure(.needsReassembly, lines.joined(separator: "\nguard: ") + "\nguard: nothing was removed; once that is there, run `guard recover`")
+            } else if !report.problems.isEmpty {
+                failure = GuardFailure(.attention, report.problems.joined(separator: "\nguard: "))
             }
-            if !report.problems.isEmpty {
-                throw GuardFailure(.attention, report.problems.joined(separator: "\nguard: "))
-            }
+            if let failure { throw json ? DocumentPrinted(failure) : failure }
         }
     }
 

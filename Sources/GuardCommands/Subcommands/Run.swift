@@ -43,19 +43,28 @@ extension GuardCommand {
         @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan, the snapshot sizes and the COW use of earlier runs; touch nothing.")
         var dryRun = false
 
+        @Flag(help: "Print the run as `guard show --json` does (Docs/schema/run.schema.json), or with --dry-run the plan (plan.schema.json); the steps' output still goes to stderr.")
+        var json = false
+
         func run() async throws {
             let context = try global.context()
             var options = RunOptions()
             options.allowUnsafeRecipe = allowUnsafeRecipe
             if dryRun {
                 let result = try RunTransaction(context: context, options: options).checks(recipePath: recipe, dryRun: true)
+                let failure = result.refusals.isEmpty ? nil : GuardFailure(result.busy ? .busy : .refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
+                if json {
+                    try printJSON(PlanDocument(
+                        mode: "dry_run", recipe: result.plan.recipe, path: recipe, plan: result.plan, warnings: result.plan.warnings,
+                        problems: result.refusals, housekeeping: result.housekeeping, busy: result.busy))
+                    if let failure { throw DocumentPrinted(failure) }
+                    return
+                }
                 say("dry run of \(result.plan.recipe.name) (\(recipe), sha256 \(result.plan.recipe.sha256.prefix(12)))")
                 Check.printRecipe(result.plan.recipe, plan: result.plan, configuration: context.configuration)
                 for warning in result.plan.warnings { context.reporter.warning(warning) }
                 for chore in result.housekeeping { say("first, guard would \(chore)") }
-                if !result.refusals.isEmpty {
-                    throw GuardFailure(result.busy ? .busy : .refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
-                }
+                if let failure { throw failure }
                 context.reporter.note("dry run: every preflight check passes; nothing was touched")
                 return
             }
@@ -66,6 +75,14 @@ extension GuardCommand {
             // A kept failure (on_failure: keep) is no success, though its outcome is kept.
             let ending = report.exitCode == .success ? LogEvent.ending(report.outcome) : (report.outcome == .rolledBack ? .runRolledBack : .runFailed)
             context.reporter.event(ending, report.message)
+            if json {
+                // The run is done, whatever happens here: its exit code stands.
+                do {
+                    try printRunDocument(report.token, context: context)
+                } catch {
+                    context.reporter.warning("cannot print run \(report.runID) as JSON: \(error); `guard show --json \(report.runID)` shows it")
+                }
+            }
             throw ExitCodeError(report.exitCode)
         }
     }

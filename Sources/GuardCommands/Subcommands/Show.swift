@@ -202,7 +202,7 @@ extension GuardCommand {
         static let configuration = CommandConfiguration(
             abstract: "One run in detail: phases with timings, the suspend window, steps with output, COW use over time.",
             discussion: """
-                --json prints one object with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples), events (the intents and results guard journaled) and restores (each `guard restore`: started_at, finished_at, user, paths, delete, status, files, bytes, removed, detail).
+                --json prints one object (Docs/schema/run.schema.json) with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples), events (the intents and results guard journaled) and restores (each `guard restore`: started_at, finished_at, user, paths, delete, status, files, bytes, removed, detail).
 
                 Examples:
                   guard show 12
@@ -265,4 +265,12 @@ extension GuardCommand {
             if recipe { say("recipe:\n\(record.recipeText)") }
         }
     }
+}
+
+/// `guard run`, `rollback` and `commit --json`: the run as `guard show --json` prints it.
+func printRunDocument(_ reference: String, context: GuardContext) throws {
+    guard let journal = try context.existingJournal(), let record = try journal.run(reference) else {
+        throw GuardFailure(.attention, "run \(reference) is not in \(context.journalPath); `guard history` lists the runs")
+    }
+    try printJSON(try RunDetail(run: record, journal: journal))
 }

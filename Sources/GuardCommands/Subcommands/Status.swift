@@ -60,7 +60,7 @@ extension GuardCommand {
 
                 Exits 0 when all is well, 4 when a run needs reassembly, and 3 when something else needs a person: a run that did not finish, a stale snapshot, a fuse that has blown, a merge that failed, a volume not rolled back, a COW 80% full or more, a stray guard device. Each is named on stderr with what to run, so a monitoring check can run `guard status --quiet`.
 
-                --json prints {"runs": [...], "stray_devices": [...], "attention": [...]}; each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
+                --json prints {"runs": [...], "stray_devices": [...], "attention": [...]} (Docs/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status

@@ -21,6 +21,32 @@ extension GuardCommand {
                 """,
             subcommands: [Create.self, List.self, Remove.self, Activate.self])
 
+        /// `volume list --json` and `volume activate --json`: every volume, and what activate made.
+        struct VolumeList: Encodable {
+            var volumes: [Entry]
+            /// `activate`: the names it activated (null for `list`).
+            var activated: [String]?
+        }
+
+        /// A guard volume in JSON (Docs/schema/volume.schema.json and volume-list.schema.json).
+        struct Entry: Encodable {
+            var name: String
+            var path: String
+            var backing: String
+            var sizeBytes: UInt64
+            var active: Bool
+            /// MAJOR:MINOR while active.
+            var device: String?
+            enum CodingKeys: String, CodingKey {
+                case name, path, backing, active, device
+                case sizeBytes = "size_bytes"
+            }
+
+            init(_ volume: GuardVolume, _ info: DeviceInfo?) {
+                (name, path, backing, sizeBytes, active, device) = (volume.name, volume.path, volume.backing, volume.sizeBytes, info != nil, info?.number.description)
+            }
+        }
+
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
                 abstract: "Create a guard volume: /dev/mapper/NAME over a file (created if missing) or a block device.",
@@ -33,6 +59,7 @@ extension GuardCommand {
             @Argument(help: "The volume name (/dev/mapper/NAME).") var name: String
             @Option(help: ArgumentHelp("A file (created when missing) or block device.", valueName: "file|device")) var backing: String
             @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing).", valueName: "size")) var size: String?
+            @Flag(help: "Print the volume as JSON (Docs/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
@@ -45,8 +72,10 @@ extension GuardCommand {
                 }
                 try context.prepareStateDirectory()
                 do {
-                    let volume = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).create(name: name, backing: backing, size: bytes)
-                    say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing))")
+                    let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                    let volume = try volumes.create(name: name, backing: backing, size: bytes)
+                    guard json else { return say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing))") }
+                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.name(volume.name)))])
                 } catch let error as SnapshotError {
                     throw GuardFailure(.refused, "\(error)")
                 }
@@ -61,29 +90,16 @@ extension GuardCommand {
 
                     Examples:
                       guard volume list
-                      guard volume list --json | jq -r '.[].name'
+                      guard volume list --json | jq -r '.volumes[].name'
                     """)
             @OptionGroup var global: GlobalOptions
-            @Flag(help: "Print JSON.") var json = false
-
-            struct Entry: Encodable {
-                var name: String
-                var path: String
-                var backing: String
-                var sizeBytes: UInt64
-                var active: Bool
-                var device: String?
-                enum CodingKeys: String, CodingKey {
-                    case name, path, backing, active, device
-                    case sizeBytes = "size_bytes"
-                }
-            }
+            @Flag(help: "Print JSON (Docs/schema/volume-list.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
                 let volumes = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).list()
-                let entries = volumes.map { Entry(name: $0.0.name, path: $0.0.path, backing: $0.0.backing, sizeBytes: $0.0.sizeBytes, active: $0.1 != nil, device: $0.1?.number.description) }
-                if json { return try printJSON(entries) }
+                let entries = volumes.map { Entry($0.0, $0.1) }
+                if json { return try printJSON(VolumeList(volumes: entries, activated: nil)) }
                 if entries.isEmpty { return say("no guard volumes") }
                 var rows = [["NAME", "DEVICE", "SIZE", "BACKING", "STATE"]]
                 for entry in entries { rows.append([entry.name, entry.path, formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive"]) }
@@ -102,15 +118,19 @@ extension GuardCommand {
                     """)
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The volume name.") var name: String
+            @Flag(help: "Print the removed volume as JSON (Docs/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
+                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                let removed = try volumes.list().first { $0.0.name == name }?.0
                 do {
-                    try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).remove(name: name)
+                    try volumes.remove(name: name)
                 } catch let error as SnapshotError {
                     throw GuardFailure(.refused, "\(error)")
                 }
-                say("removed \(name)")
+                guard json, let removed else { return say("removed \(name)") }
+                try printJSON(["volume": Entry(removed, nil)])
             }
         }
 
@@ -124,10 +144,15 @@ extension GuardCommand {
                       guard volume activate
                     """)
             @OptionGroup var global: GlobalOptions
+            @Flag(help: "Print the volumes as JSON (Docs/schema/volume-list.schema.json), with the names activated.") var json = false
 
             func run() throws {
                 let context = try global.context()
-                let activated = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).activateAll()
+                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                let activated = try volumes.activateAll()
+                if json {
+                    return try printJSON(VolumeList(volumes: try volumes.list().map { Entry($0.0, $0.1) }, activated: activated.map(\.name)))
+                }
                 say(activated.isEmpty ? "every guard volume is active" : "activated " + activated.map(\.name).joined(separator: ", "))
             }
         }
