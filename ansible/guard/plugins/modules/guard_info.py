@@ -1,0 +1,99 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guard authors
+# Apache License 2.0 (see LICENSE in the guard repository)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+---
+module: guard_info
+short_description: guard's history and status on a host, as facts
+description:
+  - Reads C(guard history --json) and C(guard status --json); changes nothing.
+  - The facts are C(ansible_facts.guard.history) (the newest runs first) and C(ansible_facts.guard.status)
+    (open runs, their snapshots' COW use and merges, stray devices, and what needs a person).
+version_added: 0.1.0
+author:
+  - guard authors (@guard)
+options:
+  limit:
+    description:
+      - At most this many runs of the history.
+    type: int
+    default: 50
+  recipe:
+    description:
+      - Only runs of this recipe (its name).
+    type: str
+  state_dir:
+    description:
+      - guard's state directory (C(--state-dir)).
+    type: path
+  config:
+    description:
+      - guard's configuration file (C(--config)).
+    type: path
+  binary:
+    description:
+      - The guard executable; default C(guard) on the PATH, in C(/usr/sbin) or C(/usr/local/sbin).
+    type: path
+notes:
+  - Needs root on the host (C(become)) for the status of live snapshots.
+'''
+
+EXAMPLES = r'''
+- name: What guard did here
+  guard.guard.guard_info:
+    limit: 5
+
+- name: Hosts that need a person
+  ansible.builtin.debug:
+    var: ansible_facts.guard.status.attention
+  when: ansible_facts.guard.status.attention | length > 0
+'''
+
+RETURN = r'''
+ansible_facts:
+  description: C(guard.history) (Docs/schema/history.schema.json's runs) and C(guard.status) (status.schema.json).
+  returned: always
+  type: dict
+  contains:
+    guard:
+      description: history, status, needs_attention and needs_reassembly.
+      type: dict
+      returned: always
+'''
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.guard.guard.plugins.module_utils.guard import (
+    COMMON_ARGS, EXIT_ATTENTION, EXIT_NEEDS_REASSEMBLY, EXIT_SUCCESS, Guard, GuardError, error_message, is_error_document)
+
+
+def main():
+    argument_spec = dict(limit=dict(type='int', default=50), recipe=dict(type='str'))
+    argument_spec.update(COMMON_ARGS)
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    guard = Guard(module)
+    history_arguments = ['history', '--limit', str(module.params['limit'])]
+    if module.params['recipe']:
+        history_arguments += ['--recipe', module.params['recipe']]
+    try:
+        rc, history, stderr = guard.run(*history_arguments)
+        if rc != EXIT_SUCCESS:
+            module.fail_json(msg=error_message(history, stderr), rc=rc, stderr=stderr)
+        # status exits 3 (needs attention) or 4 (needs reassembly) with its document: facts, not a failure.
+        status_rc, status, stderr = guard.run('status')
+        if status_rc not in (EXIT_SUCCESS, EXIT_ATTENTION, EXIT_NEEDS_REASSEMBLY) or is_error_document(status):
+            module.fail_json(msg=error_message(status, stderr), rc=status_rc, stderr=stderr)
+    except GuardError as error:
+        module.fail_json(msg=str(error), rc=error.rc, stderr=error.stderr)
+    facts = dict(history=history['runs'], status=status,
+                 needs_attention=status_rc == EXIT_ATTENTION, needs_reassembly=status_rc == EXIT_NEEDS_REASSEMBLY)
+    module.exit_json(changed=False, ansible_facts=dict(guard=facts))
+
+
+if __name__ == '__main__':
+    main()
