@@ -18,26 +18,14 @@ description:
 version_added: 0.1.0
 author:
   - guard authors (@guard)
+extends_documentation_fragment:
+  - guard.guard.guard
 options:
   run:
     description:
       - The run's number or token, as C(guard history) and M(guard.guard.guard_run) return it.
     type: str
     required: true
-  state_dir:
-    description:
-      - guard's state directory (C(--state-dir)).
-    type: path
-  config:
-    description:
-      - guard's configuration file (C(--config)).
-    type: path
-  binary:
-    description:
-      - The guard executable; default C(guard) on the PATH, in C(/usr/sbin) or C(/usr/local/sbin).
-    type: path
-notes:
-  - Needs root on the host (C(become)).
 seealso:
   - module: guard.guard.guard_run
   - module: guard.guard.guard_rollback

@@ -18,6 +18,8 @@ description:
 version_added: 0.1.0
 author:
   - guard authors (@guard)
+extends_documentation_fragment:
+  - guard.guard.guard
 options:
   run:
     description:
@@ -29,20 +31,6 @@ options:
       - Wait until the merge is complete and torn down.
     type: bool
     default: false
-  state_dir:
-    description:
-      - guard's state directory (C(--state-dir)).
-    type: path
-  config:
-    description:
-      - guard's configuration file (C(--config)).
-    type: path
-  binary:
-    description:
-      - The guard executable; default C(guard) on the PATH, in C(/usr/sbin) or C(/usr/local/sbin).
-    type: path
-notes:
-  - Needs root on the host (C(become)).
 seealso:
   - module: guard.guard.guard_run
   - module: guard.guard.guard_commit

@@ -20,6 +20,8 @@ description:
 version_added: 0.1.0
 author:
   - guard authors (@guard)
+extends_documentation_fragment:
+  - guard.guard.guard
 options:
   recipe:
     description:
@@ -34,20 +36,7 @@ options:
       - Run a recipe that users other than root can modify.
     type: bool
     default: false
-  state_dir:
-    description:
-      - guard's state directory (C(--state-dir)); default as guard has it (C(GUARD_STATE_DIR), C(guard.conf), C(/var/lib/guard)).
-    type: path
-  config:
-    description:
-      - guard's configuration file (C(--config)).
-    type: path
-  binary:
-    description:
-      - The guard executable; default C(guard) on the PATH, in C(/usr/sbin) or C(/usr/local/sbin).
-    type: path
 notes:
-  - Needs root on the host (C(become)).
   - The steps' output goes to guard's stderr, returned as I(stderr).
 seealso:
   - module: guard.guard.guard_rollback
