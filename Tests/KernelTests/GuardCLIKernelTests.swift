@@ -53,11 +53,64 @@ func schemaName(_ arguments: [String]) -> String {
 /// command that printed it (or `schema`, when given).
 func expectValid(_ document: String, arguments: [String], schema: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws {
     let name = schema ?? schemaName(arguments)
-    let file = NSTemporaryDirectory() + "guard-doc-\(UInt32.random(in: 0...UInt32.max)).json"
-    try Data(document.utf8).write(to: URL(fileURLWithPath: file))
-    defer { try? FileManager.default.removeItem(atPath: file) }
-    let result = try run(["/usr/bin/python3", "\(packageRoot)/Scripts/lib/validate-json.py", name, file])
-    #expect(result.status == 0, "guard \(arguments.joined(separator: " ")) --json does not match \(name).schema.json:\n\(result.stderr)\n\(document)", sourceLocation: sourceLocation)
+    let errors = try SchemaValidator.shared.violations(document, schema: name)
+    #expect(errors == nil, "guard \(arguments.joined(separator: " ")) --json does not match \(name).schema.json:\n\(errors ?? "")\n\(document)", sourceLocation: sourceLocation)
+}
+
+/// One `validate-json.py --serve` for the whole suite: under emulation, starting Python and
+/// loading jsonschema costs seconds, and the suite validates every document it reads.
+final class SchemaValidator: @unchecked Sendable {
+    // @unchecked: the process and its pipes are only used under `lock`.
+    static let shared = SchemaValidator()
+    private let lock = NSLock()
+    private var process: Process?
+    private var input: FileHandle?
+    private var output: FileHandle?
+    private var buffered = Data()
+
+    /// The violations, or nil when the document is valid.
+    func violations(_ document: String, schema: String) throws -> String? {
+        try lock.withLock {
+            let file = NSTemporaryDirectory() + "guard-doc-\(UInt32.random(in: 0...UInt32.max)).json"
+            try Data(document.utf8).write(to: URL(fileURLWithPath: file))
+            defer { try? FileManager.default.removeItem(atPath: file) }
+            try start()
+            input!.write(Data("\(schema)\t\(file)\n".utf8))
+            let line = try readLine()
+            guard let answer = try JSONSerialization.jsonObject(with: line) as? [String: Any], let valid = answer["valid"] as? Bool else {
+                throw ShellError(command: "validate-json.py --serve", status: -1, stderr: String(decoding: line, as: UTF8.self))
+            }
+            return valid ? nil : answer["errors"] as? String ?? "invalid"
+        }
+    }
+
+    private func start() throws {
+        if let process, process.isRunning { return }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = ["\(packageRoot)/Scripts/lib/validate-json.py", "--serve"]
+        let toServer = Pipe(), fromServer = Pipe()
+        process.standardInput = toServer
+        process.standardOutput = fromServer
+        try process.run()
+        (self.process, input, output, buffered) = (process, toServer.fileHandleForWriting, fromServer.fileHandleForReading, Data())
+    }
+
+    private func readLine() throws -> Data {
+        while true {
+            if let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = buffered[buffered.startIndex..<newline]
+                buffered = Data(buffered[buffered.index(after: newline)...])
+                return Data(line)
+            }
+            let chunk = output!.availableData
+            if chunk.isEmpty {
+                process = nil
+                throw ShellError(command: "validate-json.py --serve", status: -1, stderr: "it exited (is python3-jsonschema installed? Scripts/setup installs it)")
+            }
+            buffered.append(chunk)
+        }
+    }
 }
 
 /// An LVM setup like the tutorial's: VG datadisks on a loop device, LV website 100M, ext4.
