@@ -48,3 +48,18 @@ func catalogCoversEvents() throws {
     }
     #expect(catalog.components(separatedBy: "\n-- ").count - 1 == ids.count, "no entry without an event")
 }
+
+@Test("status --watch: a stray device is one line of the view, not repeated under needs attention; a full COW is")
+func watchViewSaysEachThingOnce() {
+    var run = RunRecord(token: "t", recipeName: "web", recipePath: "/r", recipeSHA256: "", recipeText: "", host: "h", user: "root", pid: 1, startedAt: 1_700_000_000)
+    run.id = 3
+    run.state = .kept
+    let runs = [Maintenance.RunStatus(run: run, volumes: [
+        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", usedBytes: 90 << 20, sizeBytes: 100 << 20),
+    ])]
+    let view = GuardCommand.Status.watchView(runs, strays: ["GUARD-SNAP-x (vg-web-guard-x-snap)"], header: "guard status")
+    let lines = view.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+    #expect(lines.filter { $0.contains("GUARD-SNAP-x") }.count == 1, "\(view)")
+    let attention = lines.drop { $0 != "needs attention:" }.dropFirst().filter { !$0.isEmpty }
+    #expect(attention.count == 1 && attention.first?.contains("90%") == true, "the full COW is under needs attention, once: \(view)")
+}

@@ -137,15 +137,21 @@ extension GuardCommand {
             let terminal = isatty(STDOUT_FILENO) == 1
             while true {
                 let (runs, strays) = try maintenance.status()
-                let attention = Maintenance.attention(runs, strays: strays)
-                var lines = ["guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))", ""]
-                lines += Self.lines(Self.output(runs, strays: strays, attention: attention), runs: runs)
-                if !attention.isEmpty { lines += ["", "needs attention:"] + attention.map { "  \($0)" } }
-                let text = lines.joined(separator: "\n") + "\n"
+                let text = Self.watchView(runs, strays: strays, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
                 // Home, the view, then erase what an older, longer view left below it.
                 FileHandle.standardOutput.write(Data((terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n").utf8))
                 try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
             }
+        }
+
+        /// One view of `--watch`: the header, the status, and what needs attention that the
+        /// status lines do not already say (a stray device is one of them: it is not repeated).
+        static func watchView(_ runs: [Maintenance.RunStatus], strays: [String], header: String) -> String {
+            let attention = Maintenance.attention(runs, strays: strays)
+            var lines = [header, ""] + Self.lines(Self.output(runs, strays: strays, attention: attention), runs: runs)
+            let unsaid = attention.filter { !lines.contains($0) }
+            if !unsaid.isEmpty { lines += ["", "needs attention:"] + unsaid.map { "  \($0)" } }
+            return lines.joined(separator: "\n") + "\n"
         }
 
         /// The status as data (`--json`, and the lines of the human view).
