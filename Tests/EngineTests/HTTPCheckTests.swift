@@ -29,7 +29,7 @@ final class TestHTTPServer {
                 if self.path == "/ok?full=1": self.send(200, b"all good")
                 elif self.path == "/chunked": self.send(200, b"ready: yes", chunked=True)
                 elif self.path == "/down": self.send(503, b"starting")
-                elif self.path == "/slow": time.sleep(5); self.send(200, b"late")
+                elif self.path == "/slow": time.sleep(30); self.send(200, b"late")
                 else: self.send(404, b"no")
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
@@ -100,10 +100,14 @@ struct HTTPCheckTests {
         let refused = await check(HTTPCheck(url: "http://127.0.0.1:\(closed)/"))
         #expect(refused.termination.description.contains("cannot connect to 127.0.0.1 port \(closed)"), "\(refused.termination)")
 
+        // The server answers /slow after 30 s. A .timedOut result is the proof that the 300 ms
+        // deadline ended the wait (an answer would be a 200); the clock only bounds it loosely,
+        // because on a busy 2-core machine this test's own task can wait seconds to be resumed.
         let started = ContinuousClock.now
         let slow = await check(HTTPCheck(url: server.url("/slow")), timeout: .milliseconds(300))
         #expect(slow.termination == .timedOut)
-        #expect(ContinuousClock.now - started < .seconds(3), "the timeout ends the wait")
+        #expect(slow.stderrTail.contains("within 0.3 seconds"), "\(slow.stderrTail)")
+        #expect(ContinuousClock.now - started < .seconds(15), "the timeout ends the wait, long before the answer")
 
         let stopped = await check(HTTPCheck(url: server.url("/slow")), stop: { "interrupted (Ctrl-C)" })
         #expect(stopped.termination == .stopped("interrupted (Ctrl-C)"))
