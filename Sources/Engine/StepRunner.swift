@@ -1,5 +1,6 @@
 import BlockDevice
 import Foundation
+import Quantities
 import Recipe
 import Subprocess
 import SystemPackage
@@ -249,8 +250,7 @@ public struct StepRunner: Sendable {
 }
 
 func seconds(since start: ContinuousClock.Instant) -> Double {
-    let elapsed = ContinuousClock.now - start
-    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    (ContinuousClock.now - start).inSeconds
 }
 
 /// The last bytes of stdout and stderr, bounded whatever a step prints.

@@ -1,6 +1,11 @@
 /// How guard writes sizes and fractions for people: one formatter for every module (the
 /// recipe parser's messages, the engine's log, the commands' output), without Foundation.
 
+extension Duration {
+    /// The duration in seconds, with its fraction: 1.5 for one and a half seconds.
+    public var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
 /// "25 MiB", "1.5 GiB", "512 B": binary units, at most one decimal, no trailing ".0".
 public func formatBytes(_ bytes: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"]

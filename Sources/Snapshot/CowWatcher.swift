@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Quantities
 
 /// Watches the COW use of live snapshots while the steps run, and on a rollback until the
 /// merge starts: records the peak, grows file-backed COWs before they fill (by the extension
@@ -159,7 +160,7 @@ public final class CowWatcher: Sendable {
     /// One reading of every stack; returns how long to wait for the next.
     @discardableResult
     private func poll(elapsed: Duration) -> Duration {
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let seconds = elapsed.inSeconds
         var next = interval
         for (index, stack) in stacks.enumerated() {
             let status: SnapshotStatus
@@ -238,7 +239,7 @@ public final class CowWatcher: Sendable {
         let left = stop - Double(usage.allocatedSectors)
         guard left > 0 else { return nil }  // at the stop point: the alarm and the fuse act now
         let seconds = left / rate / 2
-        let regular = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
+        let regular = interval.inSeconds
         guard seconds < regular else { return nil }
         return .microseconds(Int64(seconds * 1_000_000))
     }

@@ -3,6 +3,7 @@ import DeviceMapper
 import Engine
 import Foundation
 import Journal
+import Quantities
 import Recipe
 import Snapshot
 
@@ -192,8 +193,8 @@ struct PlanDocument: Encodable {
                 }
                 return CommandFacts(
                     name: command.name, kind: kind, invocation: command.invocation.description,
-                    timeoutSeconds: (command.timeout ?? (timed ? recipe.defaultTimeout : nil)).map(seconds),
-                    retries: command.retries, intervalSeconds: command.retries > 0 ? seconds(command.interval) : nil,
+                    timeoutSeconds: (command.timeout ?? (timed ? recipe.defaultTimeout : nil)).map(\.inSeconds),
+                    retries: command.retries, intervalSeconds: command.retries > 0 ? command.interval.inSeconds : nil,
                     user: command.user, workingDirectory: command.workingDirectory, line: command.location.line)
             }
         }
@@ -209,9 +210,4 @@ struct PlanDocument: Encodable {
         self.housekeeping = housekeeping
         self.busy = busy
     }
-}
-
-/// A duration in seconds, for JSON.
-func seconds(_ duration: Duration) -> Double {
-    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
 }
