@@ -100,10 +100,14 @@ struct RollbackProcedure {
 
         try journalUnmounts()
 
-        // Merge: from here on the volumes read as before the run.
+        // Merge: from here on the volumes read as before the run. udev's work on the merging
+        // origins (a probe of each, which competes with the merge's copying) is waited for
+        // once the volumes are mounted again and the start hooks ran: the device nodes are
+        // there all along. The batch waits when it goes, on every path out of here.
         beforeMerge()
+        let udev = UdevBatch()
         do {
-            _ = try live.startMerges { index in
+            _ = try live.startMerges(udev: udev) { index in
                 var updated = records[index]
                 updated.state = .merging
                 try journal.update(updated)
@@ -141,6 +145,7 @@ struct RollbackProcedure {
         await startHooks(hooks, runner: runner, runID: runID, token: run.token)
         reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
         try journal.endPhase(phase, status: .done, detail: "merge started", at: timestamp())
+        udev.finish()
 
         if wait {
             try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)

@@ -599,9 +599,12 @@ public struct SnapshotEngine {
     /// copies chunks back underneath.
     ///
     /// - Precondition: neither the origin nor the snapshot is mounted or open.
+    /// - Parameter udev: the caller's batch for the resumes and the removal of `-snap`, which
+    ///   it waits for itself (a rollback mounts the volume again first: the device node is
+    ///   there all along, and udev's probe of the merging origin is slow); nil: waited for here.
     /// - Throws: `.invalidSnapshot` when the kernel invalidated the snapshot (the rollback is
     ///   impossible, the volume keeps the upgraded data); `.inUse` when mounted.
-    func startMerge(_ stack: SnapshotStack) throws {
+    func startMerge(_ stack: SnapshotStack, udev callerBatch: UdevBatch? = nil) throws {
         let operation = "rollback of \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
@@ -637,9 +640,9 @@ public struct SnapshotEngine {
         CrashPoint.hit("merge.label-merging")
         // Resuming the origin hands the exceptions over to the merge. A table that did not
         // load leaves nothing merging: the label goes back to active. One udev wait for the
-        // resumes and the removal of -snap.
-        let udev = UdevBatch()
-        defer { udev.finish() }
+        // resumes and the removal of -snap, here or by the caller.
+        let udev = callerBatch ?? UdevBatch()
+        defer { if callerBatch == nil { udev.finish() } }
         try executor.run(.startMerge(origin: origin, snap: snap, real: real.number, cow: cow.number, stack: stack), udev: udev) {
             if var label = try? CowLabel.read(from: stack.storage.path) {
                 label.state = .active

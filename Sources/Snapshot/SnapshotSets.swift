@@ -135,15 +135,18 @@ public struct LiveSnapshotSet: ~Copyable {
 
     /// Starts merging the snapshots back, one volume after another (each unmounted). From the
     /// moment a merge starts its volume reads as before the run.
-    /// - Parameter started: runs after each start (the journal's record of it); its failure
-    ///   stops the starts like a failed merge.
+    /// - Parameters:
+    ///   - udev: a batch for every start's udev events that the caller waits for (after it has
+    ///     mounted the volumes again); nil: each start waits for its own.
+    ///   - started: runs after each start (the journal's record of it); its failure stops the
+    ///     starts like a failed merge.
     /// - Throws: `MergeStartFailure`, with the stacks already merging and those not started.
-    public consuming func startMerges(started: (Int) throws -> Void) throws(MergeStartFailure) -> MergingSnapshotSet {
+    public consuming func startMerges(udev: UdevBatch? = nil, started: (Int) throws -> Void) throws(MergeStartFailure) -> MergingSnapshotSet {
         var merging: [SnapshotStack] = []
         for (index, stack) in stacks.enumerated() {
             do {
                 CrashPoint.hit("rollback.before-merge")
-                try engine.startMerge(stack)
+                try engine.startMerge(stack, udev: udev)
                 CrashPoint.hit("rollback.after-merge-start")
                 try started(index)
             } catch {
