@@ -47,23 +47,30 @@ if s:
 r = devices.get("restore_seconds")
 if r:
     lines += ["## 2. Time until the service sees the old data again", "",
-              "A bad upgrade rewrote N MiB of files in a 1 GiB ext4 volume. guard: `guard rollback RUN` of the kept run "
-              "(returns with the volume mounted again and the old data readable; the merge goes on underneath). "
+              "A bad upgrade rewrote N MiB of files in a 1 GiB ext4 volume. guard: `guard rollback RUN` of the kept run; "
+              "its recipe's `rollback.start` hook starts the service again once the volume is mounted with the old data, "
+              "and the moment that hook runs is when the service sees the old data again. The command returns a little later, "
+              "once udev has finished with the devices (the merge goes on underneath). "
               "lvm2: `umount; lvconvert --merge vg/snap` (waits for the merge, as its man page runs it); `mount`. "
-              "Copy-back: mount the snapshot, `cp -a` the files back (the tutorial's way).", "",
-              "| changed | guard rollback (s) | lvconvert --merge (s) | copy-back (s) | guard / lvconvert | guard / copy-back | guard merge complete (s) | raw copy of the changes (s) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "Copy-back: mount the snapshot, `cp -a` the files back (the tutorial's way). "
+              "Each time is from the start of the first command.", "",
+              "| changed | guard: service back (s) | guard rollback returns (s) | lvconvert --merge (s) | copy-back (s) | guard / lvconvert | guard / copy-back | guard merge complete (s) | raw copy of the changes (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     # The JSON's keys are sorted as text; show the sizes in numeric order.
     r = dict(sorted(r.items(), key=lambda item: int(item[0].rstrip("MiB"))))
     for size, e in r.items():
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (size, f(e["guard_rollback"]["median"]), f(e["lvconvert_merge"]["median"]), f(e["copy_back"]["median"]),
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (size, f(e["guard_service_back"]["median"]), f(e["guard_rollback"]["median"]), f(e["lvconvert_merge"]["median"]), f(e["copy_back"]["median"]),
                      f(e["ratio_vs_lvconvert"]), f(e["ratio_vs_copy_back"]), f(e["guard_merge_complete"]["median"]), f(e["raw_copy"]["median"])))
-    last = list(r.values())[-1]
-    ok = last["ratio_vs_lvconvert"] is not None and last["ratio_vs_lvconvert"] <= 0.1 and last["ratio_vs_copy_back"] <= 0.1
-    first_guard, last_guard = list(r.values())[0]["guard_rollback"]["median"], last["guard_rollback"]["median"]
-    lines += ["", "Goal: flat in the amount changed (guard: %s) and at least 10x faster than both at the largest size (%s x lvconvert, %s x copy-back): %s."
-              % (", ".join("%s s at %s" % (f(e["guard_rollback"]["median"]), size) for size, e in r.items()),
-                 f(1 / last["ratio_vs_lvconvert"]), f(1 / last["ratio_vs_copy_back"]), verdict(ok)), ""]
+    first, last = list(r.values())[0], list(r.values())[-1]
+    fast = last["ratio_vs_lvconvert"] is not None and last["ratio_vs_lvconvert"] <= 0.1 and last["ratio_vs_copy_back"] <= 0.1
+    spread = last["guard_service_back"]["median"] / first["guard_service_back"]["median"]
+    flat = spread <= 1.2
+    lines += ["", "Goal: flat in the amount changed, the largest size within 1.2x of the smallest (guard's service back: %s; %s x): %s."
+              % (", ".join("%s s at %s" % (f(e["guard_service_back"]["median"]), size) for size, e in r.items()), f(spread), verdict(flat)),
+              "Goal: at least 10x faster than both at the largest size (%s x lvconvert, %s x copy-back): %s. "
+              "By the time `guard rollback` returns: %s x lvconvert, %s x copy-back."
+              % (f(1 / last["ratio_vs_lvconvert"]), f(1 / last["ratio_vs_copy_back"]), verdict(fast),
+                 f(1 / last["command_ratio_vs_lvconvert"]), f(1 / last["command_ratio_vs_copy_back"])), ""]
 
 o = devices.get("empty_transaction_seconds")
 if o:
@@ -141,12 +148,17 @@ a second time. `dmsetup suspend` + `dmsetup resume`, the floor an admin has by h
 stalls longer than guard because the second command starts while the volume is suspended.
 
 **Fixed costs.** Every guard command starts a 100 MB Swift binary (0.2-0.5 s under this
-emulation, `guard --version`); the commands that suspend a volume also start
-`guard-watchdog`, and write the journal (SQLite, one fsync per group of records) and the
-COW labels on a real filesystem. These costs are constant and keep guard short of 10x at
-256 MiB. What grows with the amount changed is the merge running underneath: it reads the
-COW through its loop device and ext4 while guard mounts the volume again, and on two
-emulated CPUs that slows the mount a little more for every MiB to merge.
+emulation, `guard --version`; a fifth of that on the host is the Swift runtime's search of
+its protocol conformances, the rest is the kernel mapping the program); the commands that
+suspend a volume also start `guard-watchdog`, and write the journal (SQLite, one fsync per
+group of records) and the COW labels on a real filesystem. Traced under this emulation, a
+rollback spends about 0.5 s starting, 0.3 s reading the run and starting the watchdog,
+0.05-0.25 s unmounting (ext4 writes back its journal), 0.2 s on the merge's tables and
+0.05-0.1 s mounting again. These costs are constant and keep guard short of 10x against a
+copy-back at 256 MiB. What grew with the amount changed was udev: once the merge starts it
+probes the origin, whose reads compete with the merge's copying (0.6 s at 16 MiB, 1.3 s at
+256 MiB). guard now waits for udev after the volume is mounted again and the start hooks
+have run, so the service no longer waits for it; the command still does, before it returns.
 
 **Write cost.** guard's COW is a file in its state directory, attached to a loop device:
 each first write to a chunk is copied into that file, and the kernel's commits of the
