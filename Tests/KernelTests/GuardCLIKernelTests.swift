@@ -217,6 +217,14 @@ func expectNothingLeft(state: String, sourceLocation: SourceLocation = #_sourceL
     #expect(loops.isEmpty, "loop devices left: \(loops)", sourceLocation: sourceLocation)
 }
 
+/// libdevmapper's udev transactions open now (`dmsetup udevcookies`): a cookie's semaphore
+/// lives until the command that made it waits for udev, so one left behind by a command that
+/// returned is a wait it skipped. (A process killed mid-transaction leaves one too.)
+func udevCookies() throws -> Set<String> {
+    let listing = try sh("dmsetup udevcookies")
+    return Set(listing.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) })
+}
+
 extension Kernel {
     /// Issue 6: the guard command on real volumes.
     @Suite("guard run, rollback, commit, history, show")
@@ -358,13 +366,22 @@ extension Kernel {
             try expectNothingLeft(state: guardTool.stateDirectory)
         }
 
-        @Test("a kept run is rolled back a day later, after more writes; an expired keep is committed")
+        @Test("a kept run is rolled back a day later, after more writes: the service's start hook finds the old data mounted while the merge goes on, and no udev transaction is left; an expired keep is committed")
         func keptRunRolledBackLater() throws {
             let lvm = try LVMFixture()
             let guardTool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             try writeDatabase(at: lvm.mountPoint)
             let before = try manifest(lvm.mountPoint)
-            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false, onSuccess: "keep 2d"), in: lvm.scratch)
+            let database = try sha256("\(lvm.mountPoint)/database")
+            // The service starts again from the rollback's start hook, and notes what it finds.
+            let seen = lvm.scratch.path("seen-by-service")
+            let service = """
+                rollback:
+                  start:
+                    - name: the service starts
+                      shell: "mountpoint -q \(lvm.mountPoint) && sha256sum < \(lvm.mountPoint)/database | cut -d' ' -f1 > \(seen)"
+                """
+            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false, onSuccess: "keep 2d", extra: service), in: lvm.scratch)
             let start = Date()
             let result = try guardTool("run", recipe, now: start)
             #expect(result.status == 0, "\(result.stderr)")
@@ -372,8 +389,17 @@ extension Kernel {
             try makeRandomFile("\(lvm.mountPoint)/uploads.bin", mebibytes: 4)
             try sh("sync")
             let tomorrow = start.addingTimeInterval(86_400)
-            let rollback = try guardTool("rollback", "1", "--wait", now: tomorrow)
+            let cookies = try udevCookies()
+            let rollback = try guardTool("rollback", "1", now: tomorrow)
             #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(rollback.stderr.contains("mounted again; the merge finishes in the background"), "\(rollback.stderr)")
+            let seenDigest = try? String(contentsOfFile: seen, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(seenDigest == database, "the start hook ran with the volume mounted and the pre-run database on it")
+            // guard waits for udev after the volume is mounted again, but before it returns.
+            let left = try udevCookies().subtracting(cookies)
+            #expect(left.isEmpty, "udev transactions of the rollback nobody waited for (dmsetup udevcookies): \(left)")
+            let finished = try guardTool("status", "--wait")
+            #expect(finished.status == 0, "\(finished.stderr)")
             #expect(try manifest(lvm.mountPoint) == before, "the volume is as before the run, later writes included")
             try expectNothingLeft(state: guardTool.stateDirectory)
             let twice = try guardTool("rollback", "1")
