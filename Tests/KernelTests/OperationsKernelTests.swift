@@ -329,11 +329,31 @@ extension Kernel {
             let printed = try tool("metrics")
             #expect(printed.stdout.contains("# TYPE guard_runs_total counter"), "\(printed.stdout)")
 
-            // guard status --watch shows the kept run again and again until it is stopped.
-            let watched = try run(["/usr/bin/timeout", "2", guardBinary, "status", "--watch", "--interval", "0.3", "--state-dir", tool.stateDirectory], environment: guardEnvironment())
-            #expect(watched.status == 124, "it runs until stopped: \(watched.stderr)")
-            let views = watched.stdout.components(separatedBy: "guard status, every 0.3s: ")
-            #expect(views.count >= 3 && views.dropFirst().allSatisfy { $0.contains("run 1 (website-schema-v2): kept") }, "\(watched.stdout)")
+            // guard status --watch shows the kept run again and again until it is stopped. Read
+            // until it has begun a fourth view (under emulation one can take a second), then stop
+            // it; the three before it are whole.
+            let watch = Process()
+            watch.executableURL = URL(fileURLWithPath: guardBinary)
+            watch.arguments = ["status", "--watch", "--interval", "0.3", "--state-dir", tool.stateDirectory]
+            watch.environment = guardEnvironment()
+            let screen = Pipe()
+            watch.standardOutput = screen
+            try watch.run()
+            let pid = watch.processIdentifier
+            DispatchQueue.global().asyncAfter(deadline: .now() + 120) { kill(pid, SIGKILL) }  // only a hung watch
+            let header = "guard status, every 0.3s: "
+            var watched = ""
+            while watched.components(separatedBy: header).count < 5 {
+                let chunk = screen.fileHandleForReading.availableData
+                if chunk.isEmpty { break }  // it exited
+                watched += String(decoding: chunk, as: UTF8.self)
+            }
+            #expect(watch.isRunning, "it runs until stopped")
+            kill(pid, SIGTERM)
+            watch.waitUntilExit()
+            #expect(watch.terminationReason == .uncaughtSignal && watch.terminationStatus == SIGTERM, "stopped by the signal, not by the 120 s bound")
+            let views = watched.components(separatedBy: header)
+            #expect(views.count >= 5 && views.dropFirst().dropLast().allSatisfy { $0.contains("run 1 (website-schema-v2): kept") }, "\(watched)")
             let refused = try tool("status", "--watch", "--json")
             #expect(refused.status == 2 && refused.stderr.contains("--watch shows the status only"), "\(refused.stderr)")
         }
