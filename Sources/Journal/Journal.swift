@@ -66,14 +66,7 @@ public final class Journal: @unchecked Sendable {
             } else if !FileManager.default.fileExists(atPath: path) {
                 throw JournalError(path: path, reason: "does not exist (no run has been journaled here)", hint: "check --state-dir")
             }
-            var configuration = Configuration()
-            configuration.journalMode = .wal
-            configuration.busyMode = .timeout(60)
-            configuration.readonly = false
-            configuration.prepareDatabase { db in
-                try db.execute(sql: "PRAGMA synchronous = FULL")
-            }
-            let queue = try DatabaseQueue(path: path, configuration: configuration)
+            let queue = try DatabaseQueue(path: path, configuration: Self.configuration())
             if check {
                 let result = try queue.read { db in try String.fetchOne(db, sql: "PRAGMA quick_check") }
                 if result != "ok" {
@@ -83,8 +76,6 @@ public final class Journal: @unchecked Sendable {
             if !readOnly {
                 try Schema.migrator.migrate(queue)
             }
-            // GRDB sets synchronous=NORMAL for WAL; guard wants every commit on disk (one connection: it sticks).
-            try queue.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
             return Journal(path: path, queue: queue)
         } catch let error as JournalError {
             throw error
@@ -108,9 +99,31 @@ public final class Journal: @unchecked Sendable {
         self.inode = Self.inode(of: path) ?? 0
     }
 
+    /// The connection's settings: WAL with synchronous=FULL, so a write that returned survives
+    /// a power loss; a locked journal is waited for (60 s).
+    ///
+    /// WAL is set here, not with GRDB's `journalMode = .wal`: that one also writes a table
+    /// and drops it whenever the `-wal` file is absent (for its DatabasePool readers), so every
+    /// guard command would begin with a write transaction and two fsyncs. The journal has one
+    /// connection, a `DatabaseQueue`, and the mode is stored in the file.
+    static func configuration() -> Configuration {
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(60)
+        configuration.prepareDatabase { db in
+            let mode = try String.fetchOne(db, sql: "PRAGMA journal_mode = WAL")
+            guard mode == "wal" else {
+                throw DatabaseError(message: "could not switch the journal to WAL mode (it is \(mode ?? "?"))")
+            }
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        return configuration
+    }
+
+    /// The file's inode number (a stat: no user or group lookups).
     static func inode(of path: String) -> UInt64? {
-        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return nil }
-        return (attributes[.systemFileNumber] as? NSNumber)?.uint64Value
+        var status = stat()
+        guard stat(path, &status) == 0 else { return nil }
+        return UInt64(status.st_ino)
     }
 
     /// If the journal file was deleted (or replaced) while guard has it open, writes the
@@ -128,13 +141,9 @@ public final class Journal: @unchecked Sendable {
         guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) else {
             throw JournalError(path: path, reason: "was deleted and cannot be created again")
         }
-        var configuration = Configuration()
-        configuration.journalMode = .wal
-        configuration.busyMode = .timeout(60)
         do {
-            let fresh = try DatabaseQueue(path: path, configuration: configuration)
+            let fresh = try DatabaseQueue(path: path, configuration: Self.configuration())
             try queue.backup(to: fresh)
-            try fresh.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
             lock.lock()
             current = fresh
             inode = Self.inode(of: path) ?? 0

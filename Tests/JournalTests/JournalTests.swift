@@ -60,6 +60,26 @@ struct JournalTests {
         #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
     }
 
+    @Test("opening a journal and reading it writes nothing: no transaction, no fsync before the command's first write")
+    func openingWritesNothing() throws {
+        let directory = try temporaryDirectory()
+        let path = "\(directory)/state/journal.sqlite"
+        do {
+            let journal = try Journal.open(path: path, check: true)
+            try addRun(journal)
+        }
+        // The last connection closed: SQLite checkpointed the WAL into the file and removed it.
+        #expect(!FileManager.default.fileExists(atPath: path + "-wal"))
+        let before = try Data(contentsOf: URL(fileURLWithPath: path))
+        let reopened = try Journal.open(path: path, check: true)
+        #expect(try reopened.history(limit: 10).count == 1)
+        let wal = try FileManager.default.attributesOfItem(atPath: path + "-wal")
+        #expect((wal[.size] as? NSNumber)?.intValue == 0, "no frame was written to the WAL")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == before)
+        let mode = try reopened.read { db in try String.fetchOne(db, sql: "PRAGMA journal_mode") }
+        #expect(mode == "wal")
+    }
+
     @Test("history: newest first, with snapshots, limit and recipe filter")
     func history() throws {
         let journal = try Journal.inMemory()
