@@ -11,6 +11,7 @@ import Snapshot
 extension GuardCommand {
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "check",
             abstract: "Validate a recipe and print the plan: volumes, snapshot sizes, COW locations, steps.",
             discussion: """
                 Every error of the recipe is reported at once, with its line and column. When the recipe is valid and guard runs as root on a kernel with device-mapper, the volumes are resolved too: each device and its size, where it is mounted, the snapshot size it gets (and why, for `auto`), where the COW lives and the free space there. Nothing is touched.

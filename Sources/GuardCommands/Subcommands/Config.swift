@@ -7,6 +7,7 @@ import Recipe
 extension GuardCommand {
     struct Config: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "config",
             abstract: "Show the settings in effect and where each comes from (flag, variable, guard.conf, built-in).",
             discussion: """
                 guard reads /etc/guard/guard.conf when it exists (or the file --config or GUARD_CONFIG names, which must exist). Its keys:

@@ -12,6 +12,7 @@ import Glibc
 extension GuardCommand {
     struct Diff: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "diff",
             abstract: "What changed on a kept run's volumes since its snapshot: created, deleted, modified files.",
             discussion: """
                 Mounts each snapshot read-only on a private mount point (ro, nodev, nosuid, noexec, no journal replay) and compares it with the mounted volume, under the volume's mount point or the paths given. Metadata is compared first (inode, ctime, mtime, size); contents are read only where it does not settle the question. The service keeps running on the volume.
@@ -82,6 +83,7 @@ extension GuardCommand {
 
     struct Restore: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "restore",
             abstract: "Copy files back from a kept run's snapshot, leaving everything else as it is.",
             discussion: """
                 For when one file or directory is wrong and the rest of the night's writes must stay (a whole-volume rollback is `guard rollback`). Each path is copied back from the snapshot, mounted read-only on a private mount point, with its mode, owner, times, extended attributes and ACLs; symlinks stay symlinks (never followed), hard links within the restored set stay linked, sparse files stay sparse. Every file is written beside its target, fsynced and renamed over it: a reader sees the old file or the restored one, never a mix. Missing parent directories are recreated from the snapshot.

@@ -66,6 +66,7 @@ struct HistoryEntry: Encodable {
 extension GuardCommand {
     struct History: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "history",
             abstract: "The audit trail: every run, newest first.",
             discussion: """
                 One line a run: its number, recipe, start, duration, volumes, snapshot size, peak COW use and outcome (committed, kept, rolled_back, failed, recovered). Reads only the journal: no root or device-mapper needed beyond reading it.

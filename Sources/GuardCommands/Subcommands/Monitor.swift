@@ -5,6 +5,7 @@ import Foundation
 extension GuardCommand {
     struct Monitor: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "monitor",
             abstract: "Watch kept runs' snapshots: grow them, warn as they fill, and apply on_full before one can overflow.",
             discussion: """
                 A kept snapshot takes the old blocks of every write to its volume for as long as it is kept, so a COW large enough for the night can fill up days later, and a full COW loses the rollback. guard monitor runs as a service (guard-monitor.service) and reads the COW use of every kept run's snapshot every second (sooner when it fills fast):

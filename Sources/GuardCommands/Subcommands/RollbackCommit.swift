@@ -7,6 +7,7 @@ import Watchdog
 extension GuardCommand {
     struct Rollback: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "rollback",
             abstract: "Undo a kept run: merge its snapshots back into the volumes.",
             discussion: """
                 Runs the recipe's rollback.stop commands, unmounts the volumes, starts the kernel's merge, mounts the volumes again and runs rollback.start. The volumes read as before the run from the moment the merge starts, so the service is back at once; the merge finishes in the background (`guard status` shows its progress; the next guard command or `guard status --wait` tears it down).
@@ -39,6 +40,7 @@ extension GuardCommand {
 
     struct Commit: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "commit",
             abstract: "Make a kept run final: drop its snapshots.",
             discussion: """
                 The volumes keep their current data; the snapshot devices and COW files are removed. Kept runs past their keep duration are committed by `guard run`, `guard status` and the guard-maintenance timer.
@@ -65,6 +67,7 @@ extension GuardCommand {
 
     struct Recover: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "recover",
             abstract: "After a crash or reboot: bring the kernel, the COW labels and the journal back into agreement.",
             discussion: """
                 Activates guard volumes, reassembles snapshots and merges from their COW labels, and finishes or undoes every run that did not finish: a commit that was under way is completed, a run that stopped during its steps is rolled back (or kept, if its recipe says so), a merge is continued and torn down when the kernel reports it complete. Stray guard devices and COW files are removed. Running it again changes nothing.

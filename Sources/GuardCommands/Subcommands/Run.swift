@@ -12,6 +12,7 @@ import Glibc
 extension GuardCommand {
     struct Run: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "run",
             abstract: "Run a recipe under snapshots: quiesce, snapshot, steps, verify, then commit, keep or roll back.",
             discussion: """
                 Preflight checks everything first and touches nothing if any check fails: the recipe, root, device-mapper, the volumes (active, not already under a snapshot), COW space, the journal, and the volume locks (a second run on a volume is refused). Then guard runs the quiesce commands, snapshots every volume in one suspend window, runs the resume commands, the steps and the verify checks.

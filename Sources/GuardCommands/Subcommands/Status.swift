@@ -54,6 +54,7 @@ struct StatusOutput: Encodable {
 extension GuardCommand {
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "status",
             abstract: "Live snapshots, their COW fill, merges and their progress.",
             discussion: """
                 Changes nothing, unless told to: --tidy tears down merges the kernel has completed and commits kept runs whose keep duration has passed (guard-maintenance.timer runs `guard status --tidy --wait`); --wait waits for every merge under way and tears it down.

@@ -10,6 +10,7 @@ import Snapshot
 extension GuardCommand {
     struct Volume: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "volume",
             abstract: "Guard volumes: a device-mapper volume over a file or block device, for machines without LVM.",
             discussion: """
                 A guard volume is /dev/mapper/NAME, a linear device-mapper volume over a file or a whole block device, registered in the state directory so that `guard volume activate` (and the boot unit) can bring it back after a reboot. guard snapshots it like an LVM logical volume.
@@ -49,6 +50,7 @@ extension GuardCommand {
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "create",
                 abstract: "Create a guard volume: /dev/mapper/NAME over a file (created if missing) or a block device.",
                 discussion: """
                     Examples:
@@ -84,6 +86,7 @@ extension GuardCommand {
 
         struct List: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "list",
                 abstract: "List guard volumes.",
                 discussion: """
                     Each volume with its device, size, backing file or device, and whether it is active.
@@ -109,6 +112,7 @@ extension GuardCommand {
 
         struct Remove: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "remove",
                 abstract: "Remove a guard volume's device (its backing file keeps the data).",
                 discussion: """
                     Refused while the volume is open (mounted) or under a run's snapshot. The backing file or device is left as it is, with its data.
@@ -136,6 +140,7 @@ extension GuardCommand {
 
         struct Activate: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "activate",
                 abstract: "Activate guard volumes after a reboot (the boot unit does it).",
                 discussion: """
                     Makes /dev/mapper/NAME again for every registered guard volume whose backing is there; active volumes are left alone.
