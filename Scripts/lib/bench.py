@@ -227,23 +227,21 @@ def bench_restore():
             device = make_lv("rguard", "1G", mount=mount)
             sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
             # The service is started again by the rollback's start hook, which runs once the
-            # volume is mounted with the old data: the moment it writes down is when the
-            # service sees the old data again. The command returns after it, once udev has
-            # also finished with the devices.
-            started_at = os.path.join(WORK, "service-started")
-            service = "rollback:\n  start:\n    - name: the service starts\n      shell: date +%%s.%%N > %s\n" % started_at
+            # volume is mounted with the old data: the time it prints (the journal keeps a
+            # hook's output) is when the service sees the old data again. It is one program,
+            # as a service's start command is; no shell. The command returns after it, once
+            # udev has also finished with the devices.
+            service = "rollback:\n  start:\n    - name: the service starts\n      run: [date, '+%s.%N']\n"
             path = recipe("restore", device, mount, steps="  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n" % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep", extra=service)
             guard("run", path)
             run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
-            if os.path.exists(started_at):
-                os.remove(started_at)
             wall = time.time()
             seconds, _ = timed(lambda: guard("rollback", str(run_id)))
-            with open(started_at) as f:
-                rows["guard_service_back"].append(float(f.read()) - wall)
             rows["guard_rollback"].append(seconds)
             seconds, _ = timed(lambda: guard("status", "--wait"))
             rows["guard_merge_complete"].append(rows["guard_rollback"][-1] + seconds)
+            hooks = [step for step in json.loads(guard("show", "--json", str(run_id)).stdout)["steps"] if step["kind"] == "rollback-start"]
+            rows["guard_service_back"].append(float(hooks[-1]["stdout_tail"].strip()) - wall)
             sh("umount %s" % mount)
             sh("lvremove -q -f %s/rguard" % VG)
 

@@ -49,7 +49,8 @@ if r:
     lines += ["## 2. Time until the service sees the old data again", "",
               "A bad upgrade rewrote N MiB of files in a 1 GiB ext4 volume. guard: `guard rollback RUN` of the kept run; "
               "its recipe's `rollback.start` hook starts the service again once the volume is mounted with the old data, "
-              "and the moment that hook runs is when the service sees the old data again. The command returns a little later, "
+              "and the moment that hook runs is when the service sees the old data again (the hook is one program, `date +%s.%N`, "
+              "as a service's start command is; the journal keeps its output). The command returns a little later, "
               "once udev has finished with the devices (the merge goes on underneath). "
               "lvm2: `umount; lvconvert --merge vg/snap` (waits for the merge, as its man page runs it); `mount`. "
               "Copy-back: mount the snapshot, `cp -a` the files back (the tutorial's way). "
