@@ -152,14 +152,18 @@ stalls longer than guard because the second command starts while the volume is s
 emulation, `guard --version`; a fifth of that on the host is the Swift runtime's search of
 its protocol conformances, the rest is the kernel mapping the program); the commands that
 suspend a volume also start `guard-watchdog`, and write the journal (SQLite, one fsync per
-group of records) and the COW labels on a real filesystem. Traced under this emulation, a
-rollback spends about 0.5 s starting, 0.3 s reading the run and starting the watchdog,
-0.05-0.25 s unmounting (ext4 writes back its journal), 0.2 s on the merge's tables and
-0.05-0.1 s mounting again. These costs are constant and keep guard short of 10x against a
-copy-back at 256 MiB. What grew with the amount changed was udev: once the merge starts it
-probes the origin, whose reads compete with the merge's copying (0.6 s at 16 MiB, 1.3 s at
-256 MiB). guard now waits for udev after the volume is mounted again and the start hooks
-have run, so the service no longer waits for it; the command still does, before it returns.
+group of records) and the COW labels on a real filesystem. The journal's own timestamps
+(`guard show --json RUN`: the rollback phase, its events and the start hook's step) split a
+rollback of 16 MiB under this emulation (three rollbacks, from the command's start): 0.72-0.83 s
+before the rollback begins (starting, reading the run, locking and attaching the devices,
+starting the watchdog; 0.77-1.01 s before opening the journal stopped writing), 0.07-0.17 s
+unmounting, 0.29-0.35 s starting the merge and mounting again, and 0.21-0.31 s from the
+start hook's launch to its program running. These costs are constant and keep guard short
+of 10x against a copy-back at 256 MiB. What grew with the amount changed was udev: once the
+merge starts it probes the origin, whose reads compete with the merge's copying (0.6 s at
+16 MiB, 1.3 s at 256 MiB). guard waits for udev after the volume is mounted again and the
+start hooks have run, so the service does not wait for it; the command still does, before
+it returns.
 
 **Write cost.** guard's COW is a file in its state directory, attached to a loop device:
 each first write to a chunk is copied into that file, and the kernel's commits of the
