@@ -298,8 +298,15 @@ public struct Maintenance {
 
     /// Live snapshots, their fill, merges and their progress. Changes nothing: finished merges
     /// and expired kept runs are left to `tidy` (`guard status --tidy`, the maintenance job).
-    public func status() throws -> (runs: [RunStatus], strays: [String]) {
-        guard let journal = try context.existingJournal() else { return ([], try strayDevices(known: [])) }
+    ///
+    /// `strays` are guard's layers of runs this journal has closed (`guard recover` removes
+    /// them); `unknown` are layers of runs it never had: another state directory's (a second
+    /// guard.conf, a container) or a journal that was replaced. guard leaves those alone.
+    public func status() throws -> (runs: [RunStatus], strays: [String], unknown: [String]) {
+        guard let journal = try context.existingJournal() else {
+            let devices = try layerDevices(open: [], known: [])
+            return ([], devices.strays, devices.unknown)
+        }
         let dm = try context.dm()
         let engine = SnapshotEngine(dm: dm)
         var result: [RunStatus] = []
@@ -353,17 +360,21 @@ public struct Maintenance {
             }
             result.append(RunStatus(run: run, volumes: volumes, unfinished: unfinished.contains(run.id!) && run.state == .running))
         }
-        let known = Set(try journal.runs(in: RunState.open).map(\.token))
-        return (result, try strayDevices(known: known))
+        let open = Set(try journal.runs(in: RunState.open).map(\.token))
+        let devices = try layerDevices(open: open, known: try journal.allTokens())
+        return (result, devices.strays, devices.unknown)
     }
 
-    /// GUARD- layers in the kernel that belong to no open run.
-    func strayDevices(known: Set<String>) throws -> [String] {
-        guard DeviceMapper.isAvailable else { return [] }
-        return try context.dm().guardDevices().compactMap { device in
-            guard let (identity, _) = StackIdentity.parse(uuid: device.uuid), !known.contains(identity.runToken) else { return nil }
-            return "\(device.name) (\(device.uuid))"
+    /// GUARD- layers in the kernel that belong to no open run: those of runs the journal knows
+    /// (strays), and those of runs it does not know (unknown), each as "name (uuid)".
+    func layerDevices(open: Set<String>, known: Set<String>) throws -> (strays: [String], unknown: [String]) {
+        guard DeviceMapper.isAvailable else { return ([], []) }
+        var strays: [String] = [], unknown: [String] = []
+        for device in try context.dm().guardDevices() {
+            guard let (identity, _) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { continue }
+            if known.contains(identity.runToken) { strays.append("\(device.name) (\(device.uuid))") } else { unknown.append("\(device.name) (\(device.uuid))") }
         }
+        return (strays, unknown)
     }
 
     /// `guard status --wait`: finishes every merge, waiting for the kernel.

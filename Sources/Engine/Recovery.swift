@@ -410,16 +410,23 @@ public struct Recovery {
         return directories.flatMap { SnapshotEngine.cowFiles(in: $0) }
     }
 
-    /// Removes GUARD- layers and COW files of no open run. A stray stack an origin still uses
-    /// live (a snapshot-origin table on it) is left alone and reported: it may hold data.
+    /// Removes GUARD- layers of runs the journal has closed, and COW files of no open run. A stray
+    /// stack an origin still uses live (a snapshot-origin table on it) is left alone and
+    /// reported: it may hold data. Layers of runs the journal never had are left alone.
     func removeStrays(journal: Journal, engine: SnapshotEngine) throws -> (actions: [String], problems: [String]) {
         var actions: [String] = []
         var problems: [String] = []
         let open = Set(try journal.runs(in: RunState.open).map(\.token))
+        let known = try journal.allTokens()
         let devices = try engine.dm.list()
         var strays: [String: [(DeviceSummary, StackIdentity.Layer)]] = [:]
         for device in devices {
-            guard let (identity, layer) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { continue }
+            // A run this journal never had is another state directory's (it may be inside its
+            // snapshot window now) or a replaced journal's: not this recovery's to remove.
+            // `guard status` lists its devices.
+            guard let (identity, layer) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken),
+                known.contains(identity.runToken)
+            else { continue }
             strays["\(identity.runToken)-\(identity.volumeIndex)", default: []].append((device, layer))
         }
         for (key, layers) in strays.sorted(by: { $0.key < $1.key }) {
@@ -444,7 +451,6 @@ public struct Recovery {
                 }
             }
         }
-        let known = try journal.allTokens()
         for storage in cowFiles() {
             // A label that cannot be read (an I/O error, maybe for a moment) is never a stray.
             let label: CowLabel?

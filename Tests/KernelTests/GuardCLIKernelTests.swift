@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Journal
 import Snapshot
 import Testing
 
@@ -206,10 +207,15 @@ func writeDatabase(at mount: String) throws {
     try sh("sync")
 }
 
-/// No layer, loop device or COW file of any run is left.
+/// No layer, loop device or COW file of any run of the journal in `state` is left. (Layers of
+/// other state directories' runs belong to tests running beside this one.)
 func expectNothingLeft(state: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
     let dm = try DeviceMapper()
-    let layers = try dm.guardDevices().filter { StackIdentity.parse(uuid: $0.uuid) != nil }
+    let tokens = try? Journal.open(path: "\(state)/journal.sqlite", readOnly: true).allTokens()
+    let layers = try dm.guardDevices().filter { device in
+        guard let (identity, _) = StackIdentity.parse(uuid: device.uuid) else { return false }
+        return tokens?.contains(identity.runToken) ?? true
+    }
     #expect(layers.isEmpty, "GUARD- layers left: \(layers.map(\.name))", sourceLocation: sourceLocation)
     let cows = SnapshotEngine.cowFiles(in: "\(state)/cow")
     #expect(cows.isEmpty, "COW files left: \(cows)", sourceLocation: sourceLocation)
@@ -420,6 +426,48 @@ extension Kernel {
             let history = try #require(try guardTool.history())
             #expect(history.first?["outcome"] as? String == "committed")
             try expectNothingLeft(state: guardTool.stateDirectory)
+        }
+
+        @Test("another state directory's guard devices: status lists them as unknown and needs no attention, recover leaves them alone, and that directory's kept run rolls back")
+        func otherStateDirectoryLeftAlone() throws {
+            let lvm = try LVMFixture()
+            let mine = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let other = GuardTool(stateDirectory: lvm.scratch.path("other-state"))
+            try writeDatabase(at: lvm.mountPoint)
+            let before = try manifest(lvm.mountPoint)
+            // A kept run of the other state directory, and a layer no journal here has ever had
+            // that nothing uses (as one is, for a moment, while a snapshot is being set up).
+            let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false, onSuccess: "keep 2d"), in: lvm.scratch)
+            let kept = try other("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let dm = try DeviceMapper()
+            let token = StackIdentity.newToken()
+            let half = "guard-\(token)-\(uniqueName("elsewhere"))-cow"
+            try dm.create(name: half, uuid: "GUARD-\(token)-0-cow", table: Table(.zero, length: 2048))
+            lvm.scratch.defer_ { try? dm.remove(.name(half)) }
+
+            let status = try mine("status", "--json")
+            #expect(status.status == 0, "another directory's devices need no attention here: \(status.stderr)")
+            try expectValid(status.stdout, arguments: ["status"])
+            let document = try #require(try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any])
+            let unknown = (document["unknown_devices"] as? [String]) ?? []
+            #expect(unknown.contains { $0.hasPrefix(half + " ") }, "\(unknown)")
+            let otherRuns = try #require((try other.json("status") as? [String: Any])?["runs"] as? [[String: Any]])
+            let otherToken = try #require(otherRuns.first?["token"] as? String)
+            #expect(unknown.contains { $0.hasSuffix("(GUARD-\(otherToken)-0-snap)") }, "the other directory's kept snapshot: \(unknown)")
+            #expect((document["stray_devices"] as? [String]) == [], "\(status.stdout)")
+            let recovered = try mine("recover")
+            #expect(recovered.status == 0, "\(recovered.stderr)")
+            #expect(!recovered.stdout.contains(half), "\(recovered.stdout)")
+            #expect(try dm.info(.name(half)) != nil, "recover removed a device of a run its journal never had")
+            try dm.remove(.name(half))
+
+            // The other directory's run is as it was: its rollback restores the volume.
+            let back = try other("rollback", "1")
+            #expect(back.status == 0, "\(back.stderr)")
+            #expect(try other("status", "--wait").status == 0)
+            #expect(try manifest(lvm.mountPoint) == before)
+            try expectNothingLeft(state: other.stateDirectory)
         }
 
         @Test("a second run on the same volume is refused with the first run's id; nothing is touched")

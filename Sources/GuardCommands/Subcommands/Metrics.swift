@@ -90,7 +90,7 @@ extension GuardCommand {
                 for run in try journal.runs(in: RunState.open) { metrics.open[run.state, default: 0] += 1 }
                 metrics.lastRun = try journal.lastRun()
             }
-            let (runs, strays) = try Maintenance(context: context).status()
+            let (runs, strays, _) = try Maintenance(context: context).status()
             metrics.runs = runs
             metrics.attention = Maintenance.attention(runs, strays: strays).count
             let text = metrics.text()

@@ -43,11 +43,14 @@ struct StatusOutput: Encodable {
 
     var runs: [Run]
     var strayDevices: [String]
+    /// guard devices of runs this journal never had (another state directory's): left alone.
+    var unknownDevices: [String]
     /// What needs a person (exit 3), one line each; empty when nothing does.
     var attention: [String]
     enum CodingKeys: String, CodingKey {
         case runs, attention
         case strayDevices = "stray_devices"
+        case unknownDevices = "unknown_devices"
     }
 }
 
@@ -61,7 +64,9 @@ extension GuardCommand {
 
                 Exits 0 when all is well, 4 when a run needs reassembly, and 3 when something else needs a person: a run that did not finish, a stale snapshot, a fuse that has blown, a merge that failed, a volume not rolled back, a COW 80% full or more, a stray guard device. Each is named on stderr with what to run, so a monitoring check can run `guard status --quiet`.
 
-                --json prints {"runs": [...], "stray_devices": [...], "attention": [...]} (Docs/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
+                A guard device of a run this journal never had (another state directory's, or a replaced journal's) is listed, left alone, and needs no attention.
+
+                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (Docs/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status
@@ -104,10 +109,10 @@ extension GuardCommand {
                     waitFailure = failure
                 }
             }
-            let (runs, strays) = try maintenance.status()
+            let (runs, strays, unknown) = try maintenance.status()
             if !tidy, let journal = try context.existingJournal() { Self.noteChores(maintenance, journal: journal, runs: runs, reporter: context.reporter) }
             let attention = Maintenance.attention(runs, strays: strays)
-            let output = Self.output(runs, strays: strays, attention: attention)
+            let output = Self.output(runs, strays: strays, unknown: unknown, attention: attention)
             let waiting = runs.flatMap { status in
                 status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
             }
@@ -137,8 +142,8 @@ extension GuardCommand {
         static func watch(_ maintenance: Maintenance, every seconds: Double) async throws -> Never {
             let terminal = isatty(STDOUT_FILENO) == 1
             while true {
-                let (runs, strays) = try maintenance.status()
-                let text = Self.watchView(runs, strays: strays, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
+                let (runs, strays, unknown) = try maintenance.status()
+                let text = Self.watchView(runs, strays: strays, unknown: unknown, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
                 // Home, the view, then erase what an older, longer view left below it.
                 FileHandle.standardOutput.write(Data((terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n").utf8))
                 try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
@@ -147,16 +152,16 @@ extension GuardCommand {
 
         /// One view of `--watch`: the header, the status, and what needs attention that the
         /// status lines do not already say (a stray device is one of them: it is not repeated).
-        static func watchView(_ runs: [Maintenance.RunStatus], strays: [String], header: String) -> String {
+        static func watchView(_ runs: [Maintenance.RunStatus], strays: [String], unknown: [String] = [], header: String) -> String {
             let attention = Maintenance.attention(runs, strays: strays)
-            var lines = [header, ""] + Self.lines(Self.output(runs, strays: strays, attention: attention), runs: runs)
+            var lines = [header, ""] + Self.lines(Self.output(runs, strays: strays, unknown: unknown, attention: attention), runs: runs)
             let unsaid = attention.filter { !lines.contains($0) }
             if !unsaid.isEmpty { lines += ["", "needs attention:"] + unsaid.map { "  \($0)" } }
             return lines.joined(separator: "\n") + "\n"
         }
 
         /// The status as data (`--json`, and the lines of the human view).
-        static func output(_ runs: [Maintenance.RunStatus], strays: [String], attention: [String]) -> StatusOutput {
+        static func output(_ runs: [Maintenance.RunStatus], strays: [String], unknown: [String], attention: [String]) -> StatusOutput {
             StatusOutput(
                 runs: runs.map { status in
                     StatusOutput.Run(
@@ -168,7 +173,7 @@ extension GuardCommand {
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
                                 mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
                         })
-                }, strayDevices: strays, attention: attention)
+                }, strayDevices: strays, unknownDevices: unknown, attention: attention)
         }
 
         /// The human view of a status.
@@ -192,6 +197,9 @@ extension GuardCommand {
                 }
             }
             for stray in output.strayDevices { lines.append("stray guard device (no open run): \(stray); `guard recover` removes it") }
+            for device in output.unknownDevices {
+                lines.append("guard device of a run this journal does not know: \(device); another state directory's, or a replaced journal's; guard leaves it alone")
+            }
             return lines
         }
 
