@@ -138,16 +138,23 @@ extension Kernel {
             defer { try? dm.remove(.name(second)) }
 
             let listed = try dm.list()
-            let guardNames = Set(try dm.guardDevices().map(\.name))
+            var guardNames = Set(try dm.guardDevices().map(\.name))
             #expect(guardNames.contains(fixture.name) && guardNames.contains(second))
             #expect(!guardNames.contains(other))
             #expect(listed.contains { $0.name == other && $0.uuid == "TEST-\(other)" })
-            // What dmsetup sees with a GUARD- UUID is exactly what guard lists.
-            let dmsetup = try sh("dmsetup info -c --noheadings -o name,uuid --separator ' '")
-            let expected = Set(dmsetup.split(separator: "\n").compactMap { line -> String? in
-                let fields = line.split(separator: " ")
-                return fields.count == 2 && fields[1].hasPrefix("GUARD-") ? String(fields[0]) : nil
-            })
+            // What dmsetup sees with a GUARD- UUID is exactly what guard lists. Tests running
+            // beside this one create and remove devices: the two listings must agree once
+            // nothing changed between them (a few tries), not on the first try.
+            var expected: Set<String> = []
+            for _ in 0..<5 {
+                let dmsetup = try sh("dmsetup info -c --noheadings -o name,uuid --separator ' '")
+                expected = Set(dmsetup.split(separator: "\n").compactMap { line -> String? in
+                    let fields = line.split(separator: " ")
+                    return fields.count == 2 && fields[1].hasPrefix("GUARD-") ? String(fields[0]) : nil
+                })
+                if guardNames == expected { break }
+                guardNames = Set(try dm.guardDevices().map(\.name))
+            }
             #expect(guardNames == expected)
             let numbers = Dictionary(uniqueKeysWithValues: listed.map { ($0.name, $0.number) })
             #expect(numbers[fixture.name] == (try BlockDevices.deviceNumber(of: fixture.path)))

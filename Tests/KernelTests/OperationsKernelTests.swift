@@ -16,7 +16,9 @@ func guardWithConfiguration(_ file: String, _ arguments: String...) throws -> Co
 }
 
 /// Everything device-mapper has, tables included: what a dry run must leave as it was.
-func deviceMapperState() throws -> String { try sh("dmsetup table | sort") }
+/// The kernel's tables of the devices named after `volume` (its dm name): the volume and any
+/// layer guard named after it. Tests beside this one have their own devices.
+func deviceMapperState(_ volume: String) throws -> String { try sh("dmsetup table | grep -F -- '\(volume)' | sort") }
 
 /// What guard wrote to the system log while `body` ran, as syslog lines `<PRI>... guard[PID]: MESSAGE`.
 /// Without a syslog on the machine (the VM), a listener of the test's own is /dev/log for that
@@ -76,7 +78,8 @@ extension Kernel {
             let tool = GuardTool(stateDirectory: state)
             try writeDatabase(at: lvm.mountPoint)
             let recipe = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false), in: lvm.scratch)
-            let tables = try deviceMapperState()
+            let dmName = "\(lvm.vg)-website"
+            let tables = try deviceMapperState(dmName)
             // The files, not the device's bytes: a freshly made ext4 initialises its inode tables
             // in the background while mounted.
             let volume = try manifest(lvm.mountPoint)
@@ -89,7 +92,7 @@ extension Kernel {
             #expect(first.stdout.contains("earlier runs: none of website-schema-v2"), "\(first.stdout)")
             #expect(first.stderr.contains("every preflight check passes; nothing was touched"), "\(first.stderr)")
             #expect(!FileManager.default.fileExists(atPath: state), "a dry run made \(state)")
-            #expect(try deviceMapperState() == tables)
+            #expect(try deviceMapperState(dmName) == tables)
             #expect(try manifest(lvm.mountPoint) == volume)
 
             // After a real run, a dry run shows what it saw and adds nothing.
@@ -97,12 +100,12 @@ extension Kernel {
             #expect(real.status == 0, "\(real.stderr)")
             let peak = try #require(((try tool.json("show", "1") as? [String: Any])?["snapshots"] as? [[String: Any]])?.first?["peak_used_bytes"] as? Int)
             #expect(peak > 0)
-            let after = (try deviceMapperState(), try manifest(lvm.mountPoint), listing(state + "/cow"), listing(state + "/locks"), try sh("ls -l --time-style=+%s.%N \(state)/locks"))
+            let after = (try deviceMapperState(dmName), try manifest(lvm.mountPoint), listing(state + "/cow"), listing(state + "/locks"), try sh("ls -l --time-style=+%s.%N \(state)/locks"))
             let journalRows = try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'")
             let second = try tool("run", "--dry-run", recipe)
             #expect(second.status == 0, "\(second.stderr)")
             #expect(second.stdout.contains("earlier runs: peak COW use \(formatBytes(UInt64(peak))) (1 run of website-schema-v2)"), "\(second.stdout)")
-            #expect(try deviceMapperState() == after.0, "no device")
+            #expect(try deviceMapperState(dmName) == after.0, "no device")
             #expect(try manifest(lvm.mountPoint) == after.1)
             #expect(listing(state + "/cow") == after.2, "no COW file")
             #expect(listing(state + "/locks") == after.3, "no lock file made")
@@ -118,7 +121,7 @@ extension Kernel {
             #expect(refused.stderr.contains("a real run would be refused"), "\(refused.stderr)")
             #expect(refused.stderr.contains("writable"), "the unsafe recipe: \(refused.stderr)")
             #expect(refused.stderr.contains("/dev/mapper/no-such-volume does not exist"), "the missing volume: \(refused.stderr)")
-            #expect(try deviceMapperState() == after.0)
+            #expect(try deviceMapperState(dmName) == after.0)
             #expect(try sh("sqlite3 \(state)/journal.sqlite 'SELECT COUNT(*) FROM runs'").trimmingCharacters(in: .whitespacesAndNewlines) == "1")
         }
 

@@ -7,7 +7,8 @@ import Testing
 /// Asked of the driver itself: /dev/mapper/control can exist where the driver does not.
 let kernelHasDeviceMapper: Bool = DeviceMapper.isAvailable
 
-/// The kernel suite. Its tests share the kernel's device list and loop devices, so they run one at a time.
+/// The kernel suite. Its tests run one at a time within a lane; Scripts/lib/kernel-suite.sh runs
+/// two lanes at once, so a test checks only its own devices, loop devices and state directory.
 @Suite("Kernel", .serialized, .enabled(if: kernelHasDeviceMapper, "needs root and device-mapper (run Scripts/test)"))
 struct Kernel {}
 
