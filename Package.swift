@@ -25,8 +25,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
-        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
-        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // C entry points: libdevmapper, libmount and a few ioctls/variadics Swift cannot call.
@@ -97,8 +95,6 @@ let package = Package(
             name: "Engine",
             dependencies: [
                 "Snapshot", "Journal", "Recipe", "DeviceMapper", "BlockDevice", "Quantities", "Files", "Watchdog",
-                .product(name: "Subprocess", package: "swift-subprocess"),
-                .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
         ),

@@ -172,3 +172,112 @@ long guard_flistxattr(int fd, char *list, size_t size) { return flistxattr(fd, l
 long guard_fgetxattr(int fd, const char *name, void *value, size_t size) { return fgetxattr(fd, name, value, size); }
 int guard_fsetxattr(int fd, const char *name, const void *value, size_t size) { return fsetxattr(fd, name, value, size, 0); }
 int guard_fremovexattr(int fd, const char *name) { return fremovexattr(fd, name); }
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+/* clone3's arguments (linux/sched.h has them too, but its CLONE_ macros clash with glibc's). */
+struct guard_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup;
+};
+#define GUARD_CLONE_INTO_CGROUP 0x200000000ULL
+
+/* The child's side of guard_spawn: async-signal-safe calls only (guard is multi-threaded
+   and the child is a copy of one of its threads). Never returns. */
+static void spawn_child(const char *path, char *const argv[], char *const envp[], const char *directory,
+                        int null_fd, int stdout_fd, int stderr_fd, int report_fd)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            sigaction(sig, &dfl, NULL); /* an ignored SIGPIPE would survive exec */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* Where guard itself was started with 0, 1 or 2 closed, a descriptor may be one of them:
+       each moves above 2 before 0, 1 and 2 are set. */
+    if (null_fd < 3) null_fd = fcntl(null_fd, F_DUPFD_CLOEXEC, 3);
+    if (stdout_fd < 3) stdout_fd = fcntl(stdout_fd, F_DUPFD_CLOEXEC, 3);
+    if (stderr_fd < 3) stderr_fd = fcntl(stderr_fd, F_DUPFD_CLOEXEC, 3);
+    if (report_fd < 3) report_fd = fcntl(report_fd, F_DUPFD_CLOEXEC, 3);
+    if (setsid() < 0 || dup2(null_fd, 0) < 0 || dup2(stdout_fd, 1) < 0 || dup2(stderr_fd, 2) < 0)
+        goto fail;
+    if (directory != NULL && chdir(directory) != 0)
+        goto fail;
+    /* Every other descriptor closes (the report pipe closes at exec: it is close-on-exec). */
+    if (report_fd > 3)
+        syscall(SYS_close_range, 3, report_fd - 1, 0);
+    if (syscall(SYS_close_range, report_fd + 1, ~0U, 0) != 0) {
+        struct rlimit limit;
+        long last = syscall(SYS_getrlimit, RLIMIT_NOFILE, &limit) == 0 ? (long)limit.rlim_cur : 1024;
+        for (long fd = 3; fd < last; fd++)
+            if (fd != report_fd) close((int)fd);
+    }
+    execve(path, argv, envp);
+fail:;
+    int code = errno;
+    ssize_t ignored = write(report_fd, &code, sizeof code);
+    (void)ignored;
+    _exit(127);
+}
+
+int guard_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno; }
+
+int guard_spawn(const char *path, char *const argv[], char *const envp[], const char *directory,
+                int cgroup_fd, int stdout_fd, int stderr_fd, int *in_child)
+{
+    *in_child = 0;
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0)
+        return -errno;
+    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null_fd < 0) {
+        int code = errno;
+        close(report[0]);
+        close(report[1]);
+        return -code;
+    }
+    /* No handler of guard's may run in the child before its dispositions are reset. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    long pid;
+    if (cgroup_fd >= 0) {
+        struct guard_clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = GUARD_CLONE_INTO_CGROUP;
+        args.exit_signal = SIGCHLD;
+        args.cgroup = (uint64_t)cgroup_fd;
+        pid = syscall(SYS_clone3, &args, sizeof args);
+    } else {
+        pid = syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+    }
+    if (pid == 0)
+        spawn_child(path, argv, envp, directory, null_fd, stdout_fd, stderr_fd, report[1]);
+    int code = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(null_fd);
+    close(report[1]);
+    if (pid < 0) {
+        close(report[0]);
+        return -code;
+    }
+    /* The report pipe closes at exec (nothing read) or carries the child's errno. */
+    int child_errno = 0;
+    ssize_t got;
+    do {
+        got = read(report[0], &child_errno, sizeof child_errno);
+    } while (got < 0 && errno == EINTR);
+    close(report[0]);
+    if (got == (ssize_t)sizeof child_errno) {
+        while (waitpid((pid_t)pid, NULL, 0) < 0 && errno == EINTR) {}
+        *in_child = 1;
+        return -child_errno;
+    }
+    return (int)pid;
+}

@@ -46,9 +46,10 @@ public struct RunCgroup: Sendable, Hashable {
         return child
     }
 
-    /// `argv` run inside this cgroup: a shell moves itself in, then execs it, so the command
-    /// and everything it starts is inside from its first instruction. If the move fails the
-    /// command does not run.
+    /// `argv` run inside this cgroup on a kernel that cannot create a process inside one
+    /// (before Linux 5.7; elsewhere `Spawn` does): a shell moves itself in, then execs it, so
+    /// the command and everything it starts is inside from its first instruction. If the move
+    /// fails the command does not run.
     public func wrap(_ argv: [String]) -> [String] {
         ["/bin/sh", "-c", "echo 0 > \"$0/cgroup.procs\" || { echo \"guard: cannot join the cgroup $0\" >&2; exit 126; }; exec \"$@\"", path] + argv
     }
@@ -87,14 +88,20 @@ public struct RunCgroup: Sendable, Hashable {
         guard found > 0 else { return 0 }
         let deadline = ContinuousClock.now + timeout
         repeat {
-            if (try? "1".write(toFile: "\(path)/cgroup.kill", atomically: false, encoding: .utf8)) == nil {
-                for pid in processes { kill(pid, SIGKILL) }
-            }
+            signalAll()
             if processes.isEmpty { break }
             // Waits without holding a thread of the cooperative pool.
             try? await Task.sleep(for: .milliseconds(20))
         } while ContinuousClock.now < deadline
         return found
+    }
+
+    /// Sends KILL to every process in this cgroup and below, once (`cgroup.kill`, or to each
+    /// process where the kernel has none); does not wait.
+    public func signalAll() {
+        if (try? "1".write(toFile: "\(path)/cgroup.kill", atomically: false, encoding: .utf8)) == nil {
+            for pid in processes { kill(pid, SIGKILL) }
+        }
     }
 
     /// Removes the cgroup's empty directories, deepest first; a cgroup with processes left (a

@@ -2,8 +2,6 @@ import BlockDevice
 import Foundation
 import Quantities
 import Recipe
-import Subprocess
-import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -121,9 +119,6 @@ public struct StepRunner: Sendable {
                 return failed("working directory \(directory) does not exist")
             }
         }
-        var platform = PlatformOptions()
-        platform.createSession = true
-        platform.teardownSequence = [.send(signal: .terminate, toProcessGroup: true, allowedDurationToNextStep: killGrace)]
         var environment = environment
         var launch = argv
         guard let program = Self.resolve(argv[0], path: environment["PATH"] ?? "") else {
@@ -133,8 +128,8 @@ public struct StepRunner: Sendable {
         if let user = command.user {
             guard let account = Account.lookUp(user) else { return failed("user '\(user)' does not exist") }
             // The credentials are switched by setpriv, a single-threaded exec, not in the child of
-            // this multi-threaded process: glibc's setuid/setgroups there wait for threads that
-            // only exist in the parent (swift-subprocess's fork path hangs on them).
+            // this multi-threaded process: glibc's setuid/setgroups there would wait for threads
+            // that only exist in the parent.
             guard let setpriv = Self.resolve("setpriv", path: Self.baseEnvironment["PATH"]!) else {
                 return failed("running as '\(user)' needs setpriv (util-linux), which is not installed")
             }
@@ -143,91 +138,25 @@ public struct StepRunner: Sendable {
             environment["USER"] = account.name
             environment["LOGNAME"] = account.name
         }
-        if let cgroup { launch = cgroup.wrap(launch) }
 
         let tails = TailBuffers(limit: tailBytes)
-        let outcome = OutcomeFlag()
-        let onOutput = self.onOutput
-        let name = command.name
-        let grace = killGrace
-        do {
-            let result = try await Subprocess.run(
-                .path(FilePath(launch[0])), arguments: Arguments(Array(launch.dropFirst())),
-                environment: .custom(environment.reduce(into: [:]) { $0[.init(stringLiteral: $1.key)] = $1.value }),
-                workingDirectory: command.workingDirectory.map { FilePath($0) }, platformOptions: platform,
-                input: .none, output: .sequence, error: .sequence
-            ) { execution in
-                await withTaskGroup(of: Void.self) { group in
-                    group.addTask {
-                        await Self.drain(execution.standardOutput, stream: .stdout, step: name, tails: tails, onOutput: onOutput)
-                    }
-                    group.addTask {
-                        await Self.drain(execution.standardError, stream: .stderr, step: name, tails: tails, onOutput: onOutput)
-                    }
-                    // The watchdog: timeout and stop requests end the whole session.
-                    group.addTask {
-                        let clock = ContinuousClock()
-                        let deadline = timeout.map { clock.now + $0 }
-                        while !Task.isCancelled {
-                            if let deadline, clock.now >= deadline {
-                                outcome.set(.timedOut)
-                            } else if let reason = stop?() {
-                                outcome.set(.stopped(reason))
-                            }
-                            if outcome.get() != nil {
-                                await execution.teardown(using: [.send(signal: .terminate, toProcessGroup: true, allowedDurationToNextStep: grace)])
-                                return
-                            }
-                            try? await Task.sleep(for: .milliseconds(50))
-                        }
-                    }
-                    await group.next()
-                    await group.next()
-                    group.cancelAll()
-                }
-            }
-            // Members of the session that outlived the leader are killed too.
-            kill(-result.processIdentifier.value, SIGKILL)
-            if outcome.get() != nil, let cgroup { await cgroup.killAll() }
-            let termination: StepTermination
-            if let forced = outcome.get() {
-                termination = forced
-            } else {
-                switch result.terminationStatus {
-                case .exited(let code): termination = .exited(code)
-                case .signaled(let signal): termination = .signaled(signal)
-                }
-            }
-            let (out, err, bytes) = tails.snapshot()
-            return StepResult(name: command.name, argv: argv, termination: termination, duration: seconds(since: started), stdoutTail: out, stderrTail: err, outputBytes: bytes)
-        } catch {
-            return failed("\(error)")
+        let lines = onOutput.map { LineSplitter(step: command.name, onOutput: $0) }
+        let launched = await Launcher.run(
+            launch, environment: environment, directory: command.workingDirectory, cgroup: cgroup, timeout: timeout, stop: stop, grace: killGrace
+        ) { stream, bytes in
+            tails.append(Array(bytes), to: stream)
+            lines?.append(bytes, from: stream)
         }
-    }
-
-    private static func drain(
-        _ sequence: SubprocessOutputSequence, stream: StepOutput.Stream, step: String, tails: TailBuffers,
-        onOutput: (@Sendable (StepOutput) -> Void)?
-    ) async {
-        var pending: [UInt8] = []
-        do {
-            for try await buffer in sequence {
-                let bytes = buffer.withUnsafeBytes { Array($0) }
-                tails.append(bytes, to: stream)
-                guard let onOutput else { continue }
-                pending += bytes
-                while let newline = pending.firstIndex(of: 10) {
-                    onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending[..<newline], as: UTF8.self)))
-                    pending.removeSubrange(...newline)
-                }
-                if pending.count > 4096 {
-                    onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending, as: UTF8.self)))
-                    pending.removeAll()
-                }
-            }
-        } catch {}
-        if !pending.isEmpty, let onOutput {
-            onOutput(StepOutput(step: step, stream: stream, text: String(decoding: pending, as: UTF8.self)))
+        switch launched {
+        case .failure(let error):
+            return failed("\(error)")
+        case .success(let result):
+            lines?.flush()
+            // Members of the session that outlived the leader are killed too.
+            kill(-result.pid, SIGKILL)
+            if result.forced != nil, let cgroup { await cgroup.killAll() }
+            let (out, err, bytes) = tails.snapshot()
+            return StepResult(name: command.name, argv: argv, termination: result.termination, duration: seconds(since: started), stdoutTail: out, stderrTail: err, outputBytes: bytes)
         }
     }
 
@@ -291,11 +220,45 @@ final class TailBuffers: Sendable {
     }
 }
 
-/// A forced ending (timeout, stop) recorded by the watchdog task.
-final class OutcomeFlag: Sendable {
-    private let value = LockedValue<StepTermination?>(nil)
-    func set(_ termination: StepTermination) { value.withLock { if $0 == nil { $0 = termination } } }
-    func get() -> StepTermination? { value.withLock { $0 } }
+/// Cuts a command's output into lines for the live view (a line longer than 4 KiB goes in parts).
+final class LineSplitter: Sendable {
+    private let pending = LockedValue<[StepOutput.Stream: [UInt8]]>([:])
+    private let step: String
+    private let onOutput: @Sendable (StepOutput) -> Void
+
+    init(step: String, onOutput: @escaping @Sendable (StepOutput) -> Void) {
+        self.step = step
+        self.onOutput = onOutput
+    }
+
+    func append(_ bytes: ArraySlice<UInt8>, from stream: StepOutput.Stream) {
+        let texts = pending.withLock { pending -> [String] in
+            var buffer = pending[stream, default: []] + bytes
+            var texts: [String] = []
+            while let newline = buffer.firstIndex(of: 10) {
+                texts.append(String(decoding: buffer[..<newline], as: UTF8.self))
+                buffer.removeSubrange(...newline)
+            }
+            if buffer.count > 4096 {
+                texts.append(String(decoding: buffer, as: UTF8.self))
+                buffer.removeAll()
+            }
+            pending[stream] = buffer
+            return texts
+        }
+        for text in texts { onOutput(StepOutput(step: step, stream: stream, text: text)) }
+    }
+
+    /// What is left of an unfinished last line.
+    func flush() {
+        let left = pending.withLock { pending in
+            defer { pending = [:] }
+            return pending.filter { !$0.value.isEmpty }
+        }
+        for stream in [StepOutput.Stream.stdout, .stderr] {
+            if let bytes = left[stream] { onOutput(StepOutput(step: step, stream: stream, text: String(decoding: bytes, as: UTF8.self))) }
+        }
+    }
 }
 
 /// A user to run a step as.

@@ -148,7 +148,7 @@ public enum GuardMain {
     public static func run() async {
         // A closed pipe (the watchdog gone, a reader of `guard history | head` gone) is an
         // error to report, never a reason to die, least of all with a volume suspended.
-        // Steps get the default back (swift-subprocess resets every signal in the child).
+        // Steps get the default back (Spawn resets every signal in the child).
         signal(SIGPIPE, SIG_IGN)
         var command: any ParsableCommand
         do {

@@ -236,6 +236,11 @@ struct RunCgroupTests {
         try await Task.sleep(for: .milliseconds(200))
         #expect(!pgrep("312.\(marker)").isEmpty, "a finished step's daemon is left alone")
         #expect(cgroup.processes.count == 1)
+        // A program run without a shell is in its cgroup from its first instruction: created there.
+        let direct = await StepRunner().run(
+            Command(name: "where", invocation: .argv(["cat", "/proc/self/cgroup"])), environment: plainEnvironment, timeout: nil, cgroup: try cgroup.child("step-3"))
+        #expect(direct.succeeded, "\(direct.stderrTail)")
+        #expect(direct.stdoutTail.split(separator: "\n").contains { $0.hasPrefix("0::") && $0.hasSuffix("/guard/\(token)/step-3") }, "\(direct.stdoutTail)")
         #expect(await cgroup.killAll() == 1)
         #expect(pgrep("312.\(marker)").isEmpty)
         cgroup.removeIfEmpty()
