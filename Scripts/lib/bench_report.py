@@ -157,9 +157,13 @@ group of records) and the COW labels on a real filesystem. The journal's own tim
 rollback of 16 MiB under this emulation (three rollbacks, from the command's start): 0.72-0.83 s
 before the rollback begins (starting, reading the run, locking and attaching the devices,
 starting the watchdog; 0.77-1.01 s before opening the journal stopped writing), 0.07-0.17 s
-unmounting, 0.29-0.35 s starting the merge and mounting again, and 0.21-0.31 s from the
-start hook's launch to its program running. These costs are constant and keep guard short
-of 10x against a copy-back at 256 MiB. What grew with the amount changed was udev: once the
+unmounting, 0.29-0.35 s starting the merge and mounting again, and 0.16-0.17 s from the
+start hook's launch to its program running (0.22-0.31 s when every step and hook started
+through a shell that moved itself into the step's cgroup; guard now creates the process
+inside the cgroup, clone3 CLONE_INTO_CGROUP: four rollbacks of each binary, alternating).
+These costs are constant and keep guard short of 10x against a copy-back at 256 MiB; so does
+this emulation's noise, which is as large as what is left (two trials per size: 1.76 and
+2.02 s at 256 MiB in this run, 1.29 and 1.54 s in the run before it). What grew with the amount changed was udev: once the
 merge starts it probes the origin, whose reads compete with the merge's copying (0.6 s at
 16 MiB, 1.3 s at 256 MiB). guard waits for udev after the volume is mounted again and the
 start hooks have run, so the service does not wait for it; the command still does, before
