@@ -221,7 +221,7 @@ def bench_restore():
     out = {}
     for size in sizes:
         rows = {"guard_service_back": [], "guard_rollback": [], "guard_merge_complete": [], "lvconvert_merge": [], "copy_back": [], "raw_copy": []}
-        for trial in range(max(1, TRIALS // 2) if not QUICK else 1):
+        for trial in range(TRIALS if not QUICK else 1):
             # guard: a kept run rolled back.
             mount = os.path.join(WORK, "restore-guard")
             device = make_lv("rguard", "1G", mount=mount)
