@@ -304,7 +304,7 @@ public struct Maintenance {
     /// guard.conf, a container) or a journal that was replaced. guard leaves those alone.
     public func status() throws -> (runs: [RunStatus], strays: [String], unknown: [String]) {
         guard let journal = try context.existingJournal() else {
-            let devices = try layerDevices(open: [], known: [])
+            let devices = try layerDevices(open: []) { [] }
             return ([], devices.strays, devices.unknown)
         }
         let dm = try context.dm()
@@ -361,18 +361,24 @@ public struct Maintenance {
             result.append(RunStatus(run: run, volumes: volumes, unfinished: unfinished.contains(run.id!) && run.state == .running))
         }
         let open = Set(try journal.runs(in: RunState.open).map(\.token))
-        let devices = try layerDevices(open: open, known: try journal.allTokens())
+        let devices = try layerDevices(open: open) { try journal.allTokens() }
         return (result, devices.strays, devices.unknown)
     }
 
     /// GUARD- layers in the kernel that belong to no open run: those of runs the journal knows
-    /// (strays), and those of runs it does not know (unknown), each as "name (uuid)".
-    func layerDevices(open: Set<String>, known: Set<String>) throws -> (strays: [String], unknown: [String]) {
+    /// (strays), and those of runs it does not know (unknown), each as "name (uuid)". `known`
+    /// (every token the journal has) is read only when there is such a layer.
+    func layerDevices(open: Set<String>, known: () throws -> Set<String>) throws -> (strays: [String], unknown: [String]) {
         guard DeviceMapper.isAvailable else { return ([], []) }
+        let layers = try context.dm().guardDevices().compactMap { device -> (DeviceSummary, String)? in
+            guard let (identity, _) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { return nil }
+            return (device, identity.runToken)
+        }
+        guard !layers.isEmpty else { return ([], []) }
+        let tokens = try known()
         var strays: [String] = [], unknown: [String] = []
-        for device in try context.dm().guardDevices() {
-            guard let (identity, _) = StackIdentity.parse(uuid: device.uuid), !open.contains(identity.runToken) else { continue }
-            if known.contains(identity.runToken) { strays.append("\(device.name) (\(device.uuid))") } else { unknown.append("\(device.name) (\(device.uuid))") }
+        for (device, token) in layers {
+            if tokens.contains(token) { strays.append("\(device.name) (\(device.uuid))") } else { unknown.append("\(device.name) (\(device.uuid))") }
         }
         return (strays, unknown)
     }
