@@ -228,11 +228,10 @@ extension Kernel {
             // A second recover changes nothing.
             if thorough {
                 // This test's devices: its volume and the layers named after it.
-                let tables = { try sh("dmsetup table | grep -F -- '\(fixture.name)' | sort") }
-                let before = try tables()
+                let before = try deviceMapperState(fixture.name)
                 let again = try tool("recover")
                 #expect(again.status == 0 && again.stdout.contains("nothing to recover"), "\(again.stdout) \(again.stderr)")
-                #expect(try tables() == before)
+                #expect(try deviceMapperState(fixture.name) == before)
                 #expect(try fixture.current == bytes)
             }
             let did = crash.unfinished ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "") : "the next guard command (here `guard status --tidy`) finished the merge's teardown"
