@@ -31,7 +31,7 @@ vm_run() {
   local kernel
   kernel=$(vm_kernel) || return 1
   mkdir -p "$outdir"
-  local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; $*"
+  local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; modprobe dm-thin-pool 2>/dev/null; $*"
   # The kernel suite takes 20 to 50 minutes under emulation, depending on the machine: the
   # bound is for a VM that hangs, not a pass condition.
   timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-4200}" \

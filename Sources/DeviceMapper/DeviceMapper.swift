@@ -342,6 +342,28 @@ public struct DeviceMapper: Sendable {
         return status
     }
 
+    /// The status of the thin-pool target of `device`.
+    /// - Throws: `.invalidArgument` when the device's live table is not a thin pool.
+    public func thinPoolStatus(_ device: DeviceRef) throws -> ThinPoolStatus {
+        let lines = try status(device)
+        guard lines.count == 1, lines[0].type == "thin-pool", let status = ThinPoolStatus(parsing: lines[0].text) else {
+            throw DeviceMapperError(
+                code: .invalidArgument, operation: "thin pool status of \(device)",
+                detail: "its status is '\(lines.map(\.description).joined(separator: "; "))', not a thin pool's")
+        }
+        return status
+    }
+
+    /// Sends a message to the device's target (sector 0): a thin pool's `create_thin 0`,
+    /// `create_snap 1 0`, `delete 1`.
+    /// - Note: DM_DEVICE_TARGET_MSG.
+    public func message(_ device: DeviceRef, _ text: String) throws {
+        try LibDM.run(
+            .init(type: LibDM.targetMessage, call: "DM_DEVICE_TARGET_MSG '\(text)'", operation: "message '\(text)' to \(device)", device: device),
+            configure: { task in LibDM.setMessage(task, text) },
+            extract: { _ in () })
+    }
+
     static func validate(name: String, uuid: String) throws {
         var problems: [String] = []
         if name.isEmpty || name.utf8.count > 127 { problems.append("a name must be 1 to 127 bytes") }

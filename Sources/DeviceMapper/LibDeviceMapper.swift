@@ -200,7 +200,7 @@ enum LibDM {
             if !notes.contains(text) { notes.append(text) }
         }
         // The kernel explains refused tables and failed resumes only in its log.
-        let explained: Set<Int32> = [reload, resume, suspend, create]
+        let explained: Set<Int32> = [reload, resume, suspend, create, targetMessage]
         if code != 0 && explained.contains(request.type),
             let kernel = KernelLog.latestDeviceMapperMessage(since: started)
         {
@@ -300,6 +300,9 @@ enum LibDM {
     static func noFlush(_ task: OpaquePointer) -> Bool { dm_task_no_flush(task) != 0 }
     static func skipLockFS(_ task: OpaquePointer) -> Bool { dm_task_skip_lockfs(task) != 0 }
     static func queryInactive(_ task: OpaquePointer) -> Bool { dm_task_query_inactive_table(task) != 0 }
+    static func setMessage(_ task: OpaquePointer, _ text: String) -> Bool {
+        dm_task_set_sector(task, 0) != 0 && dm_task_set_message(task, text) != 0
+    }
 
     static let create = Int32(DM_DEVICE_CREATE)
     static let reload = Int32(DM_DEVICE_RELOAD)
@@ -313,6 +316,7 @@ enum LibDM {
     static let list = Int32(DM_DEVICE_LIST)
     static let clear = Int32(DM_DEVICE_CLEAR)
     static let listVersions = Int32(DM_DEVICE_LIST_VERSIONS)
+    static let targetMessage = Int32(DM_DEVICE_TARGET_MSG)
 
     static let hiddenFlags = UInt16(
         DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG)

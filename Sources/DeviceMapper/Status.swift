@@ -105,3 +105,65 @@ public enum SnapshotStatus: Hashable, Sendable, CustomStringConvertible {
         }
     }
 }
+
+/// The state of a `thin-pool` target (Documentation/admin-guide/device-mapper/thin-provisioning.rst):
+/// `<transaction id> <used>/<total metadata blocks> <used>/<total data blocks> <held root>
+/// ro|rw|out_of_data_space [no_]discard_passdown error|queue_if_no_space needs_check|- ...`,
+/// or `Fail` once the pool has failed.
+public struct ThinPoolStatus: Hashable, Sendable, Codable {
+    public enum Mode: String, Hashable, Sendable, Codable {
+        case readWrite = "rw"
+        case readOnly = "ro"
+        case outOfDataSpace = "out_of_data_space"
+        /// The kernel reports `Fail` (or `Error`): the pool stopped; its metadata needs thin_check.
+        case failed = "fail"
+    }
+
+    public var transactionID: UInt64
+    /// Metadata blocks are 4 KiB.
+    public var usedMetadataBlocks: UInt64
+    public var totalMetadataBlocks: UInt64
+    /// Data blocks are the pool's block size.
+    public var usedDataBlocks: UInt64
+    public var totalDataBlocks: UInt64
+    public var mode: Mode
+    /// The kernel asks for thin_check before the pool is used read-write again.
+    public var needsCheck: Bool
+
+    public static let metadataBlockBytes: UInt64 = 4096
+
+    public var dataFill: Double { totalDataBlocks == 0 ? 0 : Double(usedDataBlocks) / Double(totalDataBlocks) }
+    public var metadataFill: Double { totalMetadataBlocks == 0 ? 0 : Double(usedMetadataBlocks) / Double(totalMetadataBlocks) }
+
+    public init(
+        transactionID: UInt64, usedMetadataBlocks: UInt64, totalMetadataBlocks: UInt64, usedDataBlocks: UInt64,
+        totalDataBlocks: UInt64, mode: Mode, needsCheck: Bool
+    ) {
+        self.transactionID = transactionID
+        self.usedMetadataBlocks = usedMetadataBlocks
+        self.totalMetadataBlocks = totalMetadataBlocks
+        self.usedDataBlocks = usedDataBlocks
+        self.totalDataBlocks = totalDataBlocks
+        self.mode = mode
+        self.needsCheck = needsCheck
+    }
+
+    /// Parses the status text of a thin-pool line; nil for text that is neither a status nor `Fail`.
+    public init?(parsing text: String) {
+        let fields = text.split(separator: " ", omittingEmptySubsequences: true)
+        if fields.first == "Fail" || fields.first == "Error" {
+            self.init(transactionID: 0, usedMetadataBlocks: 0, totalMetadataBlocks: 0, usedDataBlocks: 0, totalDataBlocks: 0, mode: .failed, needsCheck: true)
+            return
+        }
+        guard fields.count >= 5, let transaction = UInt64(fields[0]) else { return nil }
+        func ratio(_ field: Substring) -> (UInt64, UInt64)? {
+            let parts = field.split(separator: "/")
+            guard parts.count == 2, let used = UInt64(parts[0]), let total = UInt64(parts[1]) else { return nil }
+            return (used, total)
+        }
+        guard let metadata = ratio(fields[1]), let data = ratio(fields[2]), let mode = Mode(rawValue: String(fields[4])) else { return nil }
+        self.init(
+            transactionID: transaction, usedMetadataBlocks: metadata.0, totalMetadataBlocks: metadata.1, usedDataBlocks: data.0,
+            totalDataBlocks: data.1, mode: mode, needsCheck: fields.dropFirst(5).contains("needs_check"))
+    }
+}

@@ -20,6 +20,12 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
     /// guard's write fuse: dm-flakey over `device`, down for good (up 0 s, down 1 s) with
     /// `error_writes`, so every write fails with EIO and every read passes through.
     case writeFuse(device: DeviceNumber)
+    /// A dm-thin pool: `metadata` and `data` devices, `blockSectors` per data block, an event
+    /// when fewer than `lowWaterBlocks` are free; guard's pools fail writes when full
+    /// (`error_if_no_space`) rather than queue them until someone adds space.
+    case thinPool(metadata: DeviceNumber, data: DeviceNumber, blockSectors: UInt32, lowWaterBlocks: UInt64)
+    /// One thin device of a pool, by its id in the pool's metadata.
+    case thin(pool: DeviceNumber, deviceID: UInt32)
     /// Any other target, or one of the above with parameters guard does not model (feature args).
     case other(type: String, parameters: String)
 
@@ -33,6 +39,8 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
         case .snapshotOrigin: return "snapshot-origin"
         case .snapshotMerge: return "snapshot-merge"
         case .writeFuse: return "flakey"
+        case .thinPool: return "thin-pool"
+        case .thin: return "thin"
         case .other(let type, _): return type
         }
     }
@@ -47,6 +55,9 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
             return "\(origin) \(cow) \(persistence.rawValue) \(chunk)"
         case .snapshotOrigin(let device): return "\(device)"
         case .writeFuse(let device): return "\(device) 0 0 1 1 error_writes"
+        case .thinPool(let metadata, let data, let block, let lowWater):
+            return "\(metadata) \(data) \(block) \(lowWater) \(Self.thinPoolFeatures)"
+        case .thin(let pool, let id): return "\(pool) \(id)"
         case .other(_, let parameters): return parameters
         }
     }
@@ -56,6 +67,8 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .linear(let device, _), .snapshotOrigin(let device), .writeFuse(let device): return [device]
         case .snapshot(let origin, let cow, _, _), .snapshotMerge(let origin, let cow, _, _): return [origin, cow]
+        case .thinPool(let metadata, let data, _, _): return [metadata, data]
+        case .thin(let pool, _): return [pool]
         case .error, .zero: return []
         case .other(_, let parameters):
             return parameters.split(separator: " ").compactMap { DeviceNumber(parsing: $0) }
@@ -63,6 +76,9 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { parameters.isEmpty ? typeName : "\(typeName) \(parameters)" }
+
+    /// The feature arguments of guard's pools, as the kernel reports them back.
+    static let thinPoolFeatures = "1 error_if_no_space"
 
     /// Reads a target as the kernel reports it in a table (DM_DEVICE_TABLE).
     /// Anything guard does not model exactly becomes `.other`, so it round-trips unchanged.
@@ -88,6 +104,17 @@ public enum Target: Hashable, Sendable, CustomStringConvertible {
         case "flakey":
             if fields.count == 6, let device = DeviceNumber(parsing: fields[0]), fields[1...].joined(separator: " ") == "0 0 1 1 error_writes" {
                 return .writeFuse(device: device)
+            }
+        case "thin-pool":
+            if fields.count == 6, fields[4...].joined(separator: " ") == thinPoolFeatures,
+                let metadata = DeviceNumber(parsing: fields[0]), let data = DeviceNumber(parsing: fields[1]),
+                let block = UInt32(fields[2]), let lowWater = UInt64(fields[3])
+            {
+                return .thinPool(metadata: metadata, data: data, blockSectors: block, lowWaterBlocks: lowWater)
+            }
+        case "thin":
+            if fields.count == 2, let pool = DeviceNumber(parsing: fields[0]), let id = UInt32(fields[1]) {
+                return .thin(pool: pool, deviceID: id)
             }
         default: break
         }

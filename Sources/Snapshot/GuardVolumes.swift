@@ -13,6 +13,8 @@ public struct GuardVolume: Codable, Hashable, Sendable {
     public var backing: String
     public var backingIsFile: Bool
     public var sizeBytes: UInt64
+    /// For a thin volume: its pool's layout in the backing (nil: a linear volume).
+    public var thin: ThinLayout?
 
     /// "GUARD-VOL-NAME": a GUARD- device that is not a snapshot layer.
     public var uuid: String { "\(DeviceMapper.uuidPrefix)VOL-\(name)" }
@@ -41,26 +43,21 @@ public struct GuardVolumes {
     }
 
     /// Creates the volume: a backing file is created (preallocated) when missing, then attached to a
-    /// loop device; a linear dm device NAME covers it.
+    /// loop device; a linear dm device NAME covers it, or with `thin` a thin device of a
+    /// dm-thin pool over the whole backing.
     ///
     /// - Parameters:
-    ///   - size: required for a new file; for an existing backing, at most its size (default: all of it).
-    public func create(name: String, backing: String, size: UInt64?) throws -> GuardVolume {
+    ///   - size: required for a new file; for an existing backing, at most its size (default: all
+    ///     of it; for a thin volume, half its pool).
+    ///   - thin: a thin volume; `poolSize` is its pool's data (default: twice `size`, for a new file).
+    public func create(name: String, backing: String, size: UInt64?, thin: Bool = false, poolSize: UInt64? = nil) throws -> GuardVolume {
         try Self.validate(name: name)
+        if thin { return try createThin(name: name, backing: backing, size: size, poolSize: poolSize) }
+        if poolSize != nil {
+            throw SnapshotError(.other, "volume create \(name)", "--pool-size is for a thin volume", hint: "add --thin, or leave --pool-size out")
+        }
         let operation = "volume create \(name)"
-        if try dm.info(.name(name)) != nil {
-            throw SnapshotError(.other, operation, "a device-mapper device named \(name) already exists")
-        }
-        if FileManager.default.fileExists(atPath: "\(registry)/\(name).json") {
-            throw SnapshotError(.other, operation, "guard already has a volume \(name)", hint: "`guard volume list`")
-        }
-        var isFile = true
-        if let number = try? BlockDevices.deviceNumber(of: backing) {
-            isFile = false
-            if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
-                throw SnapshotError(.inUse, operation, "\(backing) is mounted or in use")
-            }
-        }
+        let isFile = try checkNew(name: name, backing: backing)
         var bytes: UInt64
         if isFile {
             if !FileManager.default.fileExists(atPath: backing) {
@@ -87,13 +84,39 @@ public struct GuardVolumes {
         let volume = GuardVolume(name: name, backing: backing, backingIsFile: isFile, sizeBytes: bytes)
         try FileManager.default.createDirectory(atPath: registry, withIntermediateDirectories: true)
         try activate(volume)
-        let data = try JSONEncoder.sorted.encode(volume)
-        try data.write(to: URL(fileURLWithPath: "\(registry)/\(name).json"), options: .atomic)
+        try register(volume)
         return volume
     }
 
-    /// Makes the volume's device exist (after a reboot): attach the backing file, create the linear device.
+    /// Refuses a name guard or the kernel already has, and a backing device that is in use.
+    /// - Returns: whether the backing is a file (existing or not) rather than a block device.
+    func checkNew(name: String, backing: String) throws -> Bool {
+        let operation = "volume create \(name)"
+        if try dm.info(.name(name)) != nil {
+            throw SnapshotError(.other, operation, "a device-mapper device named \(name) already exists")
+        }
+        if FileManager.default.fileExists(atPath: "\(registry)/\(name).json") {
+            throw SnapshotError(.other, operation, "guard already has a volume \(name)", hint: "`guard volume list`")
+        }
+        guard let number = try? BlockDevices.deviceNumber(of: backing) else { return true }
+        if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
+            throw SnapshotError(.inUse, operation, "\(backing) is mounted or in use")
+        }
+        return false
+    }
+
+    func register(_ volume: GuardVolume) throws {
+        let data = try JSONEncoder.sorted.encode(volume)
+        try data.write(to: URL(fileURLWithPath: "\(registry)/\(volume.name).json"), options: .atomic)
+    }
+
+    /// Makes the volume's device exist (after a reboot): attach the backing file, create the
+    /// linear device (or check and activate the thin pool, then the thin device).
     public func activate(_ volume: GuardVolume) throws {
+        try activate(volume, fresh: false)
+    }
+
+    func activate(_ volume: GuardVolume, fresh: Bool) throws {
         if try dm.info(.uuid(volume.uuid)) != nil { return }
         let device: DeviceNumber
         if volume.backingIsFile {
@@ -106,21 +129,32 @@ public struct GuardVolumes {
             device = try BlockDevices.deviceNumber(of: volume.backing)
         }
         do {
-            try dm.create(name: volume.name, uuid: volume.uuid, table: Table(.linear(device: device, offset: 0), length: volume.sizeBytes / 512))
+            if let layout = volume.thin {
+                try activateThin(volume, layout: layout, device: device, fresh: fresh)
+            } else {
+                try dm.create(name: volume.name, uuid: volume.uuid, table: Table(.linear(device: device, offset: 0), length: volume.sizeBytes / 512))
+            }
         } catch {
+            try? deactivate(volume)
             if volume.backingIsFile { for loop in LoopDevice.find(backingFile: volume.backing) { try? loop.detach() } }
             throw error
         }
     }
 
-    /// Activates every registered volume that is not active.
-    public func activateAll() throws -> [GuardVolume] {
-        var activated: [GuardVolume] = []
+    /// Activates every registered volume that is not active, going on past one that fails
+    /// (a missing backing, a pool whose metadata fails thin_check).
+    /// - Returns: the volumes activated, and those that could not be, with why.
+    public func activateAll() throws -> (activated: [GuardVolume], failed: [(GuardVolume, any Error)]) {
+        var activated: [GuardVolume] = [], failed: [(GuardVolume, any Error)] = []
         for (volume, info) in try list() where info == nil {
-            try activate(volume)
-            activated.append(volume)
+            do {
+                try activate(volume)
+                activated.append(volume)
+            } catch {
+                failed.append((volume, error))
+            }
         }
-        return activated
+        return (activated, failed)
     }
 
     /// The registered volumes and their devices (nil when not active).
@@ -144,11 +178,11 @@ public struct GuardVolumes {
                 throw SnapshotError(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
             }
             let table = try dm.table(.number(info.number))
-            if !table.isOnly("linear") {
+            if !table.isOnly(volume.thin == nil ? "linear" : "thin") {
                 throw SnapshotError(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
             }
-            try dm.remove(.number(info.number))
         }
+        try deactivate(volume)
         if volume.backingIsFile { for loop in LoopDevice.find(backingFile: volume.backing) { try? loop.detach() } }
         try FileManager.default.removeItem(atPath: "\(registry)/\(name).json")
     }

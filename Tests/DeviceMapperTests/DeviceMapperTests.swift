@@ -93,6 +93,29 @@ struct DeviceMapperParsingTests {
         #expect(twoLines.description == "0 100 linear 7:0 0\n100 50 zero")
     }
 
+    @Test("thin pools and thin devices: tables round-trip, pool status reads data and metadata use, a failed pool says so")
+    func thin() throws {
+        let pool = try Table(parsing: "0 327680 thin-pool 254:3 254:4 128 256 1 error_if_no_space")
+        #expect(pool.lines[0].target == .thinPool(metadata: DeviceNumber(major: 254, minor: 3), data: DeviceNumber(major: 254, minor: 4), blockSectors: 128, lowWaterBlocks: 256))
+        #expect(pool.description == "0 327680 thin-pool 254:3 254:4 128 256 1 error_if_no_space")
+        #expect(pool.devices == [DeviceNumber(major: 254, minor: 3), DeviceNumber(major: 254, minor: 4)])
+        let lvm = try Table(parsing: "0 327680 thin-pool 254:3 254:4 128 0 0")
+        #expect(lvm.lines[0].target == .other(type: "thin-pool", parameters: "254:3 254:4 128 0 0"), "another tool's pool is not guard's")
+        let thin = try Table(parsing: "0 131072 thin 254:5 7")
+        #expect(thin.lines[0].target == .thin(pool: DeviceNumber(major: 254, minor: 5), deviceID: 7) && thin.isOnly("thin"))
+        #expect(thin.description == "0 131072 thin 254:5 7")
+        #expect(try Table(parsing: "0 131072 thin 254:5 7 254:9").lines[0].target.typeName == "thin", "an external origin is kept as it is")
+
+        let status = try #require(ThinPoolStatus(parsing: "0 10/1024 170/2560 - rw discard_passdown error_if_no_space - 1024"))
+        #expect(status.usedMetadataBlocks == 10 && status.totalMetadataBlocks == 1024)
+        #expect(status.usedDataBlocks == 170 && status.totalDataBlocks == 2560 && status.mode == .readWrite && !status.needsCheck)
+        #expect(abs(status.dataFill - 170.0 / 2560) < 1e-9 && abs(status.metadataFill - 10.0 / 1024) < 1e-9)
+        let full = try #require(ThinPoolStatus(parsing: "3 20/1024 2560/2560 - out_of_data_space discard_passdown error_if_no_space needs_check 1024"))
+        #expect(full.mode == .outOfDataSpace && full.needsCheck && full.transactionID == 3)
+        #expect(ThinPoolStatus(parsing: "Fail")?.mode == .failed)
+        #expect(ThinPoolStatus(parsing: "0 10/1024") == nil)
+    }
+
     @Test("malformed tables name the line and say what is wrong", arguments: [
         ("", "the table is empty"),
         ("0 100", "expected `start length type [parameters]`"),

@@ -33,11 +33,26 @@ struct SnapshotLayoutTests {
         }
         #expect(identity.uuid(.snap) == "GUARD-3f9a2c1e-2-snap")
         #expect(StackIdentity.parse(uuid: "GUARD-VOL-website") == nil)
+        // A thin volume's pool devices are not snapshot layers either (recovery leaves them be).
+        let pool = ThinPoolNames(volume: "deadbeef-0-real")
+        for uuid in [pool.poolUUID, pool.metadataUUID, pool.dataUUID] { #expect(StackIdentity.parse(uuid: uuid) == nil, "\(uuid)") }
         #expect(StackIdentity.parse(uuid: "LVM-abc-real") == nil)
         #expect(StackIdentity.parse(uuid: "GUARD-3f9a2c1e-x-real") == nil)
         let long = String(repeating: "x", count: 200)
         #expect(identity.name(.real, originName: long).utf8.count <= 127)
         #expect(StackIdentity.newToken().count == 8)
+    }
+
+    @Test("a thin pool's layout: reserved MiB, metadata by the kernel's guide (at least 4 MiB), data in whole blocks")
+    func thinLayout() throws {
+        let layout = ThinLayout.new(dataBytes: 160 << 20)
+        #expect(layout.metadataOffset == 1 << 20 && layout.metadataBytes == 4 << 20 && layout.dataOffset == 5 << 20)
+        #expect(layout.dataBytes == 160 << 20 && layout.blockBytes == 65536 && layout.backingBytes == 165 << 20)
+        // 64 GiB of data: 1 Mi blocks, 48 bytes each, four times over: 192 MiB of metadata.
+        #expect(ThinLayout.new(dataBytes: 64 << 30).metadataBytes == 192 << 20)
+        let whole = try #require(ThinLayout.filling(backingBytes: (200 << 20) + 12345))
+        #expect(whole.backingBytes <= (200 << 20) + 12345 && whole.dataBytes % 65536 == 0 && whole.dataOffset == whole.metadataOffset + whole.metadataBytes)
+        #expect(ThinLayout.filling(backingBytes: 8 << 20) == nil, "too small for a pool")
     }
 
     @Test("the COW label survives a torn write: the older slot is still read")

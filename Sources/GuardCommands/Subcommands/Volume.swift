@@ -15,12 +15,15 @@ extension GuardCommand {
             discussion: """
                 A guard volume is /dev/mapper/NAME, a linear device-mapper volume over a file or a whole block device, registered in the state directory so that `guard volume activate` (and the boot unit) can bring it back after a reboot. guard snapshots it like an LVM logical volume.
 
+                With --thin the volume is a thin device of a dm-thin pool guard makes over the backing (its metadata and data in one file or device). guard checks the pool's metadata with thin_check before every activation and leaves a pool that fails it inactive; `guard volume repair NAME` rebuilds it with thin_repair.
+
                 Examples:
                   guard volume create website --backing /srv/website.img --size 100M
+                  guard volume create website --backing /srv/website.img --size 100M --thin --pool-size 300M
                   guard volume list
                   guard volume remove website
                 """,
-            subcommands: [Create.self, List.self, Remove.self, Activate.self])
+            subcommands: [Create.self, List.self, Remove.self, Activate.self, Repair.self])
 
         /// `volume list --json` and `volume activate --json`: every volume, and what activate made.
         struct VolumeList: Encodable {
@@ -38,14 +41,63 @@ extension GuardCommand {
             var active: Bool
             /// MAJOR:MINOR while active.
             var device: String?
+            /// A thin volume's pool; null for a linear volume.
+            var thin: Pool?
             enum CodingKeys: String, CodingKey {
-                case name, path, backing, active, device
+                case name, path, backing, active, device, thin
                 case sizeBytes = "size_bytes"
             }
 
-            init(_ volume: GuardVolume, _ info: DeviceInfo?) {
-                (name, path, backing, sizeBytes, active, device) = (volume.name, volume.path, volume.backing, volume.sizeBytes, info != nil, info?.number.description)
+            struct Pool: Encodable {
+                var poolBytes: UInt64
+                var blockBytes: UInt64
+                var metadataBytes: UInt64
+                /// From the kernel while the pool is active; null otherwise.
+                var dataUsedBytes: UInt64?
+                var metadataUsedBytes: UInt64?
+                var mode: String?
+                enum CodingKeys: String, CodingKey {
+                    case mode
+                    case poolBytes = "pool_bytes", blockBytes = "block_bytes", metadataBytes = "metadata_bytes"
+                    case dataUsedBytes = "data_used_bytes", metadataUsedBytes = "metadata_used_bytes"
+                }
+
+                func encode(to encoder: any Encoder) throws {
+                    var container = encoder.container(keyedBy: CodingKeys.self)
+                    try container.encode(poolBytes, forKey: .poolBytes)
+                    try container.encode(blockBytes, forKey: .blockBytes)
+                    try container.encode(metadataBytes, forKey: .metadataBytes)
+                    try container.encode(dataUsedBytes, forKey: .dataUsedBytes)
+                    try container.encode(metadataUsedBytes, forKey: .metadataUsedBytes)
+                    try container.encode(mode, forKey: .mode)
+                }
             }
+
+            init(_ volume: GuardVolume, _ info: DeviceInfo?, pool status: ThinPoolStatus? = nil) {
+                (name, path, backing, sizeBytes, active, device) = (volume.name, volume.path, volume.backing, volume.sizeBytes, info != nil, info?.number.description)
+                thin = volume.thin.map { layout in
+                    Pool(
+                        poolBytes: layout.dataBytes, blockBytes: layout.blockBytes, metadataBytes: layout.metadataBytes,
+                        dataUsedBytes: status.map { $0.usedDataBlocks * layout.blockBytes },
+                        metadataUsedBytes: status.map { $0.usedMetadataBlocks * ThinPoolStatus.metadataBlockBytes }, mode: status?.mode.rawValue)
+                }
+            }
+
+            func encode(to encoder: any Encoder) throws {
+                var container = encoder.container(keyedBy: CodingKeys.self)
+                try container.encode(name, forKey: .name)
+                try container.encode(path, forKey: .path)
+                try container.encode(backing, forKey: .backing)
+                try container.encode(sizeBytes, forKey: .sizeBytes)
+                try container.encode(active, forKey: .active)
+                try container.encode(device, forKey: .device)
+                try container.encode(thin, forKey: .thin)
+            }
+        }
+
+        /// Every registered volume with its device and (thin) its pool's use.
+        static func entries(_ volumes: GuardVolumes) throws -> [Entry] {
+            try volumes.list().map { volume, info in Entry(volume, info, pool: try? volumes.poolStatus(volume)) }
         }
 
         struct Create: ParsableCommand {
@@ -60,24 +112,30 @@ extension GuardCommand {
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The volume name (/dev/mapper/NAME).") var name: String
             @Option(help: ArgumentHelp("A file (created when missing) or block device.", valueName: "file|device")) var backing: String
-            @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing).", valueName: "size")) var size: String?
+            @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing, or half a thin volume's pool).", valueName: "size")) var size: String?
+            @Flag(help: "A thin volume: a dm-thin pool over the backing, the volume a thin device of it.") var thin = false
+            @Option(help: ArgumentHelp("The thin pool's data, e.g. 300M (default: twice --size for a new file, else what the backing holds).", valueName: "size")) var poolSize: String?
             @Flag(help: "Print the volume as JSON (Docs/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
-                var bytes: UInt64?
-                if let size {
-                    switch Units.parseSize(size) {
-                    case .success(let value): bytes = value
-                    case .failure(let error): throw GuardFailure(.refused, "--size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
+                func parse(_ text: String?, _ option: String) throws -> UInt64? {
+                    guard let text else { return nil }
+                    switch Units.parseSize(text) {
+                    case .success(let value): return value
+                    case .failure(let error): throw GuardFailure(.refused, "\(option): \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
                     }
                 }
+                let bytes = try parse(size, "--size"), poolBytes = try parse(poolSize, "--pool-size")
                 try context.prepareStateDirectory()
                 do {
                     let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                    let volume = try volumes.create(name: name, backing: backing, size: bytes)
-                    guard json else { return say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing))") }
-                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.name(volume.name)))])
+                    let volume = try volumes.create(name: name, backing: backing, size: bytes, thin: thin, poolSize: poolBytes)
+                    guard json else {
+                        let pool = volume.thin.map { ", a thin volume of a \(formatBytes($0.dataBytes)) pool" } ?? ""
+                        return say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing)\(pool))")
+                    }
+                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.name(volume.name)), pool: try? volumes.poolStatus(volume))])
                 } catch let error as SnapshotError {
                     throw GuardFailure(.refused, "\(error)")
                 }
@@ -100,12 +158,21 @@ extension GuardCommand {
 
             func run() throws {
                 let context = try global.context()
-                let volumes = try GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory).list()
-                let entries = volumes.map { Entry($0.0, $0.1) }
+                let entries = try Volume.entries(GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory))
                 if json { return try printJSON(VolumeList(volumes: entries, activated: nil)) }
                 if entries.isEmpty { return say("no guard volumes") }
-                var rows = [["NAME", "DEVICE", "SIZE", "BACKING", "STATE"]]
-                for entry in entries { rows.append([entry.name, entry.path, formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive"]) }
+                var rows = [["NAME", "DEVICE", "SIZE", "BACKING", "STATE", "POOL"]]
+                for entry in entries {
+                    var pool = "-"
+                    if let thin = entry.thin {
+                        pool = "thin, \(formatBytes(thin.poolBytes))"
+                        if let data = thin.dataUsedBytes, let metadata = thin.metadataUsedBytes {
+                            pool += String(format: ", data %.1f%%, metadata %.1f%%", 100 * Double(data) / Double(max(thin.poolBytes, 1)), 100 * Double(metadata) / Double(max(thin.metadataBytes, 1)))
+                        }
+                        if let mode = thin.mode, mode != "rw" { pool += ", \(mode)" }
+                    }
+                    rows.append([entry.name, entry.path, formatBytes(entry.sizeBytes), entry.backing, entry.active ? "active" : "inactive", pool])
+                }
                 say(table(rows))
             }
         }
@@ -154,11 +221,40 @@ extension GuardCommand {
             func run() throws {
                 let context = try global.context()
                 let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                let activated = try volumes.activateAll()
+                let (activated, failed) = try volumes.activateAll()
                 if json {
-                    return try printJSON(VolumeList(volumes: try volumes.list().map { Entry($0.0, $0.1) }, activated: activated.map(\.name)))
+                    try printJSON(VolumeList(volumes: try Volume.entries(volumes), activated: activated.map(\.name)))
+                } else {
+                    say(activated.isEmpty && failed.isEmpty ? "every guard volume is active" : activated.isEmpty ? "activated none" : "activated " + activated.map(\.name).joined(separator: ", "))
                 }
-                say(activated.isEmpty ? "every guard volume is active" : "activated " + activated.map(\.name).joined(separator: ", "))
+                if !failed.isEmpty {
+                    throw GuardFailure(.refused, failed.map { "guard volume \($0.0.name) was not activated: \($0.1)" }.joined(separator: "\n"))
+                }
+            }
+        }
+
+        struct Repair: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "repair",
+                abstract: "Rebuild a thin volume's pool metadata with thin_repair, after thin_check refused it.",
+                discussion: """
+                    For a thin volume whose pool `guard volume activate` (or the boot) left inactive because thin_check found its metadata damaged. The damaged metadata is copied to <state dir>/volumes/NAME.tmeta.<time> and kept; thin_repair writes a new copy, which must pass thin_check before it replaces the damaged one. Then `guard volume activate` and `guard recover`.
+
+                    Examples:
+                      guard volume repair website && guard volume activate && guard recover
+                    """)
+            @OptionGroup var global: GlobalOptions
+            @Argument(help: "The thin volume's name.") var name: String
+
+            func run() throws {
+                let context = try global.context()
+                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                do {
+                    let kept = try volumes.repair(name: name)
+                    say("repaired the metadata of \(name)'s pool (the damaged copy is kept in \(kept)); activate it with `guard volume activate`")
+                } catch let error as SnapshotError {
+                    throw GuardFailure(.refused, "\(error)")
+                }
             }
         }
     }
