@@ -162,6 +162,21 @@ public struct Planner {
                 mountPoint = mounts.first?.target
             }
 
+            // A thin guard volume of this state directory: its snapshot is a thin device of its pool.
+            if let (registry, layout) = thinVolume(origin, dm: dm) {
+                if spec.cow != nil || spec.extend != nil {
+                    warnings.append("\(at(spec)): \(origin.info.path) is a thin guard volume: its snapshot is in its pool, so `cow:` and `extend:` do not apply")
+                }
+                volumes.append(
+                    PlannedVolume(
+                        index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
+                        mounts: mounts, mountPoint: mountPoint, storage: .thinPool(registry: registry), cowBytes: layout.dataBytes, reserveBytes: 0,
+                        chunkSectors: layout.blockSectors, extensionPolicy: nil, freeBytes: nil,
+                        sizeNote: "thin: a snapshot in the volume's \(formatBytes(layout.dataBytes)) pool, nothing copied on write",
+                        extensionFromConfiguration: false, history: peaks[index]))
+                continue
+            }
+
             let chunkBytes = spec.chunkBytes ?? UInt64(SnapshotEngine.defaultChunkSectors) * 512
             let chunkSectors = UInt32(chunkBytes / 512)
             let geometry = CowGeometry(chunkSectors: chunkSectors)
@@ -211,6 +226,7 @@ public struct Planner {
                 switch storage {
                 case .fileIn(let directory): cowDevice = try? BlockDevices.filesystemDevice(of: nearestExisting(directory))
                 case .blockDevice(let path): cowDevice = try? BlockDevices.deviceNumber(of: path)
+                case .thinPool: cowDevice = origin.info.number  // (thin volumes are planned above)
                 }
                 if !(cowDevice.map(engine.isOnEncryption) ?? false) {
                     warnings.append(
@@ -307,6 +323,20 @@ public struct Planner {
         return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
     }
 
+    /// The registry and pool layout of `origin` when it is a thin guard volume of this state
+    /// directory (a thin device of a GUARD-POOL- pool, registered here); nil otherwise: another
+    /// tool's thin volume (an LVM thin LV) gets guard's classic snapshot.
+    func thinVolume(_ origin: SnapshotEngine.Origin, dm: DeviceMapper) -> (String, ThinLayout)? {
+        guard origin.table.lines.count == 1, case .thin(let pool, _) = origin.table.lines[0].target,
+            let poolInfo = try? dm.info(.number(pool)), poolInfo.uuid == ThinPoolNames(volume: origin.info.name).poolUUID
+        else { return nil }
+        let registry = "\(context.stateDirectory)/volumes/\(origin.info.name).json"
+        guard let data = FileManager.default.contents(atPath: registry), let volume = try? JSONDecoder().decode(GuardVolume.self, from: data),
+            let layout = volume.thin
+        else { return nil }
+        return (registry, layout)
+    }
+
     /// `/dev/...`, `VG/LV` or a mount point, as a device path.
     public func resolveDevice(_ device: String) throws -> String {
         if device.hasPrefix("/dev/") {
@@ -349,7 +379,8 @@ public struct Planner {
         guard !uuid.isEmpty, let journal = try context.existingJournal() else { return nil }
         for run in try journal.runs(in: RunState.open) {
             let records = try journal.snapshots(runID: run.id!)
-            if records.contains(where: { $0.originUUID == uuid && [.live, .merging, .invalid].contains($0.state) }) { return run }
+            // A thin volume's kept snapshots are generations: a new run takes another beside them.
+            if records.contains(where: { $0.originUUID == uuid && ($0.cowKind == "thin" ? [.merging] : [.live, .merging, .invalid]).contains($0.state) }) { return run }
         }
         return nil
     }

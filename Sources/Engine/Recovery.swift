@@ -135,6 +135,13 @@ public struct Recovery {
                 break
             }
         }
+        // A kept thin snapshot survives a reboot in its pool; its read-only view (for diff and
+        // restore) does not: made again.
+        for run in try journal.runs(in: [.kept]) {
+            for stack in try journal.snapshots(runID: run.id!).compactMap({ decodeStack($0.stack) }) where stack.thin != nil {
+                if try engine.restoreThinView(stack) { report.actions.append("made the view of run \(run.id!)'s thin snapshot of \(stack.originName) again") }
+            }
+        }
         for run in try unfinishedRuns(journal: journal) where run.state == .running {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
@@ -395,6 +402,7 @@ public struct Recovery {
         let scanned = Set(files.map(\.path))
         return runs.flatMap { run in
             ((try? journal.snapshots(runID: run.id!)) ?? []).compactMap { record -> CowStorage? in
+                if record.cowKind == "thin" { return nil }  // no COW: the pool's metadata holds the snapshot
                 if record.cowKind == "device" { return .blockDevice(path: record.cowPath) }
                 guard !record.cowPath.isEmpty, !scanned.contains(record.cowPath), FileManager.default.fileExists(atPath: record.cowPath) else { return nil }
                 return .file(path: record.cowPath)

@@ -169,7 +169,7 @@ public final class RunTransaction {
                             runID: run.id!, volumeIndex: volume.index, volume: volume.spec.device, mountPoint: volume.mountPoint,
                             originName: volume.info.name, originUUID: volume.info.uuid, originDevice: volume.info.number.description,
                             originTable: "", originBytes: Int64(volume.originBytes), cowPath: Self.cowPath(volume, token: run.token),
-                            cowKind: volume.storage.isDevice ? "device" : "file", sizeBytes: Int64(volume.cowBytes),
+                            cowKind: volume.storage.kind, sizeBytes: Int64(volume.cowBytes),
                             chunkBytes: Int64(volume.chunkSectors) * 512, state: .preparing, stack: "{}")))
             }
             try journal.endPhase(preflightPhase, status: .done, detail: "\(plan.volumes.count) volume(s)")
@@ -193,6 +193,7 @@ public final class RunTransaction {
         switch volume.storage {
         case .fileIn(let directory): return "\(directory)/\(token)-\(volume.index).cow"
         case .blockDevice(let path): return path
+        case .thinPool: return "/dev/mapper/\(ThinPoolNames(volume: volume.info.name).pool)"
         }
     }
 }
@@ -208,6 +209,16 @@ extension VolumeRequest.Storage {
         switch self {
         case .fileIn(let directory): return "a file in \(directory)"
         case .blockDevice(let path): return "the device \(path)"
+        case .thinPool: return "the volume's thin pool"
+        }
+    }
+
+    /// The journal's `cow_kind`: file, device or thin.
+    public var kind: String {
+        switch self {
+        case .fileIn: return "file"
+        case .blockDevice: return "device"
+        case .thinPool: return "thin"
         }
     }
 }

@@ -118,7 +118,10 @@ public final class CowWatcher: Sendable {
     /// the next reading for a COW already there.
     /// - Parameter volumes: the stacks to arm; nil: all of them.
     public func armFuse(volumes: Set<Int>? = nil) {
-        state.withLock { $0.fuseArmed.formUnion(volumes ?? Set($0.stacks.indices)) }
+        // A thin snapshot needs no fuse: a full pool fails writes, never a snapshot's blocks.
+        state.withLock { state in
+            state.fuseArmed.formUnion((volumes ?? Set(state.stacks.indices)).filter { state.stacks[$0].thin == nil })
+        }
     }
 
     /// The volumes whose origin the watcher fused.

@@ -68,6 +68,7 @@ extension KernelCowHeader {
 extension SnapshotEngine {
     /// Whether the kernel has this stack live on its origin, and merging.
     public func liveState(_ stack: SnapshotStack) throws -> (live: Bool, merging: Bool) {
+        if let thin = stack.thin { return try thinLiveState(stack, thin) }
         guard let origin = try dm.info(stack.originRef), let real = try dm.info(stack.ref(.real)) else { return (false, false) }
         let table = try dm.table(.number(origin.number))
         guard table.devices.contains(real.number) else { return (false, false) }
@@ -77,7 +78,8 @@ extension SnapshotEngine {
 
     /// What the storage of a stack that is not live holds, from durable facts only.
     public func evidence(_ stack: SnapshotStack) -> StorageEvidence {
-        stack.storageEvidence()
+        if let thin = stack.thin { return thinEvidence(stack, thin) }
+        return stack.storageEvidence()
     }
 
     /// Refuses to release storage that may hold old blocks of a snapshot that is not live.

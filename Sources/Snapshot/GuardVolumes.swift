@@ -178,6 +178,15 @@ public struct GuardVolumes {
                 throw SnapshotError(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
             }
             let table = try dm.table(.number(info.number))
+            if volume.thin != nil, let pool = try dm.info(.uuid(ThinPoolNames(volume: name).poolUUID)) {
+                let others = BlockDevices.holders(of: pool.number).filter { $0 != info.number }
+                if !others.isEmpty {
+                    let names = others.map { BlockDevices.deviceMapperName(of: $0) ?? $0.description }
+                    throw SnapshotError(
+                        .alreadySnapshotted, operation, "\(name)'s pool holds snapshots of kept runs (\(names.joined(separator: ", ")))",
+                        hint: "commit or roll back those runs first (`guard status`)")
+                }
+            }
             if !table.isOnly(volume.thin == nil ? "linear" : "thin") {
                 throw SnapshotError(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
             }

@@ -164,7 +164,11 @@ public struct SnapshotEngine {
             let operation = "snapshot of \(origin.info.path)"
             let storage: CowStorage
             let storageBytes: UInt64
+            var thin: ThinSnapshot?
             switch request.storage {
+            case .thinPool(let registry):
+                let planned = try planThin(origin: origin, registry: registry, operation: operation)
+                (thin, storage, storageBytes) = (planned.0, planned.storage, planned.dataBytes + CowLabel.areaOffset)
             case .fileIn(let directory):
                 for other in origins where Self.isOnDevice(directory, other.info.number) {
                     throw SnapshotError(
@@ -201,9 +205,10 @@ public struct SnapshotEngine {
                     originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
                     originTable: origin.table.redacted.description, storage: storage, storageBytes: storageBytes,
                     chunkSectors: request.chunkSectors)
-            if !storage.isFile { stack.storageIdentity = BlockDevices.stableIdentity(of: storage.path) }
-            // A device's space past the size is all reserve (it cannot grow).
-            stack.reserveBytes = stack.areaBytes > budget ? stack.areaBytes - budget : nil
+            if case .blockDevice = storage { stack.storageIdentity = BlockDevices.stableIdentity(of: storage.path) }
+            // A device's space past the size is all reserve (it cannot grow); a pool has none.
+            stack.reserveBytes = stack.areaBytes > budget && thin == nil ? stack.areaBytes - budget : nil
+            stack.thin = thin
             _ = try stack.label(state: .preparing, createdAt: 0).encodedSlot()  // it fits, or nothing is written
             stacks.append(stack)
         }
@@ -287,6 +292,10 @@ public struct SnapshotEngine {
     /// Builds one stack up to the inactive origin table (`-cow` and `-real` live, `-snap`
     /// loaded); returns the COW loop handle to keep until the snapshot holds the loop device.
     private func build(_ stack: SnapshotStack, origin: Origin, udev: UdevBatch) throws -> LoopHandle? {
+        if let thin = stack.thin {
+            try prepareThin(stack, thin)
+            return nil
+        }
         let now = Int64(Date().timeIntervalSince1970)
         var label = stack.label(state: .preparing, createdAt: now)
         var handle: LoopHandle?
@@ -316,6 +325,8 @@ public struct SnapshotEngine {
             try label.write(to: file)
             try file.sync()
             cowDevice = number
+        case .thinPool:
+            return nil  // (thin stacks return above)
         }
         let areaSectors = stack.areaBytes / 512
         let cow = try dm.create(
@@ -361,7 +372,14 @@ public struct SnapshotEngine {
             for mount in Mounts.mountPoints(of: stack.originNumber) { try? FileSystems.sync(mount.target) }
         }
         defer { udev.finish() }
-        return try executor.run(.take(stacks), udev: udev)
+        let timing = try executor.run(.take(stacks), udev: udev)
+        for stack in stacks {
+            guard let thin = stack.thin else { continue }
+            do { try activateThinView(stack, thin, udev: udev) } catch {
+                log?("warning: the snapshot of \(stack.originName) is taken, but its read-only view \(stack.snapName) could not be made: \(error)")
+            }
+        }
+        return timing
     }
 
     /// The one executor of transitions (`Transition`), with this engine's watchdog and log.
@@ -385,6 +403,7 @@ public struct SnapshotEngine {
     ///   `.inUse` when the snapshot is mounted, `.needsReassembly` or `.stale` when the storage
     ///   of a snapshot that is not live may hold old blocks (nothing is touched).
     func drop(_ stack: SnapshotStack, discarding: Bool = false) throws {
+        if let thin = stack.thin { return try dropThin(stack, thin) }
         let operation = "commit of \(stack.originName)"
         // One udev wait for the origin's resume and the layers' removal.
         let udev = UdevBatch()
@@ -463,6 +482,7 @@ public struct SnapshotEngine {
     /// Writes `released` into the stack's label (the durable decision that its old blocks may
     /// go). A storage without this stack's label is left as it is.
     func markReleased(_ stack: SnapshotStack) throws {
+        guard stack.thin == nil else { return }  // a pool has no label; guard never writes it
         let path = stack.storage.path
         guard FileManager.default.fileExists(atPath: path), var label = try CowLabel.read(from: path),
             label.identity == stack.identity, label.state != .released
@@ -475,6 +495,7 @@ public struct SnapshotEngine {
     /// file and deletes it. Idempotent. Only storage whose label says released, or that
     /// provably holds no old block, is released; anything else is refused and kept.
     func releaseStorage(_ stack: SnapshotStack) throws {
+        guard stack.thin == nil else { return }  // a pool is the volume's storage: never released
         let path = stack.storage.path
         guard FileManager.default.fileExists(atPath: path) else { return }
         try requireReleasable(stack, "release of \(path)")
@@ -504,6 +525,7 @@ public struct SnapshotEngine {
     /// Records in the COW label what the run decided, so a reboot reassembles it right
     /// (`.kept`: a snapshot again; `.active`: an undecided run, merged back at boot).
     public func mark(_ stack: SnapshotStack, _ state: CowLabel.State) throws {
+        guard stack.thin == nil else { return }  // the pool's metadata and the journal say it all
         guard var label = try CowLabel.read(from: stack.storage.path), label.identity == stack.identity else {
             throw SnapshotError(.labelMismatch, "label update of \(stack.storage.path)", "it has no label of run \(stack.identity.runToken)")
         }
@@ -516,7 +538,8 @@ public struct SnapshotEngine {
 
     /// The snapshot's state as the kernel reports it.
     public func health(_ stack: SnapshotStack) throws -> SnapshotHealth {
-        SnapshotHealth(status: try dm.snapshotStatus(stack.ref(.snap)))
+        if let thin = stack.thin { return try thinHealth(thin) }
+        return SnapshotHealth(status: try dm.snapshotStatus(stack.ref(.snap)))
     }
 
     /// Grows a file-backed COW to `storageBytes`: the file (preallocated), the loop device's
@@ -526,6 +549,9 @@ public struct SnapshotEngine {
     /// - Throws: `.notExtendable` for a block-device COW or a smaller size.
     public func extend(_ stack: SnapshotStack, to storageBytes: UInt64) throws -> SnapshotStack {
         let operation = "extension of the COW of \(stack.originName)"
+        if stack.thin != nil {
+            throw SnapshotError(.notExtendable, operation, "its snapshot is in the thin pool \(stack.storage.path), which guard does not grow")
+        }
         guard case .file(let path) = stack.storage else {
             throw SnapshotError(.notExtendable, operation, "its COW is the block device \(stack.storage.path)")
         }
@@ -573,6 +599,8 @@ public struct SnapshotEngine {
     @discardableResult
     public func blowFuse(_ stack: SnapshotStack) throws -> UInt64 {
         let operation = "write fuse of \(stack.originName)"
+        // A full pool fails writes itself, and never at the cost of a snapshot's blocks.
+        if stack.thin != nil { return 0 }
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
         if live.isFused { return 0 }
@@ -605,6 +633,7 @@ public struct SnapshotEngine {
     /// - Throws: `.invalidSnapshot` when the kernel invalidated the snapshot (the rollback is
     ///   impossible, the volume keeps the upgraded data); `.inUse` when mounted.
     func startMerge(_ stack: SnapshotStack, udev callerBatch: UdevBatch? = nil) throws {
+        if let thin = stack.thin { return try startThinRollback(stack, thin, udev: callerBatch) }
         let operation = "rollback of \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
@@ -661,6 +690,7 @@ public struct SnapshotEngine {
     /// fresh `snapshot-merge`, which reads the exceptions still in the COW and merges on.
     /// In that instant reads would fail, so the origin must not be open (unmounted).
     func restartMerge(_ stack: SnapshotStack) throws {
+        if let thin = stack.thin { return try finishThin(stack, thin) }
         let operation = "restart of the merge into \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))
@@ -713,6 +743,7 @@ public struct SnapshotEngine {
 
     /// Where a merge stands, from the origin's snapshot-merge status.
     public func mergeState(_ stack: SnapshotStack) throws -> MergeState {
+        if let thin = stack.thin { return try thinMergeState(stack, thin) }
         guard try dm.info(stack.originRef) != nil || !evidence(stack).mustKeep else {
             return .needsReassembly("its origin \(stack.originName) is not active; activate it without mounting it, then run `guard recover`")
         }
@@ -744,6 +775,7 @@ public struct SnapshotEngine {
     /// Tears a finished merge down: the origin back on its own table, `-real`, `-cow` and the
     /// COW storage removed. Refuses unless the kernel reports the merge complete.
     func finishMerge(_ stack: SnapshotStack) throws {
+        if let thin = stack.thin { return try finishThin(stack, thin) }
         let operation = "teardown of the merge into \(stack.originName)"
         switch try mergeState(stack) {
         case .finished:

@@ -7,11 +7,19 @@ public enum CowStorage: Hashable, Sendable, Codable, CustomStringConvertible {
     case file(path: String)
     /// A block device the admin named; guard writes its label on it and wipes it afterwards.
     case blockDevice(path: String)
+    /// The snapshot is a thin device in the volume's own pool (`/dev/mapper/guard-pool-NAME`):
+    /// guard never writes, wipes or deletes this storage; it only sends the pool messages.
+    case thinPool(path: String)
 
     public var path: String {
         switch self {
-        case .file(let path), .blockDevice(let path): return path
+        case .file(let path), .blockDevice(let path), .thinPool(let path): return path
         }
+    }
+
+    public var isThin: Bool {
+        if case .thinPool = self { return true }
+        return false
     }
 
     public var isFile: Bool {
@@ -23,6 +31,7 @@ public enum CowStorage: Hashable, Sendable, Codable, CustomStringConvertible {
         switch self {
         case .file(let path): return "file \(path)"
         case .blockDevice(let path): return "device \(path)"
+        case .thinPool(let path): return "thin pool \(path)"
         }
     }
 }
@@ -50,6 +59,10 @@ public struct SnapshotStack: Hashable, Sendable, Codable {
     public var snapName: String
     /// The fuse reserve within the area (nil in stacks journaled before it existed: none).
     public var reserveBytes: UInt64?
+    /// A snapshot inside a thin guard volume's pool (storage `.thinPool`); nil for the
+    /// classic stack. Its size is the pool's data area (`storageBytes` is that plus
+    /// `CowLabel.areaOffset`, so budget and fill are the pool's).
+    public var thin: ThinSnapshot?
 
     public var geometry: CowGeometry { CowGeometry(chunkSectors: chunkSectors) }
     /// Bytes the kernel can use for the snapshot (storage minus guard's label area).
@@ -98,6 +111,29 @@ public struct SnapshotStack: Hashable, Sendable, Codable {
     }
 }
 
+/// A thin snapshot: the pool's id of the volume when it was taken (`originID`), and the id
+/// of the snapshot (`snapshotID`), which a rollback makes the volume.
+public struct ThinSnapshot: Hashable, Sendable, Codable {
+    public var poolUUID: String
+    public var originID: UInt32
+    public var snapshotID: UInt32
+    /// The volume's registry file (`<state dir>/volumes/NAME.json`): a rollback writes the
+    /// snapshot's id there before the volume's table changes, so a reboot activates the
+    /// volume on the id the rollback chose.
+    public var registry: String
+    public var blockSectors: UInt32
+
+    public init(poolUUID: String, originID: UInt32, snapshotID: UInt32, registry: String, blockSectors: UInt32) {
+        self.poolUUID = poolUUID
+        self.originID = originID
+        self.snapshotID = snapshotID
+        self.registry = registry
+        self.blockSectors = blockSectors
+    }
+
+    public var poolRef: DeviceRef { .uuid(poolUUID) }
+}
+
 /// What a caller asks for one volume of a snapshot set.
 public struct VolumeRequest: Sendable, Hashable {
     public enum Storage: Sendable, Hashable {
@@ -105,6 +141,8 @@ public struct VolumeRequest: Sendable, Hashable {
         case fileIn(directory: String)
         /// This block device, used whole.
         case blockDevice(path: String)
+        /// A thin snapshot in the pool of the guard thin volume whose registry file this is.
+        case thinPool(registry: String)
     }
 
     /// The origin: /dev/mapper/NAME, /dev/VG/LV, /dev/dm-N, or a dm name.

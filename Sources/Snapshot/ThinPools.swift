@@ -18,6 +18,9 @@ public struct ThinLayout: Codable, Hashable, Sendable {
     public var blockSectors: UInt32
     /// The volume's thin device id in the pool's metadata.
     public var deviceID: UInt32
+    /// The id a rollback replaced (the volume's id before it became a snapshot's), until it is
+    /// deleted from the pool; nil otherwise.
+    public var replacedID: UInt32?
 
     /// 64 KiB: dm-thin's own suggestion for snapshots (thin-provisioning.rst), as lvm2's default.
     public static let defaultBlockSectors: UInt32 = 128

@@ -47,6 +47,14 @@ public struct Transition: @unchecked Sendable {
         public var crashPointAfter: StaticString?
     }
 
+    /// A target message sent with everything suspended (a thin pool's `create_snap`): to a
+    /// device that is not suspended itself.
+    public struct Message {
+        public var device: DeviceRef
+        public var text: String
+        public var crashPointAfter: StaticString?
+    }
+
     /// What the executor does when a call in the window fails.
     public enum OnFailure: Hashable, Sendable {
         /// Resume every device not resumed yet: tables loaded for this transition go live.
@@ -63,6 +71,8 @@ public struct Transition: @unchecked Sendable {
     public var loads: [Load] = []
     public var suspensions: [Suspension]
     public var crashPointSuspended: StaticString?
+    /// Sent in order once everything is suspended, before `check`.
+    public var messages: [Message] = []
     /// Runs with every device of `suspensions` suspended; a throw fails the window.
     public var check: (() throws -> Void)?
     public var resumptions: [Resumption]
@@ -96,6 +106,9 @@ public struct Transition: @unchecked Sendable {
             problems.append("\(name): the table loaded into \(load.device) never goes live")
         }
         if suspensions.isEmpty { problems.append("\(name): nothing is suspended") }
+        for message in messages where suspended.contains(message.device) {
+            problems.append("\(name): the message '\(message.text)' goes to \(message.device), which is suspended then")
+        }
         return problems
     }
 }
@@ -117,11 +130,17 @@ extension Transition {
             }
         }
         let origins = stacks.map { DeviceRef.number($0.originNumber) }
+        let classic = stacks.filter { $0.thin == nil }
+        // A thin snapshot is one message to the volume's pool, with the volume suspended.
+        let thin = stacks.compactMap(\.thin).enumerated().map { index, thin in
+            Message(device: thin.poolRef, text: "create_snap \(thin.snapshotID) \(thin.originID)", crashPointAfter: index == 0 ? "window.thin-snapshot" : nil)
+        }
         return Transition(
             name: "snapshot window",
             suspensions: origins.map { Suspension(device: $0, flush: true, lockFileSystem: true) },
             crashPointSuspended: "window.suspended",
-            resumptions: group(stacks.map { $0.ref(.snap) }, [.hidden, .lowPriority], "window.snap-resumed")
+            messages: thin,
+            resumptions: group(classic.map { $0.ref(.snap) }, [.hidden, .lowPriority], classic.isEmpty ? nil : "window.snap-resumed")
                 + group(origins, [], nil),
             onFailure: .revertSuspended)
     }
@@ -234,6 +253,27 @@ extension Transition {
             onFailure: .revertSuspended)
     }
 
+    /// A thin rollback: the volume's table goes from its own thin id to the snapshot's. The
+    /// volume is unmounted; the suspend flushes what is in flight.
+    public static func thinSwap(origin: DeviceInfo, table: Table, stack: SnapshotStack) -> Transition {
+        let ref = DeviceRef.number(origin.number)
+        return Transition(
+            name: "rollback of \(stack.originName)",
+            loads: [Load(device: ref, table: table, readOnly: origin.isReadOnly, crashPointAfter: "thin.origin-loaded")],
+            suspensions: [Suspension(device: ref, flush: true, lockFileSystem: false)],
+            resumptions: [Resumption(device: ref, udevFlags: [], crashPointAfter: "thin.swapped")],
+            onFailure: .completeForward)
+    }
+
+    /// A thin pool suspended and resumed on its own table: the kernel counts its free blocks
+    /// again and leaves out-of-data-space mode. Its thin devices' I/O waits meanwhile.
+    public static func revivePool(_ pool: DeviceNumber, name: String) -> Transition {
+        let ref = DeviceRef.number(pool)
+        return Transition(
+            name: name, suspensions: [Suspension(device: ref, flush: false, lockFileSystem: false)],
+            resumptions: [Resumption(device: ref, udevFlags: .hidden)], onFailure: .completeForward)
+    }
+
     /// One device to a new table, suspended without a flush or a freeze.
     private static func onOwnSuspend(_ device: DeviceInfo, _ table: Table, name: String) -> Transition {
         let ref = DeviceRef.number(device.number)
@@ -295,6 +335,7 @@ public protocol TransitionDevices {
     func clearInactiveTable(_ device: DeviceRef) throws
     func suspend(_ device: DeviceRef, flush: Bool, lockFileSystem: Bool) throws
     func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws
+    func message(_ device: DeviceRef, _ text: String) throws
 }
 
 extension DeviceMapper: TransitionDevices {}
@@ -375,6 +416,10 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
             }
             allSuspended = clock.now
             if let point = transition.crashPointSuspended { crashPoint(point) }
+            for message in transition.messages {
+                try devices.message(message.device, message.text)
+                if let point = message.crashPointAfter { crashPoint(point) }
+            }
             try transition.check?()
             for resumption in transition.resumptions {
                 try devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)

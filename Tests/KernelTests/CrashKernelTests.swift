@@ -40,27 +40,40 @@ final class CrashFixture {
     let after: String
     let patch: String
 
-    init(label: String = #function) throws {
+    /// - Parameter thin: a thin guard volume (its snapshots are thin devices of its pool).
+    init(label: String = #function, thin: Bool = false) throws {
         scratch = try Scratch(label)
         guardTool = GuardTool(stateDirectory: scratch.path("state"))
         name = uniqueName("crash")
         device = "/dev/mapper/\(name)"
         backing = scratch.path("volume.img")
-        try makeRandomFile(backing, mebibytes: 16)
         // The volume is made in-process (the CLI's `volume create` is tested elsewhere): a guard
         // process costs a second or two under emulation, and this suite starts many.
         let volumes = GuardVolumes(dm: try DeviceMapper(), stateDirectory: guardTool.stateDirectory)
-        _ = try volumes.create(name: name, backing: backing, size: nil)
-        let name = self.name
+        let content = scratch.path("content.img")
+        try makeRandomFile(content, mebibytes: 16)
+        if thin {
+            _ = try volumes.create(name: name, backing: backing, size: 16 << 20, thin: true, poolSize: 48 << 20)
+            try sh("dd if='\(content)' of=\(device) bs=1M oflag=direct conv=fsync status=none")
+        } else {
+            try FileManager.default.moveItem(atPath: content, toPath: backing)
+            _ = try volumes.create(name: name, backing: backing, size: nil)
+        }
+        let (name, device, backing) = (self.name, self.device, self.backing)
         scratch.defer_ {
             removeGuardStacks(onVolume: name)
+            if thin {
+                for snap in (try? DeviceMapper().guardDevices())?.filter({ $0.name.contains(name) }) ?? [] { _ = try? run(["dmsetup", "remove", snap.name]) }
+            }
             try? volumes.remove(name: name)
+            _ = device
+            for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
         }
         before = try sha256(device)
         patch = scratch.path("patch")
         try makeRandomFile(patch, mebibytes: 3)
         let copy = scratch.path("expected.img")
-        try sh("cp '\(backing)' '\(copy)' && dd if='\(patch)' of='\(copy)' bs=1M seek=5 conv=notrunc status=none")
+        try sh("dd if=\(device) of='\(copy)' bs=1M status=none && dd if='\(patch)' of='\(copy)' bs=1M seek=5 conv=notrunc status=none")
         after = try sha256(copy)
         try FileManager.default.removeItem(atPath: copy)
     }
@@ -157,7 +170,41 @@ extension Kernel {
 
         @Test("kill -9 at a crash point, then guard recover: restored or upgraded, and said so", arguments: cases)
         func crash(_ crash: CrashCase) async throws {
-            let fixture = try CrashFixture()
+            try await Self.crash(crash, fixture: try CrashFixture())
+        }
+
+        /// Issue 20: the thin backend's crash points (each pool message, each table swap, the registry).
+        static let thinCases: [CrashCase] = [
+            CrashCase(point: "run.before-take", succeeds: true, expected: .restored, note: "thin: nothing suspended, no pool message"),
+            CrashCase(point: "window.suspended", succeeds: true, expected: .restored, note: "thin: volume suspended: the watchdog resumes it"),
+            CrashCase(point: "window.thin-snapshot", succeeds: true, expected: .restored, note: "thin: create_snap sent, volume suspended"),
+            CrashCase(point: "run.after-take", succeeds: true, expected: .restored, note: "thin: snapshot id exists, not yet journaled"),
+            CrashCase(point: "external:step", succeeds: true, expected: .restored, note: "thin: kill -9 while a step runs"),
+            CrashCase(point: "run.before-commit", succeeds: true, expected: .upgraded, note: "thin: commit decided, nothing done"),
+            CrashCase(point: "thin.view-removed", succeeds: true, expected: .upgraded, note: "thin: snapshot view removed, id not deleted"),
+            CrashCase(point: "thin.snapshot-deleted", succeeds: true, expected: .upgraded, note: "thin: snapshot id deleted, not journaled"),
+            CrashCase(point: "rollback.before-merge", succeeds: false, expected: .restored, note: "thin: rollback decided, no swap"),
+            CrashCase(point: "thin.registry-written", succeeds: false, expected: .restored, note: "thin: registry names the snapshot, volume on its old id"),
+            CrashCase(point: "thin.origin-loaded", succeeds: false, expected: .restored, note: "thin: the snapshot's id loaded inactive"),
+            CrashCase(point: "thin.swapped", succeeds: false, expected: .restored, note: "thin: volume on the snapshot's id, old id not deleted"),
+            CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "thin: swapped, not journaled"),
+            CrashCase(point: "thin.replaced-deleted", succeeds: false, expected: .restored, note: "thin: swapped, old id deleted, registry still names it"),
+        ]
+
+        @Test("thin volumes: kill -9 at a crash point, then guard recover: restored or upgraded, the pool's ids and the registry agree", arguments: thinCases)
+        func thinCrash(_ crash: CrashCase) async throws {
+            let fixture = try CrashFixture(thin: true)
+            try await Self.crash(crash, fixture: fixture)
+            // The volume is exactly one id of its pool, the one its registry names: no
+            // snapshot id left behind, none deleted that the volume needs.
+            let ids = try thinPoolIDs(fixture.name)
+            let registered = try registeredThinID(fixture.guardTool.stateDirectory, fixture.name)
+            #expect(ids.count == 1 && ids.first == registered, "after \(crash.point): the pool has ids \(ids), the registry names \(String(describing: registered))")
+            let table = try sh("dmsetup table \(fixture.name)").trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(table.hasSuffix(" thin-pool") == false && table.hasSuffix(" \(registered ?? -1)"), "the volume is on its registered id: \(table)")
+        }
+
+        static func crash(_ crash: CrashCase, fixture: CrashFixture) async throws {
             let tool = fixture.guardTool
             let result: CommandResult
             if crash.point.hasPrefix("external:") {

@@ -4,6 +4,24 @@ import Foundation
 import Snapshot
 import Testing
 
+/// The ids a thin volume's pool has, from its metadata (a metadata snapshot read by thin_dump while the pool is live).
+func thinPoolIDs(_ name: String) throws -> [Int] {
+    let pool = "guard-pool-\(name)"
+    try sh("dmsetup message \(pool) 0 reserve_metadata_snap")
+    defer { _ = try? run(["dmsetup", "message", pool, "0", "release_metadata_snap"]) }
+    let dump = try sh("thin_dump -m /dev/mapper/\(pool)-tmeta")
+    return dump.split(separator: "\n").compactMap { line -> Int? in
+        guard let range = line.range(of: "dev_id=\"") else { return nil }
+        return Int(line[range.upperBound...].prefix { $0.isNumber })
+    }.sorted()
+}
+
+/// The thin id a volume's registry names.
+func registeredThinID(_ state: String, _ name: String) throws -> Int? {
+    let data = try Data(contentsOf: URL(fileURLWithPath: "\(state)/volumes/\(name).json"))
+    return ((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["thin"] as? [String: Any])?["deviceID"] as? Int
+}
+
 extension Kernel {
     /// Issue 20: thin guard volumes, a dm-thin pool guard makes over a file.
     @Suite("thin volumes")
@@ -16,6 +34,9 @@ extension Kernel {
 
         /// Removes the volume's devices and detaches its loop device, as a reboot would.
         func powerOff(_ name: String, backing: String) throws {
+            for view in try DeviceMapper().guardDevices().filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) {
+                try sh("dmsetup remove \(view.name)")
+            }
             try sh("dmsetup remove \(name) && dmsetup remove guard-pool-\(name) && dmsetup remove guard-pool-\(name)-tdata && dmsetup remove guard-pool-\(name)-tmeta")
             for loop in LoopDevice.find(backingFile: backing) { try loop.detach() }
         }
@@ -126,6 +147,164 @@ extension Kernel {
             #expect(!(try sh("dmsetup ls")).contains(name), "no device of \(name) is left")
             #expect(LoopDevice.find(backingFile: backing).isEmpty)
             #expect(FileManager.default.fileExists(atPath: backing))
+        }
+
+        @Test("thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff on a kept run; the pool's ids and the registry agree")
+        func thinSnapshots() throws {
+            let scratch = try Scratch()
+            let tool = GuardTool(stateDirectory: scratch.path("state"))
+            let name = uniqueName("thin")
+            let backing = scratch.path("thin.img")
+            let device = "/dev/mapper/\(name)"
+            let mount = scratch.path("website")
+            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+            scratch.defer_ {
+                _ = try? run(["umount", mount])
+                for snap in (try? DeviceMapper().guardDevices())?.filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) ?? [] {
+                    _ = try? run(["dmsetup", "remove", snap.name])
+                }
+                _ = try? tool("volume", "remove", name)
+                for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
+            }
+            let created = try tool("volume", "create", name, "--backing", backing, "--size", "64M", "--thin", "--pool-size", "256M")
+            #expect(created.status == 0, "\(created.stderr)")
+            try sh("mkfs.ext4 -q -F \(device)")
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            try writeDatabase(at: mount)
+            let before = try manifest(mount)
+            #expect(try thinPoolIDs(name) == [0])
+
+            // The bad migration: rolled back, the volume is the snapshot's id now, the old id is gone.
+            let bad = try tool("run", try writeRecipe(tutorialRecipe(device: device, mount: mount, bad: true), in: scratch, name: "bad.recipe"))
+            #expect(bad.status == 1, "\(bad.stderr)")
+            #expect(try manifest(mount) == before, "the bad migration is rolled back")
+            let show = try tool.json("show", "1") as? [String: Any]
+            let snapshot = (show?["snapshots"] as? [[String: Any]])?.first
+            #expect(snapshot?["cow_kind"] as? String == "thin", "\(String(describing: snapshot))")
+            #expect(try thinPoolIDs(name) == [1], "the volume is thin device 1, device 0 is deleted")
+            #expect(try registeredThinID(tool.stateDirectory, name) == 1)
+            #expect(try sh("dmsetup table \(name)").trimmingCharacters(in: .whitespacesAndNewlines).hasSuffix(" 1"))
+            #expect(!FileManager.default.fileExists(atPath: "\(tool.stateDirectory)/cow/\((show?["token"] as? String) ?? "x")-0.cow"), "no COW file")
+            try expectNothingLeft(state: tool.stateDirectory)
+
+            // The good migration, kept: its snapshot is thin device 2; diff sees the change.
+            let good = try tool("run", try writeRecipe(tutorialRecipe(device: device, mount: mount, bad: false, onSuccess: "keep"), in: scratch, name: "good.recipe"))
+            #expect(good.status == 0, "\(good.stderr)")
+            let migrated = try manifest(mount)
+            #expect(migrated != before)
+            #expect(try thinPoolIDs(name) == [1, 2])
+            let diff = try tool("diff", "2")
+            #expect(diff.status == 0 && diff.stdout.contains("database"), "\(diff.stdout) \(diff.stderr)")
+            // A second generation on top, kept too: thin device 3.
+            let gen2 = try writeRecipe(
+                "name: gen2\nvolumes:\n  - device: \(device)\n    mount: \(mount)\n    snapshot: 10M\nsteps:\n  - name: upload\n    shell: echo two > \(mount)/gen2\non_success: keep\n",
+                in: scratch, name: "gen2.recipe")
+            let second = try tool("run", gen2)
+            #expect(second.status == 0, "\(second.stderr)")
+            let afterSecond = try manifest(mount)
+            #expect(try thinPoolIDs(name) == [1, 2, 3])
+            let status = try tool.json("status") as? [String: Any]
+            #expect((status?["runs"] as? [[String: Any]])?.count == 2, "two kept runs: \(String(describing: status))")
+
+            // Roll back the newer generation: the volume is as after the good migration.
+            let back3 = try tool("rollback", "3")
+            #expect(back3.status == 0, "\(back3.stderr)")
+            _ = try tool("status", "--wait")
+            #expect(try manifest(mount) == migrated, "rolled back to before the second generation")
+            #expect(try thinPoolIDs(name) == [2, 3], "the volume is device 3; device 1 (its state before) is deleted; run 2's snapshot is kept")
+            #expect(try registeredThinID(tool.stateDirectory, name) == 3)
+            // Then the older one: the volume is as before the good migration.
+            let back2 = try tool("rollback", "2")
+            #expect(back2.status == 0, "\(back2.stderr)")
+            _ = try tool("status", "--wait")
+            #expect(try manifest(mount) == before, "rolled back to before the good migration")
+            #expect(try thinPoolIDs(name) == [2])
+            #expect(try registeredThinID(tool.stateDirectory, name) == 2)
+            _ = afterSecond
+
+            // A good run committed: its snapshot's id is deleted, the volume keeps the change.
+            let committed = try tool("run", try writeRecipe(tutorialRecipe(device: device, mount: mount, bad: false), in: scratch, name: "commit.recipe"))
+            #expect(committed.status == 0, "\(committed.stderr)")
+            #expect(try thinPoolIDs(name) == [2])
+            #expect(try manifest(mount) == migrated)
+            try expectNothingLeft(state: tool.stateDirectory)
+            let history = try tool.history()
+            #expect(history?.map { $0["outcome"] as? String } == ["committed", "rolled_back", "rolled_back", "rolled_back"], "\(String(describing: history))")
+
+            // A kept run, then a reboot: the volume comes back on its registered id with its
+            // data, `guard recover` makes the kept snapshot's view again, diff and rollback work.
+            let kept = try tool("run", gen2)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let upgraded = try manifest(mount)
+            try Mounts.unmount(mount)
+            #expect(try fsck(device))
+            try powerOff(name, backing: backing)
+            let activated = try tool("volume", "activate")
+            #expect(activated.status == 0, "\(activated.stderr)")
+            let recovered = try tool("recover")
+            #expect(recovered.status == 0 && recovered.stdout.contains("made the view of run 5's thin snapshot"), "\(recovered.stdout) \(recovered.stderr)")
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            #expect(try manifest(mount) == upgraded, "after a reboot the volume holds the kept run's upgrade")
+            let keptDiff = try tool("diff", "5")
+            #expect(keptDiff.status == 0 && keptDiff.stdout.contains("gen2"), "\(keptDiff.stdout) \(keptDiff.stderr)")
+            try Mounts.unmount(mount)
+            let removeRefused = try tool("volume", "remove", name)
+            #expect(removeRefused.status == 2 && removeRefused.stderr.contains("holds snapshots of kept runs"), "\(removeRefused.stderr)")
+            #expect(FileManager.default.fileExists(atPath: device), "a refused remove leaves the volume")
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            let rolledBack = try tool("rollback", "5")
+            #expect(rolledBack.status == 0, "\(rolledBack.stderr)")
+            _ = try tool("status", "--wait")
+            #expect(try manifest(mount) == migrated, "the kept run is rolled back after the reboot")
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
+
+        @Test("a thin run that fills its pool: the writes fail, guard rolls back by the swap, the volume's files are as before and its filesystem is clean, the pool writable again")
+        func fullPool() throws {
+            let scratch = try Scratch()
+            let tool = GuardTool(stateDirectory: scratch.path("state"))
+            let name = uniqueName("thin")
+            let backing = scratch.path("thin.img")
+            let device = "/dev/mapper/\(name)"
+            let mount = scratch.path("website")
+            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+            scratch.defer_ {
+                _ = try? run(["umount", mount])
+                _ = try? tool("volume", "remove", name)
+                for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
+            }
+            let created = try tool("volume", "create", name, "--backing", backing, "--size", "64M", "--thin", "--pool-size", "72M")
+            #expect(created.status == 0, "\(created.stderr)")
+            try sh("mkfs.ext4 -q -F -E nodiscard \(device)")
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            try writeDatabase(at: mount)
+            try makeRandomFile("\(mount)/media.bin", mebibytes: 16)
+            try sh("sync")
+            let before = try manifest(mount)
+            // The step rewrites the media and adds more than the pool has left: the snapshot
+            // keeps the old blocks, so the pool runs out of data space.
+            let recipe = try writeRecipe(
+                """
+                name: fill-the-pool
+                volumes:
+                  - device: \(device)
+                    mount: \(mount)
+                    snapshot: 10M
+                steps:
+                  - name: rewrite everything
+                    shell: dd if=/dev/urandom of=\(mount)/media.bin bs=1M count=16 conv=fsync status=none && dd if=/dev/urandom of=\(mount)/more.bin bs=1M count=60 conv=fsync status=none
+                on_success: commit
+                on_failure: rollback
+                """, in: scratch)
+            let result = try tool("run", recipe)
+            #expect(result.status == 1, "\(result.stdout) \(result.stderr)")
+            #expect(try manifest(mount) == before, "the volume is as before the run: \(result.stderr)")
+            try Mounts.unmount(mount)
+            #expect(try fsck(device), "the rolled-back filesystem is clean")
+            let list = try tool.json("volume", "list") as? [String: Any]
+            let pool = (list?["volumes"] as? [[String: Any]])?.first?["thin"] as? [String: Any]
+            #expect(pool?["mode"] as? String == "rw", "the pool is writable again once the run's blocks are deleted: \(String(describing: pool))")
+            try expectNothingLeft(state: tool.stateDirectory)
         }
     }
 }

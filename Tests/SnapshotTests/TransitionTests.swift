@@ -23,6 +23,7 @@ final class RecordingDevices: TransitionDevices, @unchecked Sendable {
     func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws {
         try record("resume \(device)")
     }
+    func message(_ device: DeviceRef, _ text: String) throws { try record("message \(device) \(text)") }
 }
 
 final class RecordingWatchdog: WindowWatchdog, @unchecked Sendable {
@@ -87,6 +88,32 @@ struct TransitionTests {
         #expect(result.watchdog.armed == [take.watchdogOrder])
         #expect(take.watchdogOrder.map(\.description) == result.calls.filter { $0.hasPrefix("resume") }.map { String($0.dropFirst(7)) })
         #expect(result.watchdog.disarms == 1)
+    }
+
+    @Test("a set with a thin volume: every origin suspended, then create_snap to the pool (not suspended), the classic -snap and every origin resumed; a failed message puts the origins back")
+    func takeWithThin() {
+        var thin = Self.stack(Self.identity1, origin: 4)
+        thin.storage = .thinPool(path: "/dev/mapper/guard-pool-lv4")
+        thin.thin = ThinSnapshot(poolUUID: "GUARD-POOL-lv4", originID: 0, snapshotID: 3, registry: "/var/lib/guard/volumes/lv4.json", blockSectors: 128)
+        let take = Transition.take([Self.stack(Self.identity0, origin: 3), thin])
+        #expect(take.problems.isEmpty)
+        let result = Self.run(take)
+        #expect(result.error == nil)
+        #expect(
+            result.calls == [
+                "suspend 254:3 lockfs", "suspend 254:4 lockfs",
+                "message GUARD-POOL-lv4 create_snap 3 0",
+                "resume GUARD-3f9a2c1e-0-snap",
+                "resume 254:3", "resume 254:4",
+            ])
+        #expect(result.crashPoints == ["window.suspended", "window.thin-snapshot", "window.snap-resumed"])
+        let failed = Self.run(take, failAt: "message GUARD-POOL-lv4 create_snap 3 0")
+        #expect(failed.error != nil)
+        #expect(failed.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:4", "resume 254:4"], "\(failed.calls)")
+        // A message to a device the window suspends would hang: refused.
+        var wrong = take
+        wrong.messages[0].device = .number(DeviceNumber(major: 254, minor: 4))
+        #expect(!wrong.problems.isEmpty)
     }
 
     @Test("a window's timing: start, all suspended, end in order; the journal's words give the whole and its two parts")

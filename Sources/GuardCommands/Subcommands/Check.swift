@@ -87,6 +87,8 @@ extension GuardCommand {
                         }
                     case .blockDevice(let path):
                         say("     COW: the device \(path) (overwritten)")
+                    case .thinPool:
+                        say("     COW: none: a thin snapshot in the volume's own pool (a rollback swaps the volume to it, no merge)")
                     }
                     if let policy = planned.extensionPolicy {
                         let source = planned.extensionFromConfiguration ? " (extend from \(configuration?.path ?? "guard.conf"))" : ""

@@ -174,6 +174,7 @@ struct PlanDocument: Encodable {
             switch planned.storage {
             case .fileIn(let directory): (volume.cowKind, volume.cowLocation) = ("file", directory)
             case .blockDevice(let path): (volume.cowKind, volume.cowLocation) = ("device", path)
+            case .thinPool: (volume.cowKind, volume.cowLocation) = ("thin", "/dev/mapper/\(ThinPoolNames(volume: planned.info.name).pool)")
             }
             volume.freeBytes = planned.freeBytes
             volume.reserveBytes = planned.reserveBytes
