@@ -3,7 +3,7 @@
 in the VM where the host kernel has none). guard and the alternatives (lvm2's commands, a
 copy-back by hand) run on identical volumes in the same run; results are written as JSON.
 
-    bench.py GUARD_BINARY OUTPUT.json [--trials N] [--quick]
+    bench.py GUARD_BINARY OUTPUT.json [--trials N] [--quick] [--only stall,restore,thin,...]
 """
 import json, os, random, re, statistics, subprocess, sys, tempfile, threading, time
 
@@ -435,6 +435,127 @@ def bench_fuse():
     }
 
 
+# ------------------------------------------------------------------ 8. thin guard volumes
+def make_thin(name, size_mib, pool_mib, mount=None):
+    """A thin guard volume over an LV of the same disk (a blank one: guard refuses a backing
+    that holds anything, and lvcreate zeroes only its first 4 KiB)."""
+    backing = make_lv(name + "b", "%dM" % (pool_mib + 64), filesystem=False)
+    sh("dd if=/dev/zero of=%s bs=1M count=16 oflag=direct status=none" % backing)
+    guard("volume", "create", name, "--backing", backing, "--size", "%dM" % size_mib, "--thin", "--pool-size", "%dM" % pool_mib)
+    device = "/dev/mapper/%s" % name
+    if mount:
+        sh("mkfs.ext4 -q -F %s" % device)
+        os.makedirs(mount, exist_ok=True)
+        sh("mount %s %s" % (device, mount))
+    return device
+
+
+def drop_thin(name, mount=None):
+    if mount:
+        sh("umount %s" % mount, check=False)
+    guard("volume", "remove", name)
+    sh("lvremove -q -f %s/%sb" % (VG, name))
+
+
+def service_back(run_id, wall):
+    hooks = [step for step in json.loads(guard("show", "--json", str(run_id)).stdout)["steps"] if step["kind"] == "rollback-start"]
+    return float(hooks[-1]["stdout_tail"].strip()) - wall
+
+
+def last_run():
+    return json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
+
+
+def bench_thin():
+    log("8. thin guard volumes: rollback by swapping ids, against the classic snapshot and lvconvert --merge; write cost")
+    sizes = [16, 64] if QUICK else [16, 64, 256, 1024]
+    trials = 1 if QUICK else max(TRIALS - 2, 2)
+    service = "rollback:\n  start:\n    - name: the service starts\n      run: [date, '+%s.%N']\n"
+    bad = "  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n"
+    out = {}
+    for size in sizes:
+        rows = {"thin_service_back": [], "thin_rollback": [], "classic_service_back": [], "classic_merge_complete": [], "lvconvert_merge": []}
+        volume_mib = max(1024, size + 256)
+        for trial in range(trials):
+            # thin: a kept run of the bad upgrade, rolled back.
+            mount = os.path.join(WORK, "thin-restore")
+            make_thin("tr", volume_mib, 2 * size + 512, mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            guard("run", recipe("thin-restore", "/dev/mapper/tr", mount, steps=bad % (size, mount), size="16M", on_success="keep", extra=service))
+            run_id, wall = last_run(), time.time()
+            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            rows["thin_rollback"].append(seconds)
+            rows["thin_service_back"].append(service_back(run_id, wall))
+            drop_thin("tr", mount)
+
+            # classic: the same on an LV, guard's COW and merge.
+            mount = os.path.join(WORK, "classic-restore")
+            device = make_lv("cr", "%dM" % volume_mib, mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            guard("run", recipe("classic-restore", device, mount, steps=bad % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep", extra=service))
+            run_id, wall = last_run(), time.time()
+            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            waited, _ = timed(lambda: guard("status", "--wait"))
+            rows["classic_merge_complete"].append(seconds + waited)
+            rows["classic_service_back"].append(service_back(run_id, wall))
+            sh("umount %s; lvremove -q -f %s/cr" % (mount, VG))
+
+            # lvm2: lvcreate -s, the bad upgrade, umount; lvconvert --merge (waits); mount.
+            mount = os.path.join(WORK, "lvm-restore")
+            make_lv("lr", "%dM" % volume_mib, mount=mount)
+            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            sh("lvcreate -q -s -L %dM -n lrsnap %s/lr" % (size * 2 + 32, VG))
+            fill_changes(mount, size)
+            seconds, _ = timed(lambda: sh("umount %s && lvconvert -q --merge %s/lrsnap && mount /dev/mapper/%s-lr %s" % (mount, VG, VG, mount)))
+            rows["lvconvert_merge"].append(seconds)
+            sh("umount %s; lvremove -q -f %s/lr" % (mount, VG))
+            log("   %d MiB: thin service back %.2fs (rollback returns %.2fs), classic service back %.2fs (merge complete %.2fs), lvconvert --merge %.2fs"
+                % (size, rows["thin_service_back"][-1], rows["thin_rollback"][-1], rows["classic_service_back"][-1], rows["classic_merge_complete"][-1], rows["lvconvert_merge"][-1]))
+        entry = {key: summary(value) for key, value in rows.items()}
+        entry["lvconvert_vs_thin"] = ratio(entry["lvconvert_merge"]["median"], entry["thin_service_back"]["median"])
+        entry["classic_merge_vs_thin"] = ratio(entry["classic_merge_complete"]["median"], entry["thin_service_back"]["median"])
+        out["%dMiB" % size] = entry
+
+    # Write cost: 4 KiB direct writes to a 512 MiB volume whose blocks are all written once
+    # before (so no run measures the pool's first allocation), with no snapshot, a live thin
+    # snapshot, and 1, 2 and 4 kept generations; classic: guard's 4K/64K COW, lvm2 snapshots.
+    writer = os.path.join(WORK, "writer.py")
+    open(writer, "w").write(WRITER)
+    count = 2000 if QUICK else 8000
+    write = {}
+    for mode in ["random", "sequential"]:
+        row = {}
+        device = make_thin("tw", 512, 1536)
+        sh("dd if=/dev/urandom of=%s bs=1M count=512 oflag=direct status=none" % device)
+        row["thin, no snapshot"] = float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip())
+        for generations in [1, 2, 4]:
+            while len(json.loads(guard("status", "--json").stdout)["runs"]) < generations:
+                guard("run", recipe("thin-gen", device, None, size="16M", on_success="keep"))
+            row["thin, %d kept" % generations] = float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip())
+            # Each measurement writes: the next generation starts from blocks it has not shared yet.
+        for run in json.loads(guard("status", "--json").stdout)["runs"]:
+            guard("commit", str(run["id"]))
+        drop_thin("tw")
+        device = make_lv("cw", "512M", filesystem=False)
+        sh("dd if=/dev/urandom of=%s bs=1M count=512 oflag=direct status=none" % device)
+        row["classic, no snapshot"] = float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip())
+        for chunk in ["4K", "64K"]:
+            path = recipe("classic-write", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk=chunk)
+            guard("run", path)
+            step = [s for s in json.loads(guard("show", "--json", str(last_run())).stdout)["steps"] if s["kind"] == "step"][0]
+            row["classic guard %s chunks, 1 snapshot" % chunk] = float(step["stdout_tail"].strip())
+        for generations in [1, 2, 4]:
+            while int(sh("lvs --noheadings -o lv_name %s | grep -c cwsnap || true" % VG).strip() or 0) < generations:
+                index = int(sh("lvs --noheadings -o lv_name %s | grep -c cwsnap || true" % VG).strip() or 0)
+                sh("lvcreate -q -s -L 300M -n cwsnap%d %s/cw" % (index, VG))
+            row["lvm2 classic 4K chunks, %d snapshot%s" % (generations, "s" if generations > 1 else "")] = float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip())
+        sh("lvremove -q -f %s/cw $(lvs --noheadings -o lv_name %s | grep cwsnap | sed 's|^ *|%s/|')" % (VG, VG, VG))
+        write[mode] = {label: {"seconds": seconds, "writes_per_second": count / seconds} for label, seconds in row.items()}
+        log("   %s 4K writes: %s" % (mode, ", ".join("%s %.0f/s" % (k, count / v) for k, v in row.items())))
+    results["thin"] = {"trials": trials, "restore_seconds": out, "write_cost": {"writes": count, "by_mode": write},
+                       "goal": "thin rollback flat in the amount changed, and at least 50x faster than lvconvert --merge at 1 GiB"}
+
+
 def wait_for(path):
     while not os.path.exists(path):
         time.sleep(0.01)
@@ -443,7 +564,10 @@ def wait_for(path):
 def main():
     loop, state_loop = setup()
     try:
-        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory, bench_fuse]:
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory, bench_fuse, bench_thin]:
+            if only and bench.__name__.replace("bench_", "") not in only:
+                continue
             bench()
             json.dump(results, open(OUTPUT, "w"), indent=2, sort_keys=True)
     finally:

@@ -325,6 +325,9 @@ public struct Maintenance {
                             volume.status = status.usage == nil ? "\(status)" : "live"
                             volume.usedBytes = status.usage?.allocatedBytes
                             volume.sizeBytes = status.usage == nil ? nil : stack.budgetBytes  // the size, without the fuse reserve
+                            if let thin = stack.thin, let pool = try? dm.thinPoolStatus(thin.poolRef) {
+                                volume.detail = "thin snapshot \(thin.snapshotID) in \(stack.storage.path): pool data \(Int((pool.dataFill * 100).rounded()))% used, metadata \(Int((pool.metadataFill * 100).rounded()))%"
+                            }
                             if status.usage != nil, (try? engine.isFused(stack)) == true {
                                 volume.status = "fused"
                                 volume.detail = "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"

@@ -164,14 +164,31 @@ public struct Planner {
 
             // A thin guard volume of this state directory: its snapshot is a thin device of its pool.
             if let (registry, layout) = thinVolume(origin, dm: dm) {
-                if spec.cow != nil || spec.extend != nil {
-                    warnings.append("\(at(spec)): \(origin.info.path) is a thin guard volume: its snapshot is in its pool, so `cow:` and `extend:` do not apply")
+                if spec.cow != nil {
+                    warnings.append("\(at(spec)): \(origin.info.path) is a thin guard volume: its snapshot is in its pool, so `cow:` does not apply")
+                }
+                // `extend:` grows the pool (sizes in % are of the volume, as for a COW).
+                var policy: ExtensionPolicy?
+                if let extend = spec.extend {
+                    func bytes(_ size: SizeSpec) -> UInt64 {
+                        switch size {
+                        case .bytes(let bytes): return bytes
+                        case .percent(let percent): return UInt64(Double(origin.bytes) * percent / 100)
+                        case .auto: return layout.dataBytes
+                        }
+                    }
+                    let maximum = bytes(extend.max) / layout.blockBytes * layout.blockBytes
+                    if maximum > layout.dataBytes {
+                        policy = ExtensionPolicy(threshold: extend.at, stepBytes: max(bytes(extend.by), layout.blockBytes), maximumBytes: maximum + CowLabel.areaOffset)
+                    } else {
+                        warnings.append("\(at(spec)): extend.max (\(formatBytes(maximum))) is not above the pool's \(formatBytes(layout.dataBytes)); the pool will not grow")
+                    }
                 }
                 volumes.append(
                     PlannedVolume(
                         index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
                         mounts: mounts, mountPoint: mountPoint, storage: .thinPool(registry: registry), cowBytes: layout.dataBytes, reserveBytes: 0,
-                        chunkSectors: layout.blockSectors, extensionPolicy: nil, freeBytes: nil,
+                        chunkSectors: layout.blockSectors, extensionPolicy: policy, freeBytes: nil,
                         sizeNote: "thin: a snapshot in the volume's \(formatBytes(layout.dataBytes)) pool, nothing copied on write",
                         extensionFromConfiguration: false, history: peaks[index]))
                 continue

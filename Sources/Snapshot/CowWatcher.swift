@@ -168,7 +168,8 @@ public final class CowWatcher: Sendable {
         for (index, stack) in stacks.enumerated() {
             let status: SnapshotStatus
             do {
-                status = try dm.snapshotStatus(stack.ref(.snap))
+                // A thin snapshot's use is its pool's (its view is a thin device, not a snapshot target).
+                status = stack.thin != nil ? try engine.engine.health(stack).status : try dm.snapshotStatus(stack.ref(.snap))
             } catch {
                 onEvent(.error(volumeIndex: index, message: "\(error)"))
                 continue

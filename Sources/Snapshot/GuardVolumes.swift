@@ -106,8 +106,24 @@ public struct GuardVolumes {
     }
 
     func register(_ volume: GuardVolume) throws {
-        let data = try JSONEncoder.sorted.encode(volume)
-        try data.write(to: URL(fileURLWithPath: "\(registry)/\(volume.name).json"), options: .atomic)
+        try Self.writeDurably(Array(try JSONEncoder.sorted.encode(volume)), to: "\(registry)/\(volume.name).json")
+    }
+
+    /// Replaces a registry file so that a power loss leaves the old or the new one, whole:
+    /// a temporary file, fsync, rename, fsync of the directory.
+    static func writeDurably(_ data: [UInt8], to path: String) throws {
+        let temporary = path + ".new"
+        do {
+            let file = try RawFile(path: temporary, create: true)
+            try file.truncate(to: 0)
+            try file.write(data, at: 0)
+            try file.sync()
+        }
+        guard rename(temporary, path) == 0 else {
+            throw SnapshotError(.other, "registry update of \(path)", String(cString: strerror(errno)))
+        }
+        let directory = try RawFile(path: (path as NSString).deletingLastPathComponent, readOnly: true)
+        try directory.sync()
     }
 
     /// Makes the volume's device exist (after a reboot): attach the backing file, create the

@@ -549,8 +549,9 @@ public struct SnapshotEngine {
     /// - Throws: `.notExtendable` for a block-device COW or a smaller size.
     public func extend(_ stack: SnapshotStack, to storageBytes: UInt64) throws -> SnapshotStack {
         let operation = "extension of the COW of \(stack.originName)"
-        if stack.thin != nil {
-            throw SnapshotError(.notExtendable, operation, "its snapshot is in the thin pool \(stack.storage.path), which guard does not grow")
+        if let thin = stack.thin {
+            guard storageBytes > stack.storageBytes else { return stack }
+            return try extendThin(stack, thin, to: storageBytes)
         }
         guard case .file(let path) = stack.storage else {
             throw SnapshotError(.notExtendable, operation, "its COW is the block device \(stack.storage.path)")

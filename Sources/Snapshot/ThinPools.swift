@@ -168,6 +168,69 @@ extension GuardVolumes {
         }
     }
 
+    /// Grows a thin volume's pool to `poolSize` of data: the backing file first (a device must
+    /// already be large enough), then the registry (so a reboot activates the larger pool),
+    /// then `-tdata` and the pool's tables. The metadata area does not move: a pool larger than
+    /// its metadata can map is refused.
+    /// - Returns: the volume as registered now.
+    /// - Parameter engine: the engine whose executor (and watchdog) suspends the pool; a
+    ///   plain one when nil.
+    public func extendPool(name: String, poolSize: UInt64, engine: SnapshotEngine? = nil) throws -> GuardVolume {
+        let operation = "volume extend \(name)"
+        guard var (volume, _) = try list().first(where: { $0.0.name == name }) else {
+            throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
+        }
+        guard var layout = volume.thin else {
+            throw SnapshotError(.notExtendable, operation, "\(name) is not a thin volume: it has no pool to grow")
+        }
+        let names = ThinPoolNames(volume: name)
+        guard let pool = try dm.info(.uuid(names.poolUUID)), let data = try dm.info(.uuid(names.dataUUID)) else {
+            throw SnapshotError(.other, operation, "\(name)'s pool is not active", hint: "`guard volume activate` first")
+        }
+        let bytes = poolSize / layout.blockBytes * layout.blockBytes
+        guard bytes > layout.dataBytes else {
+            throw SnapshotError(.notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
+        }
+        // As sized at creation: 48 bytes per data block, four times over.
+        let mappable = layout.metadataBytes / (48 * 4) * layout.blockBytes
+        guard bytes <= mappable else {
+            throw SnapshotError(
+                .notExtendable, operation, "its \(formatBytes(layout.metadataBytes)) of metadata maps at most \(formatBytes(mappable)) of data with room for snapshots",
+                hint: "make a new volume of the size you need and copy the data")
+        }
+        let needed = layout.dataOffset + bytes
+        if volume.backingIsFile {
+            let file = try RawFile(path: volume.backing)
+            let size = try file.size()
+            if size < needed {
+                let free = try freeSpace(at: (volume.backing as NSString).deletingLastPathComponent)
+                guard free > needed - size + (16 << 20) else {
+                    throw SnapshotError(.noSpace, operation, "growing \(volume.backing) by \(formatBytes(needed - size)) needs more than the \(formatBytes(free)) free")
+                }
+                _ = try SnapshotEngine.preallocate(file, from: size, length: needed - size)
+                try file.sync()
+            }
+            for loop in LoopDevice.find(backingFile: volume.backing) { try loop.refreshCapacity() }
+        } else if try BlockDevices.size(of: volume.backing) < needed {
+            throw SnapshotError(.noSpace, operation, "\(volume.backing) has \(formatBytes(try BlockDevices.size(of: volume.backing))); a pool of \(formatBytes(bytes)) needs \(formatBytes(needed))")
+        }
+        guard case .linear(let device, let offset)? = try dm.table(.number(data.number)).lines.first?.target,
+            case .thinPool(let metadata, _, let block, _)? = try dm.table(.number(pool.number)).lines.first?.target
+        else {
+            throw SnapshotError(.layerMissing, operation, "\(names.pool) or \(names.data) does not have the tables guard gave them")
+        }
+        layout.dataBytes = bytes
+        volume.thin = layout
+        try register(volume)
+        let blocks = bytes / layout.blockBytes
+        try (engine ?? SnapshotEngine(dm: dm)).executor.run(
+            .growPool(
+                pool: pool.number,
+                poolTable: Table(.thinPool(metadata: metadata, data: data.number, blockSectors: block, lowWaterBlocks: max(blocks / 10, 1)), length: bytes / 512),
+                data: data.number, dataTable: Table(.linear(device: device, offset: offset), length: bytes / 512), name: "growth of \(name)'s pool"))
+        return volume
+    }
+
     /// The pool's data and metadata use; nil when the pool is not active.
     public func poolStatus(_ volume: GuardVolume) throws -> ThinPoolStatus? {
         guard volume.thin != nil else { return nil }

@@ -1,6 +1,7 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
+import Quantities
 
 #if canImport(Glibc)
 import Glibc
@@ -107,13 +108,27 @@ extension SnapshotEngine {
         return exists ? .needsReassembly("thin device \(thin.snapshotID) of \(stack.originName)'s pool exists; run `guard recover`") : .released
     }
 
-    /// The pool's data use as the snapshot's: a full pool is what stops a thin run.
+    /// The pool's use as the snapshot's: a full pool is what stops a thin run. Its data use,
+    /// or its metadata use where that is the fuller of the two (scaled to the data's size),
+    /// so `stop_at` stops the steps before either runs out.
     func thinHealth(_ thin: ThinSnapshot) throws -> SnapshotHealth {
         let status = try dm.thinPoolStatus(thin.poolRef)
         guard status.mode != .failed else { return SnapshotHealth(status: .invalid(cause: "the thin pool failed")) }
-        let sectors = UInt64(thin.blockSectors)
-        return SnapshotHealth(
-            status: .active(SnapshotUsage(allocatedSectors: status.usedDataBlocks * sectors, totalSectors: status.totalDataBlocks * sectors, metadataSectors: 0)))
+        let total = status.totalDataBlocks * UInt64(thin.blockSectors)
+        let fill = max(status.dataFill, status.metadataFill)
+        return SnapshotHealth(status: .active(SnapshotUsage(allocatedSectors: UInt64((fill * Double(total)).rounded()), totalSectors: total, metadataSectors: 0)))
+    }
+
+    /// Grows a thin volume's pool, for the COW watcher's growth policy: `storageBytes` is the
+    /// pool's data plus `CowLabel.areaOffset`, as the stack counts it.
+    func extendThin(_ stack: SnapshotStack, _ thin: ThinSnapshot, to storageBytes: UInt64) throws -> SnapshotStack {
+        let stateDirectory = ((thin.registry as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent
+        let volume = try GuardVolumes(dm: dm, stateDirectory: stateDirectory)
+            .extendPool(name: stack.originName, poolSize: storageBytes - CowLabel.areaOffset, engine: self)
+        var grown = stack
+        grown.storageBytes = (volume.thin?.dataBytes ?? stack.areaBytes) + CowLabel.areaOffset
+        log?("grew the pool of \(stack.originName) to \(formatBytes(grown.areaBytes))")
+        return grown
     }
 
     /// Checks, before the window, that the snapshot's id is still free and the pool writable.
@@ -265,18 +280,6 @@ extension SnapshotEngine {
         guard volume.thin?.deviceID != id || volume.thin?.replacedID != replaced else { return }
         volume.thin?.deviceID = id
         volume.thin?.replacedID = replaced
-        let data = Array(try JSONEncoder.sorted.encode(volume))
-        let temporary = registry + ".new"
-        do {
-            let file = try RawFile(path: temporary, create: true)
-            try file.truncate(to: 0)
-            try file.write(data, at: 0)
-            try file.sync()
-        }
-        guard rename(temporary, registry) == 0 else {
-            throw SnapshotError(.other, "registry update of \(registry)", String(cString: strerror(errno)))
-        }
-        let directory = try RawFile(path: (registry as NSString).deletingLastPathComponent, readOnly: true)
-        try directory.sync()
+        try GuardVolumes.writeDurably(Array(try JSONEncoder.sorted.encode(volume)), to: registry)
     }
 }

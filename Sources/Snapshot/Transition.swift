@@ -265,6 +265,19 @@ extension Transition {
             onFailure: .completeForward)
     }
 
+    /// A thin pool's data grown: `-tdata` and the pool loaded larger; the pool suspended (its
+    /// thin devices' I/O waits), `-tdata` suspended and resumed first, then the pool, which
+    /// takes the new size on resume.
+    public static func growPool(pool: DeviceNumber, poolTable: Table, data: DeviceNumber, dataTable: Table, name: String) -> Transition {
+        let poolRef = DeviceRef.number(pool), dataRef = DeviceRef.number(data)
+        return Transition(
+            name: name,
+            loads: [Load(device: dataRef, table: dataTable, readOnly: false), Load(device: poolRef, table: poolTable, readOnly: false)],
+            suspensions: [Suspension(device: poolRef, flush: true, lockFileSystem: false), Suspension(device: dataRef, flush: true, lockFileSystem: false)],
+            resumptions: [Resumption(device: dataRef, udevFlags: .hidden), Resumption(device: poolRef, udevFlags: .hidden)],
+            onFailure: .revertSuspended)
+    }
+
     /// A thin pool suspended and resumed on its own table: the kernel counts its free blocks
     /// again and leaves out-of-data-space mode. Its thin devices' I/O waits meanwhile.
     public static func revivePool(_ pool: DeviceNumber, name: String) -> Transition {

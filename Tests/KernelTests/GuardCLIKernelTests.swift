@@ -44,7 +44,7 @@ func schemaName(_ arguments: [String]) -> String {
     case "show", "rollback", "commit": return "run"
     case "run": return arguments.contains("--dry-run") ? "plan" : "run"
     case "check": return "plan"
-    case "volume": return ["create", "remove"].contains(arguments.dropFirst().first) ? "volume" : "volume-list"
+    case "volume": return ["create", "remove", "extend"].contains(arguments.dropFirst().first) ? "volume" : "volume-list"
     case let command?: return command
     case nil: return "error"
     }

@@ -35,6 +35,8 @@ struct PowerLoss {
             for name in ["steps", "kept", "merging", "late-steps", "late-merging"] { try sh("lvcreate -q -y -L 24M -n \(name) gpl") }
             try sh("lvcreate -q -y -L 48M -n late-state gpl && mkfs.ext4 -q -F /dev/mapper/gpl-late--state")
             try sh("lvcreate -q -y -L 96M -n cowlate gpl && mkfs.ext4 -q -F /dev/mapper/gpl-cowlate")
+            // Issue 20: the backing of a thin guard volume's pool.
+            try sh("lvcreate -q -y -L 96M -n thinback gpl")
         } else {
             // What LVM's activation does at boot (udev-triggered on a full system).
             try sh("vgchange -q -ay gpl")
@@ -56,12 +58,15 @@ struct PowerLoss {
         try String(contentsOfFile: "\(directory)/before-\(name)", encoding: .utf8).trimmingWhitespace()
     }
 
-    func recipe(_ name: String, step: String, verify: Bool, keep: Bool, cow: String? = nil) throws -> String {
+    /// The thin guard volume (its pool over LV gpl-thinback).
+    var thinVolume: String { "/dev/mapper/plthin" }
+
+    func recipe(_ name: String, step: String, verify: Bool, keep: Bool, cow: String? = nil, device: String? = nil) throws -> String {
         let path = "\(directory)/\(name).recipe"
         try """
             name: powerloss-\(name)
             volumes:
-              - device: \(volume(name))
+              - device: \(device ?? volume(name))
                 snapshot: \(cow.map { "{ size: 24M, cow: \($0) }" } ?? "24M")
             steps:
               - name: write
@@ -108,6 +113,7 @@ struct PowerLoss {
         let lateStepsRecipe = try recipe("late-steps", step: write("late-steps") + "; touch \(lateMarker); sleep 600", verify: true, keep: false, cow: lateCowDirectory)
         try start(lateStepsRecipe, state: late.stateDirectory, output: "\(directory)/late-steps.out")
         try await waitUntil("the late step to run") { FileManager.default.fileExists(atPath: lateMarker) }
+        try await thinPhase1()
         // Merging: a failed verify, the rollback's merge slowed down so the reset lands in it.
         setCopyThrottle(1)
         let mergingRecipe = try recipe("merging", step: write("merging"), verify: false, keep: false)
@@ -138,6 +144,25 @@ struct PowerLoss {
         Issue.record("the machine did not reset")
     }
 
+    /// Issue 20: a thin guard volume with a kept run, and on top of it (a second generation) a
+    /// run that is in its steps when the power goes.
+    func thinPhase1() async throws {
+        let tool = guardTool
+        let created = try tool("volume", "create", "plthin", "--backing", "/dev/mapper/gpl-thinback", "--size", "24M", "--thin", "--pool-size", "64M")
+        #expect(created.status == 0, "\(created.stderr)")
+        try sh("dd if=/dev/urandom of=\(thinVolume) bs=1M count=24 oflag=direct status=none")
+        try sh("sha256sum < \(thinVolume) | cut -c1-64 > '\(directory)/before-thin'")
+        try makeRandomFile("\(directory)/patch-thin", mebibytes: 8)
+        let write = { (seek: Int) in "dd if=\(directory)/patch-thin of=\(thinVolume) bs=1M seek=\(seek) oflag=direct conv=notrunc,fsync status=none" }
+        let kept = try tool("run", try recipe("thin-kept", step: write(2), verify: true, keep: true, device: thinVolume))
+        #expect(kept.status == 0, "\(kept.stderr)")
+        try sh("sha256sum < \(thinVolume) | cut -c1-64 > '\(directory)/before-thin-steps'")
+        let marker = "\(directory)/thin-step-started"
+        let steps = try recipe("thin-steps", step: write(12) + "; touch \(marker); sleep 600", verify: true, keep: false, device: thinVolume)
+        try startGuard(["run", "-v", steps, "--state-dir", tool.stateDirectory], output: "\(directory)/thin-steps.out")
+        try await waitUntil("the thin volume's step to run") { FileManager.default.fileExists(atPath: marker) }
+    }
+
     @Test("boot 2: reassembly restores the volume of the interrupted run, finishes the merge, keeps the kept snapshot rollbackable")
     func phase2() async throws {
         setenv("LVM_SUPPRESS_FD_WARNINGS", "1", 1)
@@ -156,6 +181,11 @@ struct PowerLoss {
         #expect(try dm.table(.name("gpl-steps")).isOnly("snapshot-merge"), "the interrupted run is merged back at once")
         #expect(try dm.table(.name("gpl-merging")).isOnly("snapshot-merge"))
         #expect(try dm.table(.name("gpl-kept")).isOnly("snapshot-origin"), "the kept snapshot is a snapshot again")
+
+        // The thin volume: activated (thin_check) from its registry; the run in its steps rolled
+        // back to its snapshot, which is the kept run's upgrade; the kept run can still be rolled back.
+        #expect(boot.stdout.contains("activated guard volume plthin"), "\(boot.stdout)")
+        #expect(try sha256(thinVolume) == before("thin-steps"), "the thin run interrupted in its steps is rolled back at boot")
 
         // Reads show the old data as soon as the merges run.
         #expect(try sha256(volume("steps")) == before("steps"))
@@ -178,6 +208,13 @@ struct PowerLoss {
         try dropCaches(volume("kept"))
         #expect(try sha256(volume("kept")) == before("kept"))
 
+        let keptThin = try #require(history.first { ($0["recipe"] as? String) == "powerloss-thin-kept" })
+        #expect(keptThin["state"] as? String == "kept")
+        let thinRollback = try tool("rollback", "\(keptThin["id"] as! Int)", "--wait")
+        #expect(thinRollback.status == 0, "\(thinRollback.stderr)")
+        try dropCaches(thinVolume)
+        #expect(try sha256(thinVolume) == before("thin"), "the kept thin run is rolled back after the reset")
+
         let after = try #require(try tool.history())
         let outcomes = Dictionary(uniqueKeysWithValues: after.map { ($0["recipe"] as! String, $0["outcome"] as? String ?? "") })
         #expect(outcomes["powerloss-steps"] == "recovered")
@@ -186,10 +223,13 @@ struct PowerLoss {
         let mergingRun = try #require(after.first { ($0["recipe"] as? String) == "powerloss-merging" })
         #expect((mergingRun["error"] as? String ?? "").contains("rolled back"), "\(mergingRun)")
         #expect(outcomes["powerloss-kept"] == "rolled_back")
+        #expect(outcomes["powerloss-thin-steps"] == "recovered")
+        #expect(outcomes["powerloss-thin-kept"] == "rolled_back")
         try expectNothingLeft(state: tool.stateDirectory)
         recordResult(["power-loss-steps", "reset while a step runs; next boot runs guard recover --boot", "rollback", "restored", "recovered", "snapshot reassembled from its label and merged back at boot, before any mount", ""])
         recordResult(["power-loss-merge", "reset during a rollback's merge", "rollback", "restored", "recovered", "merge resumed at boot from the COW's exceptions; the run's error says it was rolled back", ""])
         recordResult(["power-loss-kept", "reset with a kept snapshot", "keep", "restored", "rolled_back", "snapshot reassembled at boot; guard rollback worked afterwards", ""])
+        recordResult(["power-loss-thin", "thin: reset while a step runs, a kept run beneath it", "rollback", "restored", "recovered", "the thin volume activated from its registry after thin_check; the run swapped back to its snapshot at boot; the kept run rolled back afterwards", ""])
         try? Mounts.unmount(stateMount)
         _ = try? sh("vgchange -q -an gpl")
     }

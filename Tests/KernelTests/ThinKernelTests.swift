@@ -22,6 +22,48 @@ func registeredThinID(_ state: String, _ name: String) throws -> Int? {
     return ((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["thin"] as? [String: Any])?["deviceID"] as? Int
 }
 
+/// A thin guard volume NAME over a file, a mount point, and a state directory of its own;
+/// everything is removed at the end (views of kept runs, the volume and its pool, the loop device).
+final class ThinFixture {
+    let scratch: Scratch
+    let tool: GuardTool
+    let name: String
+    let backing: String
+    let device: String
+    let mount: String
+
+    init(label: String = #function) throws {
+        scratch = try Scratch(label)
+        tool = GuardTool(stateDirectory: scratch.path("state"))
+        name = uniqueName("thin")
+        backing = scratch.path("thin.img")
+        device = "/dev/mapper/\(name)"
+        mount = scratch.path("website")
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let (tool, name, backing, mount) = (tool, name, backing, mount)
+        scratch.defer_ {
+            _ = try? run(["umount", mount])
+            for view in (try? DeviceMapper().guardDevices())?.filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) ?? [] {
+                _ = try? run(["dmsetup", "remove", view.name])
+            }
+            _ = try? tool("volume", "remove", name)
+            for uuid in ["GUARD-VOL-\(name)", "GUARD-POOL-\(name)", "GUARD-POOL-\(name)-tdata", "GUARD-POOL-\(name)-tmeta"] {
+                _ = try? run(["dmsetup", "remove", "-u", uuid])
+            }
+            for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
+        }
+    }
+
+    /// `guard volume create NAME --thin`, then ext4 mounted on `mount`.
+    func create(size: String, poolSize: String, filesystem: Bool = true) throws {
+        let created = try tool("volume", "create", name, "--backing", backing, "--size", size, "--thin", "--pool-size", poolSize)
+        #expect(created.status == 0, "\(created.stderr)")
+        guard filesystem else { return }
+        try sh("mkfs.ext4 -q -F -E nodiscard \(device)")
+        try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+    }
+}
+
 extension Kernel {
     /// Issue 20: thin guard volumes, a dm-thin pool guard makes over a file.
     @Suite("thin volumes")
@@ -43,22 +85,8 @@ extension Kernel {
 
         @Test("a thin volume: created over a file with its pool, the tutorial's bad migration rolled back and the good one committed on it, activated again after a reboot with thin_check, refused when its metadata is damaged, and removed")
         func thinVolumeLifecycle() throws {
-            let scratch = try Scratch()
-            let tool = GuardTool(stateDirectory: scratch.path("state"))
-            let name = uniqueName("thin")
-            let backing = scratch.path("thin.img")
-            let device = "/dev/mapper/\(name)"
-            let mount = scratch.path("website")
-            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-            scratch.defer_ {
-                _ = try? run(["umount", mount])
-                removeGuardStacks(onVolume: name)
-                _ = try? tool("volume", "remove", name)
-                for uuid in ["GUARD-VOL-\(name)", "GUARD-POOL-\(name)", "GUARD-POOL-\(name)-tdata", "GUARD-POOL-\(name)-tmeta"] {
-                    _ = try? run(["dmsetup", "remove", "-u", uuid])
-                }
-                for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
-            }
+            let fixture = try ThinFixture()
+            let (scratch, tool, name, backing, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.backing, fixture.device, fixture.mount)
 
             // Bad input first: touches nothing.
             let noThin = try tool("volume", "create", name, "--backing", backing, "--size", "64M", "--pool-size", "160M")
@@ -100,12 +128,26 @@ extension Kernel {
             try Mounts.unmount(mount)
             #expect(try fsck(device))
 
+            // The pool grows online, with the volume in use; it does not shrink.
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            let grown = try tool.json("volume", "extend", name, "--pool-size", "240M") as? [String: Any]
+            #expect(((grown?["volume"] as? [String: Any])?["thin"] as? [String: Any])?["pool_bytes"] as? Int == 240 << 20, "\(String(describing: grown))")
+            let poolLength = try sh("dmsetup table guard-pool-\(name)").split(separator: " ")[1]
+            #expect(poolLength == "491520", "the pool's table is 240 MiB: \(poolLength)")
+            let shrink = try tool("volume", "extend", name, "--pool-size", "100M")
+            #expect(shrink.status == 2 && shrink.stderr.contains("does not shrink"), "\(shrink.stderr)")
+            try makeRandomFile("\(mount)/after-growth.bin", mebibytes: 8)
+            try sh("sync")
+            let grownManifest = try manifest(mount)
+            try Mounts.unmount(mount)
+
             // A reboot: the devices are gone; activation checks the metadata, then the data is there.
             try powerOff(name, backing: backing)
             let activated = try tool("volume", "activate")
             #expect(activated.status == 0 && activated.stdout.contains("activated \(name)"), "\(activated.stdout) \(activated.stderr)")
             try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
-            #expect(try manifest(mount) == migrated, "the committed data survives the reboot")
+            #expect(try manifest(mount) == grownManifest, "the committed data and what was written after the growth survive the reboot")
+            #expect(try sh("dmsetup table guard-pool-\(name)").split(separator: " ")[1] == "491520", "the pool comes back at its grown size")
             try Mounts.unmount(mount)
 
             // Damaged metadata: the pool is not activated, the admin is told how to repair it.
@@ -133,7 +175,7 @@ extension Kernel {
             let again = try tool("volume", "activate")
             #expect(again.status == 0, "\(again.stderr)")
             try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
-            #expect(try manifest(mount) == migrated, "the repaired pool holds the volume's data")
+            #expect(try manifest(mount) == grownManifest, "the repaired pool holds the volume's data")
             try Mounts.unmount(mount)
 
             // The backing holds a pool now: a second volume over it is refused.
@@ -151,25 +193,9 @@ extension Kernel {
 
         @Test("thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff on a kept run; the pool's ids and the registry agree")
         func thinSnapshots() throws {
-            let scratch = try Scratch()
-            let tool = GuardTool(stateDirectory: scratch.path("state"))
-            let name = uniqueName("thin")
-            let backing = scratch.path("thin.img")
-            let device = "/dev/mapper/\(name)"
-            let mount = scratch.path("website")
-            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-            scratch.defer_ {
-                _ = try? run(["umount", mount])
-                for snap in (try? DeviceMapper().guardDevices())?.filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) ?? [] {
-                    _ = try? run(["dmsetup", "remove", snap.name])
-                }
-                _ = try? tool("volume", "remove", name)
-                for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
-            }
-            let created = try tool("volume", "create", name, "--backing", backing, "--size", "64M", "--thin", "--pool-size", "256M")
-            #expect(created.status == 0, "\(created.stderr)")
-            try sh("mkfs.ext4 -q -F \(device)")
-            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            let fixture = try ThinFixture()
+            let (scratch, tool, name, backing, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.backing, fixture.device, fixture.mount)
+            try fixture.create(size: "64M", poolSize: "256M")
             try writeDatabase(at: mount)
             let before = try manifest(mount)
             #expect(try thinPoolIDs(name) == [0])
@@ -188,7 +214,11 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
 
             // The good migration, kept: its snapshot is thin device 2; diff sees the change.
-            let good = try tool("run", try writeRecipe(tutorialRecipe(device: device, mount: mount, bad: false, onSuccess: "keep"), in: scratch, name: "good.recipe"))
+            // `guard check` says where the snapshot goes: the volume's pool.
+            let goodRecipe = try writeRecipe(tutorialRecipe(device: device, mount: mount, bad: false, onSuccess: "keep"), in: scratch, name: "good.recipe")
+            let plan = (try tool.json("check", goodRecipe) as? [String: Any])?["volumes"] as? [[String: Any]]
+            #expect(plan?.first?["cow_kind"] as? String == "thin" && plan?.first?["cow_location"] as? String == "/dev/mapper/guard-pool-\(name)", "\(String(describing: plan))")
+            let good = try tool("run", goodRecipe)
             #expect(good.status == 0, "\(good.stderr)")
             let migrated = try manifest(mount)
             #expect(migrated != before)
@@ -205,6 +235,8 @@ extension Kernel {
             #expect(try thinPoolIDs(name) == [1, 2, 3])
             let status = try tool.json("status") as? [String: Any]
             #expect((status?["runs"] as? [[String: Any]])?.count == 2, "two kept runs: \(String(describing: status))")
+            let detail = ((status?["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]])?.first?["detail"] as? String ?? ""
+            #expect(detail.contains("pool data") && detail.contains("metadata"), "status shows the pool's data and metadata use: \(detail)")
 
             // Roll back the newer generation: the volume is as after the good migration.
             let back3 = try tool("rollback", "3")
@@ -259,24 +291,11 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
         }
 
-        @Test("a thin run that fills its pool: the writes fail, guard rolls back by the swap, the volume's files are as before and its filesystem is clean, the pool writable again")
+        @Test("a thin run that fills its pool: guard stops it at stop_at of the pool (or the writes fail), rolls back by the swap, the files are as before, the filesystem clean, the pool writable; with extend: the pool grows and the run commits")
         func fullPool() throws {
-            let scratch = try Scratch()
-            let tool = GuardTool(stateDirectory: scratch.path("state"))
-            let name = uniqueName("thin")
-            let backing = scratch.path("thin.img")
-            let device = "/dev/mapper/\(name)"
-            let mount = scratch.path("website")
-            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-            scratch.defer_ {
-                _ = try? run(["umount", mount])
-                _ = try? tool("volume", "remove", name)
-                for loop in LoopDevice.find(backingFile: backing) { try? loop.detach() }
-            }
-            let created = try tool("volume", "create", name, "--backing", backing, "--size", "64M", "--thin", "--pool-size", "72M")
-            #expect(created.status == 0, "\(created.stderr)")
-            try sh("mkfs.ext4 -q -F -E nodiscard \(device)")
-            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            let fixture = try ThinFixture()
+            let (scratch, tool, device, mount) = (fixture.scratch, fixture.tool, fixture.device, fixture.mount)
+            try fixture.create(size: "64M", poolSize: "72M")
             try writeDatabase(at: mount)
             try makeRandomFile("\(mount)/media.bin", mebibytes: 16)
             try sh("sync")
@@ -304,6 +323,29 @@ extension Kernel {
             let list = try tool.json("volume", "list") as? [String: Any]
             let pool = (list?["volumes"] as? [[String: Any]])?.first?["thin"] as? [String: Any]
             #expect(pool?["mode"] as? String == "rw", "the pool is writable again once the run's blocks are deleted: \(String(describing: pool))")
+            try expectNothingLeft(state: tool.stateDirectory)
+
+            // The same upgrade with `extend:`: the pool grows while the step writes, the run commits.
+            try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            let growing = try writeRecipe(
+                """
+                name: grow-the-pool
+                volumes:
+                  - device: \(device)
+                    mount: \(mount)
+                    snapshot: { size: 10M, extend: { at: 50%, by: 32M, max: 200M } }
+                steps:
+                  - name: rewrite everything
+                    shell: dd if=/dev/urandom of=\(mount)/media.bin bs=1M count=16 conv=fsync status=none; for i in 1 2 3; do dd if=/dev/urandom of=\(mount)/more$i.bin bs=1M count=8 conv=fsync status=none; sleep 0.5; done
+                on_success: commit
+                on_failure: rollback
+                """, in: scratch, name: "grow.recipe")
+            let grown = try tool("run", growing)
+            #expect(grown.status == 0, "\(grown.stdout) \(grown.stderr)")
+            let after = (try tool.json("volume", "list") as? [String: Any])?["volumes"] as? [[String: Any]]
+            let poolBytes = (after?.first?["thin"] as? [String: Any])?["pool_bytes"] as? Int ?? 0
+            #expect(poolBytes > 72 << 20 && poolBytes <= 200 << 20, "the pool grew by the recipe's extend: \(poolBytes)")
+            #expect(grown.stderr.contains("grew to"), "the run says the snapshot's pool grew: \(grown.stderr)")
             try expectNothingLeft(state: tool.stateDirectory)
         }
     }

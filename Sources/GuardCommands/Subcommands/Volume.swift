@@ -20,10 +20,11 @@ extension GuardCommand {
                 Examples:
                   guard volume create website --backing /srv/website.img --size 100M
                   guard volume create website --backing /srv/website.img --size 100M --thin --pool-size 300M
+                  guard volume extend website --pool-size 600M
                   guard volume list
                   guard volume remove website
                 """,
-            subcommands: [Create.self, List.self, Remove.self, Activate.self, Repair.self])
+            subcommands: [Create.self, List.self, Remove.self, Activate.self, Extend.self, Repair.self])
 
         /// `volume list --json` and `volume activate --json`: every volume, and what activate made.
         struct VolumeList: Encodable {
@@ -61,16 +62,6 @@ extension GuardCommand {
                     case poolBytes = "pool_bytes", blockBytes = "block_bytes", metadataBytes = "metadata_bytes"
                     case dataUsedBytes = "data_used_bytes", metadataUsedBytes = "metadata_used_bytes"
                 }
-
-                func encode(to encoder: any Encoder) throws {
-                    var container = encoder.container(keyedBy: CodingKeys.self)
-                    try container.encode(poolBytes, forKey: .poolBytes)
-                    try container.encode(blockBytes, forKey: .blockBytes)
-                    try container.encode(metadataBytes, forKey: .metadataBytes)
-                    try container.encode(dataUsedBytes, forKey: .dataUsedBytes)
-                    try container.encode(metadataUsedBytes, forKey: .metadataUsedBytes)
-                    try container.encode(mode, forKey: .mode)
-                }
             }
 
             init(_ volume: GuardVolume, _ info: DeviceInfo?, pool status: ThinPoolStatus? = nil) {
@@ -81,17 +72,6 @@ extension GuardCommand {
                         dataUsedBytes: status.map { $0.usedDataBlocks * layout.blockBytes },
                         metadataUsedBytes: status.map { $0.usedMetadataBlocks * ThinPoolStatus.metadataBlockBytes }, mode: status?.mode.rawValue)
                 }
-            }
-
-            func encode(to encoder: any Encoder) throws {
-                var container = encoder.container(keyedBy: CodingKeys.self)
-                try container.encode(name, forKey: .name)
-                try container.encode(path, forKey: .path)
-                try container.encode(backing, forKey: .backing)
-                try container.encode(sizeBytes, forKey: .sizeBytes)
-                try container.encode(active, forKey: .active)
-                try container.encode(device, forKey: .device)
-                try container.encode(thin, forKey: .thin)
             }
         }
 
@@ -229,6 +209,39 @@ extension GuardCommand {
                 }
                 if !failed.isEmpty {
                     throw GuardFailure(.refused, failed.map { "guard volume \($0.0.name) was not activated: \($0.1)" }.joined(separator: "\n"))
+                }
+            }
+        }
+
+        struct Extend: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "extend",
+                abstract: "Grow a thin volume's pool (its data), online.",
+                discussion: """
+                    The backing file grows first (a block device must already be large enough), then the registry, then the pool, which takes the new size at once; the volume and its snapshots stay in use. The pool's metadata area keeps its size: a pool larger than it can map is refused.
+
+                    Examples:
+                      guard volume extend website --pool-size 600M
+                    """)
+            @OptionGroup var global: GlobalOptions
+            @Argument(help: "The thin volume's name.") var name: String
+            @Option(help: ArgumentHelp("The pool's new data size, e.g. 600M.", valueName: "size")) var poolSize: String
+            @Flag(help: "Print the volume as JSON (Docs/schema/volume.schema.json).") var json = false
+
+            func run() throws {
+                let context = try global.context()
+                let bytes: UInt64
+                switch Units.parseSize(poolSize) {
+                case .success(let value): bytes = value
+                case .failure(let error): throw GuardFailure(.refused, "--pool-size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
+                }
+                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                do {
+                    let volume = try volumes.extendPool(name: name, poolSize: bytes)
+                    guard json else { return say("grew \(name)'s pool to \(formatBytes(volume.thin?.dataBytes ?? bytes))") }
+                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.uuid(volume.uuid)), pool: try? volumes.poolStatus(volume))])
+                } catch let error as SnapshotError {
+                    throw GuardFailure(.refused, "\(error)")
                 }
             }
         }
