@@ -230,6 +230,9 @@ struct PowerLoss {
         recordResult(["power-loss-merge", "reset during a rollback's merge", "rollback", "restored", "recovered", "merge resumed at boot from the COW's exceptions; the run's error says it was rolled back", ""])
         recordResult(["power-loss-kept", "reset with a kept snapshot", "keep", "restored", "rolled_back", "snapshot reassembled at boot; guard rollback worked afterwards", ""])
         recordResult(["power-loss-thin", "thin: reset while a step runs, a kept run beneath it", "rollback", "restored", "recovered", "the thin volume activated from its registry after thin_check; the run swapped back to its snapshot at boot; the kept run rolled back afterwards", ""])
+        // The thin volume and its pool hold gpl-thinback: guard removes them (the LV keeps the pool).
+        let removed = try tool("volume", "remove", "plthin")
+        #expect(removed.status == 0, "\(removed.stderr)")
         try? Mounts.unmount(stateMount)
         _ = try? sh("vgchange -q -an gpl")
     }
