@@ -479,7 +479,7 @@ def bench_thin():
         for trial in range(trials):
             # thin: a kept run of the bad upgrade, rolled back.
             mount = os.path.join(WORK, "thin-restore")
-            make_thin("tr", volume_mib, 2 * size + 512, mount=mount)
+            make_thin("tr", volume_mib, max(volume_mib, 2 * size + 128) + 64, mount=mount)
             sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
             guard("run", recipe("thin-restore", "/dev/mapper/tr", mount, steps=bad % (size, mount), size="16M", on_success="keep", extra=service))
             run_id, wall = last_run(), time.time()

@@ -124,8 +124,12 @@ public struct Maintenance {
         defer { locks.forEach { $0.release() } }
         let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
         let engine = try context.engine()
+        let stacks = try stacks(records)
         try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
-            run: run, records: records, live: try LiveSnapshotSet.attach(try stacks(records), engine: engine), recipe: recipe, wait: wait)
+            run: run, records: records, live: try LiveSnapshotSet.attach(stacks, engine: engine), recipe: recipe, wait: wait)
+        if stacks.allSatisfy({ $0.thin != nil }) {
+            return "run \(run.id!) rolled back: the volumes are their thin snapshots from before the run, nothing to merge"
+        }
         return wait
             ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
             : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)"

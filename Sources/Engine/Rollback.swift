@@ -143,11 +143,16 @@ struct RollbackProcedure {
             try journal.event(runID, .result, "merge-started", nil, at: timestamp())
         }
         await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-        reporter.note("the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
-        try journal.endPhase(phase, status: .done, detail: "merge started", at: timestamp())
+        // Thin snapshots have nothing to merge: the run is over as soon as the swaps are.
+        let allThin = stacks.allSatisfy { $0.thin != nil }
+        reporter.note(
+            allThin
+                ? "the volumes are back to their state before run \(runID) (their thin snapshots, nothing to merge) and mounted again"
+                : "the volumes are back to their state before run \(runID) and mounted again; the kernel merges in the background")
+        try journal.endPhase(phase, status: .done, detail: allThin ? "swapped to the thin snapshots" : "merge started", at: timestamp())
         udev.finish()
 
-        if wait {
+        if wait || allThin {
             try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
         }
     }

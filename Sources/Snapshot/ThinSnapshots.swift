@@ -61,7 +61,8 @@ extension SnapshotEngine {
     func thinDeviceExists(pool: DeviceNumber, id: UInt32) throws -> Bool {
         let uuid = "\(DeviceMapper.uuidPrefix)PROBE-\(getpid())-\(id)"
         try dm.create(name: "guard-probe-\(getpid())-\(id)", uuid: uuid, readOnly: true)
-        defer { try? dm.remove(.uuid(uuid)) }
+        // Hidden: udev has nothing to do for a device that never had a live table.
+        defer { try? dm.remove(.uuid(uuid), udevFlags: .hidden) }
         do {
             try dm.load(.uuid(uuid), table: Table(.thin(pool: pool, deviceID: id), length: 8), readOnly: true)
         } catch let error as DeviceMapperError where error.errno == ENODATA || (error.detail ?? "").contains("Couldn't open thin internal device") {
@@ -169,10 +170,13 @@ extension SnapshotEngine {
         try dm.remove(.number(snap.number))
     }
 
-    /// Sends `delete ID` unless the pool has no such id.
+    /// Sends `delete ID`; a pool that has no such id (deleted before a crash) answers ENODATA.
     private func deleteThin(_ id: UInt32, pool: DeviceNumber, of stack: SnapshotStack) throws {
-        guard try thinDeviceExists(pool: pool, id: id) else { return }
-        try dm.message(.number(pool), "delete \(id)")
+        do {
+            try dm.message(.number(pool), "delete \(id)")
+        } catch let error as DeviceMapperError where error.errno == ENODATA {
+            return
+        }
         log?("deleted thin device \(id) of \(stack.originName)'s pool")
     }
 
@@ -228,9 +232,12 @@ extension SnapshotEngine {
         CrashPoint.hit("thin.registry-written")
         try executor.run(.thinSwap(origin: origin, table: Table(.thin(pool: pool, deviceID: thin.snapshotID), length: stack.originSectors), stack: stack), udev: udev)
         log?("\(origin.name) is its snapshot now (thin device \(thin.snapshotID)); nothing to merge")
-        // The replaced id goes before the volume is mounted again: a pool the upgrade filled
-        // needs its blocks back, or the mount's first write fails.
-        try deleteReplaced(stack, thin, pool: pool)
+        // The replaced id goes with `finishThin`, after the service is back; at once where the
+        // upgrade filled the pool, which needs its blocks back before the mount's first write.
+        let after = try dm.thinPoolStatus(.number(pool))
+        if after.mode == .outOfDataSpace || max(after.dataFill, after.metadataFill) >= 0.8 {
+            try deleteReplaced(stack, thin, pool: pool)
+        }
     }
 
     /// Deletes the id a rollback replaced, clears the registry's note of it, and brings a pool
@@ -268,7 +275,7 @@ extension SnapshotEngine {
         guard let (_, id, pool) = try thinState(stack) else {
             throw SnapshotError(.needsReassembly, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`), then run `guard recover`")
         }
-        if id != thin.snapshotID { return try startThinRollback(stack, thin, udev: nil) }
+        if id != thin.snapshotID { try startThinRollback(stack, thin, udev: nil) }
         try? removeThinView(stack, operation: operation)
         try deleteReplaced(stack, thin, pool: pool)
     }

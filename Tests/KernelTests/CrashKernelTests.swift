@@ -188,7 +188,7 @@ extension Kernel {
             CrashCase(point: "thin.origin-loaded", succeeds: false, expected: .restored, note: "thin: the snapshot's id loaded inactive"),
             CrashCase(point: "thin.swapped", succeeds: false, expected: .restored, note: "thin: volume on the snapshot's id, old id not deleted"),
             CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "thin: swapped, not journaled"),
-            CrashCase(point: "thin.replaced-deleted", succeeds: false, expected: .restored, note: "thin: swapped, old id deleted, registry still names it"),
+            CrashCase(point: "thin.replaced-deleted", succeeds: false, expected: .restored, note: "thin: remounted, old id deleted, registry still names it", outcome: "rolled_back", unfinished: false),
         ]
 
         @Test("thin volumes: kill -9 at a crash point, then guard recover: restored or upgraded, the pool's ids and the registry agree", arguments: thinCases)
