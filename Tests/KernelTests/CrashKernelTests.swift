@@ -194,7 +194,7 @@ extension Kernel {
         @Test("thin volumes: kill -9 at a crash point, then guard recover: restored or upgraded, the pool's ids and the registry agree", arguments: thinCases)
         func thinCrash(_ crash: CrashCase) async throws {
             let fixture = try CrashFixture(thin: true)
-            try await Self.crash(crash, fixture: fixture)
+            try await Self.crash(crash, fixture: fixture, scenarioPrefix: "thin ")
             // The volume is exactly one id of its pool, the one its registry names: no
             // snapshot id left behind, none deleted that the volume needs.
             let ids = try thinPoolIDs(fixture.name)
@@ -204,7 +204,9 @@ extension Kernel {
             #expect(table.hasSuffix(" thin-pool") == false && table.hasSuffix(" \(registered ?? -1)"), "the volume is on its registered id: \(table)")
         }
 
-        static func crash(_ crash: CrashCase, fixture: CrashFixture) async throws {
+        /// - Parameter scenarioPrefix: before the point's name in Docs/recovery.md's table (the
+        ///   thin backend's points share names with the classic stack's).
+        static func crash(_ crash: CrashCase, fixture: CrashFixture, scenarioPrefix: String = "") async throws {
             let tool = fixture.guardTool
             let result: CommandResult
             if crash.point.hasPrefix("external:") {
@@ -282,7 +284,7 @@ extension Kernel {
                 #expect(try fixture.current == bytes)
             }
             let did = crash.unfinished ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "") : "the next guard command (here `guard status --tidy`) finished the merge's teardown"
-            recordResult([crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", did, String(format: "%.1f", Date().timeIntervalSince(started))])
+            recordResult([scenarioPrefix + crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", did, String(format: "%.1f", Date().timeIntervalSince(started))])
         }
     }
 }
