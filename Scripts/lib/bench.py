@@ -215,6 +215,48 @@ def fill_changes(mount, mebibytes):
     sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync" % (mebibytes, mount))
 
 
+def write_files(mount, mebibytes):
+    """The volume's data before the upgrade: `mebibytes` files of 1 MiB."""
+    sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (mebibytes, mount))
+
+
+# The service is started again by the rollback's start hook, which runs once the volume is
+# mounted with the old data: the time it prints (the journal keeps a hook's output) is when
+# the service sees the old data again. It is one program, as a service's start command is; no shell.
+SERVICE_HOOK = "rollback:\n  start:\n    - name: the service starts\n      run: [date, '+%s.%N']\n"
+
+
+def guard_kept_rollback(name, device, mount, size, cow_size):
+    """A kept run of the bad upgrade (rewriting `size` MiB), then `guard rollback` of it.
+    Returns the rollback command's seconds, and what `service_back` needs."""
+    steps = "  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n" % (size, mount)
+    guard("run", recipe(name, device, mount, steps=steps, size=cow_size, on_success="keep", extra=SERVICE_HOOK))
+    run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
+    wall = time.time()
+    seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+    return seconds, (run_id, wall)
+
+
+def service_back(rollback):
+    """Seconds from the rollback command's start to the start hook's program running."""
+    run_id, wall = rollback
+    hooks = [step for step in json.loads(guard("show", "--json", str(run_id)).stdout)["steps"] if step["kind"] == "rollback-start"]
+    return float(hooks[-1]["stdout_tail"].strip()) - wall
+
+
+def lvconvert_merge(name, size_mib, changed):
+    """lvm2: lvcreate -s, the bad upgrade, then `umount; lvconvert --merge` as its man page runs
+    it (lvconvert waits for the merge); `mount`. Returns the seconds from umount to mounted."""
+    mount = os.path.join(WORK, "restore-" + name)
+    make_lv(name, "%dM" % size_mib, mount=mount)
+    write_files(mount, changed)
+    sh("lvcreate -q -s -L %dM -n %ssnap %s/%s" % (changed * 2 + 32, name, VG, name))
+    fill_changes(mount, changed)
+    seconds, _ = timed(lambda: sh("umount %s && lvconvert -q --merge %s/%ssnap && mount /dev/mapper/%s-%s %s" % (mount, VG, name, VG, name, mount)))
+    sh("umount %s; lvremove -q -f %s/%s" % (mount, VG, name))
+    return seconds
+
+
 def bench_restore():
     log("2. time until the service sees the old data again")
     sizes = [16, 64] if QUICK else [16, 64, 256]
@@ -222,46 +264,27 @@ def bench_restore():
     for size in sizes:
         rows = {"guard_service_back": [], "guard_rollback": [], "guard_merge_complete": [], "lvconvert_merge": [], "copy_back": [], "raw_copy": []}
         for trial in range(TRIALS if not QUICK else 1):
-            # guard: a kept run rolled back.
+            # guard: a kept run rolled back; the command returns a little after the service is
+            # back, once udev has also finished with the devices.
             mount = os.path.join(WORK, "restore-guard")
             device = make_lv("rguard", "1G", mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
-            # The service is started again by the rollback's start hook, which runs once the
-            # volume is mounted with the old data: the time it prints (the journal keeps a
-            # hook's output) is when the service sees the old data again. It is one program,
-            # as a service's start command is; no shell. The command returns after it, once
-            # udev has also finished with the devices.
-            service = "rollback:\n  start:\n    - name: the service starts\n      run: [date, '+%s.%N']\n"
-            path = recipe("restore", device, mount, steps="  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n" % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep", extra=service)
-            guard("run", path)
-            run_id = json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
-            wall = time.time()
-            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            write_files(mount, size)
+            seconds, rollback = guard_kept_rollback("restore", device, mount, size, "%dM" % (size * 2 + 32))
             rows["guard_rollback"].append(seconds)
             seconds, _ = timed(lambda: guard("status", "--wait"))
             rows["guard_merge_complete"].append(rows["guard_rollback"][-1] + seconds)
-            hooks = [step for step in json.loads(guard("show", "--json", str(run_id)).stdout)["steps"] if step["kind"] == "rollback-start"]
-            rows["guard_service_back"].append(float(hooks[-1]["stdout_tail"].strip()) - wall)
+            rows["guard_service_back"].append(service_back(rollback))
             sh("umount %s" % mount)
             sh("lvremove -q -f %s/rguard" % VG)
 
-            # lvm2: lvcreate -s, the bad upgrade, then `lvconvert --merge` as its man page runs it
-            # (the origin unmounted; lvconvert waits for the merge), then mount again.
-            mount = os.path.join(WORK, "restore-lvm")
-            make_lv("rlvm", "1G", mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
-            sh("lvcreate -q -s -L %dM -n rsnap %s/rlvm" % (size * 2 + 32, VG))
-            fill_changes(mount, size)
-            seconds, _ = timed(lambda: sh("umount %s && lvconvert -q --merge %s/rsnap && mount /dev/mapper/%s-rlvm %s" % (mount, VG, VG, mount)))
-            rows["lvconvert_merge"].append(seconds)
-            sh("umount %s; lvremove -q -f %s/rlvm" % (mount, VG))
+            rows["lvconvert_merge"].append(lvconvert_merge("rlvm", 1024, size))
 
             # The tutorial's copy-back: mount the snapshot, copy the changed files back.
             mount = os.path.join(WORK, "restore-copy")
             snap_mount = os.path.join(WORK, "restore-copy-snap")
             os.makedirs(snap_mount, exist_ok=True)
             make_lv("rcopy", "1G", mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
+            write_files(mount, size)
             sh("lvcreate -q -s -L %dM -n rcsnap %s/rcopy" % (size * 2 + 32, VG))
             fill_changes(mount, size)
             seconds, _ = timed(lambda: sh("mount -o ro /dev/mapper/%s-rcsnap %s && cp -a %s/. %s/ && sync && umount %s" % (VG, snap_mount, snap_mount, mount, snap_mount)))
@@ -457,11 +480,6 @@ def drop_thin(name, mount=None):
     sh("lvremove -q -f %s/%sb" % (VG, name))
 
 
-def service_back(run_id, wall):
-    hooks = [step for step in json.loads(guard("show", "--json", str(run_id)).stdout)["steps"] if step["kind"] == "rollback-start"]
-    return float(hooks[-1]["stdout_tail"].strip()) - wall
-
-
 def last_run():
     return json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"]
 
@@ -470,8 +488,6 @@ def bench_thin():
     log("8. thin guard volumes: rollback by swapping ids, against the classic snapshot and lvconvert --merge; write cost")
     sizes = [16, 64] if QUICK else [16, 64, 256, 1024]
     trials = 1 if QUICK else max(TRIALS - 2, 2)
-    service = "rollback:\n  start:\n    - name: the service starts\n      run: [date, '+%s.%N']\n"
-    bad = "  - name: bad upgrade\n    shell: for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 conv=notrunc status=none; done; sync\n"
     out = {}
     for size in sizes:
         rows = {"thin_service_back": [], "thin_rollback": [], "classic_service_back": [], "classic_merge_complete": [], "lvconvert_merge": []}
@@ -480,35 +496,23 @@ def bench_thin():
             # thin: a kept run of the bad upgrade, rolled back.
             mount = os.path.join(WORK, "thin-restore")
             make_thin("tr", volume_mib, max(volume_mib, 2 * size + 128) + 64, mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
-            guard("run", recipe("thin-restore", "/dev/mapper/tr", mount, steps=bad % (size, mount), size="16M", on_success="keep", extra=service))
-            run_id, wall = last_run(), time.time()
-            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            write_files(mount, size)
+            seconds, rollback = guard_kept_rollback("thin-restore", "/dev/mapper/tr", mount, size, "16M")
             rows["thin_rollback"].append(seconds)
-            rows["thin_service_back"].append(service_back(run_id, wall))
+            rows["thin_service_back"].append(service_back(rollback))
             drop_thin("tr", mount)
 
             # classic: the same on an LV, guard's COW and merge.
             mount = os.path.join(WORK, "classic-restore")
             device = make_lv("cr", "%dM" % volume_mib, mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
-            guard("run", recipe("classic-restore", device, mount, steps=bad % (size, mount), size="%dM" % (size * 2 + 32), on_success="keep", extra=service))
-            run_id, wall = last_run(), time.time()
-            seconds, _ = timed(lambda: guard("rollback", str(run_id)))
+            write_files(mount, size)
+            seconds, rollback = guard_kept_rollback("classic-restore", device, mount, size, "%dM" % (size * 2 + 32))
             waited, _ = timed(lambda: guard("status", "--wait"))
             rows["classic_merge_complete"].append(seconds + waited)
-            rows["classic_service_back"].append(service_back(run_id, wall))
+            rows["classic_service_back"].append(service_back(rollback))
             sh("umount %s; lvremove -q -f %s/cr" % (mount, VG))
 
-            # lvm2: lvcreate -s, the bad upgrade, umount; lvconvert --merge (waits); mount.
-            mount = os.path.join(WORK, "lvm-restore")
-            make_lv("lr", "%dM" % volume_mib, mount=mount)
-            sh("for i in $(seq 1 %d); do dd if=/dev/urandom of=%s/file$i bs=1M count=1 status=none; done; sync" % (size, mount))
-            sh("lvcreate -q -s -L %dM -n lrsnap %s/lr" % (size * 2 + 32, VG))
-            fill_changes(mount, size)
-            seconds, _ = timed(lambda: sh("umount %s && lvconvert -q --merge %s/lrsnap && mount /dev/mapper/%s-lr %s" % (mount, VG, VG, mount)))
-            rows["lvconvert_merge"].append(seconds)
-            sh("umount %s; lvremove -q -f %s/lr" % (mount, VG))
+            rows["lvconvert_merge"].append(lvconvert_merge("lr", volume_mib, size))
             log("   %d MiB: thin service back %.2fs (rollback returns %.2fs), classic service back %.2fs (merge complete %.2fs), lvconvert --merge %.2fs"
                 % (size, rows["thin_service_back"][-1], rows["thin_rollback"][-1], rows["classic_service_back"][-1], rows["classic_merge_complete"][-1], rows["lvconvert_merge"][-1]))
         entry = {key: summary(value) for key, value in rows.items()}

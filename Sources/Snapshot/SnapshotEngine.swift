@@ -417,11 +417,7 @@ public struct SnapshotEngine {
             throw SnapshotError(.mergeInProgress, operation, "\(origin.name) is merging its snapshot back", hint: "wait for the merge (`guard status --wait`)")
         }
         if !(try liveState(stack).live) && !discarding { try requireReleasable(stack, operation) }
-        if let snap, snap.openCount > 0 {
-            throw SnapshotError(
-                .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
-                hint: "unmount it first")
-        }
+        if let snap { try waitUntilClosed(snap, operation: operation, hint: "unmount it first") }
         try markReleased(stack)
         if let origin, let live = originTable {
             if origin.hasInactiveTable {
@@ -655,9 +651,8 @@ public struct SnapshotEngine {
                 hint: "restore from a backup if the upgraded data is bad")
         }
         try waitUntilClosed(origin, operation: operation, hint: "unmount it first: a merge must not start under a mounted filesystem")
-        if snap.openCount > 0 {
-            throw SnapshotError(.inUse, operation, "the snapshot \(snap.path) is open", hint: "unmount it first")
-        }
+        // A scan that opens every block device for an instant (lvm2's, blkid's) is waited out too.
+        try waitUntilClosed(snap, operation: operation, hint: "unmount it first")
         let cow = try dm.requireInfo(stack.ref(.cow))
         // Tables a crashed command loaded and never made live would clash with the merge
         // (two snapshot targets claiming one COW): drop them first.

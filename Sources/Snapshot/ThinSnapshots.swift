@@ -35,9 +35,10 @@ extension SnapshotEngine {
             throw SnapshotError(.other, operation, "\(origin.info.name)'s pool is not \(names.pool)")
         }
         guard id == layout.deviceID, layout.replacedID == nil else {
-            throw SnapshotError(
-                .other, operation, "\(origin.info.name) is thin device \(id) of its pool, but its registry \(registry) says \(layout.deviceID)",
-                hint: "run `guard recover`: a rollback may be unfinished")
+            let what = id != layout.deviceID
+                ? "\(origin.info.name) is thin device \(id) of its pool, but its registry \(registry) says \(layout.deviceID)"
+                : "a rollback of \(origin.info.name) has not finished (its registry \(registry) still names the replaced thin device \(layout.replacedID ?? 0))"
+            throw SnapshotError(.other, operation, what, hint: "run `guard recover`: it finishes the rollback")
         }
         let status = try dm.thinPoolStatus(.number(pool))
         guard status.mode == .readWrite, !status.needsCheck else {
@@ -162,11 +163,7 @@ extension SnapshotEngine {
     /// The snapshot's read-only view goes; refused while it is mounted.
     private func removeThinView(_ stack: SnapshotStack, operation: String) throws {
         guard let snap = try dm.info(stack.ref(.snap)) else { return }
-        if snap.openCount > 0 {
-            throw SnapshotError(
-                .inUse, operation, "the snapshot \(snap.path) is open (\(Mounts.mountPoints(of: snap.number).map(\.target).joined(separator: ", ")))",
-                hint: "unmount it first")
-        }
+        try waitUntilClosed(snap, operation: operation, hint: "unmount it first")
         try dm.remove(.number(snap.number))
     }
 
