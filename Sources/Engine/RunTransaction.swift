@@ -496,7 +496,10 @@ struct RunBody {
             try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), live: live, recipe: recipe, wait: true, beforeMerge: { watcher.stop() })
             run = (try? journal.run(id: runID)) ?? run
             return finish(outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure, message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
-        } catch let refusal as GuardFailure {
+        } catch {
+            // A refusal says what to do; any other error (an I/O error on the COW while the
+            // merge was torn down) is for `guard recover`.
+            let reason = (error as? GuardFailure)?.message ?? "\(error); run `guard recover`"
             run = (try? journal.run(id: runID)) ?? run
             let state: RunState = run.state == .merging ? .merging : .kept
             // The kernel's own status decides, not the message: an invalidated snapshot has nothing to merge.
@@ -506,10 +509,7 @@ struct RunBody {
             let outcome: RunOutcome = state == .merging ? (unmerged ? .failed : .rolledBack) : (invalidated ? .failed : .kept)
             let fused = stacks.filter { (try? engine.isFused($0)) == true }.map(\.originPath)
             let fuse = fused.isEmpty || state == .merging ? "" : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
-            return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(refusal.message)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(refusal.message)\(fuse)")
-        } catch {
-            run = (try? journal.run(id: runID)) ?? run
-            return finish(outcome: .kept, exit: .attention, state: run.state == .merging ? .merging : .kept, error: "\(failure); rollback: \(error)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(error); run `guard recover`")
+            return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(reason)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(reason)\(fuse)")
         }
     }
 

@@ -102,8 +102,30 @@ func waitUntilNow(_ what: String, seconds: Double = 600, sourceLocation: SourceL
     Issue.record("waited \(Int(seconds)) s for \(what): the machine is too slow or the test hung", sourceLocation: sourceLocation)
 }
 
-func setCopyThrottle(_ percent: Int) {
-    _ = try? sh("echo \(percent) > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
+/// The kernel's throttle of dm-snapshot's copying (a merge's too), held by one test at a time.
+/// It is one setting for the whole machine: a test of the other lane that set it back to 0
+/// while a test here had a merge slowed down to interrupt it made that merge finish at once
+/// (a CI failure). Holding it takes an exclusive lock both lanes share; `release()` puts the
+/// throttle back to 0 and unlocks.
+final class CopyThrottle {
+    private let lock: Int32
+
+    /// Waits for the other lane's test to release the throttle, then sets it.
+    init(_ percent: Int) {
+        lock = open("/tmp/guard-kt-copy-throttle.lock", O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
+        if lock >= 0 { _ = flock(lock, LOCK_EX) }
+        set(percent)
+    }
+
+    /// The percentage of time the kernel may copy (0: no throttle).
+    func set(_ percent: Int) {
+        _ = try? sh("echo \(percent) > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
+    }
+
+    func release() {
+        set(0)
+        if lock >= 0 { close(lock) }
+    }
 }
 
 extension Kernel {
@@ -362,13 +384,17 @@ extension Kernel {
             let recipe = failing == "cow"
                 ? try writeRecipe("name: fault\nvolumes:\n  - device: \(volume.device)\n\(extra)\(body)", in: volume.scratch)
                 : try volume.recipe(body, snapshot: "16M")
-            setCopyThrottle(1)
-            defer { setCopyThrottle(0) }
+            let throttle = CopyThrottle(1)
+            defer { throttle.release() }
             let tool = volume.guardTool
             let runner = Task.detached { try tool("run", recipe) }
             let dm = try DeviceMapper()
             try await waitUntil("the merge to start") { (try? dm.table(.name(volume.name)).isOnly("snapshot-merge")) == true }
             try await Task.sleep(for: .milliseconds(300))
+            guard let usage = try dm.snapshotStatus(.name(volume.name)).usage, !usage.isMergeComplete else {
+                Issue.record("the merge finished before the I/O error; nothing would be tested (the copy throttle was not held)")
+                return
+            }
             if let cowControl { try cowControl.failUnderneath(true) } else { try volume.failUnderneath(true) }
             let result = try await runner.value
             #expect(result.status == 3, "\(result.stderr)")
@@ -379,7 +405,7 @@ extension Kernel {
             #expect(try expectLayers(volume.name) >= 2, "-real and -cow are still there")
 
             if let cowControl { try cowControl.failUnderneath(false) } else { try volume.failUnderneath(false) }
-            setCopyThrottle(0)
+            throttle.set(0)
             let recover = try tool("recover")
             #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
             #expect(recover.stdout.contains("restarted the merge"), "\(recover.stdout)")

@@ -115,7 +115,7 @@ struct PowerLoss {
         try await waitUntil("the late step to run") { FileManager.default.fileExists(atPath: lateMarker) }
         try await thinPhase1()
         // Merging: a failed verify, the rollback's merge slowed down so the reset lands in it.
-        setCopyThrottle(1)
+        _ = CopyThrottle(1)  // held until the reset
         let mergingRecipe = try recipe("merging", step: write("merging"), verify: false, keep: false)
         let dm = try DeviceMapper()
         let lateMergingRecipe = try recipe("late-merging", step: write("late-merging"), verify: false, keep: false, cow: lateCowDirectory)

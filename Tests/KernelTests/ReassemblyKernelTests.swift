@@ -137,8 +137,8 @@ extension Kernel {
             let recipe = try volume.recipe(
                 "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M oflag=direct conv=notrunc status=none\nverify:\n  - name: fail\n    run: [/bin/false]\n",
                 snapshot: "16M")
-            setCopyThrottle(1)
-            defer { setCopyThrottle(0) }
+            let throttle = CopyThrottle(1)
+            defer { throttle.release() }
             let runner = Task.detached { try tool("run", recipe) }
             let dm = try DeviceMapper()
             try await waitUntil("the merge to start") { (try? dm.table(.name(volume.name)).isOnly("snapshot-merge")) == true }
@@ -149,7 +149,7 @@ extension Kernel {
                 return
             }
             try powerCut(volume)
-            setCopyThrottle(0)
+            throttle.set(0)
             let cow = try #require(SnapshotEngine.cowFiles(in: volume.scratch.path("state/cow")).first?.path)
             #expect(try CowLabel.read(from: cow)?.state == .merging)
 

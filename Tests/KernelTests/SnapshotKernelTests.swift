@@ -167,8 +167,8 @@ extension Kernel {
             try sh("sync")
             let before = try sha256("\(fixture.mountPoint)/data")
             // Slow the kernel's copying down so the reader really reads during the merge.
-            _ = try? sh("echo 5 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
-            defer { _ = try? sh("echo 0 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle") }
+            let throttle = CopyThrottle(5)
+            defer { throttle.release() }
             let live = try fixture.engine.prepare([fixture.request(size: .bytes(64 << 20))], token: StackIdentity.newToken()).take()
             try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 40)  // rewritten in place
             try sh("sync")
@@ -361,8 +361,8 @@ extension Kernel {
                 try makeRandomFile("\(fixture.mountPoint)/data", mebibytes: 24)
                 try sh("sync")
                 try fixture.unmount()
-                try sh("echo 1 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
-                defer { _ = try? sh("echo 0 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle") }
+                let throttle = CopyThrottle(1)
+                defer { throttle.release() }
                 let stacks = try live.startMerges { _ in }.stacks
                 Thread.sleep(forTimeInterval: 0.3)
                 guard case .merging(let remaining, _) = try fixture.engine.mergeState(stacks[0]) else {
@@ -370,7 +370,7 @@ extension Kernel {
                     return
                 }
                 try simulateReboot(fixture, stacks)
-                try sh("echo 0 > /sys/module/dm_snapshot/parameters/snapshot_copy_throttle")
+                throttle.set(0)
                 let result = try fixture.engine.reassemble(stacks[0].storage)
                 guard case .reassembled(let stack, merging: true) = result else {
                     Issue.record("expected a resumed merge, got \(result)")
