@@ -113,12 +113,14 @@ public final class KeptRunMonitor {
                 let spec = recipe?.volumes.indices.contains(record.volumeIndex) == true ? recipe?.volumes[record.volumeIndex] : nil
                 // guard.conf's growth for a COW file whose recipe says nothing, as in the run.
                 let extend = spec?.extend ?? (stack.storage.isFile ? context.configuration.extend : nil)
-                let policy = extend.flatMap {
-                    Planner.growth($0, originBytes: stack.originBytes, cowBytes: stack.budgetBytes, reserveBytes: stack.reserveBytes ?? 0, geometry: stack.geometry).policy
+                let policy = extend.flatMap { extend in
+                    // A thin snapshot's storage is its volume's pool: `extend` grows the pool.
+                    stack.thin.map { Planner.thinGrowth(extend, originBytes: stack.originBytes, poolBytes: stack.areaBytes, blockBytes: UInt64($0.blockSectors) * 512).policy }
+                        ?? Planner.growth(extend, originBytes: stack.originBytes, cowBytes: stack.budgetBytes, reserveBytes: stack.reserveBytes ?? 0, geometry: stack.geometry).policy
                 }
                 result.append(
                     Watched(
-                        run: run, record: record, stack: stack, policy: stack.storage.isFile ? policy : nil,
+                        run: run, record: record, stack: stack, policy: stack.storage.isFile || stack.thin != nil ? policy : nil,
                         stopAt: recipe?.stopAtFill ?? 0.9, onFull: recipe?.onFull ?? .fuse))
             }
         }

@@ -163,34 +163,50 @@ public struct Planner {
             }
 
             // A thin guard volume of this state directory: its snapshot is a thin device of its pool.
-            if let (registry, layout) = thinVolume(origin, dm: dm) {
+            if let (registry, layout, pool) = thinVolume(origin, dm: dm) {
                 if spec.cow != nil {
                     warnings.append("\(at(spec)): \(origin.info.path) is a thin guard volume: its snapshot is in its pool, so `cow:` does not apply")
                 }
                 // `extend:` grows the pool (sizes in % are of the volume, as for a COW).
                 var policy: ExtensionPolicy?
                 if let extend = spec.extend {
-                    func bytes(_ size: SizeSpec) -> UInt64 {
-                        switch size {
-                        case .bytes(let bytes): return bytes
-                        case .percent(let percent): return UInt64(Double(origin.bytes) * percent / 100)
-                        case .auto: return layout.dataBytes
-                        }
+                    let growth = Self.thinGrowth(extend, originBytes: origin.bytes, poolBytes: layout.dataBytes, blockBytes: layout.blockBytes)
+                    policy = growth.policy
+                    if policy == nil {
+                        warnings.append("\(at(spec)): extend.max (\(formatBytes(growth.maximum))) is not above the pool's \(formatBytes(layout.dataBytes)); the pool will not grow")
                     }
-                    let maximum = bytes(extend.max) / layout.blockBytes * layout.blockBytes
-                    if maximum > layout.dataBytes {
-                        policy = ExtensionPolicy(threshold: extend.at, stepBytes: max(bytes(extend.by), layout.blockBytes), maximumBytes: maximum + CowLabel.areaOffset)
-                    } else {
-                        warnings.append("\(at(spec)): extend.max (\(formatBytes(maximum))) is not above the pool's \(formatBytes(layout.dataBytes)); the pool will not grow")
+                }
+                // The size is the room the run needs in the pool. `size: auto` sizes the pool:
+                // it grows before the snapshot where it has less free; a size as written is
+                // refused instead (a run that changes that much would fill the pool).
+                var poolBytes = layout.dataBytes
+                var sizeNote = "thin: a snapshot in the volume's \(formatBytes(layout.dataBytes)) pool, nothing copied on write"
+                if let status = try? dm.thinPoolStatus(.number(pool)) {
+                    let room = Self.room(spec.size, originBytes: origin.bytes, history: peaks[index], recipe: recipe.name)
+                    let used = status.usedDataBlocks * layout.blockBytes
+                    let free = layout.dataBytes > used ? layout.dataBytes - used : 0
+                    sizeNote += "; \(formatBytes(free)) free, the run needs \(formatBytes(room.bytes)) (\(room.note))"
+                    if free < room.bytes {
+                        let wanted = (used + room.bytes + layout.blockBytes - 1) / layout.blockBytes * layout.blockBytes
+                        if case .auto = spec.size {
+                            if let problem = GuardVolumes.poolGrowthProblem(registry: registry, to: wanted) {
+                                problems.append("\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free and the run needs \(formatBytes(room.bytes)); it cannot grow to \(formatBytes(wanted)): \(problem)")
+                            } else {
+                                poolBytes = wanted
+                                sizeNote += "; the pool grows to \(formatBytes(wanted)) before the snapshot"
+                            }
+                        } else {
+                            problems.append(
+                                "\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free, less than the snapshot's \(formatBytes(room.bytes)): a run that changes that much fills the pool and fails the volume's writes; grow it (`guard volume extend \(origin.info.name) --pool-size \(formatBytes(wanted))`), give a smaller size, or size: auto (guard grows the pool)")
+                        }
                     }
                 }
                 volumes.append(
                     PlannedVolume(
                         index: index, spec: spec, originPath: origin.info.path, info: origin.info, originBytes: origin.bytes,
-                        mounts: mounts, mountPoint: mountPoint, storage: .thinPool(registry: registry), cowBytes: layout.dataBytes, reserveBytes: 0,
+                        mounts: mounts, mountPoint: mountPoint, storage: .thinPool(registry: registry), cowBytes: poolBytes, reserveBytes: 0,
                         chunkSectors: layout.blockSectors, extensionPolicy: policy, freeBytes: nil,
-                        sizeNote: "thin: a snapshot in the volume's \(formatBytes(layout.dataBytes)) pool, nothing copied on write",
-                        extensionFromConfiguration: false, history: peaks[index]))
+                        sizeNote: sizeNote, extensionFromConfiguration: false, history: peaks[index]))
                 continue
             }
 
@@ -207,14 +223,9 @@ public struct Planner {
                 cowBytes = CowSize.percentOfOrigin(percent).resolve(originBytes: origin.bytes, geometry: geometry)
                 sizeNote = "\(oneDecimal(percent))% of \(formatBytes(origin.bytes))"
             case .auto:
-                if let peak = peaks[index]?.peakBytes, peak > 0 {
-                    let wanted = UInt64(Double(peak) * 1.5) + (16 << 20)
-                    cowBytes = CowSize.bytes(wanted).resolve(originBytes: origin.bytes, geometry: geometry)
-                    sizeNote = "auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB"
-                } else {
-                    cowBytes = CowSize.percentOfOrigin(20).resolve(originBytes: origin.bytes, geometry: geometry)
-                    sizeNote = "auto: no earlier run of \(recipe.name) to learn from, 20% of the volume"
-                }
+                let room = Self.room(.auto, originBytes: origin.bytes, history: peaks[index], recipe: recipe.name)
+                cowBytes = CowSize.bytes(room.bytes).resolve(originBytes: origin.bytes, geometry: geometry)
+                sizeNote = room.note
             }
             // Never more than can ever be used: every chunk of the origin once.
             let ceiling = geometry.bytesForWholeOrigin(origin.bytes)
@@ -343,15 +354,48 @@ public struct Planner {
     /// The registry and pool layout of `origin` when it is a thin guard volume of this state
     /// directory (a thin device of a GUARD-POOL- pool, registered here); nil otherwise: another
     /// tool's thin volume (an LVM thin LV) gets guard's classic snapshot.
-    func thinVolume(_ origin: SnapshotEngine.Origin, dm: DeviceMapper) -> (String, ThinLayout)? {
+    /// How `extend` grows a thin volume's pool of `poolBytes`: sizes in % are of the volume,
+    /// `auto` is the pool's size; the policy counts the storage as a thin stack does (the
+    /// pool's data plus `CowLabel.areaOffset`). Nil when `max` is not above the pool. The
+    /// planner and `guard monitor` (for kept runs) resolve it alike.
+    public static func thinGrowth(_ extend: ExtendSpec, originBytes: UInt64, poolBytes: UInt64, blockBytes: UInt64) -> (policy: ExtensionPolicy?, maximum: UInt64) {
+        func bytes(_ size: SizeSpec) -> UInt64 {
+            switch size {
+            case .bytes(let bytes): return bytes
+            case .percent(let percent): return UInt64(Double(originBytes) * percent / 100)
+            case .auto: return poolBytes
+            }
+        }
+        let maximum = bytes(extend.max) / blockBytes * blockBytes
+        guard maximum > poolBytes else { return (nil, maximum) }
+        return (ExtensionPolicy(threshold: extend.at, stepBytes: max(bytes(extend.by), blockBytes), maximumBytes: maximum + CowLabel.areaOffset), maximum)
+    }
+
+    /// The space a run needs for its changes: the recipe's size, or for `auto` what earlier
+    /// runs of the recipe on the volume used (1.5 × their peak + 16 MiB; 20% of the volume
+    /// without one), with how it was chosen.
+    static func room(_ size: SizeSpec, originBytes: UInt64, history: PeakUse?, recipe: String) -> (bytes: UInt64, note: String) {
+        switch size {
+        case .bytes(let bytes):
+            return (bytes, "\(formatBytes(bytes)) as written")
+        case .percent(let percent):
+            return (UInt64(Double(originBytes) * percent / 100), "\(oneDecimal(percent))% of \(formatBytes(originBytes))")
+        case .auto:
+            if let peak = history?.peakBytes, peak > 0 {
+                return (UInt64(Double(peak) * 1.5) + (16 << 20), "auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB")
+            }
+            return (originBytes / 5, "auto: no earlier run of \(recipe) to learn from, 20% of the volume")
+        }
+    }
+
+    func thinVolume(_ origin: SnapshotEngine.Origin, dm: DeviceMapper) -> (String, ThinLayout, pool: DeviceNumber)? {
         guard origin.table.lines.count == 1, case .thin(let pool, _) = origin.table.lines[0].target,
             let poolInfo = try? dm.info(.number(pool)), poolInfo.uuid == ThinPoolNames(volume: origin.info.name).poolUUID
         else { return nil }
         let registry = "\(context.stateDirectory)/volumes/\(origin.info.name).json"
-        guard let data = FileManager.default.contents(atPath: registry), let volume = try? JSONDecoder().decode(GuardVolume.self, from: data),
-            let layout = volume.thin
+        guard let volume = try? GuardVolume.read(registry: registry), let layout = volume.thin
         else { return nil }
-        return (registry, layout)
+        return (registry, layout, pool)
     }
 
     /// `/dev/...`, `VG/LV` or a mount point, as a device path.

@@ -678,7 +678,7 @@ struct RunBody {
         let peaks = watcher.peakBytes
         for index in records.indices {
             records[index] = (try? journal.snapshots(runID: runID).first { $0.volumeIndex == index }) ?? records[index]
-            records[index].peakUsedBytes = Int64(peaks[index])
+            records[index].peakUsedBytes = Int64(stacks[index].changedBytes(used: peaks[index]))
             records[index].sizeBytes = Int64(stacks[index].budgetBytes)
             records[index].stack = encode(stacks[index])
             try? journal.update(records[index])

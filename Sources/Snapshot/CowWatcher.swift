@@ -68,7 +68,6 @@ public final class CowWatcher: Sendable {
     private let gate: Gate
     private let onEvent: @Sendable (Event) -> Void
     private let engine: WatcherEngine
-    private var dm: DeviceMapper { engine.engine.dm }
     /// Signalled by `stop()`: the polling thread wakes at once instead of at its next reading.
     private let wake = DispatchSemaphore(value: 0)
     /// Signalled by the polling thread after its last reading (and passed on by each waiter).
@@ -168,8 +167,8 @@ public final class CowWatcher: Sendable {
         for (index, stack) in stacks.enumerated() {
             let status: SnapshotStatus
             do {
-                // A thin snapshot's use is its pool's (its view is a thin device, not a snapshot target).
-                status = stack.thin != nil ? try engine.engine.health(stack).status : try dm.snapshotStatus(stack.ref(.snap))
+                // The engine's reading: a thin snapshot's use is its pool's.
+                status = try engine.engine.health(stack).status
             } catch {
                 onEvent(.error(volumeIndex: index, message: "\(error)"))
                 continue

@@ -19,6 +19,16 @@ public struct GuardVolume: Codable, Hashable, Sendable {
     /// "GUARD-VOL-NAME": a GUARD- device that is not a snapshot layer.
     public var uuid: String { "\(DeviceMapper.uuidPrefix)VOL-\(name)" }
     public var path: String { "/dev/mapper/\(name)" }
+
+    /// The volume a registry file describes (`<state dir>/volumes/NAME.json`).
+    public static func read(registry path: String) throws -> GuardVolume {
+        try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
+    /// Writes the volume to its registry file durably (see `GuardVolumes.writeDurably`).
+    public func write(registry path: String) throws {
+        try GuardVolumes.writeDurably(Array(try JSONEncoder.sorted.encode(self)), to: path)
+    }
 }
 
 /// Creates, lists, activates and removes guard volumes; their registry is
@@ -106,7 +116,7 @@ public struct GuardVolumes {
     }
 
     func register(_ volume: GuardVolume) throws {
-        try Self.writeDurably(Array(try JSONEncoder.sorted.encode(volume)), to: "\(registry)/\(volume.name).json")
+        try volume.write(registry: "\(registry)/\(volume.name).json")
     }
 
     /// Replaces a registry file so that a power loss leaves the old or the new one, whole:
@@ -177,7 +187,7 @@ public struct GuardVolumes {
     public func list() throws -> [(GuardVolume, DeviceInfo?)] {
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: registry)) ?? []).filter { $0.hasSuffix(".json") }.sorted()
         return try names.map { file in
-            let volume = try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: "\(registry)/\(file)")))
+            let volume = try GuardVolume.read(registry: "\(registry)/\(file)")
             return (volume, try dm.info(.uuid(volume.uuid)))
         }
     }

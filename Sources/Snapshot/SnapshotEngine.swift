@@ -167,7 +167,12 @@ public struct SnapshotEngine {
             var thin: ThinSnapshot?
             switch request.storage {
             case .thinPool(let registry):
-                let planned = try planThin(origin: origin, registry: registry, operation: operation)
+                var planned = try planThin(origin: origin, registry: registry, operation: operation)
+                // `size: auto` sized the pool for this run (the request's size is the pool's):
+                // it grows before the snapshot.
+                if case .bytes(let poolBytes) = request.size, poolBytes > planned.dataBytes {
+                    planned.dataBytes = try growThinPool(origin.info.name, registry: registry, to: poolBytes)
+                }
                 (thin, storage, storageBytes) = (planned.0, planned.storage, planned.dataBytes + CowLabel.areaOffset)
             case .fileIn(let directory):
                 for other in origins where Self.isOnDevice(directory, other.info.number) {
@@ -629,8 +634,9 @@ public struct SnapshotEngine {
     ///   there all along, and udev's probe of the merging origin is slow); nil: waited for here.
     /// - Throws: `.invalidSnapshot` when the kernel invalidated the snapshot (the rollback is
     ///   impossible, the volume keeps the upgraded data); `.inUse` when mounted.
-    func startMerge(_ stack: SnapshotStack, udev callerBatch: UdevBatch? = nil) throws {
-        if let thin = stack.thin { return try startThinRollback(stack, thin, udev: callerBatch) }
+    /// - Parameter live: the caller holds the snapshot as live (a `LiveSnapshotSet`).
+    func startMerge(_ stack: SnapshotStack, udev callerBatch: UdevBatch? = nil, live: Bool = false) throws {
+        if let thin = stack.thin { return try startThinRollback(stack, thin, udev: callerBatch, live: live) }
         let operation = "rollback of \(stack.originName)"
         let origin = try requireOrigin(stack, operation)
         let live = try dm.table(.number(origin.number))

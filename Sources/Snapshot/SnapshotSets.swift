@@ -146,7 +146,7 @@ public struct LiveSnapshotSet: ~Copyable {
         for (index, stack) in stacks.enumerated() {
             do {
                 CrashPoint.hit("rollback.before-merge")
-                try engine.startMerge(stack, udev: udev)
+                try engine.startMerge(stack, udev: udev, live: true)
                 CrashPoint.hit("rollback.after-merge-start")
                 try started(index)
             } catch {

@@ -122,16 +122,30 @@ public struct ThinSnapshot: Hashable, Sendable, Codable {
     /// volume on the id the rollback chose.
     public var registry: String
     public var blockSectors: UInt32
+    /// The pool's data in use before the snapshot (nil in journals from before it was kept):
+    /// what the run added is the pool's use beyond it.
+    public var baseUsedBytes: UInt64?
 
-    public init(poolUUID: String, originID: UInt32, snapshotID: UInt32, registry: String, blockSectors: UInt32) {
+    public init(poolUUID: String, originID: UInt32, snapshotID: UInt32, registry: String, blockSectors: UInt32, baseUsedBytes: UInt64? = nil) {
         self.poolUUID = poolUUID
         self.originID = originID
         self.snapshotID = snapshotID
         self.registry = registry
         self.blockSectors = blockSectors
+        self.baseUsedBytes = baseUsedBytes
     }
 
     public var poolRef: DeviceRef { .uuid(poolUUID) }
+}
+
+extension SnapshotStack {
+    /// The space the run's changes took, from a reading of the snapshot's use: a COW's use is
+    /// all the run's; a thin snapshot's use is its pool's, of which the run's is what lies
+    /// beyond the pool's use before the snapshot. (`size: auto` learns from it.)
+    public func changedBytes(used: UInt64) -> UInt64 {
+        guard let base = thin?.baseUsedBytes else { return used }
+        return used > base ? used - base : 0
+    }
 }
 
 /// What a caller asks for one volume of a snapshot set.

@@ -191,28 +191,16 @@ extension GuardVolumes {
         guard bytes > layout.dataBytes else {
             throw SnapshotError(.notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
         }
-        // As sized at creation: 48 bytes per data block, four times over.
-        let mappable = layout.metadataBytes / (48 * 4) * layout.blockBytes
-        guard bytes <= mappable else {
-            throw SnapshotError(
-                .notExtendable, operation, "its \(formatBytes(layout.metadataBytes)) of metadata maps at most \(formatBytes(mappable)) of data with room for snapshots",
-                hint: "make a new volume of the size you need and copy the data")
-        }
+        if let problem = try Self.growthProblem(volume, layout, to: bytes) { throw SnapshotError(problem.kind, operation, problem.message, hint: problem.hint) }
         let needed = layout.dataOffset + bytes
         if volume.backingIsFile {
             let file = try RawFile(path: volume.backing)
             let size = try file.size()
             if size < needed {
-                let free = try freeSpace(at: (volume.backing as NSString).deletingLastPathComponent)
-                guard free > needed - size + (16 << 20) else {
-                    throw SnapshotError(.noSpace, operation, "growing \(volume.backing) by \(formatBytes(needed - size)) needs more than the \(formatBytes(free)) free")
-                }
                 _ = try SnapshotEngine.preallocate(file, from: size, length: needed - size)
                 try file.sync()
             }
             for loop in LoopDevice.find(backingFile: volume.backing) { try loop.refreshCapacity() }
-        } else if try BlockDevices.size(of: volume.backing) < needed {
-            throw SnapshotError(.noSpace, operation, "\(volume.backing) has \(formatBytes(try BlockDevices.size(of: volume.backing))); a pool of \(formatBytes(bytes)) needs \(formatBytes(needed))")
         }
         guard case .linear(let device, let offset)? = try dm.table(.number(data.number)).lines.first?.target,
             case .thinPool(let metadata, _, let block, _)? = try dm.table(.number(pool.number)).lines.first?.target
@@ -229,6 +217,40 @@ extension GuardVolumes {
                 poolTable: Table(.thinPool(metadata: metadata, data: data.number, blockSectors: block, lowWaterBlocks: max(blocks / 10, 1)), length: bytes / 512),
                 data: data.number, dataTable: Table(.linear(device: device, offset: offset), length: bytes / 512), name: "growth of \(name)'s pool"))
         return volume
+    }
+
+    /// Why a thin volume's pool cannot grow to `bytes` of data (nil: it can): its metadata,
+    /// sized at creation, maps no more; or the backing file's filesystem or the backing
+    /// device has no room for it.
+    static func growthProblem(_ volume: GuardVolume, _ layout: ThinLayout, to bytes: UInt64) throws -> (kind: SnapshotError.Code, message: String, hint: String?)? {
+        // As sized at creation: 48 bytes per data block, four times over.
+        let mappable = layout.metadataBytes / (48 * 4) * layout.blockBytes
+        guard bytes <= mappable else {
+            return (.notExtendable, "its \(formatBytes(layout.metadataBytes)) of metadata maps at most \(formatBytes(mappable)) of data with room for snapshots", "make a new volume of the size you need and copy the data")
+        }
+        let needed = layout.dataOffset + bytes
+        if volume.backingIsFile {
+            let size = try RawFile(path: volume.backing, readOnly: true).size()
+            guard size < needed else { return nil }
+            let free = try freeSpace(at: (volume.backing as NSString).deletingLastPathComponent)
+            guard free > needed - size + (16 << 20) else {
+                return (.noSpace, "growing \(volume.backing) by \(formatBytes(needed - size)) needs more than the \(formatBytes(free)) free", nil)
+            }
+        } else if case let size = try BlockDevices.size(of: volume.backing), size < needed {
+            return (.noSpace, "\(volume.backing) has \(formatBytes(size)); a pool of \(formatBytes(bytes)) needs \(formatBytes(needed))", nil)
+        }
+        return nil
+    }
+
+    /// Why the pool of the thin volume `registry` describes cannot grow to `bytes` (nil: it can).
+    public static func poolGrowthProblem(registry: String, to bytes: UInt64) -> String? {
+        do {
+            let volume = try GuardVolume.read(registry: registry)
+            guard let layout = volume.thin else { return "\(volume.name) is not a thin volume" }
+            return try growthProblem(volume, layout, to: bytes).map { [$0.message, $0.hint].compactMap { $0 }.joined(separator: "; ") }
+        } catch {
+            return "\(error)"
+        }
     }
 
     /// The pool's data and metadata use; nil when the pool is not active.
@@ -263,15 +285,7 @@ extension GuardVolumes {
         let stamp = Int(Date().timeIntervalSince1970)
         let kept = "\(registry)/\(name).tmeta.\(stamp)", repaired = "\(registry)/\(name).tmeta.\(stamp).repaired"
         // The damaged metadata, byte for byte, before anything writes over it.
-        let source = try RawFile(path: volume.backing, readOnly: true)
-        let copy = try RawFile(path: kept, create: true, exclusive: true)
-        var offset: UInt64 = 0
-        while offset < layout.metadataBytes {
-            let count = Int(min(UInt64(1 << 20), layout.metadataBytes - offset))
-            try copy.write(try source.read(at: layout.metadataOffset + offset, count: count), at: offset)
-            offset += UInt64(count)
-        }
-        try copy.sync()
+        try Self.copy(layout.metadataBytes, from: RawFile(path: volume.backing, readOnly: true), at: layout.metadataOffset, to: RawFile(path: kept, create: true, exclusive: true), at: 0)
         let output = try RawFile(path: repaired, create: true, exclusive: true)
         try output.truncate(to: layout.metadataBytes)
         // thin-provisioning-tools open with O_DIRECT, which files on tmpfs refuse: both
@@ -297,17 +311,20 @@ extension GuardVolumes {
         guard check.status == 0 else {
             throw SnapshotError(.other, operation, "the repaired metadata fails thin_check too: \(check.output)", hint: "both copies are kept: \(kept), \(repaired)")
         }
-        let target = try RawFile(path: volume.backing)
-        let fixed = try RawFile(path: repaired, readOnly: true)
-        offset = 0
-        while offset < layout.metadataBytes {
-            let count = Int(min(UInt64(1 << 20), layout.metadataBytes - offset))
-            try target.write(try fixed.read(at: offset, count: count), at: layout.metadataOffset + offset)
+        try Self.copy(layout.metadataBytes, from: RawFile(path: repaired, readOnly: true), at: 0, to: RawFile(path: volume.backing), at: layout.metadataOffset)
+        try? FileManager.default.removeItem(atPath: repaired)
+        return kept
+    }
+
+    /// Copies `length` bytes, 1 MiB at a time, and syncs the target.
+    private static func copy(_ length: UInt64, from source: borrowing RawFile, at sourceOffset: UInt64, to target: borrowing RawFile, at targetOffset: UInt64) throws {
+        var offset: UInt64 = 0
+        while offset < length {
+            let count = Int(min(UInt64(1 << 20), length - offset))
+            try target.write(try source.read(at: sourceOffset + offset, count: count), at: targetOffset + offset)
             offset += UInt64(count)
         }
         try target.sync()
-        try? FileManager.default.removeItem(atPath: repaired)
-        return kept
     }
 
 }

@@ -23,7 +23,7 @@ extension SnapshotEngine {
     func planThin(origin: Origin, registry: String, operation: String) throws -> (ThinSnapshot, storage: CowStorage, dataBytes: UInt64) {
         let volume: GuardVolume
         do {
-            volume = try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: registry)))
+            volume = try GuardVolume.read(registry: registry)
         } catch {
             throw SnapshotError(.other, operation, "the registry \(registry) of the thin volume cannot be read: \(error)")
         }
@@ -52,7 +52,9 @@ extension SnapshotEngine {
             candidate += 1
             guard candidate < 1 << 24 else { throw SnapshotError(.other, operation, "the pool of \(origin.info.name) has no free thin id") }
         } while try thinDeviceExists(pool: pool, id: candidate)
-        let thin = ThinSnapshot(poolUUID: names.poolUUID, originID: id, snapshotID: candidate, registry: registry, blockSectors: layout.blockSectors)
+        let thin = ThinSnapshot(
+            poolUUID: names.poolUUID, originID: id, snapshotID: candidate, registry: registry, blockSectors: layout.blockSectors,
+            baseUsedBytes: status.usedDataBlocks * layout.blockBytes)
         return (thin, .thinPool(path: "/dev/mapper/\(names.pool)"), layout.dataBytes)
     }
 
@@ -82,7 +84,7 @@ extension SnapshotEngine {
 
     /// The volume's registry entry.
     func registryEntry(_ thin: ThinSnapshot) throws -> GuardVolume {
-        try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: thin.registry)))
+        try GuardVolume.read(registry: thin.registry)
     }
 
     /// Live: the snapshot's id exists and the volume is not on it. Merging: a rollback to it
@@ -91,8 +93,8 @@ extension SnapshotEngine {
         guard let (_, id, pool) = try thinState(stack) else { return (false, false) }
         let registry = try registryEntry(thin).thin
         if id == thin.snapshotID || registry?.deviceID == thin.snapshotID {
-            var unfinished = id != thin.snapshotID
-            if !unfinished, let replaced = registry?.replacedID { unfinished = try thinDeviceExists(pool: pool, id: replaced) }
+            // The registry's note of the replaced id is cleared only once it is deleted.
+            let unfinished = id != thin.snapshotID || registry?.replacedID != nil
             return (unfinished, unfinished)
         }
         return (try thinDeviceExists(pool: pool, id: thin.snapshotID), false)
@@ -124,13 +126,22 @@ extension SnapshotEngine {
     /// Grows a thin volume's pool, for the COW watcher's growth policy: `storageBytes` is the
     /// pool's data plus `CowLabel.areaOffset`, as the stack counts it.
     func extendThin(_ stack: SnapshotStack, _ thin: ThinSnapshot, to storageBytes: UInt64) throws -> SnapshotStack {
-        let stateDirectory = ((thin.registry as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent
-        let volume = try GuardVolumes(dm: dm, stateDirectory: stateDirectory)
-            .extendPool(name: stack.originName, poolSize: storageBytes - CowLabel.areaOffset, engine: self)
         var grown = stack
-        grown.storageBytes = (volume.thin?.dataBytes ?? stack.areaBytes) + CowLabel.areaOffset
-        log?("grew the pool of \(stack.originName) to \(formatBytes(grown.areaBytes))")
+        grown.storageBytes = try growThinPool(stack.originName, registry: thin.registry, to: storageBytes - CowLabel.areaOffset) + CowLabel.areaOffset
         return grown
+    }
+
+    /// Grows the pool of the thin volume `name` (whose registry file is `registry`) to
+    /// `dataBytes`; returns the pool's data size now.
+    /// A pool already that large (grown for another kept run of the volume, which shares it)
+    /// is left as it is.
+    func growThinPool(_ name: String, registry: String, to dataBytes: UInt64) throws -> UInt64 {
+        if let current = try GuardVolume.read(registry: registry).thin?.dataBytes, current >= dataBytes { return current }
+        let stateDirectory = ((registry as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent
+        let volume = try GuardVolumes(dm: dm, stateDirectory: stateDirectory).extendPool(name: name, poolSize: dataBytes, engine: self)
+        let bytes = volume.thin?.dataBytes ?? dataBytes
+        log?("grew the pool of \(name) to \(formatBytes(bytes))")
+        return bytes
     }
 
     /// Checks, before the window, that the snapshot's id is still free and the pool writable.
@@ -199,7 +210,9 @@ extension SnapshotEngine {
     /// volume's table changes to it. `finishThin` deletes the replaced id. Any kept snapshot
     /// of the volume can be rolled back to, newer or older: each is a point in time.
     /// The volume must be unmounted.
-    func startThinRollback(_ stack: SnapshotStack, _ thin: ThinSnapshot, udev: UdevBatch?) throws {
+    /// - Parameter live: the caller holds the snapshot as live (taken by this run, or attached
+    ///   under the run's locks, which asked the pool): its id is not asked for again.
+    func startThinRollback(_ stack: SnapshotStack, _ thin: ThinSnapshot, udev: UdevBatch?, live: Bool = false) throws {
         let operation = "rollback of \(stack.originName)"
         guard let (origin, id, pool) = try thinState(stack) else {
             throw SnapshotError(.originNotFound, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`) and run `guard recover`")
@@ -215,7 +228,7 @@ extension SnapshotEngine {
                 .other, operation, "\(origin.name) is thin device \(id), but its registry \(thin.registry) says \(registered.map { "\($0.deviceID)" } ?? "nothing")",
                 hint: "run `guard recover`")
         }
-        guard try thinDeviceExists(pool: pool, id: thin.snapshotID) else {
+        guard try live || thinDeviceExists(pool: pool, id: thin.snapshotID) else {
             throw SnapshotError(.layerMissing, operation, "the pool of \(origin.name) has no thin device \(thin.snapshotID) (the run's snapshot)", hint: "run `guard recover`")
         }
         let status = try dm.thinPoolStatus(.number(pool))
@@ -280,10 +293,10 @@ extension SnapshotEngine {
     /// Writes the volume's thin id (and the id it replaced) into its registry durably:
     /// a temporary file, fsync, rename, fsync of the directory.
     func writeRegistry(_ registry: String, id: UInt32, replaced: UInt32?) throws {
-        var volume = try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: registry)))
+        var volume = try GuardVolume.read(registry: registry)
         guard volume.thin?.deviceID != id || volume.thin?.replacedID != replaced else { return }
         volume.thin?.deviceID = id
         volume.thin?.replacedID = replaced
-        try GuardVolumes.writeDurably(Array(try JSONEncoder.sorted.encode(volume)), to: registry)
+        try volume.write(registry: registry)
     }
 }

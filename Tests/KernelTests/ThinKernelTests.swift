@@ -191,7 +191,7 @@ extension Kernel {
             #expect(FileManager.default.fileExists(atPath: backing))
         }
 
-        @Test("thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff on a kept run; the pool's ids and the registry agree")
+        @Test("thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff and restore on a kept run; the pool's ids and the registry agree")
         func thinSnapshots() throws {
             let fixture = try ThinFixture()
             let (scratch, tool, name, backing, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.backing, fixture.device, fixture.mount)
@@ -284,6 +284,16 @@ extension Kernel {
             #expect(removeRefused.status == 2 && removeRefused.stderr.contains("holds snapshots of kept runs"), "\(removeRefused.stderr)")
             #expect(FileManager.default.fileExists(atPath: device), "a refused remove leaves the volume")
             try Mounts.mount(source: device, target: mount, fileSystemType: "ext4")
+            // File-level restore from the thin snapshot's view: a file damaged since comes back
+            // byte for byte, the rest of the volume as it is; the journal has it.
+            let database = try sha256("\(mount)/database")
+            try "damaged after the run\n".write(toFile: "\(mount)/database", atomically: false, encoding: .utf8)
+            let restore = try tool("restore", "5", "database")
+            #expect(restore.status == 0, "\(restore.stdout) \(restore.stderr)")
+            #expect(try sha256("\(mount)/database") == database, "the database is back from the thin snapshot")
+            #expect(FileManager.default.fileExists(atPath: "\(mount)/gen2"), "the run's own change stays")
+            let restores = (try tool.json("show", "5") as? [String: Any])?["restores"] as? [[String: Any]]
+            #expect(restores?.first?["paths"] as? [String] == ["database"] && restores?.first?["status"] as? String == "done", "\(String(describing: restores))")
             let rolledBack = try tool("rollback", "5")
             #expect(rolledBack.status == 0, "\(rolledBack.stderr)")
             _ = try tool("status", "--wait")
@@ -347,6 +357,101 @@ extension Kernel {
             #expect(poolBytes > 72 << 20 && poolBytes <= 200 << 20, "the pool grew by the recipe's extend: \(poolBytes)")
             #expect(grown.stderr.contains("grew to"), "the run says the snapshot's pool grew: \(grown.stderr)")
             try expectNothingLeft(state: tool.stateDirectory)
+        }
+
+        @Test("a kept run on a thin volume: guard monitor grows the pool by the recipe's extend as the volume's writes fill it; the rollback then restores the pre-run bytes")
+        func monitorGrowsAKeptPool() async throws {
+            let fixture = try ThinFixture()
+            let (scratch, tool, device) = (fixture.scratch, fixture.tool, fixture.device)
+            try fixture.create(size: "40M", poolSize: "48M", filesystem: false)
+            try sh("dd if=/dev/urandom of=\(device) bs=1M count=16 oflag=direct status=none")
+            let before = try sha256(device)
+            let recipe = try writeRecipe(
+                """
+                name: kept-thin
+                volumes:
+                  - device: \(device)
+                    snapshot: { size: 8M, extend: { at: 50%, by: 32M, max: 160M } }
+                steps:
+                  - name: a small upgrade
+                    shell: dd if=/dev/urandom of=\(device) bs=64K count=8 oflag=direct conv=notrunc status=none
+                on_success: keep
+                """, in: scratch)
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let log = scratch.path("monitor.log")
+            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: log)
+            scratch.defer_ { if monitor.isRunning { monitor.terminate() } }
+            try await waitUntil("the monitor to start") { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("watching") }
+            // The service's writes after the run, to blocks the pool has not allocated yet: past
+            // half of the 48 MiB pool.
+            try sh("dd if=/dev/urandom of=\(device) bs=1M count=16 seek=20 oflag=direct conv=notrunc status=none")
+            func poolBytes() throws -> Int {
+                (((try tool.json("volume", "list") as? [String: Any])?["volumes"] as? [[String: Any]])?.first?["thin"] as? [String: Any])?["pool_bytes"] as? Int ?? 0
+            }
+            try await waitUntil("the monitor to grow the pool", seconds: 120) { try poolBytes() > 48 << 20 }
+            let monitorLog = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            #expect(try poolBytes() == 80 << 20, "grown by extend.by: \(monitorLog)")
+            #expect(try lastRunEvents(tool).contains("result extend"), "the journal has the growth: \(monitorLog)")
+            monitor.terminate()
+            try await waitUntil("the monitor to stop on SIGTERM") { !monitor.isRunning }
+            let rollback = try tool("rollback", "1")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try sha256(device) == before, "every byte as before the run")
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
+
+        @Test("size on a thin volume is the room the run needs in the pool: auto learns it from earlier runs (what they added to the pool) and grows the pool before the snapshot; a size as written that the pool lacks is refused, touching nothing")
+        func poolSizing() throws {
+            let fixture = try ThinFixture()
+            let (scratch, tool, name, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.device, fixture.mount)
+            try fixture.create(size: "64M", poolSize: "72M")
+            func pool() throws -> (bytes: Int, used: Int) {
+                let entry = ((try tool.json("volume", "list") as? [String: Any])?["volumes"] as? [[String: Any]])?.first?["thin"] as? [String: Any]
+                return (entry?["pool_bytes"] as? Int ?? 0, entry?["data_used_bytes"] as? Int ?? 0)
+            }
+            let auto = try writeRecipe(
+                """
+                name: auto-pool
+                volumes:
+                  - device: \(device)
+                    mount: \(mount)
+                    snapshot: auto
+                steps:
+                  - name: upload
+                    shell: dd if=/dev/urandom of=\(mount)/upload-$(date +%s%N).bin bs=1M count=24 conv=fsync status=none
+                on_success: commit
+                """, in: scratch, name: "auto.recipe")
+            // First run: nothing to learn from, 20% of the volume, which the pool has.
+            let first = try tool("run", auto)
+            #expect(first.status == 0, "\(first.stderr)")
+            #expect(try pool().bytes == 72 << 20, "the pool had room: it did not grow")
+            let peak = ((try tool.json("show", "1") as? [String: Any])?["snapshots"] as? [[String: Any]])?.first?["peak_used_bytes"] as? Int ?? 0
+            #expect(peak >= 20 << 20 && peak <= 40 << 20, "the run's peak is what it added to the pool (24 MiB written), not the pool's use: \(peak)")
+
+            // Second run: 1.5 × that peak + 16 MiB is more than the pool has free: the plan says
+            // the pool grows, and the run grows it before the snapshot.
+            let (poolBefore, used) = try pool()
+            let plan = try tool("check", auto)
+            #expect(plan.status == 0 && plan.stdout.contains("the pool grows to"), "\(plan.stdout) \(plan.stderr)")
+            let second = try tool("run", auto)
+            #expect(second.status == 0, "\(second.stderr)")
+            let grown = try pool().bytes
+            let room = Int(Double(peak) * 1.5) + (16 << 20)
+            #expect(grown > poolBefore && grown >= used + room, "the pool grew to hold the run's room: \(poolBefore) → \(grown) (used \(used), room \(room))")
+            try expectNothingLeft(state: tool.stateDirectory)
+
+            // A size as written that the pool does not have free: refused, nothing touched.
+            let runs = try tool.history()?.count
+            let big = try writeRecipe(
+                "name: too-big\nvolumes:\n  - device: \(device)\n    mount: \(mount)\n    snapshot: 500M\nsteps:\n  - name: write\n    shell: touch \(mount)/never\n",
+                in: scratch, name: "big.recipe")
+            let refused = try tool("run", big)
+            #expect(refused.status == 2, "\(refused.stderr)")
+            #expect(refused.stderr.contains(big) && refused.stderr.contains("free, less than the snapshot's") && refused.stderr.contains("guard volume extend \(name)"), "\(refused.stderr)")
+            #expect(try pool().bytes == grown, "the pool is as it was")
+            #expect(!FileManager.default.fileExists(atPath: "\(mount)/never"), "no step ran")
+            #expect(try tool.history()?.count == runs, "no run was journaled")
         }
     }
 }

@@ -99,14 +99,7 @@ extension GuardCommand {
 
             func run() throws {
                 let context = try global.context()
-                func parse(_ text: String?, _ option: String) throws -> UInt64? {
-                    guard let text else { return nil }
-                    switch Units.parseSize(text) {
-                    case .success(let value): return value
-                    case .failure(let error): throw GuardFailure(.refused, "\(option): \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
-                    }
-                }
-                let bytes = try parse(size, "--size"), poolBytes = try parse(poolSize, "--pool-size")
+                let bytes = try size.map { try sizeOption($0, "--size") }, poolBytes = try poolSize.map { try sizeOption($0, "--pool-size") }
                 try context.prepareStateDirectory()
                 do {
                     let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
@@ -230,11 +223,7 @@ extension GuardCommand {
 
             func run() throws {
                 let context = try global.context()
-                let bytes: UInt64
-                switch Units.parseSize(poolSize) {
-                case .success(let value): bytes = value
-                case .failure(let error): throw GuardFailure(.refused, "--pool-size: \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
-                }
+                let bytes = try sizeOption(poolSize, "--pool-size")
                 let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
                 do {
                     let volume = try volumes.extendPool(name: name, poolSize: bytes)
@@ -270,5 +259,13 @@ extension GuardCommand {
                 }
             }
         }
+    }
+}
+
+/// A size option's value in bytes (`100M`); a bad one is refused, naming the option.
+func sizeOption(_ text: String, _ option: String) throws -> UInt64 {
+    switch Units.parseSize(text) {
+    case .success(let value): return value
+    case .failure(let error): throw GuardFailure(.refused, "\(option): \(error.message)" + (error.hint.map { "; \($0)" } ?? ""))
     }
 }
