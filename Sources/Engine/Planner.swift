@@ -213,19 +213,13 @@ public struct Planner {
             let chunkBytes = spec.chunkBytes ?? UInt64(SnapshotEngine.defaultChunkSectors) * 512
             let chunkSectors = UInt32(chunkBytes / 512)
             let geometry = CowGeometry(chunkSectors: chunkSectors)
-            var sizeNote: String
+            let room = Self.room(spec.size, originBytes: origin.bytes, history: peaks[index], recipe: recipe.name)
+            var sizeNote = room.note
             var cowBytes: UInt64
-            switch spec.size {
-            case .bytes(let bytes):
-                cowBytes = CowSize.bytes(bytes).resolve(originBytes: origin.bytes, geometry: geometry)
-                sizeNote = "\(formatBytes(bytes)) as written"
-            case .percent(let percent):
+            if case .percent(let percent) = spec.size {
                 cowBytes = CowSize.percentOfOrigin(percent).resolve(originBytes: origin.bytes, geometry: geometry)
-                sizeNote = "\(oneDecimal(percent))% of \(formatBytes(origin.bytes))"
-            case .auto:
-                let room = Self.room(.auto, originBytes: origin.bytes, history: peaks[index], recipe: recipe.name)
+            } else {
                 cowBytes = CowSize.bytes(room.bytes).resolve(originBytes: origin.bytes, geometry: geometry)
-                sizeNote = room.note
             }
             // Never more than can ever be used: every chunk of the origin once.
             let ceiling = geometry.bytesForWholeOrigin(origin.bytes)
@@ -351,9 +345,6 @@ public struct Planner {
         return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
     }
 
-    /// The registry and pool layout of `origin` when it is a thin guard volume of this state
-    /// directory (a thin device of a GUARD-POOL- pool, registered here); nil otherwise: another
-    /// tool's thin volume (an LVM thin LV) gets guard's classic snapshot.
     /// How `extend` grows a thin volume's pool of `poolBytes`: sizes in % are of the volume,
     /// `auto` is the pool's size; the policy counts the storage as a thin stack does (the
     /// pool's data plus `CowLabel.areaOffset`). Nil when `max` is not above the pool. The
@@ -388,6 +379,9 @@ public struct Planner {
         }
     }
 
+    /// The registry and pool layout of `origin` when it is a thin guard volume of this state
+    /// directory (a thin device of a GUARD-POOL- pool, registered here); nil otherwise: another
+    /// tool's thin volume (an LVM thin LV) gets guard's classic snapshot.
     func thinVolume(_ origin: SnapshotEngine.Origin, dm: DeviceMapper) -> (String, ThinLayout, pool: DeviceNumber)? {
         guard origin.table.lines.count == 1, case .thin(let pool, _) = origin.table.lines[0].target,
             let poolInfo = try? dm.info(.number(pool)), poolInfo.uuid == ThinPoolNames(volume: origin.info.name).poolUUID
