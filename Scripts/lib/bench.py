@@ -495,7 +495,8 @@ def bench_thin():
         for trial in range(trials):
             # thin: a kept run of the bad upgrade, rolled back.
             mount = os.path.join(WORK, "thin-restore")
-            make_thin("tr", volume_mib, max(volume_mib, 2 * size + 128) + 64, mount=mount)
+            # The pool holds the files and the upgrade's copy of them below stop_at (90%).
+            make_thin("tr", volume_mib, max(volume_mib, int(2.5 * size) + 128) + 64, mount=mount)
             write_files(mount, size)
             seconds, rollback = guard_kept_rollback("thin-restore", "/dev/mapper/tr", mount, size, "16M")
             rows["thin_rollback"].append(seconds)
