@@ -79,7 +79,9 @@ extension Kernel {
             for view in try DeviceMapper().guardDevices().filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) {
                 try sh("dmsetup remove \(view.name)")
             }
-            try sh("dmsetup remove \(name) && dmsetup remove guard-pool-\(name) && dmsetup remove guard-pool-\(name)-tdata && dmsetup remove guard-pool-\(name)-tmeta")
+            // --retry: udev (or the other lane's lvm2 scan) may have a device open for an instant
+            // after the one above it goes (the CI once saw the pool busy).
+            try sh("for d in \(name) guard-pool-\(name) guard-pool-\(name)-tdata guard-pool-\(name)-tmeta; do dmsetup remove --retry $d || exit 1; done")
             for loop in LoopDevice.find(backingFile: backing) { try loop.detach() }
         }
 
