@@ -115,7 +115,14 @@ public struct Maintenance {
     // MARK: guard rollback
 
     /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
-    public func rollback(_ reference: String, wait: Bool) async throws -> String {
+    /// What `guard rollback` did.
+    public struct RollbackOutcome: Sendable {
+        public var message: String
+        /// Journaled for the next boot (the run includes / or /usr), not merged now.
+        public var atBoot: Bool
+    }
+
+    public func rollback(_ reference: String, wait: Bool) async throws -> RollbackOutcome {
         let journal = try context.journal()
         let run = try requireRun(reference, journal: journal)
         if let refusal = refusal(run, "roll back") { throw GuardFailure(.refused, refusal) }
@@ -125,14 +132,54 @@ public struct Maintenance {
         let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
         let engine = try context.engine()
         let stacks = try stacks(records)
+        if let early = try earlyMount(of: stacks, engine: engine) {
+            let message = try scheduleBootRollback(run, records: records, stacks: stacks, mountedOn: early, journal: journal, engine: engine)
+            return RollbackOutcome(message: message, atBoot: true)
+        }
         try await RollbackProcedure(context: context, journal: journal, engine: engine).perform(
             run: run, records: records, live: try LiveSnapshotSet.attach(stacks, engine: engine), recipe: recipe, wait: wait)
         if stacks.allSatisfy({ $0.thin != nil }) {
-            return "run \(run.id!) rolled back: the volumes are their thin snapshots from before the run, nothing to merge"
+            return RollbackOutcome(message: "run \(run.id!) rolled back: the volumes are their thin snapshots from before the run, nothing to merge", atBoot: false)
         }
-        return wait
+        return RollbackOutcome(message: wait
             ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
-            : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)"
+            : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)", atBoot: false)
+    }
+
+    // MARK: Rollback at the next boot
+
+    /// Where one of the stacks' origins is mounted by the initramfs (/, /usr), or nil: such a
+    /// volume is never unmounted while the system runs, so it is merged at the next boot.
+    func earlyMount(of stacks: [SnapshotStack], engine: SnapshotEngine) throws -> String? {
+        let origins = Set(try stacks.filter { $0.thin == nil }.compactMap { try engine.dm.info($0.originRef)?.number })
+        return try Mounts.current().first { origins.contains($0.device) && Planner.earlyMountPoints.contains($0.target) }?.target
+    }
+
+    /// Journals the decision to roll `run` back and leaves the merge to the initramfs of the next
+    /// boot (`guard recover --boot --initramfs`), which starts it before it mounts the root.
+    func scheduleBootRollback(
+        _ run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], mountedOn target: String, journal: Journal, engine: SnapshotEngine
+    ) throws -> String {
+        let runID = run.id!
+        if let problem = BootSupport(stateDirectory: context.stateDirectory).problem(target: target, cow: .device("")) {
+            throw GuardFailure(.refused, "run \(runID) cannot be rolled back at the next boot: \(problem); nothing was changed")
+        }
+        for (record, stack) in zip(records, stacks) {
+            let health = try engine.health(stack)
+            if !health.isRestorable {
+                throw GuardFailure(
+                    .attention,
+                    "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data")
+            }
+        }
+        var decided = run
+        decided.decision = .rollback
+        let scheduled = decided
+        try journal.batch {
+            try journal.update(scheduled)
+            try journal.event(runID, .intent, "rollback-at-boot", records.map(\.volume).joined(separator: ", "), at: timestamp())
+        }
+        return "run \(runID) will be rolled back at the next boot: \(target) is mounted, so the initramfs starts the merge before it mounts \(target); reboot to roll back (`guard rollback --reboot \(runID)` reboots now). Until then the run stays kept, and `guard commit \(runID)` cancels the rollback"
     }
 
     // MARK: Merges
@@ -207,7 +254,8 @@ public struct Maintenance {
             switch run.state {
             case .merging: return (run, .finishMerge)
             case .kept:
-                guard let until = run.keepUntil, until <= timestamp() else { return nil }
+                // A rollback waiting for the next boot is not committed behind the admin's back.
+                guard run.decision != .rollback, let until = run.keepUntil, until <= timestamp() else { return nil }
                 return (run, .commitExpired(until: until))
             default: return nil
             }

@@ -242,7 +242,7 @@ public final class KeptRunMonitor {
                 let message = try maintenance.commit("\(request.runID)", reason: "\(request.reason); on_full: commit (guard monitor)")
                 reporter.result("kept run \(request.runID): \(request.reason); \(message)", success: false)
             case .rollback:
-                let message = try await maintenance.rollback("\(request.runID)", wait: false)
+                let message = try await maintenance.rollback("\(request.runID)", wait: false).message
                 reporter.result("kept run \(request.runID): \(request.reason); \(message)", success: false)
             case .fuse:
                 return

@@ -137,10 +137,12 @@ public struct Planner {
             }
             let mounts = Mounts.mountPoints(of: origin.info.number)
             // Mounted before guard-reassemble.service can run at boot: after a power loss the
-            // volume is written before its snapshot is stacked again, and the rollback is lost.
-            if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }) {
-                problems.append(
-                    "\(at(spec)): \(origin.info.path) is mounted on \(early.target), which is mounted and written before guard-reassemble.service runs at boot: after a power loss its snapshot could not be reassembled in time and the rollback would be lost. guard refuses it until it can reassemble in the initramfs; snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
+            // volume is written before its snapshot is stacked again, and the rollback is lost,
+            // unless guard's initramfs hook reassembles it before the initramfs mounts it.
+            if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }),
+                let problem = BootSupport(stateDirectory: context.stateDirectory).problem(target: early.target, cow: spec.cow)
+            {
+                problems.append("\(at(spec)): \(origin.info.path) is mounted on \(early.target): \(problem); or snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
                 continue
             }
             // A snapshot of this volume that holds old blocks but is not live (no reassembly
@@ -313,6 +315,14 @@ public struct Planner {
                     problems.append("\(at(other.spec)): the COW directory \(directory) \(why), which this recipe snapshots; put it on a filesystem on another block device")
                 }
             }
+        }
+        // A separate /boot goes with /: a rolled-back root with the upgrade's kernels and
+        // initramfs (or the reverse) may not boot.
+        if volumes.contains(where: { $0.mounts.contains { $0.target == "/" } }),
+            let boot = ((try? Mounts.current()) ?? []).first(where: { $0.target == "/boot" }),
+            !volumes.contains(where: { $0.info.number == boot.device })
+        {
+            problems.append("\(recipe.path): the recipe snapshots / but not /boot, which is a filesystem of its own (\(boot.source)): a rollback would bring back the old root with the new kernels and initramfs; add /boot's volume to the recipe")
         }
         // Snapshots that outlive guard's process must be reassembled at the next boot.
         if let unit = Planner.reassemblyUnitProblem() {

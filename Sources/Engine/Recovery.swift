@@ -41,8 +41,19 @@ public struct Recovery {
     /// - Parameter boot: early boot, before local filesystems are mounted: reassemble
     ///   snapshots from their COW labels, merge back undecided runs at once (nothing is
     ///   mounted yet), run no hooks.
-    public func recover(boot: Bool = false) async throws -> Report {
+    /// - Parameter initramfs: in the initramfs (guard's local-premount script), before the root is
+    ///   mounted: an origin that is not there is left for guard-reassemble.service (the
+    ///   initramfs activates the logical volumes; anything else comes later), not waited for.
+    public func recover(boot: Bool = false, initramfs: Bool = false) async throws -> Report {
         var report = Report()
+        // In the booted system, after the initramfs did the work: its state volume is mounted
+        // with the other filesystems, after this unit.
+        if boot && !initramfs, FileManager.default.fileExists(atPath: BootSupport.marker),
+            !FileManager.default.fileExists(atPath: context.journalPath)
+        {
+            report.actions.append("the initramfs reassembled guard's snapshots and started the merges due at this boot (\(BootSupport.marker)); the state directory \(context.stateDirectory) is mounted later, and the next guard command finishes what it started")
+            return report
+        }
         if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
             if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
                 report.needsReassembly.append("the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
@@ -87,6 +98,10 @@ public struct Recovery {
                 continue
             }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
+            if initramfs, try dm.info(label.originRef) == nil {
+                report.actions.append("left \(storage.path) for guard-reassemble.service: its volume \(label.originName) is not in the initramfs")
+                continue
+            }
             if boot && [.active, .kept, .merging].contains(label.state) {
                 try await waitForOrigin(label, dm: dm, report: &report)
             }
@@ -147,6 +162,17 @@ public struct Recovery {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
             } catch {
                 report.problems.append("run \(run.id!): \(error)")
+            }
+        }
+        // Rollbacks of volumes the initramfs mounts (/, /usr), journaled by `guard rollback` for
+        // this boot: merged now, before anything mounts them.
+        if boot {
+            for run in try journal.runs(in: [.kept]) where run.decision == .rollback {
+                do {
+                    report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
+                } catch {
+                    report.problems.append("run \(run.id!): \(error)")
+                }
             }
         }
         // A rollback whose guard died mid-merge (its merge resumed above from the COW): recovery
@@ -259,9 +285,8 @@ public struct Recovery {
 
     /// At boot, LVM may activate an origin a little after guard starts: wait up to 30 s.
     private func waitForOrigin(_ label: CowLabel, dm: DeviceMapper, report: inout Report) async throws {
-        let ref: DeviceRef = label.originUUID.isEmpty ? .name(label.originName) : .uuid(label.originUUID)
         for _ in 0..<60 {
-            if try dm.info(ref) != nil { return }
+            if try dm.info(label.originRef) != nil { return }
             try await Task.sleep(for: .milliseconds(500))
         }
         report.problems.append("the volume \(label.originName) did not appear within 30 s; activate it without mounting it and run `guard recover`")
@@ -368,6 +393,16 @@ public struct Recovery {
             try journal.update(marked)
             if boot {
                 // Nothing is mounted yet: merge at once, before anything writes to the origins.
+                // A mounted origin (/ without guard in the initramfs) is never merged under its
+                // filesystem: the snapshot is kept and the admin told.
+                let mounted = Set(try Mounts.current().map(\.device))
+                for (record, stack) in pending {
+                    if let number = try engine.dm.info(stack.originRef)?.number, mounted.contains(number) {
+                        throw GuardFailure(
+                            .attention,
+                            "\(record.volume) is already mounted, so it cannot be merged at this boot (the initramfs did not do it: is guard's initramfs hook installed, and `update-initramfs -u` run?); the snapshot is kept")
+                    }
+                }
                 let live = try LiveSnapshotSet.attach(pending.map(\.1), engine: engine)
                 do {
                     _ = try live.startMerges { index in
@@ -389,6 +424,10 @@ public struct Recovery {
             try journal.update(updated)
         }
         if boot {
+            if run.state == .kept {
+                // Asked for by `guard rollback`, carried out at this boot.
+                return try close(.rolledBack, .merging, "rolled back at boot, as `guard rollback` asked, before the volumes were mounted (the merge continues; the volumes read as before the run)")
+            }
             return try close(.recovered, .merging, "rolled back (the merge continues; the volumes read as before the run)")
         }
         try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
@@ -493,4 +532,9 @@ public struct Recovery {
         }
         return (actions, problems)
     }
+}
+
+extension CowLabel {
+    /// The origin as the kernel knows it: by its UUID when it has one.
+    var originRef: DeviceRef { originUUID.isEmpty ? .name(originName) : .uuid(originUUID) }
 }

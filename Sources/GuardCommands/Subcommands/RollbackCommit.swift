@@ -14,9 +14,12 @@ extension GuardCommand {
 
                 Refused for a run that was committed, rolled back, is unknown or unfinished, and when a snapshot is Invalid (its COW filled up: the old data is gone).
 
+                A run that includes / or /usr (mounted by the initramfs, never unmounted while the system runs) is rolled back at the next boot: the decision is journaled, and guard's initramfs script starts the merge before it mounts the root. --reboot reboots at once; `guard commit` before the reboot cancels the rollback.
+
                 Examples:
                   guard rollback 12
                   guard rollback --wait 3f9a2c1e
+                  guard rollback --reboot 14
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -27,14 +30,28 @@ extension GuardCommand {
         @Flag(help: "Wait until the merge is complete and torn down.")
         var wait = false
 
+        @Flag(help: "For a run that includes / or /usr (merged at the next boot, by the initramfs): reboot now.")
+        var reboot = false
+
         @Flag(help: "Print the run afterwards as `guard show --json` does (Docs/schema/run.schema.json).")
         var json = false
 
         func run() async throws {
             let context = try global.context()
-            let message = try await Maintenance(context: context).rollback(target, wait: wait)
-            context.reporter.note(message)
+            let outcome = try await Maintenance(context: context).rollback(target, wait: wait)
+            context.reporter.note(outcome.message)
             if json { try printRunDocument(target, context: context) }
+            if outcome.atBoot && reboot {
+                context.reporter.note("rebooting")
+                let process = Process()
+                process.executableURL = URL(fileURLWithPath: "/bin/systemctl")
+                process.arguments = ["reboot"]
+                try process.run()
+                process.waitUntilExit()
+                guard process.terminationStatus == 0 else {
+                    throw GuardFailure(.attention, "`systemctl reboot` failed (status \(process.terminationStatus)); the rollback is journaled for the next boot: reboot by hand")
+                }
+            }
         }
     }
 
@@ -83,6 +100,9 @@ extension GuardCommand {
         @Flag(help: "Early boot mode (the systemd unit uses it).")
         var boot = false
 
+        @Flag(help: "With --boot: in the initramfs, before the root is mounted (guard's initramfs script uses it).")
+        var initramfs = false
+
         @Flag(help: "Print what was done as JSON (Docs/schema/recover.schema.json): actions, problems, needs_reassembly.")
         var json = false
 
@@ -98,7 +118,7 @@ extension GuardCommand {
 
         func run() async throws {
             let context = try global.context(keepingValid: true)
-            let report = try await Recovery(context: context).recover(boot: boot)
+            let report = try await Recovery(context: context).recover(boot: boot || initramfs, initramfs: initramfs)
             if json {
                 try printJSON(Document(actions: report.actions, problems: report.problems, needsReassembly: report.needsReassembly))
             } else {

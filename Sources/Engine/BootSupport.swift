@@ -1,0 +1,57 @@
+import BlockDevice
+import Foundation
+import Recipe
+
+/// What lets guard snapshot a volume the initramfs mounts (/, /usr): guard's initramfs-tools
+/// hook (Initramfs/hooks/guard) put this guard into the initramfs of the running kernel, with
+/// the state directory on a volume the initramfs mounts before the root. Each time the hook
+/// builds an initramfs it leaves a stamp, `<state directory>/initramfs/<kernel release>`, that
+/// names the guard binary it copied (size and modification time) and the state volume.
+public struct BootSupport: Sendable {
+    /// Left in /run by the initramfs script once its `guard recover --boot --initramfs` ran
+    /// (/run is carried over into the booted system).
+    public static let marker = "/run/guard/initramfs"
+
+    public let stateDirectory: String
+
+    public init(stateDirectory: String) { self.stateDirectory = stateDirectory }
+
+    public var stampDirectory: String { stateDirectory + "/initramfs" }
+
+    /// The running kernel's release (`uname -r`).
+    static var kernelRelease: String {
+        var names = utsname()
+        uname(&names)
+        return withUnsafeBytes(of: &names.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+
+    /// The stamp's `guard=` value for this guard's own binary: "size:mtime".
+    static var ownBinary: String? {
+        var info = stat()
+        guard stat("/proc/self/exe", &info) == 0 else { return nil }
+        return "\(info.st_size):\(info.st_mtim.tv_sec)"
+    }
+
+    /// Why guard cannot yet take a snapshot of a volume the initramfs mounts on `target`, or nil.
+    /// - Parameter cow: the recipe's `cow:`; such a volume needs a COW device (a COW file would
+    ///   keep the state volume busy in the initramfs, which must unmount it before the root).
+    public func problem(target: String, cow: CowLocation?) -> String? {
+        let release = Self.kernelRelease
+        let stamp = "\(stampDirectory)/\(release)"
+        guard let text = try? String(contentsOfFile: stamp, encoding: .utf8) else {
+            return "\(target) is mounted and written by the initramfs, before guard-reassemble.service runs: after a power loss its snapshot could not be reassembled in time and the rollback would be lost. guard refuses it until it reassembles in the initramfs: no initramfs of this kernel (\(release)) carries guard (no \(stamp))"
+        }
+        let fields = Dictionary(text.split(separator: "\n").compactMap { line -> (String, String)? in
+            guard let equals = line.firstIndex(of: "=") else { return nil }
+            return (String(line[..<equals]), String(line[line.index(after: equals)...]))
+        }, uniquingKeysWith: { $1 })
+        if let copied = fields["guard"], let own = Self.ownBinary, copied != own {
+            return "the initramfs of this kernel (\(release)) holds another guard binary than this one (\(stamp) says \(copied), this one is \(own)): run `update-initramfs -u` so that the guard that reassembles \(target) at boot is this one"
+        }
+        switch cow {
+        case .device?: return nil
+        default:
+            return "\(target) needs a COW device (`cow: /dev/VG/LV` in the recipe): a COW file would keep the state volume busy in the initramfs, which unmounts it before it mounts \(target)"
+        }
+    }
+}
