@@ -1,0 +1,132 @@
+#!/bin/sh
+# The boot suite's side inside the booted Debian system (Scripts/lib/boot-suite.sh copies it
+# to the 9p share and boots the image once per part). `boot-guest.sh N` runs part N, writes
+# one line per check to /harness/checks ("ok N name" or "FAIL N name: why"), and ends the boot
+# as the part says: a reboot, a power-off, or a reset in the middle of an upgrade.
+#
+# The upgrade is a real package upgrade of the root: guard-demo 1 is installed at the first
+# boot, and the runs upgrade it to 2 with dpkg, inside guard run, with / snapshotted onto the
+# COW device guardvg/rootcow. "Before" is a checksum list of what a package upgrade touches
+# (/usr/bin, /usr/sbin, /usr/share/guard-demo, /etc/guard-demo, /var/lib/dpkg, /boot).
+set -u
+H=/harness
+part=$1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND=noninteractive
+
+check() {
+  name=$1
+  shift
+  if out=$("$@" 2>&1); then
+    echo "ok $part $name" >>$H/checks
+  else
+    echo "FAIL $part $name: $(printf '%s' "$out" | tail -n 6 | tr '\n' ' ')" >>$H/checks
+  fi
+}
+sums() {
+  find /usr/bin /usr/sbin /usr/share/guard-demo /etc/guard-demo /var/lib/dpkg /boot -xdev -type f 2>/dev/null \
+    | grep -v -e '^/var/lib/dpkg/lock' -e '^/var/lib/dpkg/triggers/Lock' | sort | xargs sha256sum
+}
+same_as() { sums >/tmp/now.sums; diff -u "$1" /tmp/now.sums | head -n 20; cmp -s "$1" /tmp/now.sums; }
+# The newest run's number, and a run's field as `guard show --json` prints it.
+run_id() { guard history --json | grep -o '"id" *: *[0-9]*' | head -n 1 | grep -o '[0-9]*$'; }
+field() { guard show --json "$1" | grep -o "\"$2\" *: *\"[a-z_]*\"" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/'; }
+is() { test "$(field "$1" "$2")" = "$3" || { echo "run $1: $2 is '$(field "$1" "$2")', not '$3'"; return 1; }; }
+recipe() {  # recipe NAME STEP ON_SUCCESS
+  cat >/root/"$1".recipe <<EOF
+name: $1
+description: upgrade guard-demo on the root filesystem, from the boot suite
+volumes:
+  - device: /dev/guardvg/root
+    mount: /
+    snapshot: { size: 700M, cow: /dev/guardvg/rootcow }
+steps:
+  - name: upgrade guard-demo
+    shell: $2
+    timeout: 5m
+verify:
+  - name: guard-demo runs
+    run: [guard-demo]
+on_success: $3
+on_failure: rollback
+EOF
+}
+finish() { sync; echo "part $part done" >>$H/progress; systemctl "$1"; }
+
+case $part in
+  1)
+    # Install guard as Scripts/install did on the host (staged into the share), guard-demo 1.
+    cp -a $H/root/. /
+    systemctl daemon-reload
+    systemctl enable guard-reassemble.service guard-maintenance.timer >/dev/null 2>&1
+    check "guard-demo 1 installs" dpkg -i $H/guard-demo_1_all.deb
+    check "update-initramfs puts guard into the initramfs" update-initramfs -u
+    check "the hook stamped the initramfs" test -s "/var/lib/guard/initramfs/$(uname -r)"
+    check "the initramfs holds guard" sh -c 'lsinitramfs /boot/initrd.img-$(uname -r) | grep -q sbin/guard'
+    sums >$H/before-1.sums
+    # A refusal names what is missing: a COW file for / (the initramfs could not unmount the
+    # state volume under it).
+    cat >/root/file-cow.recipe <<EOF
+name: file-cow
+volumes:
+  - device: /dev/guardvg/root
+    mount: /
+    snapshot: { size: 100M }
+steps: [{ name: nothing, run: [true] }]
+EOF
+    check "a COW file for / is refused, naming why" sh -c 'guard check /root/file-cow.recipe 2>&1 | grep -q "needs a COW device"'
+    recipe upgrade-kept "dpkg -i $H/guard-demo_2_all.deb" keep
+    check "guard run upgrades / and keeps the snapshot" guard run /root/upgrade-kept.recipe
+    check "guard-demo is 2 after the run" sh -c 'guard-demo | grep -q "version 2"'
+    id=$(run_id)
+    echo "$id" >$H/run-1
+    check "guard rollback of a run on / is journaled for the next boot" sh -c "guard rollback $id 2>&1 | grep -q 'rolled back at the next boot'"
+    check "the run stays kept until the reboot" is "$id" outcome kept
+    cp /var/lib/guard/journal.sqlite* $H/ 2>/dev/null
+    finish reboot
+    ;;
+  2)
+    # The initramfs merged / back before mounting it: the old root, at once.
+    id=$(cat $H/run-1)
+    check "the initramfs ran guard" test -s /run/guard/initramfs
+    check "/ reads as before run $id (checksums)" same_as $H/before-1.sums
+    check "guard-demo is 1 again" sh -c 'guard-demo | grep -q "version 1"'
+    check "the merge finishes and is torn down" guard status --wait
+    check "guardvg-root is back on its own table" sh -c '! dmsetup table guardvg-root | grep -q snapshot'
+    check "run $id is rolled back in the journal" is "$id" outcome rolled_back
+    # Power loss during the next upgrade: the step resets the machine after dpkg wrote.
+    sums >$H/before-2.sums
+    recipe upgrade-crash "dpkg -i $H/guard-demo_2_all.deb && sync && echo crash >$H/progress-crash && echo b > /proc/sysrq-trigger; sleep 60" keep
+    echo "part $part reached the reset" >>$H/progress
+    guard run /root/upgrade-crash.recipe
+    echo "FAIL 2 the reset did not happen" >>$H/checks
+    finish poweroff
+    ;;
+  3)
+    check "the initramfs ran guard" test -s /run/guard/initramfs
+    check "/ reads as before the interrupted run (checksums)" same_as $H/before-2.sums
+    check "guard-demo is 1 after the power loss" sh -c 'guard-demo | grep -q "version 1"'
+    check "the merge finishes and is torn down" guard status --wait
+    id=$(run_id)
+    check "the interrupted run $id is recovered in the journal" is "$id" outcome recovered
+    # A good upgrade, kept through a reboot.
+    recipe upgrade-good "dpkg -i $H/guard-demo_2_all.deb" keep
+    check "guard run upgrades / and keeps the snapshot" guard run /root/upgrade-good.recipe
+    run_id >$H/run-3
+    sums >$H/after-3.sums
+    finish reboot
+    ;;
+  4)
+    id=$(cat $H/run-3)
+    check "the kept snapshot of / was stacked before / was mounted" sh -c 'dmsetup table guardvg-root | grep -q snapshot-origin'
+    check "/ holds the upgrade (checksums)" same_as $H/after-3.sums
+    check "run $id is still kept after the reboot" is "$id" outcome kept
+    check "guard commit makes it final" guard commit "$id"
+    check "guardvg-root is back on its own table" sh -c '! dmsetup table guardvg-root | grep -q snapshot'
+    check "guard-demo is 2" sh -c 'guard-demo | grep -q "version 2"'
+    guard history >$H/history.txt 2>&1
+    check "guard history shows the three runs" sh -c "test \$(guard history --json | grep -o '\"id\" *:' | wc -l) -eq 3"
+    check "run $id is committed" is "$id" outcome committed
+    finish poweroff
+    ;;
+esac

@@ -1,0 +1,77 @@
+# shellcheck shell=bash
+# The boot suite: a real Debian system (Scripts/lib/boot-image.sh) with / on LVM, booted under
+# qemu (software emulation, as the kernel suite) by its own GRUB, kernel and initramfs, four
+# times on one disk. guard is installed into it at the first boot, with its initramfs hook;
+# Scripts/lib/boot-guest.sh runs each boot's part inside and writes its checks to the share.
+#
+#   boot_suite RESULTS GUARD_BIN_DIR   # prints "boot suite: N passed, N failed"; fails on any failure
+#
+# GUARD_BIN_DIR holds guard, guard-watchdog and generate-manual built with the Swift runtime
+# linked in (the Debian system has no Swift): `swift build -c release --static-swift-stdlib`.
+
+boot_demo_package() {  # boot_demo_package VERSION OUTDIR
+  local version=$1 out=$2 root
+  root=$(mktemp -d /tmp/guard-demo-XXXXXX)
+  mkdir -p "$root/DEBIAN" "$root/usr/bin" "$root/usr/share/guard-demo" "$root/etc/guard-demo"
+  cat >"$root/DEBIAN/control" <<EOF
+Package: guard-demo
+Version: $version
+Architecture: all
+Maintainer: guard boot suite <guard@invalid>
+Description: the package the boot suite upgrades on /
+EOF
+  echo /etc/guard-demo/guard-demo.conf >"$root/DEBIAN/conffiles"
+  printf '#!/bin/sh\necho "guard-demo version %s"\n' "$version" >"$root/usr/bin/guard-demo"
+  chmod 755 "$root/usr/bin/guard-demo"
+  head -c $((version * 300000)) /dev/urandom >"$root/usr/share/guard-demo/data"
+  echo "setting=$version" >"$root/etc/guard-demo/guard-demo.conf"
+  dpkg-deb --root-owner-group -b "$root" "$out/guard-demo_${version}_all.deb" >/dev/null
+  rm -rf "$root"
+}
+
+boot_suite() {
+  local results=$1 bins=$2 image work share disk part status=0
+  image=$(boot_image) || return 1
+  work="$results/boot"
+  share="$work/share"
+  mkdir -p "$share"
+  : >"$share/checks"
+  disk="$work/disk.qcow2"
+  qemu-img create -q -f qcow2 -b "$image" -F raw "$disk"
+  # guard, staged as Scripts/install installs it into /usr/local (boot 1 copies it to /).
+  DESTDIR="$share/root" GUARD_INSTALL_FROM="$bins" Scripts/install >"$work/install.log" 2>&1 || {
+    echo "boot suite: Scripts/install into the share failed:" >&2; tail -n 20 "$work/install.log" >&2; return 1; }
+  # guard's initramfs hook and boot script (Initramfs/): Scripts/install does not install them
+  # yet (see Initramfs/README); the suite puts them where initramfs-tools reads local ones.
+  install -D -m 0755 Initramfs/hooks/guard "$share/root/etc/initramfs-tools/hooks/guard"
+  install -D -m 0755 Initramfs/scripts/local-premount/guard "$share/root/etc/initramfs-tools/scripts/local-premount/guard"
+  boot_demo_package 1 "$share"
+  boot_demo_package 2 "$share"
+  cp Scripts/lib/boot-guest.sh "$share/guest.sh"
+  chmod 755 "$share/guest.sh"
+  for part in 1 2 3 4; do
+    printf '#!/bin/sh\nexec /harness/guest.sh %s\n' "$part" >"$share/boot.sh"
+    chmod 755 "$share/boot.sh"
+    local started=$SECONDS
+    # -no-reboot: a reboot or a reset ends qemu, and the next part boots the same disk.
+    timeout --kill-after=10 "${GUARD_BOOT_TIMEOUT:-900}" qemu-system-x86_64 -machine pc -accel tcg -cpu max -smp 2 -m 2048 \
+      -display none -monitor none -serial "file:$work/console-$part.log" -no-reboot \
+      -drive "file=$disk,if=virtio,format=qcow2" \
+      -virtfs "local,path=$share,mount_tag=harness,security_model=none,id=harness" \
+      >"$work/qemu-$part.log" 2>&1 || true
+    echo "boot $part: $((SECONDS - started)) s"
+    cp "$share/boot.log" "$work/boot-$part.log" 2>/dev/null || true
+    if ! grep -q "^part $part " "$share/progress" 2>/dev/null; then
+      echo "FAIL $part the boot did not reach its part's end (console: $work/console-$part.log)" >>"$share/checks"
+      tail -n 40 "$work/console-$part.log" >&2
+      break
+    fi
+  done
+  local passed failed
+  passed=$(grep -c '^ok ' "$share/checks" || true)
+  failed=$(grep -c '^FAIL ' "$share/checks" || true)
+  sed 's/^/  /' "$share/checks"
+  echo "boot suite: $passed passed, $failed failed"
+  [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] || status=1
+  return $status
+}
