@@ -26,14 +26,14 @@ public enum SpawnError: Error, Sendable, Equatable, CustomStringConvertible {
 /// Starting a program the way guard runs steps and hooks: one clone and one exec, no shell.
 public enum Spawn {
     /// Starts `path` with `arguments` (argv[0] included) and exactly `environment`, in a session
-    /// of its own (its pid is its process group's), stdin /dev/null, stdout and stderr on the
+    /// of its own (its pid is its process group's), stdin /dev/null (or `stdin`), stdout and stderr on the
     /// given descriptors, in `directory` (nil: guard's). With `cgroup`, the process is created
     /// inside that cgroup directory (clone3 CLONE_INTO_CGROUP), so it and everything it starts
     /// are in it from their first instruction.
     /// - Returns: the pid, once the program runs.
     public static func start(
         path: String, arguments: [String], environment: [String: String], directory: String?, cgroup: String?,
-        stdout: Int32, stderr: Int32
+        stdin: Int32 = -1, stdout: Int32, stderr: Int32
     ) throws(SpawnError) -> pid_t {
         var cgroupFD: Int32 = -1
         if let cgroup {
@@ -45,7 +45,7 @@ public enum Spawn {
         // Every string is copied before the clone: the child allocates nothing.
         let result = withCStringArray(arguments) { argv in
             withCStringArray(environment.map { "\($0.key)=\($0.value)" }) { envp in
-                guard_spawn(path, argv, envp, directory, cgroupFD, stdout, stderr, &inChild)
+                guard_spawn(path, argv, envp, directory, cgroupFD, stdin, stdout, stderr, &inChild)
             }
         }
         guard result < 0 else { return pid_t(result) }

@@ -229,13 +229,14 @@ fail:;
 int guard_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno; }
 
 int guard_spawn(const char *path, char *const argv[], char *const envp[], const char *directory,
-                int cgroup_fd, int stdout_fd, int stderr_fd, int *in_child)
+                int cgroup_fd, int stdin_fd, int stdout_fd, int stderr_fd, int *in_child)
 {
     *in_child = 0;
     int report[2];
     if (pipe2(report, O_CLOEXEC) != 0)
         return -errno;
-    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    /* stdin: the caller's descriptor (a copy, closed here afterwards), else /dev/null. */
+    int null_fd = stdin_fd >= 0 ? fcntl(stdin_fd, F_DUPFD_CLOEXEC, 3) : open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null_fd < 0) {
         int code = errno;
         close(report[0]);

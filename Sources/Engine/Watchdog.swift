@@ -15,7 +15,10 @@ import Glibc
 public final class ProcessWatchdog: WindowWatchdog {
     private let executable: String
     private let log: @Sendable (String) -> Void
-    private var process: Process?
+    /// The watchdog's pid while it runs. It is started with guard's own spawn, not Foundation's
+    /// Process: in an initramfs (no loopback interface) Process's child monitoring cannot set
+    /// itself up, and Process.run never returned there.
+    private var pid: pid_t?
     private var toChild: Int32 = -1
     private var fromChild: Int32 = -1
 
@@ -37,7 +40,7 @@ public final class ProcessWatchdog: WindowWatchdog {
 
     @discardableResult
     public func disarm() -> Bool {
-        guard process != nil else { return true }
+        guard pid != nil else { return true }
         if (try? send("disarm")) != nil, receive() == "disarmed" { return true }
         // It fired (and exited) or died: the next arm starts a new one.
         log("the watchdog did not confirm disarming: it fired or died")
@@ -55,27 +58,47 @@ public final class ProcessWatchdog: WindowWatchdog {
 
     private var ready = false
 
+    /// Whether the watchdog still runs (one that exited is reaped).
+    private var isRunning: Bool {
+        guard let pid else { return false }
+        var status: Int32 = 0
+        return waitpid(pid, &status, WNOHANG) == 0
+    }
+
     private func launch() throws {
-        if let process, process.isRunning { return }
+        if isRunning { return }
+        closePipes()
+        pid = nil
         ready = false
-        let input = Pipe()
-        let output = Pipe()
-        let process = Process()
         let server = Self.server(for: executable)
-        process.executableURL = URL(fileURLWithPath: server.path)
-        process.arguments = server.arguments
-        process.standardInput = input
-        process.standardOutput = output
         do {
-            try process.run()
+            let input = try Spawn.pipe()
+            let output: (read: Int32, write: Int32)
+            do { output = try Spawn.pipe() } catch {
+                close(input.read)
+                close(input.write)
+                throw error
+            }
+            defer {
+                close(input.read)
+                close(output.write)
+            }
+            toChild = input.write
+            fromChild = output.read
+            pid = try Spawn.start(
+                path: server.path, arguments: [server.path] + server.arguments, environment: ProcessInfo.processInfo.environment,
+                directory: nil, cgroup: nil, stdin: input.read, stdout: output.write, stderr: STDERR_FILENO)
         } catch {
-            throw GuardFailure(.attention, "cannot start the suspend watchdog \(executable): \(error)")
+            closePipes()
+            throw GuardFailure(.attention, "cannot start the suspend watchdog \(server.path): \(error)")
         }
-        self.process = process
-        toChild = input.fileHandleForWriting.fileDescriptor
-        fromChild = output.fileHandleForReading.fileDescriptor
-        // Keep the descriptors: the Pipe objects close them when released.
-        pipes = (input, output)
+    }
+
+    private func closePipes() {
+        if toChild >= 0 { close(toChild) }
+        if fromChild >= 0 { close(fromChild) }
+        toChild = -1
+        fromChild = -1
     }
 
     private func startIfNeeded() throws {
@@ -89,8 +112,6 @@ public final class ProcessWatchdog: WindowWatchdog {
         }
         ready = true
     }
-
-    private var pipes: (Pipe, Pipe)?
 
     /// The watchdog program for the guard at `executable`: `guard-watchdog` beside it (the
     /// build directory, the test VM) or in `../lib/guard/` (installed: /usr/sbin/guard and
@@ -106,12 +127,13 @@ public final class ProcessWatchdog: WindowWatchdog {
     }
 
     private func stop() {
-        if process != nil {
+        if let pid {
             try? send("exit")
-            process?.waitUntilExit()
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         }
-        process = nil
-        pipes = nil
+        pid = nil
+        closePipes()
         ready = false
     }
 

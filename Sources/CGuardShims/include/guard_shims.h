@@ -77,7 +77,8 @@ int guard_fremovexattr(int fd, const char *name);
 
 /// Starts `path` (argv, envp) in a session of its own: stdin /dev/null, stdout and stderr on
 /// `stdout_fd` and `stderr_fd`, in `directory` (NULL: guard's), with every signal at its
-/// default and none blocked, no other descriptor of guard's open. With `cgroup_fd` >= 0 the
+/// default and none blocked, no other descriptor of guard's open. stdin is `stdin_fd`, or
+/// /dev/null when it is -1. With `cgroup_fd` >= 0 the
 /// child is created inside that cgroup (clone3 CLONE_INTO_CGROUP, Linux 5.7+), so it and all
 /// it starts are in it from the first instruction, with no shell in between.
 /// Returns the pid once the program runs (exec succeeded), or -errno; `in_child` says
@@ -86,6 +87,6 @@ int guard_fremovexattr(int fd, const char *name);
 /// pipe2(2) with O_CLOEXEC (pipe2 needs _GNU_SOURCE). Returns 0 or -errno.
 int guard_pipe_cloexec(int fds[2]);
 int guard_spawn(const char *path, char *const argv[], char *const envp[], const char *directory,
-                int cgroup_fd, int stdout_fd, int stderr_fd, int *in_child);
+                int cgroup_fd, int stdin_fd, int stdout_fd, int stderr_fd, int *in_child);
 
 #endif
