@@ -89,6 +89,7 @@ EOF
     # The initramfs merged / back before mounting it: the old root, at once.
     id=$(cat $H/run-1)
     check "the initramfs ran guard" test -s /run/guard/initramfs
+    check "guard-reassemble.service left it to the initramfs and did not fail" sh -c '! systemctl is-failed --quiet guard-reassemble.service && journalctl -b -u guard-reassemble.service | grep -q "the initramfs reassembled"'
     check "/ reads as before run $id (checksums)" same_as $H/before-1.sums
     check "guard-demo is 1 again" sh -c 'guard-demo | grep -q "version 1"'
     check "the merge finishes and is torn down" guard status --wait
@@ -104,14 +105,22 @@ EOF
     ;;
   3)
     check "the initramfs ran guard" test -s /run/guard/initramfs
+    check "guard-reassemble.service left it to the initramfs and did not fail" sh -c '! systemctl is-failed --quiet guard-reassemble.service && journalctl -b -u guard-reassemble.service | grep -q "the initramfs reassembled"'
     check "/ reads as before the interrupted run (checksums)" same_as $H/before-2.sums
+    check "the reset came after the step had upgraded guard-demo" test -e $H/progress-crash
     check "guard-demo is 1 after the power loss" sh -c 'guard-demo | grep -q "version 1"'
     check "the merge finishes and is torn down" guard status --wait
     id=$(run_id)
     check "the interrupted run $id is recovered in the journal" is "$id" outcome recovered
-    # A good upgrade, kept through a reboot.
-    recipe upgrade-good "dpkg -i $H/guard-demo_2_all.deb" keep
-    check "guard run upgrades / and keeps the snapshot" guard run /root/upgrade-good.recipe
+    # A good upgrade, kept through a reboot: Recipes/system-apt-upgrade.recipe, an apt
+    # full-upgrade from a local repository that has guard-demo 2.
+    # (The test system has no network: its only source is that repository.)
+    : >/etc/apt/sources.list
+    echo "deb [trusted=yes] file:$H/repo ./" >/etc/apt/sources.list.d/guard-demo.list
+    sed -e 's|/dev/vg0/|/dev/guardvg/|g; s|size: 4G|size: 700M|' \
+      $H/system-apt-upgrade.recipe >/root/upgrade-good.recipe
+    check "guard run of Recipes/system-apt-upgrade.recipe upgrades / with apt and keeps the snapshot" guard run /root/upgrade-good.recipe
+    check "apt upgraded guard-demo to 2" sh -c 'guard-demo | grep -q "version 2"'
     run_id >$H/run-3
     sums >$H/after-3.sums
     finish reboot

@@ -41,12 +41,13 @@ boot_suite() {
   # guard, staged as Scripts/install installs it into /usr/local (boot 1 copies it to /).
   DESTDIR="$share/root" GUARD_INSTALL_FROM="$bins" Scripts/install >"$work/install.log" 2>&1 || {
     echo "boot suite: Scripts/install into the share failed:" >&2; tail -n 20 "$work/install.log" >&2; return 1; }
-  # guard's initramfs hook and boot script (Initramfs/): Scripts/install does not install them
-  # yet (see Initramfs/README); the suite puts them where initramfs-tools reads local ones.
-  install -D -m 0755 Initramfs/hooks/guard "$share/root/etc/initramfs-tools/hooks/guard"
-  install -D -m 0755 Initramfs/scripts/local-premount/guard "$share/root/etc/initramfs-tools/scripts/local-premount/guard"
   boot_demo_package 1 "$share"
   boot_demo_package 2 "$share"
+  # A local apt repository with guard-demo 2, for the apt upgrade (Recipes/system-apt-upgrade.recipe).
+  mkdir -p "$share/repo"
+  cp "$share/guard-demo_2_all.deb" "$share/repo/"
+  (cd "$share/repo" && dpkg-scanpackages --multiversion . /dev/null 2>/dev/null >Packages)
+  cp Recipes/system-apt-upgrade.recipe "$share/"
   cp Scripts/lib/boot-guest.sh "$share/guest.sh"
   chmod 755 "$share/guest.sh"
   for part in 1 2 3 4; do
@@ -61,6 +62,15 @@ boot_suite() {
       >"$work/qemu-$part.log" 2>&1 || true
     echo "boot $part: $((SECONDS - started)) s"
     cp "$share/boot.log" "$work/boot-$part.log" 2>/dev/null || true
+    # From the second boot on, the initramfs must have run guard before it mounted /.
+    if [ "$part" -gt 1 ]; then
+      if awk '/guard: reassembling snapshots/ {g=NR} /Will now check root file system/ {if (!r) r=NR} END {exit !(g && r && g < r)}' "$work/console-$part.log" &&
+        grep -aq "guard: reassembling snapshots ... reassembled the snapshot of guardvg-root" "$work/console-$part.log"; then
+        echo "ok $part console: the initramfs reassembled guardvg-root before it checked and mounted /" >>"$share/checks"
+      else
+        echo "FAIL $part console: no reassembly of guardvg-root by the initramfs before / was mounted (console-$part.log)" >>"$share/checks"
+      fi
+    fi
     if ! grep -q "^part $part " "$share/progress" 2>/dev/null; then
       echo "FAIL $part the boot did not reach its part's end (console: $work/console-$part.log)" >>"$share/checks"
       tail -n 40 "$work/console-$part.log" >&2

@@ -59,7 +59,7 @@ func documentedFiles(_ commands: [CommandInfo]) throws -> Set<String> {
     for line in table.split(separator: "\n") where line.hasPrefix("| `$") {
         let path = String(line.dropFirst(3).prefix { $0 != "`" })
             .replacingOccurrences(of: "$PREFIX", with: "/usr").replacingOccurrences(of: "$UNITDIR", with: "/usr/lib/systemd/system")
-            .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc")
+            .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc").replacingOccurrences(of: "$INITRAMFSDIR", with: "/usr/share/initramfs-tools")
         if path.contains("<command>") {
             for command in commands where !command.words.isEmpty {
                 documented.insert(path.replacingOccurrences(of: "<command>", with: command.words.joined(separator: "-")))

@@ -244,7 +244,7 @@ struct RecipeTests {
         #expect(found.map(\.location.line) == found.map(\.location.line).sorted(), "sorted by line")
     }
 
-    @Test("the example recipes are valid", arguments: ["website-migration-bad", "website-migration-good", "nginx-apt-upgrade", "postgres-schema-migration"])
+    @Test("the example recipes are valid", arguments: ["website-migration-bad", "website-migration-good", "nginx-apt-upgrade", "postgres-schema-migration", "system-apt-upgrade"])
     func examples(name: String) throws {
         let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Recipes/\(name).recipe").path
