@@ -324,6 +324,11 @@ public struct Planner {
         {
             problems.append("\(recipe.path): the recipe snapshots / but not /boot, which is a filesystem of its own (\(boot.source)): a rollback would bring back the old root with the new kernels and initramfs; add /boot's volume to the recipe")
         }
+        // Boot assessment: without the unit that runs the checks, every boot would count as one
+        // that did not reach them, and a good upgrade would be rolled back.
+        if !recipe.verifyAfterBoot.isEmpty && !Planner.isEnabled("guard-assess.service") {
+            problems.append("\(recipe.path): the recipe has verify_after_boot, but guard-assess.service is not enabled, so no boot would run the checks and the run would be rolled back after \(recipe.bootAttempts) boot(s); enable it (`systemctl enable guard-assess.service`)")
+        }
         // Snapshots that outlive guard's process must be reassembled at the next boot.
         if let unit = Planner.reassemblyUnitProblem() {
             if recipe.keepsSnapshots {
@@ -341,18 +346,23 @@ public struct Planner {
     /// On a systemd host, why a snapshot would not be reassembled at boot (the boot unit is not
     /// enabled); nil when it is, or when systemd is not the init system.
     static func reassemblyUnitProblem() -> String? {
-        guard FileManager.default.fileExists(atPath: "/run/systemd/system") else { return nil }
+        guard !isEnabled("guard-reassemble.service") else { return nil }
+        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
+    }
+
+    /// Whether systemd (when it runs this machine) has `unit` enabled; true without systemd.
+    static func isEnabled(_ unit: String) -> Bool {
+        guard FileManager.default.fileExists(atPath: "/run/systemd/system") else { return true }
         let systemctl = ["/usr/bin/systemctl", "/bin/systemctl"].first { FileManager.default.isExecutableFile(atPath: $0) }
-        guard let systemctl else { return nil }
+        guard let systemctl else { return true }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: systemctl)
-        process.arguments = ["is-enabled", "--quiet", "guard-reassemble.service"]
+        process.arguments = ["is-enabled", "--quiet", unit]
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return nil }
+        guard (try? process.run()) != nil else { return true }
         process.waitUntilExit()
-        if process.terminationStatus == 0 { return nil }
-        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
+        return process.terminationStatus == 0
     }
 
     /// How `extend` grows a thin volume's pool of `poolBytes`: sizes in % are of the volume,

@@ -164,9 +164,16 @@ public struct Recovery {
                 report.problems.append("run \(run.id!): \(error)")
             }
         }
-        // Rollbacks of volumes the initramfs mounts (/, /usr), journaled by `guard rollback` for
-        // this boot: merged now, before anything mounts them.
+        // Rollbacks of volumes the initramfs mounts (/, /usr), journaled by `guard rollback` (or
+        // by a failed boot assessment) for this boot: merged now, before anything mounts them.
+        // This boot counts for the runs awaiting their checks after boot; one that used up its
+        // boots without reaching them is rolled back here too.
         if boot {
+            do {
+                report.actions += try BootAssessment.countBoot(journal: journal, at: timestamp())
+            } catch {
+                report.problems.append("the boot assessment's count of this boot: \(error)")
+            }
             for run in try journal.runs(in: [.kept]) where run.decision == .rollback {
                 do {
                     report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))

@@ -275,13 +275,7 @@ struct RollbackProcedure {
     }
 
     func record(_ result: StepResult, kind: String, index: Int, runID: Int64) throws {
-        var step = StepRecord(runID: runID, kind: kind, position: index, name: result.name, argv: result.argv, startedAt: timestamp() - result.duration)
-        step.duration = result.duration
-        step.termination = result.termination.description
-        step.exitCode = result.exitCode.map(Int.init)
-        step.stdoutTail = result.stdoutTail
-        step.stderrTail = result.stderrTail
-        step.outputBytes = Int64(result.outputBytes)
-        _ = try journal.insert(step)
+        let step = StepRecord(runID: runID, kind: kind, position: index, name: result.name, argv: result.argv, startedAt: timestamp() - result.duration)
+        _ = try journal.insert(step.finished(result))
     }
 }

@@ -443,7 +443,17 @@ struct RunBody {
         if let duration {
             run.keepUntil = timestamp() + Double(duration.components.seconds)
         }
-        do { try journal.update(run) } catch {
+        // Boot assessment: the checks after the reboot into the upgrade (BootAssessment).
+        let assessing = failure == nil && !recipe.verifyAfterBoot.isEmpty
+        do {
+            let decided = run
+            try journal.batch {
+                try journal.update(decided)
+                if assessing {
+                    try journal.event(runID, .intent, BootAssessment.pendingEvent, "verify_after_boot: \(recipe.verifyAfterBoot.count) check(s) after the reboot, \(recipe.bootAttempts) boot(s) to reach them", at: timestamp())
+                }
+            }
+        } catch {
             return journalUnwritable(error, "the snapshots are live and their labels say kept; run `guard recover` once the journal is writable")
         }
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
@@ -454,9 +464,10 @@ struct RunBody {
                 message: "run \(runID) failed (\(failure)); the recipe says keep: the volumes hold the failed upgrade and the snapshots are kept; `guard rollback \(runID)` restores them, `guard commit \(runID)` keeps the new state")
         }
         let until = run.keepUntil.map { " until \(formatDate($0))" } ?? ""
+        let assessment = assessing ? "; reboot into the upgrade: guard-assess.service runs its verify_after_boot checks after the boot, and a failure (or \(recipe.bootAttempts) boot(s) that do not reach them) rolls it back" : ""
         return finish(
             outcome: .kept, exit: .success, state: .kept, error: nil,
-            message: "run \(runID) succeeded; the snapshots are kept\(until): `guard rollback \(runID)` undoes the upgrade, `guard commit \(runID)` makes it final")
+            message: "run \(runID) succeeded; the snapshots are kept\(until): `guard rollback \(runID)` undoes the upgrade, `guard commit \(runID)` makes it final\(assessment)")
     }
 
     /// - Parameter watcher: still watching: it fuses a COW that reaches stop_at while the stop
@@ -592,20 +603,11 @@ struct RunBody {
     /// One attempt of a command, journaled as a step row.
     func attemptOne(_ command: Command, kind: String, index: Int, count: Int, runner: StepRunner, stop: (@Sendable () -> String?)?) async -> (Bool, StepTermination) {
         reporter.stepStarted(kind: kind, index: index, count: count, name: command.name)
-        var record = try? journal.insert(StepRecord(runID: runID, kind: kind, position: index, name: command.name, argv: command.invocation.arguments, startedAt: timestamp()))
+        let record = try? journal.insert(StepRecord(runID: runID, kind: kind, position: index, name: command.name, argv: command.invocation.arguments, startedAt: timestamp()))
         let environment = StepRunner.environment(recipe: recipe.environment, command: command.environment, run: runEnvironment(phase: kind))
         let timeout = command.timeout ?? (kind == "step" || kind == "verify" ? recipe.defaultTimeout : nil)
         let result = await runner.run(command, environment: environment, timeout: timeout, stop: stop, cgroup: try? cgroup?.child("\(kind)-\(index + 1)"))
-        if var updated = record {
-            updated.duration = result.duration
-            updated.termination = result.termination.description
-            updated.exitCode = result.exitCode.map(Int.init)
-            updated.stdoutTail = result.stdoutTail
-            updated.stderrTail = result.stderrTail
-            updated.outputBytes = Int64(result.outputBytes)
-            try? journal.update(updated)
-            record = updated
-        }
+        if let started = record { try? journal.update(started.finished(result)) }
         reporter.stepFinished(kind: kind, result: result)
         return (result.succeeded, result.termination)
     }

@@ -1,5 +1,6 @@
 import BlockDevice
 import Foundation
+import Journal
 import Quantities
 import Recipe
 
@@ -291,4 +292,18 @@ public func signalName(_ signal: Int32) -> String {
         SIGUSR1: "SIGUSR1", SIGUSR2: "SIGUSR2",
     ]
     return names[signal] ?? "signal \(signal)"
+}
+
+extension StepRecord {
+    /// The record of a command that ran: how it ended, its output's tails.
+    func finished(_ result: StepResult) -> StepRecord {
+        var record = self
+        record.duration = result.duration
+        record.termination = result.termination.description
+        record.exitCode = result.exitCode.map(Int.init)
+        record.stdoutTail = result.stdoutTail
+        record.stderrTail = result.stderrTail
+        record.outputBytes = Int64(result.outputBytes)
+        return record
+    }
 }

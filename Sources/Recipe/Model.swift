@@ -270,6 +270,12 @@ public struct Recipe: Hashable, Sendable, Codable {
     public var onFailure: FailureAction
     /// What guard monitor does when a kept snapshot fills up and cannot grow.
     public var onFull: FullAction = .fuse
+    /// Boot assessment: checks the booted system must pass after the reboot into the upgrade
+    /// (`guard assess`, run by guard-assess.service); when they fail, or when `bootAttempts`
+    /// boots in a row do not reach them, the run is rolled back at the next boot.
+    public var verifyAfterBoot: [Command] = []
+    public var bootAttempts = Recipe.defaultBootAttempts
+    public static let defaultBootAttempts = 2
     /// Whether a run may end with its snapshots kept (they must survive a reboot).
     public var keepsSnapshots: Bool {
         if case .keep = onSuccess { return true }

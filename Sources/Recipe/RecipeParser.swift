@@ -66,7 +66,7 @@ public enum RecipeParser {
     /// The keys a recipe may have at the top level, for `guard help` and suggestions.
     public static let topLevelKeys = [
         "name", "description", "volumes", "quiesce", "resume", "steps", "verify", "on_success", "on_failure",
-        "rollback", "env", "timeout", "cow", "chunk", "stop_at", "on_full",
+        "rollback", "env", "timeout", "cow", "chunk", "stop_at", "on_full", "verify_after_boot", "boot_attempts",
     ]
     static let volumeKeys = ["device", "mount", "snapshot"]
     static let snapshotKeys = ["size", "chunk", "cow", "extend"]
@@ -261,6 +261,21 @@ final class Validator {
         let onSuccess = top["on_success"].flatMap { successAction($0.value) } ?? .commit
         let onFailure = top["on_failure"].flatMap { failureAction($0.value) } ?? .rollback
         let onFull = top["on_full"].flatMap { fullAction($0.value) } ?? .fuse
+        // Boot assessment: checks for the booted upgraded system, so the snapshot must outlive
+        // the reboot (on_success: keep).
+        let verifyAfterBoot = top["verify_after_boot"].map { stepList($0.value, "verify_after_boot", requireOne: false, strict: true) } ?? []
+        if let entry = top["verify_after_boot"], !verifyAfterBoot.isEmpty, case .commit = onSuccess {
+            error(entry.key, "verify_after_boot needs on_success: keep: the snapshot must outlive the reboot for the checks to roll it back", hint: "on_success: keep 3d")
+        }
+        var bootAttempts = Recipe.defaultBootAttempts
+        if let entry = top["boot_attempts"], let text = string(entry.value, "boot_attempts") {
+            if let number = Int(text.trimmed), (1...10).contains(number) {
+                bootAttempts = number
+            } else {
+                error(entry.value, "boot_attempts must be a whole number from 1 to 10, not '\(text)'", hint: "boot_attempts: 2 rolls back when two boots in a row do not reach the checks")
+            }
+            if top["verify_after_boot"] == nil { error(entry.key, "boot_attempts without verify_after_boot", hint: "add verify_after_boot: the checks the booted system must pass") }
+        }
 
         var recipe = Recipe(
             name: name, description: description, volumes: volumes, quiesce: quiesce, resume: resume, steps: steps,
@@ -268,6 +283,8 @@ final class Validator {
             rollbackStart: rollbackStart, environment: environment, defaultTimeout: defaultTimeout, stopAtFill: stopAtFill,
             text: text, sha256: SHA256.hex(text), path: path)
         recipe.onFull = onFull
+        recipe.verifyAfterBoot = verifyAfterBoot
+        recipe.bootAttempts = bootAttempts
         return recipe
     }
 

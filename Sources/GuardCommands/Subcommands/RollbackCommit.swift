@@ -43,14 +43,7 @@ extension GuardCommand {
             if json { try printRunDocument(target, context: context) }
             if outcome.atBoot && reboot {
                 context.reporter.note("rebooting")
-                let process = Process()
-                process.executableURL = URL(fileURLWithPath: "/bin/systemctl")
-                process.arguments = ["reboot"]
-                try process.run()
-                process.waitUntilExit()
-                guard process.terminationStatus == 0 else {
-                    throw GuardFailure(.attention, "`systemctl reboot` failed (status \(process.terminationStatus)); the rollback is journaled for the next boot: reboot by hand")
-                }
+                try systemReboot()
             }
         }
     }
@@ -79,6 +72,39 @@ extension GuardCommand {
             let message = try Maintenance(context: context).commit(target)
             context.reporter.note(message)
             if json { try printRunDocument(target, context: context) }
+        }
+    }
+
+    struct Assess: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "assess",
+            abstract: "After the reboot into an upgrade: run the verify_after_boot checks of the runs kept across it.",
+            discussion: """
+                A run whose recipe has verify_after_boot ends kept, and the system reboots into the upgrade. Each boot is counted before the volumes are mounted (in the initramfs for /); guard-assess.service runs this command once the system is up. Checks that pass leave the run kept, as the recipe says. Checks that fail roll the run back: at the next boot for a run that includes / or /usr (--reboot reboots at once), at once for the others. A run whose boot_attempts boots never reach the checks is rolled back at the next boot by the early recovery.
+
+                Exit status 0 when every check passed (or no run waits), 3 when a run failed its checks.
+
+                Examples:
+                  guard assess
+                  guard assess --reboot
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Flag(help: "When a failed run is rolled back at the next boot, reboot now.")
+        var reboot = false
+
+        func run() async throws {
+            let context = try global.context()
+            let outcome = try await BootAssessment(context: context).assess()
+            for line in outcome.lines { say(line) }
+            if outcome.rollbackAtBoot && reboot {
+                context.reporter.note("rebooting")
+                try systemReboot()
+            }
+            if !outcome.failed.isEmpty {
+                throw GuardFailure(.attention, "verify_after_boot failed for run \(outcome.failed.map(String.init).joined(separator: ", ")); see `guard show`")
+            }
         }
     }
 
@@ -144,5 +170,17 @@ extension GuardCommand {
         func run() throws {
             throw ExitCodeError(WatchdogServer.serve() == 0 ? .success : .attention)
         }
+    }
+}
+
+/// `systemctl reboot`, for a rollback journaled for the next boot.
+func systemReboot() throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/systemctl")
+    process.arguments = ["reboot"]
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw GuardFailure(.attention, "`systemctl reboot` failed (status \(process.terminationStatus)); the rollback is journaled for the next boot: reboot by hand")
     }
 }
