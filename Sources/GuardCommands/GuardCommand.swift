@@ -31,7 +31,7 @@ public struct GuardCommand: AsyncParsableCommand {
             """,
         version: version,
         subcommands: [
-            Run.self, Check.self, Rollback.self, Commit.self, Assess.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
+            Run.self, Apt.self, Check.self, Rollback.self, Commit.self, Assess.self, Diff.self, Restore.self, History.self, Show.self, Status.self, Recover.self,
             Monitor.self, MetricsCommand.self, Volume.self, Config.self, WatchdogCommand.self,
         ]
     )

@@ -48,7 +48,11 @@ extension GuardCommand {
         var json = false
 
         func run() async throws {
-            let context = try global.context()
+            try await Self.perform(context: try global.context(), recipe: recipe, allowUnsafeRecipe: allowUnsafeRecipe, dryRun: dryRun, json: json)
+        }
+
+        /// `guard run` of the recipe file at `recipe` (also what `guard apt` runs).
+        static func perform(context: GuardContext, recipe: String, allowUnsafeRecipe: Bool, dryRun: Bool, json: Bool) async throws {
             var options = RunOptions()
             options.allowUnsafeRecipe = allowUnsafeRecipe
             if dryRun {
@@ -90,6 +94,50 @@ extension GuardCommand {
 }
 
 /// Ends the process with one of guard's exit codes (the message is already printed).
+extension GuardCommand {
+    struct Apt: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "apt",
+            abstract: "Run apt-get under a recipe: snapshot what it names, upgrade, verify, then keep, commit or roll back.",
+            discussion: """
+                The recipe (default /etc/guard/apt.recipe; Recipes/system-apt-upgrade.recipe is an example) says what to snapshot and check: volumes (/ with its COW device), verify, verify_after_boot, on_success. guard apt replaces its steps with `apt-get update` and `apt-get -y ARGS`, non-interactive, writes the result into the state directory (apt/), and runs it as `guard run` does: the journal holds the recipe as it ran. A rollback of / happens at the next boot (Docs/recovery.md, "The root filesystem").
+
+                guard ships this wrapper, not an APT hook: a DPkg::Pre-Invoke hook runs inside apt's own transaction, so it could snapshot but neither verify after the upgrade nor roll it back as one run, and it would fire for every small install.
+
+                Exit codes are guard run's.
+
+                Examples:
+                  guard apt -- full-upgrade
+                  guard apt --recipe /etc/guard/nginx.recipe -- install --only-upgrade nginx
+                  guard apt --dry-run -- upgrade
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Option(help: ArgumentHelp("The recipe that says what to snapshot and check; its steps are replaced.", valueName: "file"))
+        var recipe = "/etc/guard/apt.recipe"
+
+        @Flag(help: "Run a recipe that users other than root can modify (refused by default).")
+        var allowUnsafeRecipe = false
+
+        @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan; touch nothing (the recipe is still written to the state directory).")
+        var dryRun = false
+
+        @Flag(help: "Print the run as `guard show --json` does (Docs/schema/run.schema.json), or with --dry-run the plan.")
+        var json = false
+
+        @Argument(parsing: .postTerminator, help: ArgumentHelp("apt-get's arguments, after --.", valueName: "apt-get arguments"))
+        var arguments: [String] = []
+
+        func run() async throws {
+            let context = try global.context()
+            let file = try AptRun.prepare(context: context, base: recipe, arguments: arguments, allowUnsafe: allowUnsafeRecipe)
+            context.reporter.note("apt-get \(arguments.joined(separator: " ")) under \(recipe), as \(file)")
+            try await Run.perform(context: context, recipe: file, allowUnsafeRecipe: false, dryRun: dryRun, json: json)
+        }
+    }
+}
+
 struct ExitCodeError: Error {
     let code: Engine.ExitCode
     init(_ code: Engine.ExitCode) { self.code = code }
