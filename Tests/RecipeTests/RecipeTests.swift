@@ -377,3 +377,72 @@ struct SparklineTests {
         #expect(Sparkline.plot([]).isEmpty)
     }
 }
+
+/// Issue 19: boot assessment's keys.
+@Suite("recipes: verify_after_boot")
+struct BootAssessmentRecipeTests {
+    @Test("verify_after_boot and boot_attempts parse; the default is two boots")
+    func parses() throws {
+        let recipe = try parse(validRecipe + "verify_after_boot:\n  - name: the site answers\n    run: [curl, -sf, http://127.0.0.1/]\n    retries: 3\nboot_attempts: 3\n").get()
+        #expect(recipe.verifyAfterBoot.map(\.name) == ["the site answers"])
+        #expect(recipe.verifyAfterBoot.first?.retries == 3)
+        #expect(recipe.bootAttempts == 3)
+        let plain = try parse(validRecipe + "verify_after_boot: [[true]]\n").get()
+        #expect(plain.bootAttempts == 2)
+        #expect(try parse(validRecipe).get().verifyAfterBoot.isEmpty)
+    }
+
+    @Test("verify_after_boot with on_success: commit, boot_attempts out of range or alone: errors that name the line and say what to do")
+    func refused() {
+        let text = validRecipe.replacingOccurrences(of: "on_success: keep 24h", with: "on_success: commit") + "verify_after_boot: [[true]]\n"
+        let commit = errors(text)
+        #expect(commit.count == 1)
+        #expect(commit.first.map { "\($0)" }?.contains("verify_after_boot needs on_success: keep") == true)
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).firstIndex { $0.hasPrefix("verify_after_boot") }.map { $0 + 1 }
+        #expect(commit.first?.location.line == line)
+        let range = errors(validRecipe + "verify_after_boot: [[true]]\nboot_attempts: 0\n")
+        #expect(range.map { "\($0)" }.contains { $0.contains("boot_attempts must be a whole number from 1 to 10, not '0'") })
+        let alone = errors(validRecipe + "boot_attempts: 2\n")
+        #expect(alone.map { "\($0)" }.contains { $0.contains("boot_attempts without verify_after_boot") })
+    }
+}
+
+/// Issue 19: `guard apt -- ARGS` puts apt-get's steps into a recipe.
+@Suite("recipes: guard apt")
+struct AptRecipeTests {
+    @Test("the recipe's steps (block or flow) are replaced by apt-get update and apt-get -y ARGS; the rest stays; arguments arrive as written")
+    func compose() throws {
+        let flow = validRecipe.replacingOccurrences(of: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", with: "steps: [[true]]\n")
+        #expect(flow != validRecipe)
+        for base in [validRecipe, flow] {
+            let text = try AptRecipe.compose(base: base, arguments: ["install", "--only-upgrade", "nginx", "it's \"odd\"", "a: b"]).get()
+            let recipe = try parse(text).get()
+            #expect(recipe.steps.map(\.invocation.arguments) == [
+                ["apt-get", "update", "-q"], ["apt-get", "-y", "-q", "install", "--only-upgrade", "nginx", "it's \"odd\"", "a: b"],
+            ])
+            #expect(recipe.steps.allSatisfy { $0.environment["DEBIAN_FRONTEND"] == "noninteractive" })
+            #expect(recipe.verify.map(\.name) == ["every row has an id"])
+            #expect(recipe.volumes.count == 1)
+            #expect(recipe.onSuccess == .keep(.seconds(24 * 3600)))
+        }
+    }
+
+    @Test("no apt-get arguments: an error that says what to give")
+    func noArguments() {
+        guard case .failure(let failure) = AptRecipe.compose(base: validRecipe, arguments: []) else {
+            Issue.record("must fail")
+            return
+        }
+        #expect(failure.description.contains("guard apt -- full-upgrade"))
+    }
+
+    @Test("the shipped example recipe takes guard apt's steps")
+    func example() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Recipes/system-apt-upgrade.recipe").path
+        let text = try AptRecipe.compose(base: String(contentsOfFile: path, encoding: .utf8), arguments: ["full-upgrade"]).get()
+        let recipe = try parse(text).get()
+        #expect(recipe.steps.last?.invocation.arguments == ["apt-get", "-y", "-q", "full-upgrade"])
+        #expect(recipe.verify.count == 2)
+    }
+}
