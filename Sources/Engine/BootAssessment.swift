@@ -87,7 +87,7 @@ public struct BootAssessment {
                 outcome.lines.append("run \(id): not rebooted into yet; its verify_after_boot checks run after the next boot")
                 continue
             }
-            if let failure = await runChecks(waiting, journal: journal) {
+            if let failure = try await runChecks(waiting, journal: journal) {
                 try journal.event(id, .result, Self.assessedEvent, "failed: \(failure)", at: timestamp())
                 outcome.failed.append(id)
                 let rollback = try await Maintenance(context: context).rollback("\(id)", wait: false)
@@ -105,7 +105,7 @@ public struct BootAssessment {
 
     /// Runs the checks in order, each journaled as a step of kind verify_after_boot; returns
     /// the first failure.
-    func runChecks(_ waiting: Awaiting, journal: Journal) async -> String? {
+    func runChecks(_ waiting: Awaiting, journal: Journal) async throws -> String? {
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let id = waiting.run.id!
         let checks = waiting.recipe.verifyAfterBoot
@@ -114,13 +114,14 @@ public struct BootAssessment {
             for attempt in 1...(check.retries + 1) {
                 if attempt > 1 { try? await Task.sleep(for: check.interval) }
                 reporter.stepStarted(kind: "verify_after_boot", index: index, count: checks.count, name: check.name)
-                let record = try? journal.insert(
+                // The journal comes first: a check it cannot record does not run.
+                let record = try journal.insert(
                     StepRecord(runID: id, kind: "verify_after_boot", position: index, name: check.name, argv: check.invocation.arguments, startedAt: timestamp()))
                 let environment = StepRunner.environment(
                     recipe: waiting.recipe.environment, command: check.environment,
                     run: ["GUARD_RUN_ID": "\(id)", "GUARD_RUN_TOKEN": waiting.run.token, "GUARD_RECIPE": waiting.recipe.name, "GUARD_PHASE": "verify_after_boot"])
                 let result = await runner.run(check, environment: environment, timeout: check.timeout ?? waiting.recipe.defaultTimeout)
-                if let started = record { try? journal.update(started.finished(result)) }
+                try journal.update(record.finished(result))
                 reporter.stepFinished(kind: "verify_after_boot", result: result)
                 if result.succeeded {
                     problem = nil

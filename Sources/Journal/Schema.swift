@@ -139,19 +139,32 @@ enum Schema {
                 ("events", "kind", ["intent", "result", "note", "warning", "error"], false),
             ]
             for set in sets {
-                let list = set.values.map { "'\($0)'" }.joined(separator: ", ")
-                let outside = "NEW.\(set.column) NOT IN (\(list))" + (set.nullable ? " AND NEW.\(set.column) IS NOT NULL" : "")
-                let message = "\(set.table).\(set.column) must be one of \(set.values.joined(separator: ", "))\(set.nullable ? " or NULL" : "")"
-                for (event, name) in [("INSERT", "insert"), ("UPDATE OF \(set.column)", "update")] {
-                    try db.execute(
-                        sql: """
-                            CREATE TRIGGER \(set.table)_\(set.column)_\(name) BEFORE \(event) ON \(set.table)
-                            WHEN \(outside)
-                            BEGIN SELECT RAISE(ABORT, '\(message)'); END
-                            """)
-                }
+                try closedSet(db, table: set.table, column: set.column, values: set.values, nullable: set.nullable)
             }
         }
+        // Boot assessment's checks are steps of their own kind. The triggers of steps.kind are
+        // made again with the larger set (no row is copied or rewritten).
+        migrator.registerMigration("v4 verify_after_boot steps") { db in
+            for name in ["insert", "update"] { try db.execute(sql: "DROP TRIGGER IF EXISTS steps_kind_\(name)") }
+            try closedSet(
+                db, table: "steps", column: "kind", values: ["step", "verify", "quiesce", "resume", "rollback-stop", "rollback-start", "verify_after_boot"],
+                nullable: false)
+        }
         return migrator
+    }
+
+    /// Triggers that refuse a write of a value outside `values` to `table.column` (v3's way).
+    static func closedSet(_ db: Database, table: String, column: String, values: [String], nullable: Bool) throws {
+        let list = values.map { "'\($0)'" }.joined(separator: ", ")
+        let outside = "NEW.\(column) NOT IN (\(list))" + (nullable ? " AND NEW.\(column) IS NOT NULL" : "")
+        let message = "\(table).\(column) must be one of \(values.joined(separator: ", "))\(nullable ? " or NULL" : "")"
+        for (event, name) in [("INSERT", "insert"), ("UPDATE OF \(column)", "update")] {
+            try db.execute(
+                sql: """
+                    CREATE TRIGGER \(table)_\(column)_\(name) BEFORE \(event) ON \(table)
+                    WHEN \(outside)
+                    BEGIN SELECT RAISE(ABORT, '\(message)'); END
+                    """)
+        }
     }
 }

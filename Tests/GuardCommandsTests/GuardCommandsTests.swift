@@ -215,3 +215,64 @@ struct GuardCommandsTests {
         #expect(help.stdout.contains("Exit codes:") && help.stdout.contains("Examples:"))
     }
 }
+
+/// Issue 19: `guard assess`, the checks after the reboot into an upgrade (the failing path,
+/// which rolls back, is in the boot suite).
+@Suite("guard assess")
+struct AssessTests {
+    func keptRun(boots: Int) throws -> (state: String, runID: Int64) {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-assess-\(UInt32.random(in: 0...UInt32.max))").path
+        let journal = try Journal.open(path: "\(directory)/journal.sqlite")
+        let recipe = """
+            name: system-upgrade
+            volumes:
+              - device: /dev/vg0/root
+                mount: /
+                snapshot: { size: 4G, cow: /dev/vg0/rootcow }
+            steps: [[apt-get, -y, full-upgrade]]
+            verify_after_boot:
+              - name: the booted system answers
+                run: [sh, -c, "test \\"$GUARD_PHASE\\" = verify_after_boot"]
+            on_success: keep
+
+            """
+        var run = try journal.insert(RunRecord(token: "00000aa1", recipeName: "system-upgrade", recipePath: "/r", recipeSHA256: "s", recipeText: recipe, host: "h", user: "u", pid: 1, startedAt: 1_764_000_000))
+        run.state = .kept
+        run.outcome = .kept
+        run.decision = .keep
+        try journal.update(run)
+        try journal.event(run.id!, .intent, "boot-assessment", "pending", at: 1_764_000_100)
+        for boot in 0..<boots { try journal.event(run.id!, .note, "boot-attempt", "boot \(boot + 1) of 2", at: 1_764_000_200) }
+        return (directory, run.id!)
+    }
+
+    @Test("after a boot into the upgrade the checks run, pass, are journaled, and the run stays kept")
+    func passes() async throws {
+        let (state, id) = try keptRun(boots: 1)
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let output = try await guardCommand(["assess", "--state-dir", state])
+        #expect(output.status == 0, "\(output.stderr)")
+        #expect(output.stdout.contains("run \(id): verify_after_boot passed after boot 1"))
+        let journal = try Journal.open(path: "\(state)/journal.sqlite")
+        #expect(try journal.run(id: id)?.state == .kept)
+        let assessed = try journal.events(runID: id).filter { $0.action == "boot-assessed" }
+        #expect(assessed.map(\.detail) == ["passed: 1 check(s) after boot 1"])
+        let steps = try journal.steps(runID: id).filter { $0.kind == "verify_after_boot" }
+        #expect(steps.map(\.name) == ["the booted system answers"])
+        #expect(steps.first?.exitCode == 0)
+        // Assessed once: a second `guard assess` finds nothing to do.
+        let again = try await guardCommand(["assess", "--state-dir", state])
+        #expect(again.stdout.contains("no run waits for its boot assessment"))
+    }
+
+    @Test("before the reboot into the upgrade: nothing runs, the run waits")
+    func notRebooted() async throws {
+        let (state, id) = try keptRun(boots: 0)
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let output = try await guardCommand(["assess", "--state-dir", state])
+        #expect(output.status == 0, "\(output.stderr)")
+        #expect(output.stdout.contains("run \(id): not rebooted into yet"))
+        let journal = try Journal.open(path: "\(state)/journal.sqlite")
+        #expect(try journal.events(runID: id).filter { $0.action == "boot-assessed" }.isEmpty)
+    }
+}

@@ -55,7 +55,7 @@ struct JournalTests {
         }
         #expect(mode == "wal")
         #expect(synchronous == 2, "FULL")
-        #expect(migrations == 3, "v1, v2 restores, v3 closed sets")
+        #expect(migrations == 4, "v1, v2 restores, v3 closed sets, v4 verify_after_boot steps")
         let reopened = try Journal.open(path: path, check: true)
         #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
     }
@@ -277,7 +277,8 @@ struct JournalClosedSetTests {
         #expect(values("phases", "status") == Set(PhaseStatus.allCases.map(\.rawValue)))
         #expect(values("snapshots", "state") == Set(SnapshotState.allCases.map(\.rawValue)))
         #expect(values("events", "kind") == Set(EventKind.allCases.map(\.rawValue)))
-        #expect(values("steps", "kind").count == 6)
+        #expect(values("steps", "kind").count == 7)
+        #expect(values("steps", "kind").contains("verify_after_boot"))
     }
 
     @Test("rows an older guard wrote are kept as they are by the migration, whatever they hold")
