@@ -26,18 +26,27 @@ public struct BootAssessment {
         var run: RunRecord
         var recipe: Recipe
         var boots: Int
+        /// The assessment already failed (journaled), but the rollback it decided is neither
+        /// done nor scheduled (it could not be, then): it is retried, the checks are not rerun.
+        var failed: String?
     }
 
-    /// Kept runs whose assessment is pending: journaled as such, not assessed, not already
-    /// decided otherwise.
+    /// Kept runs whose assessment is pending (journaled as such, not assessed) or failed without
+    /// its rollback decided, and not decided otherwise since (`guard commit` ends the wait).
     static func awaiting(_ journal: Journal) throws -> [Awaiting] {
         try journal.runs(in: [.kept]).compactMap { run in
             guard run.decision == .keep else { return nil }
             let events = try journal.events(runID: run.id!)
-            guard events.contains(where: { $0.action == pendingEvent }), !events.contains(where: { $0.action == assessedEvent }),
+            let assessed = events.last { $0.action == assessedEvent }
+            // A failed one is retried until its rollback is decided, unless that rollback proved
+            // impossible (an Invalid snapshot: `guard status` says what to do).
+            let retry = assessed.map { ($0.detail ?? "").hasPrefix("failed") && !events.contains { $0.action == "rollback-impossible" } }
+            guard events.contains(where: { $0.action == pendingEvent }), retry ?? true,
                 case .success(let recipe) = RecipeParser.parse(text: run.recipeText, path: run.recipePath), !recipe.verifyAfterBoot.isEmpty
             else { return nil }
-            return Awaiting(run: run, recipe: recipe, boots: events.filter { $0.action == attemptEvent }.count)
+            return Awaiting(
+                run: run, recipe: recipe, boots: events.filter { $0.action == attemptEvent }.count,
+                failed: assessed.map { String(($0.detail ?? "").dropFirst("failed: ".count)) })
         }
     }
 
@@ -49,7 +58,15 @@ public struct BootAssessment {
         var actions: [String] = []
         for waiting in try awaiting(journal) {
             let id = waiting.run.id!
-            if waiting.boots >= waiting.recipe.bootAttempts {
+            if let failure = waiting.failed {
+                var decided = waiting.run
+                decided.decision = .rollback
+                try journal.batch {
+                    try journal.update(decided)
+                    try journal.event(id, .intent, "rollback-at-boot", "boot assessment failed earlier (\(failure)); its rollback could not be scheduled then", at: now)
+                }
+                actions.append("run \(id): its boot assessment failed earlier (\(failure)); rolling it back")
+            } else if waiting.boots >= waiting.recipe.bootAttempts {
                 var decided = waiting.run
                 decided.decision = .rollback
                 let why = "failed: \(waiting.boots) boot\(waiting.boots == 1 ? "" : "s") into the upgrade did not reach the verify_after_boot checks (boot_attempts: \(waiting.recipe.bootAttempts))"
@@ -77,22 +94,35 @@ public struct BootAssessment {
     }
 
     /// `guard assess`: runs the verify_after_boot checks of every run kept across this boot.
-    /// A run not yet rebooted into (no boot counted) is left for later.
+    /// A run not yet rebooted into (no boot counted) is left for later. A run whose checks failed
+    /// but whose rollback could not be started or scheduled is retried, without its checks.
     public func assess() async throws -> Outcome {
         let journal = try context.journal()
         var outcome = Outcome()
         for waiting in try Self.awaiting(journal) {
             let id = waiting.run.id!
-            guard waiting.boots > 0 else {
+            guard waiting.boots > 0 || waiting.failed != nil else {
                 outcome.lines.append("run \(id): not rebooted into yet; its verify_after_boot checks run after the next boot")
                 continue
             }
-            if let failure = try await runChecks(waiting, journal: journal) {
-                try journal.event(id, .result, Self.assessedEvent, "failed: \(failure)", at: timestamp())
+            let failure: String?
+            if let earlier = waiting.failed {
+                failure = earlier
+            } else {
+                failure = try await runChecks(waiting, journal: journal)
+                // The decision first: should the rollback fail, the next `guard assess` or boot
+                // retries it.
+                if let failure { try journal.event(id, .result, Self.assessedEvent, "failed: \(failure)", at: timestamp()) }
+            }
+            if let failure {
                 outcome.failed.append(id)
-                let rollback = try await Maintenance(context: context).rollback("\(id)", wait: false)
-                outcome.rollbackAtBoot = outcome.rollbackAtBoot || rollback.atBoot
-                outcome.lines.append("run \(id): verify_after_boot failed (\(failure)); \(rollback.message)")
+                do {
+                    let rollback = try await Maintenance(context: context).rollback("\(id)", wait: false)
+                    outcome.rollbackAtBoot = outcome.rollbackAtBoot || rollback.atBoot
+                    outcome.lines.append("run \(id): verify_after_boot failed (\(failure)); \(rollback.message)")
+                } catch {
+                    outcome.lines.append("run \(id): verify_after_boot failed (\(failure)), and its rollback could not be started: \(error). The run stays kept; the next `guard assess` or boot tries the rollback again (`guard rollback \(id)` does it by hand)")
+                }
             } else {
                 let keep = waiting.run.keepUntil.map { "kept until \(formatDate($0))" } ?? "kept until `guard commit \(id)`"
                 try journal.event(id, .result, Self.assessedEvent, "passed: \(waiting.recipe.verifyAfterBoot.count) check(s) after boot \(waiting.boots)", at: timestamp())

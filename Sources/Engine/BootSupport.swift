@@ -12,6 +12,13 @@ public struct BootSupport: Sendable {
     /// (/run is carried over into the booted system).
     public static let marker = "/run/guard/initramfs"
 
+    /// The exit status the initramfs script left in `marker` ("0" when its recovery succeeded),
+    /// or nil when there is no marker (this boot had no guard in its initramfs).
+    static func initramfsStatus(marker: String = marker) -> String? {
+        guard let text = try? String(contentsOfFile: marker, encoding: .utf8) else { return nil }
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
     public let stateDirectory: String
 
     public init(stateDirectory: String) { self.stateDirectory = stateDirectory }
@@ -36,6 +43,12 @@ public struct BootSupport: Sendable {
     /// - Parameter cow: the recipe's `cow:`; such a volume needs a COW device (a COW file would
     ///   keep the state volume busy in the initramfs, which must unmount it before the root).
     public func problem(target: String, cow: CowLocation?) -> String? {
+        initramfsProblem(target: target) ?? Self.cowProblem(target: target, cow: cow)
+    }
+
+    /// Why the initramfs of the running kernel cannot yet reassemble or merge `target` at boot
+    /// (no stamp, or a stamp naming another guard binary than this one), or nil.
+    public func initramfsProblem(target: String) -> String? {
         let release = Self.kernelRelease
         let stamp = "\(stampDirectory)/\(release)"
         guard let text = try? String(contentsOfFile: stamp, encoding: .utf8) else {
@@ -48,6 +61,11 @@ public struct BootSupport: Sendable {
         if let copied = fields["guard"], let own = Self.ownBinary, copied != own {
             return "the initramfs of this kernel (\(release)) holds another guard binary than this one (\(stamp) says \(copied), this one is \(own)): run `update-initramfs -u` so that the guard that reassembles \(target) at boot is this one"
         }
+        return nil
+    }
+
+    /// Why `cow` cannot hold the snapshot of a volume the initramfs mounts, or nil.
+    static func cowProblem(target: String, cow: CowLocation?) -> String? {
         switch cow {
         case .device?: return nil
         default:

@@ -114,7 +114,6 @@ public struct Maintenance {
 
     // MARK: guard rollback
 
-    /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
     /// What `guard rollback` did.
     public struct RollbackOutcome: Sendable {
         public var message: String
@@ -122,6 +121,7 @@ public struct Maintenance {
         public var atBoot: Bool
     }
 
+    /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
     public func rollback(_ reference: String, wait: Bool) async throws -> RollbackOutcome {
         let journal = try context.journal()
         let run = try requireRun(reference, journal: journal)
@@ -161,17 +161,10 @@ public struct Maintenance {
         _ run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], mountedOn target: String, journal: Journal, engine: SnapshotEngine
     ) throws -> String {
         let runID = run.id!
-        if let problem = BootSupport(stateDirectory: context.stateDirectory).problem(target: target, cow: .device("")) {
+        if let problem = BootSupport(stateDirectory: context.stateDirectory).initramfsProblem(target: target) {
             throw GuardFailure(.refused, "run \(runID) cannot be rolled back at the next boot: \(problem); nothing was changed")
         }
-        for (record, stack) in zip(records, stacks) {
-            let health = try engine.health(stack)
-            if !health.isRestorable {
-                throw GuardFailure(
-                    .attention,
-                    "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data")
-            }
-        }
+        try RollbackProcedure(context: context, journal: journal, engine: engine).requireRestorable(runID: runID, records: records, stacks: stacks)
         var decided = run
         decided.decision = .rollback
         let scheduled = decided

@@ -46,14 +46,7 @@ public struct Recovery {
     ///   initramfs activates the logical volumes; anything else comes later), not waited for.
     public func recover(boot: Bool = false, initramfs: Bool = false) async throws -> Report {
         var report = Report()
-        // In the booted system, after the initramfs did the work: its state volume is mounted
-        // with the other filesystems, after this unit.
-        if boot && !initramfs, FileManager.default.fileExists(atPath: BootSupport.marker),
-            !FileManager.default.fileExists(atPath: context.journalPath)
-        {
-            report.actions.append("the initramfs reassembled guard's snapshots and started the merges due at this boot (\(BootSupport.marker)); the state directory \(context.stateDirectory) is mounted later, and the next guard command finishes what it started")
-            return report
-        }
+        if boot && !initramfs, initramfsDidTheWork(marker: BootSupport.marker, report: &report) { return report }
         if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
             if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
                 report.needsReassembly.append("the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
@@ -233,6 +226,22 @@ public struct Recovery {
             report.problems += strays.problems
         }
         return report
+    }
+
+    /// In the booted system: whether the initramfs did this boot's recovery and the state volume
+    /// is not mounted yet (it is mounted with the other filesystems, after this unit), so that
+    /// nothing is left to do. Only the exit status 0 in `marker` says so: after a failure the
+    /// admin may have left the panic shell to boot anyway, and then nothing was reassembled,
+    /// which is reported as a problem.
+    func initramfsDidTheWork(marker: String, report: inout Report) -> Bool {
+        guard let status = BootSupport.initramfsStatus(marker: marker) else { return false }
+        guard status == "0" else {
+            report.problems.append("guard's recovery in the initramfs failed (\(marker) holds exit status \(status.isEmpty ? "nothing" : status)) and the boot went on: snapshots of volumes mounted before this unit may be stale; `guard status` and `guard recover` say what is left")
+            return false
+        }
+        guard !FileManager.default.fileExists(atPath: context.journalPath) else { return false }
+        report.actions.append("the initramfs reassembled guard's snapshots and started the merges due at this boot (\(marker)); the state directory \(context.stateDirectory) is mounted later, and the next guard command finishes what it started")
+        return true
     }
 
     /// What the durable facts say of an open run.

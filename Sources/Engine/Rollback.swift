@@ -16,6 +16,23 @@ struct RollbackProcedure {
 
     func timestamp() -> Double { context.now().timeIntervalSince1970 }
 
+    /// Refuses the rollback of `runID` when one of its snapshots can no longer be merged (the
+    /// kernel marked it Invalid: its COW filled up or failed): journals `rollback-impossible`
+    /// and marks the snapshot invalid, so that nothing is stopped or unmounted for it.
+    func requireRestorable(runID: Int64, records: [SnapshotRecord], stacks: [SnapshotStack]) throws {
+        for (record, stack) in zip(records, stacks) {
+            let health = try engine.health(stack)
+            guard !health.isRestorable else { continue }
+            try journal.event(runID, .error, "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
+            var updated = record
+            updated.state = .invalid
+            try journal.update(updated)
+            throw GuardFailure(
+                .attention,
+                "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data; restore it from a backup if that data is bad")
+        }
+    }
+
     /// - Parameters:
     ///   - wait: wait for the merges to complete and tear them down; otherwise return once
     ///     the volumes are mounted again (the next guard command finishes the teardown).
@@ -31,18 +48,7 @@ struct RollbackProcedure {
         (engine.watchdog as? ProcessWatchdog)?.start()
         SnapshotFiles.releaseStale(stateDirectory: context.stateDirectory, token: run.token)
         // Refuse before stopping anything when a snapshot can no longer be merged.
-        for (record, stack) in zip(records, stacks) {
-            let health = try engine.health(stack)
-            if !health.isRestorable {
-                try journal.event(runID, .error, "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
-                var updated = record
-                updated.state = .invalid
-                try journal.update(updated)
-                throw GuardFailure(
-                    .attention,
-                    "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data; restore it from a backup if that data is bad")
-            }
-        }
+        try requireRestorable(runID: runID, records: records, stacks: stacks)
         var run = run
         run.decision = .rollback
         let decided = run

@@ -1,4 +1,5 @@
 import Foundation
+@testable import Engine
 import Journal
 import Testing
 
@@ -220,7 +221,7 @@ struct GuardCommandsTests {
 /// which rolls back, is in the boot suite).
 @Suite("guard assess")
 struct AssessTests {
-    func keptRun(boots: Int) throws -> (state: String, runID: Int64) {
+    func keptRun(boots: Int, check: String = "test \\\"$GUARD_PHASE\\\" = verify_after_boot") throws -> (state: String, runID: Int64) {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-assess-\(UInt32.random(in: 0...UInt32.max))").path
         let journal = try Journal.open(path: "\(directory)/journal.sqlite")
         let recipe = """
@@ -232,7 +233,7 @@ struct AssessTests {
             steps: [[apt-get, -y, full-upgrade]]
             verify_after_boot:
               - name: the booted system answers
-                run: [sh, -c, "test \\"$GUARD_PHASE\\" = verify_after_boot"]
+                run: [sh, -c, "\(check)"]
             on_success: keep
 
             """
@@ -263,6 +264,33 @@ struct AssessTests {
         // Assessed once: a second `guard assess` finds nothing to do.
         let again = try await guardCommand(["assess", "--state-dir", state])
         #expect(again.stdout.contains("no run waits for its boot assessment"))
+    }
+
+    @Test("checks that fail while the rollback cannot be started: exit 3, the failure journaled once, the rollback retried by the next guard assess (without the checks) and decided by the next boot")
+    func failedRollbackRetried() async throws {
+        // On this host guard cannot reach device-mapper, so the rollback fails to start.
+        let (state, id) = try keptRun(boots: 1, check: "exit 7")
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let output = try await guardCommand(["assess", "--state-dir", state])
+        #expect(output.status == 3, "\(output.stdout)\(output.stderr)")
+        #expect(output.stdout.contains("run \(id): verify_after_boot failed ('the booted system answers' exit 7), and its rollback could not be started"), "\(output.stdout)")
+        #expect(output.stdout.contains("the next `guard assess` or boot tries the rollback again"))
+        let journal = try Journal.open(path: "\(state)/journal.sqlite")
+        #expect(try journal.run(id: id)?.state == .kept)
+        #expect(try journal.run(id: id)?.decision == .keep)
+
+        let again = try await guardCommand(["assess", "--state-dir", state])
+        #expect(again.status == 3)
+        #expect(again.stdout.contains("run \(id): verify_after_boot failed ('the booted system answers' exit 7), and its rollback could not be started"), "\(again.stdout)")
+        #expect(try journal.events(runID: id).filter { $0.action == "boot-assessed" }.map(\.detail) == ["failed: 'the booted system answers' exit 7"])
+        #expect(try journal.steps(runID: id).filter { $0.kind == "verify_after_boot" }.count == 1, "the checks ran once")
+
+        // The next boot's early recovery decides the rollback (and carries it out).
+        let actions = try BootAssessment.countBoot(journal: journal, at: 1_764_001_000)
+        #expect(actions == ["run \(id): its boot assessment failed earlier ('the booted system answers' exit 7); rolling it back"])
+        #expect(try journal.run(id: id)?.decision == .rollback)
+        #expect(try journal.events(runID: id).last?.action == "rollback-at-boot")
+        #expect(try BootAssessment.awaiting(journal).isEmpty)
     }
 
     @Test("before the reboot into the upgrade: nothing runs, the run waits")
