@@ -262,7 +262,7 @@ def bench_restore():
     sizes = [16, 64] if QUICK else [16, 64, 256]
     out = {}
     for size in sizes:
-        rows = {"guard_service_back": [], "guard_rollback": [], "guard_merge_complete": [], "lvconvert_merge": [], "copy_back": [], "raw_copy": []}
+        rows = {"guard_service_back": [], "guard_rollback": [], "guard_merge_complete": [], "lvconvert_merge": [], "copy_back": [], "raw_copy": [], "umount_alone": []}
         for trial in range(TRIALS if not QUICK else 1):
             # guard: a kept run rolled back; the command returns a little after the service is
             # back, once udev has also finished with the devices.
@@ -296,8 +296,17 @@ def bench_restore():
             sh("lvremove -q -f %s/rawdst" % VG)
             rows["raw_copy"].append(seconds)
             sh("umount %s; lvremove -q -f %s/rcsnap %s/rcopy" % (mount, VG, VG))
-            log("   %d MiB: guard service back %.2fs, rollback returns %.2fs (merge complete %.2fs), lvconvert --merge %.2fs, copy-back %.2fs, raw copy %.2fs"
-                % (size, rows["guard_service_back"][-1], rows["guard_rollback"][-1], rows["guard_merge_complete"][-1], rows["lvconvert_merge"][-1], rows["copy_back"][-1], rows["raw_copy"][-1]))
+            # What any rollback pays before its merge and grows with the amount changed: the
+            # umount of the volume, whose kernel frees the page cache of the rewritten files.
+            mount = os.path.join(WORK, "restore-umount")
+            make_lv("rumount", "1G", mount=mount)
+            write_files(mount, size)
+            fill_changes(mount, size)
+            seconds, _ = timed(lambda: sh("umount %s" % mount))
+            rows["umount_alone"].append(seconds)
+            sh("lvremove -q -f %s/rumount" % VG)
+            log("   %d MiB: guard service back %.2fs, rollback returns %.2fs (merge complete %.2fs), lvconvert --merge %.2fs, copy-back %.2fs, raw copy %.2fs, umount alone %.3fs"
+                % (size, rows["guard_service_back"][-1], rows["guard_rollback"][-1], rows["guard_merge_complete"][-1], rows["lvconvert_merge"][-1], rows["copy_back"][-1], rows["raw_copy"][-1], rows["umount_alone"][-1]))
         entry = {key: summary(value) for key, value in rows.items()}
         entry["ratio_vs_lvconvert"] = ratio(entry["guard_service_back"]["median"], entry["lvconvert_merge"]["median"])
         entry["ratio_vs_copy_back"] = ratio(entry["guard_service_back"]["median"], entry["copy_back"]["median"])
