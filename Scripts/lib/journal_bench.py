@@ -16,7 +16,14 @@ source = open(os.path.join(ROOT, "Sources/Journal/Schema.swift")).read()
 # into the same triggers Schema.swift makes).
 def closed_set_triggers(body):
     sql = []
-    for table, column, values, nullable in re.findall(r'\("(\w+)", "(\w+)", \[([^\]]*)\], (true|false)\)', body):
+    # v3's list of sets, and a single closedSet(db, table:, column:, values:, nullable:) call (v4).
+    sets = re.findall(r'\("(\w+)", "(\w+)", \[([^\]]*)\], (true|false)\)', body)
+    sets += re.findall(r'closedSet\(\s*db, table: "(\w+)", column: "(\w+)", values: \[([^\]]*)\],\s*nullable: (true|false)\)', body)
+    # v4 first drops the triggers it makes again.
+    for names in re.findall(r'for name in \[([^\]]*)\] \{ try db.execute\(sql: "DROP TRIGGER IF EXISTS (\w+)_\\\(name\)"\) \}', body):
+        for name in re.findall(r'"([^"]+)"', names[0]):
+            sql.append("DROP TRIGGER IF EXISTS %s_%s;" % (names[1], name))
+    for table, column, values, nullable in sets:
         names = re.findall(r'"([^"]+)"', values)
         listed = ", ".join("'%s'" % v for v in names)
         outside = "NEW.%s NOT IN (%s)" % (column, listed) + (" AND NEW.%s IS NOT NULL" % column if nullable == "true" else "")
@@ -28,7 +35,7 @@ def closed_set_triggers(body):
 migrations = []
 for name, body in re.findall(r'registerMigration\("([^"]+)"\) \{ db in\n(.*?)\n        \}\n', source, re.S):
     literal = re.search(r'sql: """\n(.*?)"""', body, re.S)
-    migrations.append((name, closed_set_triggers(body) if "let sets" in body else literal.group(1)))
+    migrations.append((name, closed_set_triggers(body) if "closedSet(" in body else literal.group(1)))
 
 state = tempfile.mkdtemp(prefix="guard-journal-bench-")
 db = sqlite3.connect(os.path.join(state, "journal.sqlite"))
