@@ -70,13 +70,7 @@ public struct Planner {
     /// once) is not above the size. The policy's maximum counts the storage: label and reserve
     /// included. The planner and `guard monitor` (for kept runs) resolve policies alike.
     public static func growth(_ extend: ExtendSpec, originBytes: UInt64, cowBytes: UInt64, reserveBytes: UInt64, geometry: CowGeometry) -> (policy: ExtensionPolicy?, maximum: UInt64) {
-        func bytes(_ size: SizeSpec) -> UInt64 {
-            switch size {
-            case .bytes(let bytes): return bytes
-            case .percent(let percent): return UInt64(Double(originBytes) * percent / 100)
-            case .auto: return cowBytes
-            }
-        }
+        func bytes(_ size: SizeSpec) -> UInt64 { size.bytes(originBytes: originBytes, auto: cowBytes) }
         let maximum = min(geometry.roundUp(bytes(extend.max)), geometry.bytesForWholeOrigin(originBytes))
         guard maximum > cowBytes else { return (nil, maximum) }
         return (ExtensionPolicy(threshold: extend.at, stepBytes: geometry.roundUp(bytes(extend.by)), maximumBytes: maximum + reserveBytes + CowLabel.areaOffset), maximum)
@@ -370,13 +364,7 @@ public struct Planner {
     /// pool's data plus `CowLabel.areaOffset`). Nil when `max` is not above the pool. The
     /// planner and `guard monitor` (for kept runs) resolve it alike.
     public static func thinGrowth(_ extend: ExtendSpec, originBytes: UInt64, poolBytes: UInt64, blockBytes: UInt64) -> (policy: ExtensionPolicy?, maximum: UInt64) {
-        func bytes(_ size: SizeSpec) -> UInt64 {
-            switch size {
-            case .bytes(let bytes): return bytes
-            case .percent(let percent): return UInt64(Double(originBytes) * percent / 100)
-            case .auto: return poolBytes
-            }
-        }
+        func bytes(_ size: SizeSpec) -> UInt64 { size.bytes(originBytes: originBytes, auto: poolBytes) }
         let maximum = bytes(extend.max) / blockBytes * blockBytes
         guard maximum > poolBytes else { return (nil, maximum) }
         return (ExtensionPolicy(threshold: extend.at, stepBytes: max(bytes(extend.by), blockBytes), maximumBytes: maximum + CowLabel.areaOffset), maximum)
@@ -390,7 +378,7 @@ public struct Planner {
         case .bytes(let bytes):
             return (bytes, "\(formatBytes(bytes)) as written")
         case .percent(let percent):
-            return (UInt64(Double(originBytes) * percent / 100), "\(oneDecimal(percent))% of \(formatBytes(originBytes))")
+            return (size.bytes(originBytes: originBytes, auto: 0), "\(oneDecimal(percent))% of \(formatBytes(originBytes))")
         case .auto:
             if let peak = history?.peakBytes, peak > 0 {
                 return (UInt64(Double(peak) * 1.5) + (16 << 20), "auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB")

@@ -165,6 +165,15 @@ public enum SizeSpec: Hashable, Sendable, Codable, CustomStringConvertible {
         case .auto: return "auto"
         }
     }
+
+    /// The size in bytes on a volume of `originBytes`; `auto` stands for `autoBytes`.
+    public func bytes(originBytes: UInt64, auto autoBytes: UInt64) -> UInt64 {
+        switch self {
+        case .bytes(let bytes): return bytes
+        case .percent(let percent): return UInt64(Double(originBytes) * percent / 100)
+        case .auto: return autoBytes
+        }
+    }
 }
 
 /// Where a volume's COW storage lives.
