@@ -32,7 +32,7 @@ same_as() { sums >/tmp/now.sums; diff -u "$1" /tmp/now.sums | head -n 20; cmp -s
 run_id() { guard history --json | grep -o '"id" *: *[0-9]*' | head -n 1 | grep -o '[0-9]*$'; }
 field() { guard show --json "$1" | grep -o "\"$2\" *: *\"[a-z_]*\"" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/'; }
 is() { test "$(field "$1" "$2")" = "$3" || { echo "run $1: $2 is '$(field "$1" "$2")', not '$3'"; return 1; }; }
-recipe() {  # recipe NAME STEP ON_SUCCESS
+recipe() {  # recipe NAME STEP ON_SUCCESS [MORE KEYS]
   cat >/root/"$1".recipe <<EOF
 name: $1
 description: upgrade guard-demo on the root filesystem, from the boot suite
@@ -49,6 +49,7 @@ verify:
     run: [guard-demo]
 on_success: $3
 on_failure: rollback
+${4:-}
 EOF
 }
 finish() { sync; echo "part $part done" >>$H/progress; systemctl "$1"; }
@@ -75,6 +76,12 @@ volumes:
 steps: [{ name: nothing, run: [true] }]
 EOF
     check "a COW file for / is refused, naming why" sh -c 'guard check /root/file-cow.recipe 2>&1 | grep -q "needs a COW device"'
+    # A separate /boot goes with /: a filesystem mounted on /boot for the moment (it hides the
+    # kernels until it is unmounted), and a recipe that leaves it out.
+    truncate -s 32M /root/boot.img && mkfs.ext4 -q -F /root/boot.img && mount -o loop /root/boot.img /boot
+    recipe boot-left-out true keep
+    check "a recipe that snapshots / but not a separate /boot is refused, naming /boot" sh -c 'guard check /root/boot-left-out.recipe 2>&1 | grep -q "snapshots / but not /boot"'
+    umount /boot && rm -f /root/boot.img /root/boot-left-out.recipe
     # The upgrades come from a local apt repository that has guard-demo 2 (the test system has
     # no network: that repository is its only source). `guard apt` runs apt-get under
     # /etc/guard/apt.recipe: Recipes/system-apt-upgrade.recipe with this disk's names.
@@ -139,24 +146,9 @@ EOF
     check "run $id is committed" is "$id" outcome committed
     # Boot assessment that fails: guard-demo 3, whose check after the reboot fails.
     sums >$H/before-4.sums
-    cat >/root/assess-fail.recipe <<EOF
-name: assess-fail
-volumes:
-  - device: /dev/guardvg/root
-    mount: /
-    snapshot: { size: 700M, cow: /dev/guardvg/rootcow }
-steps:
-  - name: upgrade guard-demo to 3
-    run: [dpkg, -i, $H/guard-demo_3_all.deb]
-verify:
-  - name: guard-demo runs
-    run: [guard-demo]
-verify_after_boot:
+    recipe assess-fail "dpkg -i $H/guard-demo_3_all.deb" keep "verify_after_boot:
   - name: the upgrade left its proof of a good boot
-    run: [test, -e, /etc/guard-demo/booted-well]
-on_success: keep
-on_failure: rollback
-EOF
+    run: [test, -e, /etc/guard-demo/booted-well]"
     check "guard run with verify_after_boot keeps the run and says to reboot" sh -c 'guard run /root/assess-fail.recipe 2>&1 | grep -q "guard-assess.service runs its verify_after_boot checks"'
     run_id >$H/run-4
     check "guard assess before the reboot leaves the run alone" sh -c "guard assess | grep -q 'not rebooted into yet'"
@@ -178,23 +170,9 @@ EOF
     # Boot assessment that never runs: the upgrade breaks the boot (the machine powers off
     # before it is up), and boot_attempts: 1.
     sums >$H/before-6.sums
-    cat >/root/assess-hang.recipe <<EOF
-name: assess-hang
-volumes:
-  - device: /dev/guardvg/root
-    mount: /
-    snapshot: { size: 700M, cow: /dev/guardvg/rootcow }
-steps:
-  - name: upgrade guard-demo to 3, with a unit that breaks the boot
-    shell: dpkg -i $H/guard-demo_3_all.deb && printf '[Unit]\\nDefaultDependencies=no\\nAfter=local-fs.target\\n[Service]\\nType=oneshot\\nExecStart=/bin/systemctl poweroff --force --force\\n[Install]\\nWantedBy=sysinit.target\\n' >/etc/systemd/system/broken-boot.service && systemctl enable broken-boot.service
-verify:
-  - name: guard-demo runs
-    run: [guard-demo]
-verify_after_boot: [[true]]
-boot_attempts: 1
-on_success: keep
-on_failure: rollback
-EOF
+    # The step installs a unit that powers the machine off before it is up.
+    recipe assess-hang "dpkg -i $H/guard-demo_3_all.deb && printf '[Unit]\nDefaultDependencies=no\nAfter=local-fs.target\n[Service]\nType=oneshot\nExecStart=/bin/systemctl poweroff --force --force\n[Install]\nWantedBy=sysinit.target\n' >/etc/systemd/system/broken-boot.service && systemctl enable broken-boot.service" keep "verify_after_boot: [[true]]
+boot_attempts: 1"
     check "guard run of the boot-breaking upgrade keeps it for assessment" guard run /root/assess-hang.recipe
     run_id >$H/run-6
     finish reboot

@@ -77,7 +77,7 @@ extension Kernel {
         /// Removes the volume's devices and detaches its loop device, as a reboot would.
         func powerOff(_ name: String, backing: String) throws {
             for view in try DeviceMapper().guardDevices().filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) {
-                try sh("dmsetup remove \(view.name)")
+                try sh("dmsetup remove --retry \(view.name)")
             }
             // --retry: udev (or the other lane's lvm2 scan) may have a device open for an instant
             // after the one above it goes (the CI once saw the pool busy).
