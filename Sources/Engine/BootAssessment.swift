@@ -1,3 +1,4 @@
+import DeviceMapper
 import Foundation
 import Journal
 import Recipe
@@ -40,7 +41,7 @@ public struct BootAssessment {
             let assessed = events.last { $0.action == assessedEvent }
             // A failed one is retried until its rollback is decided, unless that rollback proved
             // impossible (an Invalid snapshot: `guard status` says what to do).
-            let retry = assessed.map { ($0.detail ?? "").hasPrefix("failed") && !events.contains { $0.action == "rollback-impossible" } }
+            let retry = assessed.map { ($0.detail ?? "").hasPrefix("failed") && !events.contains { $0.action == JournalEvents.rollbackImpossible } }
             guard events.contains(where: { $0.action == pendingEvent }), retry ?? true,
                 case .success(let recipe) = RecipeParser.parse(text: run.recipeText, path: run.recipePath), !recipe.verifyAfterBoot.isEmpty
             else { return nil }
@@ -63,7 +64,7 @@ public struct BootAssessment {
                 decided.decision = .rollback
                 try journal.batch {
                     try journal.update(decided)
-                    try journal.event(id, .intent, "rollback-at-boot", "boot assessment failed earlier (\(failure)); its rollback could not be scheduled then", at: now)
+                    try journal.event(id, .intent, JournalEvents.rollbackAtBoot, "boot assessment failed earlier (\(failure)); its rollback could not be scheduled then", at: now)
                 }
                 actions.append("run \(id): its boot assessment failed earlier (\(failure)); rolling it back")
             } else if waiting.boots >= waiting.recipe.bootAttempts {
@@ -73,7 +74,7 @@ public struct BootAssessment {
                 try journal.batch {
                     try journal.update(decided)
                     try journal.event(id, .result, assessedEvent, why, at: now)
-                    try journal.event(id, .intent, "rollback-at-boot", "boot assessment \(why)", at: now)
+                    try journal.event(id, .intent, JournalEvents.rollbackAtBoot, "boot assessment \(why)", at: now)
                 }
                 actions.append("run \(id): boot assessment \(why); rolling it back")
             } else {
@@ -99,6 +100,13 @@ public struct BootAssessment {
     public func assess() async throws -> Outcome {
         let journal = try context.journal()
         var outcome = Outcome()
+        // A run whose origin another tool took out of the snapshot's write path is stale: it is
+        // neither assessed nor rolled back.
+        if DeviceMapper.isAvailable {
+            for finding in try OriginWatch(context: context, journal: journal, engine: try context.engine(watchdog: false)).sweep() {
+                outcome.lines.append("run \(finding.runID): \(finding.text)")
+            }
+        }
         for waiting in try Self.awaiting(journal) {
             let id = waiting.run.id!
             guard waiting.boots > 0 || waiting.failed != nil else {

@@ -64,6 +64,17 @@ public struct Maintenance {
         }
     }
 
+    /// Records the bypasses of `run`'s origins (the caller holds its volume locks), then refuses
+    /// to `verb` a run that is stale, saying why from the journal's record.
+    func requireNotStale(_ run: RunRecord, _ verb: String, journal: Journal, engine: SnapshotEngine) throws -> RunRecord {
+        try OriginWatch(context: context, journal: journal, engine: engine).check(run, holdingLocks: true)
+        let current = try journal.run(id: run.id!) ?? run
+        guard current.state == .stale else { return current }
+        let id = current.id!
+        let why = OriginWatch.recorded(journal, runID: id) ?? "its volume was written while its snapshot was not live"
+        throw GuardFailure(.attention, "run \(id) cannot be \(verb): \(why)")
+    }
+
     // MARK: guard commit
 
     /// Drops a kept run's snapshots: its upgrade becomes final.
@@ -78,7 +89,10 @@ public struct Maintenance {
         }
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
-        try commit(run, records: records, journal: journal, reason: reason ?? (run.state == .kept ? "commit" : "commit of a \(run.state.rawValue) run: its old blocks are given up"))
+        // A bypass is recorded (the history says why the snapshot went); the commit goes on.
+        try OriginWatch(context: context, journal: journal, engine: try context.engine(watchdog: false)).check(run, holdingLocks: true)
+        let current = try journal.run(id: run.id!) ?? run
+        try commit(current, records: records, journal: journal, reason: reason ?? (current.state == .kept ? "commit" : "commit of a \(current.state.rawValue) run: its old blocks are given up"))
         return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
     }
 
@@ -124,13 +138,16 @@ public struct Maintenance {
     /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
     public func rollback(_ reference: String, wait: Bool) async throws -> RollbackOutcome {
         let journal = try context.journal()
-        let run = try requireRun(reference, journal: journal)
-        if let refusal = refusal(run, "roll back") { throw GuardFailure(.refused, refusal) }
-        let records = try journal.snapshots(runID: run.id!)
-        let locks = try lock(records, runID: run.id!)
+        let requested = try requireRun(reference, journal: journal)
+        if let refusal = refusal(requested, "roll back") { throw GuardFailure(.refused, refusal) }
+        let records = try journal.snapshots(runID: requested.id!)
+        let locks = try lock(records, runID: requested.id!)
         defer { locks.forEach { $0.release() } }
-        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
         let engine = try context.engine()
+        // Another tool may have replaced a volume's table since the run was kept: that snapshot
+        // is stale, and rolling back to it would give a mix of old and new blocks.
+        let run = try requireNotStale(requested, "rolled back", journal: journal, engine: engine)
+        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
         let stacks = try stacks(records)
         if let early = try earlyMount(of: stacks, engine: engine) {
             let message = try scheduleBootRollback(run, records: records, stacks: stacks, mountedOn: early, journal: journal, engine: engine)
@@ -170,7 +187,7 @@ public struct Maintenance {
         let scheduled = decided
         try journal.batch {
             try journal.update(scheduled)
-            try journal.event(runID, .intent, "rollback-at-boot", records.map(\.volume).joined(separator: ", "), at: timestamp())
+            try journal.event(runID, .intent, JournalEvents.rollbackAtBoot, records.map(\.volume).joined(separator: ", "), at: timestamp())
         }
         return "run \(runID) will be rolled back at the next boot: \(target) is mounted, so the initramfs starts the merge before it mounts \(target); reboot to roll back (`guard rollback --reboot \(runID)` reboots now). Until then the run stays kept, and `guard commit \(runID)` cancels the rollback"
     }
@@ -304,6 +321,10 @@ public struct Maintenance {
         public var volumes: [VolumeStatus]
         /// Its guard process is gone while the journal says it runs: `guard recover` finishes it.
         public var unfinished = false
+        /// What the next boot does to the run (a scheduled rollback, a boot assessment), or nil.
+        public var pendingAtBoot: String?
+        /// Why a stale run is stale, from the journal (a bypassed origin), or nil.
+        public var staleReason: String?
 
         /// A snapshot of the run holds old blocks but is not live (`guard status` exits 4).
         public var needsReassembly: Bool { run.state == .needsReassembly || volumes.contains { $0.status == "needs reassembly" } }
@@ -322,7 +343,9 @@ public struct Maintenance {
                 lines.append("run \(id) did not finish (guard was killed or the machine went down during \(status.run.phase)); run `guard recover`")
             }
             if status.run.state == .stale {
-                lines.append("run \(id)'s snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(id)` discards it")
+                lines.append(
+                    status.staleReason.map { "run \(id): \($0)" }
+                        ?? "run \(id)'s snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(id)` discards it")
             }
             for volume in status.volumes {
                 let name = "run \(id), \(volume.volume)"
@@ -354,6 +377,8 @@ public struct Maintenance {
         }
         let dm = try context.dm()
         let engine = SnapshotEngine(dm: dm)
+        // The one thing status writes: a bypass it sees is made durable before it is shown.
+        try OriginWatch(context: context, journal: journal, engine: engine).sweep()
         var result: [RunStatus] = []
         let unfinished = Set(try Recovery(context: context).unfinishedRuns(journal: journal).compactMap(\.id))
         for run in try journal.runs(in: RunState.open) {
@@ -406,11 +431,33 @@ public struct Maintenance {
                 }
                 volumes.append(volume)
             }
-            result.append(RunStatus(run: run, volumes: volumes, unfinished: unfinished.contains(run.id!) && run.state == .running))
+            result.append(
+                RunStatus(
+                    run: run, volumes: volumes, unfinished: unfinished.contains(run.id!) && run.state == .running,
+                    pendingAtBoot: try pendingAtBoot(run, journal: journal),
+                    staleReason: run.state == .stale ? OriginWatch.recorded(journal, runID: run.id!) : nil))
         }
         let open = Set(try journal.runs(in: RunState.open).map(\.token))
         let devices = try layerDevices(open: open) { try journal.allTokens() }
         return (result, devices.strays, devices.unknown)
+    }
+
+    /// What the next boot will do to `run`, in words, or nil: a rollback journaled for it (only
+    /// such a rollback is ever carried out at a boot), or the boot assessment's next count.
+    func pendingAtBoot(_ run: RunRecord, journal: Journal) throws -> String? {
+        guard run.state == .kept else { return nil }
+        let id = run.id!
+        let events = try journal.events(runID: id)
+        if run.decision == .rollback, let scheduled = events.last(where: { $0.kind == .intent && $0.action == JournalEvents.rollbackAtBoot }) {
+            return "rollback at the next boot (journaled \(formatDate(scheduled.at)): \(scheduled.detail ?? "")): the initramfs merges the snapshots back before it mounts the volumes; `guard commit \(id)` cancels it"
+        }
+        if run.decision == .keep, events.contains(where: { $0.action == BootAssessment.pendingEvent }),
+            !events.contains(where: { $0.action == BootAssessment.assessedEvent })
+        {
+            let boots = events.filter { $0.action == BootAssessment.attemptEvent }.count
+            return "boot assessment: the next boot is counted (\(boots) so far) and guard-assess.service runs the verify_after_boot checks once the system is up"
+        }
+        return nil
     }
 
     /// GUARD- layers in the kernel that belong to no open run: those of runs the journal knows

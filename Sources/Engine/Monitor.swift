@@ -79,6 +79,13 @@ public final class KeptRunMonitor {
             }
             if lastRefresh.map({ $0.duration(to: .now) >= refresh }) ?? true {
                 lastRefresh = .now
+                // Origins another tool took out of their snapshot's write path (lvm2 reloads):
+                // a snapshot no longer live is not watched below, so they are looked for here.
+                if let journal = try? context.existingJournal() {
+                    do { try OriginWatch(context: context, journal: journal, engine: engine).sweep() } catch {
+                        reporter.log("guard monitor: the check of the guarded origins' tables failed: \(error)")
+                    }
+                }
                 let found = keptSnapshots(engine: engine, announced: announced)
                 if found.map({ $0.key }) != watched.map({ $0.key }) {
                     watcher?.stop()
@@ -133,6 +140,8 @@ public final class KeptRunMonitor {
         (engine.watchdog as? ProcessWatchdog)?.start()
         let journal = try? context.journal()
         let reporter = self.reporter
+        let context = self.context
+        let dm = engine.dm
         let lockDirectory = context.lockDirectory
         let peaks = LockedValue<[Int: UInt64]>([:])
         let lastPeakWrite = LockedValue<[Int: Double]>([:])
@@ -219,6 +228,14 @@ public final class KeptRunMonitor {
                 Self.once("\(item.key)/invalid", announced) {
                     reporter.result("kept run \(item.runID): the kernel invalidated the snapshot of \(item.record.volume) (\(status)): a rollback of it is no longer possible; `guard commit \(item.runID)` releases it", success: false)
                     record(index, .error, "cow-invalid", "\(item.record.volume): \(status)")
+                }
+            case .bypassed(let index, let bypass):
+                // Inside the gate: the volume's lock is held and the run is still kept.
+                let item = watched[index]
+                guard let journal else { return }
+                let watch = OriginWatch(context: context, journal: journal, engine: SnapshotEngine(dm: dm))
+                do { _ = try watch.recordBypass(runID: item.runID, record: item.record, stack: item.stack, bypass: bypass) } catch {
+                    reporter.warning("kept run \(item.runID): the table of \(item.record.volume) was replaced by another tool (\(bypass)), and guard could not record it: \(error)")
                 }
             case .error(let index, let message):
                 reporter.log("kept run \(watched[index].runID), \(watched[index].record.volume): \(message)")

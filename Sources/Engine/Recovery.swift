@@ -131,6 +131,11 @@ public struct Recovery {
                 }
             }
         }
+        // Origins another tool took out of their snapshot's write path (lvm2 reloads): stale
+        // from then on, recorded before anything acts on their runs.
+        for finding in try OriginWatch(context: context, journal: journal, engine: engine).sweep() {
+            report.problems.append("run \(finding.runID): \(finding.text)")
+        }
         // What the durable records say of each open run, before anything acts on it.
         let dead = Set(try unfinishedRuns(journal: journal).compactMap(\.id))
         for run in try journal.runs(in: [.running, .kept, .merging, .needsReassembly]) where run.state != .running || dead.contains(run.id!) {
@@ -138,10 +143,21 @@ public struct Recovery {
             case .needsReassembly(let reasons):
                 report.needsReassembly += reasons.map { "run \(run.id!): \($0)" }
             case .stale(let reasons):
-                report.problems += reasons.map { "run \(run.id!): \($0); `guard commit \(run.id!)` discards the COW and keeps the volume as it is" }
+                if let bypass = OriginWatch.recorded(journal, runID: run.id!) {
+                    let line = "run \(run.id!): \(bypass)"
+                    if !report.problems.contains(line) { report.problems.append(line) }
+                } else {
+                    report.problems += reasons.map { "run \(run.id!): \($0); `guard commit \(run.id!)` discards the COW and keeps the volume as it is" }
+                }
             case .ready:
                 break
             }
+        }
+        // Stale runs wait for the admin's `guard commit`: said every time, as `guard status` does.
+        for run in try journal.runs(in: [.stale]) {
+            let line = "run \(run.id!): " + (OriginWatch.recorded(journal, runID: run.id!)
+                ?? "its snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(run.id!)` discards the COW and keeps the volume as it is")
+            if !report.problems.contains(where: { $0.hasPrefix("run \(run.id!):") }) { report.problems.append(line) }
         }
         // A kept thin snapshot survives a reboot in its pool; its read-only view (for diff and
         // restore) does not: made again.
@@ -167,12 +183,17 @@ public struct Recovery {
             } catch {
                 report.problems.append("the boot assessment's count of this boot: \(error)")
             }
-            for run in try journal.runs(in: [.kept]) where run.decision == .rollback {
-                do {
-                    report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
-                } catch {
-                    report.problems.append("run \(run.id!): \(error)")
-                }
+        }
+        // Kept runs with a rollback decided. A boot carries out only those scheduled for a boot
+        // (`rollback-at-boot`: a rollback of / or /usr, a failed boot assessment); a rollback
+        // decided on the running system that began no merge (guard stopped between its decision
+        // and its first merge) is taken back: the admin was never told it happened, and days of
+        // writes they chose to keep must not be merged away at some later boot.
+        for run in try journal.runs(in: [.kept]) where run.decision == .rollback {
+            do {
+                if let action = try await decidedRollback(run, journal: journal, engine: engine, boot: boot) { report.actions.append(action) }
+            } catch {
+                report.problems.append("run \(run.id!): \(error)")
             }
         }
         // A rollback whose guard died mid-merge (its merge resumed above from the COW): recovery
@@ -226,6 +247,31 @@ public struct Recovery {
             report.problems += strays.problems
         }
         return report
+    }
+
+    /// A kept run whose decision is `rollback`: carried out at a boot it was scheduled for, left
+    /// for that boot otherwise; finished if a merge began; taken back if none did.
+    /// - Returns: what was done, or nil when the run is left as it is.
+    func decidedRollback(_ run: RunRecord, journal: Journal, engine: SnapshotEngine, boot: Bool) async throws -> String? {
+        let runID = run.id!
+        if JournalEvents.scheduledForBoot(try journal.events(runID: runID)) {
+            return boot ? try await recover(run, journal: journal, engine: engine, boot: boot) : nil
+        }
+        let records = try journal.snapshots(runID: runID)
+        // A `guard rollback` at work holds the volumes: its decision is its own to carry out.
+        guard let locks = try? Maintenance(context: context).lock(records, runID: runID) else { return nil }
+        let began = try records.contains { record in
+            if record.state == .merging || record.state == .merged { return true }
+            guard let stack = decodeStack(record.stack) else { return false }
+            return try engine.liveState(stack).merging
+        }
+        if began {
+            locks.forEach { $0.release() }
+            return try await recover(run, journal: journal, engine: engine, boot: boot)
+        }
+        defer { locks.forEach { $0.release() } }
+        try RollbackProcedure.takeBack(runID: runID, journal: journal, phase: nil, reason: "guard stopped after deciding the rollback, before its first merge", at: timestamp())
+        return "run \(runID): its rollback was decided but never started (no merge began); the decision is taken back, the run stays kept (`guard rollback \(runID)` rolls it back)"
     }
 
     /// In the booted system: whether the initramfs did this boot's recovery and the state volume

@@ -37,6 +37,7 @@ extension Reporter {
         switch event {
         case .runStarted: note(text)
         case .needsReassembly: break
+        case .snapshotBypassed: warning(text)
         case .runSucceeded, .runKept: result(text, success: true)
         case .runRolledBack, .runFailed: result(text, success: false)
         }
@@ -47,6 +48,8 @@ extension Reporter {
 /// guard's journald catalog (Units/guard.catalog: `journalctl -x` explains them).
 public enum LogEvent: String, Sendable, CaseIterable {
     case runStarted, runSucceeded, runKept, runRolledBack, runFailed, needsReassembly
+    /// Another tool replaced a guarded origin's table: its snapshot is stale (issue 39).
+    case snapshotBypassed
 
     /// 128-bit ids, as `systemd-id128 new` makes them; never change one.
     public var messageID: String {
@@ -57,6 +60,7 @@ public enum LogEvent: String, Sendable, CaseIterable {
         case .runRolledBack: return "0daef6f1528e45648b75728188725573"
         case .runFailed: return "fd2e29937af64cdda1d9b300bd2c5848"
         case .needsReassembly: return "e29528bd61ef4b89b30b985eea9580c1"
+        case .snapshotBypassed: return "f510d6b5f0424183b9e2e4a1be9a908b"
         }
     }
 

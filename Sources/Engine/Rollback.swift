@@ -23,7 +23,7 @@ struct RollbackProcedure {
         for (record, stack) in zip(records, stacks) {
             let health = try engine.health(stack)
             guard !health.isRestorable else { continue }
-            try journal.event(runID, .error, "rollback-impossible", "\(record.volume): \(health.status)", at: timestamp())
+            try journal.event(runID, .error, JournalEvents.rollbackImpossible, "\(record.volume): \(health.status)", at: timestamp())
             var updated = record
             updated.state = .invalid
             try journal.update(updated)
@@ -61,6 +61,15 @@ struct RollbackProcedure {
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
         let hooks = recipe.map { ($0.rollbackStop, $0.rollbackStart, $0.environment) } ?? ([], [], [:])
 
+        /// The rollback did not start (no merge began): the services are started again, the
+        /// decision is taken back and the run is kept, so that nothing (recovery, the next boot,
+        /// the keep expiry) carries out or blocks on a rollback the admin was told did not happen.
+        func notStarted(_ error: any Error, _ what: String) async throws -> GuardFailure {
+            await startHooks(hooks, runner: runner, runID: runID, token: run.token)
+            try Self.takeBack(runID: runID, journal: journal, phase: phase, reason: "\(error)", at: timestamp())
+            return GuardFailure(.attention, "rollback of run \(runID) did not start: \(error); nothing was merged, the run stays kept with its snapshots\(what)")
+        }
+
         await stopHooks(hooks, runner: runner, runID: runID, token: run.token)
 
         // What the run's steps left running (a daemon, a writer that double-forked or called
@@ -80,9 +89,7 @@ struct RollbackProcedure {
         let origins = Set(try stacks.compactMap { try engine.dm.info($0.originRef)?.number })
         let mounts: [MountEntry]
         do { mounts = try Self.mountsToUnmount(origins: origins, table: Mounts.current()) } catch {
-            await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-            try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
-            throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept")
+            throw try await notStarted(error, "; `guard rollback \(runID)` tries again")
         }
         // The unmounts are journaled together once done (results, not decisions: recovery
         // does not read them).
@@ -98,9 +105,7 @@ struct RollbackProcedure {
             } catch {
                 try? journalUnmounts()
                 remountAll(unmounted, origins: origins)
-                await startHooks(hooks, runner: runner, runID: runID, token: run.token)
-                try journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
-                throw GuardFailure(.attention, "rollback of run \(runID) could not start: \(error); nothing was merged, the snapshots are kept; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
+                throw try await notStarted(error, "; stop what uses \(mount.target) (rollback.stop in the recipe) and run `guard rollback \(runID)`")
             }
         }
 
@@ -125,11 +130,11 @@ struct RollbackProcedure {
             let left = records.dropFirst(merging.count).map(\.volume)
             try? journal.event(runID, .error, "merge", "\(left.first ?? "?"): \(error)", at: timestamp())
             remountAll(unmounted, origins: origins)
+            guard !merging.isEmpty else {
+                throw try await notStarted(error, ": fix that and run `guard rollback \(runID)`")
+            }
             await startHooks(hooks, runner: runner, runID: runID, token: run.token)
             try? journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
-            guard !merging.isEmpty else {
-                throw GuardFailure(.attention, "rollback of run \(runID) did not start: \(error); nothing was merged, the snapshots are kept: fix that and run `guard rollback \(runID)`")
-            }
             // The decision stands and is journaled: `guard recover` rolls back what is left.
             run.state = .merging
             try? journal.update(run)
@@ -160,6 +165,21 @@ struct RollbackProcedure {
 
         if wait || allThin {
             try await Maintenance(context: context).waitForMerges(runID: runID, journal: journal, engine: engine)
+        }
+    }
+
+    /// Takes back the decision of a rollback that did not start (no merge began): the run is
+    /// kept, its decision `keep`, and the journal says why (`rollback-not-started`), in one
+    /// transaction. A run whose rollback is scheduled for a boot is not passed here.
+    static func takeBack(runID: Int64, journal: Journal, phase: PhaseRecord?, reason: String, at now: Double) throws {
+        try journal.batch {
+            guard var run = try journal.run(id: runID) else { return }
+            run.decision = .keep
+            run.state = .kept
+            try journal.update(run)
+            try journal.event(runID, .result, JournalEvents.rollbackNotStarted, "\(reason); nothing was merged; the decision is taken back and the run stays kept", at: now)
+            let open = try phase.map { [$0] } ?? journal.phases(runID: runID).filter { $0.name == "rollback" && $0.status == .started }
+            for phase in open { try journal.endPhase(phase, status: .failed, detail: reason, at: now) }
         }
     }
 

@@ -366,6 +366,12 @@ struct RunBody {
             recordWatch(watcher, stacks: watcher.stop())
             if failure == nil, let late = cowStop.value { failure = late }
         }
+        // A snapshot another tool took out of the write path during the run is stale: nothing
+        // can be rolled back or kept of it (its label says so already).
+        if let stale = Self.bypassed(live.stacks, engine: engine), !stale.isEmpty {
+            recordWatch(watcher, stacks: watcher.stop())
+            return staleEnd(stale, failure: failure)
+        }
         if let failure {
             let interrupted = stop.value != nil
             if recipe.onFailure == .keep && !interrupted {
@@ -493,7 +499,7 @@ struct RunBody {
         if !invalid.isEmpty {
             watcher.stop()
             let which = invalid.map { "\($0.originPath) (\((try? engine.health($0).status.description) ?? "Invalid"))" }.joined(separator: ", ")
-            do { try journal.event(runID, .error, "rollback-impossible", which, at: timestamp()) } catch {
+            do { try journal.event(runID, .error, JournalEvents.rollbackImpossible, which, at: timestamp()) } catch {
                 return journalUnwritable(error, "the invalidated snapshots of \(which) are left as they are")
             }
             live.discard()
@@ -522,6 +528,24 @@ struct RunBody {
             let fuse = fused.isEmpty || state == .merging ? "" : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
             return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(reason)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(reason)\(fuse)")
         }
+    }
+
+    /// The origins of `stacks` whose table another tool replaced, by volume name; nil when none could be read.
+    static func bypassed(_ stacks: [SnapshotStack], engine: SnapshotEngine) -> [String]? {
+        stacks.compactMap { stack in
+            if case .bypassed? = try? engine.routing(stack) { return stack.originName }
+            return nil
+        }
+    }
+
+    /// The end of a run one of whose snapshots another tool took out of the write path: no
+    /// rollback is possible and nothing is released behind the admin's back. The run is stale
+    /// until `guard commit` releases its snapshots.
+    mutating func staleEnd(_ volumes: [String], failure: String?) -> RunReport {
+        let why = OriginWatch.recorded(journal, runID: runID) ?? "the table of \(volumes.joined(separator: ", ")) was replaced by another tool during the run"
+        return finish(
+            outcome: .failed, exit: .attention, state: .stale, error: [failure, why].compactMap { $0 }.joined(separator: "; "),
+            message: "run \(runID) cannot be rolled back: \(why). The volumes hold what the steps and the other tool left; restore from a backup if that is bad")
     }
 
     /// The end of a run whose journal cannot be written: the action it was about to take did
@@ -631,6 +655,8 @@ struct RunBody {
         let runID = self.runID
         let records = self.records
         let names = plan.volumes.map { $0.spec.device }
+        let context = self.context
+        let dm = engine.dm
         let lastSampleAt = LockedValue<[Int: Double]>([:])
         return CowWatcher(
             engine: engine, stacks: stacks, policies: plan.volumes.map(\.extensionPolicy), stopThreshold: recipe.stopAtFill,
@@ -670,6 +696,12 @@ struct RunBody {
                 let reason = "the snapshot of \(names[index]) became \(status) (its COW overflowed)"
                 cowStop.set(reason)
                 try? journal.event(runID, .error, "cow-invalid", reason)
+            case .bypassed(let index, let bypass):
+                cowStop.set("the snapshot of \(names[index]) went stale: \(bypass)")
+                let watch = OriginWatch(context: context, journal: journal, engine: SnapshotEngine(dm: dm))
+                do { _ = try watch.recordBypass(runID: runID, record: records[index], stack: stacks[index], bypass: bypass) } catch {
+                    reporter.warning("the table of \(names[index]) was replaced by another tool (\(bypass)), and guard could not record it: \(error)")
+                }
             case .error(let index, let message):
                 reporter.log("COW watch of \(names[index]): \(message)")
             }

@@ -157,6 +157,8 @@ public struct SnapshotFiles {
         let locks = try maintenance.lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
         let engine = try context.engine()
+        // A snapshot another tool took out of the write path would serve a mix of old and new blocks.
+        _ = try maintenance.requireNotStale(run, "read (diff or restore)", journal: journal, engine: engine)
         let stacks = try maintenance.stacks(records)
         var views: [View] = []
         defer { for view in views { Self.release(view.snapshotRoot) } }

@@ -89,6 +89,9 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
             if verbosity != .quiet { emit(text) }
         case .needsReassembly:
             system(.warning, text, event: event)
+        case .snapshotBypassed:
+            system(.error, text, event: event)
+            if verbosity != .quiet { emit(style("guard: ", "31") + text) }
         case .runSucceeded, .runKept:
             system(.notice, text, event: event)
             emit(text)

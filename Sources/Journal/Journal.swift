@@ -220,7 +220,11 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
+    /// Runs `body` with a reading connection; inside a `batch` on the same thread it reads in
+    /// the batch's transaction (what the batch wrote so far included), as GRDB's queue cannot be
+    /// entered twice.
     public func read<T>(_ body: (Database) throws -> T) throws -> T {
+        if let db = batchDatabase() { return try body(db) }
         do {
             return try queue.read(body)
         } catch let error as DatabaseError {

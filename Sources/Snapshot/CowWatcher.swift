@@ -40,6 +40,9 @@ public final class CowWatcher: Sendable {
         case fused(volumeIndex: Int, fill: Double, microseconds: UInt64)
         /// The kernel invalidated the snapshot: the rollback is no longer possible.
         case invalidated(volumeIndex: Int, status: SnapshotStatus)
+        /// Another tool replaced the origin's table: its writes no longer reach the snapshot,
+        /// which is stale from now on (the rollback is no longer possible). Said once.
+        case bypassed(volumeIndex: Int, bypass: OriginBypass)
         case error(volumeIndex: Int, message: String)
     }
 
@@ -52,6 +55,8 @@ public final class CowWatcher: Sendable {
         var fuseArmed: Set<Int> = []
         var fused: Set<Int> = []
         var fusing: Set<Int> = []
+        /// The volumes whose origin was found bypassed (reported once, never acted on again).
+        var bypassed: Set<Int> = []
         /// The last reading of each stack: seconds, allocated sectors.
         var last: [Int: (at: Double, sectors: UInt64)] = [:]
     }
@@ -165,6 +170,20 @@ public final class CowWatcher: Sendable {
         let seconds = elapsed.inSeconds
         var next = interval
         for (index, stack) in stacks.enumerated() {
+            if state.withLock({ $0.bypassed.contains(index) }) { continue }
+            // The origin's table first: a snapshot another tool took out of the write path is
+            // stale, whatever its COW says; it is never extended or fused again. Confirmed, and
+            // reported, inside the gate: `guard monitor` holds the volume's lock there, so a
+            // commit or rollback at work on the volume (whose own table changes look the same
+            // for an instant) is never taken for another tool.
+            if case .bypassed? = try? engine.engine.routing(stack) {
+                _ = gate(index) {
+                    guard case .bypassed(let bypass)? = try? engine.engine.routing(stack) else { return }
+                    state.withLock { _ = $0.bypassed.insert(index) }
+                    onEvent(.bypassed(volumeIndex: index, bypass: bypass))
+                }
+                continue
+            }
             let status: SnapshotStatus
             do {
                 // The engine's reading: a thin snapshot's use is its pool's.

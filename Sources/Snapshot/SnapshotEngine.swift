@@ -531,6 +531,10 @@ public struct SnapshotEngine {
             throw SnapshotError(.labelMismatch, "label update of \(stack.storage.path)", "it has no label of run \(stack.identity.runToken)")
         }
         guard label.state != state else { return }
+        // Stale is final: such a snapshot is never kept, merged or reassembled again, only released.
+        if label.state == .stale && state != .released {
+            throw SnapshotError(.stale, "label update of \(stack.storage.path)", "the snapshot of \(label.originName) is stale (its volume was written around it)", hint: "`guard commit` releases it")
+        }
         label.state = state
         try label.write(to: stack.storage.path)
     }
@@ -873,11 +877,25 @@ extension SnapshotEngine {
         }
         let stack = try stackFromLabel(label, storage: storage, originNumber: origin.number)
         if try dm.info(stack.ref(.real)) != nil {
+            // Layers in the kernel are live only while the origin routes through them.
+            if case .bypassed(let bypass) = try routing(stack) {
+                try markStale(stack)
+                return .kept("\(storage.path): \(bypass); its snapshot is stale (writes went around it) and is kept, never merged; `guard commit` of its run releases it")
+            }
             return .alreadyLive(stack)
         }
         let live = try dm.table(.number(origin.number))
-        guard live.lengthSectors == label.originSectors else {
-            throw SnapshotError(.labelMismatch, operation, "\(origin.name) has \(live.lengthSectors) sectors, the snapshot was of \(label.originSectors)")
+        // The origin must be what the snapshot was taken of: another size or another table means
+        // a tool changed it while the snapshot was kept (`lvextend`, `pvmove`, `lvconvert`), and
+        // every write since went around the snapshot. Never stacked again; the COW is kept.
+        if let change = Self.originChange(live, label: label) {
+            guard label.state != .merging else {
+                throw SnapshotError(.labelMismatch, operation, "\(origin.name) \(change), but its merge did not finish", hint: "nothing was touched; see Docs/recovery.md")
+            }
+            var stale = label
+            stale.state = .stale
+            try stale.write(to: storage.path)
+            return .kept("\(storage.path): \(origin.name) \(change) since its snapshot was taken (a tool such as lvextend, pvmove or lvconvert changed it while the snapshot was kept): the snapshot is stale, kept and never merged; `guard commit` of its run releases it")
         }
         guard live.snapshotOriginDevice == nil && !live.isOnly("snapshot-merge") else {
             throw SnapshotError(.alreadySnapshotted, operation, "\(origin.name) already has another snapshot")
@@ -918,6 +936,24 @@ extension SnapshotEngine {
         }
         log?("reassembled \(merging ? "the merge into" : "the snapshot of") \(origin.name) from \(storage.path)")
         return .reassembled(stack, merging: merging)
+    }
+
+    /// How an origin's table differs from the one its snapshot was taken of, or nil. The devices
+    /// a table names may have other numbers after a reboot (disks found in another order), so
+    /// two tables of the same shape (targets, lengths, offsets) count as the same.
+    static func originChange(_ live: Table, label: CowLabel) -> String? {
+        if live.lengthSectors != label.originSectors {
+            return "has \(live.lengthSectors) sectors, not the \(label.originSectors) it had"
+        }
+        guard let recorded = try? Table(parsing: label.originTable) else { return nil }
+        func shape(_ table: Table) -> [String] {
+            table.redacted.lines.map { line in
+                let numbers = Set(line.target.devices.map(\.description))
+                let fields = line.target.description.split(separator: " ").map { numbers.contains(String($0)) ? "<dev>" : String($0) }
+                return "\(line.start) \(line.length) \(fields.joined(separator: " "))"
+            }
+        }
+        return shape(live) == shape(recorded) ? nil : "has another table (`\(live.redacted.lines.first?.description ?? "")`) than the one it had (`\(recorded.lines.first?.description ?? "")`)"
     }
 
     /// Refuses to reassemble onto an origin that was opened or written since it was activated:

@@ -189,6 +189,12 @@ struct JournalBatchTests {
             try journal.batch { try journal.event(run.id!, .intent, "two") }  // nested: the same transaction
         }
         #expect(try journal.events(runID: run.id!).map(\.action).suffix(2) == ["one", "two"])
+        // A read inside a batch reads the batch's own transaction (GRDB's queue cannot be entered twice).
+        let seen = try journal.batch {
+            try journal.event(run.id!, .intent, "read-back")
+            return try journal.events(runID: run.id!).map(\.action).last
+        }
+        #expect(seen == "read-back")
 
         struct Refused: Error {}
         #expect(throws: Refused.self) {

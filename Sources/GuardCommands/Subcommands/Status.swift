@@ -34,10 +34,13 @@ struct StatusOutput: Encodable {
         var state: String
         var outcome: String?
         var keepUntil: String?
+        /// What the next boot does to the run (a scheduled rollback, a boot assessment).
+        var pendingAtBoot: String?
         var volumes: [Volume]
         enum CodingKeys: String, CodingKey {
             case id, token, recipe, state, outcome, volumes
             case keepUntil = "keep_until"
+            case pendingAtBoot = "pending_at_boot"
         }
     }
 
@@ -166,7 +169,7 @@ extension GuardCommand {
                 runs: runs.map { status in
                     StatusOutput.Run(
                         id: status.run.id!, token: status.run.token, recipe: status.run.recipeName, state: status.run.state.rawValue,
-                        outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil),
+                        outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil), pendingAtBoot: status.pendingAtBoot,
                         volumes: status.volumes.map { volume in
                             StatusOutput.Volume(
                                 volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
@@ -184,6 +187,7 @@ extension GuardCommand {
                 var header = "run \(run.id) (\(run.recipe)): \(run.state)"
                 if let until = runs.first(where: { $0.run.id == run.id })?.run.keepUntil { header += " until \(formatDate(until))" }
                 lines.append(header)
+                if let pending = run.pendingAtBoot { lines.append("  at the next boot: \(pending)") }
                 for volume in run.volumes {
                     var line = "  \(volume.volume): \(volume.status)"
                     if let used = volume.usedBytes, let size = volume.sizeBytes {

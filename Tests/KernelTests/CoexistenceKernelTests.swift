@@ -1,0 +1,168 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Journal
+import Snapshot
+import Testing
+
+/// An lvm2 command an admin runs on a guarded LV while its run is kept.
+struct LVMCommand: CustomTestStringConvertible, Sendable {
+    var name: String
+    /// What the test does; `$VG`, `$LV`, `$MNT` and `$PV2` are replaced.
+    var script: String
+    /// Needs the filesystem unmounted around it (lvm2 refuses to deactivate a mounted LV).
+    var unmounted = false
+    /// The LV's name after it (lvrename).
+    var renamedTo: String?
+    /// Words the likely cause in guard's message holds.
+    var cause: String
+    var testDescription: String { name }
+}
+
+extension Kernel {
+    /// Issue 39: lvm2 commands on a guarded LV never take the rollback away silently.
+    @Suite("living beside lvm2")
+    struct CoexistenceKernelTests {
+        static let commands: [LVMCommand] = [
+            LVMCommand(name: "lvextend", script: "lvextend -q -L +40M $VG/$LV", cause: "lvextend"),
+            LVMCommand(name: "lvextend -r", script: "lvextend -q -r -L +40M $VG/$LV", cause: "lvextend"),
+            LVMCommand(name: "lvchange --refresh", script: "lvchange -q --refresh $VG/$LV", cause: "lvchange --refresh"),
+            LVMCommand(name: "lvrename", script: "lvrename -q $VG $LV site2", renamedTo: "site2", cause: "lvrename"),
+            LVMCommand(name: "pvmove", script: "vgextend -q $VG $PV2 && pvmove -q -i0 -n $LV $PV1 $PV2", cause: "pvmove"),
+            LVMCommand(name: "vgchange -an then -ay", script: "vgchange -q -an $VG && vgchange -q -ay $VG", unmounted: true, cause: "vgchange"),
+            LVMCommand(name: "lvcreate -s", script: "lvcreate -q -y -s -L 40M -n lvmsnap $VG/$LV", cause: "lvcreate -s"),
+        ]
+
+        /// A kept run on the tutorial's LV whose step rewrote a page of the database in place.
+        func keptRun(_ lvm: LVMFixture, tool: GuardTool) throws -> (run: String, before: String) {
+            try writeDatabase(at: lvm.mountPoint)
+            let before = try manifest(lvm.mountPoint)
+            let recipe = try writeRecipe(
+                """
+                name: pages
+                volumes:
+                  - device: \(lvm.device)
+                    mount: \(lvm.mountPoint)
+                    snapshot: { size: 24M }
+                steps:
+                  - name: rewrite a page in place
+                    shell: printf 'migrated-page' | dd of=\(lvm.mountPoint)/database bs=4096 seek=0 conv=notrunc,fsync status=none
+                on_success: keep
+                on_failure: rollback
+                """, in: lvm.scratch)
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            return ("\(try #require(try tool.history()).first?["id"] as? Int ?? 0)", before)
+        }
+
+        @Test("an lvm2 command reloads a kept run's LV, then the admin writes in place: status names it, diff, restore and rollback refuse, commit releases it; no exit 0 ever leaves a mix", arguments: commands)
+        func lvmCommandDuringKeptRun(_ command: LVMCommand) throws {
+            try sh("modprobe dm-mirror 2>/dev/null; true")
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let (run, before) = try keptRun(lvm, tool: tool)
+            let upgraded = try manifest(lvm.mountPoint)
+            let second = lvm.scratch.path("pv2.img")
+            try makeSparseFile(second, mebibytes: 300)
+            let pv2 = try LoopDevice.attach(file: second).device
+            lvm.scratch.defer_ { try? pv2.detach() }
+            try sh("pvcreate -q \(pv2.path)")
+
+            if command.unmounted { try Mounts.unmount(lvm.mountPoint) }
+            let script = command.script.replacingOccurrences(of: "$VG", with: lvm.vg).replacingOccurrences(of: "$LV", with: "website")
+                .replacingOccurrences(of: "$PV1", with: lvm.loop.path).replacingOccurrences(of: "$PV2", with: pv2.path)
+            try sh("LVM_SUPPRESS_FD_WARNINGS=1 \(script)")
+            let device = command.renamedTo.map { "/dev/mapper/\(lvm.vg)-\($0)" } ?? lvm.device
+            if command.unmounted { try Mounts.mount(source: device, target: lvm.mountPoint, fileSystemType: "ext4") }
+            // The admin's writes, in place, as a database writes its pages.
+            try sh("printf 'admin-write-after-\(command.name.filter(\.isLetter))' | dd of=\(lvm.mountPoint)/database bs=4096 seek=1 conv=notrunc,fsync status=none && sync")
+            let current = try manifest(lvm.mountPoint)
+            #expect(current != upgraded && current != before)
+            /// Every guard command that exits 0 leaves the pre-run files or the current ones.
+            func check(_ result: CommandResult, _ what: String) throws {
+                guard result.status == 0 else { return }
+                let now = try manifest(lvm.mountPoint)
+                #expect(now == current || now == before, "guard \(what) exited 0 and left files that are neither the pre-run nor the current ones")
+            }
+
+            let status = try tool("status")
+            #expect(status.status == 3, "status is not silent: \(status.stdout) \(status.stderr)")
+            #expect(status.stderr.contains("run \(run)") && status.stderr.contains("stale") && status.stderr.contains(command.cause), "\(status.stderr)")
+            #expect(status.stderr.contains("`guard commit \(run)`"), "it says what to do: \(status.stderr)")
+            let diff = try tool("diff", run)
+            #expect(diff.status != 0 && diff.stderr.contains("stale"), "\(diff.stderr)")
+            try check(diff, "diff")
+            let restore = try tool("restore", run, "\(lvm.mountPoint)/database")
+            #expect(restore.status != 0 && restore.stderr.contains("stale"), "\(restore.stderr)")
+            try check(restore, "restore")
+            let rollback = try tool("rollback", run, "--wait")
+            #expect(rollback.status != 0 && rollback.stderr.contains("stale"), "\(rollback.stderr)")
+            try check(rollback, "rollback")
+            #expect(try manifest(lvm.mountPoint) == current, "the refusals touched nothing")
+            let recover = try tool("recover")
+            #expect(recover.status == 3 && recover.stderr.contains("stale"), "\(recover.stdout) \(recover.stderr)")
+            try check(recover, "recover")
+
+            // What guard advised: commit releases the stale snapshot, the volume keeps its data.
+            let commit = try tool("commit", run)
+            #expect(commit.status == 0, "\(commit.stderr)")
+            try check(commit, "commit")
+            #expect(try manifest(lvm.mountPoint) == current)
+            let again = try tool("rollback", run)
+            #expect(again.status == 2, "\(again.stderr)")
+            #expect(try tool("status").status == 0)
+            let events = try sh("sqlite3 '\(tool.stateDirectory)/journal.sqlite' \"SELECT action FROM events WHERE run_id = \(run)\"")
+            #expect(events.contains("origin-bypassed"), "the journal says what was seen: \(events)")
+            try expectNothingLeft(state: tool.stateDirectory)
+            if command.name == "lvcreate -s" { try sh("lvremove -q -f \(lvm.vg)/lvmsnap") }
+            try Mounts.unmount(lvm.mountPoint)
+            #expect(try fsck(device))
+            recordResult([
+                "lvm2: \(command.name)", "`\(command.script.replacingOccurrences(of: "$", with: ""))` on a kept run's LV, then writes in place", "keep",
+                "as written", "committed", "stale at once (status exit 3, the likely command named); diff, restore and rollback refused; commit released it",
+            ])
+        }
+
+        @Test("lvchange --refresh with guard monitor running, writes in place, a power cut: the boot keeps the snapshot stale, never reassembled or merged")
+        func refreshThenPowerCut() async throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let (run, _) = try keptRun(lvm, tool: tool)
+            let cow = try #require(SnapshotEngine.cowFiles(in: lvm.scratch.path("state/cow")).first?.path)
+            let monitor = try startGuard(["monitor", "--state-dir", tool.stateDirectory], output: lvm.scratch.path("monitor.log"))
+            defer { monitor.terminate() }
+            try await Task.sleep(for: .seconds(3))  // the monitor reads the journal and watches the run
+
+            let started = Date()
+            try sh("LVM_SUPPRESS_FD_WARNINGS=1 lvchange -q --refresh \(lvm.vg)/website")
+            try await waitUntil("guard monitor to mark the snapshot stale", seconds: 60) { try CowLabel.read(from: cow)?.state == .stale }
+            let seconds = Date().timeIntervalSince(started)
+            #expect(seconds < 10, "the monitor marked it stale in \(seconds) s")
+            try sh("printf 'admin-write' | dd of=\(lvm.mountPoint)/database bs=4096 seek=1 conv=notrunc,fsync status=none && sync")
+            let current = try manifest(lvm.mountPoint)
+            monitor.terminate()
+
+            // The power cut: every device gone; the boot activates the VG with lvm2's own tables.
+            try Mounts.unmount(lvm.mountPoint)
+            try sh("LVM_SUPPRESS_FD_WARNINGS=1 vgchange -q -an \(lvm.vg)")
+            removeGuardStacks(onVolume: "\(lvm.vg)-website")
+            for loop in LoopDevice.find(backingFile: cow) { try loop.detach() }
+            try sh("LVM_SUPPRESS_FD_WARNINGS=1 vgchange -q -ay \(lvm.vg)")
+            let boot = try tool("recover", "--boot")
+            #expect(boot.status == 0 || boot.status == 3, "\(boot.stdout) \(boot.stderr)")
+            #expect(try DeviceMapper().table(.name("\(lvm.vg)-website")).isOnly("linear"), "nothing was stacked on the LV")
+            #expect(try CowLabel.read(from: cow)?.state == .stale)
+            try Mounts.mount(source: lvm.device, target: lvm.mountPoint, fileSystemType: "ext4")
+            #expect(try manifest(lvm.mountPoint) == current, "nothing was merged")
+            let rollback = try tool("rollback", run)
+            #expect(rollback.status != 0 && rollback.stderr.contains("stale"), "\(rollback.stderr)")
+            #expect(try tool("commit", run).status == 0)
+            #expect(try manifest(lvm.mountPoint) == current)
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult([
+                "lvm2: refresh, power cut", "`lvchange --refresh` on a kept run's LV with guard monitor running, writes in place, a power cut", "keep",
+                "as written", "committed", "the monitor marked the label stale within seconds; the boot kept it stale (never reassembled); commit released it",
+            ])
+        }
+    }
+}

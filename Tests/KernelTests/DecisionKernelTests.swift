@@ -1,0 +1,151 @@
+import BlockDevice
+import DeviceMapper
+import Foundation
+import Snapshot
+import Testing
+
+/// A guard volume with ext4 mounted in its scratch directory, the tutorial's database on it.
+final class MountedVolume {
+    let volume: RawVolume
+    let mountPoint: String
+    var tool: GuardTool { volume.guardTool }
+
+    init(mebibytes: Int = 64, label: String = #function) throws {
+        volume = try RawVolume(mebibytes: mebibytes, label: label)
+        mountPoint = volume.scratch.path("mnt")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try sh("mkfs.ext4 -q -F \(volume.device)")
+        try mount()
+        let mountPoint = self.mountPoint
+        volume.scratch.defer_ { _ = try? Mounts.unmount(mountPoint) }
+        try writeDatabase(at: mountPoint)
+    }
+
+    func mount() throws { try Mounts.mount(source: volume.device, target: mountPoint, fileSystemType: "ext4") }
+
+    /// A recipe for the mounted volume whose step rewrites the database's first page in place,
+    /// as a database server writes its pages (the same blocks, not a new file).
+    func recipe(onSuccess: String = "keep", extra: String = "") throws -> String {
+        try writeRecipe(
+            """
+            name: pages
+            volumes:
+              - device: \(volume.device)
+                mount: \(mountPoint)
+                snapshot: { size: 16M }
+            steps:
+              - name: rewrite a page in place
+                shell: printf 'migrated-page' | dd of=\(mountPoint)/database bs=4096 seek=0 conv=notrunc,fsync status=none
+            on_success: \(onSuccess)
+            on_failure: rollback
+            \(extra)
+            """, in: volume.scratch)
+    }
+
+    /// Writes `text` into the database's second page in place and syncs: the admin's own writes.
+    func writeInPlace(_ text: String) throws {
+        try sh("printf '\(text)' | dd of=\(mountPoint)/database bs=4096 seek=1 conv=notrunc,fsync status=none && sync")
+    }
+
+    /// A power cut: the filesystem is gone without guard, every device of the volume removed.
+    /// (The filesystem is unmounted first: the kernel cannot remove a device a mount holds.)
+    func powerCutAndBoot() throws -> CommandResult {
+        try sh("sync")
+        try Mounts.unmount(mountPoint)
+        try powerCut(volume)
+        // The boot: guard-reassemble.service's recovery, before anything mounts the volume.
+        let boot = try tool("recover", "--boot")
+        try mount()
+        return boot
+    }
+
+    /// The run's `decision` column, from the journal.
+    func decision(_ run: String) throws -> String {
+        try sh("sqlite3 '\(tool.stateDirectory)/journal.sqlite' \"SELECT ifnull(decision, '') FROM runs WHERE id = \(run)\"").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+extension Kernel {
+    /// Issue 40: what guard says will happen is what happens.
+    @Suite("what guard says will happen")
+    struct DecisionKernelTests {
+        @Test("a rollback refused because the volume is busy is taken back: the admin's later writes survive a power cut and a boot, and a later rollback still restores the pre-run files")
+        func refusedRollbackIsTakenBack() async throws {
+            let fixture = try MountedVolume()
+            let tool = fixture.tool
+            let before = try manifest(fixture.mountPoint)
+            let kept = try tool("run", try fixture.recipe())
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+
+            // A process keeps the volume busy (its working directory is in it): the unmount fails.
+            let pidFile = fixture.volume.scratch.path("holder.pid")
+            try startDetached(["/bin/sh", "-c", "cd '\(fixture.mountPoint)' && echo $$ > '\(pidFile)' && exec sleep 600"])
+            try await waitUntil("the holder to start", seconds: 60) { FileManager.default.fileExists(atPath: pidFile) }
+            let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            let refused = try tool("rollback", run)
+            #expect(refused.status == 3, "\(refused.stderr)")
+            #expect(refused.stderr.contains("did not start") && refused.stderr.contains("stays kept"), "\(refused.stderr)")
+            #expect(try fixture.decision(run) == "keep", "the decision is taken back")
+            let status = try tool("status", "--json")
+            #expect(status.status == 0, "\(status.stdout) \(status.stderr)")
+            #expect(status.stdout.contains("\"pending_at_boot\" : null") || status.stdout.contains("\"pending_at_boot\":null"), "nothing is pending at the next boot: \(status.stdout)")
+            try sh("kill -9 \(holder)")
+            try await waitUntil("the holder to exit", seconds: 60) {
+                // Gone, or a zombie nobody reaped (it holds nothing then): no working directory.
+                (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(holder)/cwd")) == nil
+            }
+
+            // Days of writes the admin keeps, in place; then the power goes and the machine boots.
+            try fixture.writeInPlace("admin-write-after-the-refusal")
+            let written = try manifest(fixture.mountPoint)
+            let boot = try fixture.powerCutAndBoot()
+            #expect(boot.status == 0, "\(boot.stdout) \(boot.stderr)")
+            #expect(!boot.stdout.contains("rolled back"), "the boot rolled nothing back: \(boot.stdout)")
+            #expect(try manifest(fixture.mountPoint) == written, "the writes after the refused rollback are still there")
+            #expect(try tool.history()?.first?["state"] as? String == "kept")
+
+            // The snapshot is intact: a rollback now restores the files as before the run.
+            let rollback = try tool("rollback", run, "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try manifest(fixture.mountPoint) == before)
+            try Mounts.unmount(fixture.mountPoint)
+            #expect(try fsck(fixture.volume.device))
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult([
+                "refused-rollback-then-power-cut", "a kept run's rollback refused (busy mount), writes, a power cut, a boot", "keep", "as written",
+                "kept", "the refusal took the decision back; the boot merged nothing; a later rollback restored the pre-run files",
+            ])
+        }
+
+        @Test("guard killed after deciding a rollback and before its first merge: recovery takes the decision back, the run stays kept and the boot merges nothing")
+        func killedBeforeTheMergeIsTakenBack() throws {
+            let fixture = try MountedVolume()
+            let tool = fixture.tool
+            let before = try manifest(fixture.mountPoint)
+            #expect(try tool("run", try fixture.recipe()).status == 0)
+            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+            let killed = try tool("rollback", run, extra: ["GUARD_CRASH_AT": "rollback.before-merge"])
+            #expect(killed.status == 137, "guard was killed at the crash point: \(killed.stderr)")
+            #expect(try fixture.decision(run) == "rollback")
+            // The rollback had unmounted the volume; the admin mounts it and goes on.
+            if Mounts.entry(at: fixture.mountPoint) == nil { try fixture.mount() }
+            try fixture.writeInPlace("admin-write-after-the-crash")
+            let written = try manifest(fixture.mountPoint)
+
+            let boot = try fixture.powerCutAndBoot()
+            #expect(boot.status == 0, "\(boot.stdout) \(boot.stderr)")
+            #expect(boot.stdout.contains("never started") && boot.stdout.contains("taken back"), "\(boot.stdout)")
+            #expect(try fixture.decision(run) == "keep")
+            #expect(try manifest(fixture.mountPoint) == written, "the boot merged nothing")
+            let rollback = try tool("rollback", run, "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try manifest(fixture.mountPoint) == before)
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult([
+                "rollback.before-merge-then-boot", "guard rollback killed after its decision, before the first merge; writes, a power cut, a boot", "rollback",
+                "as written", "kept", "the boot took the decision back (no merge had begun); a later rollback restored the pre-run files",
+            ])
+        }
+    }
+}
