@@ -123,7 +123,7 @@ let package = Package(
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "DeviceMapper", "Quantities"], swiftSettings: strict),
         .testTarget(name: "JournalTests", dependencies: ["Journal"], swiftSettings: strict),
         .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Quantities"], swiftSettings: strict),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "Files", "Recipe", "Journal"], swiftSettings: strict),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Files", "Recipe", "Journal", "Watchdog", "DeviceMapper", "BlockDevice"], swiftSettings: strict),
         .testTarget(
             name: "GuardCommandsTests",
             dependencies: ["GuardCommands", "Journal", "Engine", "Snapshot", "DeviceMapper"],

@@ -194,6 +194,42 @@ public struct Table: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Targets that keep state and metadata of their own (md's raid superblocks and bitmaps, a
+    /// mirror's log, dm-cache's and dm-writecache's metadata, dm-integrity's journal, vdo's
+    /// index): two live instances over the same devices corrupt it. lvm2 resumes a snapshot
+    /// origin's new `-real` only once the origin is suspended (`delay_resume_if_new` in
+    /// libdm/libdm-deptree.c) for this reason.
+    public static let statefulTargetTypes: Set<String> = ["raid", "mirror", "cache", "writecache", "integrity", "vdo", "era", "clone"]
+
+    /// Whether a target of this table keeps state of its own (see `statefulTargetTypes`).
+    public var keepsState: Bool { lines.contains { Self.statefulTargetTypes.contains($0.target.typeName) } }
+
+    /// The targets guard's classic snapshot has been proven on, end to end, in the kernel suite
+    /// (take, commit, rollback, a kept run rolled back later, the LV deactivated and activated
+    /// again): stateless ones, raid1 and lvm2's writecache.
+    public static let provenTargetTypes: Set<String> = ["linear", "striped", "crypt", "zero", "error", "writecache"]
+
+    /// The targets of this table guard's classic snapshot is not proven on ("raid5", "cache"),
+    /// each once, in table order; empty when it may snapshot it.
+    public var unprovenTargets: [String] {
+        var found: [String] = []
+        for line in lines {
+            let type = line.target.typeName
+            let name: String
+            if type == "raid" {
+                let level = line.target.description.split(separator: " ").dropFirst().first.map(String.init) ?? "raid"
+                if level == "raid1" { continue }
+                name = level
+            } else if Self.provenTargetTypes.contains(type) {
+                continue
+            } else {
+                name = type
+            }
+            if !found.contains(name) { found.append(name) }
+        }
+        return found
+    }
+
     /// Whether this is guard's write fuse.
     public var isFused: Bool {
         if lines.count == 1, case .writeFuse = lines[0].target { return true }

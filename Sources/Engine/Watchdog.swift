@@ -27,11 +27,10 @@ public final class ProcessWatchdog: WindowWatchdog {
         self.log = log
     }
 
-    public func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws {
+    public func arm(_ plan: WatchdogPlan, timeout: Duration) throws {
         try startIfNeeded()
         let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
-        let refs = devices.map(WatchdogProtocol.encode).joined(separator: " ")
-        try send("arm \(milliseconds) \(refs)")
+        try send("arm \(milliseconds) \(WatchdogProtocol.encode(plan))")
         guard receive() == "armed" else {
             stop()
             throw GuardFailure(.attention, "the suspend watchdog (\(executable) __watchdog) did not answer; nothing was suspended")

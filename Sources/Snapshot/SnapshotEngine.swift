@@ -8,9 +8,10 @@ import Quantities
 /// `arm` must return only once the watchdog is ready to act (a separate process that
 /// does not depend on any suspended volume); `disarm` after the last resume.
 public protocol WindowWatchdog: AnyObject {
-    /// If `disarm()` does not follow within `timeout`, or this process dies, resume
-    /// `devices` in this order.
-    func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws
+    /// If `disarm()` does not follow within `timeout`, or this process dies, finish the window
+    /// `plan` describes: once any of its devices is suspended, suspend the rest in order, resume
+    /// in order, then remove what must never be live again.
+    func arm(_ plan: WatchdogPlan, timeout: Duration) throws
     /// - Returns: false when the watchdog did not confirm: it fired (and resumed the devices
     ///   itself) or died; the caller says so.
     @discardableResult
@@ -105,6 +106,15 @@ public struct SnapshotEngine {
                 throw SnapshotError(.notAVolume, operation, "\(info.name) is itself a snapshot")
             default: continue
             }
+        }
+        // A classic snapshot's -real runs the origin's own table a second time: proven end to end
+        // for these targets only (a guard thin volume takes thin snapshots in its pool instead).
+        let unproven = table.unprovenTargets.filter { !($0 == "thin" && info.uuid.hasPrefix(DeviceMapper.uuidPrefix + "VOL-")) }
+        if !unproven.isEmpty {
+            throw SnapshotError(
+                .notAVolume, operation,
+                "\(info.name) is a \(unproven.joined(separator: "/")) volume: guard's snapshot is not proven on it (a target that keeps state of its own must never run twice over the same devices, and guard's suite has not shown that it does not)",
+                hint: "snapshot it with lvm2 (`lvcreate -s`); guard snapshots linear, striped, crypt, raid1 and writecache volumes")
         }
         return Origin(info: info, table: table)
     }
@@ -343,9 +353,13 @@ public struct SnapshotEngine {
         try dm.load(.uuid(stack.identity.uuid(.real)), table: origin.table, readOnly: origin.info.isReadOnly)
         CrashPoint.hit("prepare.real-loaded")
         // Live before the window (one resume less inside it): the origin's own blocks mapped a
-        // second time, opened by nothing until -snap is resumed inside the window.
-        try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: udev)
-        CrashPoint.hit("prepare.real-live")
+        // second time, opened by nothing until -snap is resumed inside the window. Not a table
+        // that keeps state (raid, writecache): that one goes live inside the window, with the
+        // origin suspended, so its target never runs twice over the same devices.
+        if !stack.delaysRealResume {
+            try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: udev)
+            CrashPoint.hit("prepare.real-live")
+        }
         _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
         try dm.load(
             stack.ref(.snap),
@@ -444,7 +458,7 @@ public struct SnapshotEngine {
                             hint: "load the volume's table again yourself (`cryptsetup open`, `dmsetup reload`), then run `guard recover`")
                     }
                 }
-                try executor.run(.drop(origin: origin, own: own, snap: snap, name: operation), udev: udev)
+                try executor.run(.drop(origin: origin, own: own, snap: snap, statefulReal: stack.delaysRealResume ? real : nil, name: operation), udev: udev)
                 log?("\(origin.name) is back on its own table")
             } else if origin.isSuspended {
                 try dm.resume(.number(origin.number))  // left suspended by a crash, own table
@@ -719,9 +733,18 @@ public struct SnapshotEngine {
     /// loaded inactive table live: every table guard loads before a suspend is the next
     /// step forward, so completing it is what the crashed command was doing.
     /// - Returns: the names resumed.
+    ///
+    /// A `-real` whose table keeps state (and the `-snap` over it) is left suspended when the
+    /// origin no longer routes through it: a commit or the end of a merge stopped between the
+    /// origin's own table going live and their removal, which the teardown that follows finishes.
     public func resumeSuspended(_ stack: SnapshotStack) throws -> [String] {
         var resumed: [String] = []
-        for ref in [stack.ref(.cow), stack.ref(.real), stack.ref(.snap), stack.originRef] {
+        var leftForRemoval: Set<DeviceRef> = []
+        if stack.delaysRealResume, let real = try dm.info(stack.ref(.real)), real.isSuspended {
+            let routes = try dm.info(stack.originRef).map { try dm.table(.number($0.number)).devices.contains(real.number) } ?? false
+            if !routes { leftForRemoval = [stack.ref(.real), stack.ref(.snap)] }
+        }
+        for ref in [stack.ref(.cow), stack.ref(.real), stack.ref(.snap), stack.originRef] where !leftForRemoval.contains(ref) {
             guard let info = try dm.info(ref), info.isSuspended else { continue }
             try dm.resume(.number(info.number))
             resumed.append(info.name)
@@ -808,7 +831,7 @@ public struct SnapshotEngine {
             // Checked again with the origin quiet: the merge must really be complete, or the
             // origin stays on the merge.
             try executor.run(
-                .finishMerge(origin: origin, own: own, stack: stack) { [dm] in
+                .finishMerge(origin: origin, own: own, statefulReal: stack.delaysRealResume ? real : nil, stack: stack) { [dm] in
                     if case .active(let usage) = try dm.snapshotStatus(.number(origin.number)), !usage.isMergeComplete {
                         throw SnapshotError(.mergeInProgress, operation, "the merge is not complete")
                     }

@@ -65,6 +65,11 @@ public struct SnapshotStack: Hashable, Sendable, Codable {
     public var thin: ThinSnapshot?
 
     public var geometry: CowGeometry { CowGeometry(chunkSectors: chunkSectors) }
+    /// Whether the origin's own table keeps state of its own (raid, writecache, ...): its
+    /// `-real` then goes live only inside the window, with the origin suspended, and is
+    /// suspended before the origin's own table is live again (a table that cannot be read
+    /// counts as one).
+    public var delaysRealResume: Bool { thin == nil && ((try? Table(parsing: originTable))?.keepsState ?? true) }
     /// Bytes the kernel can use for the snapshot (storage minus guard's label area).
     public var areaBytes: UInt64 { storageBytes - CowLabel.areaOffset }
     /// The snapshot's size as the recipe gave it (grown by extensions): the area without the

@@ -76,10 +76,22 @@ public struct Transition: @unchecked Sendable {
     /// Runs with every device of `suspensions` suspended; a throw fails the window.
     public var check: (() throws -> Void)?
     public var resumptions: [Resumption]
+    /// Devices removed after the resumes, still suspended: a `-real` (and the `-snap` over it)
+    /// whose table keeps state of its own, once the origin's own table is live again. Made live
+    /// again, it would be a second instance of that target over the same devices.
+    public var removals: [DeviceRef] = []
+    /// Devices this transition resumes that must be suspended again before a failed window puts
+    /// the origins back on their own tables (a stateful `-real` the take made live).
+    public var suspendBeforeRevert: [DeviceRef] = []
     public var onFailure: OnFailure
 
     /// The order the watchdog resumes in if guard dies or stalls inside the window.
     public var watchdogOrder: [DeviceRef] { resumptions.map(\.device) }
+
+    /// What the watchdog does if guard dies or stalls inside the window.
+    public var watchdogPlan: WatchdogPlan {
+        WatchdogPlan(suspend: suspensions.map(\.device), resume: watchdogOrder, remove: removals)
+    }
 
     /// Devices whose suspension guard's own pages could fault on (known by number).
     public var suspendedNumbers: Set<DeviceNumber> {
@@ -99,8 +111,11 @@ public struct Transition: @unchecked Sendable {
         for device in Set(suspended) where suspended.count(where: { $0 == device }) > 1 {
             problems.append("\(name): \(device) is suspended twice")
         }
-        for device in suspended where !resumed.contains(device) {
+        for device in suspended where !resumed.contains(device) && !removals.contains(device) {
             problems.append("\(name): \(device) is suspended and never resumed")
+        }
+        for device in removals where resumed.contains(device) {
+            problems.append("\(name): \(device) is resumed and removed")
         }
         for load in loads where !resumed.contains(load.device) {
             problems.append("\(name): the table loaded into \(load.device) never goes live")
@@ -131,6 +146,9 @@ extension Transition {
         }
         let origins = stacks.map { DeviceRef.number($0.originNumber) }
         let classic = stacks.filter { $0.thin == nil }
+        // A -real whose table keeps state goes live only now, its origin suspended (lvm2's
+        // delay_resume_if_new): never two live instances of that target.
+        let stateful = classic.filter(\.delaysRealResume).map { $0.ref(.real) }
         // A thin snapshot is one message to the volume's pool, with the volume suspended.
         let thin = stacks.compactMap(\.thin).enumerated().map { index, thin in
             Message(device: thin.poolRef, text: "create_snap \(thin.snapshotID) \(thin.originID)", crashPointAfter: index == 0 ? "window.thin-snapshot" : nil)
@@ -140,8 +158,10 @@ extension Transition {
             suspensions: origins.map { Suspension(device: $0, flush: true, lockFileSystem: true) },
             crashPointSuspended: "window.suspended",
             messages: thin,
-            resumptions: group(classic.map { $0.ref(.snap) }, [.hidden, .lowPriority], classic.isEmpty ? nil : "window.snap-resumed")
+            resumptions: group(stateful, .hidden, nil)
+                + group(classic.map { $0.ref(.snap) }, [.hidden, .lowPriority], classic.isEmpty ? nil : "window.snap-resumed")
                 + group(origins, [], nil),
+            suspendBeforeRevert: stateful,
             onFailure: .revertSuspended)
     }
 
@@ -152,16 +172,23 @@ extension Transition {
     /// with them) and holds new ones until the resume, and nothing needs the filesystem
     /// consistent at this instant (the snapshot is going), so the service does not wait for
     /// a freeze and its journal checkpoint a second time.
-    public static func drop(origin: DeviceInfo, own: Table, snap: DeviceInfo?, name: String) -> Transition {
+    ///
+    /// For an origin whose own table keeps state (`statefulReal`), `-real` is suspended too,
+    /// before the origin's own table goes live (its target commits its metadata on suspend and
+    /// the origin's reads it on resume), and `-snap` and `-real` are removed still suspended.
+    public static func drop(origin: DeviceInfo, own: Table, snap: DeviceInfo?, statefulReal: DeviceInfo? = nil, name: String) -> Transition {
         let snapRef = snap.map { DeviceRef.number($0.number) }
+        let realRef = statefulReal.map { DeviceRef.number($0.number) }
+        let quiet: [DeviceRef] = (snapRef.map { [$0] } ?? []) + (realRef.map { [$0] } ?? [])
         return Transition(
             name: name,
             loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "commit.origin-loaded")],
             suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: false)]
-                + (snapRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
+                + quiet.map { Suspension(device: $0, flush: true, lockFileSystem: false) },
             crashPointSuspended: "commit.suspended",
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]
-                + (snapRef.map { [Resumption(device: $0, udevFlags: [.hidden, .lowPriority])] } ?? []),
+                + (realRef == nil ? (snapRef.map { [Resumption(device: $0, udevFlags: [.hidden, .lowPriority])] } ?? []) : []),
+            removals: realRef == nil ? [] : quiet,
             onFailure: .completeForward)
     }
 
@@ -206,13 +233,18 @@ extension Transition {
     /// The end of a merge the kernel reports complete: the origin back on its own table
     /// (`own`, `-real`'s). `check` runs with the origin quiet and must confirm completion;
     /// if it does not, the origin stays on the merge.
-    public static func finishMerge(origin: DeviceInfo, own: Table, stack: SnapshotStack, check: @escaping () throws -> Void) -> Transition {
-        Transition(
+    /// For an origin whose own table keeps state (`statefulReal`), `-real` is suspended after
+    /// the origin and removed once the origin's own table is live, still suspended.
+    public static func finishMerge(origin: DeviceInfo, own: Table, statefulReal: DeviceInfo? = nil, stack: SnapshotStack, check: @escaping () throws -> Void) -> Transition {
+        let realRef = statefulReal.map { DeviceRef.number($0.number) }
+        return Transition(
             name: "teardown of the merge into \(stack.originName)",
             loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "finish.origin-loaded")],
-            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)],
+            suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)]
+                + (realRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
             check: check,
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])],
+            removals: realRef.map { [$0] } ?? [],
             onFailure: .revertSuspended)
     }
 
@@ -349,9 +381,15 @@ public protocol TransitionDevices {
     func suspend(_ device: DeviceRef, flush: Bool, lockFileSystem: Bool) throws
     func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws
     func message(_ device: DeviceRef, _ text: String) throws
+    /// Removes a device that is no longer used (it may be suspended).
+    func removeDevice(_ device: DeviceRef, batch: UdevBatch?) throws
 }
 
-extension DeviceMapper: TransitionDevices {}
+extension DeviceMapper: TransitionDevices {
+    public func removeDevice(_ device: DeviceRef, batch: UdevBatch?) throws {
+        try remove(device, batch: batch)
+    }
+}
 
 /// Runs transitions. The only code in guard that suspends a device.
 public struct TransitionExecutor<Devices: TransitionDevices> {
@@ -409,7 +447,7 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
 
     private func window(_ transition: Transition, udev: UdevBatch?) throws -> WindowTiming {
         let batch = udev ?? UdevBatch()
-        try watchdog?.arm(resumeInOrder: transition.watchdogOrder, timeout: watchdogTimeout)
+        try watchdog?.arm(transition.watchdogPlan, timeout: watchdogTimeout)
         // Locked only where a page of guard could have to come from a suspended device.
         let lockNeeded = mayFault(transition.suspendedNumbers)
         var memoryLocked = lockNeeded
@@ -448,6 +486,9 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
                     try? devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)
                 }
             case .revertSuspended:
+                for device in transition.suspendBeforeRevert where resumed.contains(device) {
+                    try? devices.suspend(device, flush: false, lockFileSystem: false)
+                }
                 for device in suspended {
                     try? devices.clearInactiveTable(device)
                     try? devices.resume(device, udevFlags: [], batch: batch)
@@ -461,9 +502,19 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
         }
         if memoryLocked { unlockMemory() }
         DeviceMapper.releaseLog()
+        // Outside the window: what must never be live again goes, still suspended.
+        var removalFailure: (any Error)?
+        for device in transition.removals where failure == nil {
+            do { try devices.removeDevice(device, batch: batch) } catch {
+                removalFailure = removalFailure ?? SnapshotError(
+                    .other, transition.name, "\(device) could not be removed (\(error)); it stays suspended, never live again",
+                    hint: "run `guard recover`, which removes it")
+            }
+        }
         if udev == nil { batch.finish() }
         if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
         if let failure { throw failure }
+        if let removalFailure { throw removalFailure }
         return WindowTiming(start: start, suspended: allSuspended, end: end)
     }
 }

@@ -10,9 +10,36 @@ import Glibc
 // module only (DeviceMapper and BlockDevice, no Foundation), so the memory it locks is a
 // few MiB, not guard's whole program. The client side (`ProcessWatchdog`) is in Engine.
 
-/// The line protocol between guard and its watchdog: `arm <ms> <ref>...`, `disarm`, `exit`;
-/// answers `ready`, `armed`, `disarmed`, `error ...`.
+/// The line protocol between guard and its watchdog: `arm <ms> [suspend <ref>...] resume
+/// <ref>... [remove <ref>...]` (an `arm` with refs and no keyword resumes them), `disarm`,
+/// `exit`; answers `ready`, `armed`, `disarmed`, `error ...`.
 public enum WatchdogProtocol {
+    public static func encode(_ plan: WatchdogPlan) -> String {
+        func list(_ word: String, _ refs: [DeviceRef]) -> String {
+            refs.isEmpty ? "" : " \(word) " + refs.map(encode).joined(separator: " ")
+        }
+        let text = list("suspend", plan.suspend) + list("resume", plan.resume) + list("remove", plan.remove)
+        return String(text.drop { $0 == " " })
+    }
+
+    public static func decodePlan(_ words: some Sequence<Substring>) -> WatchdogPlan {
+        var plan = WatchdogPlan(resume: [])
+        var current = "resume"
+        for word in words {
+            if ["suspend", "resume", "remove"].contains(word) {
+                current = String(word)
+                continue
+            }
+            guard let ref = decode(word) else { continue }
+            switch current {
+            case "suspend": plan.suspend.append(ref)
+            case "remove": plan.remove.append(ref)
+            default: plan.resume.append(ref)
+            }
+        }
+        return plan
+    }
+
     public static func encode(_ ref: DeviceRef) -> String {
         switch ref {
         case .name(let name): return "name=\(name)"
@@ -46,7 +73,7 @@ public enum WatchdogServer {
             return 1
         }
         writeLine("ready")
-        var armed: (deadline: ContinuousClock.Instant, devices: [DeviceRef])?
+        var armed: (deadline: ContinuousClock.Instant, plan: WatchdogPlan)?
         var buffer: [UInt8] = []
         while true {
             var timeout: Int32 = -1
@@ -58,7 +85,7 @@ public enum WatchdogServer {
             let ready = poll(&descriptor, 1, timeout)
             if ready < 0 && errno == EINTR { continue }
             if ready == 0, let current = armed {
-                fire(dm, current.devices, reason: "guard did not finish its suspend window in time")
+                fire(dm, current.plan, reason: "guard did not finish its suspend window in time")
                 return 2
             }
             var chunk = [UInt8](repeating: 0, count: 4096)
@@ -66,7 +93,7 @@ public enum WatchdogServer {
             if count < 0 && errno == EINTR { continue }
             if count <= 0 {
                 if let current = armed {
-                    fire(dm, current.devices, reason: "guard exited while devices were suspended")
+                    fire(dm, current.plan, reason: "guard exited while devices were suspended")
                     return 2
                 }
                 return 0
@@ -79,10 +106,10 @@ public enum WatchdogServer {
                 switch words.first {
                 case "arm":
                     let milliseconds = words.count > 1 ? Int64(words[1]) ?? 30_000 : 30_000
-                    let devices = words.dropFirst(2).compactMap(WatchdogProtocol.decode)
-                    let numbers = Set(devices.compactMap { ref -> DeviceNumber? in if case .number(let number) = ref { return number } else { return nil } })
+                    let plan = WatchdogProtocol.decodePlan(words.dropFirst(2))
+                    let numbers = Set((plan.suspend + plan.resume).compactMap { ref -> DeviceNumber? in if case .number(let number) = ref { return number } else { return nil } })
                     if !locked && Memory.mayFault(on: numbers) { locked = (try? Memory.lockAll()) != nil }
-                    armed = (ContinuousClock.now + .milliseconds(milliseconds), devices)
+                    armed = (ContinuousClock.now + .milliseconds(milliseconds), plan)
                     writeLine("armed")
                 case "disarm":
                     armed = nil
@@ -96,14 +123,28 @@ public enum WatchdogServer {
         }
     }
 
-    private static func fire(_ dm: DeviceMapper, _ devices: [DeviceRef], reason: String) {
+    /// Finishes the window guard left: the rest of its suspends (if it began them), its resumes,
+    /// its removals. A window that never began (nothing suspended) is left alone: the tables
+    /// guard loaded stay inactive, and `guard recover` clears them.
+    private static func fire(_ dm: DeviceMapper, _ plan: WatchdogPlan, reason: String) {
+        let began = plan.suspend.isEmpty || plan.suspend.contains { (try? dm.info($0))??.isSuspended == true }
         var resumed: [String] = []
-        for device in devices {
-            if let info = try? dm.info(device), info.isSuspended || info.hasInactiveTable {
-                if (try? dm.resume(device)) != nil { resumed.append(info.name) }
+        var removed: [String] = []
+        if began {
+            for device in plan.suspend {
+                if let info = try? dm.info(device), !info.isSuspended { _ = try? dm.suspend(device, flush: true, lockFileSystem: false) }
+            }
+            for device in plan.resume {
+                if let info = try? dm.info(device), info.isSuspended || info.hasInactiveTable {
+                    if (try? dm.resume(device)) != nil { resumed.append(info.name) }
+                }
+            }
+            for device in plan.remove {
+                if let info = try? dm.info(device), (try? dm.remove(device)) != nil { removed.append(info.name) }
             }
         }
-        let message = "guard watchdog: \(reason); resumed \(resumed.isEmpty ? "nothing (nothing was suspended)" : resumed.joined(separator: ", ")); run `guard recover`\n"
+        let what = resumed.isEmpty ? "resumed nothing (nothing was suspended)" : "resumed \(resumed.joined(separator: ", "))"
+        let message = "guard watchdog: \(reason); \(what)\(removed.isEmpty ? "" : ", removed \(removed.joined(separator: ", "))"); run `guard recover`\n"
         _ = message.withCString { write(2, $0, strlen($0)) }
     }
 

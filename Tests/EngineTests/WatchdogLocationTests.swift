@@ -1,7 +1,10 @@
 import Foundation
 import Testing
 
+import BlockDevice
+import DeviceMapper
 @testable import Engine
+import Watchdog
 
 /// Issue 18: guard starts `guard-watchdog` (small, no Foundation), found beside it or where
 /// Scripts/install puts it; guard itself only where neither is there.
@@ -20,4 +23,16 @@ func watchdogLocation() throws {
     #expect(ProcessWatchdog.server(for: executable) == ("\(lib)/guard-watchdog", []), "a file that is not executable is passed over")
     try FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: "\(sbin)/guard-watchdog")
     #expect(ProcessWatchdog.server(for: executable) == ("\(sbin)/guard-watchdog", []))
+}
+
+/// Issue 39: the watchdog finishes a window guard left: the rest of its suspends, its resumes,
+/// and the removal of a stateful -real that must never be live again.
+@Test("the watchdog's arm line carries the window's suspends, resumes and removals; an arm without keywords resumes its refs")
+func watchdogPlanOnTheWire() {
+    let origin = DeviceRef.number(DeviceNumber(major: 254, minor: 3)), snap = DeviceRef.uuid("GUARD-t-0-snap"), real = DeviceRef.uuid("GUARD-t-0-real")
+    let plan = WatchdogPlan(suspend: [origin, snap, real], resume: [origin], remove: [snap, real])
+    let line = WatchdogProtocol.encode(plan)
+    #expect(line == "suspend dev=254:3 uuid=GUARD-t-0-snap uuid=GUARD-t-0-real resume dev=254:3 remove uuid=GUARD-t-0-snap uuid=GUARD-t-0-real")
+    #expect(WatchdogProtocol.decodePlan(line.split(separator: " ")) == plan)
+    #expect(WatchdogProtocol.decodePlan("dev=254:3 dev=254:4".split(separator: " ")) == WatchdogPlan(resume: [origin, .number(DeviceNumber(major: 254, minor: 4))]))
 }

@@ -24,12 +24,17 @@ final class RecordingDevices: TransitionDevices, @unchecked Sendable {
         try record("resume \(device)")
     }
     func message(_ device: DeviceRef, _ text: String) throws { try record("message \(device) \(text)") }
+    func removeDevice(_ device: DeviceRef, batch: UdevBatch?) throws { try record("remove \(device)") }
 }
 
 final class RecordingWatchdog: WindowWatchdog, @unchecked Sendable {
     var armed: [[DeviceRef]] = []
+    var plans: [WatchdogPlan] = []
     var disarms = 0
-    func arm(resumeInOrder devices: [DeviceRef], timeout: Duration) throws { armed.append(devices) }
+    func arm(_ plan: WatchdogPlan, timeout: Duration) throws {
+        armed.append(plan.resume)
+        plans.append(plan)
+    }
     func disarm() -> Bool {
         disarms += 1
         return true
@@ -197,6 +202,68 @@ struct TransitionTests {
             ])
         let merging = Self.run(.reassemble(origin: Self.info(3), stack: stack, real: real, cow: cow, merging: true), failAt: "resume 254:3")
         #expect(merging.calls == ["load 254:3 snapshot-merge", "suspend 254:3 lockfs", "resume GUARD-3f9a2c1e-0-real", "resume 254:3", "clear 254:3", "resume 254:3"])
+    }
+
+    /// A stack whose origin is a raid1 LV: its table keeps state.
+    static func raidStack(_ identity: StackIdentity, origin: UInt32) -> SnapshotStack {
+        var stack = Self.stack(identity, origin: origin)
+        stack.originTable = "0 2048 raid raid1 3 0 region_size 1024 2 254:5 254:6 254:7 254:8"
+        return stack
+    }
+
+    @Test("a table that keeps state (raid1, writecache) is never live twice: the take resumes its -real inside the window after every origin is suspended; a failed window suspends it again before the origins go back")
+    func takeStateful() {
+        let raid = Self.raidStack(Self.identity0, origin: 3)
+        #expect(raid.delaysRealResume && !Self.stack(Self.identity1, origin: 4).delaysRealResume)
+        let take = Transition.take([raid, Self.stack(Self.identity1, origin: 4)])
+        #expect(take.problems.isEmpty)
+        let result = Self.run(take)
+        #expect(
+            result.calls == [
+                "suspend 254:3 lockfs", "suspend 254:4 lockfs",
+                "resume GUARD-3f9a2c1e-0-real",
+                "resume GUARD-3f9a2c1e-0-snap", "resume GUARD-3f9a2c1e-1-snap",
+                "resume 254:3", "resume 254:4",
+            ])
+        #expect(take.watchdogOrder.first == raid.ref(.real), "the watchdog resumes -real first too")
+        let failed = Self.run(take, failAt: "resume 254:3")
+        #expect(failed.error != nil)
+        #expect(failed.calls.suffix(5) == ["suspend GUARD-3f9a2c1e-0-real noflush", "clear 254:3", "resume 254:3", "clear 254:4", "resume 254:4"], "\(failed.calls)")
+    }
+
+    @Test("the commit and the end of a merge of a stateful origin: -real suspended before the origin's own table goes live, then removed still suspended (with -snap)")
+    func dropAndFinishStateful() {
+        let stack = Self.raidStack(Self.identity0, origin: 3)
+        let drop = Transition.drop(origin: Self.info(3), own: Table(.error, length: 2048), snap: Self.info(9), statefulReal: Self.info(7), name: "commit of vg-lv3")
+        #expect(drop.problems.isEmpty)
+        let committed = Self.run(drop)
+        #expect(committed.calls == ["load 254:3 error", "suspend 254:3", "suspend 254:9", "suspend 254:7", "resume 254:3", "remove 254:9", "remove 254:7"], "\(committed.calls)")
+        #expect(drop.watchdogOrder == [.number(DeviceNumber(major: 254, minor: 3))], "the watchdog never makes -real live again")
+        #expect(committed.watchdog.plans == [drop.watchdogPlan])
+        #expect(drop.watchdogPlan.suspend.map(\.description) == ["254:3", "254:9", "254:7"] && drop.watchdogPlan.remove.map(\.description) == ["254:9", "254:7"])
+        let finish = Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), statefulReal: Self.info(7), stack: stack) {}
+        #expect(finish.problems.isEmpty)
+        #expect(Self.run(finish).calls == ["load 254:3 error", "suspend 254:3 lockfs", "suspend 254:7", "resume 254:3", "remove 254:7"])
+        struct NotComplete: Error {}
+        let incomplete = Self.run(Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), statefulReal: Self.info(7), stack: stack) { throw NotComplete() })
+        #expect(incomplete.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:7", "resume 254:7"], "a merge not complete goes on as it was: \(incomplete.calls)")
+        #expect(!incomplete.calls.contains { $0.hasPrefix("remove") })
+        var removedTwice = drop
+        removedTwice.removals.append(.number(DeviceNumber(major: 254, minor: 3)))
+        #expect(removedTwice.problems.contains("commit of vg-lv3: 254:3 is resumed and removed"))
+    }
+
+    @Test("guard's classic snapshot is refused on the targets it is not proven on, by name")
+    func unprovenTargets() throws {
+        func unproven(_ text: String) throws -> [String] { try Table(parsing: text).unprovenTargets }
+        #expect(try unproven("0 2048 linear 7:0 0\n2048 2048 striped 2 128 7:1 0 7:2 0").isEmpty)
+        #expect(try unproven("0 2048 raid raid1 3 0 region_size 1024 2 254:5 254:6 254:7 254:8").isEmpty)
+        #expect(try unproven("0 2048 writecache s 254:1 254:2 4096 0").isEmpty)
+        #expect(try unproven("0 2048 raid raid5_ls 3 128 region_size 1024 3 - 254:5 - 254:6 - 254:7") == ["raid5_ls"])
+        #expect(try unproven("0 2048 cache 254:1 254:2 254:3 64 1 writethrough smq 0") == ["cache"])
+        #expect(try unproven("0 2048 mirror core 1 1024 2 254:1 0 254:2 0") == ["mirror"])
+        #expect(try Table(parsing: "0 2048 cache 254:1 254:2 254:3 64 1 writethrough smq 0").keepsState)
+        #expect(try !Table(parsing: "0 2048 crypt aes-xts-plain64 :64:logon:k 0 7:0 4096").keepsState)
     }
 
     @Test("a description that would leave a device frozen or a table never live is refused before any kernel call")
