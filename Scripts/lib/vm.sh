@@ -25,16 +25,23 @@ host_has_dm_snapshot() {
   dmsetup targets 2>/dev/null | grep -q '^snapshot-merge'
 }
 
+# virtme-ng from the venv Scripts/setup makes (GUARD_VNG_VENV), else one on PATH.
+vm_vng() {
+  local venv="${GUARD_VNG_VENV:-/opt/guard-test/vng}"
+  if [ -x "$venv/bin/vng" ]; then echo "$venv/bin/vng"; else command -v vng || { echo "virtme-ng is missing: run Scripts/setup" >&2; return 1; }; fi
+}
+
 vm_run() {
   local outdir=$1 memory=$2
   shift 2
-  local kernel
+  local kernel vng
   kernel=$(vm_kernel) || return 1
+  vng=$(vm_vng) || return 1
   mkdir -p "$outdir"
   local cmd="modprobe loop max_loop=64 2>/dev/null; modprobe dm-mod; modprobe dm-snapshot; modprobe dm-flakey 2>/dev/null; modprobe dm-thin-pool 2>/dev/null; $*"
   # The kernel suite takes 20 to 50 minutes under emulation, depending on the machine: the
   # bound is for a VM that hangs, not a pass condition.
   timeout --kill-after=10 "${GUARD_VM_TIMEOUT:-4200}" \
-    vng --run "$kernel" --disable-kvm --force-9p --cpus "${GUARD_VM_CPUS:-2}" --memory "$memory" \
+    "$vng" --run "$kernel" --disable-kvm --force-9p --cpus "${GUARD_VM_CPUS:-2}" --memory "$memory" \
       ${GUARD_VM_DISK:+--disk "$GUARD_VM_DISK"} --rwdir "$outdir" --exec "$cmd" >"$outdir/console.log" 2>&1
 }

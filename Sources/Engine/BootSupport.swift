@@ -11,6 +11,19 @@ public struct BootSupport: Sendable {
     /// Left in /run by the initramfs script once its `guard recover --boot --initramfs` ran
     /// (/run is carried over into the booted system).
     public static let marker = "/run/guard/initramfs"
+    /// Left in /run by `guard recover --boot` (guard-reassemble.service) once it ran at this boot.
+    public static let reassembledMarker = "/run/guard/reassembled"
+
+    /// Whether this boot's reassembly ran (the boot unit, or the initramfs's recovery).
+    public static var reassemblyRanThisBoot: Bool {
+        FileManager.default.fileExists(atPath: reassembledMarker) || initramfsStatus() == "0"
+    }
+
+    /// Leaves `reassembledMarker` (best effort: /run may not be writable in a test).
+    static func markReassembled(at now: Double) {
+        try? FileManager.default.createDirectory(atPath: "/run/guard", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        try? "\(Int(now))\n".write(toFile: reassembledMarker, atomically: true, encoding: .utf8)
+    }
 
     /// The exit status the initramfs script left in `marker` ("0" when its recovery succeeded),
     /// or nil when there is no marker (this boot had no guard in its initramfs).

@@ -272,6 +272,22 @@ public struct Maintenance {
         }
     }
 
+    /// Why the housekeeping waits, or nil: this boot's reassembly has not run (guard-reassemble.service
+    /// or the initramfs), and a snapshot that holds old blocks is not live. Instead of a
+    /// `Requisite=` on the boot unit, which would fail the maintenance unit on a system the
+    /// package was just installed on.
+    public func tidyWaitsForReassembly(journal: Journal) throws -> String? {
+        guard !BootSupport.reassemblyRanThisBoot else { return nil }
+        let engine = SnapshotEngine(dm: try context.dm())
+        for run in try journal.runs(in: [.kept, .merging, .needsReassembly]) {
+            for record in try journal.snapshots(runID: run.id!) where record.state == .live || record.state == .merging {
+                guard let stack = decodeStack(record.stack), !(try engine.liveState(stack).live), engine.evidence(stack).mustKeep else { continue }
+                return "run \(run.id!)'s snapshot of \(record.volume) holds old blocks and is not live, and this boot's reassembly has not run (guard-reassemble.service); the housekeeping waits: run `guard recover`"
+            }
+        }
+        return nil
+    }
+
     /// Tears down finished merges and commits kept runs past their keep duration.
     /// Runs another guard process holds (locked volumes) are left alone.
     public func tidy(journal: Journal) throws {

@@ -51,10 +51,13 @@ struct OriginWatch {
     @discardableResult
     func check(_ run: RunRecord, holdingLocks: Bool) throws -> [Finding] {
         let runID = run.id!
+        // A commit guard decided puts the origin back on its own table itself: a guard that
+        // stopped in its middle leaves what looks like a bypass, which recovery finishes.
+        guard run.decision != .commit else { return [] }
         let records = try journal.snapshots(runID: runID)
         let suspects = records.filter { record in
             guard record.state == .live, let stack = decodeStack(record.stack) else { return false }
-            if case .bypassed? = try? engine.routing(stack) { return true }
+            if case .bypassed? = try? engine.routing(stack) { return !Self.released(stack) }
             return false
         }
         guard !suspects.isEmpty else { return [] }
@@ -67,17 +70,28 @@ struct OriginWatch {
         var findings: [Finding] = []
         for record in suspects {
             // Again under the lock: a commit or rollback that just ended changed the table itself.
-            guard let current = try journal.snapshots(runID: runID).first(where: { $0.volumeIndex == record.volumeIndex }), current.state == .live,
-                let stack = decodeStack(current.stack), case .bypassed(let bypass) = try engine.routing(stack)
+            guard try journal.run(id: runID)?.decision != .commit,
+                let current = try journal.snapshots(runID: runID).first(where: { $0.volumeIndex == record.volumeIndex }), current.state == .live,
+                let stack = decodeStack(current.stack), case .bypassed(let bypass) = try engine.routing(stack), !Self.released(stack)
             else { continue }
-            findings.append(try recordBypass(runID: runID, record: current, stack: stack, bypass: bypass))
+            if let finding = try recordBypass(runID: runID, record: current, stack: stack, bypass: bypass) { findings.append(finding) }
         }
         return findings
     }
 
+    /// Whether guard itself gave the snapshot up (its label says released: written before a
+    /// commit or a merge's end puts the origin's own table back).
+    static func released(_ stack: SnapshotStack) -> Bool {
+        guard stack.thin == nil, let label = try? CowLabel.read(from: stack.storage.path), label.identity == stack.identity else { return false }
+        return label.state == .released
+    }
+
     /// Records one bypass: label, journal, system log, in that order. The caller holds the
     /// volume's lock (or is the run itself).
-    func recordBypass(runID: Int64, record: SnapshotRecord, stack: SnapshotStack, bypass: OriginBypass) throws -> Finding {
+    /// - Returns: nil when it is guard's own doing (a commit decided, a label released).
+    @discardableResult
+    func recordBypass(runID: Int64, record: SnapshotRecord, stack: SnapshotStack, bypass: OriginBypass) throws -> Finding? {
+        guard try journal.run(id: runID)?.decision != .commit, !Self.released(stack) else { return nil }
         let text = Self.describe(runID: runID, volume: record.volume, bypass: bypass, at: context.now().timeIntervalSince1970)
         try engine.markStale(stack)
         try journal.batch {

@@ -240,6 +240,7 @@ public struct Recovery {
                 }
             }
         }
+        if boot && !initramfs { BootSupport.markReassembled(at: timestamp()) }
         if !boot {
             try? Maintenance(context: context).tidy(journal: journal)
             let strays = try removeStrays(journal: journal, engine: engine)
@@ -405,6 +406,14 @@ public struct Recovery {
             for stack in stacks { try? engine.mark(stack, .kept) }
             return try close(.kept, .kept, "the run had decided to keep its snapshots; they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
         }
+        // Labels that all say kept are a decision too: a run marks them only once it decided to
+        // keep its snapshots (or, succeeding, could not journal its commit), before the journal.
+        if run.decision == nil && taken && Self.labelsSayKept(stacks) {
+            var decided = run
+            decided.decision = .keep
+            try journal.update(decided)
+            return try close(.kept, .kept, "the run had decided to keep its snapshots (their COW labels say kept; the journal could not record it then); they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
+        }
         if records.isEmpty || stacks.isEmpty || !taken {
             for record in records {
                 guard let stack = decodeStack(record.stack) else { continue }
@@ -426,6 +435,14 @@ public struct Recovery {
             return try close(.kept, .kept, "the run stopped during \(run.phase); the recipe says keep on failure: snapshots kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
         }
         return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
+    }
+
+    /// Whether every stack has a COW label of its own that says kept (thin snapshots have none).
+    static func labelsSayKept(_ stacks: [SnapshotStack]) -> Bool {
+        !stacks.isEmpty && stacks.allSatisfy { stack in
+            guard stack.thin == nil, let label = try? CowLabel.read(from: stack.storage.path) else { return false }
+            return label.identity == stack.identity && label.state == .kept
+        }
     }
 
     private func rollBack(

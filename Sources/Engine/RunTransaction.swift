@@ -56,6 +56,7 @@ public final class RunTransaction {
         let plan = try checks(recipePath: recipePath, dryRun: false).plan
         try context.prepareStateDirectory()
         let journal = try context.journal(check: true)
+        DecisionReserve.ensure(stateDirectory: context.stateDirectory)
         var locks: [VolumeLock] = []
         for volume in plan.volumes {
             locks.append(try VolumeLock.acquire(directory: context.lockDirectory, key: volume.lockKey, holder: "guard run of \(plan.recipe.name) (pid \(getpid()))"))
@@ -322,7 +323,7 @@ struct RunBody {
         let watcher = makeWatcher(engine: engine, stacks: live.stacks, cowStop: cowStop)
         // A run that will roll back on failure fuses a COW that reaches stop_at and cannot
         // grow: every write the fuse refuses from then on would be undone by the merge.
-        if recipe.onFailure == .rollback { watcher.armFuse() }
+        if recipe.onFailure == .rollback { watcher.armFuse(volumes: Self.fusible(live.stacks, engine: engine)) }
         watcher.start()
         var failure: String?
         let stepsPhase: PhaseRecord?
@@ -416,6 +417,7 @@ struct RunBody {
     mutating func commit(live: consuming LiveSnapshotSet) -> RunReport {
         reporter.phase("commit", run: runID)
         run.decision = .commit
+        DecisionReserve.releaseIfLow(stateDirectory: context.stateDirectory)
         let phase: PhaseRecord
         do {
             phase = try journal.batch {
@@ -425,7 +427,13 @@ struct RunBody {
                 return phase
             }
         } catch {
-            return journalUnwritable(error, "nothing was committed; the snapshots are live; `guard commit \(runID)` once the journal is writable")
+            // Nothing is dropped without its intent in the journal; the upgrade stays, and the
+            // labels say kept, which recovery reads as the run's decision.
+            let unmarked = live.keep().unmarked
+            let labels = unmarked.isEmpty ? "their COW labels say kept" : "\(unmarked.count) COW label(s) could not be marked kept"
+            return journalUnwritable(
+                error,
+                "the upgrade is in place and nothing was committed: the snapshots are live and \(labels); once the journal is writable, `guard recover` records the run as kept, then `guard commit \(runID)` makes it final")
         }
         do {
             CrashPoint.hit("run.before-commit")
@@ -446,6 +454,7 @@ struct RunBody {
             reporter.warning("could not mark the snapshot of \(stack.originName) as kept in its COW label: \(error)")
         }
         run.decision = .keep
+        DecisionReserve.releaseIfLow(stateDirectory: context.stateDirectory)
         if let duration {
             run.keepUntil = timestamp() + Double(duration.components.seconds)
         }
@@ -460,7 +469,7 @@ struct RunBody {
                 }
             }
         } catch {
-            return journalUnwritable(error, "the snapshots are live and their labels say kept; run `guard recover` once the journal is writable")
+            return journalUnwritable(error, "the upgrade is in place, the snapshots are live and their COW labels say kept; once the journal is writable, `guard recover` records the run as kept (`guard rollback \(runID)` and `guard commit \(runID)` then work)")
         }
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
         if let phase { try? journal.endPhase(phase, status: .done, detail: failure, at: timestamp()) }
@@ -479,7 +488,7 @@ struct RunBody {
     /// - Parameter watcher: still watching: it fuses a COW that reaches stop_at while the stop
     ///   hooks run, and is stopped before the first suspend of the rollback.
     mutating func rollback(live: consuming LiveSnapshotSet, engine: SnapshotEngine, failure: String, watcher: CowWatcher) async -> RunReport {
-        watcher.armFuse()
+        watcher.armFuse(volumes: Self.fusible(live.stacks, engine: engine))
         reporter.phase("rollback", run: runID)
         reporter.warning("\(failure); rolling back")
         let report = await rollingBack(live: live, engine: engine, failure: failure, watcher: watcher)
@@ -491,6 +500,7 @@ struct RunBody {
         let stacks = live.stacks
         run.decision = .rollback
         run.error = failure
+        DecisionReserve.releaseIfLow(stateDirectory: context.stateDirectory)
         do { try journal.update(run) } catch {
             return journalUnwritable(error, "nothing was merged; the snapshots are live; run `guard recover` once the journal is writable")
         }
@@ -507,6 +517,26 @@ struct RunBody {
             return finish(
                 outcome: .failed, exit: .attention, state: .finished, error: "\(failure); the snapshot of \(which) overflowed its COW, so a rollback is impossible",
                 message: "run \(runID) failed (\(failure)) and cannot be rolled back: the snapshot of \(which) was invalidated by the kernel when its COW filled up during the steps, so its old data is gone. The volumes hold the upgraded data (as the steps left it); restore from a backup if that data is bad, and give the recipe a larger snapshot size or an extend policy")
+        }
+        // A volume the initramfs mounts (/, /usr) is never unmounted while the system runs: its
+        // rollback is journaled for the next boot, whose initramfs merges it before mounting it.
+        // No stop hook runs: nothing would follow it until the reboot.
+        let maintenance = Maintenance(context: context)
+        if let early = try? maintenance.earlyMount(of: stacks, engine: engine) {
+            watcher.stop()
+            do {
+                let scheduled = try maintenance.scheduleBootRollback(
+                    run, records: try journal.snapshots(runID: runID), stacks: stacks, mountedOn: early, journal: journal, engine: engine)
+                _ = live.keep()
+                return finish(
+                    outcome: .failed, exit: .attention, state: .kept, error: failure,
+                    message: "run \(runID) failed (\(failure)); \(early) is mounted, so it is rolled back at the next boot: \(scheduled)")
+            } catch {
+                let unmarked = live.keep().unmarked
+                return finish(
+                    outcome: .failed, exit: .attention, state: .kept, error: "\(failure); its rollback could not be scheduled: \(error)",
+                    message: "run \(runID) failed (\(failure)), and its rollback could not be scheduled for the next boot: \(error). The volumes hold what the steps left and the snapshots are kept\(unmarked.isEmpty ? "" : " (\(unmarked.count) label(s) not marked)"); fix that and run `guard rollback \(runID)`")
+            }
         }
         let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
         do {
@@ -528,6 +558,16 @@ struct RunBody {
             let fuse = fused.isEmpty || state == .merging ? "" : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
             return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(reason)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(reason)\(fuse)")
         }
+    }
+
+    /// The volumes whose fuse may be armed: not / or /usr, which the running system cannot do
+    /// without (a root that refuses writes stops the machine before the rollback at boot).
+    static func fusible(_ stacks: [SnapshotStack], engine: SnapshotEngine) -> Set<Int> {
+        let early = Set((try? Mounts.current())?.filter { Planner.earlyMountPoints.contains($0.target) }.map(\.device) ?? [])
+        return Set(stacks.indices.filter { index in
+            guard let number = try? engine.dm.info(stacks[index].originRef)?.number else { return true }
+            return !early.contains(number)
+        })
     }
 
     /// The origins of `stacks` whose table another tool replaced, by volume name; nil when none could be read.

@@ -37,8 +37,16 @@ enum ExitStatus {
             }
         case let error as FileTreeError:
             return (.attention, error.description)
+        case let error as JournalError:
+            return (error.isBusy ? .busy : .attention, error.description)
         default:
             return nil
         }
+    }
+
+    /// An error no layer mapped (a block device's, a spawn's, Foundation's): it may come after
+    /// a change, so it is 3 with its own words, never 2 ("nothing was touched").
+    static func unmapped(_ error: any Error) -> (code: ExitCode, message: String) {
+        (.attention, "\(error); see `guard status`")
     }
 }

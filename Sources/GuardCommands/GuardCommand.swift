@@ -172,7 +172,7 @@ public enum GuardMain {
             exit(done.code.rawValue)
         } catch let printed as DocumentPrinted {
             // The command's own document is on stdout: the message goes to stderr alone.
-            let status = ExitStatus.of(printed.error) ?? (code: .usage, message: "\(printed.error)")
+            let status = ExitStatus.of(printed.error) ?? ExitStatus.unmapped(printed.error)
             FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
             exit(status.code.rawValue)
         } catch {
@@ -182,7 +182,15 @@ public enum GuardMain {
                 exit(status.code.rawValue)
             }
             // A usage error found while running (ValidationError): exit 2, like one of parsing.
-            if json, GuardCommand.exitCode(for: error) != .success {
+            let parser = GuardCommand.exitCode(for: error)
+            guard parser == .success || parser == .validationFailure else {
+                // Any other error may come after a change: 3, never 2 ("nothing was touched").
+                let status = ExitStatus.unmapped(error)
+                FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+                if json { try? printJSON(ErrorDocument(code: status.code, message: status.message)) }
+                exit(status.code.rawValue)
+            }
+            if json, parser != .success {
                 try? printJSON(ErrorDocument(code: .usage, message: GuardCommand.message(for: error)))
             }
             usageError(error)

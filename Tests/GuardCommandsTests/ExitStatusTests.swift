@@ -1,5 +1,6 @@
 import DeviceMapper
 import Engine
+import Journal
 @testable import GuardCommands
 import Snapshot
 import Testing
@@ -22,6 +23,8 @@ func exitStatusOfLayerErrors() {
     #expect(code(DeviceMapperError(code: .busy, operation: "remove of x")) == .attention)
     let message = ExitStatus.of(SnapshotError(.inUse, "commit of vg-lv", "the snapshot is open", hint: "unmount it first"))?.message
     #expect(message == "commit of vg-lv refused: the snapshot is open; unmount it first")
+    #expect(code(JournalError(path: "/j", reason: "database is locked", isBusy: true))?.rawValue == 75)
     struct Unknown: Error {}
-    #expect(ExitStatus.of(Unknown()) == nil, "anything else is argument parsing's (usage)")
+    #expect(ExitStatus.of(Unknown()) == nil)
+    #expect(ExitStatus.unmapped(Unknown()).code == .attention, "an error no layer mapped may come after a change: 3, never 2")
 }

@@ -166,3 +166,146 @@ extension Kernel {
         }
     }
 }
+
+/// Every live table that keeps state (raid, writecache, ...) whose devices another live one of
+/// them shares: two instances of one stateful target, which corrupt its metadata. Empty is good.
+func twoLiveStatefulTables() throws -> [String] {
+    let dm = try DeviceMapper()
+    var live: [(name: String, devices: Set<DeviceNumber>)] = []
+    for device in try dm.list() {
+        guard let info = try dm.info(.number(device.number)), info.hasLiveTable, !info.isSuspended else { continue }
+        let table = try dm.table(.number(device.number))
+        if table.keepsState { live.append((device.name, Set(table.devices))) }
+    }
+    var clashes: [String] = []
+    for (index, one) in live.enumerated() {
+        for other in live[(index + 1)...] where !one.devices.isDisjoint(with: other.devices) {
+            clashes.append("\(one.name) and \(other.name) are both live over \(one.devices.intersection(other.devices).map(\.description).sorted())")
+        }
+    }
+    return clashes
+}
+
+/// A VG on two loop PVs with the tutorial's LV made raid1 (lvm2's raid1, no initial sync) or
+/// given lvm2's writecache on the second PV, ext4 mounted.
+final class StatefulLVFixture {
+    let scratch: Scratch
+    let vg: String
+    let device: String
+    let mountPoint: String
+    let pvs: [LoopDevice]
+
+    init(_ type: String, label: String = #function) throws {
+        try sh("modprobe dm-raid 2>/dev/null; modprobe dm-writecache 2>/dev/null; true")
+        scratch = try Scratch(label)
+        var pvs: [LoopDevice] = []
+        for name in ["pv1.img", "pv2.img"] {
+            try makeSparseFile(scratch.path(name), mebibytes: 200)
+            pvs.append(try LoopDevice.attach(file: scratch.path(name)).device)
+        }
+        self.pvs = pvs
+        vg = "gs\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
+        device = "/dev/mapper/\(vg)-website"
+        mountPoint = scratch.path("website")
+        let (vg, mountPoint) = (self.vg, self.mountPoint)
+        scratch.defer_ {
+            try? Mounts.unmount(mountPoint)
+            removeGuardStacks(onVolume: "\(vg)-website")
+            _ = try? sh("LVM_SUPPRESS_FD_WARNINGS=1 vgchange -q -an \(vg); LVM_SUPPRESS_FD_WARNINGS=1 vgremove -q -f \(vg)")
+            for pv in pvs { try? pv.detach() }
+        }
+        let (a, b) = (pvs[0].path, pvs[1].path)
+        var script = "export LVM_SUPPRESS_FD_WARNINGS=1; pvcreate -q \(a) \(b) && vgcreate -q \(vg) \(a) \(b) && "
+        if type == "raid1" {
+            script += "lvcreate -q -y --type raid1 -m 1 --nosync -L 64M -n website \(vg) \(a) \(b)"
+        } else {
+            script += "lvcreate -q -y -L 64M -n website \(vg) \(a) && lvcreate -q -y -an -Zn -L 32M -n fast \(vg) \(b) && lvconvert -q -y --type writecache --cachevol fast \(vg)/website"
+        }
+        try sh(script)
+        let table = try DeviceMapper().table(.name("\(vg)-website"))
+        #expect(table.keepsState, "the LV's table keeps state: \(table)")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try sh("mkfs.ext4 -q -F \(device)")
+        try mount()
+    }
+
+    func mount() throws { try Mounts.mount(source: device, target: mountPoint, fileSystemType: "ext4") }
+
+    /// Unmounts, deactivates and activates the LV with lvm2, checks the filesystem, mounts it again.
+    func cycle() throws {
+        try Mounts.unmount(mountPoint)
+        try sh("export LVM_SUPPRESS_FD_WARNINGS=1; lvchange -q -an \(vg)/website && lvchange -q -ay \(vg)/website")
+        #expect(try fsck(device), "e2fsck after the LV was deactivated and activated")
+        try mount()
+    }
+
+    func recipe(bad: Bool, onSuccess: String) throws -> String {
+        try writeRecipe(tutorialRecipe(device: device, mount: mountPoint, bad: bad, onSuccess: onSuccess), in: scratch, name: "\(bad ? "bad" : "good")-\(onSuccess.filter(\.isLetter)).recipe")
+    }
+}
+
+extension Kernel.CoexistenceKernelTests {
+    @Test("a raid1 LV and a writecache LV: a committed run, a run rolled back by verify and a kept run rolled back later, each followed by deactivating and activating the LV, files exact; never two live instances of the target", arguments: ["raid1", "writecache"])
+    func statefulOrigins(_ type: String) throws {
+        let lv = try StatefulLVFixture(type)
+        let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
+        try writeDatabase(at: lv.mountPoint)
+        let before = try manifest(lv.mountPoint)
+
+        let bad = try tool("run", try lv.recipe(bad: true, onSuccess: "commit"))
+        #expect(bad.status == 1, "\(bad.stderr)")
+        #expect(try manifest(lv.mountPoint) == before)
+        #expect(try twoLiveStatefulTables().isEmpty)
+        try lv.cycle()
+        #expect(try manifest(lv.mountPoint) == before, "rolled back by verify, after deactivate and activate")
+
+        let committed = try tool("run", try lv.recipe(bad: false, onSuccess: "commit"))
+        #expect(committed.status == 0, "\(committed.stderr)")
+        let upgraded = try manifest(lv.mountPoint)
+        #expect(upgraded != before)
+        #expect(try twoLiveStatefulTables().isEmpty)
+        try lv.cycle()
+        #expect(try manifest(lv.mountPoint) == upgraded, "committed, after deactivate and activate")
+
+        let kept = try tool("run", try lv.recipe(bad: false, onSuccess: "keep"))
+        #expect(kept.status == 0, "\(kept.stderr)")
+        #expect(try twoLiveStatefulTables().isEmpty, "a kept snapshot: one live \(type) table")
+        let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+        try sh("dd if=/dev/urandom of=\(lv.mountPoint)/later bs=64K count=16 conv=fsync status=none")
+        let rollback = try tool("rollback", run, "--wait")
+        #expect(rollback.status == 0, "\(rollback.stderr)")
+        #expect(try manifest(lv.mountPoint) == upgraded, "the kept run rolled back to the state before it")
+        #expect(try twoLiveStatefulTables().isEmpty)
+        try lv.cycle()
+        #expect(try manifest(lv.mountPoint) == upgraded, "rolled back later, after deactivate and activate")
+        try expectNothingLeft(state: tool.stateDirectory)
+    }
+
+    @Test("guard killed in the take, the commit and the end of a merge of a writecache LV: never two live writecache tables, before or after recovery, files exact", arguments: ["prepare.origin-loaded", "window.suspended", "commit.suspended", "finish.origin-loaded"])
+    func statefulCrashPoints(_ point: String) throws {
+        let lv = try StatefulLVFixture("writecache")
+        let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
+        try writeDatabase(at: lv.mountPoint)
+        let before = try manifest(lv.mountPoint)
+        let merging = point.hasPrefix("finish")
+        // A run that commits (take and commit points) or fails its verify (the merge's end).
+        let recipe = try lv.recipe(bad: merging, onSuccess: "commit")
+        let killed = try tool("run", recipe, extra: ["GUARD_CRASH_AT": point])
+        #expect(killed.status == 137, "guard was killed at \(point): \(killed.stderr)")
+        #expect(try twoLiveStatefulTables().isEmpty, "right after the kill at \(point)")
+        if Mounts.entry(at: lv.mountPoint) != nil { try Mounts.unmount(lv.mountPoint) }
+        let recover = try tool("recover")
+        #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+        #expect(try twoLiveStatefulTables().isEmpty, "after recovery from \(point)")
+        try lv.mount()
+        let files = try manifest(lv.mountPoint)
+        if merging || point.hasPrefix("prepare") || point.hasPrefix("window") {
+            #expect(files == before, "\(point): recovery restored the files as before the run")
+        } else {
+            #expect(files != before, "\(point): the commit was finished")
+        }
+        try lv.cycle()
+        #expect(try manifest(lv.mountPoint) == files)
+        try expectNothingLeft(state: tool.stateDirectory)
+    }
+}

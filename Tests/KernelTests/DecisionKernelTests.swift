@@ -118,6 +118,69 @@ extension Kernel {
             ])
         }
 
+        @Test("the state filesystem fills during the steps of a successful run: the decision still fits (the reserve); and without the reserve the upgrade stays, and guard's advice (recover, then commit) keeps it", arguments: [true, false])
+        func stateFilesystemFullAtDecision(reserve: Bool) throws {
+            let lvm = try LVMFixture()
+            // The state directory on a small filesystem of its own, as /var often is.
+            let image = lvm.scratch.path("state.img"), stateFS = lvm.scratch.path("statefs")
+            try makeSparseFile(image, mebibytes: 160)
+            try FileManager.default.createDirectory(atPath: stateFS, withIntermediateDirectories: true)
+            let loop = try LoopDevice.attach(file: image).device
+            try sh("mkfs.ext4 -q -F \(loop.path)")
+            try Mounts.mount(source: loop.path, target: stateFS, fileSystemType: "ext4")
+            lvm.scratch.defer_ {
+                try? Mounts.unmount(stateFS)
+                try? loop.detach()
+            }
+            let tool = GuardTool(stateDirectory: stateFS + "/state")
+            try writeDatabase(at: lvm.mountPoint)
+            let drop = reserve ? "" : "rm -f \(tool.stateDirectory)/decision.reserve; "
+            let recipe = try writeRecipe(
+                """
+                name: full-var
+                volumes:
+                  - device: \(lvm.device)
+                    mount: \(lvm.mountPoint)
+                    snapshot: { size: 8M }
+                steps:
+                  - name: migrate
+                    shell: printf 'migrated-page' | dd of=\(lvm.mountPoint)/database bs=4096 seek=0 conv=notrunc,fsync status=none
+                  - name: logs fill the state filesystem
+                    shell: "\(drop)dd if=/dev/zero of=\(stateFS)/filler bs=1M status=none; sync; true"
+                on_success: commit
+                on_failure: rollback
+                """, in: lvm.scratch)
+            let result = try tool("run", recipe)
+            let upgraded = try manifest(lvm.mountPoint)
+            #expect(upgraded.contains("database"))
+            let firstPage = try sh("head -c 13 \(lvm.mountPoint)/database")
+            #expect(firstPage == "migrated-page", "the upgrade is in place")
+            if reserve {
+                #expect(result.status == 0, "the decision fit: \(result.stderr)")
+                #expect(try tool.history()?.first?["outcome"] as? String == "committed")
+            } else {
+                #expect(result.status == 3, "\(result.stderr)")
+                #expect(result.stderr.contains("cannot be written") && result.stderr.contains("`guard recover` records the run as kept"), "\(result.stderr)")
+                // What guard advised, once there is room: recover, then commit.
+                try FileManager.default.removeItem(atPath: stateFS + "/filler")
+                let recover = try tool("recover")
+                #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
+                #expect(recover.stdout.contains("labels say kept"), "\(recover.stdout)")
+                #expect(try manifest(lvm.mountPoint) == upgraded, "recovery kept the upgrade")
+                let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+                let commit = try tool("commit", run)
+                #expect(commit.status == 0, "\(commit.stderr)")
+            }
+            #expect(try manifest(lvm.mountPoint) == upgraded, "the upgrade stays")
+            try? FileManager.default.removeItem(atPath: stateFS + "/filler")
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult([
+                reserve ? "state-full-at-decision" : "state-full-at-decision-no-reserve",
+                "the state filesystem filled by a step of a successful run\(reserve ? "" : ", the reserve gone too")", "commit", "upgraded", "committed",
+                reserve ? "guard gave its reserve back and wrote the decision" : "the labels said kept; guard recover kept the run, guard commit made it final",
+            ])
+        }
+
         @Test("guard killed after deciding a rollback and before its first merge: recovery takes the decision back, the run stays kept and the boot merges nothing")
         func killedBeforeTheMergeIsTakenBack() throws {
             let fixture = try MountedVolume()

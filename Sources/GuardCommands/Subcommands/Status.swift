@@ -104,7 +104,13 @@ extension GuardCommand {
             let context = try global.context()
             let maintenance = Maintenance(context: context)
             if watch { try await Self.watch(maintenance, every: interval) }
-            if tidy, let journal = try context.existingJournal() { try maintenance.tidy(journal: journal) }
+            if tidy, let journal = try context.existingJournal() {
+                if let wait = try maintenance.tidyWaitsForReassembly(journal: journal) {
+                    context.reporter.warning(wait)
+                } else {
+                    try maintenance.tidy(journal: journal)
+                }
+            }
             // A merge that needs reassembly cannot be waited for: the others are, then status says why.
             var waitFailure: GuardFailure?
             if wait {
