@@ -16,7 +16,8 @@ os.environ["NO_COLOR"] = "1"
 
 WORK = tempfile.mkdtemp(prefix="guard-bench-")
 STATE = os.path.join(WORK, "state")
-VG = "benchvg"
+# A name of its own: never an admin's volume group (Scripts/bench may run directly on a host with device-mapper).
+VG = "guardbench%06x" % random.getrandbits(24)
 results = {"trials": TRIALS, "kernel": os.uname().release, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

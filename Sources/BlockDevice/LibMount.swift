@@ -25,7 +25,9 @@ enum LibMount {
                     fileSystemType: mnt_fs_get_fstype(fs).map { String(cString: $0) } ?? "",
                     options: mnt_fs_get_options(fs).map { String(cString: $0) } ?? "",
                     device: DeviceNumber(mnt_fs_get_devno(fs)),
-                    root: mnt_fs_get_root(fs).map { String(cString: $0) } ?? "/"))
+                    root: mnt_fs_get_root(fs).map { String(cString: $0) } ?? "/",
+                    id: file.hasSuffix("mountinfo") ? mnt_fs_get_id(fs) : nil,
+                    parentID: file.hasSuffix("mountinfo") ? mnt_fs_get_parent_id(fs) : nil))
         }
         return entries
     }

@@ -13,14 +13,20 @@ public struct MountEntry: Hashable, Sendable {
     public var device: DeviceNumber
     /// The subtree of the filesystem mounted here ("/" unless it is a bind mount).
     public var root: String
+    /// mountinfo's mount id and its parent's (nil for entries not read from mountinfo): which
+    /// mount sits on which, including one hidden under a later mount on the same place.
+    public var id: Int32?
+    public var parentID: Int32?
 
-    public init(source: String, target: String, fileSystemType: String, options: String, device: DeviceNumber, root: String) {
+    public init(source: String, target: String, fileSystemType: String, options: String, device: DeviceNumber, root: String, id: Int32? = nil, parentID: Int32? = nil) {
         self.source = source
         self.target = target
         self.fileSystemType = fileSystemType
         self.options = options
         self.device = device
         self.root = root
+        self.id = id
+        self.parentID = parentID
     }
 }
 

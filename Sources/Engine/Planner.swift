@@ -139,6 +139,11 @@ public struct Planner {
                 problems.append("\(at(spec)): \(origin.info.path) is mounted on \(early.target): \(problem); or snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
                 continue
             }
+            // A thin volume's pool needs dm-thin-pool and thin_check, which the initramfs does not carry.
+            if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }), origin.table.lines.contains(where: { $0.target.typeName == "thin" }) {
+                problems.append("\(at(spec)): \(origin.info.path) is a thin volume mounted on \(early.target): its snapshot would have to be handled in the initramfs, which carries neither dm-thin-pool nor thin_check; guard refuses it; snapshot the volumes that hold the data instead")
+                continue
+            }
             // A snapshot of this volume that holds old blocks but is not live (no reassembly
             // after a reboot): a new snapshot would bury it.
             if let run = try? openRun(onOrigin: origin.info.uuid) {

@@ -211,9 +211,24 @@ struct RollbackProcedure {
     /// later of two mounts stacked on one place first.
     /// - Throws: `GuardFailure` for a filesystem without a device mounted inside a volume (a
     ///   tmpfs): unmounting it would lose what it holds; nothing is unmounted.
+    ///   Inside means on top of a mount of an origin in the mount tree (mountinfo's parent ids):
+    ///   a mount hidden under a later one on the same place (another namespace's view, a mount
+    ///   shadowed by a tmpfs) is not inside, though its path is.
     static func mountsToUnmount(origins: Set<DeviceNumber>, table: [MountEntry]) throws -> [MountEntry] {
         let roots = table.filter { origins.contains($0.device) }
-        let inside = table.enumerated().filter { _, entry in roots.contains { Mounts.isPath(entry.target, under: $0.target) } }
+        let byID = Dictionary(table.compactMap { entry in entry.id.map { ($0, entry) } }, uniquingKeysWith: { first, _ in first })
+        func descends(_ entry: MountEntry, from root: MountEntry) -> Bool {
+            guard let rootID = root.id, var parent = entry.parentID else { return Mounts.isPath(entry.target, under: root.target) }
+            if entry.id == rootID { return true }
+            var seen: Set<Int32> = []
+            while seen.insert(parent).inserted {
+                if parent == rootID { return true }
+                guard let next = byID[parent]?.parentID else { return false }
+                parent = next
+            }
+            return false
+        }
+        let inside = table.enumerated().filter { _, entry in roots.contains { descends(entry, from: $0) } }
         if let (_, virtual) = inside.first(where: { !origins.contains($0.element.device) && $0.element.device.major == 0 }) {
             throw GuardFailure(
                 .attention,

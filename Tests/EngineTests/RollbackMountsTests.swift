@@ -29,6 +29,22 @@ struct RollbackMountsTests {
         #expect(order.reversed().first == "/srv/www")
     }
 
+    @Test("a mount hidden under another on the same place (another filesystem shadowed by a tmpfs on its parent) is not inside the volume mounted there now")
+    func shadowedMountIsNotInside() throws {
+        func mount(_ id: Int32, _ parent: Int32, _ target: String, _ device: DeviceNumber, type: String = "ext4") -> MountEntry {
+            MountEntry(source: "/dev/x", target: target, fileSystemType: type, options: "rw", device: device, root: "/", id: id, parentID: parent)
+        }
+        let table = [
+            mount(1, 0, "/", DeviceNumber(major: 8, minor: 1)),
+            mount(20, 1, "/mnt/website", other),  // the admin's, hidden by the tmpfs below
+            mount(30, 1, "/mnt", DeviceNumber(major: 0, minor: 60), type: "tmpfs"),
+            mount(31, 30, "/mnt/website", volume),
+            mount(32, 31, "/mnt/website/uploads", DeviceNumber(major: 8, minor: 33)),
+        ]
+        let order = try RollbackProcedure.mountsToUnmount(origins: [volume], table: table).map(\.target)
+        #expect(order == ["/mnt/website/uploads", "/mnt/website"])
+    }
+
     @Test("a tmpfs mounted inside the volume is refused before anything is unmounted: unmounting it would lose its content")
     func virtualInside() {
         let table = [entry("/srv/www", volume), entry("/srv/www/tmp", DeviceNumber(major: 0, minor: 52), type: "tmpfs")]
