@@ -342,7 +342,9 @@ def bench_overhead():
 WRITER = r'''
 import mmap, os, random, sys, time
 path, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+# sequential and random: O_DIRECT 4 KiB writes; fsync: buffered 4 KiB writes at random places,
+# each followed by fdatasync, as a database commits its pages.
+fd = os.open(path, os.O_WRONLY | (0 if mode == "fsync" else os.O_DIRECT))
 buffer = mmap.mmap(-1, 4096)
 buffer.write(os.urandom(4096))
 blocks = (256 << 20) // 4096
@@ -350,6 +352,8 @@ start = time.monotonic()
 for i in range(count):
     offset = (i if mode == "sequential" else random.randrange(blocks)) * 4096
     os.pwritev(fd, [buffer], offset)
+    if mode == "fsync":
+        os.fdatasync(fd)
 print(time.monotonic() - start)
 '''
 
@@ -382,6 +386,51 @@ def bench_chunks():
         out[mode] = row
         log("   %s 4K writes: %s" % (mode, ", ".join("%s %.0f/s" % (k, v["writes_per_second"]) for k, v in row.items())))
     results["write_cost"] = {"writes": count, "by_mode": out}
+
+
+def guard_step_seconds(path):
+    """Runs a recipe whose one step prints its own elapsed seconds; returns them."""
+    guard("run", path)
+    show = json.loads(guard("show", "--json", str(json.loads(guard("history", "--json", "--limit", "1").stdout)["runs"][0]["id"])).stdout)
+    step = [s for s in show["steps"] if s["kind"] == "step"][0]
+    return float(step["stdout_tail"].strip())
+
+
+def bench_write_vs_lvm2():
+    """Issue 41: the cost an upgrade pays while it runs under a live snapshot, against lvm2's
+    snapshot at the same chunk size (4 KiB): guard's COW where it is by default (a file in the
+    state directory, on its ext4 disk), lvm2's an LV of the volume group (the same kind of
+    disk image). Each mode on fresh LVs; the median of the trials."""
+    log("4b. writes under a live snapshot: guard against lvm2, 4 KiB chunks")
+    writer = os.path.join(WORK, "writer.py")
+    open(writer, "w").write(WRITER)
+    count = 1500 if QUICK else 4000
+    trials = 1 if QUICK else max(1, min(TRIALS, 3))
+    out = {}
+    for mode in ["sequential", "random", "fsync"]:
+        rows = {"none": [], "guard": [], "lvm2": []}
+        for _ in range(trials):
+            device = make_lv("wcn", "512M", filesystem=False)
+            rows["none"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
+            sh("lvremove -q -f %s/wcn" % VG)
+            device = make_lv("wcg", "512M", filesystem=False)
+            path = recipe("wcg", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk="4K")
+            rows["guard"].append(guard_step_seconds(path))
+            sh("lvremove -q -f %s/wcg" % VG)
+            device = make_lv("wcl", "512M", filesystem=False)
+            sh("lvcreate -q -y -s -L 300M --chunksize 4K -n wclsnap %s/wcl" % VG)
+            rows["lvm2"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
+            sh("lvremove -q -f %s/wclsnap %s/wcl" % (VG, VG))
+        row = {name: {"seconds": summary(values), "writes_per_second": count / statistics.median(values)} for name, values in rows.items()}
+        row["ratio_guard_over_lvm2"] = row["guard"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
+        out[mode] = row
+        log("   %s: none %.0f/s, guard %.0f/s, lvm2 %.0f/s: guard/lvm2 %.2fx" % (
+            mode, row["none"]["writes_per_second"], row["guard"]["writes_per_second"], row["lvm2"]["writes_per_second"], row["ratio_guard_over_lvm2"]))
+    results["write_vs_lvm2"] = {
+        "writes": count, "trials": trials, "by_mode": out,
+        "seq_ratio": out["sequential"]["ratio_guard_over_lvm2"], "random_ratio": out["random"]["ratio_guard_over_lvm2"],
+        "fsync_ratio": out["fsync"]["ratio_guard_over_lvm2"],
+    }
 
 
 # ------------------------------------------------------------------ 6. peak memory of guard run
@@ -580,7 +629,7 @@ def main():
     loop, state_loop = setup()
     try:
         only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
-        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_memory, bench_fuse, bench_thin]:
+        for bench in [bench_stall, bench_overhead, bench_restore, bench_chunks, bench_write_vs_lvm2, bench_memory, bench_fuse, bench_thin]:
             if only and bench.__name__.replace("bench_", "") not in only:
                 continue
             bench()

@@ -192,6 +192,69 @@ boot_attempts: 1"
     check "the journal says why: one boot did not reach the checks" sh -c "guard show --json $id | grep -q 'did not reach the verify_after_boot checks'"
     guard history >$H/history.txt 2>&1
     check "guard history shows the five runs" sh -c "test \$(guard history --json | grep -o '\"id\" *:' | wc -l) -eq 5"
+    # Kept runs on volumes that are not /: the data LV of /etc/fstab (its COW file on the state
+    # volume), a guard volume backed by a file on /, a thin guard volume. The initramfs leaves
+    # them alone (the boot must come up); guard-reassemble-late.service, ordered by guard's
+    # generator after /var/lib/guard and before /srv/data, stacks them again.
+    head -c 8M /dev/urandom >/srv/data/precious && sync
+    sha256sum /srv/data/precious | cut -c1-64 >$H/data-before
+    data() {  # data NAME DEVICE MOUNT
+      cat >/root/"$1".recipe <<EOF
+name: $1
+volumes:
+  - device: $2
+    mount: $3
+    snapshot: { size: 8M }
+steps:
+  - name: rewrite in place
+    shell: dd if=/dev/urandom of=$3/precious bs=1M count=2 conv=notrunc,fsync status=none
+on_success: keep
+on_failure: rollback
+EOF
+    }
+    data data /dev/guardvg/data /srv/data
+    check "a kept run on the data LV, its COW file on the state volume" guard run /root/data.recipe
+    run_id >$H/run-data
+    for volume in site thinvol; do
+      if [ $volume = site ]; then
+        guard volume create site --backing /srv/site.img --size 16M >/dev/null
+      else
+        guard volume create thinvol --backing /srv/thin.img --size 32M --thin --pool-size 96M >/dev/null
+      fi
+      mkfs.ext4 -q /dev/mapper/$volume && mkdir -p /srv/$volume && mount /dev/mapper/$volume /srv/$volume
+      head -c 4M /dev/urandom >/srv/$volume/precious && sync
+      data $volume /dev/mapper/$volume /srv/$volume
+      check "a kept run on the $volume guard volume" guard run /root/$volume.recipe
+      run_id >$H/run-$volume
+      umount /srv/$volume
+    done
+    # A run of / whose step fails while the system runs: its rollback waits for the next boot
+    # (its initramfs merges / before mounting it), and guard says so; no stop hook runs.
+    sums >$H/before-8.sums
+    recipe root-fail "dpkg -i $H/guard-demo_3_all.deb && false" keep
+    check "a run of / whose step fails is rolled back at the next boot, and says so" sh -c 'guard run /root/root-fail.recipe 2>&1 | grep -q "rolled back at the next boot"'
+    run_id >$H/run-root-fail
+    check "guard status says what the next boot does" sh -c 'guard status | grep -q "at the next boot: rollback"'
+    finish reboot
+    ;;
+  9)
+    check "the boot came up: the initramfs's recovery (only / and /usr) succeeded" sh -c 'test "$(cat /run/guard/initramfs)" = 0'
+    check "guard-reassemble-late.service ran after /var/lib/guard was mounted and before /srv/data" sh -c '
+      systemctl is-active --quiet guard-reassemble-late.service || exit 1
+      state=$(systemctl show -P ActiveEnterTimestampMonotonic var-lib-guard.mount)
+      late=$(systemctl show -P ActiveEnterTimestampMonotonic guard-reassemble-late.service)
+      data=$(systemctl show -P ActiveEnterTimestampMonotonic srv-data.mount)
+      echo "state $state late $late data $data"; [ "$state" -lt "$late" ] && [ "$late" -lt "$data" ]'
+    check "guardvg-data's kept snapshot was stacked again before it was mounted" sh -c 'dmsetup table guardvg-data | grep -q snapshot-origin'
+    check "the file-backed guard volume is active with its kept snapshot" sh -c 'dmsetup table site | grep -q snapshot-origin'
+    check "the thin guard volume is active" sh -c 'dmsetup info thinvol >/dev/null'
+    check "guard status: nothing needs a person" guard status
+    id=$(cat $H/run-root-fail)
+    check "/ reads as before the failed run $id (checksums)" same_as $H/before-8.sums
+    check "the merge finishes and is torn down" guard status --wait
+    check "run $id is rolled back in the journal" is "$id" outcome rolled_back
+    check "the data run rolls back to the pre-run file" sh -c "guard rollback --wait $(cat $H/run-data) && test \"\$(sha256sum /srv/data/precious | cut -c1-64)\" = $(cat $H/data-before)"
+    check "the guard volumes' kept runs commit" sh -c "guard commit $(cat $H/run-site) && guard commit $(cat $H/run-thinvol)"
     finish poweroff
     ;;
 esac

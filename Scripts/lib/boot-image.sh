@@ -4,8 +4,10 @@
 #
 #   /dev/vda1  LVM physical volume, volume group guardvg
 #     guardvg/root     2 GiB   ext4, /        (/boot is a directory on it: a rollback of / restores it)
-#     guardvg/state    128 MiB ext4, /var/lib/guard (guard's journal: the initramfs mounts it)
+#     guardvg/state    256 MiB ext4, /var/lib/guard (guard's journal: the initramfs mounts it)
 #     guardvg/rootcow  768 MiB the COW device the boot suite's recipes name for /
+#     guardvg/data      96 MiB ext4, /srv/data (a data volume of /etc/fstab, with a kept run
+#                              whose COW file is on the state volume)
 #
 # GRUB (i386-pc, BIOS) reads the kernel and the initramfs from the root LV, as on a real
 # machine. A unit, guard-harness.service, mounts the 9p share `harness` at /harness at the end
@@ -21,14 +23,14 @@ boot_image_build() {
   work=$(mktemp -d /tmp/guard-bootimg-XXXXXX)
   echo "== boot suite: building the Debian image (mmdebstrap, then a VM to partition it and install GRUB)" >&2
   mmdebstrap --quiet --variant=minbase \
-    --include=systemd-sysv,udev,lvm2,linux-image-amd64,initramfs-tools,e2fsprogs,kmod,procps,util-linux,zstd,libsqlite3-0,libstdc++6,grub-pc-bin,grub2-common,dmsetup \
+    --include=systemd-sysv,udev,lvm2,linux-image-amd64,initramfs-tools,e2fsprogs,kmod,procps,util-linux,zstd,libsqlite3-0,libstdc++6,grub-pc-bin,grub2-common,dmsetup,thin-provisioning-tools \
     bookworm "$work/root.tar" http://deb.debian.org/debian >"$work/mmdebstrap.log" 2>&1 || {
     tail -n 20 "$work/mmdebstrap.log" >&2; return 1; }
   cat >"$work/assemble.sh" <<'EOF'
 set -eux
 out=$(dirname "$0")
 disk=
-for d in /dev/vda /dev/sda; do [ -b "$d" ] && [ "$(blockdev --getsize64 "$d")" = 3221225472 ] && disk=$d; done
+for d in /dev/vda /dev/sda; do [ -b "$d" ] && [ "$(blockdev --getsize64 "$d")" = 4294967296 ] && disk=$d; done
 [ -n "$disk" ]
 echo 'start=2048, type=8e' | sfdisk --quiet "$disk"
 udevadm settle || true
@@ -36,10 +38,12 @@ part=${disk}1
 pvcreate -q "$part"
 vgcreate -q guardvg "$part"
 lvcreate -q -y -L 2G -n root guardvg
-lvcreate -q -y -L 128M -n state guardvg
+lvcreate -q -y -L 256M -n state guardvg
 lvcreate -q -y -L 768M -n rootcow guardvg
+lvcreate -q -y -L 96M -n data guardvg
 mkfs.ext4 -q -L root /dev/guardvg/root
 mkfs.ext4 -q -L guard-state /dev/guardvg/state
+mkfs.ext4 -q -L data /dev/guardvg/data
 r=/tmp/r
 mkdir -p $r
 mount /dev/guardvg/root $r
@@ -49,7 +53,9 @@ mount /dev/guardvg/state $r/var/lib/guard
 cat >$r/etc/fstab <<FSTAB
 /dev/mapper/guardvg-root  /               ext4  errors=remount-ro  0 1
 /dev/mapper/guardvg-state /var/lib/guard  ext4  defaults           0 2
+/dev/mapper/guardvg-data  /srv/data       ext4  defaults           0 2
 FSTAB
+mkdir -p $r/srv/data
 echo guardboot >$r/etc/hostname
 echo 'root:guard' | chroot $r chpasswd
 cat >$r/etc/default/grub <<GRUB
@@ -102,7 +108,7 @@ umount $r
 vgchange -an guardvg
 echo assembled >"$out/assembled"
 EOF
-  truncate -s 3G "$work/disk.raw"
+  truncate -s 4G "$work/disk.raw"
   local status=0
   GUARD_VM_DISK="$work/disk.raw" GUARD_VM_TIMEOUT=1200 vm_run "$work" 2G "bash $work/assemble.sh > $work/assemble.log 2>&1" || status=$?
   if [ ! -e "$work/assembled" ]; then

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # The boot suite: a real Debian system (Scripts/lib/boot-image.sh) with / on LVM, booted under
-# qemu (software emulation, as the kernel suite) by its own GRUB, kernel and initramfs, eight
+# qemu (software emulation, as the kernel suite) by its own GRUB, kernel and initramfs, nine
 # times on one disk. guard is installed into it at the first boot, with its initramfs hook;
 # Scripts/lib/boot-guest.sh runs each boot's part inside and writes its checks to the share.
 #
@@ -51,7 +51,7 @@ boot_suite() {
   cp Recipes/system-apt-upgrade.recipe "$share/"
   cp Scripts/lib/boot-guest.sh "$share/guest.sh"
   chmod 755 "$share/guest.sh"
-  for part in 1 2 3 4 5 6 7 8; do
+  for part in 1 2 3 4 5 6 7 8 9; do
     printf '#!/bin/sh\nexec /harness/guest.sh %s\n' "$part" >"$share/boot.sh"
     chmod 755 "$share/boot.sh"
     local started=$SECONDS

@@ -18,7 +18,7 @@ if [ -n "$filter" ]; then
   exit 0
 fi
 # Lane a: these suites. Lane b: every other kernel test, so a new suite is never left out.
-lane_a='KernelTests\.Kernel/(CrashKernelTests|FaultKernelTests|ReassemblyKernelTests|JSONContractKernelTests|DeviceMapperKernelTests|IsolationKernelTests)'
+lane_a='KernelTests\.Kernel/(CrashKernelTests|FaultKernelTests|ReassemblyKernelTests|JSONContractKernelTests|DeviceMapperKernelTests|IsolationKernelTests|CoexistenceKernelTests)'
 # Alone: checks that see the whole machine (libdevmapper's udev cookies are not per device,
 # and a test beside it that kills guard mid-transaction leaves one).
 alone='keptRunRolledBackLater'

@@ -65,15 +65,27 @@ public enum Mounts {
     /// The mount point /etc/fstab lists for `path` (the longest one holding it) when it is not
     /// mounted now: the filesystem that holds `path` comes late, or was not mounted at all.
     public static func unmountedFileSystem(holding path: String, fstab: String = "/etc/fstab") -> String? {
+        guard let owner = fstabFileSystem(holding: path, fstab: fstab), owner != "/" else { return nil }
+        return entry(at: owner) == nil ? owner : nil
+    }
+
+    /// The mount point of the /etc/fstab filesystem that holds `path` (the longest target above
+    /// it), or nil when the file cannot be read or no entry holds it.
+    public static func fstabFileSystem(holding path: String, fstab: String = "/etc/fstab") -> String? {
         guard let text = Sys.readSmallFile(fstab) else { return nil }
         let normalized = normalize(path)
         let targets = text.split(separator: "\n").compactMap { line -> String? in
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             guard fields.count >= 3, !fields[0].hasPrefix("#"), fields[1].hasPrefix("/"), fields[2] != "swap" else { return nil }
-            return normalize(String(fields[1]))
+            return normalize(fields[1].split(separator: "\\040", omittingEmptySubsequences: false).joined(separator: " "))
         }
-        guard let owner = targets.filter({ isPath(normalized, under: $0) }).max(by: { $0.count < $1.count }), owner != "/" else { return nil }
-        return entry(at: owner) == nil ? owner : nil
+        return targets.filter({ isPath(normalized, under: $0) }).max(by: { $0.count < $1.count })
+    }
+
+    /// The mount point of the mounted filesystem that holds `path` now (the longest target above it).
+    public static func mountPoint(holding path: String) -> String? {
+        let normalized = normalize(path)
+        return ((try? current()) ?? []).map(\.target).filter { isPath(normalized, under: $0) }.max(by: { $0.count < $1.count })
     }
 
     /// Mounts `source` on `target`.

@@ -38,6 +38,24 @@ extension BlockDevices {
     /// A name for the device that survives reboots and renumbering: its `/dev/disk/by-id`
     /// link (a WWN first), else its device-mapper UUID, else a loop device's backing file;
     /// with its size. Nil when it has none of these.
+    /// Whether `path` names a device by the kernel's name for it (`/dev/sdc`, `/dev/nvme0n1p2`),
+    /// which can be another device after a reboot (disks found in another order).
+    public static func isKernelName(_ path: String) -> Bool {
+        guard path.hasPrefix("/dev/") else { return false }
+        let name = path.dropFirst(5)
+        guard !name.contains("/") else { return false }
+        return ["sd", "vd", "hd", "xvd", "nvme", "mmcblk"].contains { name.hasPrefix($0) }
+    }
+
+    /// A path of the device that survives reboots: its `/dev/disk/by-id` link (a WWN first),
+    /// or nil when it has none.
+    public static func stablePath(of path: String) -> String? {
+        guard let number = try? deviceNumber(of: path) else { return nil }
+        let byID = "/dev/disk/by-id"
+        let links = Sys.listDirectory(byID).filter { (try? deviceNumber(of: "\(byID)/\($0)")) == number }
+        return links.sorted { ($0.hasPrefix("wwn-") ? 0 : 1, $0) < ($1.hasPrefix("wwn-") ? 0 : 1, $1) }.first.map { "\(byID)/\($0)" }
+    }
+
     public static func stableIdentity(of path: String) -> String? {
         guard let number = try? deviceNumber(of: path), let size = size(of: number) else { return nil }
         let byID = "/dev/disk/by-id"

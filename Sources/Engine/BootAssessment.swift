@@ -55,9 +55,9 @@ public struct BootAssessment {
     /// checks. A run whose boots are used up (none reached the checks) is decided for a
     /// rollback, which the caller then carries out at once.
     /// - Returns: what it did, one line each.
-    static func countBoot(journal: Journal, at now: Double) throws -> [String] {
+    static func countBoot(journal: Journal, at now: Double, only include: (RunRecord) -> Bool = { _ in true }) throws -> [String] {
         var actions: [String] = []
-        for waiting in try awaiting(journal) {
+        for waiting in try awaiting(journal) where include(waiting.run) {
             let id = waiting.run.id!
             if let failure = waiting.failed {
                 var decided = waiting.run

@@ -14,6 +14,35 @@ public struct BootSupport: Sendable {
     /// Left in /run by `guard recover --boot` (guard-reassemble.service) once it ran at this boot.
     public static let reassembledMarker = "/run/guard/reassembled"
 
+    /// guard's systemd generator configured guard-reassemble-late.service at this boot: the
+    /// state directory is on a filesystem of its own, and that unit reassembles after it is
+    /// mounted and before the other filesystems are.
+    public static var lateUnitConfigured: Bool {
+        FileManager.default.fileExists(atPath: "/run/systemd/generator/guard-reassemble-late.service.d/guard.conf")
+    }
+
+    /// Where systemd looks for guard's generator.
+    static let generatorPaths = ["/etc/systemd/system-generators", "/usr/local/lib/systemd/system-generators", "/usr/lib/systemd/system-generators"].map { $0 + "/guard-generator" }
+
+    /// On a systemd host, why the boot could not reach `directories` (the state directory, the
+    /// COW directories) before it mounts a guarded volume that is not / or /usr, or nil. On the
+    /// root filesystem they are reached by guard-reassemble.service; on a filesystem of its own
+    /// that /etc/fstab mounts, by guard-reassemble-late.service, which guard's generator orders
+    /// (installed with guard); anywhere else, not at all.
+    public static func bootReachabilityProblem(_ directories: [String], fstab: String = "/etc/fstab", systemd: Bool = FileManager.default.fileExists(atPath: "/run/systemd/system")) -> String? {
+        guard systemd else { return nil }  // no systemd: `guard recover` before the mounts, by hand (guard-recover(8))
+        for directory in directories {
+            guard let holder = Mounts.mountPoint(holding: directory), !["/", "/usr"].contains(holder) else { continue }
+            guard Mounts.fstabFileSystem(holding: directory, fstab: fstab) == holder else {
+                return "\(directory) is on \(holder), which /etc/fstab does not mount: after a power loss the boot would mount the guarded volumes before anything could reach it, and a kept snapshot would go stale; put guard's state and COW directories on / or on a filesystem /etc/fstab mounts (state_dir and cow_dir in guard.conf, or --state-dir)"
+            }
+            guard generatorPaths.contains(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+                return "\(directory) is on \(holder), a filesystem /etc/fstab mounts after guard-reassemble.service runs, and guard's systemd generator (guard-generator, which orders guard-reassemble-late.service after it and before the other filesystems) is not installed; install guard with its units (Scripts/install or the package), or put the state and COW directories on /"
+            }
+        }
+        return nil
+    }
+
     /// Whether this boot's reassembly ran (the boot unit, or the initramfs's recovery).
     public static var reassemblyRanThisBoot: Bool {
         FileManager.default.fileExists(atPath: reassembledMarker) || initramfsStatus() == "0"

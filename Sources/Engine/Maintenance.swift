@@ -136,7 +136,9 @@ public struct Maintenance {
     }
 
     /// Rolls a kept run back. Returns once the volumes are mounted again, unless `wait`.
-    public func rollback(_ reference: String, wait: Bool) async throws -> RollbackOutcome {
+    /// - Parameter withoutHooks: go on without the recipe's rollback hooks when the journaled
+    ///   recipe does not parse (refused otherwise).
+    public func rollback(_ reference: String, wait: Bool, withoutHooks: Bool = false) async throws -> RollbackOutcome {
         let journal = try context.journal()
         let requested = try requireRun(reference, journal: journal)
         if let refusal = refusal(requested, "roll back") { throw GuardFailure(.refused, refusal) }
@@ -147,7 +149,7 @@ public struct Maintenance {
         // Another tool may have replaced a volume's table since the run was kept: that snapshot
         // is stale, and rolling back to it would give a mix of old and new blocks.
         let run = try requireNotStale(requested, "rolled back", journal: journal, engine: engine)
-        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+        let recipe = try run.journaledRecipe(withoutHooks: withoutHooks)
         let stacks = try stacks(records)
         if let early = try earlyMount(of: stacks, engine: engine) {
             let message = try scheduleBootRollback(run, records: records, stacks: stacks, mountedOn: early, journal: journal, engine: engine)

@@ -38,9 +38,9 @@ struct OriginWatch {
     /// A run whose volumes another guard command holds is left to that command (its own table
     /// changes look like a bypass for an instant).
     @discardableResult
-    func sweep() throws -> [Finding] {
+    func sweep(where include: (RunRecord) -> Bool = { _ in true }) throws -> [Finding] {
         var findings: [Finding] = []
-        for run in try journal.runs(in: [.kept, .running, .needsReassembly]) {
+        for run in try journal.runs(in: [.kept, .running, .needsReassembly]) where include(run) {
             findings += try check(run, holdingLocks: false)
         }
         return findings

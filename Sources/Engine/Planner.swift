@@ -315,6 +315,18 @@ public struct Planner {
                 }
             }
         }
+        // After a power loss, the boot must reach the journal and the COW files before it mounts
+        // a guarded volume (the initramfs does it for / and /usr, from the COW device).
+        let later = volumes.filter { volume in !volume.mounts.contains { Planner.earlyMountPoints.contains($0.target) } }
+        if !later.isEmpty {
+            let directories = [context.stateDirectory] + later.compactMap { volume -> String? in
+                if case .fileIn(let directory) = volume.storage { return directory }
+                return nil
+            }
+            if let problem = BootSupport.bootReachabilityProblem(Array(Set(directories)).sorted()) {
+                problems.append("\(recipe.path): \(problem)")
+            }
+        }
         // A separate /boot goes with /: a rolled-back root with the upgrade's kernels and
         // initramfs (or the reverse) may not boot.
         if volumes.contains(where: { $0.mounts.contains { $0.target == "/" } }),
@@ -346,7 +358,7 @@ public struct Planner {
     /// enabled); nil when it is, or when systemd is not the init system.
     static func reassemblyUnitProblem() -> String? {
         guard !isEnabled("guard-reassemble.service") else { return nil }
-        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`, see Docs/install.md)"
+        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`; see guard-recover(8))"
     }
 
     /// Whether systemd (when it runs this machine) has `unit` enabled; true without systemd.

@@ -13,6 +13,9 @@ import Glibc
 /// after guard was killed or the machine went down. Idempotent.
 public struct Recovery {
     public let context: GuardContext
+    /// Go on without a run's rollback hooks when its journaled recipe does not parse
+    /// (`guard recover --without-hooks`); refused otherwise.
+    public var withoutHooks = false
     var reporter: any Reporter { context.reporter }
 
     public init(context: GuardContext) { self.context = context }
@@ -44,11 +47,18 @@ public struct Recovery {
     /// - Parameter initramfs: in the initramfs (guard's local-premount script), before the root is
     ///   mounted: an origin that is not there is left for guard-reassemble.service (the
     ///   initramfs activates the logical volumes; anything else comes later), not waited for.
+    ///
+    /// The initramfs handles only the runs of / and /usr (and, without a journal, COW devices:
+    /// a COW file there would keep the state volume busy); everything else is the boot unit's,
+    /// which, after a successful initramfs, leaves those runs alone. Nothing about another run
+    /// makes the initramfs fail, so nothing but / and /usr can stop the boot.
     public func recover(boot: Bool = false, initramfs: Bool = false) async throws -> Report {
         var report = Report()
         if boot && !initramfs, initramfsDidTheWork(marker: BootSupport.marker, report: &report) { return report }
         if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
-            if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
+            if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory), BootSupport.lateUnitConfigured {
+                report.actions.append("the state directory \(context.stateDirectory) is on \(late), which is mounted after this unit: guard-reassemble-late.service reassembles once it is, before the other filesystems are mounted")
+            } else if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
                 report.needsReassembly.append("the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
             } else {
                 report.actions.append("the state directory \(context.stateDirectory) does not exist: guard has nothing to reassemble (if it is on a filesystem mounted later, run `guard recover` once it is)")
@@ -66,8 +76,10 @@ public struct Recovery {
 
         // Guard volumes first: snapshots are stacked on them. One that cannot be activated
         // (its backing file is missing) is reported; the others are activated all the same.
+        // Not in the initramfs: a guard volume backs onto a file or device of the running system,
+        // and a thin one needs thin_check; the boot unit activates them.
         let volumes = GuardVolumes(dm: dm, stateDirectory: context.stateDirectory)
-        for (volume, info) in try volumes.list() where info == nil {
+        for (volume, info) in try volumes.list() where info == nil && !initramfs {
             do {
                 try volumes.activate(volume)
                 report.actions.append("activated guard volume \(volume.name)")
@@ -78,6 +90,7 @@ public struct Recovery {
 
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
         let journal = try? context.journal()
+        let scope = RecoveryScope(journal: journal, initramfs: initramfs, afterInitramfs: boot && !initramfs && BootSupport.initramfsStatus() == "0")
         let files = cowFiles()
         // Runs whose merge this recovery resumed: their guard died mid-merge, recovery finishes it.
         var resumedMerges: Set<String> = []
@@ -91,6 +104,10 @@ public struct Recovery {
                 continue
             }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
+            guard scope.includes(label.runToken, storage: storage) else {
+                if initramfs { report.actions.append("left \(storage.path) for guard-reassemble.service: its volume \(label.originName) is not / or /usr") }
+                continue
+            }
             if initramfs, try dm.info(label.originRef) == nil {
                 report.actions.append("left \(storage.path) for guard-reassemble.service: its volume \(label.originName) is not in the initramfs")
                 continue
@@ -118,7 +135,7 @@ public struct Recovery {
             return report
         }
         // Anything a crash left suspended is resumed first: nothing may stay frozen.
-        for run in try journal.runs(in: RunState.open) {
+        for run in try journal.runs(in: RunState.open) where scope.includes(run.token) {
             let records = try journal.snapshots(runID: run.id!)
             // A run another guard process holds may be inside its own suspend window: its
             // devices are its to resume, in its order.
@@ -133,12 +150,12 @@ public struct Recovery {
         }
         // Origins another tool took out of their snapshot's write path (lvm2 reloads): stale
         // from then on, recorded before anything acts on their runs.
-        for finding in try OriginWatch(context: context, journal: journal, engine: engine).sweep() {
+        for finding in try OriginWatch(context: context, journal: journal, engine: engine).sweep(where: { scope.includes($0.token) }) {
             report.problems.append("run \(finding.runID): \(finding.text)")
         }
         // What the durable records say of each open run, before anything acts on it.
         let dead = Set(try unfinishedRuns(journal: journal).compactMap(\.id))
-        for run in try journal.runs(in: [.running, .kept, .merging, .needsReassembly]) where run.state != .running || dead.contains(run.id!) {
+        for run in try journal.runs(in: [.running, .kept, .merging, .needsReassembly]) where (run.state != .running || dead.contains(run.id!)) && scope.includes(run.token) {
             switch try classify(run, journal: journal, engine: engine) {
             case .needsReassembly(let reasons):
                 report.needsReassembly += reasons.map { "run \(run.id!): \($0)" }
@@ -154,19 +171,19 @@ public struct Recovery {
             }
         }
         // Stale runs wait for the admin's `guard commit`: said every time, as `guard status` does.
-        for run in try journal.runs(in: [.stale]) {
+        for run in try journal.runs(in: [.stale]) where scope.includes(run.token) {
             let line = "run \(run.id!): " + (OriginWatch.recorded(journal, runID: run.id!)
                 ?? "its snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(run.id!)` discards the COW and keeps the volume as it is")
             if !report.problems.contains(where: { $0.hasPrefix("run \(run.id!):") }) { report.problems.append(line) }
         }
         // A kept thin snapshot survives a reboot in its pool; its read-only view (for diff and
         // restore) does not: made again.
-        for run in try journal.runs(in: [.kept]) {
+        for run in try journal.runs(in: [.kept]) where !initramfs && scope.includes(run.token) {
             for stack in try journal.snapshots(runID: run.id!).compactMap({ decodeStack($0.stack) }) where stack.thin != nil {
                 if try engine.restoreThinView(stack) { report.actions.append("made the view of run \(run.id!)'s thin snapshot of \(stack.originName) again") }
             }
         }
-        for run in try unfinishedRuns(journal: journal) where run.state == .running {
+        for run in try unfinishedRuns(journal: journal) where run.state == .running && scope.includes(run.token) {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
             } catch {
@@ -179,7 +196,7 @@ public struct Recovery {
         // boots without reaching them is rolled back here too.
         if boot {
             do {
-                report.actions += try BootAssessment.countBoot(journal: journal, at: timestamp())
+                report.actions += try BootAssessment.countBoot(journal: journal, at: timestamp()) { scope.includes($0.token) }
             } catch {
                 report.problems.append("the boot assessment's count of this boot: \(error)")
             }
@@ -189,7 +206,7 @@ public struct Recovery {
         // decided on the running system that began no merge (guard stopped between its decision
         // and its first merge) is taken back: the admin was never told it happened, and days of
         // writes they chose to keep must not be merged away at some later boot.
-        for run in try journal.runs(in: [.kept]) where run.decision == .rollback {
+        for run in try journal.runs(in: [.kept]) where run.decision == .rollback && scope.includes(run.token) {
             do {
                 if let action = try await decidedRollback(run, journal: journal, engine: engine, boot: boot) { report.actions.append(action) }
             } catch {
@@ -199,7 +216,7 @@ public struct Recovery {
         // A rollback whose guard died mid-merge (its merge resumed above from the COW): recovery
         // finishes it, so it is recorded as recovered, whatever instant the power went (before or
         // after that guard had journaled the merge's start).
-        for run in try journal.runs(in: [.merging]) where resumedMerges.contains(run.token) && run.outcome != .recovered {
+        for run in try journal.runs(in: [.merging]) where resumedMerges.contains(run.token) && run.outcome != .recovered && scope.includes(run.token) {
             var updated = run
             updated.outcome = .recovered
             let what = "rolled back (the merge, interrupted by a restart, resumed from the COW; the volumes read as before the run)"
@@ -209,7 +226,7 @@ public struct Recovery {
             report.actions.append("run \(run.id!): \(what)")
         }
         // Rollbacks that started for some volumes only: the decision is journaled; roll the rest back.
-        for run in try journal.runs(in: [.merging]) where try journal.snapshots(runID: run.id!).contains(where: { $0.state == .live }) {
+        for run in try journal.runs(in: [.merging]) where try scope.includes(run.token) && journal.snapshots(runID: run.id!).contains(where: { $0.state == .live }) {
             do {
                 report.actions.append(try await recover(run, journal: journal, engine: engine, boot: boot))
             } catch {
@@ -217,14 +234,14 @@ public struct Recovery {
             }
         }
         // Rollbacks whose merge the kernel stopped (an I/O error since fixed): start them again.
-        for run in try journal.runs(in: [.merging]) {
+        for run in try journal.runs(in: [.merging]) where scope.includes(run.token) {
             let records = try journal.snapshots(runID: run.id!)
             guard let locks = try? Maintenance(context: context).lock(records, runID: run.id!) else { continue }
             defer { locks.forEach { $0.release() } }
             for record in records where record.state == .merging {
                 guard let stack = decodeStack(record.stack), case .failed? = try? engine.mergeState(stack) else { continue }
                 do {
-                    let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+                    let recipe = try run.journaledRecipe(withoutHooks: withoutHooks || boot, verb: "restarted")
                     try await RollbackProcedure(context: context, journal: journal, engine: engine).restartMerge(run: run, record: record, stack: stack, recipe: recipe)
                     report.actions.append("run \(run.id!): restarted the merge into \(record.volume)")
                 } catch {
@@ -287,7 +304,10 @@ public struct Recovery {
             return false
         }
         guard !FileManager.default.fileExists(atPath: context.journalPath) else { return false }
-        report.actions.append("the initramfs reassembled guard's snapshots and started the merges due at this boot (\(marker)); the state directory \(context.stateDirectory) is mounted later, and the next guard command finishes what it started")
+        let others = BootSupport.lateUnitConfigured
+            ? "guard-reassemble-late.service reassembles the other runs once it is, before the other filesystems are mounted"
+            : "the other runs' snapshots (of volumes that are not / or /usr) are reassembled by the next `guard recover`: run it before their volumes are mounted (guard's generator, installed with guard, orders guard-reassemble-late.service for this)"
+        report.actions.append("the initramfs reassembled guard's snapshots of / and /usr and started the merges due at this boot (\(marker)); the state directory \(context.stateDirectory) is mounted later: \(others)")
         return true
     }
 
@@ -362,7 +382,8 @@ public struct Recovery {
         let locks = try Maintenance(context: context).lock(records, runID: runID)
         defer { locks.forEach { $0.release() } }
         let stacks = records.compactMap { decodeStack($0.stack) }
-        let recipe = try? RecipeParser.parse(text: run.recipeText, path: run.recipePath).get()
+        // At boot no hook runs; otherwise a recipe that does not parse stops here, loudly.
+        let recipe = try run.journaledRecipe(withoutHooks: withoutHooks || boot, verb: "recovered")
         try journal.event(runID, .intent, "recover", "phase \(run.phase), decision \(run.decision?.rawValue ?? "none")", at: timestamp())
 
         var updated = run
@@ -610,6 +631,42 @@ public struct Recovery {
             actions.append("removed stray COW file \(storage.path)")
         }
         return (actions, problems)
+    }
+}
+
+/// Which runs one recovery pass handles at boot: the initramfs only those of / and /usr; the
+/// boot unit after a successful initramfs only the others; every other pass all of them.
+struct RecoveryScope {
+    enum Part { case all, early, late }
+    let part: Part
+    /// Tokens of the open runs with a volume mounted on / or /usr (from the journal).
+    let early: Set<String>
+    let journalAvailable: Bool
+
+    init(journal: Journal?, initramfs: Bool, afterInitramfs: Bool) {
+        journalAvailable = journal != nil
+        var tokens: Set<String> = []
+        for run in (try? journal?.runs(in: RunState.open)) ?? [] {
+            let records = (try? journal?.snapshots(runID: run.id!)) ?? []
+            if records.contains(where: { $0.mountPoint.map(Planner.earlyMountPoints.contains) == true }) { tokens.insert(run.token) }
+        }
+        early = tokens
+        part = initramfs ? .early : (afterInitramfs ? .late : .all)
+    }
+
+    func includes(_ token: String) -> Bool {
+        switch part {
+        case .all: return true
+        case .early: return early.contains(token)
+        case .late: return !early.contains(token)
+        }
+    }
+
+    /// For a COW storage: without a journal, the initramfs takes COW devices only (a run of /
+    /// has one; a COW file would keep the state volume busy).
+    func includes(_ token: String, storage: CowStorage) -> Bool {
+        if part == .early && !journalAvailable { return !storage.isFile }
+        return includes(token)
     }
 }
 

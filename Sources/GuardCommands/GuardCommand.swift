@@ -209,7 +209,7 @@ public enum GuardMain {
 }
 
 /// Writes one JSON document to stdout: the value's fields (an absent one as null), sorted,
-/// with `schema_version` (Docs/schema/ has the schema of every document).
+/// with `schema_version` (/usr/share/doc/guard/schema/ has the schema of every document).
 func printJSON<T: Encodable>(_ value: T) throws {
     guard case .object(var members) = try DocumentEncoder().encode(value) else {
         preconditionFailure("a JSON document is an object")
@@ -219,7 +219,7 @@ func printJSON<T: Encodable>(_ value: T) throws {
 }
 
 /// A command with `--json`: when it fails, stdout gets the error document
-/// (Docs/schema/error.schema.json) as well as stderr the message, so a script that parses
+/// (/usr/share/doc/guard/schema/error.schema.json) as well as stderr the message, so a script that parses
 /// stdout always gets one document.
 protocol JSONOutputCommand {
     var json: Bool { get }

@@ -62,7 +62,7 @@ public struct GuardConfiguration: Hashable, Sendable {
     static func read(path: String, required: Bool) throws -> String? {
         guard FileManager.default.fileExists(atPath: path) else {
             if required {
-                throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist", hint: "create it (see Docs/guide.md, Configuration) or leave --config/GUARD_CONFIG unset")])
+                throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist", hint: "create it (see guard.conf(5)) or leave --config/GUARD_CONFIG unset")])
             }
             return nil
         }

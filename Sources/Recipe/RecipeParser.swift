@@ -56,7 +56,7 @@ public enum RecipeParser {
             return .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "not valid YAML: \(error)")]))
         }
         guard let root else {
-            return .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the recipe is empty", hint: "see Docs/recipes.md for the format")]))
+            return .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the recipe is empty", hint: "see guard.recipe(5) for the format")]))
         }
         let recipe = validator.recipe(root, text: text, path: path)
         if let recipe, validator.errors.isEmpty { return .success(recipe) }

@@ -46,7 +46,7 @@ public enum CowDirectoryMarker {
     public static func place(in directory: String) throws {
         guard !isPresent(in: directory) else { return }
         let file = try RawFile(path: "\(directory)/\(name)", create: true)
-        try file.write(Array("guard writes COW files here; see Docs/recovery.md\n".utf8), at: 0)
+        try file.write(Array("guard writes COW files here; see guard-recover(8)\n".utf8), at: 0)
         try file.sync()
     }
 }
@@ -99,6 +99,15 @@ extension SnapshotStack {
     public func storageEvidence(fstab: String = "/etc/fstab") -> StorageEvidence {
         let stack = self
         let path = stack.storage.path
+        // A COW device is the one the run wrote only while its stable identity is the journaled
+        // one: another disk under the same name (renumbered, replaced) proves nothing.
+        if case .blockDevice = stack.storage, let journaled = stack.storageIdentity, FileManager.default.fileExists(atPath: path) {
+            let now = BlockDevices.stableIdentity(of: path)
+            if now != journaled {
+                return .needsReassembly(
+                    "the COW device \(path) is \(now ?? "a device guard cannot identify") now, not the run's (\(journaled)): nothing is read from or removed on it; make the run's device appear under \(path) again, then run `guard recover`")
+            }
+        }
         guard FileManager.default.fileExists(atPath: path) else {
             guard stack.storage.isFile else {
                 return .needsReassembly("its COW device \(path) is not there; attach or activate it, then run `guard recover`")

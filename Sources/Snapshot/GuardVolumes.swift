@@ -17,7 +17,9 @@ public struct GuardVolume: Codable, Hashable, Sendable {
     public var thin: ThinLayout?
 
     /// "GUARD-VOL-NAME": a GUARD- device that is not a snapshot layer.
-    public var uuid: String { "\(DeviceMapper.uuidPrefix)VOL-\(name)" }
+    public var uuid: String { Self.uuid(name: name) }
+    /// The dm UUID of guard volume `name` (also the key of its lock).
+    public static func uuid(name: String) -> String { "\(DeviceMapper.uuidPrefix)VOL-\(name)" }
     public var path: String { "/dev/mapper/\(name)" }
 
     /// The volume a registry file describes (`<state dir>/volumes/NAME.json`).
@@ -121,16 +123,22 @@ public struct GuardVolumes {
 
     /// Replaces a registry file so that a power loss leaves the old or the new one, whole:
     /// a temporary file, fsync, rename, fsync of the directory.
+    /// The temporary file has a name of its own, made with O_EXCL: two writers never share one,
+    /// and nothing already there (a link put in its place) is written through.
     static func writeDurably(_ data: [UInt8], to path: String) throws {
-        let temporary = path + ".new"
+        let temporary = path + ".new-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         do {
-            let file = try RawFile(path: temporary, create: true)
-            try file.truncate(to: 0)
+            let file = try RawFile(path: temporary, create: true, exclusive: true)
             try file.write(data, at: 0)
             try file.sync()
+        } catch {
+            unlink(temporary)
+            throw error
         }
         guard rename(temporary, path) == 0 else {
-            throw SnapshotError(.other, "registry update of \(path)", String(cString: strerror(errno)))
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw SnapshotError(.other, "registry update of \(path)", reason)
         }
         let directory = try RawFile(path: (path as NSString).deletingLastPathComponent, readOnly: true)
         try directory.sync()

@@ -200,7 +200,18 @@ public struct SnapshotEngine {
                         hint: "free space, choose a smaller snapshot size, or put the COW elsewhere")
                 }
                 storage = .file(path: "\(directory)/\(token)-\(index).cow")
-            case .blockDevice(let path):
+            case .blockDevice(let named):
+                // A kernel name (/dev/sdc) can be another disk after a reboot: the plan keeps the
+                // device's stable name, or refuses.
+                var path = named
+                if BlockDevices.isKernelName(named) {
+                    guard let stable = BlockDevices.stablePath(of: named) else {
+                        throw SnapshotError(
+                            .notAVolume, operation, "the COW device \(named) is named by the kernel's name for it, which can be another disk after a reboot, and it has no /dev/disk/by-id name",
+                            hint: "name it by a path that stays its own (/dev/disk/by-id/..., /dev/VG/LV)")
+                    }
+                    path = stable
+                }
                 let number: DeviceNumber
                 do { number = try BlockDevices.deviceNumber(of: path) } catch {
                     throw SnapshotError(.other, operation, "COW device: \(error)")
@@ -913,7 +924,7 @@ extension SnapshotEngine {
         // every write since went around the snapshot. Never stacked again; the COW is kept.
         if let change = Self.originChange(live, label: label) {
             guard label.state != .merging else {
-                throw SnapshotError(.labelMismatch, operation, "\(origin.name) \(change), but its merge did not finish", hint: "nothing was touched; see Docs/recovery.md")
+                throw SnapshotError(.labelMismatch, operation, "\(origin.name) \(change), but its merge did not finish", hint: "nothing was touched; see guard-recover(8)")
             }
             var stale = label
             stale.state = .stale

@@ -173,9 +173,10 @@ extension GuardVolumes {
     /// then `-tdata` and the pool's tables. The metadata area does not move: a pool larger than
     /// its metadata can map is refused.
     /// - Returns: the volume as registered now.
-    /// - Parameter engine: the engine whose executor (and watchdog) suspends the pool; a
-    ///   plain one when nil.
-    public func extendPool(name: String, poolSize: UInt64, engine: SnapshotEngine? = nil) throws -> GuardVolume {
+    /// - Parameter engine: the engine whose executor (and watchdog) suspends the pool. The
+    ///   caller holds the volume's lock (`guard volume extend`, or the run that grows it), so the
+    ///   registry's read, change and write are one step.
+    public func extendPool(name: String, poolSize: UInt64, engine: SnapshotEngine) throws -> GuardVolume {
         let operation = "volume extend \(name)"
         guard var (volume, _) = try list().first(where: { $0.0.name == name }) else {
             throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
@@ -211,7 +212,7 @@ extension GuardVolumes {
         volume.thin = layout
         try register(volume)
         let blocks = bytes / layout.blockBytes
-        try (engine ?? SnapshotEngine(dm: dm)).executor.run(
+        try engine.executor.run(
             .growPool(
                 pool: pool.number,
                 poolTable: Table(.thinPool(metadata: metadata, data: data.number, blockSectors: block, lowWaterBlocks: max(blocks / 10, 1)), length: bytes / 512),

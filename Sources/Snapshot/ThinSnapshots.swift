@@ -240,7 +240,16 @@ extension SnapshotEngine {
         if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
         if !resuming { try writeRegistry(thin.registry, id: thin.snapshotID, replaced: id) }
         CrashPoint.hit("thin.registry-written")
-        try executor.run(.thinSwap(origin: origin, table: Table(.thin(pool: pool, deviceID: thin.snapshotID), length: stack.originSectors), stack: stack), udev: udev)
+        do {
+            try executor.run(.thinSwap(origin: origin, table: Table(.thin(pool: pool, deviceID: thin.snapshotID), length: stack.originSectors), stack: stack), udev: udev)
+        } catch {
+            // A swap that failed (rather than a crash in it): the registry names the id the
+            // volume really uses now, or the next boot would activate the snapshot silently.
+            if let (_, now, _) = try? thinState(stack), now != thin.snapshotID {
+                try? writeRegistry(thin.registry, id: now, replaced: nil)
+            }
+            throw error
+        }
         log?("\(origin.name) is its snapshot now (thin device \(thin.snapshotID)); nothing to merge")
         // The replaced id goes with `finishThin`, after the service is back; at once where the
         // upgrade filled the pool, which needs its blocks back before the mount's first write.

@@ -1,4 +1,5 @@
 import Foundation
+import BlockDevice
 @testable import Engine
 import Recipe
 import Testing
@@ -59,7 +60,7 @@ struct InitramfsMarkerTests {
 
         try "0\n".write(toFile: marker, atomically: true, encoding: .utf8)
         #expect(recovery.initramfsDidTheWork(marker: marker, report: &report))
-        #expect(report.actions.count == 1 && report.actions[0].contains("the initramfs reassembled guard's snapshots"))
+        #expect(report.actions.count == 1 && report.actions[0].contains("the initramfs reassembled guard's snapshots of / and /usr"))
 
         for status in ["1\n", "141\n", ""] {
             try status.write(toFile: marker, atomically: true, encoding: .utf8)
@@ -68,6 +69,27 @@ struct InitramfsMarkerTests {
             #expect(failed.actions.isEmpty)
             #expect(failed.problems.count == 1 && failed.problems[0].contains("guard's recovery in the initramfs failed"), "\(failed.problems)")
             #expect(failed.problems[0].contains("holds exit status \(status.isEmpty ? "nothing" : String(status.dropLast()))"))
+        }
+    }
+
+    @Test("the boot must reach the state and COW directories before the guarded volumes: on /, fine; on a filesystem /etc/fstab does not mount, refused; on one it mounts, only with guard's generator; without systemd, not asked")
+    func bootReachability() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-reach-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let fstab = directory + "/fstab"
+        try "/dev/root / ext4 defaults 0 1\n".write(toFile: fstab, atomically: true, encoding: .utf8)
+        // /proc is a filesystem of its own on any Linux machine: it stands for a separate /var.
+        #expect(BootSupport.bootReachabilityProblem(["/proc/guard"], fstab: fstab, systemd: false) == nil, "without systemd guard orders nothing at boot")
+        let unlisted = try #require(BootSupport.bootReachabilityProblem(["/proc/guard"], fstab: fstab, systemd: true))
+        #expect(unlisted.contains("/proc/guard is on /proc, which /etc/fstab does not mount"), "\(unlisted)")
+        try "/dev/root / ext4 defaults 0 1\nproc /proc proc defaults 0 0\n".write(toFile: fstab, atomically: true, encoding: .utf8)
+        if !BootSupport.generatorPaths.contains(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
+            let noGenerator = try #require(BootSupport.bootReachabilityProblem(["/proc/guard"], fstab: fstab, systemd: true))
+            #expect(noGenerator.contains("guard's systemd generator") && noGenerator.contains("is not installed"), "\(noGenerator)")
+        }
+        if Mounts.mountPoint(holding: directory) == "/" {
+            #expect(BootSupport.bootReachabilityProblem([directory], fstab: fstab, systemd: true) == nil, "on the root filesystem: guard-reassemble.service reaches it")
         }
     }
 }

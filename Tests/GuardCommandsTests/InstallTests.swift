@@ -239,3 +239,40 @@ struct InstallTests {
         }
     }
 }
+
+/// Issue 40: guard's generator orders the late reassembly between the state directory's
+/// filesystem and every other local one, and writes nothing when the state is on the root.
+@Test("guard-generator: with /var and /var/lib/guard of their own, guard-reassemble-late.service requires them and every other local fstab filesystem waits for it; with the state on / it writes nothing")
+func generatorOrdersTheLateReassembly() async throws {
+    let root = FileManager.default.temporaryDirectory.appendingPathComponent("guard-generator-\(UInt32.random(in: 0...UInt32.max))").path
+    defer { try? FileManager.default.removeItem(atPath: root) }
+    try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+    let fstab = """
+        /dev/mapper/vg-root / ext4 errors=remount-ro 0 1
+        /dev/mapper/vg-var /var ext4 defaults 0 2
+        /dev/mapper/vg-state /var/lib/guard ext4 defaults 0 2
+        /dev/mapper/vg-www /srv/www ext4 defaults 0 2
+        /dev/mapper/vg-log /var/log ext4 defaults 0 2
+        server:/export /mnt/nfs nfs defaults 0 0
+        /dev/mapper/vg-iscsi /mnt/iscsi ext4 _netdev 0 0
+        tmpfs /tmp tmpfs defaults 0 0
+        /dev/mapper/vg-swap none swap sw 0 0
+
+        """
+    try fstab.write(toFile: "\(root)/fstab", atomically: true, encoding: .utf8)
+    try "/dev/root / ext4 defaults 0 1\n/dev/data /srv ext4 defaults 0 2\n".write(toFile: "\(root)/fstab-root", atomically: true, encoding: .utf8)
+    let generator = "\(packageRoot)/Units/guard-generator"
+    let run = try await runProgram(generator, ["\(root)/out"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab", "GUARD_GENERATOR_CONF": "/dev/null"])
+    #expect(run.status == 0, "\(run.stderr)")
+    #expect(
+        filesUnder("\(root)/out") == [
+            "/guard-reassemble-late.service.d/guard.conf", "/srv-www.mount.d/guard.conf", "/var-log.mount.d/guard.conf",
+            "/systemd-fsck@dev-mapper-vg\\x2dwww.service.d/guard.conf", "/systemd-fsck@dev-mapper-vg\\x2dlog.service.d/guard.conf",
+        ])
+    let late = try String(contentsOfFile: "\(root)/out/guard-reassemble-late.service.d/guard.conf", encoding: .utf8)
+    #expect(late.contains("RequiresMountsFor=/var/lib/guard /var/lib/guard/cow"), "\(late)")
+    let www = try String(contentsOfFile: "\(root)/out/srv-www.mount.d/guard.conf", encoding: .utf8)
+    #expect(www.contains("After=guard-reassemble-late.service") && www.contains("Wants=guard-reassemble-late.service"))
+    let onRoot = try await runProgram(generator, ["\(root)/out-root"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab-root", "GUARD_GENERATOR_CONF": "/dev/null"])
+    #expect(onRoot.status == 0 && !FileManager.default.fileExists(atPath: "\(root)/out-root"), "the state directory on /: nothing to order")
+}

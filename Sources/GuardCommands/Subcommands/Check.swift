@@ -31,7 +31,7 @@ extension GuardCommand {
         @Flag(help: "Only validate the file; do not resolve the volumes.")
         var syntaxOnly = false
 
-        @Flag(help: "Print the plan as JSON (Docs/schema/plan.schema.json); an invalid recipe's errors are in it, each with its line and column.")
+        @Flag(help: "Print the plan as JSON (/usr/share/doc/guard/schema/plan.schema.json); an invalid recipe's errors are in it, each with its line and column.")
         var json = false
 
         func run() throws {

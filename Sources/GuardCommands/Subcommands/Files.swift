@@ -19,7 +19,7 @@ extension GuardCommand {
 
                 Each line: the change (created, deleted, modified, metadata), the path, its size then and now, and what changed in its metadata (mode, owner, xattrs; mtime with --times).
 
-                --json prints {"volumes": [...]} (Docs/schema/diff.schema.json), one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
+                --json prints {"volumes": [...]} (/usr/share/doc/guard/schema/diff.schema.json), one object per volume: volume, mount_point, changes (path, change, kind, size_before, size_after, details), with paths relative to mount_point.
 
                 A name that is not UTF-8 is shown with each such byte as \\xNN (a backslash in it as \\\\); guard restore takes that form back.
 

@@ -71,7 +71,7 @@ extension GuardCommand {
             discussion: """
                 One line a run: its number, recipe, start, duration, volumes, snapshot size, peak COW use and outcome (committed, kept, rolled_back, failed, recovered). Reads only the journal: no root or device-mapper needed beyond reading it.
 
-                --json prints {"runs": [...]} (Docs/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_us, snapshots (volume, size_bytes, peak_used_bytes, suspend_us, state). Docs/guide.md describes every field.
+                --json prints {"runs": [...]} (/usr/share/doc/guard/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_us, snapshots (volume, size_bytes, peak_used_bytes, suspend_us, state). /usr/share/doc/guard/guide.md describes every field.
 
                 Examples:
                   guard history

@@ -7,7 +7,7 @@ import Quantities
 import Recipe
 import Snapshot
 
-/// `guard check --json` and `guard run --dry-run --json` (Docs/schema/plan.schema.json): the
+/// `guard check --json` and `guard run --dry-run --json` (/usr/share/doc/guard/schema/plan.schema.json): the
 /// recipe, every volume resolved against the system, the commands, and what would stop a run.
 struct PlanDocument: Encodable {
     struct RecipeFacts: Encodable {

@@ -33,12 +33,15 @@ extension GuardCommand {
         @Flag(help: "For a run that includes / or /usr (merged at the next boot, by the initramfs): reboot now.")
         var reboot = false
 
-        @Flag(help: "Print the run afterwards as `guard show --json` does (Docs/schema/run.schema.json).")
+        @Flag(help: "Roll back even though the recipe journaled with the run does not parse (its rollback.stop and rollback.start hooks are then not run: stop what uses the volumes first).")
+        var withoutHooks = false
+
+        @Flag(help: "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json).")
         var json = false
 
         func run() async throws {
             let context = try global.context()
-            let outcome = try await Maintenance(context: context).rollback(target, wait: wait)
+            let outcome = try await Maintenance(context: context).rollback(target, wait: wait, withoutHooks: withoutHooks)
             context.reporter.note(outcome.message)
             if json { try printRunDocument(target, context: context) }
             if outcome.atBoot && reboot {
@@ -64,7 +67,7 @@ extension GuardCommand {
         @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
         var target: String
 
-        @Flag(help: "Print the run afterwards as `guard show --json` does (Docs/schema/run.schema.json).")
+        @Flag(help: "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json).")
         var json = false
 
         func run() throws {
@@ -129,7 +132,10 @@ extension GuardCommand {
         @Flag(help: "With --boot: in the initramfs, before the root is mounted (guard's initramfs script uses it).")
         var initramfs = false
 
-        @Flag(help: "Print what was done as JSON (Docs/schema/recover.schema.json): actions, problems, needs_reassembly.")
+        @Flag(help: "Finish runs even when the recipe journaled with them does not parse (their rollback hooks are then not run: stop what uses the volumes first).")
+        var withoutHooks = false
+
+        @Flag(help: "Print what was done as JSON (/usr/share/doc/guard/schema/recover.schema.json): actions, problems, needs_reassembly.")
         var json = false
 
         struct Document: Encodable {
@@ -144,7 +150,9 @@ extension GuardCommand {
 
         func run() async throws {
             let context = try global.context(keepingValid: true)
-            let report = try await Recovery(context: context).recover(boot: boot || initramfs, initramfs: initramfs)
+            var recovery = Recovery(context: context)
+            recovery.withoutHooks = withoutHooks
+            let report = try await recovery.recover(boot: boot || initramfs, initramfs: initramfs)
             if json {
                 try printJSON(Document(actions: report.actions, problems: report.problems, needsReassembly: report.needsReassembly))
             } else {

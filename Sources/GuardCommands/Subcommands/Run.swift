@@ -44,7 +44,7 @@ extension GuardCommand {
         @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan, the snapshot sizes and the COW use of earlier runs; touch nothing.")
         var dryRun = false
 
-        @Flag(help: "Print the run as `guard show --json` does (Docs/schema/run.schema.json), or with --dry-run the plan (plan.schema.json); the steps' output still goes to stderr.")
+        @Flag(help: "Print the run as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json), or with --dry-run the plan (plan.schema.json); the steps' output still goes to stderr.")
         var json = false
 
         func run() async throws {
@@ -100,7 +100,7 @@ extension GuardCommand {
             commandName: "apt",
             abstract: "Run apt-get under a recipe: snapshot what it names, upgrade, verify, then keep, commit or roll back.",
             discussion: """
-                The recipe (default /etc/guard/apt.recipe; Recipes/system-apt-upgrade.recipe is an example) says what to snapshot and check: volumes (/ with its COW device), verify, verify_after_boot, on_success. guard apt replaces its steps with `apt-get update` and `apt-get -y ARGS`, non-interactive, writes the result into the state directory (apt/), and runs it as `guard run` does: the journal holds the recipe as it ran. A rollback of / happens at the next boot (Docs/recovery.md, "The root filesystem").
+                The recipe (default /etc/guard/apt.recipe; /usr/share/doc/guard/examples/system-apt-upgrade.recipe is an example) says what to snapshot and check: volumes (/ with its COW device), verify, verify_after_boot, on_success. guard apt replaces its steps with `apt-get update` and `apt-get -y ARGS`, non-interactive, writes the result into the state directory (apt/), and runs it as `guard run` does: the journal holds the recipe as it ran. A rollback of / happens at the next boot (guard-recover(8); "The root filesystem" in /usr/share/doc/guard/recovery.md).
 
                 guard ships this wrapper, not an APT hook: a DPkg::Pre-Invoke hook runs inside apt's own transaction, so it could snapshot but neither verify after the upgrade nor roll it back as one run, and it would fire for every small install.
 
@@ -123,7 +123,7 @@ extension GuardCommand {
         @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan; touch nothing (the recipe is still written to the state directory).")
         var dryRun = false
 
-        @Flag(help: "Print the run as `guard show --json` does (Docs/schema/run.schema.json), or with --dry-run the plan.")
+        @Flag(help: "Print the run as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json), or with --dry-run the plan.")
         var json = false
 
         @Argument(parsing: .postTerminator, help: ArgumentHelp("apt-get's arguments, after --.", valueName: "apt-get arguments"))

@@ -203,7 +203,7 @@ extension GuardCommand {
             commandName: "show",
             abstract: "One run in detail: phases with timings, the suspend window, steps with output, COW use over time.",
             discussion: """
-                --json prints one object (Docs/schema/run.schema.json) with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples), events (the intents and results guard journaled) and restores (each `guard restore`: started_at, finished_at, user, paths, delete, status, files, bytes, removed, detail).
+                --json prints one object (/usr/share/doc/guard/schema/run.schema.json) with stable snake_case keys: the run's fields (as in `guard history --json`, plus recipe_path, recipe_sha256, host, user, phase, decision), phases, steps (argv, exit_code, termination, duration_seconds, stdout_tail, stderr_tail), snapshots (origin, COW, sizes, state, cow_samples), events (the intents and results guard journaled) and restores (each `guard restore`: started_at, finished_at, user, paths, delete, status, files, bytes, removed, detail).
 
                 Examples:
                   guard show 12

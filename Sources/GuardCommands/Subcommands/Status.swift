@@ -69,7 +69,7 @@ extension GuardCommand {
 
                 A guard device of a run this journal never had (another state directory's, or a replaced journal's) is listed, left alone, and needs no attention.
 
-                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (Docs/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
+                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (/usr/share/doc/guard/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status

@@ -33,7 +33,7 @@ extension GuardCommand {
             var activated: [String]?
         }
 
-        /// A guard volume in JSON (Docs/schema/volume.schema.json and volume-list.schema.json).
+        /// A guard volume in JSON (/usr/share/doc/guard/schema/volume.schema.json and volume-list.schema.json).
         struct Entry: Encodable {
             var name: String
             var path: String
@@ -95,23 +95,18 @@ extension GuardCommand {
             @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing, or half a thin volume's pool).", valueName: "size")) var size: String?
             @Flag(help: "A thin volume: a dm-thin pool over the backing, the volume a thin device of it.") var thin = false
             @Option(help: ArgumentHelp("The thin pool's data, e.g. 300M (default: twice --size for a new file, else what the backing holds).", valueName: "size")) var poolSize: String?
-            @Flag(help: "Print the volume as JSON (Docs/schema/volume.schema.json).") var json = false
+            @Flag(help: "Print the volume as JSON (/usr/share/doc/guard/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
                 let bytes = try size.map { try sizeOption($0, "--size") }, poolBytes = try poolSize.map { try sizeOption($0, "--pool-size") }
-                try context.prepareStateDirectory()
-                do {
-                    let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                    let volume = try volumes.create(name: name, backing: backing, size: bytes, thin: thin, poolSize: poolBytes)
-                    guard json else {
-                        let pool = volume.thin.map { ", a thin volume of a \(formatBytes($0.dataBytes)) pool" } ?? ""
-                        return say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing)\(pool))")
-                    }
-                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.name(volume.name)), pool: try? volumes.poolStatus(volume))])
-                } catch let error as SnapshotError {
-                    throw GuardFailure(.refused, "\(error)")
+                let volume = try VolumeService(context: context).create(name: name, backing: backing, size: bytes, thin: thin, poolSize: poolBytes)
+                guard json else {
+                    let pool = volume.thin.map { ", a thin volume of a \(formatBytes($0.dataBytes)) pool" } ?? ""
+                    return say("created \(volume.path) (\(formatBytes(volume.sizeBytes)) on \(volume.backing)\(pool))")
                 }
+                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
+                try printJSON(["volume": Entry(volume, try volumes.dm.info(.name(volume.name)), pool: try? volumes.poolStatus(volume))])
             }
         }
 
@@ -127,7 +122,7 @@ extension GuardCommand {
                       guard volume list --json | jq -r '.volumes[].name'
                     """)
             @OptionGroup var global: GlobalOptions
-            @Flag(help: "Print JSON (Docs/schema/volume-list.schema.json).") var json = false
+            @Flag(help: "Print JSON (/usr/share/doc/guard/schema/volume-list.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
@@ -162,17 +157,13 @@ extension GuardCommand {
                     """)
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The volume name.") var name: String
-            @Flag(help: "Print the removed volume as JSON (Docs/schema/volume.schema.json).") var json = false
+            @Flag(help: "Print the removed volume as JSON (/usr/share/doc/guard/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
                 let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
                 let removed = try volumes.list().first { $0.0.name == name }?.0
-                do {
-                    try volumes.remove(name: name)
-                } catch let error as SnapshotError {
-                    throw GuardFailure(.refused, "\(error)")
-                }
+                try VolumeService(context: context).remove(name: name)
                 guard json, let removed else { return say("removed \(name)") }
                 try printJSON(["volume": Entry(removed, nil)])
             }
@@ -189,12 +180,12 @@ extension GuardCommand {
                       guard volume activate
                     """)
             @OptionGroup var global: GlobalOptions
-            @Flag(help: "Print the volumes as JSON (Docs/schema/volume-list.schema.json), with the names activated.") var json = false
+            @Flag(help: "Print the volumes as JSON (/usr/share/doc/guard/schema/volume-list.schema.json), with the names activated.") var json = false
 
             func run() throws {
                 let context = try global.context()
                 let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                let (activated, failed) = try volumes.activateAll()
+                let (activated, failed) = try VolumeService(context: context).activateAll()
                 if json {
                     try printJSON(VolumeList(volumes: try Volume.entries(volumes), activated: activated.map(\.name)))
                 } else {
@@ -219,19 +210,15 @@ extension GuardCommand {
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The thin volume's name.") var name: String
             @Option(help: ArgumentHelp("The pool's new data size, e.g. 600M.", valueName: "size")) var poolSize: String
-            @Flag(help: "Print the volume as JSON (Docs/schema/volume.schema.json).") var json = false
+            @Flag(help: "Print the volume as JSON (/usr/share/doc/guard/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
                 let bytes = try sizeOption(poolSize, "--pool-size")
                 let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                do {
-                    let volume = try volumes.extendPool(name: name, poolSize: bytes)
-                    guard json else { return say("grew \(name)'s pool to \(formatBytes(volume.thin?.dataBytes ?? bytes))") }
-                    try printJSON(["volume": Entry(volume, try volumes.dm.info(.uuid(volume.uuid)), pool: try? volumes.poolStatus(volume))])
-                } catch let error as SnapshotError {
-                    throw GuardFailure(.refused, "\(error)")
-                }
+                let volume = try VolumeService(context: context).extendPool(name: name, poolSize: bytes)
+                guard json else { return say("grew \(name)'s pool to \(formatBytes(volume.thin?.dataBytes ?? bytes))") }
+                try printJSON(["volume": Entry(volume, try volumes.dm.info(.uuid(volume.uuid)), pool: try? volumes.poolStatus(volume))])
             }
         }
 
@@ -250,13 +237,8 @@ extension GuardCommand {
 
             func run() throws {
                 let context = try global.context()
-                let volumes = GuardVolumes(dm: try context.dm(), stateDirectory: context.stateDirectory)
-                do {
-                    let kept = try volumes.repair(name: name)
-                    say("repaired the metadata of \(name)'s pool (the damaged copy is kept in \(kept)); activate it with `guard volume activate`")
-                } catch let error as SnapshotError {
-                    throw GuardFailure(.refused, "\(error)")
-                }
+                let kept = try VolumeService(context: context).repair(name: name)
+                say("repaired the metadata of \(name)'s pool (the damaged copy is kept in \(kept)); activate it with `guard volume activate`")
             }
         }
     }
