@@ -312,6 +312,13 @@ struct RollbackProcedure {
             reporter.stepFinished(kind: kind, result: result)
             try? record(result, kind: kind, index: index, runID: runID)
             if warnOnFailure && !result.succeeded { reporter.warning("rollback.start '\(command.name)' \(result.termination)") }
+            if kind == "rollback-stop" && !result.succeeded {
+                // Said, and journaled, with what comes next: the merge restores every block of the
+                // snapshot's instant whatever the service wrote, but only once nothing holds the volume.
+                let next = "guard goes on: it kills what the run's steps left running, then unmounts the volumes; a process that still holds them stops the rollback before anything is merged"
+                reporter.warning("rollback.stop '\(command.name)' \(result.termination); \(next)")
+                try? journal.event(runID, .warning, "rollback-stop-failed", "'\(command.name)' \(result.termination); \(next)", at: timestamp())
+            }
         }
     }
 

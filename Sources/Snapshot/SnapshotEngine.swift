@@ -24,9 +24,24 @@ public protocol WindowWatchdog: AnyObject {
 /// Every operation is written so that it can be repeated after a crash at any line: it
 /// looks at what the kernel has (by GUARD- UUID) and the COW label, and does what is left.
 /// The order of kernel calls is lvm2's (lib/activate/dev_manager.c, libdm/libdm-deptree.c).
+/// How the loop device of a COW file writes it: through the backing file's page cache
+/// (`buffered`), or with direct I/O (`direct`), over a file whose extents were written with
+/// zeros when it was made (`directZeroed`). See `Scripts/bench`, section 4b.
+public enum CowFileIO: String, Sendable {
+    case buffered, direct
+    case directZeroed = "direct-zeroed"
+    public static let `default`: CowFileIO = .buffered
+}
+
 public struct SnapshotEngine {
     /// 4 KiB chunks (8 sectors), lvm2's default; `Scripts/bench` compares 4, 16 and 64 KiB.
     public static let defaultChunkSectors: UInt32 = 8
+
+    /// How a COW file is written by its loop device (see `CowFileIO`).
+    public static var cowFileIO: CowFileIO {
+        if TestHooks.isEnabled, let value = getenv("GUARD_COW_IO").map({ String(cString: $0) }), let io = CowFileIO(rawValue: value) { return io }
+        return .default
+    }
     /// How long a suspend window may last before the watchdog resumes everything.
     public static let defaultWatchdogTimeout: Duration = .seconds(30)
 
@@ -334,10 +349,11 @@ public struct SnapshotEngine {
             if !(try Self.preallocate(file, from: 0, length: stack.storageBytes)) {
                 log?("warning: \(path)'s filesystem cannot preallocate; the COW file is sparse")
             }
+            if Self.cowFileIO == .directZeroed { try Self.zeroFill(file, from: CowLabel.areaOffset, to: stack.storageBytes) }
             try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
             try label.write(to: file)
             CrashPoint.hit("prepare.cow-file")
-            let loop = try LoopDevice.attach(file: path, autoclear: true)
+            let loop = try LoopDevice.attach(file: path, autoclear: true, directIO: Self.cowFileIO != .buffered)
             handle = loop
             cowDevice = loop.device.number
         case .blockDevice(let path):
@@ -481,6 +497,21 @@ public struct SnapshotEngine {
         try releaseStorage(stack)
     }
 
+    /// Writes zeros over `[from, to)` and syncs: the filesystem's extents are then written ones,
+    /// so the kernel's copies into the COW convert no unwritten extent (a journaled change that
+    /// each exception-store commit would have to wait for).
+    static func zeroFill(_ file: borrowing RawFile, from start: UInt64, to end: UInt64) throws {
+        let step: UInt64 = 1 << 20
+        let zeros = [UInt8](repeating: 0, count: Int(step))
+        var offset = start
+        while offset < end {
+            let count = Int(min(step, end - offset))
+            try file.write(count == zeros.count ? zeros : Array(zeros.prefix(count)), at: offset)
+            offset += UInt64(count)
+        }
+        try file.sync()
+    }
+
     /// Reserves space for a COW file; where the filesystem cannot (EOPNOTSUPP) the file is
     /// only grown, sparse. Returns whether the space is reserved.
     static func preallocate(_ file: borrowing RawFile, from offset: UInt64, length: UInt64) throws -> Bool {
@@ -593,6 +624,7 @@ public struct SnapshotEngine {
         }
         let file = try RawFile(path: path)
         _ = try Self.preallocate(file, from: stack.storageBytes, length: storageBytes - stack.storageBytes)
+        if Self.cowFileIO == .directZeroed { try Self.zeroFill(file, from: stack.storageBytes, to: storageBytes) }
         let cowTable = try dm.table(stack.ref(.cow))
         guard case .linear(let loopNumber, let offset)? = cowTable.lines.first?.target else {
             throw SnapshotError(.layerMissing, operation, "\(stack.cowName) is not a linear device")
@@ -947,7 +979,7 @@ extension SnapshotEngine {
         var handle: LoopHandle?
         let cowDevice: DeviceNumber
         if storage.isFile {
-            let loop = try LoopDevice.attach(file: storage.path, autoclear: true)
+            let loop = try LoopDevice.attach(file: storage.path, autoclear: true, directIO: Self.cowFileIO != .buffered)
             handle = loop
             cowDevice = loop.device.number
         } else {

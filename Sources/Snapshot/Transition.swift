@@ -446,8 +446,13 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
     }
 
     private func window(_ transition: Transition, udev: UdevBatch?) throws -> WindowTiming {
+        // Nothing is suspended unarmed: an engine that changes tables has a watchdog (Engine's
+        // context gives every one it makes), and one without it is a bug, refused here.
+        guard let watchdog else {
+            throw SnapshotError(.other, transition.name, "guard refused to suspend a device without its suspend watchdog (an engine made without one: a bug)")
+        }
         let batch = udev ?? UdevBatch()
-        try watchdog?.arm(transition.watchdogPlan, timeout: watchdogTimeout)
+        try watchdog.arm(transition.watchdogPlan, timeout: watchdogTimeout)
         // Locked only where a page of guard could have to come from a suspended device.
         let lockNeeded = mayFault(transition.suspendedNumbers)
         var memoryLocked = lockNeeded
@@ -497,7 +502,7 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
         }
         let end = clock.now
 
-        if let watchdog, !watchdog.disarm() {
+        if !watchdog.disarm() {
             log?("warning: the suspend watchdog fired or died during the \(transition.name) (it resumes the devices itself when it fires); check `guard status` and the system log")
         }
         if memoryLocked { unlockMemory() }

@@ -106,6 +106,71 @@ extension Kernel {
             recordResult(["fuse-database-server", "a PostgreSQL server rewrites a table for a client step past a 4 MiB snapshot", "rollback", "restored", "rolled_back", "the fuse held the server's writes (and its shutdown's) until the merge; the database started again with the pre-run rows; pg_amcheck passed", ""])
         }
 
+        @Test("PostgreSQL under pgbench load, two migrations in a row that overflow a small COW, each rolled back through the fuse: after each, pgbench's invariant holds, pg_amcheck --heapallindexed and pg_checksums pass")
+        func databaseUnderLoadTwice() async throws {
+            let bin = try #require(postgresBinaries(), "Debian's postgresql packages are missing (Scripts/setup installs them)")
+            let volume = try RawVolume(mebibytes: 320)
+            try sh("mkfs.ext4 -q -F \(volume.device)")
+            let (mount, sockets) = (volume.scratch.path("pg"), volume.scratch.path("sockets"))
+            for directory in [mount, sockets] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+            try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
+            let data = "\(mount)/data"
+            let pgctl = "runuser -u postgres -- \(bin)/pg_ctl -D \(data)"
+            let start = "\(pgctl) -l \(sockets)/server.log -o \"-k \(sockets) -c listen_addresses=''\" -w -t 300 start"
+            volume.scratch.defer_ {
+                _ = try? sh("pkill -f 'pgbench -h \(sockets)'; \(pgctl) -m immediate stop >/dev/null 2>&1; true")
+                try? Mounts.unmount(mount)
+            }
+            // Data checksums on: pg_checksums can check every page afterwards.
+            try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb -k -A trust -D \(data) >/dev/null && \(start) >/dev/null")
+            let psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
+            try sh("runuser -u postgres -- \(bin)/pgbench -h \(sockets) -i -s 4 -q postgres >/dev/null 2>&1")
+            let invariant = "select (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), (select sum(bbalance) from pgbench_branches), (select coalesce(sum(delta), 0) from pgbench_history)"
+            let recipe = try writeRecipe(
+                """
+                name: pgbench-migration
+                volumes:
+                  - device: \(volume.device)
+                    mount: \(mount)
+                    snapshot: 8M
+                steps:
+                  - name: rewrite every account (far more than the snapshot holds)
+                    run: [\(bin)/psql, -h, \(sockets), -d, postgres, -v, ON_ERROR_STOP=1, -c, "update pgbench_accounts set filler = md5(aid::text)"]
+                    user: postgres
+                rollback:
+                  stop:
+                    - name: stop the database
+                      shell: \(pgctl) -m fast -t 60 stop || \(pgctl) -m immediate stop
+                  start:
+                    - name: start the database
+                      shell: \(start)
+                """, in: volume.scratch)
+            for attempt in 1...2 {
+                // The load: pgbench's clients, whatever happens to their server.
+                try startDetached(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pgbench -h \(sockets) -c 2 -T 900 postgres >\(volume.scratch.path("pgbench-\(attempt).log")) 2>&1"])
+                try await Task.sleep(for: .seconds(3))
+                let result = try volume.guardTool("run", recipe)
+                #expect(result.status == 1, "migration \(attempt): \(result.stderr)")
+                #expect(result.stderr.contains("full and cannot grow"), "migration \(attempt): \(result.stderr)")
+                let events = try lastRunEvents(volume.guardTool)
+                #expect(events.contains("result fuse") && !events.contains("error rollback-impossible"), "migration \(attempt): \(events)")
+                _ = try? sh("pkill -f 'pgbench -h \(sockets)'; sleep 1; true")
+                // pgbench's invariant: every committed transaction moved the same amount everywhere.
+                let sums = try sh("\(psql) -c \"\(invariant)\"").trimmingWhitespace().split(separator: "|").map(String.init)
+                #expect(Set(sums).count == 1, "migration \(attempt): pgbench's sums differ: \(sums)")
+                let check = try run(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pg_amcheck -h \(sockets) -d postgres --install-missing --heapallindexed 2>&1"])
+                #expect(check.status == 0, "migration \(attempt): pg_amcheck: \(check.stdout)")
+                try sh("\(pgctl) -m fast -t 120 stop >/dev/null")
+                let checksums = try run(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pg_checksums --check -D \(data) 2>&1"])
+                #expect(checksums.status == 0, "migration \(attempt): pg_checksums: \(checksums.stdout)")
+                try sh("\(start) >/dev/null")
+            }
+            recordResult([
+                "fuse-database-under-load-twice", "PostgreSQL under pgbench load, two migrations in a row overflowing an 8 MiB snapshot", "rollback", "restored",
+                "rolled_back", "each rolled back through the fuse; pgbench's invariant, pg_amcheck --heapallindexed and pg_checksums passed after both",
+            ])
+        }
+
         /// A kept run of a small upgrade on `volume` (recipe lines `extra`), then `guard monitor`
         /// started on its state directory and seen watching.
         func keptRunWatched(_ volume: RawVolume, snapshot: String, extra: String) async throws -> (run: Int, monitor: Process, log: String) {

@@ -1,5 +1,6 @@
 import BlockDevice
 import DeviceMapper
+import Engine
 import Foundation
 @testable import Snapshot
 import Testing
@@ -18,7 +19,10 @@ final class VolumeFixture {
     init(megabytes: Int = 100, label: String = #function, mount: Bool = true, fileSystem: Bool = true) throws {
         scratch = try Scratch(label)
         dm = try DeviceMapper()
-        engine = SnapshotEngine(dm: dm)
+        // Every suspend is armed: the watchdog guard runs, beside the binary under test.
+        var engine = SnapshotEngine(dm: dm)
+        engine.watchdog = ProcessWatchdog(executable: guardBinary, log: { _ in })
+        self.engine = engine
         stateDirectory = scratch.path("state")
         cowDirectory = "\(stateDirectory)/cow"
         try FileManager.default.createDirectory(atPath: cowDirectory, withIntermediateDirectories: true)

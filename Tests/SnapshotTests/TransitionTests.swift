@@ -123,7 +123,7 @@ struct TransitionTests {
 
     @Test("a window's timing: start, all suspended, end in order; the journal's words give the whole and its two parts")
     func windowTiming() throws {
-        var executor = TransitionExecutor(devices: RecordingDevices(), watchdog: nil, watchdogTimeout: .seconds(30), log: nil)
+        var executor = TransitionExecutor(devices: RecordingDevices(), watchdog: RecordingWatchdog(), watchdogTimeout: .seconds(30), log: nil)
         executor.crashPoint = { _ in }
         executor.mayFault = { _ in false }
         let timing = try executor.run(.take([Self.stack(Self.identity0, origin: 3)]))
@@ -264,6 +264,16 @@ struct TransitionTests {
         #expect(try unproven("0 2048 mirror core 1 1024 2 254:1 0 254:2 0") == ["mirror"])
         #expect(try Table(parsing: "0 2048 cache 254:1 254:2 254:3 64 1 writethrough smq 0").keepsState)
         #expect(try !Table(parsing: "0 2048 crypt aes-xts-plain64 :64:logon:k 0 7:0 4096").keepsState)
+    }
+
+    @Test("an executor without a watchdog suspends nothing: refused before the first suspend")
+    func unarmedExecutorRefuses() {
+        let devices = RecordingDevices()
+        var executor = TransitionExecutor(devices: devices, watchdog: nil, watchdogTimeout: .seconds(30), log: nil)
+        executor.crashPoint = { _ in }
+        executor.mayFault = { _ in false }
+        #expect(throws: SnapshotError.self) { try executor.run(.take([Self.stack(Self.identity0, origin: 3)])) }
+        #expect(!devices.calls.contains { $0.hasPrefix("suspend") })
     }
 
     @Test("a description that would leave a device frozen or a table never live is refused before any kernel call")

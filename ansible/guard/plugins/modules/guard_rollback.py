@@ -15,6 +15,9 @@ description:
   - Runs C(guard rollback --json RUN) on the host; the volumes read as before the run from the moment the merge starts.
   - Unchanged when the run is already rolled back. Any other refusal (committed, unfinished, an invalid snapshot) fails with guard's message.
   - In check mode it only reads the run (C(guard show --json)).
+  - A run that includes C(/) or C(/usr) cannot be merged while the system runs; guard journals its rollback for the next boot,
+    whose initramfs merges it before mounting the root. The module then returns I(pending_at_boot) and I(reboot_required), and
+    reboots the host when I(reboot) is true; until the reboot the rollback has not happened.
 version_added: 0.1.0
 author:
   - guard authors (@guard)
@@ -31,6 +34,13 @@ options:
       - Wait until the merge is complete and torn down.
     type: bool
     default: false
+  reboot:
+    description:
+      - When the rollback waits for the next boot (a run of C(/) or C(/usr)), reboot the host (C(systemctl reboot), 5 seconds later, so
+        the module returns first). Follow the task with M(ansible.builtin.wait_for_connection).
+      - Without it, the play decides, with I(reboot_required) (for example M(ansible.builtin.reboot)).
+    type: bool
+    default: false
 seealso:
   - module: guard.guard.guard_run
   - module: guard.guard.guard_commit
@@ -41,6 +51,17 @@ EXAMPLES = r'''
   guard.guard.guard_rollback:
     run: "{{ upgrade.run_id }}"
     wait: true
+
+- name: Undo an upgrade of the root filesystem, and reboot for it
+  guard.guard.guard_rollback:
+    run: "{{ upgrade.run_id }}"
+    reboot: true
+  register: rollback
+
+- name: Wait for the host to come back on the old root
+  ansible.builtin.wait_for_connection:
+    delay: 20
+  when: rollback.rebooting
 '''
 
 RETURN = r'''
@@ -65,17 +86,63 @@ run:
   description: The run afterwards, as C(guard show --json) prints it.
   returned: always
   type: dict
+pending_at_boot:
+  description: The rollback is journaled for the next boot (a run of C(/) or C(/usr)) and has not happened yet.
+  returned: always
+  type: bool
+reboot_required:
+  description: The rollback waits for a reboot that the module did not start.
+  returned: always
+  type: bool
+rebooting:
+  description: The module started the reboot (I(reboot)).
+  returned: always
+  type: bool
 '''
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.guard.guard.plugins.module_utils.guard import COMMON_ARGS, settle
+from ansible_collections.guard.guard.plugins.module_utils.guard import (
+    COMMON_ARGS, Guard, GuardError, error_message, is_error_document, run_facts)
+
+
+def pending_at_boot(document):
+    """A kept run whose decision is rollback: journaled for the next boot, not done."""
+    return document.get('state') == 'kept' and document.get('decision') == 'rollback'
 
 
 def main():
-    argument_spec = dict(run=dict(type='str', required=True), wait=dict(type='bool', default=False))
+    argument_spec = dict(run=dict(type='str', required=True), wait=dict(type='bool', default=False), reboot=dict(type='bool', default=False))
     argument_spec.update(COMMON_ARGS)
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    settle(module, 'rollback', 'rolled_back', ['--wait'] if module.params['wait'] else [])
+    guard = Guard(module)
+    run = module.params['run']
+
+    def finish(document, changed, stderr=None):
+        pending = pending_at_boot(document)
+        rebooting = False
+        if pending and module.params['reboot'] and not module.check_mode:
+            rc, dummy, err = module.run_command(['systemd-run', '--on-active=5', '--unit=guard-rollback-reboot', 'systemctl', 'reboot'], check_rc=False)
+            if rc != 0:
+                guard.fail('run %s rolls back at the next boot, and the reboot could not be started: %s' % (run, err.strip()), rc=rc, **run_facts(document))
+            rebooting = True
+        module.exit_json(changed=changed or rebooting, stderr=stderr, pending_at_boot=pending, reboot_required=pending and not rebooting,
+                         rebooting=rebooting, **run_facts(document))
+
+    try:
+        before = guard.show(run)
+        if before.get('outcome') == 'rolled_back' or pending_at_boot(before):
+            finish(before, changed=False)
+        if module.check_mode:
+            if before.get('state') != 'kept':
+                how = before.get('outcome') or before.get('state')
+                guard.fail('run %s is %s, not kept: guard would refuse to roll it back' % (run, how), **run_facts(before))
+            module.exit_json(changed=True, pending_at_boot=False, reboot_required=False, rebooting=False, **run_facts(before))
+        rc, document, stderr = guard.run(*(['rollback'] + (['--wait'] if module.params['wait'] else []) + [str(run)]))
+    except GuardError as error:
+        module.fail_json(msg=str(error), rc=error.rc, stderr=error.stderr)
+    if is_error_document(document):
+        guard.fail(error_message(document, stderr), rc=rc, stderr=stderr, error=document['error'], **run_facts(before))
+    finish(document, changed=True, stderr=stderr)
 
 
 if __name__ == '__main__':

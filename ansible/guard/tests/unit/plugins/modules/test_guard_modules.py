@@ -137,6 +137,15 @@ def test_rollback_and_commit_act_on_a_kept_run_and_are_idempotent(name, verb, do
     assert result['changed'] and [call[0] for call in calls] == ['show']
 
 
+def test_a_rollback_of_the_root_is_pending_until_a_reboot():
+    pending = dict(run_document(), decision='rollback')
+    result, calls = module('guard_rollback', dict(run='7'), {'show': dict(rc=0, document=run_document()), 'rollback': dict(rc=0, document=pending)})
+    assert result['changed'] and result['pending_at_boot'] and result['reboot_required'] and not result['rebooting']
+    assert result['outcome'] == 'kept', 'not reported as rolled back'
+    result, calls = module('guard_rollback', dict(run='7'), {'show': dict(rc=0, document=pending)})
+    assert result['changed'] is False and result['pending_at_boot'] and [call[0] for call in calls] == ['show']
+
+
 def test_a_refused_rollback_fails_with_guards_message():
     result, dummy = module('guard_rollback', dict(run='7', wait=True),
                            {'show': dict(rc=0, document=run_document(outcome='committed', state='finished')),
