@@ -56,10 +56,13 @@ finish() { sync; echo "part $part done" >>$H/progress; systemctl "$1"; }
 
 case $part in
   1)
-    # Install guard as Scripts/install did on the host (staged into the share), guard-demo 1.
-    cp -a $H/root/. /
-    systemctl daemon-reload
-    systemctl enable guard-reassemble.service guard-maintenance.timer guard-assess.service >/dev/null 2>&1
+    # guard's Debian package, as a newcomer installs it: apt, on the running system. Its
+    # housekeeping and metrics work at once, without a reboot.
+    check "apt installs guard's package" sh -c 'apt-get install -y -q $H/guard_*.deb >/tmp/apt.log 2>&1 || { tail -n 20 /tmp/apt.log; exit 1; }'
+    check "the package enabled the boot units" sh -c 'systemctl is-enabled --quiet guard-reassemble.service && systemctl is-enabled --quiet guard-assess.service'
+    mkdir -p /var/lib/prometheus/node-exporter
+    check "right after the install, guard-maintenance.service succeeds and writes the metrics" sh -c 'systemctl start guard-maintenance.service && ! systemctl is-failed --quiet guard-maintenance.service && grep -q "^guard_kept_runs " /var/lib/prometheus/node-exporter/guard.prom'
+    check "the package's monitor runs" systemctl is-active --quiet guard-monitor.service
     check "guard-demo 1 installs" dpkg -i $H/guard-demo_1_all.deb
     check "update-initramfs puts guard into the initramfs" update-initramfs -u
     check "the hook stamped the initramfs" test -s "/var/lib/guard/initramfs/$(uname -r)"

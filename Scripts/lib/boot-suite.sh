@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # The boot suite: a real Debian system (Scripts/lib/boot-image.sh) with / on LVM, booted under
 # qemu (software emulation, as the kernel suite) by its own GRUB, kernel and initramfs, nine
-# times on one disk. guard is installed into it at the first boot, with its initramfs hook;
+# times on one disk. guard's Debian package is installed into it at the first boot (apt), with
+# its initramfs hook;
 # Scripts/lib/boot-guest.sh runs each boot's part inside and writes its checks to the share.
 #
 #   boot_suite RESULTS GUARD_BIN_DIR   # prints "boot suite: N passed, N failed"; fails on any failure
@@ -38,9 +39,9 @@ boot_suite() {
   : >"$share/checks"
   disk="$work/disk.qcow2"
   qemu-img create -q -f qcow2 -b "$image" -F raw "$disk"
-  # guard, staged as Scripts/install installs it into /usr/local (boot 1 copies it to /).
-  DESTDIR="$share/root" GUARD_INSTALL_FROM="$bins" Scripts/install >"$work/install.log" 2>&1 || {
-    echo "boot suite: Scripts/install into the share failed:" >&2; tail -n 20 "$work/install.log" >&2; return 1; }
+  # guard as a Debian package (Scripts/package-deb), which boot 1 installs with apt.
+  GUARD_INSTALL_FROM="$bins" Scripts/package-deb "$share" >"$work/install.log" 2>&1 || {
+    echo "boot suite: Scripts/package-deb failed:" >&2; tail -n 20 "$work/install.log" >&2; return 1; }
   boot_demo_package 1 "$share"
   boot_demo_package 2 "$share"
   boot_demo_package 3 "$share"
