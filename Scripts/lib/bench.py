@@ -408,7 +408,7 @@ def bench_write_vs_lvm2():
     trials = 1 if QUICK else max(1, min(TRIALS, 3))
     out = {}
     for mode in ["sequential", "random", "fsync"]:
-        rows = {"none": [], "guard": [], "lvm2": []}
+        rows = {"none": [], "guard": [], "guard_cow_device": [], "lvm2": []}
         for _ in range(trials):
             device = make_lv("wcn", "512M", filesystem=False)
             rows["none"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
@@ -417,6 +417,12 @@ def bench_write_vs_lvm2():
             path = recipe("wcg", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk="4K")
             rows["guard"].append(guard_step_seconds(path))
             sh("lvremove -q -f %s/wcg" % VG)
+            # guard with its COW on a block device (`cow:` an LV of the same disk), as lvm2's is.
+            device = make_lv("wcd", "512M", filesystem=False)
+            cow = make_lv("wcdcow", "320M", filesystem=False)
+            path = recipe("wcd", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk="4K, cow: %s" % cow)
+            rows["guard_cow_device"].append(guard_step_seconds(path))
+            sh("lvremove -q -f %s/wcd %s/wcdcow" % (VG, VG))
             device = make_lv("wcl", "512M", filesystem=False)
             sh("lvcreate -q -y -s -L 300M --chunksize 4K -n wclsnap %s/wcl" % VG)
             rows["lvm2"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
@@ -424,8 +430,10 @@ def bench_write_vs_lvm2():
         row = {name: {"seconds": summary(values), "writes_per_second": count / statistics.median(values)} for name, values in rows.items()}
         row["ratio_guard_over_lvm2"] = row["guard"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
         out[mode] = row
-        log("   %s: none %.0f/s, guard %.0f/s, lvm2 %.0f/s: guard/lvm2 %.2fx" % (
-            mode, row["none"]["writes_per_second"], row["guard"]["writes_per_second"], row["lvm2"]["writes_per_second"], row["ratio_guard_over_lvm2"]))
+        row["ratio_guard_cow_device_over_lvm2"] = row["guard_cow_device"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
+        log("   %s: none %.0f/s, guard %.0f/s (cow: a device %.0f/s), lvm2 %.0f/s: guard/lvm2 %.2fx (cow: a device %.2fx)" % (
+            mode, row["none"]["writes_per_second"], row["guard"]["writes_per_second"], row["guard_cow_device"]["writes_per_second"],
+            row["lvm2"]["writes_per_second"], row["ratio_guard_over_lvm2"], row["ratio_guard_cow_device_over_lvm2"]))
     results["write_vs_lvm2"] = {
         "writes": count, "trials": trials, "by_mode": out,
         "seq_ratio": out["sequential"]["ratio_guard_over_lvm2"], "random_ratio": out["random"]["ratio_guard_over_lvm2"],

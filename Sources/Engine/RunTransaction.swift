@@ -258,12 +258,29 @@ struct RunBody {
     mutating func proceed(options: RunOptions) async -> RunReport {
         let runner = StepRunner(onOutput: { [reporter] in reporter.stepOutput($0) })
 
+        // The snapshots are planned, journaled, and their COW files made (preallocated, their
+        // extents written) before the quiesce hooks stop anything: the service is not down
+        // while guard writes them.
+        let engine: SnapshotEngine
+        let stacks: [SnapshotStack]
+        do {
+            engine = try context.engine()
+            // The watchdog process starts while the COW storage is prepared.
+            (engine.watchdog as? ProcessWatchdog)?.start()
+            stacks = try planSnapshots(engine)
+        } catch {
+            try? journal.setSnapshotState(runID: runID, .discarded)
+            return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
+        }
+
         // quiesce
         if !recipe.quiesce.isEmpty {
             reporter.phase("quiesce", run: runID)
             let phase = try? journal.beginPhase(runID, "quiesce", at: timestamp())
             if let failed = await runCommands(recipe.quiesce, kind: "quiesce", runner: runner) {
                 if let phase { try? journal.endPhase(phase, status: .failed, detail: failed, at: timestamp()) }
+                engine.unstage(stacks)
+                try? journal.setSnapshotState(runID: runID, .discarded)
                 await runResumeHooks(runner: runner)
                 return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "quiesce failed: \(failed); no volume was touched")
             }
@@ -273,19 +290,9 @@ struct RunBody {
         // snapshot
         reporter.phase("snapshot", run: runID)
         let snapshotPhase = try? journal.beginPhase(runID, "snapshot", at: timestamp())
-        let engine: SnapshotEngine
-        do {
-            engine = try context.engine()
-            // The watchdog process starts while the COW storage is prepared.
-            (engine.watchdog as? ProcessWatchdog)?.start()
-        } catch {
-            if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: .failed, detail: "\(error)", at: timestamp()) }
-            await runResumeHooks(runner: runner)
-            return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
-        }
         let live: LiveSnapshotSet
         do {
-            live = try takeSnapshots(engine)
+            live = try takeSnapshots(engine, stacks: stacks)
         } catch {
             if let snapshotPhase { try? journal.endPhase(snapshotPhase, status: .failed, detail: "\(error)", at: timestamp()) }
             try? journal.setSnapshotState(runID: runID, .discarded)
@@ -389,9 +396,9 @@ struct RunBody {
         }
     }
 
-    /// Prepares the layers and takes the snapshot set, journaling the intent of each.
-    mutating func takeSnapshots(_ engine: SnapshotEngine) throws -> LiveSnapshotSet {
-        // Everything the layers will be is journaled before the first one exists.
+    /// Plans the snapshot set, journals everything its layers will be (the `prepare` intent)
+    /// before the first one exists, and makes its COW files.
+    mutating func planSnapshots(_ engine: SnapshotEngine) throws -> [SnapshotStack] {
         let stacks = try engine.plan(plan.volumes.map(\.request), token: run.token)
         for (index, stack) in stacks.enumerated() {
             records[index].stack = encode(stack)
@@ -400,6 +407,14 @@ struct RunBody {
             try journal.update(records[index])
         }
         try journal.event(runID, .intent, "prepare", stacks.map { "\($0.originPath) cow \($0.storage.path)" }.joined(separator: "; "), at: timestamp())
+        let started = ContinuousClock.now
+        try engine.stage(stacks)
+        if stacks.contains(where: \.storage.isFile) { reporter.log("COW files made in \(formatMicroseconds(UInt64((ContinuousClock.now - started).inSeconds * 1_000_000)))") }
+        return stacks
+    }
+
+    /// Prepares the layers and takes the snapshot set, journaling the intent of each.
+    mutating func takeSnapshots(_ engine: SnapshotEngine, stacks: [SnapshotStack]) throws -> LiveSnapshotSet {
         CrashPoint.hit("run.before-prepare")
         let prepared = try engine.prepare(stacks)
         do {

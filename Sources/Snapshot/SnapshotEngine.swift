@@ -30,7 +30,7 @@ public protocol WindowWatchdog: AnyObject {
 public enum CowFileIO: String, Sendable {
     case buffered, direct
     case directZeroed = "direct-zeroed"
-    public static let `default`: CowFileIO = .buffered
+    public static let `default`: CowFileIO = .directZeroed
 }
 
 public struct SnapshotEngine {
@@ -343,13 +343,7 @@ public struct SnapshotEngine {
         let cowDevice: DeviceNumber
         switch stack.storage {
         case .file(let path):
-            log?("creating COW file \(path) (\(formatBytes(stack.storageBytes)), preallocated)")
-            try CowDirectoryMarker.place(in: (path as NSString).deletingLastPathComponent)
-            let file = try RawFile(path: path, create: true, exclusive: true)
-            if !(try Self.preallocate(file, from: 0, length: stack.storageBytes)) {
-                log?("warning: \(path)'s filesystem cannot preallocate; the COW file is sparse")
-            }
-            if Self.cowFileIO == .directZeroed { try Self.zeroFill(file, from: CowLabel.areaOffset, to: stack.storageBytes) }
+            let file = try Self.isStaged(stack) ? RawFile(path: path) : Self.makeCowFile(stack, log: log)
             try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
             try label.write(to: file)
             CrashPoint.hit("prepare.cow-file")
@@ -495,6 +489,50 @@ public struct SnapshotEngine {
         try removeLayers(stack, [.snap, .real, .cow], udev: udev)
         CrashPoint.hit("commit.layers-removed")
         try releaseStorage(stack)
+    }
+
+    /// Makes the COW files of `stacks` (`stage`), ahead of `prepare`: a run does it before its
+    /// quiesce hooks stop the service, so the service is not down while they are written. A
+    /// staged file has no label: a crash leaves nothing recovery would keep.
+    public func stage(_ stacks: [SnapshotStack]) throws {
+        for stack in stacks where stack.storage.isFile {
+            if try Self.isStaged(stack) { continue }
+            _ = try Self.makeCowFile(stack, log: log)
+        }
+    }
+
+    /// Removes COW files `stage` made that no `prepare` used (the quiesce hooks failed).
+    public func unstage(_ stacks: [SnapshotStack]) {
+        for stack in stacks where stack.storage.isFile && (try? Self.isStaged(stack)) == true {
+            unlink(stack.storage.path)
+        }
+    }
+
+    /// A COW file made for `stack`: created (it must not exist), preallocated, and, unless COW
+    /// files are written through the page cache, its snapshot area written with zeros.
+    static func makeCowFile(_ stack: SnapshotStack, log: (@Sendable (String) -> Void)?) throws -> RawFile {
+        let path = stack.storage.path
+        log?("creating COW file \(path) (\(formatBytes(stack.storageBytes)), preallocated)")
+        try CowDirectoryMarker.place(in: (path as NSString).deletingLastPathComponent)
+        let file = try RawFile(path: path, create: true, exclusive: true)
+        do {
+            if !(try Self.preallocate(file, from: 0, length: stack.storageBytes)) {
+                log?("warning: \(path)'s filesystem cannot preallocate; the COW file is sparse")
+            }
+            if Self.cowFileIO == .directZeroed { try Self.zeroFill(file, from: CowLabel.areaOffset, to: stack.storageBytes) }
+        } catch {
+            unlink(path)
+            throw error
+        }
+        return file
+    }
+
+    /// Whether `stage` made `stack`'s file: one of the run's own name (its token is in it), of
+    /// the stack's size, with no label yet.
+    static func isStaged(_ stack: SnapshotStack) throws -> Bool {
+        guard case .file(let path) = stack.storage, FileManager.default.fileExists(atPath: path) else { return false }
+        let file = try RawFile(path: path, readOnly: true)
+        return try file.size() == stack.storageBytes && CowLabel.read(from: file) == nil
     }
 
     /// Writes zeros over `[from, to)` and syncs: the filesystem's extents are then written ones,
