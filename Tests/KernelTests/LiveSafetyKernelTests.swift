@@ -52,21 +52,8 @@ extension Kernel {
 
         @Test("a database server rewrites a table for its client past a small COW: the fuse keeps the rollback, and the database starts again with the pre-run data and passes its own checks")
         func databaseServerMigration() async throws {
-            let bin = try #require(postgresBinaries(), "Debian's postgresql packages are missing (Scripts/setup installs them)")
-            let volume = try RawVolume(mebibytes: 192)
-            try sh("mkfs.ext4 -q -F \(volume.device)")
-            let (mount, sockets) = (volume.scratch.path("pg"), volume.scratch.path("sockets"))
-            for directory in [mount, sockets] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
-            try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
-            let data = "\(mount)/data"
-            let pgctl = "runuser -u postgres -- \(bin)/pg_ctl -D \(data)"
-            let start = "\(pgctl) -l \(sockets)/server.log -o \"-k \(sockets) -c listen_addresses=''\" -w -t 300 start"
-            volume.scratch.defer_ {
-                _ = try? sh("\(pgctl) -m immediate stop >/dev/null 2>&1; true")
-                try? Mounts.unmount(mount)
-            }
-            try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb -A trust -D \(data) >/dev/null && \(start) >/dev/null")
-            let psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
+            let pg = try PostgresFixture(mebibytes: 192)
+            let (bin, volume, mount, sockets, pgctl, start, psql) = (pg.bin, pg.volume, pg.mount, pg.sockets, pg.pgctl, pg.start, pg.psql)
             try sh("\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 200000) g; checkpoint'")
             let query = "select count(*), sum(balance) from accounts"
             let before = try sh("\(psql) -c '\(query)'").trimmingWhitespace()
@@ -108,22 +95,9 @@ extension Kernel {
 
         @Test("PostgreSQL under pgbench load, two migrations in a row that overflow a small COW, each rolled back through the fuse: after each, pgbench's invariant holds, pg_amcheck --heapallindexed and pg_checksums pass")
         func databaseUnderLoadTwice() async throws {
-            let bin = try #require(postgresBinaries(), "Debian's postgresql packages are missing (Scripts/setup installs them)")
-            let volume = try RawVolume(mebibytes: 320)
-            try sh("mkfs.ext4 -q -F \(volume.device)")
-            let (mount, sockets) = (volume.scratch.path("pg"), volume.scratch.path("sockets"))
-            for directory in [mount, sockets] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
-            try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
-            let data = "\(mount)/data"
-            let pgctl = "runuser -u postgres -- \(bin)/pg_ctl -D \(data)"
-            let start = "\(pgctl) -l \(sockets)/server.log -o \"-k \(sockets) -c listen_addresses=''\" -w -t 300 start"
-            volume.scratch.defer_ {
-                _ = try? sh("pkill -x pgbench; \(pgctl) -m immediate stop >/dev/null 2>&1; true")
-                try? Mounts.unmount(mount)
-            }
             // Data checksums on: pg_checksums can check every page afterwards.
-            try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb -k -A trust -D \(data) >/dev/null && \(start) >/dev/null")
-            let psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
+            let pg = try PostgresFixture(mebibytes: 320, checksums: true)
+            let (bin, volume, mount, sockets, data, pgctl, start, psql) = (pg.bin, pg.volume, pg.mount, pg.sockets, pg.data, pg.pgctl, pg.start, pg.psql)
             try sh("runuser -u postgres -- \(bin)/pgbench -h \(sockets) -i -s 4 -q postgres >/dev/null 2>&1")
             let invariant = "select (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), (select sum(bbalance) from pgbench_branches), (select coalesce(sum(delta), 0) from pgbench_history)"
             let recipe = try writeRecipe(
@@ -270,6 +244,38 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
             recordResult(["monitor-kept-rollback", "a kept run's COW fills after the run; on_full: rollback; guard monitor runs", "keep", "restored", "rolled_back", "the monitor fused the volume at stop_at and rolled the run back itself", ""])
         }
+    }
+}
+
+/// A PostgreSQL server on a guard volume with ext4, its socket in the scratch directory,
+/// started; stopped (and pgbench's clients with it) and unmounted at the end of the test.
+final class PostgresFixture {
+    let bin: String
+    let volume: RawVolume
+    let mount: String
+    let sockets: String
+    let data: String
+    let pgctl: String
+    let start: String
+    let psql: String
+
+    init(mebibytes: Int, checksums: Bool = false, label: String = #function) throws {
+        bin = try #require(postgresBinaries(), "Debian's postgresql packages are missing (Scripts/setup installs them)")
+        volume = try RawVolume(mebibytes: mebibytes, label: label)
+        try sh("mkfs.ext4 -q -F \(volume.device)")
+        (mount, sockets) = (volume.scratch.path("pg"), volume.scratch.path("sockets"))
+        for directory in [mount, sockets] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+        try Mounts.mount(source: volume.device, target: mount, fileSystemType: "ext4")
+        data = "\(mount)/data"
+        pgctl = "runuser -u postgres -- \(bin)/pg_ctl -D \(data)"
+        start = "\(pgctl) -l \(sockets)/server.log -o \"-k \(sockets) -c listen_addresses=''\" -w -t 300 start"
+        psql = "runuser -u postgres -- \(bin)/psql -h \(sockets) -d postgres -v ON_ERROR_STOP=1 -qAt"
+        let (pgctl, mount) = (self.pgctl, self.mount)
+        volume.scratch.defer_ {
+            _ = try? sh("pkill -x pgbench; \(pgctl) -m immediate stop >/dev/null 2>&1; true")
+            try? Mounts.unmount(mount)
+        }
+        try sh("chown postgres:postgres \(mount) \(sockets) && runuser -u postgres -- \(bin)/initdb \(checksums ? "-k " : "")-A trust -D \(data) >/dev/null && \(start) >/dev/null")
     }
 }
 
