@@ -58,7 +58,7 @@ case $part in
   1)
     # guard's Debian package, as a newcomer installs it: apt, on the running system. Its
     # housekeeping and metrics work at once, without a reboot.
-    check "apt installs guard's package" sh -c 'apt-get install -y -q $H/guard_*.deb >/tmp/apt.log 2>&1 || { tail -n 20 /tmp/apt.log; exit 1; }'
+    check "apt installs guard's package" sh -c "apt-get install -y -q $H/guard_*.deb >/tmp/apt.log 2>&1 || { tail -n 20 /tmp/apt.log; exit 1; }"
     check "the package enabled the boot units" sh -c 'systemctl is-enabled --quiet guard-reassemble.service && systemctl is-enabled --quiet guard-assess.service'
     mkdir -p /var/lib/prometheus/node-exporter
     check "right after the install, guard-maintenance.service succeeds and writes the metrics" sh -c 'systemctl start guard-maintenance.service && ! systemctl is-failed --quiet guard-maintenance.service && grep -q "^guard_kept_runs " /var/lib/prometheus/node-exporter/guard.prom'
