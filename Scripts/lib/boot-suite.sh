@@ -66,8 +66,12 @@ boot_suite() {
     cp "$share/boot.log" "$work/boot-$part.log" 2>/dev/null || true
     # From the second boot on, the initramfs must have run guard before it mounted /.
     if [ "$part" -gt 1 ]; then
-      if awk '/guard: reassembling snapshots/ {g=NR} /Will now check root file system/ {if (!r) r=NR} END {exit !(g && r && g < r)}' "$work/console-$part.log" &&
-        grep -aq "guard: reassembling snapshots ... reassembled the snapshot of guardvg-root" "$work/console-$part.log"; then
+      # The initramfs prints "guard: reassembling snapshots ...", then a line per run (runs it
+      # leaves to the system come first), before the root file system is checked.
+      if awk '/guard: reassembling snapshots/ {if (!g) g=NR}
+              g && !r && /reassembled the snapshot of guardvg-root/ {a=NR}
+              /Will now check root file system/ {if (!r) r=NR}
+              END {exit !(g && a && r && g <= a && a < r)}' "$work/console-$part.log"; then
         echo "ok $part console: the initramfs reassembled guardvg-root before it checked and mounted /" >>"$share/checks"
       else
         echo "FAIL $part console: no reassembly of guardvg-root by the initramfs before / was mounted (console-$part.log)" >>"$share/checks"

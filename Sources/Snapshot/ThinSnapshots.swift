@@ -179,11 +179,21 @@ extension SnapshotEngine {
     }
 
     /// Sends `delete ID`; a pool that has no such id (deleted before a crash) answers ENODATA.
+    /// The pool answers EBUSY while any table names the id: another guard (the monitor,
+    /// `guard status`) may be asking whether it exists (`thinDeviceExists` holds it open for
+    /// a moment), so a busy id is asked again for up to five seconds before the error stands.
     private func deleteThin(_ id: UInt32, pool: DeviceNumber, of stack: SnapshotStack) throws {
-        do {
-            try dm.message(.number(pool), "delete \(id)")
-        } catch let error as DeviceMapperError where error.errno == ENODATA {
-            return
+        var attempt = 0
+        while true {
+            do {
+                try dm.message(.number(pool), "delete \(id)")
+                break
+            } catch let error as DeviceMapperError where error.errno == ENODATA {
+                return
+            } catch let error as DeviceMapperError where error.errno == EBUSY && attempt < 50 {
+                attempt += 1
+                usleep(100_000)
+            }
         }
         log?("deleted thin device \(id) of \(stack.originName)'s pool")
     }
