@@ -51,8 +51,15 @@ public final class Journal: @unchecked Sendable {
 
     /// Opens (creating it if needed) the journal at `path` and migrates it.
     ///
+    /// A journal a newer guard migrated (it has migrations this guard does not know) is
+    /// refused: this guard could misread its runs or write rows the newer one does not expect.
+    /// That happens when guard is downgraded, or when a run of / that upgraded guard is rolled
+    /// back while the journal lives on another filesystem. Recovery then works from the COW
+    /// labels alone, as it does with a journal it cannot open.
+    ///
     /// - Parameter check: run SQLite's quick_check first (before a run touches a volume).
-    /// - Throws: `JournalError` when the file is corrupt, unreadable or on a read-only/full filesystem.
+    /// - Throws: `JournalError` when the file is corrupt, unreadable, on a read-only/full
+    ///   filesystem, or migrated by a newer guard.
     public static func open(path: String, check: Bool = false, readOnly: Bool = false) throws -> Journal {
         let directory = (path as NSString).deletingLastPathComponent
         do {
@@ -72,6 +79,13 @@ public final class Journal: @unchecked Sendable {
                 if result != "ok" {
                     throw JournalError(path: path, reason: "is corrupt (quick_check: \(result ?? "?"))", hint: "move it aside and run `guard recover`, which rebuilds what it can from the COW labels")
                 }
+            }
+            let newer = try queue.read { db in try Schema.unknownMigrations(db) }
+            if !newer.isEmpty {
+                throw JournalError(
+                    path: path,
+                    reason: "was migrated by a newer guard (it has the schema change\(newer.count == 1 ? "" : "s") \(newer.map { "'\($0)'" }.joined(separator: ", ")), which this guard does not know)",
+                    hint: "use the guard that migrated it (install the newer guard again; `guard --version` shows this one); this guard would misread its runs, so it touched nothing")
             }
             if !readOnly {
                 try Schema.migrator.migrate(queue)

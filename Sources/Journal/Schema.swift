@@ -153,6 +153,14 @@ enum Schema {
         return migrator
     }
 
+    /// The migrations applied to the file that this guard does not register, in the order
+    /// they were applied: a newer guard's.
+    static func unknownMigrations(_ db: Database) throws -> [String] {
+        guard try db.tableExists("grdb_migrations") else { return [] }
+        let known = Set(migrator.migrations)
+        return try String.fetchAll(db, sql: "SELECT identifier FROM grdb_migrations ORDER BY rowid").filter { !known.contains($0) }
+    }
+
     /// Triggers that refuse a write of a value outside `values` to `table.column` (v3's way).
     static func closedSet(_ db: Database, table: String, column: String, values: [String], nullable: Bool) throws {
         let list = values.map { "'\($0)'" }.joined(separator: ", ")

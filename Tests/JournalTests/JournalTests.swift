@@ -175,6 +175,28 @@ func migratesOlderJournal() throws {
     #expect(stored.count == 1 && stored[0].pathList == ["/srv/www/db"] && stored[0].bytes == 42 && stored[0].status == "done")
 }
 
+@Test("a journal a newer guard migrated is refused, naming the migration and what to do; the file is not changed")
+func refusesNewerJournal() throws {
+    let directory = try temporaryDirectory()
+    let path = "\(directory)/journal.sqlite"
+    _ = try Journal.open(path: path)
+    do {
+        let queue = try DatabaseQueue(path: path)
+        try queue.write { db in try db.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v9 from the future')") }
+    }
+    let before = try Data(contentsOf: URL(fileURLWithPath: path))
+    do {
+        _ = try Journal.open(path: path, check: true)
+        Issue.record("a journal migrated by a newer guard must be refused")
+    } catch let error as JournalError {
+        #expect(error.description.contains(path))
+        #expect(error.description.contains("newer guard"), "\(error)")
+        #expect(error.description.contains("'v9 from the future'"), "\(error)")
+        #expect(error.description.contains("touched nothing"), "\(error)")
+    }
+    #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == before)
+}
+
 /// Issue 18: writes that belong together share one transaction (one fsync).
 @Suite("journal batches")
 struct JournalBatchTests {
