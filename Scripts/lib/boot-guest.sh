@@ -231,6 +231,24 @@ EOF
       run_id >$H/run-$volume
       umount /srv/$volume
     done
+    # A volume group whose disk appears late at boot (as an iSCSI disk or a LUKS container
+    # unlocked later would): a loop device over /late.img that late-disk.service attaches 15 s
+    # after multi-user.target is reached, long after guard's boot units; lvm2's event-based
+    # activation activates it. Its LV is in /etc/fstab (nofail) and has a kept run.
+    truncate -s 96M /late.img
+    late=$(losetup -f --show /late.img)
+    pvcreate -q "$late" >/dev/null && vgcreate -q latevg "$late" >/dev/null && lvcreate -q -y -L 40M -n data latevg >/dev/null
+    mkfs.ext4 -q /dev/latevg/data && mkdir -p /srv/late
+    echo "/dev/latevg/data /srv/late ext4 defaults,nofail,x-systemd.device-timeout=10min 0 2" >>/etc/fstab
+    systemctl daemon-reload && mount /srv/late
+    head -c 8M /dev/urandom >/srv/late/precious && sync
+    sha256sum /srv/late/precious | cut -c1-64 >$H/late-before
+    printf '[Unit]\nDescription=the boot suite: a disk that appears late\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/sh -c "sleep 15; losetup -f /late.img"\n[Install]\nWantedBy=multi-user.target\n' >/etc/systemd/system/late-disk.service
+    systemctl enable --quiet late-disk.service
+    data late /dev/latevg/data /srv/late
+    check "a kept run on latevg/data, whose disk appears late at the next boot" guard run /root/late.recipe
+    run_id >$H/run-late
+    check "the run marked latevg/data to be held at boot" sh -c 'test -e "/etc/guard/held/$(dmsetup info -c --noheadings -o uuid latevg-data)"'
     # A run of / whose step fails while the system runs: its rollback waits for the next boot
     # (its initramfs merges / before mounting it), and guard says so; no stop hook runs.
     sums >$H/before-8.sums
@@ -241,6 +259,23 @@ EOF
     finish reboot
     ;;
   9)
+    # The late disk: lvm2 activates latevg after guard's boot units; udev holds latevg/data
+    # (guard's rule) until guard-hold@.service has stacked its snapshot; then it is mounted.
+    for _ in $(seq 300); do mountpoint -q /srv/late && break; sleep 1; done
+    check "latevg/data was activated after guard's boot units, by lvm2's event-based activation" sh -c '
+      late=$(systemctl show -P ActiveEnterTimestampMonotonic guard-reassemble-late.service)
+      disk=$(systemctl show -P ExecMainExitTimestampMonotonic late-disk.service)
+      dev=$(systemctl show -P ActiveEnterTimestampMonotonic "dev-mapper-latevg\\x2ddata.device")
+      echo "boot unit $late, disk attached $disk, device ready $dev"; [ "$late" -lt "$disk" ] && [ "$disk" -lt "$dev" ]'
+    check "guard-hold@ stacked the snapshot of latevg/data, then it was mounted" sh -c '
+      unit="guard-hold@$(basename "$(readlink -f /dev/mapper/latevg-data)").service"
+      journalctl -b -u "$unit" -o short-monotonic | tail -n 5
+      held=$(journalctl -b -u "$unit" -o short-monotonic | grep "latevg-data is ready for mounting" | head -n 1 | sed "s/^\[ *\([0-9]*\)\.\([0-9]*\)\].*/\1\2/")
+      mounted=$(systemctl show -P ActiveEnterTimestampMonotonic srv-late.mount)
+      echo "$unit: ready at ${held:-never} us, mounted at $mounted us"; [ -n "$held" ] && [ "$held" -lt "$mounted" ]'
+    check "latevg/data has its kept snapshot under it" sh -c 'dmsetup table latevg-data | grep -q snapshot-origin'
+    check "the late run is kept, not stale" is "$(cat $H/run-late)" outcome kept
+    check "guard-reassemble-late.service did not fail for the late volume" sh -c '! systemctl is-failed --quiet guard-reassemble-late.service && journalctl -b -u guard-reassemble-late.service | grep -q "waits for its volume to be activated"'
     check "the boot came up: the initramfs's recovery (only / and /usr) succeeded" sh -c 'test "$(cat /run/guard/initramfs)" = 0'
     check "guard-reassemble-late.service ran after /var/lib/guard was mounted and before /srv/data" sh -c '
       systemctl is-active --quiet guard-reassemble-late.service || exit 1
@@ -258,6 +293,9 @@ EOF
     check "run $id is rolled back in the journal" is "$id" outcome rolled_back
     check "the data run rolls back to the pre-run file" sh -c "guard rollback --wait $(cat $H/run-data) && test \"\$(sha256sum /srv/data/precious | cut -c1-64)\" = $(cat $H/data-before)"
     check "the guard volumes' kept runs commit" sh -c "guard commit $(cat $H/run-site) && guard commit $(cat $H/run-thinvol)"
+    check "the late run rolls back to the pre-run file" sh -c "guard rollback --wait $(cat $H/run-late) && test \"\$(sha256sum /srv/late/precious | cut -c1-64)\" = $(cat $H/late-before)"
+    check "e2fsck: latevg/data is clean after its rollback" sh -c 'umount /srv/late && e2fsck -f -n /dev/latevg/data'
+    check "no open run keeps a volume held any more" sh -c 'test -z "$(ls -A /etc/guard/held 2>/dev/null)"'
     finish poweroff
     ;;
 esac

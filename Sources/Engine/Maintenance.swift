@@ -91,7 +91,9 @@ public struct Maintenance {
         defer { locks.forEach { $0.release() } }
         // A bypass is recorded (the history says why the snapshot went); the commit goes on.
         try OriginWatch(context: context, journal: journal, engine: try context.engine(watchdog: false)).check(run, holdingLocks: true)
+        // Read again under the locks: another guard may have rolled it back meanwhile.
         let current = try journal.run(id: run.id!) ?? run
+        if let refusal = refusal(current, "commit") { throw GuardFailure(.refused, refusal) }
         try commit(current, records: records, journal: journal, reason: reason ?? (current.state == .kept ? "commit" : "commit of a \(current.state.rawValue) run: its old blocks are given up"))
         return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
     }
@@ -124,6 +126,17 @@ public struct Maintenance {
             try journal.endPhase(phase, status: .done, detail: reason, at: timestamp())
             try journal.update(committed)
         }
+        releaseHolds(journal: journal, engine: engine)
+    }
+
+    /// The volumes no open run needs held at boot any more are released (`VolumeHolds`);
+    /// best effort: the next boot's units release what is left.
+    func releaseHolds(journal: Journal, engine: SnapshotEngine) {
+        do {
+            for action in try VolumeHolds().reconcile(journal: journal, engine: engine) { reporter.note(action) }
+        } catch {
+            reporter.warning("the markers of the volumes held at boot (/etc/guard/held): \(error)")
+        }
     }
 
     // MARK: guard rollback
@@ -149,6 +162,8 @@ public struct Maintenance {
         // Another tool may have replaced a volume's table since the run was kept: that snapshot
         // is stale, and rolling back to it would give a mix of old and new blocks.
         let run = try requireNotStale(requested, "rolled back", journal: journal, engine: engine)
+        // As the journal has it under the locks: another guard may have committed it meanwhile.
+        if let refusal = refusal(run, "roll back") { throw GuardFailure(.refused, refusal) }
         let recipe = try run.journaledRecipe(withoutHooks: withoutHooks)
         let stacks = try stacks(records)
         if let early = try earlyMount(of: stacks, engine: engine) {
@@ -246,6 +261,7 @@ public struct Maintenance {
             run.finishedAt = timestamp()
             if run.outcome == nil { run.outcome = .rolledBack }
             try journal.update(run)
+            releaseHolds(journal: journal, engine: engine)
         }
         return remaining == 0
     }
@@ -262,15 +278,18 @@ public struct Maintenance {
 
     /// The runs `tidy` acts on, and what it does to each (the dry run reports them).
     public func chores(journal: Journal) throws -> [(run: RunRecord, chore: Chore)] {
-        try journal.runs(in: [.merging, .kept]).compactMap { run in
-            switch run.state {
-            case .merging: return (run, .finishMerge)
-            case .kept:
-                // A rollback waiting for the next boot is not committed behind the admin's back.
-                guard run.decision != .rollback, let until = run.keepUntil, until <= timestamp() else { return nil }
-                return (run, .commitExpired(until: until))
-            default: return nil
-            }
+        try journal.runs(in: [.merging, .kept]).compactMap { run in chore(for: run).map { (run, $0) } }
+    }
+
+    /// What the housekeeping does to `run` as the journal has it now, or nil.
+    func chore(for run: RunRecord) -> Chore? {
+        switch run.state {
+        case .merging: return .finishMerge
+        case .kept:
+            // A rollback waiting for the next boot is not committed behind the admin's back.
+            guard run.decision != .rollback, let until = run.keepUntil, until <= timestamp() else { return nil }
+            return .commitExpired(until: until)
+        default: return nil
         }
     }
 
@@ -296,10 +315,13 @@ public struct Maintenance {
         let due = try chores(journal: journal)
         guard !due.isEmpty else { return }
         let engine = try context.engine()
-        for (run, chore) in due {
-            let records = try journal.snapshots(runID: run.id!)
-            guard let locks = try? lock(records, runID: run.id!) else { continue }
+        for (listed, _) in due {
+            let records = try journal.snapshots(runID: listed.id!)
+            guard let locks = try? lock(records, runID: listed.id!) else { continue }
             defer { locks.forEach { $0.release() } }
+            // Read again under the locks: between the listing and the locks another guard may
+            // have rolled the run back, scheduled its rollback for the boot, or extended its keep.
+            guard let run = try journal.run(id: listed.id!), let chore = chore(for: run) else { continue }
             switch chore {
             case .finishMerge:
                 var initial: [Int: UInt64] = [:]

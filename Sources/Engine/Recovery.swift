@@ -16,6 +16,11 @@ public struct Recovery {
     /// Go on without a run's rollback hooks when its journaled recipe does not parse
     /// (`guard recover --without-hooks`); refused otherwise.
     public var withoutHooks = false
+    /// Only the runs with a snapshot of this volume (its device-mapper UUID): guard-hold@.service,
+    /// when a volume guard's udev rule holds appears after the boot units (`--device`).
+    public var onlyOrigin: String?
+    /// The markers of the volumes guard's udev rule holds at boot.
+    public var holds = VolumeHolds()
     var reporter: any Reporter { context.reporter }
 
     public init(context: GuardContext) { self.context = context }
@@ -54,7 +59,7 @@ public struct Recovery {
     /// makes the initramfs fail, so nothing but / and /usr can stop the boot.
     public func recover(boot: Bool = false, initramfs: Bool = false) async throws -> Report {
         var report = Report()
-        if boot && !initramfs, initramfsDidTheWork(marker: BootSupport.marker, report: &report) { return report }
+        if boot && !initramfs && onlyOrigin == nil, initramfsDidTheWork(marker: BootSupport.marker, report: &report) { return report }
         if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
             if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory), BootSupport.lateUnitConfigured {
                 report.actions.append("the state directory \(context.stateDirectory) is on \(late), which is mounted after this unit: guard-reassemble-late.service reassembles once it is, before the other filesystems are mounted")
@@ -89,8 +94,18 @@ public struct Recovery {
         }
 
         // Reassembly from COW labels (after a reboot the kernel has none of guard's devices).
-        let journal = try? context.journal()
-        let scope = RecoveryScope(journal: journal, initramfs: initramfs, afterInitramfs: boot && !initramfs && BootSupport.initramfsStatus() == "0")
+        // A journal that cannot be opened (corrupt, or migrated by a newer guard) leaves the
+        // labels: what they hold is reassembled, and the runs wait for a journal guard can read.
+        var journalProblem: String?
+        let journal: Journal?
+        do {
+            journal = try context.journal()
+        } catch {
+            journal = nil
+            journalProblem = "\(error)"
+        }
+        let scope = RecoveryScope(
+            journal: journal, initramfs: initramfs, afterInitramfs: boot && !initramfs && onlyOrigin == nil && BootSupport.initramfsStatus() == "0", origin: onlyOrigin)
         let files = cowFiles()
         // Runs whose merge this recovery resumed: their guard died mid-merge, recovery finishes it.
         var resumedMerges: Set<String> = []
@@ -103,6 +118,7 @@ public struct Recovery {
                 report.problems.append("the label of \(storage.path) cannot be read (\(error)); it is kept and nothing is reassembled from it")
                 continue
             }
+            if let onlyOrigin, label.originUUID != onlyOrigin { continue }
             if try dm.info(.uuid(label.identity.uuid(.real))) != nil || dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
             guard scope.includes(label.runToken, storage: storage) else {
                 if initramfs { report.actions.append("left \(storage.path) for guard-reassemble.service: its volume \(label.originName) is not / or /usr") }
@@ -113,6 +129,11 @@ public struct Recovery {
                 continue
             }
             if boot && [.active, .kept, .merging].contains(label.state) {
+                // A volume guard's udev rule holds is reassembled when it appears (guard-hold@.service).
+                if try dm.info(label.originRef) == nil && holds.isHeld(uuid: label.originUUID) {
+                    report.actions.append("left \(storage.path) until \(label.originName) is activated: udev keeps it from being mounted until guard-hold@.service has stacked its snapshot")
+                    continue
+                }
                 try await waitForOrigin(label, dm: dm, report: &report)
             }
             do {
@@ -131,7 +152,7 @@ public struct Recovery {
         }
 
         guard let journal else {
-            report.problems.append("the journal \(context.journalPath) cannot be opened; snapshots were reassembled from their labels only")
+            report.problems.append("\(journalProblem ?? "the journal \(context.journalPath) cannot be opened"); snapshots were reassembled from their labels only, and their runs wait until `guard recover` can read the journal")
             return report
         }
         // Anything a crash left suspended is resumed first: nothing may stay frozen.
@@ -157,6 +178,8 @@ public struct Recovery {
         let dead = Set(try unfinishedRuns(journal: journal).compactMap(\.id))
         for run in try journal.runs(in: [.running, .kept, .merging, .needsReassembly]) where (run.state != .running || dead.contains(run.id!)) && scope.includes(run.token) {
             switch try classify(run, journal: journal, engine: engine) {
+            case .needsReassembly(let reasons) where boot && awaitsHeldVolumes(run, journal: journal, engine: engine):
+                report.actions += reasons.map { "run \(run.id!) waits for its volume to be activated (udev holds it until guard-hold@.service stacks its snapshot): \($0)" }
             case .needsReassembly(let reasons):
                 report.needsReassembly += reasons.map { "run \(run.id!): \($0)" }
             case .stale(let reasons):
@@ -194,7 +217,7 @@ public struct Recovery {
         // by a failed boot assessment) for this boot: merged now, before anything mounts them.
         // This boot counts for the runs awaiting their checks after boot; one that used up its
         // boots without reaching them is rolled back here too.
-        if boot {
+        if boot && onlyOrigin == nil {
             do {
                 report.actions += try BootAssessment.countBoot(journal: journal, at: timestamp()) { scope.includes($0.token) }
             } catch {
@@ -257,7 +280,15 @@ public struct Recovery {
                 }
             }
         }
-        if boot && !initramfs { BootSupport.markReassembled(at: timestamp()) }
+        if boot && !initramfs && onlyOrigin == nil { BootSupport.markReassembled(at: timestamp()) }
+        // Volumes guard's udev rule held are ready once their snapshots are live again.
+        if !initramfs {
+            do {
+                report.actions += try holds.reconcile(journal: journal, engine: engine)
+            } catch {
+                report.problems.append("the markers of the volumes held at boot (\(holds.heldDirectory)): \(error)")
+            }
+        }
         if !boot {
             try? Maintenance(context: context).tidy(journal: journal)
             let strays = try removeStrays(journal: journal, engine: engine)
@@ -364,6 +395,19 @@ public struct Recovery {
         let what = target == .needsReassembly ? "needs reassembly: \(detail)" : target == .stale ? "stale: \(detail)" : "reassembled; the run is \(target.rawValue) again"
         try journal.event(runID, .result, "recover", what, at: timestamp())
         return result
+    }
+
+    /// Whether every snapshot of `run` that is not live is of a volume that is not active and
+    /// that guard's udev rule holds: the run waits for it, and its boot unit is not a failure.
+    func awaitsHeldVolumes(_ run: RunRecord, journal: Journal, engine: SnapshotEngine) -> Bool {
+        guard let records = try? journal.snapshots(runID: run.id!) else { return false }
+        return records.allSatisfy { record in
+            guard [.preparing, .live, .merging, .invalid].contains(record.state), let stack = decodeStack(record.stack),
+                  (try? engine.liveState(stack).live) != true else { return true }
+            let absent: Bool
+            do { absent = try engine.dm.info(stack.originRef) == nil } catch { return false }
+            return absent && holds.isHeld(uuid: stack.originUUID)
+        }
     }
 
     /// At boot, LVM may activate an origin a little after guard starts: wait up to 30 s.
@@ -642,19 +686,25 @@ struct RecoveryScope {
     /// Tokens of the open runs with a volume mounted on / or /usr (from the journal).
     let early: Set<String>
     let journalAvailable: Bool
+    /// With `origin`: the tokens of the open runs with a snapshot of that volume; nil: every run.
+    let only: Set<String>?
 
-    init(journal: Journal?, initramfs: Bool, afterInitramfs: Bool) {
+    init(journal: Journal?, initramfs: Bool, afterInitramfs: Bool, origin: String? = nil) {
         journalAvailable = journal != nil
         var tokens: Set<String> = []
+        var ofOrigin: Set<String> = []
         for run in (try? journal?.runs(in: RunState.open)) ?? [] {
             let records = (try? journal?.snapshots(runID: run.id!)) ?? []
             if records.contains(where: { $0.mountPoint.map(Planner.earlyMountPoints.contains) == true }) { tokens.insert(run.token) }
+            if let origin, records.contains(where: { $0.originUUID == origin }) { ofOrigin.insert(run.token) }
         }
         early = tokens
+        only = origin == nil ? nil : ofOrigin
         part = initramfs ? .early : (afterInitramfs ? .late : .all)
     }
 
     func includes(_ token: String) -> Bool {
+        if let only, !only.contains(token) { return false }
         switch part {
         case .all: return true
         case .early: return early.contains(token)

@@ -320,6 +320,11 @@ struct RunBody {
             return journalUnwritable(error, dropped ? "the snapshots were dropped before any step ran; no volume was changed" : "no step ran; the snapshots are still live: run `guard recover` once the journal is writable")
         }
         reporter.note("snapshot taken: \(plan.volumes.count) volume(s), suspended for \(formatMicroseconds(live.suspendMicroseconds))")
+        // Before any step: a volume activated late at a boot is not mounted before guard has
+        // stacked its snapshot again (guard's udev rule holds it).
+        for volume in VolumeHolds().hold((try? journal.snapshots(runID: runID)) ?? []) {
+            reporter.warning("\(volume) is not marked to be held at boot (/etc/guard/held): if it is activated after guard-reassemble.service at a boot, it could be mounted before its snapshot is stacked again")
+        }
 
         await runResumeHooks(runner: runner)
 

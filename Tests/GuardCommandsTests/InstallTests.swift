@@ -60,6 +60,7 @@ func documentedFiles(_ commands: [CommandInfo]) throws -> Set<String> {
         let path = String(line.dropFirst(3).prefix { $0 != "`" })
             .replacingOccurrences(of: "$PREFIX", with: "/usr").replacingOccurrences(of: "$UNITDIR", with: "/usr/lib/systemd/system")
             .replacingOccurrences(of: "$SYSCONFDIR", with: "/etc").replacingOccurrences(of: "$INITRAMFSDIR", with: "/usr/share/initramfs-tools")
+            .replacingOccurrences(of: "$RULESDIR", with: "/usr/lib/udev/rules.d")
         if path.contains("<command>") {
             for command in commands where !command.words.isEmpty {
                 documented.insert(path.replacingOccurrences(of: "<command>", with: command.words.joined(separator: "-")))

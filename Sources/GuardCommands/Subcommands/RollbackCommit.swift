@@ -120,6 +120,8 @@ extension GuardCommand {
 
                 --boot is for the guard-reassemble unit, before local filesystems are mounted: it reassembles and starts merges at once, and runs no hooks.
 
+                --boot --device DEVICE is for guard-hold@.service: a volume with a kept snapshot that is activated after the boot units (a volume group whose disk appears late) is held by guard's udev rule, unmounted, until this has stacked its snapshot again; then udev and systemd see it ready and mount it. Only the runs with a snapshot of DEVICE are recovered.
+
                 Examples:
                   guard recover
                 """)
@@ -131,6 +133,9 @@ extension GuardCommand {
 
         @Flag(help: "With --boot: in the initramfs, before the root is mounted (guard's initramfs script uses it).")
         var initramfs = false
+
+        @Option(help: ArgumentHelp("With --boot: only the runs with a snapshot of this volume (guard-hold@.service uses it).", valueName: "device"))
+        var device: String?
 
         @Flag(help: "Finish runs even when the recipe journaled with them does not parse (their rollback hooks are then not run: stop what uses the volumes first).")
         var withoutHooks = false
@@ -152,6 +157,10 @@ extension GuardCommand {
             let context = try global.context(keepingValid: true)
             var recovery = Recovery(context: context)
             recovery.withoutHooks = withoutHooks
+            if let device {
+                guard boot, !initramfs else { throw GuardFailure(.refused, "--device is for `guard recover --boot --device DEVICE` (guard-hold@.service); nothing was touched") }
+                recovery.onlyOrigin = try VolumeHolds.volumeUUID(device, context: context)
+            }
             let report = try await recovery.recover(boot: boot || initramfs, initramfs: initramfs)
             if json {
                 try printJSON(Document(actions: report.actions, problems: report.problems, needsReassembly: report.needsReassembly))
