@@ -72,6 +72,25 @@ public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
         throw lastError ?? BlockDeviceError(code: .noFreeLoop, operation: operation)
     }
 
+    /// Whether `file` can really be read with direct I/O. The loop driver enables
+    /// LO_FLAGS_DIRECT_IO when the filesystem has a direct_IO method, but an overlayfs over
+    /// tmpfs has one that the file below refuses, and every read of the loop device then
+    /// fails with EIO; this asks the file itself: open with O_DIRECT and one aligned 4 KiB read.
+    /// - Note: open(2) O_DIRECT, posix_memalign(3), pread(2).
+    public static func directIOWorks(on file: String) -> Bool {
+        let fd = Glibc.open(file, O_RDONLY | O_CLOEXEC | guard_o_direct())
+        guard fd >= 0 else { return false }
+        defer { Sys.close(fd) }
+        var buffer: UnsafeMutableRawPointer?
+        guard posix_memalign(&buffer, 4096, 4096) == 0, let buffer else { return false }
+        defer { free(buffer) }
+        while true {
+            let n = pread(fd, buffer, 4096, 0)
+            if n < 0 && errno == EINTR { continue }
+            return n >= 0
+        }
+    }
+
     /// The loop devices currently bound to `file` (same device and inode).
     /// - Note: sysfs /sys/block/loopN/loop/backing_file, confirmed with LOOP_GET_STATUS64.
     public static func find(backingFile file: String) -> [LoopDevice] {

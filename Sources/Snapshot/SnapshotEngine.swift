@@ -347,7 +347,7 @@ public struct SnapshotEngine {
             try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
             try label.write(to: file)
             CrashPoint.hit("prepare.cow-file")
-            let loop = try LoopDevice.attach(file: path, autoclear: true, directIO: Self.cowFileIO != .buffered)
+            let loop = try attachCowFile(path)
             handle = loop
             cowDevice = loop.device.number
         case .blockDevice(let path):
@@ -499,6 +499,17 @@ public struct SnapshotEngine {
             if try Self.isStaged(stack) { continue }
             _ = try Self.makeCowFile(stack, log: log)
         }
+    }
+
+    /// The loop device of a COW file: with direct I/O (`CowFileIO`) where the file's
+    /// filesystem really does it, through the page cache where it does not (said in the log).
+    func attachCowFile(_ path: String) throws -> LoopHandle {
+        var direct = Self.cowFileIO != .buffered
+        if direct && !LoopDevice.directIOWorks(on: path) {
+            log?("\(path)'s filesystem refuses direct I/O: its loop device writes through the page cache")
+            direct = false
+        }
+        return try LoopDevice.attach(file: path, autoclear: true, directIO: direct)
     }
 
     /// Removes COW files `stage` made that no `prepare` used (the quiesce hooks failed).
@@ -1017,7 +1028,7 @@ extension SnapshotEngine {
         var handle: LoopHandle?
         let cowDevice: DeviceNumber
         if storage.isFile {
-            let loop = try LoopDevice.attach(file: storage.path, autoclear: true, directIO: Self.cowFileIO != .buffered)
+            let loop = try attachCowFile(storage.path)
             handle = loop
             cowDevice = loop.device.number
         } else {
