@@ -25,7 +25,7 @@ struct VolumeHoldsTests {
         #expect(rule.contains(#"ENV{SYSTEMD_READY}="0""#))
         #expect(rule.contains(#"RUN+="/bin/systemctl --no-block start guard-hold@%k.service""#))
         let unit = try String(contentsOfFile: "\(root)/Units/guard-hold@.service", encoding: .utf8)
-        #expect(unit.contains("ExecStart=/usr/bin/flock /run/lock/guard-hold.lock /usr/local/sbin/guard recover --boot --device %I"))
+        #expect(unit.contains("ExecStart=/usr/bin/flock /run/lock/guard-hold.lock /usr/local/sbin/guard recover --boot --device %i"))
         #expect(unit.contains("After=systemd-udevd.service guard-reassemble.service guard-reassemble-late.service"))
     }
 
