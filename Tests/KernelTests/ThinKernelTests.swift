@@ -77,12 +77,30 @@ extension Kernel {
         /// Removes the volume's devices and detaches its loop device, as a reboot would.
         func powerOff(_ name: String, backing: String) throws {
             for view in try DeviceMapper().guardDevices().filter({ $0.name.contains(name) && $0.name.hasSuffix("-snap") }) {
-                try sh("dmsetup remove --retry \(view.name)")
+                try removeOnceClosed(view.name)
             }
-            // --retry: udev (or the other lane's lvm2 scan) may have a device open for an instant
-            // after the one above it goes (the CI once saw the pool busy).
-            try sh("for d in \(name) guard-pool-\(name) guard-pool-\(name)-tdata guard-pool-\(name)-tmeta; do dmsetup remove --retry $d || exit 1; done")
+            for device in [name, "guard-pool-\(name)", "guard-pool-\(name)-tdata", "guard-pool-\(name)-tmeta"] {
+                try removeOnceClosed(device)
+            }
             for loop in LoopDevice.find(backingFile: backing) { try loop.detach() }
+        }
+
+        /// Removes a device as a shutdown would, once nothing has it open: udev's blkid after
+        /// e2fsck, or the other lane's lvm2 scan, may hold it for seconds under emulation (the
+        /// CI saw the volume busy for more than dmsetup's own five seconds of retries). After a
+        /// minute it fails and names who holds it.
+        func removeOnceClosed(_ device: String) throws {
+            for _ in 0..<120 {
+                if (try sh("dmsetup info -c --noheadings -o open \(device)")).trimmingCharacters(in: .whitespacesAndNewlines) == "0" { break }
+                usleep(500_000)
+            }
+            do {
+                try sh("dmsetup remove --retry \(device)")
+            } catch {
+                let holders = (try? sh("fuser -v /dev/mapper/\(device) 2>&1; ls /sys/block/$(basename $(readlink -f /dev/mapper/\(device)))/holders; grep -l \"$(readlink -f /dev/mapper/\(device))\\|/dev/mapper/\(device) \" /proc/[0-9]*/mountinfo 2>/dev/null | head -n 5; true")) ?? "(nobody found)"
+                Issue.record("\(device) is still open after a minute: \(holders)")
+                throw error
+            }
         }
 
         @Test("a thin volume: created over a file with its pool, the tutorial's bad migration rolled back and the good one committed on it, activated again after a reboot with thin_check, refused when its metadata is damaged, and removed")
