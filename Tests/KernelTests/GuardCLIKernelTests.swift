@@ -141,7 +141,10 @@ final class LVMFixture {
             _ = try? sh("vgchange -q -an \(vg) && vgremove -q -f \(vg) && pvremove -q \(loop.path)")
             try? loop.detach()
         }
-        try sh("mkfs.ext4 -q -F \(device)")
+        // Inode tables and journal written now: otherwise ext4lazyinit writes them after the
+        // mount, in the background, and a test's small COW (4 MiB) may fill with its blocks
+        // instead of the test's own writes (the CI once saw it 96% full after one echo).
+        try sh("mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 \(device)")
         try Mounts.mount(source: device, target: mountPoint, fileSystemType: "ext4")
     }
 }
