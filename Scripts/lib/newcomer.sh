@@ -17,11 +17,11 @@
 newcomer_rootfs() {
   local cache=${GUARD_BOOT_CACHE:-/var/cache/guard-test} key tarball
   key=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
-  tarball="$cache/debian-bookworm-stock-$key.tar"
+  tarball="$cache/debian-bookworm-stock-$key.tar"   # --format=tar: mmdebstrap reads the format from a name ending .tar, and the .tmp name is not
   if [ ! -s "$tarball" ]; then
     mkdir -p "$cache"
     echo "== newcomer: a stock Debian bookworm root filesystem (mmdebstrap)" >&2
-    mmdebstrap --quiet --variant=standard --include=ca-certificates,git,sudo \
+    mmdebstrap --quiet --format=tar --variant=standard --include=ca-certificates,git,sudo \
       bookworm "$tarball.tmp" http://deb.debian.org/debian >"$cache/newcomer-mmdebstrap.log" 2>&1 || {
       tail -n 20 "$cache/newcomer-mmdebstrap.log" >&2; rm -f "$tarball.tmp"; return 1; }
     mv "$tarball.tmp" "$tarball"
@@ -65,7 +65,8 @@ newcomer_test() {
   # Debian's own interpreter refuses pip into it (PEP 668): the setup must not try.
   step "Debian's python3 is externally managed" 0 "test -e /usr/lib/python3.11/EXTERNALLY-MANAGED"
   step "Scripts/setup without Swift stops and says where to get it" 1 "Scripts/setup"
-  if grep -q "https://www.swift.org/install/linux/" "$out/scripts-setup-without-swift-stops-and-says-where-to-get-it.log"; then
+  # The log's name as step makes it (capitals become dashes too).
+  if grep -q "https://www.swift.org/install/linux/" "$out/$(echo "Scripts/setup without Swift stops and says where to get it" | tr -c 'a-z0-9\n' '-').log"; then
     echo "ok the message names swift.org's Linux downloads" >>"$out/checks"
   else
     echo "FAIL the message names swift.org's Linux downloads" >>"$out/checks"; failed=1
@@ -79,7 +80,7 @@ newcomer_test() {
     inside git config --system --add "url./opt/swift-packages/.insteadOf" "$prefix"
   done
   # What swift.org's instructions (and the setup's message) have a newcomer install for the toolchain.
-  step "the Swift toolchain's own dependencies install" 0 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils git gnupg2 libc6-dev libcurl4-openssl-dev libedit2 libgcc-12-dev libpython3-dev libsqlite3-0 libstdc++-12-dev libxml2-dev libz3-dev pkg-config tzdata unzip zlib1g-dev >/dev/null"
+  step "the Swift toolchain's own dependencies install" 0 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils git gnupg2 libc6-dev libcurl4-openssl-dev libedit2 libgcc-12-dev libpython3-dev libsqlite3-0 libncurses6 libstdc++-12-dev libxml2-dev libz3-dev pkg-config tzdata unzip zlib1g-dev >/dev/null"
   step "Scripts/setup with Swift 6.3 at /opt/swift is ready" 0 "Scripts/setup"
   step "guard builds" 0 "/opt/swift/usr/bin/swift build --product guard"
   step "guard --version" 0 ".build/debug/guard --version"
