@@ -46,6 +46,12 @@ public struct VolumeHolds: Sendable {
         !uuid.isEmpty && !uuid.hasPrefix(DeviceMapper.uuidPrefix) && !uuid.contains("/") && !uuid.hasPrefix(".")
     }
 
+    /// Whether a snapshot's origin is held at boot: not a thin snapshot (no stack to put back),
+    /// a holdable volume, not / or /usr (the initramfs stacks those before it mounts them).
+    static func isHeldAtBoot(_ stack: SnapshotStack, mountPoint: String?) -> Bool {
+        stack.thin == nil && holdable(stack.originUUID) && !(mountPoint.map(Planner.earlyMountPoints.contains) ?? false)
+    }
+
     /// The device-mapper UUID of `device` (a path, or a kernel name such as dm-7), for
     /// `guard recover --boot --device`.
     public static func volumeUUID(_ device: String, context: GuardContext) throws -> String {
@@ -88,7 +94,7 @@ public struct VolumeHolds: Sendable {
             let live = stacks.map { (try? engine.liveState($0.1))?.live == true }
             let undecided = run.decision == nil || run.decision == .rollback
             for ((record, stack), isLive) in zip(stacks, live) {
-                guard stack.thin == nil, Self.holdable(stack.originUUID), !(record.mountPoint.map(Planner.earlyMountPoints.contains) ?? false) else { continue }
+                guard Self.isHeldAtBoot(stack, mountPoint: record.mountPoint) else { continue }
                 let ready = isLive && (!undecided || !live.contains(false))
                 needed[stack.originUUID] = Need(run: run.id!, name: stack.originName, ready: ready && (needed[stack.originUUID]?.ready ?? true))
             }
@@ -104,8 +110,7 @@ public struct VolumeHolds: Sendable {
         guard ruleInstalled else { return [] }
         var failed: [String] = []
         for record in records {
-            guard let stack = decodeStack(record.stack), stack.thin == nil, Self.holdable(stack.originUUID),
-                  !(record.mountPoint.map(Planner.earlyMountPoints.contains) ?? false) else { continue }
+            guard let stack = decodeStack(record.stack), Self.isHeldAtBoot(stack, mountPoint: record.mountPoint) else { continue }
             do {
                 try mark(readyDirectory, stack.originUUID, "")
                 try mark(heldDirectory, stack.originUUID, "\(stack.originName)\n")
@@ -156,17 +161,12 @@ public struct VolumeHolds: Sendable {
         return true
     }
 
-    /// Writes `directory/uuid` once, by rename (a marker that exists is left as it is).
+    /// Writes `directory/uuid` once (a marker that exists is left as it is), durably: the held
+    /// marker must outlive a power cut right after the take.
     func mark(_ directory: String, _ uuid: String, _ text: String) throws {
         let path = "\(directory)/\(uuid)"
         if FileManager.default.fileExists(atPath: path) { return }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        let temporary = "\(directory)/.\(uuid).\(getpid())"
-        try Data(text.utf8).write(to: URL(fileURLWithPath: temporary))
-        guard rename(temporary, path) == 0 else {
-            let code = errno
-            unlink(temporary)
-            throw BlockDeviceError.syscall("rename", errno: code, operation: "the marker \(path)")
-        }
+        try GuardVolumes.writeDurably(Array(text.utf8), to: path)
     }
 }

@@ -125,7 +125,7 @@ public struct GuardVolumes {
     /// a temporary file, fsync, rename, fsync of the directory.
     /// The temporary file has a name of its own, made with O_EXCL: two writers never share one,
     /// and nothing already there (a link put in its place) is written through.
-    static func writeDurably(_ data: [UInt8], to path: String) throws {
+    public static func writeDurably(_ data: [UInt8], to path: String) throws {
         let temporary = path + ".new-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         do {
             let file = try RawFile(path: temporary, create: true, exclusive: true)
