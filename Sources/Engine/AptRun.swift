@@ -17,7 +17,7 @@ public enum AptRun {
             throw GuardFailure(.refused, "\(path): the apt recipe \(reason); nothing was touched")
         }
         if !allowUnsafe, let problem = contents.problem {
-            throw GuardFailure(.refused, "\(problem); guard runs apt-get as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe); nothing was touched")
+            throw GuardFailure(.refused, "\(problem); guard runs apt-get as root, so it refuses recipes others can change: \(RecipeFile.unsafeAdvice(path)); nothing was touched")
         }
         guard let base = String(validating: contents.bytes, as: UTF8.self) else {
             throw GuardFailure(.refused, "\(path): the apt recipe cannot be read as UTF-8 text; nothing was touched")

@@ -102,7 +102,7 @@ public final class RunTransaction {
                 : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
         }
         if !options.allowUnsafeRecipe, let problem = loaded.problem {
-            try refuse("\(problem); guard runs its steps as root, so it refuses recipes others can change (fix the permissions, or pass --allow-unsafe-recipe)")
+            try refuse("\(problem); guard runs its steps as root, so it refuses recipes others can change: \(RecipeFile.unsafeAdvice(recipePath))")
         }
         _ = try context.dm()
         // An existing journal first: it may hold kept runs to expire and merges to finish, and
@@ -786,6 +786,13 @@ struct RunBody {
 public enum RecipeFile {
     /// The largest recipe guard reads (1 MiB).
     public static let sizeLimit = 1 << 20
+
+    /// What to do about a recipe others could change (a checkout owned by a normal user is the
+    /// usual case): commands that work as written, a copy only root can change, or the flag.
+    public static func unsafeAdvice(_ path: String) -> String {
+        let name = path.split(separator: "/").last.map(String.init) ?? "upgrade.recipe"
+        return "copy it where only root can change it (`sudo install -D -o root -g root -m 0644 \(path) /etc/guard/\(name)`) and run that copy, or pass --allow-unsafe-recipe if everyone who can write it is trusted"
+    }
 
     /// - Returns: the recipe or every error in it, and why it is unsafe to run as root (nil: only
     ///   root can change the file and the directories above it).

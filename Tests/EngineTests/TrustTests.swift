@@ -70,6 +70,33 @@ struct TrustTests {
         }
     }
 
+    @Test("the advice for an unsafe recipe is a command that makes a copy guard accepts (a checkout owned by a normal user)")
+    func unsafeAdviceWorks() throws {
+        let checkout = try directory(0o777)
+        let safe = try directory()
+        defer { for d in [checkout, safe] { try? FileManager.default.removeItem(atPath: d) } }
+        chmod(checkout, 0o777)
+        let path = "\(checkout)/website.recipe"
+        try write(recipeText, to: path)
+        #expect(RecipeFile.load(path).problem != nil)
+        let advice = RecipeFile.unsafeAdvice(path)
+        let parts = advice.split(separator: "`", omittingEmptySubsequences: false)
+        guard parts.count >= 3, parts[1].hasPrefix("sudo ") else { Issue.record("no command in: \(advice)"); return }
+        // As written, but into a directory of this test instead of /etc/guard, and as root already.
+        let command = String(parts[1].dropFirst("sudo ".count)).replacingOccurrences(of: " /etc/guard/", with: " \(safe)/guard/")
+        #expect(command.hasSuffix("/guard/website.recipe"), "\(command)")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(command)")
+        let copy = RecipeFile.load("\(safe)/guard/website.recipe")
+        #expect(copy.problem == nil, "\(copy.problem ?? "")")
+        guard case .success(let recipe) = copy.recipe else { Issue.record("\(copy.recipe)"); return }
+        #expect(recipe.text == recipeText)
+    }
+
     @Test("a state directory or journal others can write is refused before the journal is opened")
     func untrustedState() throws {
         let dir = try directory(0o777)

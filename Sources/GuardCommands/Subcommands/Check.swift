@@ -46,7 +46,7 @@ extension GuardCommand {
                 try printJSON(PlanDocument(mode: resolving ? "check" : "syntax", path: recipe, errors: errors))
                 throw DocumentPrinted(failure)
             }
-            let unsafe = loaded.problem.map { "\($0); `guard run` refuses it without --allow-unsafe-recipe" }
+            let unsafe = loaded.problem.map { "\($0); `guard run` refuses it: \(RecipeFile.unsafeAdvice(recipe))" }
             if !resolving {
                 if json {
                     return try printJSON(PlanDocument(mode: "syntax", recipe: parsed, path: recipe, plan: nil, warnings: unsafe.map { [$0] } ?? [], problems: []))
