@@ -45,25 +45,9 @@ public enum SystemLog {
         field("SYSLOG_FACILITY", "3")  // daemon, as the syslog fallback
         field("SYSLOG_PID", "\(getpid())")
         for (name, value) in fields { field(name, value) }
-        let descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard descriptor >= 0 else { return false }
-        defer { close(descriptor) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let pathBytes = Array(path.utf8)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in pathBytes.enumerated() where index < buffer.count - 1 { buffer[index] = byte }
-        }
-        let sent = entry.withUnsafeBytes { bytes in
-            withUnsafePointer(to: &address) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    // Never waits: a journald that is behind (its queue full) gets the line by syslog
-                    // instead, and guard, which may hold volumes suspended, goes on.
-                    sendto(descriptor, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT), $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                }
-            }
-        }
-        return sent == entry.count
+        // Never waits: a journald that is behind (its queue full) gets the line by syslog
+        // instead, and guard, which may hold volumes suspended, goes on.
+        return UnixDatagram.send(entry, to: path)
     }
 
     /// The fields of one native entry, both forms (the inverse of `sendToJournal`: tests

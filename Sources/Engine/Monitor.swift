@@ -31,6 +31,16 @@ public final class KeptRunMonitor {
     public let context: GuardContext
     var reporter: any Reporter { context.reporter }
 
+    /// Something the monitor's loop does every `every` (the first time at once), between two
+    /// readings and never beside a commit or rollback it applies: `guard monitor` writes the
+    /// metrics file with it.
+    public var periodic: (every: Duration, action: () -> Void)?
+
+    /// Called at every pass of the loop, and every 5 s while a commit or rollback it applies
+    /// runs (those have their own timeouts): `guard monitor` tells systemd's watchdog with it
+    /// that the loop turns.
+    public var heartbeat: (@Sendable () -> Void)?
+
     public init(context: GuardContext) { self.context = context }
 
     /// One kept snapshot under watch.
@@ -62,6 +72,7 @@ public final class KeptRunMonitor {
         var watcher: CowWatcher?
         var watched: [Watched] = []
         var lastRefresh: ContinuousClock.Instant?
+        var lastPeriodic: ContinuousClock.Instant?
         reporter.note("guard monitor: watching kept runs' snapshots in \(context.stateDirectory)")
         defer { watcher?.stop() }
         while !shouldStop() {
@@ -74,7 +85,16 @@ public final class KeptRunMonitor {
                 watcher?.stop()
                 watcher = nil
                 watched = []
+                let pulse = heartbeat.map { beat in
+                    Task {
+                        while !Task.isCancelled {
+                            beat()
+                            try? await Task.sleep(for: .seconds(5))
+                        }
+                    }
+                }
                 for request in Set(pending) { await apply(request) }
+                pulse?.cancel()
                 lastRefresh = nil
             }
             if lastRefresh.map({ $0.duration(to: .now) >= refresh }) ?? true {
@@ -92,6 +112,11 @@ public final class KeptRunMonitor {
                     watched = found
                     watcher = found.isEmpty ? nil : start(found, engine: engine, interval: interval, requests: requests, announced: announced)
                 }
+            }
+            heartbeat?()
+            if let periodic, lastPeriodic.map({ $0.duration(to: .now) >= periodic.every }) ?? true {
+                lastPeriodic = .now
+                periodic.action()
             }
             if once {
                 // One reading of each (the watcher polls at once when it starts), then done.

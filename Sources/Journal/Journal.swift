@@ -347,14 +347,61 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
-    /// Finished runs by outcome (`guard metrics`).
-    public func outcomeCounts() throws -> [RunOutcome: Int] {
+    /// What `guard metrics` counts, from rows that are only ever added: each number can only
+    /// grow as long as the journal lives (Prometheus reads a counter that drops as a reset).
+    public struct Tallies: Sendable, Equatable {
+        /// Every run ever journaled.
+        public var started = 0
+        /// Runs whose `guard run` reached its end, by how it ended then (its `done` phase:
+        /// committed, kept, rolled_back, failed); a later commit or rollback of a kept run does
+        /// not move it.
+        public var ended: [String: Int] = [:]
+        /// Runs with nothing left to do, by their final outcome; a run enters once and stays.
+        public var finished: [RunOutcome: Int] = [:]
+        /// Per recipe: the newest run's end and its length, and the end of its newest run that
+        /// applied the upgrade (committed or kept).
+        public var recipes: [String: RecipeTally] = [:]
+
+        public init() {}
+    }
+
+    public struct RecipeTally: Sendable, Equatable {
+        public var lastEnd: Double
+        public var lastDuration: Double
+        public var lastSuccess: Double?
+
+        public init(lastEnd: Double, lastDuration: Double, lastSuccess: Double? = nil) {
+            self.lastEnd = lastEnd
+            self.lastDuration = lastDuration
+            self.lastSuccess = lastSuccess
+        }
+    }
+
+    public func tallies() throws -> Tallies {
         try read { db in
-            var counts: [RunOutcome: Int] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT outcome, COUNT(*) AS n FROM runs WHERE outcome IS NOT NULL GROUP BY outcome") {
-                if let outcome = RunOutcome(rawValue: row["outcome"]) { counts[outcome] = row["n"] }
+            var tallies = Tallies()
+            tallies.started = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM runs") ?? 0
+            for row in try Row.fetchAll(db, sql: "SELECT outcome, COUNT(*) AS n FROM runs WHERE state = ? AND outcome IS NOT NULL GROUP BY outcome",
+                                        arguments: [RunState.finished.rawValue]) {
+                if let outcome = RunOutcome(rawValue: row["outcome"]) { tallies.finished[outcome] = row["n"] }
             }
-            return counts
+            // The first `done` phase of each run: the run's own end (one per run; MIN for safety).
+            let ends = try Row.fetchAll(db, sql: """
+                SELECT r.recipe_name AS recipe, r.started_at AS started, p.started_at AS ended, p.detail AS how
+                FROM runs r JOIN phases p ON p.id = (SELECT MIN(id) FROM phases WHERE run_id = r.id AND name = 'done')
+                ORDER BY r.id
+                """)
+            for row in ends {
+                let how: String = row["how"] ?? "unknown"
+                tallies.ended[how, default: 0] += 1
+                let recipe: String = row["recipe"], started: Double = row["started"], ended: Double = row["ended"]
+                var tally = tallies.recipes[recipe] ?? RecipeTally(lastEnd: ended, lastDuration: 0)
+                tally.lastEnd = ended
+                tally.lastDuration = max(0, ended - started)
+                if how == RunOutcome.committed.rawValue || how == RunOutcome.kept.rawValue { tally.lastSuccess = ended }
+                tallies.recipes[recipe] = tally
+            }
+            return tallies
         }
     }
 

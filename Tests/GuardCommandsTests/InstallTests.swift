@@ -128,11 +128,24 @@ struct InstallTests {
                     #expect(text.contains(last), "the \(shell) completion lacks the command \(last)")
                 }
             }
-            for reference in page.split(separator: "\n") where reference.hasPrefix(".Xr ") {
-                let target = reference.split(separator: " ")[1]
-                #expect(FileManager.default.fileExists(atPath: "\(man)/\(target).8"), "\(name).8 refers to \(target)(8), which is not installed")
+            for reference in page.split(separator: "\n") where reference.hasPrefix(".Xr guard") {
+                let parts = reference.split(separator: " ")
+                let (target, section) = (parts[1], parts.count > 2 ? String(parts[2]) : "8")
+                #expect(FileManager.default.fileExists(atPath: "\(destdir)/usr/share/man/man\(section)/\(target).\(section)"), "\(name).8 refers to \(target)(\(section)), which is not installed")
             }
         }
+        // guard(8) also says which files and environment variables guard uses, and renders cleanly.
+        let mainPage = try String(contentsOfFile: "\(man)/guard.8", encoding: .utf8)
+        for expected in [".Sh ENVIRONMENT", ".Sh FILES", "Ev GUARD_STATE_DIR", "Pa /var/lib/guard/journal.sqlite", ".Xr guard.recipe 5 ,", ".Xr lvm 8 ,"] {
+            #expect(mainPage.contains(expected), "guard.8 lacks \(expected)")
+        }
+        let sections = mainPage.split(separator: "\n").filter { $0.hasPrefix(".Sh ") }.map(String.init)
+        #expect(sections.firstIndex(of: ".Sh FILES").map { $0 < (sections.firstIndex(of: ".Sh \"EXIT STATUS\"") ?? 0) } == true, "mdoc's order: \(sections)")
+        let renderedMain = try await runProgram("/usr/bin/man", ["--warnings", "-l", "\(man)/guard.8"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
+        #expect(renderedMain.status == 0 && renderedMain.stderr.isEmpty && renderedMain.stdout.contains("/etc/guard/held/"), "guard.8: \(renderedMain.stderr)")
+        // Completion: run arguments ask guard for the journal's runs, recipe arguments offer .recipe files.
+        #expect(bash.contains("recipe") && zsh.contains("*.recipe") && fish.contains("recipe"), "recipe files are completed")
+        #expect(bash.contains("---completion") && zsh.contains("---completion") && fish.contains("---completion"), "run numbers are completed from the journal")
         // guard.recipe(5) and guard.conf(5) come from Docs/: every key of their tables is in them,
         // and man renders them without a warning.
         let recipesDoc = try String(contentsOfFile: "\(packageRoot)/Docs/recipes.md", encoding: .utf8)
@@ -193,7 +206,9 @@ struct InstallTests {
         let docFiles = Set(listed.filter { $0.hasPrefix(docs) }.map { String($0.dropFirst(docs.count)) })
         #expect(docFiles.filter { !$0.hasPrefix("examples/") && !$0.hasPrefix("schema/") }.isSubset(of: wantedDocs), "\(docFiles.sorted())")
         let schemas = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs/schema").filter { $0.hasSuffix(".schema.json") }
-        #expect(Set(docFiles.filter { $0.hasPrefix("schema/") }.map { String($0.dropFirst("schema/".count)) }) == Set(schemas), "the --json schemas, uncompressed")
+        #expect(Set(docFiles.filter { $0.hasPrefix("schema/") }.map { String($0.dropFirst("schema/".count)) }) == Set(schemas + ["input/recipe.schema.json"]),
+                "the --json schemas and the recipe schema the examples name, uncompressed")
+        #expect(listed.contains("/usr/share/guard/monitoring/guard.rules.yml") && listed.contains("/usr/share/guard/monitoring/guard-dashboard.json"), "the alert rules and dashboard")
         #expect(docFiles.contains("copyright") && docFiles.contains("changelog.gz") && docFiles.contains { $0.hasPrefix("guide.md") })
         #expect(Set(docFiles.filter { $0.hasPrefix("examples/") }.map { String($0.dropFirst("examples/".count)) }) == Set(recipes))
 

@@ -40,6 +40,32 @@ func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome 
 
 @Suite("journal")
 struct JournalTests {
+    @Test("metrics tallies only grow: a kept run stays counted as ended kept when it is committed, and enters the finished count once")
+    func talliesOnlyGrow() throws {
+        let journal = try Journal.open(path: "\(try temporaryDirectory())/journal.sqlite", check: true)
+        #expect(try journal.tallies() == Journal.Tallies())
+        try addRun(journal, recipe: "website", outcome: .rolledBack, startedAt: 1_700_000_000)
+        // addRun writes no `done` phase (guard run writes one as it ends): give this one its end.
+        try journal.endPhase(try journal.beginPhase(1, "done", at: 1_700_000_004), status: .done, detail: "rolled_back", at: 1_700_000_004)
+        var kept = try journal.insert(RunRecord(token: "k", recipeName: "website", recipePath: "/r", recipeSHA256: "", recipeText: "", host: "h", user: "root", pid: 1, startedAt: 1_700_000_100))
+        kept.state = .kept
+        kept.outcome = .kept
+        try journal.update(kept)
+        try journal.endPhase(try journal.beginPhase(kept.id!, "done", at: 1_700_000_130), status: .done, detail: "kept", at: 1_700_000_130)
+        let before = try journal.tallies()
+        #expect(before.started == 2 && before.ended == ["rolled_back": 1, "kept": 1] && before.finished == [.rolledBack: 1], "\(before)")
+        #expect(before.recipes["website"] == Journal.RecipeTally(lastEnd: 1_700_000_130, lastDuration: 30, lastSuccess: 1_700_000_130))
+        // Committed days later (guard commit): the run's own end does not move.
+        kept.state = .finished
+        kept.outcome = .committed
+        kept.finishedAt = 1_700_900_000
+        try journal.update(kept)
+        let after = try journal.tallies()
+        #expect(after.ended == before.ended && after.started == before.started, "\(after)")
+        #expect(after.finished == [.rolledBack: 1, .committed: 1], "\(after)")
+        #expect(after.recipes == before.recipes, "the run's length is its guard run's, not its keep time")
+    }
+
     @Test("the journal file is root-only, in WAL mode with synchronous FULL, and migrates once")
     func fileModes() throws {
         let directory = try temporaryDirectory()

@@ -321,7 +321,14 @@ extension Kernel {
             let volume = try #require(((status["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]])?.first)
             let labels = "{run=\"1\",recipe=\"website-schema-v2\",volume=\"\(lvm.device)\"}"
             #expect(values["guard_kept_runs"] == 1 && values["guard_open_runs{state=\"kept\"}"] == 1, "\(text)")
-            #expect(values["guard_runs_total{outcome=\"kept\"}"] == 1 && values["guard_runs_total{outcome=\"rolled_back\"}"] == 0, "\(text)")
+            #expect(values["guard_runs_started_total"] == 1 && values["guard_runs_ended_total{outcome=\"kept\"}"] == 1, "\(text)")
+            #expect(values["guard_runs_ended_total{outcome=\"rolled_back\"}"] == 0 && values["guard_runs_finished_total{outcome=\"committed\"}"] == 0, "\(text)")
+            let keepUntil = try #require(values["guard_run_keep_until_timestamp_seconds{run=\"1\",recipe=\"website-schema-v2\"}"], "\(text)")
+            #expect(abs(keepUntil - Date().timeIntervalSince1970 - 86_400) < 600, "kept 1d: \(keepUntil)")
+            let succeeded = try #require(values["guard_recipe_last_success_timestamp_seconds{recipe=\"website-schema-v2\"}"], "\(text)")
+            #expect(abs(succeeded - Date().timeIntervalSince1970) < 600, "\(succeeded)")
+            #expect(values["guard_recipe_last_duration_seconds{recipe=\"website-schema-v2\"}"].map { $0 > 0 && $0 < 600 } == true, "\(text)")
+            #expect(values.contains { $0.key.hasPrefix("guard_build_info{version=\"") && $0.value == 1 }, "\(text)")
             let used = try #require(values["guard_snapshot_cow_used_bytes\(labels)"], "\(text)")
             #expect(used > 0 && used <= Double(volume["used_bytes"] as? Int ?? 0), "the COW use as status reads it (it can only grow in between): \(used) \(volume)")
             #expect(values["guard_snapshot_cow_size_bytes\(labels)"] == Double(volume["size_bytes"] as? Int ?? -1), "\(text)")
@@ -330,7 +337,23 @@ extension Kernel {
             #expect(abs(started - Date().timeIntervalSince1970) < 600, "a Unix time: \(started)")
             #expect(values["guard_attention"] == 0 && values["guard_needs_reassembly"] == 0 && values["guard_merges_in_progress"] == 0, "\(text)")
             let printed = try tool("metrics")
-            #expect(printed.stdout.contains("# TYPE guard_runs_total counter"), "\(printed.stdout)")
+            #expect(printed.stdout.contains("# TYPE guard_runs_ended_total counter"), "\(printed.stdout)")
+
+            // guard-monitor writes the file itself, at once and then every minute, while the directory exists.
+            try FileManager.default.removeItem(atPath: "\(directory)/guard.prom")
+            let monitor = Process()
+            monitor.executableURL = URL(fileURLWithPath: guardBinary)
+            monitor.arguments = ["monitor", "--metrics-textfile", directory, "--state-dir", tool.stateDirectory]
+            monitor.environment = guardEnvironment()
+            monitor.standardOutput = FileHandle.nullDevice
+            monitor.standardError = FileHandle.nullDevice
+            try monitor.run()
+            let deadline = Date().addingTimeInterval(60)
+            while !FileManager.default.fileExists(atPath: "\(directory)/guard.prom") && Date() < deadline { usleep(200_000) }
+            kill(monitor.processIdentifier, SIGTERM)
+            monitor.waitUntilExit()
+            let fromMonitor = (try? String(contentsOfFile: "\(directory)/guard.prom", encoding: .utf8)) ?? ""
+            #expect(fromMonitor.contains("guard_kept_runs 1"), "guard monitor --metrics-textfile wrote no metrics within a minute: \(fromMonitor)")
 
             // guard status --watch shows the kept run again and again until it is stopped. Read
             // until it has begun a fourth view (under emulation one can take a second), then stop
@@ -357,8 +380,44 @@ extension Kernel {
             #expect(watch.terminationReason == .uncaughtSignal && watch.terminationStatus == SIGTERM, "stopped by the signal, not by the 120 s bound")
             let views = watched.components(separatedBy: header)
             #expect(views.count >= 5 && views.dropFirst().dropLast().allSatisfy { $0.contains("run 1 (website-schema-v2): kept") }, "\(watched)")
-            let refused = try tool("status", "--watch", "--json")
+            let refused = try tool("status", "--watch", "--tidy")
             #expect(refused.status == 2 && refused.stderr.contains("--watch shows the status only"), "\(refused.stderr)")
+
+            // With --json, --watch prints JSON lines: one whole status document per line.
+            let follow = Process()
+            follow.executableURL = URL(fileURLWithPath: guardBinary)
+            follow.arguments = ["status", "--watch", "--json", "--interval", "0.3", "--state-dir", tool.stateDirectory]
+            follow.environment = guardEnvironment()
+            let lines = Pipe()
+            follow.standardOutput = lines
+            try follow.run()
+            let followed = follow.processIdentifier
+            DispatchQueue.global().asyncAfter(deadline: .now() + 120) { kill(followed, SIGKILL) }
+            var streamed = ""
+            while streamed.filter({ $0 == "\n" }).count < 3 {
+                let chunk = lines.fileHandleForReading.availableData
+                if chunk.isEmpty { break }
+                streamed += String(decoding: chunk, as: UTF8.self)
+            }
+            kill(followed, SIGTERM)
+            follow.waitUntilExit()
+            let documents = streamed.split(separator: "\n").prefix(3)
+            #expect(documents.count == 3, "\(streamed)")
+            for document in documents {
+                try expectValid(String(document), arguments: ["status"])
+                let parsed = try JSONSerialization.jsonObject(with: Data(document.utf8)) as? [String: Any]
+                #expect(((parsed?["runs"] as? [[String: Any]])?.first?["state"] as? String) == "kept", "\(document)")
+            }
+
+            // The commit of the kept run: the counters move on, none goes down (Prometheus would read a reset).
+            #expect(try tool("commit", "1").status == 0)
+            let after = try tool("metrics").stdout
+            func value(_ name: String) -> Double? {
+                after.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+            }
+            #expect(value("guard_runs_ended_total{outcome=\"kept\"}") == 1 && value("guard_runs_started_total") == 1, "\(after)")
+            #expect(value("guard_runs_finished_total{outcome=\"committed\"}") == 1 && value("guard_kept_runs") == 0, "\(after)")
+            #expect(!after.contains("guard_run_keep_until_timestamp_seconds{"), "no kept run, no keep-until: \(after)")
         }
 
         @Test("verify retries: a health URL that answers only after the step's restart passes on a later attempt; a check that never passes rolls back after its retries")

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Foundation
 
@@ -19,6 +20,7 @@ extension GuardCommand {
                 Examples:
                   systemctl enable --now guard-monitor.service
                   guard monitor --once          # one pass over the kept runs (cron, tests)
+                  guard monitor --metrics-textfile /var/lib/prometheus/node-exporter
                   journalctl -u guard-monitor   # what it did
                 """)
 
@@ -30,6 +32,9 @@ extension GuardCommand {
         @Option(help: ArgumentHelp("Seconds between two readings of a COW (sooner when one fills fast).", valueName: "seconds"))
         var interval: Double = 1
 
+        @Option(help: ArgumentHelp("Write DIR/guard.prom (as `guard metrics --textfile DIR`) every minute while DIR exists; guard-monitor.service names node_exporter's /var/lib/prometheus/node-exporter.", valueName: "dir"))
+        var metricsTextfile: String?
+
         func run() async throws {
             guard interval >= 0.05, interval <= 60 else {
                 throw GuardFailure(.refused, "--interval must be between 0.05 and 60 seconds, not \(interval)")
@@ -38,7 +43,39 @@ extension GuardCommand {
             let stop = StopFlag()
             let signals = InterruptHandler(message: nil) { stop.set("signal") }
             defer { signals.cancel() }
-            try await KeptRunMonitor(context: context).run(interval: .milliseconds(Int64(interval * 1000)), once: once) { stop.value != nil }
+            let monitor = KeptRunMonitor(context: context)
+            if let directory = metricsTextfile {
+                // Quietly skipped while the directory is not there (node_exporter not installed
+                // yet); a failure to write is logged once per kind, never stops the watching.
+                var lastFailure: String?
+                monitor.periodic = (.seconds(60), {
+                    guard FileManager.default.fileExists(atPath: directory) else { return }
+                    do {
+                        try MetricsCommand.writeAtomically(try Metrics.collect(context: context).text(), to: "\(directory)/guard.prom")
+                        lastFailure = nil
+                    } catch {
+                        let text = "\(error)"
+                        if text != lastFailure { context.reporter.log("guard monitor: the metrics in \(directory) were not written: \(text)") }
+                        lastFailure = text
+                    }
+                })
+            }
+            // Under guard-monitor.service (Type=notify, WatchdogSec=): ready once the loop turns,
+            // and a watchdog ping at most every second from it; systemd restarts a monitor
+            // whose loop stopped turning.
+            let notifier = ServiceNotifier(environment: ProcessInfo.processInfo.environment)
+            if notifier.socket != nil {
+                let lastPing = LockedValue<ContinuousClock.Instant?>(nil)
+                monitor.heartbeat = {
+                    let due = lastPing.withLock { last -> Bool in
+                        guard last.map({ $0.duration(to: .now) >= .seconds(1) }) ?? true else { return false }
+                        last = .now
+                        return true
+                    }
+                    if due { notifier.notify("READY=1\nWATCHDOG=1") }
+                }
+            }
+            try await monitor.run(interval: .milliseconds(Int64(interval * 1000)), once: once) { stop.value != nil }
         }
     }
 }
