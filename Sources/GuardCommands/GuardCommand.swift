@@ -210,12 +210,14 @@ public enum GuardMain {
 
 /// Writes one JSON document to stdout: the value's fields (an absent one as null), sorted,
 /// with `schema_version` (/usr/share/doc/guard/schema/ has the schema of every document).
-func printJSON<T: Encodable>(_ value: T) throws {
+/// `compact`: on one line (JSON lines, as `guard status --watch --json` prints them).
+func printJSON<T: Encodable>(_ value: T, compact: Bool = false) throws {
     guard case .object(var members) = try DocumentEncoder().encode(value) else {
         preconditionFailure("a JSON document is an object")
     }
     members["schema_version"] = .integer(Int64(JSONContract.schemaVersion))
-    FileHandle.standardOutput.write(Data((JSONValue.object(members).text() + "\n").utf8))
+    let document = JSONValue.object(members)
+    FileHandle.standardOutput.write(Data(((compact ? document.compactText() : document.text()) + "\n").utf8))
 }
 
 /// A command with `--json`: when it fails, stdout gets the error document

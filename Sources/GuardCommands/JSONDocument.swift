@@ -42,6 +42,15 @@ indirect enum JSONValue: Equatable {
         }
     }
 
+    /// On one line, without spaces, keys sorted: one document per line (JSON lines).
+    func compactText() -> String {
+        switch self {
+        case .array(let values): return "[" + values.map { $0.compactText() }.joined(separator: ",") + "]"
+        case .object(let members): return "{" + members.keys.sorted().map { Self.quoted($0) + ":" + members[$0]!.compactText() }.joined(separator: ",") + "}"
+        default: return text()
+        }
+    }
+
     static func quoted(_ string: String) -> String {
         var out = "\""
         for scalar in string.unicodeScalars {

@@ -1,5 +1,6 @@
 import Foundation
 @testable import Engine
+@testable import GuardCommands
 import Journal
 import Testing
 
@@ -76,6 +77,13 @@ func stateWithRuns() throws -> String {
 
 @Suite("guard command line")
 struct GuardCommandsTests {
+    @Test("completion of a run argument: the journal's runs, newest first, from the state directory the command line names; nothing without a journal")
+    func runCompletion() throws {
+        let state = try stateWithRuns()
+        #expect(Completions.runNumbers(words: ["guard", "rollback", "--state-dir", state, ""]) == ["2", "1"])
+        #expect(Completions.runNumbers(words: ["guard", "show", "--state-dir", "/nonexistent-\(UInt32.random(in: 0...UInt32.max))"]) == [])
+    }
+
     @Test("history --json has the documented fields")
     func historyJSON() async throws {
         let state = try stateWithRuns()
@@ -85,7 +93,7 @@ struct GuardCommandsTests {
         let runs = try #require(document["runs"] as? [[String: Any]])
         #expect(runs.count == 2)
         let newest = runs[0]
-        for key in ["id", "token", "recipe", "state", "outcome", "started_at", "finished_at", "duration_seconds", "exit_code", "suspend_us", "snapshots"] {
+        for key in ["id", "token", "recipe", "state", "outcome", "started_at", "finished_at", "duration_seconds", "exit_code", "suspend_us", "suspend_seconds", "snapshots"] {
             #expect(newest[key] != nil, "history --json has \(key)")
         }
         #expect(newest["outcome"] as? String == "committed")

@@ -4,12 +4,19 @@ import Testing
 
 /// Validates a `--json` document against Docs/schema/NAME.schema.json with python3-jsonschema:
 /// the output of the validator (each violation with its place) when it is not valid.
-func schemaViolations(_ document: String, schema: String) async throws -> String? {
+/// Strict by default, as guard's own output must be: no field the schema does not document.
+func schemaViolations(_ document: String, schema: String, strict: Bool = true) async throws -> String? {
     let file = FileManager.default.temporaryDirectory.appendingPathComponent("guard-doc-\(UInt32.random(in: 0...UInt32.max)).json").path
     try Data(document.utf8).write(to: URL(fileURLWithPath: file))
     defer { try? FileManager.default.removeItem(atPath: file) }
-    let result = try await runProgram("/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py", schema, file], environment: ProcessInfo.processInfo.environment)
+    let result = try await runProgram("/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py"] + (strict ? ["--strict"] : []) + [schema, file], environment: ProcessInfo.processInfo.environment)
     return result.status == 0 ? nil : "exit \(result.status): \(result.stderr)\n\(document)"
+}
+
+/// Validates a file (a recipe: YAML) against a schema given by its path, strictly.
+func schemaFileViolations(_ file: String, schema: String) async throws -> String? {
+    let result = try await runProgram("/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py", "--strict", schema, file], environment: ProcessInfo.processInfo.environment)
+    return result.status == 0 ? nil : "exit \(result.status): \(result.stderr)"
 }
 
 /// Issue 21: every `--json` prints one object with schema_version, every key present (null
@@ -86,6 +93,67 @@ struct JSONContractTests {
         for command in withJSON {
             let words = "guard " + command.words.joined(separator: " ")
             #expect(printedBy.contains("`\(words) --json") || printedBy.contains("`\(words) --dry-run --json"), "\(words) --json is in no schema's 'Printed by'")
+        }
+    }
+
+    @Test("a field a newer guard adds still validates against the shipped schemas (a strict validator would break); guard's own tests refuse undocumented fields")
+    func newFieldsValidate() async throws {
+        let state = try stateWithRuns()
+        for name in try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs/schema") where name.hasSuffix(".schema.json") {
+            let text = try String(contentsOfFile: "\(packageRoot)/Docs/schema/\(name)", encoding: .utf8)
+            #expect(!text.contains("\"additionalProperties\": false"), "\(name) closes an object to new fields")
+        }
+        for (arguments, schema) in [(["show", "1", "--json"], "run"), (["history", "--json"], "history"), (["config", "--json"], "config")] {
+            let output = try await guardCommand(arguments + ["--state-dir", state])
+            var document = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any], "\(arguments)")
+            // A new field at the top and one inside the first nested object, as a later version might add.
+            document["added_in_a_later_version"] = "x"
+            if let key = document.keys.sorted().first(where: { document[$0] is [String: Any] }), var inner = document[key] as? [String: Any] {
+                inner["also_added"] = 1
+                document[key] = inner
+            } else if let key = document.keys.sorted().first(where: { (document[$0] as? [[String: Any]])?.isEmpty == false }), var list = document[key] as? [[String: Any]] {
+                list[0]["also_added"] = 1
+                document[key] = list
+            }
+            let extended = String(decoding: try JSONSerialization.data(withJSONObject: document, options: [.sortedKeys]), as: UTF8.self)
+            let lenient = try await schemaViolations(extended, schema: schema, strict: false)
+            #expect(lenient == nil, "\(arguments): \(lenient ?? "")")
+            let strict = try await schemaViolations(extended, schema: schema)
+            #expect(strict?.contains("added_in_a_later_version") == true && strict?.contains("also_added") == true, "\(arguments): \(strict ?? "valid")")
+        }
+    }
+
+    @Test("the recipe schema (for editors) accepts every example recipe and the reference's example, and refuses what guard check refuses: an unknown key, a bare number as a size")
+    func recipeSchema() async throws {
+        let schema = "\(packageRoot)/Docs/schema/input/recipe.schema.json"
+        let recipes = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Recipes").filter { $0.hasSuffix(".recipe") }.sorted()
+        #expect(recipes.count >= 5)
+        for recipe in recipes {
+            let path = "\(packageRoot)/Recipes/\(recipe)"
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            #expect(text.hasPrefix("# yaml-language-server: $schema=/usr/share/doc/guard/schema/input/recipe.schema.json\n"), "\(recipe) names the schema for editors")
+            let violations = try await schemaFileViolations(path, schema: schema)
+            #expect(violations == nil, "\(recipe): \(violations ?? "")")
+        }
+        let reference = try String(contentsOfFile: "\(packageRoot)/Docs/recipes.md", encoding: .utf8)
+        let example = try #require(reference.components(separatedBy: "```yaml\n").dropFirst().first?.components(separatedBy: "```").first)
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-recipe-schema-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try example.write(toFile: "\(directory)/example.recipe", atomically: true, encoding: .utf8)
+        let exampleViolations = try await schemaFileViolations("\(directory)/example.recipe", schema: schema)
+        #expect(exampleViolations == nil, "Docs/recipes.md's example: \(exampleViolations ?? "")")
+        let valid = "name: x\nvolumes:\n  - device: /dev/vg/x\n    snapshot: 8M\nsteps:\n  - name: s\n    run: [/bin/true]\n"
+        for (name, text, expected) in [
+            ("typo", valid.replacingOccurrences(of: "steps:", with: "stpes:"), "'stpes' was unexpected"),
+            ("bare size", valid.replacingOccurrences(of: "snapshot: 8M", with: "snapshot: 8"), "snapshot"),
+        ] {
+            let path = "\(directory)/\(name.replacingOccurrences(of: " ", with: "-")).recipe"
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            let violations = try await schemaFileViolations(path, schema: schema)
+            #expect(violations?.contains(expected) == true, "\(name): \(violations ?? "valid")")
+            let checked = try await guardCommand(["check", "--syntax-only", path])
+            #expect(checked.status == 2, "guard check refuses the \(name) too: \(checked.stderr)")
         }
     }
 

@@ -25,7 +25,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"))
+        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"), completion: Completions.recipes)
         var recipe: String
 
         @Flag(help: "Only validate the file; do not resolve the volumes.")

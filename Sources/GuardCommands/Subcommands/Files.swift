@@ -33,7 +33,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"), completion: Completions.runs)
         var target: String
 
         @Argument(help: ArgumentHelp("Paths to compare (absolute, or relative to the volume's mount point); default: the whole volume.", valueName: "path"))
@@ -100,7 +100,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"), completion: Completions.runs)
         var target: String
 
         @Argument(help: ArgumentHelp("Paths to restore (absolute, or relative to the volume's mount point).", valueName: "path"))

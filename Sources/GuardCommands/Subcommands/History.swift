@@ -5,6 +5,9 @@ import Journal
 import Quantities
 import Recipe
 
+/// Microseconds as seconds, for `--json` (durations are seconds).
+func seconds(microseconds: Int64) -> Double { Double(microseconds) / 1_000_000 }
+
 /// `history --json`: one run.
 struct HistoryEntry: Encodable {
     struct Snapshot: Encodable {
@@ -12,6 +15,8 @@ struct HistoryEntry: Encodable {
         var sizeBytes: Int64
         var peakUsedBytes: Int64
         var suspendUs: Int64?
+        /// The suspend window in seconds (`suspend_us`, its microseconds, is deprecated: schema 2 drops it).
+        var suspendSeconds: Double?
         var state: String
 
         enum CodingKeys: String, CodingKey {
@@ -19,6 +24,7 @@ struct HistoryEntry: Encodable {
             case sizeBytes = "size_bytes"
             case peakUsedBytes = "peak_used_bytes"
             case suspendUs = "suspend_us"
+            case suspendSeconds = "suspend_seconds"
         }
     }
 
@@ -34,6 +40,8 @@ struct HistoryEntry: Encodable {
     var error: String?
     var keepUntil: String?
     var suspendUs: Int64?
+    /// The suspend window in seconds (`suspend_us`, its microseconds, is deprecated: schema 2 drops it).
+    var suspendSeconds: Double?
     var snapshots: [Snapshot]
 
     enum CodingKeys: String, CodingKey {
@@ -44,6 +52,7 @@ struct HistoryEntry: Encodable {
         case exitCode = "exit_code"
         case keepUntil = "keep_until"
         case suspendUs = "suspend_us"
+        case suspendSeconds = "suspend_seconds"
     }
 
     init(_ run: RunSummary) {
@@ -59,7 +68,8 @@ struct HistoryEntry: Encodable {
         error = run.error
         keepUntil = iso8601(run.keepUntil)
         suspendUs = run.suspendMicroseconds
-        snapshots = run.volumes.map { Snapshot(volume: $0.volume, sizeBytes: $0.sizeBytes, peakUsedBytes: $0.peakUsedBytes, suspendUs: run.suspendMicroseconds, state: $0.state.rawValue) }
+        suspendSeconds = run.suspendMicroseconds.map(seconds(microseconds:))
+        snapshots = run.volumes.map { Snapshot(volume: $0.volume, sizeBytes: $0.sizeBytes, peakUsedBytes: $0.peakUsedBytes, suspendUs: run.suspendMicroseconds, suspendSeconds: run.suspendMicroseconds.map(seconds(microseconds:)), state: $0.state.rawValue) }
     }
 }
 
@@ -71,7 +81,7 @@ extension GuardCommand {
             discussion: """
                 One line a run: its number, recipe, start, duration, volumes, snapshot size, peak COW use and outcome (committed, kept, rolled_back, failed, recovered). Reads only the journal: no root or device-mapper needed beyond reading it.
 
-                --json prints {"runs": [...]} (/usr/share/doc/guard/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_us, snapshots (volume, size_bytes, peak_used_bytes, suspend_us, state). /usr/share/doc/guard/guide.md describes every field.
+                --json prints {"runs": [...]} (/usr/share/doc/guard/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_seconds (suspend_us: deprecated), snapshots (volume, size_bytes, peak_used_bytes, suspend_seconds, state). /usr/share/doc/guard/guide.md describes every field.
 
                 Examples:
                   guard history

@@ -24,7 +24,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The run: its number or token (see `guard history`).", valueName: "run"))
+        @Argument(help: ArgumentHelp("The run: its number or token (see `guard history`).", valueName: "run"), completion: Completions.runs)
         var target: String
 
         @Flag(help: "Wait until the merge is complete and torn down.")
@@ -64,7 +64,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"), completion: Completions.runs)
         var target: String
 
         @Flag(help: "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json).")

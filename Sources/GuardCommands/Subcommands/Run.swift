@@ -35,7 +35,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"))
+        @Argument(help: ArgumentHelp("The recipe file.", valueName: "recipe"), completion: Completions.recipes)
         var recipe: String
 
         @Flag(help: "Run a recipe that users other than root can modify (refused by default).")

@@ -70,6 +70,8 @@ struct RunDetail: Encodable {
         var chunkBytes: Int64
         var peakUsedBytes: Int64
         var suspendUs: Int64?
+        /// The suspend window in seconds (`suspend_us`, its microseconds, is deprecated: schema 2 drops it).
+        var suspendSeconds: Double?
         var state: String
         var cowSamples: [Sample]
         enum CodingKeys: String, CodingKey {
@@ -86,6 +88,7 @@ struct RunDetail: Encodable {
             case chunkBytes = "chunk_bytes"
             case peakUsedBytes = "peak_used_bytes"
             case suspendUs = "suspend_us"
+            case suspendSeconds = "suspend_seconds"
             case cowSamples = "cow_samples"
         }
     }
@@ -115,6 +118,8 @@ struct RunDetail: Encodable {
     var durationSeconds: Double?
     var keepUntil: String?
     var suspendUs: Int64?
+    /// The suspend window in seconds (`suspend_us`, its microseconds, is deprecated: schema 2 drops it).
+    var suspendSeconds: Double?
     var phases: [Phase]
     var steps: [Step]
     var snapshots: [Snapshot]
@@ -149,6 +154,7 @@ struct RunDetail: Encodable {
         case durationSeconds = "duration_seconds"
         case keepUntil = "keep_until"
         case suspendUs = "suspend_us"
+        case suspendSeconds = "suspend_seconds"
     }
 
     init(run: RunRecord, journal: Journal) throws {
@@ -171,6 +177,7 @@ struct RunDetail: Encodable {
         durationSeconds = run.finishedAt.map { (($0 - run.startedAt) * 1000).rounded() / 1000 }
         keepUntil = iso8601(run.keepUntil)
         suspendUs = run.suspendMicroseconds
+        suspendSeconds = run.suspendMicroseconds.map(seconds(microseconds:))
         phases = try journal.phases(runID: runID).map { phase in
             Phase(
                 name: phase.name, status: phase.status.rawValue, startedAt: iso8601(phase.startedAt), finishedAt: iso8601(phase.finishedAt),
@@ -185,7 +192,7 @@ struct RunDetail: Encodable {
                 volume: record.volume, mountPoint: record.mountPoint, originName: record.originName, originUUID: record.originUUID,
                 originDevice: record.originDevice, originTable: record.originTable, originBytes: record.originBytes, cowPath: record.cowPath,
                 cowKind: record.cowKind, sizeBytes: record.sizeBytes, chunkBytes: record.chunkBytes, peakUsedBytes: record.peakUsedBytes,
-                suspendUs: suspend, state: record.state.rawValue,
+                suspendUs: suspend, suspendSeconds: suspend.map(seconds(microseconds:)), state: record.state.rawValue,
                 cowSamples: try journal.samples(snapshotID: record.id!).map { Sample(at: $0.at, usedBytes: $0.usedBytes, sizeBytes: $0.sizeBytes) })
         }
         events = try journal.events(runID: runID).map { Event(at: iso8601($0.at), kind: $0.kind.rawValue, action: $0.action, detail: $0.detail) }
@@ -212,7 +219,7 @@ extension GuardCommand {
 
         @OptionGroup var global: GlobalOptions
 
-        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"))
+        @Argument(help: ArgumentHelp("The run: its number or token.", valueName: "run"), completion: Completions.runs)
         var target: String
 
         @Flag(help: "Print JSON.")

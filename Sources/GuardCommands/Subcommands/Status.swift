@@ -75,6 +75,7 @@ extension GuardCommand {
                   guard status
                   guard status --tidy --wait
                   guard status --watch
+                  guard status --watch --json   # one status document per line (JSON lines)
                   guard status --json
                 """)
 
@@ -89,21 +90,21 @@ extension GuardCommand {
         @Flag(help: "Tear down completed merges and commit kept runs whose keep duration has passed (the maintenance job).")
         var tidy = false
 
-        @Flag(help: "Show the status again every --interval seconds until Ctrl-C, in place on a terminal. Changes nothing.")
+        @Flag(help: "Show the status again every --interval seconds until Ctrl-C, in place on a terminal; with --json, one document per line. Changes nothing.")
         var watch = false
 
         @Option(help: ArgumentHelp("Seconds between two views with --watch.", valueName: "seconds"))
         var interval: Double = 2
 
         func validate() throws {
-            if watch && (json || tidy || wait) { throw ValidationError("--watch shows the status only: leave out --json, --tidy and --wait") }
+            if watch && (tidy || wait) { throw ValidationError("--watch shows the status only: leave out --tidy and --wait") }
             if !(0.2...3600).contains(interval) { throw ValidationError("--interval must be between 0.2 and 3600 seconds, not \(interval)") }
         }
 
         func run() async throws {
             let context = try global.context()
             let maintenance = Maintenance(context: context)
-            if watch { try await Self.watch(maintenance, every: interval) }
+            if watch { try await Self.watch(maintenance, every: interval, json: json) }
             if tidy, let journal = try context.existingJournal() {
                 if let wait = try maintenance.tidyWaitsForReassembly(journal: journal) {
                     context.reporter.warning(wait)
@@ -148,10 +149,17 @@ extension GuardCommand {
 
         /// `--watch`: the human view again and again; on a terminal the screen is cleared and
         /// redrawn in place, elsewhere each view follows the last after a time line. Ctrl-C ends it.
-        static func watch(_ maintenance: Maintenance, every seconds: Double) async throws -> Never {
+        /// With --json: one status document per view, each on one line (JSON lines), for a
+        /// program that follows the status.
+        static func watch(_ maintenance: Maintenance, every seconds: Double, json: Bool = false) async throws -> Never {
             let terminal = isatty(STDOUT_FILENO) == 1
             while true {
                 let (runs, strays, unknown) = try maintenance.status()
+                if json {
+                    try printJSON(Self.output(runs, strays: strays, unknown: unknown, attention: Maintenance.attention(runs, strays: strays)), compact: true)
+                    try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+                    continue
+                }
                 let text = Self.watchView(runs, strays: strays, unknown: unknown, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
                 // Home, the view, then erase what an older, longer view left below it.
                 FileHandle.standardOutput.write(Data((terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n").utf8))
