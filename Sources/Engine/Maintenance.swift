@@ -342,11 +342,21 @@ public struct Maintenance {
     // MARK: guard status
 
     /// One volume of a run that still has snapshot state.
+    /// What `guard status` found for a volume, as one word a program can compare (`status` says
+    /// the same for people, with the details).
+    public enum Condition: String, Sendable, CaseIterable {
+        case preparing, live, fused, invalid, merging, merged, committed, discarded, missing, unknown
+        case mergeFailed = "merge_failed"
+        case needsReassembly = "needs_reassembly"
+        case notRolledBack = "not_rolled_back"
+    }
+
     public struct VolumeStatus: Sendable {
         public var volume: String
         public var origin: String
         public var state: SnapshotState
         public var status: String
+        public var condition: Condition
         public var usedBytes: UInt64?
         public var sizeBytes: UInt64?
         /// 0...1 while merging.
@@ -367,7 +377,7 @@ public struct Maintenance {
         public var staleReason: String?
 
         /// A snapshot of the run holds old blocks but is not live (`guard status` exits 4).
-        public var needsReassembly: Bool { run.state == .needsReassembly || volumes.contains { $0.status == "needs reassembly" } }
+        public var needsReassembly: Bool { run.state == .needsReassembly || volumes.contains { $0.condition == .needsReassembly } }
     }
 
     /// A COW this full needs a person: a commit, a rollback or a larger `extend`.
@@ -389,12 +399,12 @@ public struct Maintenance {
             }
             for volume in status.volumes {
                 let name = "run \(id), \(volume.volume)"
-                switch volume.status {
-                case "live":
+                switch volume.condition {
+                case .live:
                     if let used = volume.usedBytes, let size = volume.sizeBytes, size > 0, Double(used) / Double(size) >= attentionFill {
                         lines.append("\(name): COW \(Int(Double(used) * 100 / Double(size)))% full (\(formatBytes(used)) of \(formatBytes(size))); when it fills, the snapshot is lost or the fuse stops writes: `guard commit \(id)` or `guard rollback \(id)`, or give the recipe an `extend:` and run `guard monitor`")
                     }
-                case "needs reassembly", "merging", "merged", "preparing", "committed", "discarded": break
+                case .needsReassembly, .merging, .merged, .preparing, .committed, .discarded: break
                 default:
                     lines.append("\(name): \(volume.status)" + (volume.detail.map { ": \($0)" } ?? ""))
                 }
@@ -424,15 +434,18 @@ public struct Maintenance {
         for run in try journal.runs(in: RunState.open) {
             var volumes: [VolumeStatus] = []
             for record in try journal.snapshots(runID: run.id!) {
-                var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue)
+                var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue,
+                                          condition: Condition(rawValue: record.state.rawValue) ?? .unknown)
                 if let stack = decodeStack(record.stack) {
                     switch record.state {
                     case .live where run.state == .merging:
                         volume.status = "not rolled back"
+                        volume.condition = .notRolledBack
                         volume.detail = "\(record.volume) holds the upgraded data and its snapshot is live: its merge did not start while the other volumes of run \(run.id!) merge back; run `guard recover`, which rolls it back"
                     case .live:
                         if let status = try? engine.health(stack).status {
                             volume.status = status.usage == nil ? "\(status)" : "live"
+                            volume.condition = status.usage == nil ? .invalid : .live
                             volume.usedBytes = status.usage?.allocatedBytes
                             volume.sizeBytes = status.usage == nil ? nil : stack.budgetBytes  // the size, without the fuse reserve
                             if let thin = stack.thin, let pool = try? dm.thinPoolStatus(thin.poolRef) {
@@ -440,13 +453,16 @@ public struct Maintenance {
                             }
                             if status.usage != nil, (try? engine.isFused(stack)) == true {
                                 volume.status = "fused"
+                                volume.condition = .fused
                                 volume.detail = "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"
                             }
                         } else if case let evidence = engine.evidence(stack), evidence.mustKeep {
                             volume.status = "needs reassembly"
+                            volume.condition = .needsReassembly
                             volume.detail = evidence.reason
                         } else {
                             volume.status = "missing (run `guard recover`)"
+                            volume.condition = .missing
                         }
                     case .merging:
                         switch try? engine.mergeState(stack) {
@@ -455,16 +471,21 @@ public struct Maintenance {
                             volume.mergeProgress = 1 - Double(left) / Double(start)
                             volume.remainingBytes = left * 512
                             volume.status = "merging"
+                            volume.condition = .merging
                         case .complete?, .finished?:
                             volume.status = "merged"
+                            volume.condition = .merged
                             volume.mergeProgress = 1
                         case .failed(let status)?:
                             volume.status = "merge failed (\(status))"
+                            volume.condition = .mergeFailed
                         case .needsReassembly(let why)?:
                             volume.status = "needs reassembly"
+                            volume.condition = .needsReassembly
                             volume.detail = why
                         case nil:
                             volume.status = "unknown (run `guard recover`)"
+                            volume.condition = .unknown
                         }
                     default: break
                     }

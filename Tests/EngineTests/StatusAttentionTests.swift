@@ -14,7 +14,9 @@ struct StatusAttentionTests {
     }
 
     func volume(_ status: String, used: UInt64? = nil, size: UInt64? = nil, detail: String? = nil) -> Maintenance.VolumeStatus {
-        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: status, usedBytes: used, sizeBytes: size, detail: detail)
+        // The condition Maintenance.status gives with each of these words.
+        let condition: Maintenance.Condition = status.hasPrefix("merge failed") ? .mergeFailed : Maintenance.Condition(rawValue: status.replacingOccurrences(of: " ", with: "_")) ?? .unknown
+        return Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: status, condition: condition, usedBytes: used, sizeBytes: size, detail: detail)
     }
 
     @Test("a healthy kept run, a merge under way or complete, and reassembly (exit 4 of its own) need nobody")

@@ -50,7 +50,7 @@ func sampleMetrics() -> Metrics {
     metrics.open = [.kept: 1]
     metrics.lastRun = run
     metrics.runs = [Maintenance.RunStatus(run: run, volumes: [
-        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", usedBytes: 4096, sizeBytes: 1 << 20),
+        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 4096, sizeBytes: 1 << 20),
     ])]
     return metrics
 }
@@ -134,7 +134,7 @@ func watchViewSaysEachThingOnce() {
     run.id = 3
     run.state = .kept
     let runs = [Maintenance.RunStatus(run: run, volumes: [
-        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", usedBytes: 90 << 20, sizeBytes: 100 << 20),
+        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 90 << 20, sizeBytes: 100 << 20),
     ])]
     let view = GuardCommand.Status.watchView(runs, strays: ["GUARD-SNAP-x (vg-web-guard-x-snap)"], header: "guard status")
     let lines = view.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)

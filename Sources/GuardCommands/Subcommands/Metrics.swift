@@ -54,7 +54,7 @@ struct Metrics {
         } }
         family("guard_snapshot_cow_used_bytes", "gauge", "COW space in use, per live snapshot.", live.map { ($0.0, "\($0.1.usedBytes ?? 0)") })
         family("guard_snapshot_cow_size_bytes", "gauge", "COW size (without guard's fuse reserve), per live snapshot.", live.map { ($0.0, "\($0.1.sizeBytes ?? 0)") })
-        let merging = runs.flatMap { status in status.volumes.filter { $0.status == "merging" }.map {
+        let merging = runs.flatMap { status in status.volumes.filter { $0.condition == .merging }.map {
             (runLabels(status.run, [("volume", $0.volume)]), $0)
         } }
         family("guard_merges_in_progress", "gauge", "Rollbacks whose merge is under way, one per volume.", [("", "\(merging.count)")])

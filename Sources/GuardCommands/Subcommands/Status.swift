@@ -11,6 +11,8 @@ struct StatusOutput: Encodable {
         var origin: String
         var state: String
         var status: String
+        /// `status` as one word (Maintenance.Condition), for programs.
+        var condition: String
         var usedBytes: UInt64?
         var sizeBytes: UInt64?
         var fill: Double?
@@ -19,7 +21,7 @@ struct StatusOutput: Encodable {
         /// Why a volume needs reassembly, and what to mount or activate.
         var detail: String?
         enum CodingKeys: String, CodingKey {
-            case volume, origin, state, status, fill, detail
+            case volume, origin, state, status, condition, fill, detail
             case usedBytes = "used_bytes"
             case sizeBytes = "size_bytes"
             case mergeProgress = "merge_progress"
@@ -69,7 +71,7 @@ extension GuardCommand {
 
                 A guard device of a run this journal never had (another state directory's, or a replaced journal's) is listed, left alone, and needs no attention.
 
-                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (/usr/share/doc/guard/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
+                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (/usr/share/doc/guard/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, condition, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status
@@ -124,7 +126,7 @@ extension GuardCommand {
             let attention = Maintenance.attention(runs, strays: strays)
             let output = Self.output(runs, strays: strays, unknown: unknown, attention: attention)
             let waiting = runs.flatMap { status in
-                status.volumes.filter { $0.status == "needs reassembly" }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
+                status.volumes.filter { $0.condition == .needsReassembly }.map { "run \(status.run.id!), \($0.volume): \($0.detail ?? "not live")" }
             }
             let needsReassembly = waitFailure != nil || runs.contains(where: \.needsReassembly)
             let exitCode: Engine.ExitCode = needsReassembly ? .needsReassembly : (attention.isEmpty ? .success : .attention)
@@ -186,7 +188,7 @@ extension GuardCommand {
                         outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil), pendingAtBoot: status.pendingAtBoot,
                         volumes: status.volumes.map { volume in
                             StatusOutput.Volume(
-                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, usedBytes: volume.usedBytes,
+                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, condition: volume.condition.rawValue, usedBytes: volume.usedBytes,
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
                                 mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
                         })
@@ -207,7 +209,7 @@ extension GuardCommand {
                     if let used = volume.usedBytes, let size = volume.sizeBytes {
                         line += ", COW \(formatBytes(used)) of \(formatBytes(size)) (\(Int((volume.fill ?? 0) * 100))%)"
                     }
-                    if let progress = volume.mergeProgress, volume.status == "merging" {
+                    if let progress = volume.mergeProgress, volume.condition == Maintenance.Condition.merging.rawValue {
                         line += " \(Int(progress * 100))%, \(formatBytes(volume.remainingBytes ?? 0)) to go"
                     }
                     lines.append(line)
@@ -229,7 +231,7 @@ extension GuardCommand {
                     reporter.note("run \(run.id!) was kept until \(formatDate(until)); the maintenance job (or `guard status --tidy`) commits it")
                 case .finishMerge:
                     let volumes = runs.first { $0.run.id == run.id }?.volumes ?? []
-                    if !volumes.isEmpty, volumes.allSatisfy({ $0.status == "merged" }) {
+                    if !volumes.isEmpty, volumes.allSatisfy({ $0.condition == .merged }) {
                         reporter.note("run \(run.id!): the merge is complete; the maintenance job (or `guard status --tidy`) tears it down")
                     }
                 }
