@@ -10,11 +10,13 @@ __metaclass__ = type
 DOCUMENTATION = r'''
 ---
 module: guard_info
-short_description: guard's history and status on a host, as facts
+short_description: guard's history and status on a host
 description:
   - Reads C(guard history --json) and C(guard status --json); changes nothing.
-  - The facts are C(ansible_facts.guard.history) (the newest runs first) and C(ansible_facts.guard.status)
-    (open runs, their snapshots' COW use and merges, stray devices, and what needs a person).
+  - Returns C(history) (the newest runs first) and C(status) (open runs, their snapshots' COW use
+    and merges, stray devices, and what needs a person) as plain return values, not facts, as an
+    C(_info) module must. Register the result to use them.
+  - Before version 0.2.0 they were returned as C(ansible_facts.guard).
 version_added: 0.1.0
 author:
   - guard authors (@guard)
@@ -36,23 +38,32 @@ EXAMPLES = r'''
 - name: What guard did here
   guard.guard.guard_info:
     limit: 5
+  register: guard_here
 
 - name: Hosts that need a person
   ansible.builtin.debug:
-    var: ansible_facts.guard.status.attention
-  when: ansible_facts.guard.status.attention | length > 0
+    var: guard_here.status.attention
+  when: guard_here.needs_attention
 '''
 
 RETURN = r'''
-ansible_facts:
-  description: C(guard.history) (Docs/schema/history.schema.json's runs) and C(guard.status) (status.schema.json).
+history:
+  description: The runs, newest first, as C(guard history --json) prints them (history.schema.json's C(runs)).
+  returned: always
+  type: list
+  elements: dict
+status:
+  description: C(guard status --json)'s document (status.schema.json).
   returned: always
   type: dict
-  contains:
-    guard:
-      description: history, status, needs_attention and needs_reassembly.
-      type: dict
-      returned: always
+needs_attention:
+  description: Whether C(guard status) exits 3 (something needs a person; C(status.attention) says what).
+  returned: always
+  type: bool
+needs_reassembly:
+  description: Whether C(guard status) exits 4 (a kept snapshot is not live; run C(guard recover)).
+  returned: always
+  type: bool
 '''
 
 from ansible.module_utils.basic import AnsibleModule
@@ -78,9 +89,8 @@ def main():
             module.fail_json(msg=error_message(status, stderr), rc=status_rc, stderr=stderr)
     except GuardError as error:
         module.fail_json(msg=str(error), rc=error.rc, stderr=error.stderr)
-    facts = dict(history=history['runs'], status=status,
-                 needs_attention=status_rc == EXIT_ATTENTION, needs_reassembly=status_rc == EXIT_NEEDS_REASSEMBLY)
-    module.exit_json(changed=False, ansible_facts=dict(guard=facts))
+    module.exit_json(changed=False, history=history['runs'], status=status,
+                     needs_attention=status_rc == EXIT_ATTENTION, needs_reassembly=status_rc == EXIT_NEEDS_REASSEMBLY)
 
 
 if __name__ == '__main__':
