@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# The newcomer test (Scripts/test --newcomer): the README's first steps on a stock Debian 12.
+# The newcomer test (Scripts/test --newcomer): the README's first steps on a stock Debian 12
+# (or 13: GUARD_NEWCOMER_SUITE=trixie).
 #
 # A stock bookworm root filesystem (mmdebstrap, Debian's own python3; cached, as the boot
 # image is), the checkout copied in, then in a chroot:
@@ -14,15 +15,18 @@
 #
 #   newcomer_test RESULTS
 
+# GUARD_NEWCOMER_SUITE=trixie plays it on Debian 13 (default bookworm, Debian 12).
+newcomer_suite=${GUARD_NEWCOMER_SUITE:-bookworm}
+
 newcomer_rootfs() {
   local cache=${GUARD_BOOT_CACHE:-/var/cache/guard-test} key tarball
   key=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
-  tarball="$cache/debian-bookworm-stock-$key.tar"   # --format=tar: mmdebstrap reads the format from a name ending .tar, and the .tmp name is not
+  tarball="$cache/debian-$newcomer_suite-stock-$key.tar"   # --format=tar: mmdebstrap reads the format from a name ending .tar, and the .tmp name is not
   if [ ! -s "$tarball" ]; then
     mkdir -p "$cache"
-    echo "== newcomer: a stock Debian bookworm root filesystem (mmdebstrap)" >&2
+    echo "== newcomer: a stock Debian $newcomer_suite root filesystem (mmdebstrap)" >&2
     mmdebstrap --quiet --format=tar --variant=standard --include=ca-certificates,git,sudo \
-      bookworm "$tarball.tmp" http://deb.debian.org/debian >"$cache/newcomer-mmdebstrap.log" 2>&1 || {
+      "$newcomer_suite" "$tarball.tmp" http://deb.debian.org/debian >"$cache/newcomer-mmdebstrap.log" 2>&1 || {
       tail -n 20 "$cache/newcomer-mmdebstrap.log" >&2; rm -f "$tarball.tmp"; return 1; }
     mv "$tarball.tmp" "$tarball"
   fi
@@ -46,6 +50,9 @@ newcomer_test() {
   # (a local CA, then update-ca-certificates). On an ordinary network this adds nothing new.
   cp /etc/ssl/certs/ca-certificates.crt "$root/usr/local/share/ca-certificates/guard-test-host-bundle.crt"
   chroot "$root" update-ca-certificates >/dev/null 2>&1 || true
+  # And pip's, where the host names a bundle for it (a pip that carries certifi's own does not
+  # read the system's).
+  if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$root/etc/pip.conf"; fi
   # A chroot starts no services (PostgreSQL's postinst would start a server that outlives it).
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod 755 "$root/usr/sbin/policy-rc.d"
   local mounted=()
@@ -68,7 +75,7 @@ newcomer_test() {
     fi
   }
   # Debian's own interpreter refuses pip into it (PEP 668): the setup must not try.
-  step "Debian's python3 is externally managed" 0 "test -e /usr/lib/python3.11/EXTERNALLY-MANAGED"
+  step "Debian's python3 is externally managed" 0 "ls /usr/lib/python3*/EXTERNALLY-MANAGED"
   step "Scripts/setup without Swift stops and says where to get it" 1 "Scripts/setup"
   # The log's name as step makes it (capitals become dashes too).
   if grep -q "https://www.swift.org/install/linux/" "$out/$(echo "Scripts/setup without Swift stops and says where to get it" | tr -c 'a-z0-9\n' '-').log"; then
@@ -85,7 +92,15 @@ newcomer_test() {
     inside git config --system --add "url./opt/swift-packages/.insteadOf" "$prefix"
   done
   # What swift.org's instructions (and the setup's message) have a newcomer install for the toolchain.
-  step "the Swift toolchain's own dependencies install" 0 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils git gnupg2 libc6-dev libcurl4-openssl-dev libedit2 libgcc-12-dev libpython3-dev libsqlite3-0 libncurses6 libstdc++-12-dev libxml2-dev libz3-dev pkg-config tzdata unzip zlib1g-dev >/dev/null"
+  # The list as setup's message prints it for this release (its GCC's libraries).
+  local gcc=12
+  [ "$newcomer_suite" = trixie ] && gcc=14
+  step "the Swift toolchain's own dependencies install" 0 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils git gnupg2 libc6-dev libcurl4-openssl-dev libedit2 libgcc-$gcc-dev libpython3-dev libsqlite3-0 libncurses6 libstdc++-$gcc-dev libxml2-dev libz3-dev pkg-config tzdata unzip zlib1g-dev >/dev/null"
+  if ! grep -q "libgcc-$gcc-dev" "$out/$(echo "Scripts/setup without Swift stops and says where to get it" | tr -c 'a-z0-9\n' '-').log"; then
+    echo "FAIL setup's message names this release's libgcc-$gcc-dev" >>"$out/checks"; failed=1
+  else
+    echo "ok setup's message names this release's libgcc-$gcc-dev" >>"$out/checks"
+  fi
   step "Scripts/setup with Swift 6.3 at /opt/swift is ready" 0 "Scripts/setup"
   step "guard builds" 0 "/opt/swift/usr/bin/swift build --product guard"
   step "guard --version" 0 ".build/debug/guard --version"
