@@ -496,6 +496,8 @@ public struct RunSummary: Sendable, Hashable {
     public var id: Int64
     public var token: String
     public var recipe: String
+    /// The SHA-256 of the recipe's text as it ran.
+    public var recipeSHA256: String
     public var startedAt: Double
     public var finishedAt: Double?
     public var state: RunState
@@ -513,7 +515,7 @@ extension Journal {
     public func history(limit: Int, recipe: String? = nil) throws -> [RunSummary] {
         try read { db in
             var sql = """
-                SELECT id, token, recipe_name, started_at, finished_at, state, outcome, exit_code, error, suspend_us, keep_until
+                SELECT id, token, recipe_name, recipe_sha256, started_at, finished_at, state, outcome, exit_code, error, suspend_us, keep_until
                 FROM runs
                 """
             var arguments: StatementArguments = []
@@ -530,7 +532,7 @@ extension Journal {
                 index[id] = summaries.count
                 summaries.append(
                     RunSummary(
-                        id: id, token: row["token"], recipe: row["recipe_name"], startedAt: row["started_at"],
+                        id: id, token: row["token"], recipe: row["recipe_name"], recipeSHA256: row["recipe_sha256"], startedAt: row["started_at"],
                         finishedAt: row["finished_at"], state: row["state"], outcome: row["outcome"], exitCode: row["exit_code"],
                         error: row["error"], suspendMicroseconds: row["suspend_us"], keepUntil: row["keep_until"], volumes: []))
             }

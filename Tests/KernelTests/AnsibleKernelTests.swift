@@ -99,6 +99,13 @@ extension Kernel {
                 #expect(firstRow == "id:00001,user1,user1@example.com", "host \(host.name) is upgraded")
                 try expectNothingLeft(state: host.state)
             }
+
+            // Idempotence: the same recipe again with guard_skip_if_applied changes nothing; the
+            // journal has the same runs, and the upgrade is not applied twice.
+            let runsBefore = try #require(try good[0].tool.history()).count
+            let again = try playbook(good, bad: [], scratch: scratch, label: "again", extra: ["-e", "guard_skip_if_applied=true"])
+            #expect(again.status == 0 && again.stdout.contains("changed=0"), "\(again.stdout)\n\(again.stderr)")
+            #expect(try #require(try good[0].tool.history()).count == runsBefore, "no new run")
         }
     }
 }

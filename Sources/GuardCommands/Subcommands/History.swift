@@ -31,6 +31,7 @@ struct HistoryEntry: Encodable {
     var id: Int64
     var token: String
     var recipe: String
+    var recipeSHA256: String
     var state: String
     var outcome: String?
     var startedAt: String?
@@ -46,6 +47,7 @@ struct HistoryEntry: Encodable {
 
     enum CodingKeys: String, CodingKey {
         case id, token, recipe, state, outcome, error, snapshots
+        case recipeSHA256 = "recipe_sha256"
         case startedAt = "started_at"
         case finishedAt = "finished_at"
         case durationSeconds = "duration_seconds"
@@ -59,6 +61,7 @@ struct HistoryEntry: Encodable {
         id = run.id
         token = run.token
         recipe = run.recipe
+        recipeSHA256 = run.recipeSHA256
         state = run.state.rawValue
         outcome = run.outcome?.rawValue
         startedAt = iso8601(run.startedAt)
@@ -81,7 +84,7 @@ extension GuardCommand {
             discussion: """
                 One line a run: its number, recipe, start, duration, volumes, snapshot size, peak COW use and outcome (committed, kept, rolled_back, failed, recovered). Reads only the journal: no root or device-mapper needed beyond reading it.
 
-                --json prints {"runs": [...]} (/usr/share/doc/guard/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_seconds (suspend_us: deprecated), snapshots (volume, size_bytes, peak_used_bytes, suspend_seconds, state). /usr/share/doc/guard/guide.md describes every field.
+                --json prints {"runs": [...]} (/usr/share/doc/guard/schema/history.schema.json) with stable snake_case keys, every key present (null when it has no value): id, token, recipe, recipe_sha256, state, outcome, started_at, finished_at, duration_seconds, exit_code, error, keep_until, suspend_seconds (suspend_us: deprecated), snapshots (volume, size_bytes, peak_used_bytes, suspend_seconds, state). /usr/share/doc/guard/guide.md describes every field.
 
                 Examples:
                   guard history

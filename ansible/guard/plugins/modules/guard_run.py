@@ -17,6 +17,8 @@ description:
   - A kept or committed run is C(changed). A run that guard rolled back is a failed task that carries the run's facts,
     so a C(serial) play stops before the next batch.
   - In check mode it runs C(guard run --dry-run --json), which touches nothing.
+  - With I(skip_if_applied), a second play with the same recipe changes nothing (idempotence) when the
+    host's journal already has a run of the very same recipe text that applied its upgrade.
 version_added: 0.1.0
 author:
   - guard authors (@guard)
@@ -36,6 +38,15 @@ options:
       - Run a recipe that users other than root can modify.
     type: bool
     default: false
+  skip_if_applied:
+    description:
+      - Do nothing when C(guard history) has a run of this exact recipe text (its SHA-256, as the
+        journal keeps it) whose upgrade is applied, committed or still kept; a run that was rolled
+        back later, failed or is stale does not count. The result is not C(changed) and carries that
+        run's facts and I(skipped_reason). Only the newest 1000 runs are looked at.
+    type: bool
+    default: false
+    version_added: 0.2.0
 notes:
   - The steps' output goes to guard's stderr, returned as I(stderr).
 seealso:
@@ -104,8 +115,13 @@ stderr:
   description: guard's progress and the steps' output.
   returned: always
   type: str
+skipped_reason:
+  description: With I(skip_if_applied), why nothing was run (the run that applied this recipe).
+  returned: when an earlier run applied the recipe
+  type: str
 '''
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -115,11 +131,38 @@ from ansible_collections.guard.guard.plugins.module_utils.guard import (
     COMMON_ARGS, EXIT_ROLLED_BACK, EXIT_SUCCESS, Guard, GuardError, error_message, is_error_document, run_facts)
 
 
+def applied_run(history, digest):
+    """The newest run of the recipe text with this SHA-256 whose upgrade is in place, or None."""
+    for run in history.get('runs') or []:
+        if run.get('recipe_sha256') == digest and run.get('outcome') in ('committed', 'kept') and run.get('state') in ('finished', 'kept'):
+            return run
+    return None
+
+
+def skip_if_applied(module, guard, recipe):
+    """Exits unchanged, with the earlier run's facts, when that recipe text already applied its upgrade."""
+    with open(recipe, 'rb') as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    rc, history, stderr = guard.run('history', '--limit', '1000')
+    if rc != EXIT_SUCCESS or is_error_document(history):
+        module.fail_json(msg=error_message(history, stderr), rc=rc, stderr=stderr)
+    run = applied_run(history, digest)
+    if run is None:
+        return
+    rc, document, stderr = guard.run('show', str(run['id']))
+    if rc != EXIT_SUCCESS or is_error_document(document):
+        module.fail_json(msg=error_message(document, stderr), rc=rc, stderr=stderr)
+    module.exit_json(changed=False, rolled_back=False, stderr=stderr,
+                     skipped_reason='run %s already applied this recipe (sha256 %s, %s)' % (run['id'], digest[:12], run['outcome']),
+                     **run_facts(document))
+
+
 def main():
     argument_spec = dict(
         recipe=dict(type='path'),
         content=dict(type='str'),
         allow_unsafe_recipe=dict(type='bool', default=False),
+        skip_if_applied=dict(type='bool', default=False),
     )
     argument_spec.update(COMMON_ARGS)
     module = AnsibleModule(argument_spec=argument_spec, mutually_exclusive=[('recipe', 'content')],
@@ -134,6 +177,8 @@ def main():
             with open(recipe, 'w') as handle:
                 handle.write(module.params['content'])
             os.chmod(recipe, 0o600)
+        if module.params['skip_if_applied']:
+            skip_if_applied(module, guard, recipe)
         arguments = ['run']
         if module.params['allow_unsafe_recipe']:
             arguments.append('--allow-unsafe-recipe')

@@ -8,6 +8,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import hashlib
 import json
 import os
 import stat
@@ -77,6 +78,26 @@ def module(name, arguments, responses, check_mode=False):
     if os.path.exists(os.path.join(directory, 'log')):
         calls = [json.loads(line) for line in open(os.path.join(directory, 'log'))]
     return json.loads(process.stdout), calls
+
+
+def test_run_skip_if_applied_is_idempotent_by_the_recipes_sha256():
+    directory = tempfile.mkdtemp()
+    recipe = os.path.join(directory, 'site.recipe')
+    with open(recipe, 'w') as f:
+        f.write('name: website\n')
+    digest = hashlib.sha256(b'name: website\n').hexdigest()
+    applied = dict(schema_version=1, runs=[dict(id=9, recipe_sha256=digest, outcome='rolled_back', state='finished'),
+                                           dict(id=7, recipe_sha256=digest, outcome='kept', state='kept')])
+    result, calls = module('guard_run', dict(recipe=recipe, skip_if_applied=True),
+                           {'history': dict(rc=0, document=applied), 'show': dict(rc=0, document=run_document())})
+    assert result['changed'] is False and not result.get('failed') and result['run_id'] == 7, result
+    assert 'run 7 already applied' in result['skipped_reason']
+    assert [call[0] for call in calls] == ['history', 'show'], 'no guard run'
+    # Another text, or only a rolled-back run of it: the recipe runs.
+    other = dict(schema_version=1, runs=[dict(id=9, recipe_sha256=digest, outcome='rolled_back', state='finished')])
+    result, calls = module('guard_run', dict(recipe=recipe, skip_if_applied=True),
+                           {'history': dict(rc=0, document=other), 'run': dict(rc=0, document=run_document(run_id=10))})
+    assert result['changed'] is True and [call[0] for call in calls] == ['history', 'run'], calls
 
 
 def test_run_kept_is_changed_with_the_run_facts():
