@@ -7,7 +7,7 @@ enum Completions {
     /// A run argument: the journal's runs, open ones (kept, stale, needing reassembly) first,
     /// then the newest, by number. The state directory is the one the command line names
     /// (--state-dir, --config) or the default; nothing when the journal cannot be read (a
-    /// user who is not root), and nothing is ever written.
+    /// user who is not root). The journal is opened as `guard history` opens it.
     static let runs = CompletionKind.custom { words, _, prefix in
         runNumbers(words: words).filter { $0.hasPrefix(prefix) }
     }
