@@ -19,7 +19,8 @@ struct Output {
 /// Runs a program to its end on a Dispatch thread, not on one of Swift's cooperative threads:
 /// the tests run in parallel, and a cooperative thread blocked on a child process would delay
 /// the other tests' timers (the step runner's timeouts are measured).
-func runProgram(_ path: String, _ arguments: [String], environment: [String: String]) async throws -> Output {
+/// `input`: written to the program's stdin (which is otherwise empty); `directory`: its working directory.
+func runProgram(_ path: String, _ arguments: [String], environment: [String: String], input: String? = nil, in directory: String? = nil) async throws -> Output {
     try await withCheckedThrowingContinuation { continuation in
         DispatchQueue.global().async {
             continuation.resume(with: Result {
@@ -31,8 +32,14 @@ func runProgram(_ path: String, _ arguments: [String], environment: [String: Str
                 let err = Pipe()
                 process.standardOutput = out
                 process.standardError = err
-                process.standardInput = FileHandle.nullDevice
+                if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+                let stdin = Pipe()
+                process.standardInput = input == nil ? FileHandle.nullDevice : stdin
                 try process.run()
+                if let input {
+                    stdin.fileHandleForWriting.write(Data(input.utf8))
+                    try stdin.fileHandleForWriting.close()
+                }
                 // Both pipes at once, or a chatty child blocks on a full one.
                 nonisolated(unsafe) var outData = Data()
                 let group = DispatchGroup()
