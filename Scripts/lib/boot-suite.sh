@@ -77,6 +77,13 @@ boot_suite() {
         echo "FAIL $part console: no reassembly of guardvg-root by the initramfs before / was mounted (console-$part.log)" >>"$share/checks"
       fi
     fi
+    # No guard process crashed in this boot (a Swift trap or a fault shows on the console as
+    # "traps: ... in guard[...]" or "segfault at ... in guard[...]").
+    if grep -aE '(traps|segfault).* in guard(-watchdog)?\[' "$work/console-$part.log" >"$work/crashes-$part.log"; then
+      echo "FAIL $part console: a guard process crashed: $(head -n 1 "$work/crashes-$part.log")" >>"$share/checks"
+    else
+      echo "ok $part console: no guard process crashed" >>"$share/checks"
+    fi
     # Boots that end before the suite's unit runs: what they show on the console instead.
     local expect=
     case $part in

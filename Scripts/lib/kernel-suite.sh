@@ -12,6 +12,15 @@ set -u
 tests=$1 results=$2 filter=${3:-}
 export GUARD_RESULTS_DIR="$results"
 suite() { "$tests" --testing-library swift-testing "$@"; }
+# Every guard process the tests started that crashed (a Swift trap, a fault; the crash
+# points' SIGKILL leaves no such line): Scripts/test fails on any.
+# Only lines from after the suite started (run directly on a host, the log is older).
+read -r since _ </proc/uptime
+crashes() {
+  dmesg | awk -v since="$since" '{t = $0; sub(/^\[ */, "", t); sub(/\].*/, "", t)} t + 0 >= since + 0' |
+    grep -aE '(traps|segfault).* in guard(-test|-watchdog)?\[' >"$results/kernel-crashes.log" || true
+}
+trap crashes EXIT
 
 if [ -n "$filter" ]; then
   suite --filter "KernelTests.*$filter" --skip PowerLoss --xunit-output "$results/kernel-a.xml" >"$results/kernel-a.log" 2>&1

@@ -173,11 +173,11 @@ public enum GuardMain {
         } catch let printed as DocumentPrinted {
             // The command's own document is on stdout: the message goes to stderr alone.
             let status = ExitStatus.of(printed.error) ?? ExitStatus.unmapped(printed.error)
-            FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+            StandardStreams.error("guard: " + status.message + "\n")
             exit(status.code.rawValue)
         } catch {
             if let status = ExitStatus.of(error) {
-                FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+                StandardStreams.error("guard: " + status.message + "\n")
                 if json { try? printJSON(ErrorDocument(code: status.code, message: status.message)) }
                 exit(status.code.rawValue)
             }
@@ -186,7 +186,7 @@ public enum GuardMain {
             guard parser == .success || parser == .validationFailure else {
                 // Any other error may come after a change: 3, never 2 ("nothing was touched").
                 let status = ExitStatus.unmapped(error)
-                FileHandle.standardError.write(Data(("guard: " + status.message + "\n").utf8))
+                StandardStreams.error("guard: " + status.message + "\n")
                 if json { try? printJSON(ErrorDocument(code: status.code, message: status.message)) }
                 exit(status.code.rawValue)
             }
@@ -203,7 +203,7 @@ public enum GuardMain {
         if GuardCommand.exitCode(for: error) == .success {
             GuardCommand.exit(withError: error)
         }
-        FileHandle.standardError.write(Data((GuardCommand.fullMessage(for: error) + "\n").utf8))
+        StandardStreams.error(GuardCommand.fullMessage(for: error) + "\n")
         exit(ExitCode.usage.rawValue)
     }
 }
@@ -212,12 +212,17 @@ public enum GuardMain {
 /// with `schema_version` (/usr/share/doc/guard/schema/ has the schema of every document).
 /// `compact`: on one line (JSON lines, as `guard status --watch --json` prints them).
 func printJSON<T: Encodable>(_ value: T, compact: Bool = false) throws {
+    _ = try writeJSON(value, compact: compact)
+}
+
+/// `printJSON`, saying whether the document reached stdout: false when its reader is gone.
+func writeJSON<T: Encodable>(_ value: T, compact: Bool = false) throws -> Bool {
     guard case .object(var members) = try DocumentEncoder().encode(value) else {
         preconditionFailure("a JSON document is an object")
     }
     members["schema_version"] = .integer(Int64(JSONContract.schemaVersion))
     let document = JSONValue.object(members)
-    FileHandle.standardOutput.write(Data(((compact ? document.compactText() : document.text()) + "\n").utf8))
+    return StandardStreams.out((compact ? document.compactText() : document.text()) + "\n")
 }
 
 /// A command with `--json`: when it fails, stdout gets the error document
@@ -261,7 +266,7 @@ struct ErrorDocument: Encodable {
 
 /// Standard output, for data.
 func say(_ text: String) {
-    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+    StandardStreams.out(text + "\n")
 }
 
 /// ISO 8601 in UTC, for JSON.

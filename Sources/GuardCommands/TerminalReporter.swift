@@ -46,16 +46,16 @@ final class TerminalReporter: Reporter, @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         if statusLineShown {
-            FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+            StandardStreams.error("\r\u{1B}[K")
             statusLineShown = false
         }
-        FileHandle.standardError.write(Data((line + "\n").utf8))
+        StandardStreams.error(line + "\n")
     }
 
     private func status(_ line: String) {
         lock.lock()
         defer { lock.unlock() }
-        FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+        StandardStreams.error("\r\u{1B}[K" + line)
         statusLineShown = true
     }
 

@@ -91,6 +91,32 @@ struct GuardCommandsTests {
         #expect(Completions.runNumbers(words: ["guard", "show", "--state-dir", "/nonexistent-\(UInt32.random(in: 0...UInt32.max))"]) == [])
     }
 
+    @Test("a reader that is gone (a closed pipe) costs guard its output, never its exit status: no crash")
+    func closedOutput() async throws {
+        let state = try stateWithRuns()
+        // Both ends of a pipe whose reader is closed, as after `guard … | head` or a killed tee:
+        // every write fails with EPIPE (guard ignores SIGPIPE).
+        func run(_ arguments: [String]) throws -> Process {
+            let pipe = Pipe()
+            try pipe.fileHandleForReading.close()
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: guardExecutable)
+            process.arguments = arguments
+            process.environment = ProcessInfo.processInfo.environment.merging(["GUARD_CONFIG": "/dev/null"]) { $1 }
+            process.standardOutput = pipe
+            process.standardError = pipe
+            try process.run()
+            process.waitUntilExit()
+            return process
+        }
+        let history = try run(["history", "--state-dir", state])
+        #expect(history.terminationReason == .exit && history.terminationStatus == 0, "history: \(history.terminationReason) \(history.terminationStatus)")
+        let json = try run(["history", "--json", "--state-dir", state])
+        #expect(json.terminationReason == .exit && json.terminationStatus == 0, "history --json: \(json.terminationReason) \(json.terminationStatus)")
+        let refused = try run(["check", "/nonexistent/website.recipe"])
+        #expect(refused.terminationReason == .exit && refused.terminationStatus == 2, "check: \(refused.terminationReason) \(refused.terminationStatus)")
+    }
+
     @Test("history --json has the documented fields")
     func historyJSON() async throws {
         let state = try stateWithRuns()

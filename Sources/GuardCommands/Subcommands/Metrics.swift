@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Foundation
 import Journal
@@ -127,7 +128,7 @@ extension GuardCommand {
             }
             let text = try Metrics.collect(context: try global.context()).text()
             guard let textfile else {
-                FileHandle.standardOutput.write(Data(text.utf8))
+                StandardStreams.out(text)
                 return
             }
             try Self.writeAtomically(text, to: "\(textfile)/guard.prom")

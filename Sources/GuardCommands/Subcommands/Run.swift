@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Recipe
 import Engine
 import Foundation
@@ -154,7 +155,7 @@ final class InterruptHandler: @unchecked Sendable {
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
             source.setEventHandler {
-                if let message { FileHandle.standardError.write(Data(message.utf8)) }
+                if let message { StandardStreams.error(message) }
                 action()
             }
             source.resume()

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Foundation
 import Journal
@@ -134,10 +135,10 @@ extension GuardCommand {
             defer {
                 if needsReassembly {
                     let lines = waiting.isEmpty ? [waitFailure?.message ?? "a run needs reassembly; run `guard recover`"] : waiting
-                    FileHandle.standardError.write(Data(("guard: needs reassembly (nothing is torn down or removed):\n" + lines.map { "guard:   \($0)\n" }.joined()).utf8))
+                    StandardStreams.error("guard: needs reassembly (nothing is torn down or removed):\n" + lines.map { "guard:   \($0)\n" }.joined())
                 }
                 if !attention.isEmpty {
-                    FileHandle.standardError.write(Data(("guard: needs attention:\n" + attention.map { "guard:   \($0)\n" }.joined()).utf8))
+                    StandardStreams.error("guard: needs attention:\n" + attention.map { "guard:   \($0)\n" }.joined())
                 }
             }
             if json {
@@ -152,19 +153,22 @@ extension GuardCommand {
         /// `--watch`: the human view again and again; on a terminal the screen is cleared and
         /// redrawn in place, elsewhere each view follows the last after a time line. Ctrl-C ends it.
         /// With --json: one status document per view, each on one line (JSON lines), for a
-        /// program that follows the status.
+        /// program that follows the status. It ends (exit 0) when its reader is gone
+        /// (`guard status --watch --json | head -n 3`).
         static func watch(_ maintenance: Maintenance, every seconds: Double, json: Bool = false) async throws -> Never {
             let terminal = isatty(STDOUT_FILENO) == 1
             while true {
                 let (runs, strays, unknown) = try maintenance.status()
                 if json {
-                    try printJSON(Self.output(runs, strays: strays, unknown: unknown, attention: Maintenance.attention(runs, strays: strays)), compact: true)
+                    let document = Self.output(runs, strays: strays, unknown: unknown, attention: Maintenance.attention(runs, strays: strays))
+                    guard try writeJSON(document, compact: true) else { throw ExitCodeError(.success) }
                     try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
                     continue
                 }
                 let text = Self.watchView(runs, strays: strays, unknown: unknown, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
                 // Home, the view, then erase what an older, longer view left below it.
-                FileHandle.standardOutput.write(Data((terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n").utf8))
+                let shown = StandardStreams.out(terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n")
+                guard shown else { throw ExitCodeError(.success) }
                 try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
             }
         }
