@@ -67,3 +67,82 @@ public enum Spawn {
         return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
     }
 }
+
+extension Spawn {
+    /// What a program run to its end by `run` left.
+    public struct Finished: Sendable {
+        /// Its exit status; 128 + the signal's number when a signal ended it (as a shell says).
+        public var status: Int32
+        /// What it wrote to stdout (and to stderr, when `run` captured both).
+        public var output: [UInt8]
+        /// `output` as text, without the whitespace around it.
+        public var text: String {
+            var text = Substring(String(decoding: output, as: UTF8.self))
+            while let first = text.first, first.isWhitespace { text.removeFirst() }
+            while let last = text.last, last.isWhitespace { text.removeLast() }
+            return String(text)
+        }
+    }
+
+    /// Where `run` puts a program's stderr.
+    public enum ErrorOutput: Sendable {
+        /// Into `Finished.output`, interleaved with stdout as the program wrote them.
+        case captured
+        /// /dev/null.
+        case discarded
+    }
+
+    /// Runs `path` to its end (stdin /dev/null) and returns its exit status and output: the
+    /// one way guard runs a helper program (systemctl, thin_check, diff). `environment` nil is
+    /// guard's own. Started as `start` starts a step: one clone and one exec, no shell, no
+    /// threads, so it works in an initramfs too.
+    public static func run(_ path: String, _ arguments: [String], environment: [String: String]? = nil, stderr errors: ErrorOutput = .captured) throws(SpawnError) -> Finished {
+        let pipe = try Spawn.pipe()
+        var readEnd = pipe.read, writeEnd = pipe.write
+        defer {
+            if readEnd >= 0 { Glibc.close(readEnd) }
+            if writeEnd >= 0 { Glibc.close(writeEnd) }
+        }
+        var errorFD = writeEnd
+        if case .discarded = errors {
+            errorFD = Glibc.open("/dev/null", O_WRONLY | O_CLOEXEC)
+            guard errorFD >= 0 else { throw .create(errno: errno) }
+        }
+        defer { if errorFD != writeEnd { Glibc.close(errorFD) } }
+        let pid = try start(
+            path: path, arguments: [path] + arguments, environment: environment ?? currentEnvironment(), directory: nil, cgroup: nil,
+            stdout: writeEnd, stderr: errorFD)
+        Glibc.close(writeEnd)
+        writeEnd = -1
+        var output: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { Glibc.read(readEnd, $0.baseAddress, $0.count) }
+            if count > 0 {
+                output.append(contentsOf: buffer[0..<count])
+            } else if count == 0 || errno != EINTR {
+                break
+            }
+        }
+        Glibc.close(readEnd)
+        readEnd = -1
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let signal = status & 0x7f
+        return Finished(status: signal == 0 ? (status >> 8) & 0xff : 128 + signal, output: output)
+    }
+
+    /// This process's environment, as `environ` has it.
+    public static func currentEnvironment() -> [String: String] {
+        var result: [String: String] = [:]
+        var entry = environ
+        while let pointer = entry.pointee {
+            let text = String(cString: pointer)
+            if let equals = text.firstIndex(of: "=") {
+                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+            }
+            entry += 1
+        }
+        return result
+    }
+}

@@ -366,14 +366,8 @@ public struct Planner {
         guard FileManager.default.fileExists(atPath: "/run/systemd/system") else { return true }
         let systemctl = ["/usr/bin/systemctl", "/bin/systemctl"].first { FileManager.default.isExecutableFile(atPath: $0) }
         guard let systemctl else { return true }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: systemctl)
-        process.arguments = ["is-enabled", "--quiet", unit]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return true }
-        process.waitUntilExit()
-        return process.terminationStatus == 0
+        guard let finished = try? Spawn.run(systemctl, ["is-enabled", "--quiet", unit], stderr: .discarded) else { return true }
+        return finished.status == 0
     }
 
     /// How `extend` grows a thin volume's pool of `poolBytes`: sizes in % are of the volume,

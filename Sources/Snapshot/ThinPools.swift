@@ -86,18 +86,11 @@ extension GuardVolumes {
         ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + name }.first { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    /// Runs a program to its end: its exit status and its output (stdout and stderr).
+    /// Runs a program to its end: its exit status and its output (stdout and stderr). Not
+    /// Foundation's `Process`, which hangs in an initramfs, where thin_check runs too.
     static func runTool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: output, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+        let finished = try Spawn.run(path, arguments)
+        return (finished.status, finished.text)
     }
 
     /// Checks a pool's metadata with thin_check (the pool must not be active).

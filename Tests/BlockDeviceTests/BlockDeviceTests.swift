@@ -21,6 +21,22 @@ struct BlockDeviceTests {
         #expect(Mounts.entry(at: "/proc")?.target == "/proc")
     }
 
+    @Test("Spawn.run runs a helper to its end: its status, its output, stderr kept or dropped, a signal as 128 + N")
+    func spawnRun() throws {
+        let both = try Spawn.run("/bin/sh", ["-c", "echo out; echo err >&2; exit 3"])
+        #expect(both.status == 3)
+        #expect(both.text == "out\nerr")
+        let quiet = try Spawn.run("/bin/sh", ["-c", "echo out; echo err >&2"], stderr: .discarded)
+        #expect(quiet.status == 0)
+        #expect(quiet.output == Array("out\n".utf8))
+        // Output larger than a pipe's buffer is read while the program writes it.
+        let large = try Spawn.run("/bin/sh", ["-c", "head -c 1000000 /dev/zero"])
+        #expect(large.output.count == 1_000_000)
+        #expect(try Spawn.run("/bin/sh", ["-c", "kill -TERM $$"]).status == 128 + SIGTERM)
+        #expect(try Spawn.run("/bin/sh", ["-c", "echo $GUARD_SPAWN_TEST"], environment: ["GUARD_SPAWN_TEST": "given"]).text == "given")
+        #expect(throws: SpawnError.child(path: "/nonexistent/program", errno: ENOENT)) { try Spawn.run("/nonexistent/program", []) }
+    }
+
     @Test("errors name the call and errno")
     func errors() {
         do {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Files
 import Foundation
@@ -153,15 +154,8 @@ final class PatchCollector: @unchecked Sendable {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let before = directory + "/then", after = directory + "/now"
         guard FileManager.default.createFile(atPath: before, contents: Data(a)), FileManager.default.createFile(atPath: after, contents: Data(b)) else { return }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/diff")
-        process.arguments = ["-u", "--label", "then:" + shown, "--label", "now:" + shown, before, after]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return }
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        text[shown] = String(decoding: output, as: UTF8.self).trimmingCharacters(in: .newlines)
+        let arguments = ["-u", "--label", "then:" + shown, "--label", "now:" + shown, before, after]
+        guard let finished = try? Spawn.run("/usr/bin/diff", arguments, stderr: .discarded) else { return }
+        text[shown] = String(decoding: finished.output, as: UTF8.self).trimmingCharacters(in: .newlines)
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockDevice
 import Engine
 import Foundation
 import Recipe
@@ -192,12 +193,12 @@ extension GuardCommand {
 
 /// `systemctl reboot`, for a rollback journaled for the next boot.
 func systemReboot() throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/bin/systemctl")
-    process.arguments = ["reboot"]
-    try process.run()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw GuardFailure(.attention, "`systemctl reboot` failed (status \(process.terminationStatus)); the rollback is journaled for the next boot: reboot by hand")
+    let finished: Spawn.Finished
+    do { finished = try Spawn.run("/bin/systemctl", ["reboot"]) } catch {
+        throw GuardFailure(.attention, "`systemctl reboot` did not start (\(error)); the rollback is journaled for the next boot: reboot by hand")
+    }
+    guard finished.status == 0 else {
+        let words = finished.text.isEmpty ? "" : ": \(finished.text)"
+        throw GuardFailure(.attention, "`systemctl reboot` failed (status \(finished.status))\(words); the rollback is journaled for the next boot: reboot by hand")
     }
 }
