@@ -299,7 +299,7 @@ struct RunBody {
             await runResumeHooks(runner: runner)
             return finish(outcome: .failed, exit: .failedRestored, state: .finished, error: "the snapshot failed: \(error); nothing was changed")
         }
-        CrashPoint.hit("run.after-take")
+        CrashPoint.hit(.runAfterTake)
         run.suspendMicroseconds = Int64(live.suspendMicroseconds)
         run.phase = "snapshot"
         let window = live.suspendMicroseconds
@@ -420,7 +420,7 @@ struct RunBody {
 
     /// Prepares the layers and takes the snapshot set, journaling the intent of each.
     mutating func takeSnapshots(_ engine: SnapshotEngine, stacks: [SnapshotStack]) throws -> LiveSnapshotSet {
-        CrashPoint.hit("run.before-prepare")
+        CrashPoint.hit(.runBeforePrepare)
         let prepared = try engine.prepare(stacks)
         do {
             try journal.event(runID, .intent, "take", "suspend \(prepared.stacks.map(\.originName).joined(separator: ", "))", at: timestamp())
@@ -428,7 +428,7 @@ struct RunBody {
             prepared.abandon()
             throw error
         }
-        CrashPoint.hit("run.before-take")
+        CrashPoint.hit(.runBeforeTake)
         return try prepared.take()
     }
 
@@ -456,9 +456,9 @@ struct RunBody {
                 "the upgrade is in place and nothing was committed: the snapshots are live and \(labels); once the journal is writable, `guard recover` records the run as kept, then `guard commit \(runID)` makes it final")
         }
         do {
-            CrashPoint.hit("run.before-commit")
+            CrashPoint.hit(.runBeforeCommit)
             try live.commit()
-            CrashPoint.hit("run.after-commit")
+            CrashPoint.hit(.runAfterCommit)
             try? journal.setSnapshotState(runID: runID, .committed)
             try? journal.endPhase(phase, status: .done, at: timestamp())
             return finish(outcome: .committed, exit: .success, state: .finished, error: nil, message: "run \(runID) committed: the upgrade is final")

@@ -346,7 +346,7 @@ public struct SnapshotEngine {
             let file = try Self.isStaged(stack) ? RawFile(path: path) : Self.makeCowFile(stack, log: log)
             try file.write([UInt8](repeating: 0, count: 4096), at: CowLabel.areaOffset)
             try label.write(to: file)
-            CrashPoint.hit("prepare.cow-file")
+            CrashPoint.hit(.prepareCowFile)
             let loop = try attachCowFile(path)
             handle = loop
             cowDevice = loop.device.number
@@ -369,17 +369,17 @@ public struct SnapshotEngine {
             name: stack.cowName, uuid: stack.identity.uuid(.cow),
             table: Table(.linear(device: cowDevice, offset: CowLabel.areaOffsetSectors), length: areaSectors),
             udevFlags: .hidden, batch: udev)
-        CrashPoint.hit("prepare.cow-live")
+        CrashPoint.hit(.prepareCowLive)
         let real = try dm.create(name: stack.realName, uuid: stack.identity.uuid(.real))
         try dm.load(.uuid(stack.identity.uuid(.real)), table: origin.table, readOnly: origin.info.isReadOnly)
-        CrashPoint.hit("prepare.real-loaded")
+        CrashPoint.hit(.prepareRealLoaded)
         // Live before the window (one resume less inside it): the origin's own blocks mapped a
         // second time, opened by nothing until -snap is resumed inside the window. Not a table
         // that keeps state (raid, writecache): that one goes live inside the window, with the
         // origin suspended, so its target never runs twice over the same devices.
         if !stack.delaysRealResume {
             try dm.resume(stack.ref(.real), udevFlags: .hidden, batch: udev)
-            CrashPoint.hit("prepare.real-live")
+            CrashPoint.hit(.prepareRealLive)
         }
         _ = try dm.create(name: stack.snapName, uuid: stack.identity.uuid(.snap))
         try dm.load(
@@ -387,11 +387,11 @@ public struct SnapshotEngine {
             table: Table(
                 .snapshot(origin: real.number, cow: cow.number, persistence: .persistent, chunkSectors: stack.chunkSectors),
                 length: stack.originSectors))
-        CrashPoint.hit("prepare.snap-loaded")
+        CrashPoint.hit(.prepareSnapLoaded)
         try dm.load(
             .number(origin.info.number), table: Table(.snapshotOrigin(device: real.number), length: stack.originSectors),
             readOnly: origin.info.isReadOnly)
-        CrashPoint.hit("prepare.origin-loaded")
+        CrashPoint.hit(.prepareOriginLoaded)
         // The label says "active" before the window: a power loss after the window must
         // find a snapshot to reassemble (if the window never happened, recovery drops it).
         label.state = .active
@@ -485,9 +485,9 @@ public struct SnapshotEngine {
                 try dm.resume(.number(origin.number))  // left suspended by a crash, own table
             }
         }
-        CrashPoint.hit("commit.origin-restored")
+        CrashPoint.hit(.commitOriginRestored)
         try removeLayers(stack, [.snap, .real, .cow], udev: udev)
-        CrashPoint.hit("commit.layers-removed")
+        CrashPoint.hit(.commitLayersRemoved)
         try releaseStorage(stack)
     }
 
@@ -778,7 +778,7 @@ public struct SnapshotEngine {
             label.state = .merging
             try label.write(to: stack.storage.path)
         }
-        CrashPoint.hit("merge.label-merging")
+        CrashPoint.hit(.mergeLabelMerging)
         // Resuming the origin hands the exceptions over to the merge. A table that did not
         // load leaves nothing merging: the label goes back to active. One udev wait for the
         // resumes and the removal of -snap, here or by the caller.
@@ -816,7 +816,7 @@ public struct SnapshotEngine {
         if live.isOnly("snapshot-merge") {
             try executor.run(.endFailedMerge(origin: origin, stack: stack))
         }
-        CrashPoint.hit("restart.error-table")
+        CrashPoint.hit(.restartErrorTable)
         try executor.run(.restartMerge(origin: origin, real: real.number, cow: cow.number, stack: stack))
         log?("restarted the merge into \(origin.name)")
     }
@@ -918,7 +918,7 @@ public struct SnapshotEngine {
         // The kernel reports the merge complete: the label says so before the origin leaves the
         // merge target, so "own table, label merging" always means a reboot interrupted it.
         try markReleased(stack)
-        CrashPoint.hit("finish.label-released")
+        CrashPoint.hit(.finishLabelReleased)
         do {
             // Checked again with the origin quiet: the merge must really be complete, or the
             // origin stays on the merge.
@@ -932,9 +932,9 @@ public struct SnapshotEngine {
             if try liveState(stack).merging { try? mark(stack, .merging) }
             throw error
         }
-        CrashPoint.hit("finish.origin-restored")
+        CrashPoint.hit(.finishOriginRestored)
         try removeLayers(stack, [.snap, .real, .cow])
-        CrashPoint.hit("finish.layers-removed")
+        CrashPoint.hit(.finishLayersRemoved)
         try releaseStorage(stack)
         log?("the merge into \(origin.name) is complete and torn down")
     }

@@ -145,9 +145,9 @@ public struct LiveSnapshotSet: ~Copyable {
         var merging: [SnapshotStack] = []
         for (index, stack) in stacks.enumerated() {
             do {
-                CrashPoint.hit("rollback.before-merge")
+                CrashPoint.hit(.rollbackBeforeMerge)
                 try engine.startMerge(stack, udev: udev, live: true)
-                CrashPoint.hit("rollback.after-merge-start")
+                CrashPoint.hit(.rollbackAfterMergeStart)
                 try started(index)
             } catch {
                 throw MergeStartFailure(merging: merging, notStarted: Array(stacks[index...]), underlying: error)

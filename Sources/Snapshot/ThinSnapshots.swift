@@ -211,9 +211,9 @@ extension SnapshotEngine {
             throw SnapshotError(.mergeInProgress, operation, "\(stack.originName) was rolled back to this snapshot", hint: "run `guard recover` to finish the rollback")
         }
         try removeThinView(stack, operation: operation)
-        CrashPoint.hit("thin.view-removed")
+        CrashPoint.hit(.thinViewRemoved)
         try deleteThin(thin.snapshotID, pool: pool, of: stack)
-        CrashPoint.hit("thin.snapshot-deleted")
+        CrashPoint.hit(.thinSnapshotDeleted)
     }
 
     /// The rollback: the registry names the snapshot's id (and the id it replaces), then the
@@ -249,7 +249,7 @@ extension SnapshotEngine {
         try removeThinView(stack, operation: operation)
         if origin.hasInactiveTable { try dm.clearInactiveTable(.number(origin.number)) }
         if !resuming { try writeRegistry(thin.registry, id: thin.snapshotID, replaced: id) }
-        CrashPoint.hit("thin.registry-written")
+        CrashPoint.hit(.thinRegistryWritten)
         do {
             try executor.run(.thinSwap(origin: origin, table: Table(.thin(pool: pool, deviceID: thin.snapshotID), length: stack.originSectors), stack: stack), udev: udev)
         } catch {
@@ -274,7 +274,7 @@ extension SnapshotEngine {
     private func deleteReplaced(_ stack: SnapshotStack, _ thin: ThinSnapshot, pool: DeviceNumber) throws {
         if let replaced = try registryEntry(thin).thin?.replacedID, replaced != thin.snapshotID {
             try deleteThin(replaced, pool: pool, of: stack)
-            CrashPoint.hit("thin.replaced-deleted")
+            CrashPoint.hit(.thinReplacedDeleted)
         }
         try writeRegistry(thin.registry, id: thin.snapshotID, replaced: nil)
         if try dm.thinPoolStatus(.number(pool)).mode == .outOfDataSpace {

@@ -23,9 +23,9 @@ public struct Transition: @unchecked Sendable {
         public var device: DeviceRef
         public var table: Table
         public var readOnly: Bool
-        public var crashPointAfter: StaticString?
+        public var crashPointAfter: CrashPoint?
 
-        public init(device: DeviceRef, table: Table, readOnly: Bool, crashPointAfter: StaticString? = nil) {
+        public init(device: DeviceRef, table: Table, readOnly: Bool, crashPointAfter: CrashPoint? = nil) {
             self.device = device
             self.table = table
             self.readOnly = readOnly
@@ -44,7 +44,7 @@ public struct Transition: @unchecked Sendable {
     public struct Resumption {
         public var device: DeviceRef
         public var udevFlags: UdevFlags
-        public var crashPointAfter: StaticString?
+        public var crashPointAfter: CrashPoint?
     }
 
     /// A target message sent with everything suspended (a thin pool's `create_snap`): to a
@@ -52,7 +52,7 @@ public struct Transition: @unchecked Sendable {
     public struct Message {
         public var device: DeviceRef
         public var text: String
-        public var crashPointAfter: StaticString?
+        public var crashPointAfter: CrashPoint?
     }
 
     /// What the executor does when a call in the window fails.
@@ -70,7 +70,7 @@ public struct Transition: @unchecked Sendable {
     public var name: String
     public var loads: [Load] = []
     public var suspensions: [Suspension]
-    public var crashPointSuspended: StaticString?
+    public var crashPointSuspended: CrashPoint?
     /// Sent in order once everything is suspended, before `check`.
     public var messages: [Message] = []
     /// Runs with every device of `suspensions` suspended; a throw fails the window.
@@ -139,7 +139,7 @@ extension Transition {
     /// `-real` before the suspend too). A failure puts the origins still suspended back on
     /// their own tables (the set is then dropped).
     public static func take(_ stacks: [SnapshotStack]) -> Transition {
-        func group(_ refs: [DeviceRef], _ flags: UdevFlags, _ crashPoint: StaticString?) -> [Resumption] {
+        func group(_ refs: [DeviceRef], _ flags: UdevFlags, _ crashPoint: CrashPoint?) -> [Resumption] {
             refs.enumerated().map { index, ref in
                 Resumption(device: ref, udevFlags: flags, crashPointAfter: index == refs.count - 1 ? crashPoint : nil)
             }
@@ -151,15 +151,15 @@ extension Transition {
         let stateful = classic.filter(\.delaysRealResume).map { $0.ref(.real) }
         // A thin snapshot is one message to the volume's pool, with the volume suspended.
         let thin = stacks.compactMap(\.thin).enumerated().map { index, thin in
-            Message(device: thin.poolRef, text: "create_snap \(thin.snapshotID) \(thin.originID)", crashPointAfter: index == 0 ? "window.thin-snapshot" : nil)
+            Message(device: thin.poolRef, text: "create_snap \(thin.snapshotID) \(thin.originID)", crashPointAfter: index == 0 ? CrashPoint.windowThinSnapshot : nil)
         }
         return Transition(
             name: "snapshot window",
             suspensions: origins.map { Suspension(device: $0, flush: true, lockFileSystem: true) },
-            crashPointSuspended: "window.suspended",
+            crashPointSuspended: .windowSuspended,
             messages: thin,
             resumptions: group(stateful, .hidden, nil)
-                + group(classic.map { $0.ref(.snap) }, [.hidden, .lowPriority], classic.isEmpty ? nil : "window.snap-resumed")
+                + group(classic.map { $0.ref(.snap) }, [.hidden, .lowPriority], classic.isEmpty ? nil : .windowSnapResumed)
                 + group(origins, [], nil),
             suspendBeforeRevert: stateful,
             onFailure: .revertSuspended)
@@ -182,10 +182,10 @@ extension Transition {
         let quiet: [DeviceRef] = (snapRef.map { [$0] } ?? []) + (realRef.map { [$0] } ?? [])
         return Transition(
             name: name,
-            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "commit.origin-loaded")],
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .commitOriginLoaded)],
             suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: false)]
                 + quiet.map { Suspension(device: $0, flush: true, lockFileSystem: false) },
-            crashPointSuspended: "commit.suspended",
+            crashPointSuspended: .commitSuspended,
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]
                 + (realRef == nil ? (snapRef.map { [Resumption(device: $0, udevFlags: [.hidden, .lowPriority])] } ?? []) : []),
             removals: realRef == nil ? [] : quiet,
@@ -203,15 +203,15 @@ extension Transition {
                 Load(
                     device: originRef,
                     table: Table(.snapshotMerge(origin: real, cow: cow, persistence: .persistent, chunkSectors: stack.chunkSectors), length: stack.originSectors),
-                    readOnly: origin.isReadOnly, crashPointAfter: "merge.origin-loaded"),
-                Load(device: snapRef, table: Table(.error, length: stack.originSectors), readOnly: false, crashPointAfter: "merge.snap-loaded"),
+                    readOnly: origin.isReadOnly, crashPointAfter: .mergeOriginLoaded),
+                Load(device: snapRef, table: Table(.error, length: stack.originSectors), readOnly: false, crashPointAfter: .mergeSnapLoaded),
             ],
             suspensions: [Suspension(device: originRef, flush: true, lockFileSystem: false), Suspension(device: snapRef, flush: true, lockFileSystem: false)],
-            crashPointSuspended: "merge.suspended",
+            crashPointSuspended: .mergeSuspended,
             resumptions: [
                 Resumption(device: originRef, udevFlags: []),
                 // Hidden: an error table, removed right after; udev must not probe it.
-                Resumption(device: snapRef, udevFlags: [.hidden, .lowPriority], crashPointAfter: "merge.handed-over"),
+                Resumption(device: snapRef, udevFlags: [.hidden, .lowPriority], crashPointAfter: .mergeHandedOver),
             ],
             onFailure: .completeForward)
     }
@@ -239,7 +239,7 @@ extension Transition {
         let realRef = statefulReal.map { DeviceRef.number($0.number) }
         return Transition(
             name: "teardown of the merge into \(stack.originName)",
-            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: "finish.origin-loaded")],
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .finishOriginLoaded)],
             suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)]
                 + (realRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
             check: check,
@@ -291,9 +291,9 @@ extension Transition {
         let ref = DeviceRef.number(origin.number)
         return Transition(
             name: "rollback of \(stack.originName)",
-            loads: [Load(device: ref, table: table, readOnly: origin.isReadOnly, crashPointAfter: "thin.origin-loaded")],
+            loads: [Load(device: ref, table: table, readOnly: origin.isReadOnly, crashPointAfter: .thinOriginLoaded)],
             suspensions: [Suspension(device: ref, flush: true, lockFileSystem: false)],
-            resumptions: [Resumption(device: ref, udevFlags: [], crashPointAfter: "thin.swapped")],
+            resumptions: [Resumption(device: ref, udevFlags: [], crashPointAfter: .thinSwapped)],
             onFailure: .completeForward)
     }
 
@@ -399,7 +399,7 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
     /// Receives warnings, after the window (never while a device is suspended).
     public var log: ((String) -> Void)?
     /// Where crash points go: `CrashPoint.hit`, or a recorder in the unit tests.
-    public var crashPoint: (StaticString) -> Void = { CrashPoint.hit($0) }
+    public var crashPoint: (CrashPoint) -> Void = { CrashPoint.hit($0) }
     /// Whether guard's memory must be locked while these devices are suspended.
     public var mayFault: (Set<DeviceNumber>) -> Bool = { Memory.mayFault(on: $0) }
     public var lockMemory: () throws -> Void = { try Memory.lockAll() }

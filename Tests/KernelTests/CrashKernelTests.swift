@@ -140,6 +140,7 @@ extension Kernel {
         static let cases: [CrashCase] = [
             CrashCase(point: "run.before-prepare", succeeds: true, expected: .restored, note: "journal says snapshot phase, nothing built"),
             CrashCase(point: "prepare.cow-file", succeeds: true, expected: .restored, note: "COW file written, no device yet"),
+            CrashCase(point: "prepare.cow-live", succeeds: true, expected: .restored, note: "-cow live over the COW, no other layer"),
             CrashCase(point: "prepare.real-loaded", succeeds: true, expected: .restored, note: "-real loaded, not resumed"),
             CrashCase(point: "prepare.real-live", succeeds: true, expected: .restored, note: "-real live before the window, origin untouched"),
             CrashCase(point: "prepare.snap-loaded", succeeds: true, expected: .restored, note: "-snap loaded, not resumed"),
@@ -153,6 +154,8 @@ extension Kernel {
             CrashCase(point: "commit.origin-loaded", succeeds: true, expected: .upgraded, note: "origin has its own table inactive"),
             CrashCase(point: "commit.suspended", succeeds: true, expected: .upgraded, note: "origin and snapshot suspended"),
             CrashCase(point: "commit.origin-restored", succeeds: true, expected: .upgraded, note: "origin on its own table, layers left"),
+            CrashCase(point: "commit.layers-removed", succeeds: true, expected: .upgraded, note: "layers removed, COW file left"),
+            CrashCase(point: "run.after-commit", succeeds: true, expected: .upgraded, note: "committed and released, not yet journaled"),
             CrashCase(point: "rollback.before-merge", succeeds: false, expected: .restored, note: "rollback decided, volume unmounted, no merge"),
             CrashCase(point: "merge.label-merging", succeeds: false, expected: .restored, note: "COW label says merging"),
             CrashCase(point: "merge.origin-loaded", succeeds: false, expected: .restored, note: "origin has snapshot-merge inactive"),
@@ -161,9 +164,25 @@ extension Kernel {
             CrashCase(point: "merge.handed-over", succeeds: false, expected: .restored, note: "merging, -snap not removed"),
             CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "merging, not journaled"),
             CrashCase(point: "finish.label-released", succeeds: false, expected: .restored, note: "merge complete, label says released, origin still on the merge", outcome: "rolled_back", unfinished: false),
+            CrashCase(point: "finish.origin-loaded", succeeds: false, expected: .restored, note: "merge complete, label released, origin's own table loaded inactive", outcome: "rolled_back", unfinished: false),
             CrashCase(point: "finish.origin-restored", succeeds: false, expected: .restored, note: "origin on its own table, layers left", outcome: "rolled_back", unfinished: false),
             CrashCase(point: "finish.layers-removed", succeeds: false, expected: .restored, note: "layers gone, COW file left", outcome: "rolled_back", unfinished: false),
         ]
+
+        /// Every crash point guard has (`CrashPoint`) has a scenario: one of the tables here, or
+        /// a test of its own (`elsewhere`). A new point without one fails this test.
+        static let elsewhere: [CrashPoint: String] = [
+            .restartErrorTable: "FaultKernelTests.ioErrorMidMerge (origin): guard recover killed while it restarts a failed merge",
+        ]
+
+        @Test("every crash point has a kernel scenario")
+        func everyCrashPointHasAScenario() {
+            let covered = Set((Self.cases + Self.thinCases).map(\.point)).union(Self.elsewhere.keys.map(\.rawValue))
+            let missing = CrashPoint.allCases.filter { !covered.contains($0.rawValue) }
+            #expect(missing.isEmpty, "crash points without a kernel scenario: \(missing.map(\.rawValue))")
+            let unknown = covered.filter { !$0.hasPrefix("external:") && CrashPoint(rawValue: $0) == nil }
+            #expect(unknown.isEmpty, "scenarios for crash points guard does not have: \(unknown.sorted())")
+        }
 
         /// Points that also check that other commands refuse to run, and that recovery is idempotent.
         static let thorough: Set<String> = ["prepare.origin-loaded", "window.suspended", "external:step", "commit.suspended", "merge.snap-loaded", "merge.handed-over"]

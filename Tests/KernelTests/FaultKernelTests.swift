@@ -406,6 +406,13 @@ extension Kernel {
 
             if let cowControl { try cowControl.failUnderneath(false) } else { try volume.failUnderneath(false) }
             throttle.set(0)
+            if failing == "origin" {
+                // Crash point restart.error-table: guard killed while it restarts the merge (the
+                // failed merge ended, the new one not loaded); the next recover restarts it.
+                let killed = try tool("recover", extra: ["GUARD_CRASH_AT": CrashPoint.restartErrorTable.rawValue])
+                #expect(killed.status == 9 || killed.status == 137, "guard recover was killed at restart.error-table: \(killed.status) \(killed.stderr)")
+                #expect(try tool("status").status != 0, "status is not silent about the merge that did not restart")
+            }
             let recover = try tool("recover")
             #expect(recover.status == 0, "\(recover.stdout) \(recover.stderr)")
             #expect(recover.stdout.contains("restarted the merge"), "\(recover.stdout)")

@@ -67,7 +67,7 @@ struct TransitionTests {
         var executor = TransitionExecutor(devices: devices, watchdog: watchdog, watchdogTimeout: .seconds(30), log: nil)
         var points: [String] = []
         var afterFailedLoad = false
-        executor.crashPoint = { points.append($0.description) }
+        executor.crashPoint = { points.append($0.rawValue) }
         executor.mayFault = { _ in false }
         do {
             try executor.run(transition) { afterFailedLoad = true }
