@@ -63,22 +63,22 @@ newcomer_test() {
     rm -rf "$root"
   }
   inside() { chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+  step_log() { echo "$out/$(echo "$1" | tr -c 'a-z0-9\n' '-').log"; }  # a step's log, by its name
   step() {  # step NAME EXPECTED_STATUS COMMAND...
     local name=$1 expected=$2 status=0
     shift 2
-    inside sh -c "cd /root/guard && $*" >"$out/$(echo "$name" | tr -c 'a-z0-9\n' '-').log" 2>&1 || status=$?
+    inside sh -c "cd /root/guard && $*" >"$(step_log "$name")" 2>&1 || status=$?
     if [ "$status" = "$expected" ]; then
       echo "ok $name" >>"$out/checks"
     else
-      echo "FAIL $name: exit $status, not $expected (last lines: $(tail -n 4 "$out/$(echo "$name" | tr -c 'a-z0-9\n' '-').log" | tr '\n' ' '))" >>"$out/checks"
+      echo "FAIL $name: exit $status, not $expected (last lines: $(tail -n 4 "$(step_log "$name")" | tr '\n' ' '))" >>"$out/checks"
       failed=1
     fi
   }
   # Debian's own interpreter refuses pip into it (PEP 668): the setup must not try.
   step "Debian's python3 is externally managed" 0 "ls /usr/lib/python3*/EXTERNALLY-MANAGED"
   step "Scripts/setup without Swift stops and says where to get it" 1 "Scripts/setup"
-  # The log's name as step makes it (capitals become dashes too).
-  if grep -q "https://www.swift.org/install/linux/" "$out/$(echo "Scripts/setup without Swift stops and says where to get it" | tr -c 'a-z0-9\n' '-').log"; then
+  if grep -q "https://www.swift.org/install/linux/" "$(step_log "Scripts/setup without Swift stops and says where to get it")"; then
     echo "ok the message names swift.org's Linux downloads" >>"$out/checks"
   else
     echo "FAIL the message names swift.org's Linux downloads" >>"$out/checks"; failed=1
@@ -96,7 +96,7 @@ newcomer_test() {
   local gcc=12
   [ "$newcomer_suite" = trixie ] && gcc=14
   step "the Swift toolchain's own dependencies install" 0 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils git gnupg2 libc6-dev libcurl4-openssl-dev libedit2 libgcc-$gcc-dev libpython3-dev libsqlite3-0 libncurses6 libstdc++-$gcc-dev libxml2-dev libz3-dev pkg-config tzdata unzip zlib1g-dev >/dev/null"
-  if ! grep -q "libgcc-$gcc-dev" "$out/$(echo "Scripts/setup without Swift stops and says where to get it" | tr -c 'a-z0-9\n' '-').log"; then
+  if ! grep -q "libgcc-$gcc-dev" "$(step_log "Scripts/setup without Swift stops and says where to get it")"; then
     echo "FAIL setup's message names this release's libgcc-$gcc-dev" >>"$out/checks"; failed=1
   else
     echo "ok setup's message names this release's libgcc-$gcc-dev" >>"$out/checks"

@@ -18,7 +18,8 @@ public struct RawFile: ~Copyable {
     ///   - readOnly: open for reading only.
     ///   - direct: O_DIRECT (buffers must be aligned to the logical block size).
     /// - Note: open(2) with O_CLOEXEC.
-    public init(path: String, create: Bool = false, exclusive: Bool = false, readOnly: Bool = false, direct: Bool = false)
+    /// - Parameter mode: the permissions of a file `create` makes (less the umask).
+    public init(path: String, create: Bool = false, exclusive: Bool = false, readOnly: Bool = false, direct: Bool = false, mode: mode_t = 0o600)
         throws(BlockDeviceError)
     {
         var flags = readOnly ? O_RDONLY : O_RDWR
@@ -26,7 +27,34 @@ public struct RawFile: ~Copyable {
         if exclusive { flags |= O_EXCL }
         if direct { flags |= guard_o_direct() }
         self.path = path
-        self.descriptor = try Sys.open(path, flags, mode: 0o600, operation: "open of \(path)")
+        self.descriptor = try Sys.open(path, flags, mode: mode, operation: "open of \(path)")
+    }
+
+    /// Replaces the file at `path` with `data` so that a crash leaves the old file or the new
+    /// one, never a mix: a temporary file beside it, written and fsynced, renamed over `path`,
+    /// then the directory fsynced. The temporary file has a name of its own, made with
+    /// O_EXCL: two writers never share one, and nothing already there (a link put in its
+    /// place) is written through.
+    /// - Parameter mode: the new file's permissions (less the umask).
+    public static func replace(_ path: String, with data: [UInt8], mode: mode_t = 0o600) throws(BlockDeviceError) {
+        let temporary = path + ".new-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        do {
+            let file = try RawFile(path: temporary, create: true, exclusive: true, mode: mode)
+            try file.write(data, at: 0)
+            try file.sync()
+        } catch {
+            unlink(temporary)
+            throw error
+        }
+        guard rename(temporary, path) == 0 else {
+            let error = BlockDeviceError.syscall("rename", errno: errno, operation: "replacement of \(path)")
+            unlink(temporary)
+            throw error
+        }
+        var directory = path
+        while directory.count > 1, directory.hasSuffix("/") { directory.removeLast() }
+        directory = directory.lastIndex(of: "/").map { $0 == directory.startIndex ? "/" : String(directory[..<$0]) } ?? "."
+        try RawFile(path: directory, readOnly: true).sync()
     }
 
     deinit { Sys.close(descriptor) }

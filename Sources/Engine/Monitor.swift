@@ -97,7 +97,7 @@ public final class KeptRunMonitor {
                 pulse?.cancel()
                 lastRefresh = nil
             }
-            if lastRefresh.map({ $0.duration(to: .now) >= refresh }) ?? true {
+            if lastRefresh.isDue(every: refresh) {
                 lastRefresh = .now
                 // Origins another tool took out of their snapshot's write path (lvm2 reloads):
                 // a snapshot no longer live is not watched below, so they are looked for here.
@@ -114,7 +114,7 @@ public final class KeptRunMonitor {
                 }
             }
             heartbeat?()
-            if let periodic, lastPeriodic.map({ $0.duration(to: .now) >= periodic.every }) ?? true {
+            if let periodic, lastPeriodic.isDue(every: periodic.every) {
                 lastPeriodic = .now
                 periodic.action()
             }
@@ -297,5 +297,12 @@ public final class KeptRunMonitor {
     /// Runs `body` the first time `key` is seen.
     static func once(_ key: String, _ seen: LockedValue<Set<String>>, _ body: () -> Void) {
         if seen.withLock({ $0.insert(key).inserted }) { body() }
+    }
+}
+
+extension Optional where Wrapped == ContinuousClock.Instant {
+    /// Whether `every` has passed since this instant; always, when nothing happened yet.
+    public func isDue(every: Duration) -> Bool {
+        map { $0.duration(to: .now) >= every } ?? true
     }
 }

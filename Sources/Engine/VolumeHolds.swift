@@ -167,6 +167,6 @@ public struct VolumeHolds: Sendable {
         let path = "\(directory)/\(uuid)"
         if FileManager.default.fileExists(atPath: path) { return }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        try GuardVolumes.writeDurably(Array(text.utf8), to: path)
+        try RawFile.replace(path, with: Array(text.utf8))
     }
 }

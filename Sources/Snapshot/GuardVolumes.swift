@@ -27,9 +27,10 @@ public struct GuardVolume: Codable, Hashable, Sendable {
         try JSONDecoder().decode(GuardVolume.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
     }
 
-    /// Writes the volume to its registry file durably (see `GuardVolumes.writeDurably`).
+    /// Writes the volume to its registry file durably: a power loss leaves the old file or the
+    /// new one, whole (`RawFile.replace`).
     public func write(registry path: String) throws {
-        try GuardVolumes.writeDurably(Array(try JSONEncoder.sorted.encode(self)), to: path)
+        try RawFile.replace(path, with: Array(try JSONEncoder.sorted.encode(self)))
     }
 }
 
@@ -119,29 +120,6 @@ public struct GuardVolumes {
 
     func register(_ volume: GuardVolume) throws {
         try volume.write(registry: "\(registry)/\(volume.name).json")
-    }
-
-    /// Replaces a registry file so that a power loss leaves the old or the new one, whole:
-    /// a temporary file, fsync, rename, fsync of the directory.
-    /// The temporary file has a name of its own, made with O_EXCL: two writers never share one,
-    /// and nothing already there (a link put in its place) is written through.
-    public static func writeDurably(_ data: [UInt8], to path: String) throws {
-        let temporary = path + ".new-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        do {
-            let file = try RawFile(path: temporary, create: true, exclusive: true)
-            try file.write(data, at: 0)
-            try file.sync()
-        } catch {
-            unlink(temporary)
-            throw error
-        }
-        guard rename(temporary, path) == 0 else {
-            let reason = String(cString: strerror(errno))
-            unlink(temporary)
-            throw SnapshotError(.other, "registry update of \(path)", reason)
-        }
-        let directory = try RawFile(path: (path as NSString).deletingLastPathComponent, readOnly: true)
-        try directory.sync()
     }
 
     /// Makes the volume's device exist (after a reboot): attach the backing file, create the

@@ -37,6 +37,23 @@ struct BlockDeviceTests {
         #expect(throws: SpawnError.child(path: "/nonexistent/program", errno: ENOENT)) { try Spawn.run("/nonexistent/program", []) }
     }
 
+    @Test("RawFile.replace puts a whole new file in place with the mode asked for, and leaves no temporary file")
+    func replaceFile() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-replace-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/guard.prom"
+        try RawFile.replace(path, with: Array("old\n".utf8), mode: 0o644)
+        try RawFile.replace(path, with: Array("new\n".utf8), mode: 0o644)
+        #expect(FileManager.default.contents(atPath: path) == Data("new\n".utf8))
+        let mode = try #require(try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int)
+        #expect(mode & 0o077 == 0o044 & ~Int(umaskValue()), "readable by others (node_exporter) unless the umask says no: \(String(mode, radix: 8))")
+        try RawFile.replace(directory + "/private", with: [1], mode: 0o600)
+        #expect(try FileManager.default.attributesOfItem(atPath: directory + "/private")[.posixPermissions] as? Int == 0o600)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted() == ["guard.prom", "private"])
+        #expect(throws: BlockDeviceError.self) { try RawFile.replace(directory + "/missing/file", with: [1]) }
+    }
+
     @Test("errors name the call and errno")
     func errors() {
         do {
@@ -84,4 +101,11 @@ struct SignatureTests {
         #expect(try BlockDevices.signatures(of: image("random", "true")) == [])
         #expect(throws: BlockDeviceError.self) { try BlockDevices.signatures(of: "\(directory)/missing") }
     }
+}
+
+/// This process's umask (read by setting it and putting it back).
+func umaskValue() -> mode_t {
+    let value = umask(0o022)
+    umask(value)
+    return value
 }

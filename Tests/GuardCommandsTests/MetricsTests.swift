@@ -94,7 +94,7 @@ func monitoringNamesExportedMetrics() throws {
     let expressions = panels.flatMap { ($0["targets"] as? [[String: Any]] ?? []).compactMap { $0["expr"] as? String } }
     #expect(expressions.count >= 8, "\(expressions)")
     let pattern = try Regex("guard_[a-z_]+")
-    for (source, text) in [("guard.rules.yml", rules)] + expressions.map { ("guard-dashboard.json", $0) } {
+    for (source, text) in [("guard.rules.yml", rules)] + expressions.map({ ("guard-dashboard.json", $0) }) {
         for match in text.matches(of: pattern) {
             let name = String(text[match.range])
             #expect(exported.contains(name), "\(source) names \(name), which guard does not write")

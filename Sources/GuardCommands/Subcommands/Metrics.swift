@@ -136,17 +136,8 @@ extension GuardCommand {
 
         /// A temporary file beside the target, synced, renamed over it.
         static func writeAtomically(_ text: String, to path: String) throws {
-            let temporary = path + ".\(getpid()).tmp"
-            let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o644)
-            guard descriptor >= 0 else { throw GuardFailure(.attention, "cannot write \(temporary): \(String(cString: strerror(errno)))") }
-            let bytes = Array(text.utf8)
-            let written = bytes.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
-            let synced = fsync(descriptor) == 0
-            close(descriptor)
-            guard written == bytes.count, synced, rename(temporary, path) == 0 else {
-                let reason = String(cString: strerror(errno))
-                unlink(temporary)
-                throw GuardFailure(.attention, "cannot write \(path): \(reason)")
+            do { try RawFile.replace(path, with: Array(text.utf8), mode: 0o644) } catch {
+                throw GuardFailure(.attention, "cannot write \(path): \(error)")
             }
         }
     }

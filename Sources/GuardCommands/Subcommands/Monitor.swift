@@ -68,7 +68,7 @@ extension GuardCommand {
                 let lastPing = LockedValue<ContinuousClock.Instant?>(nil)
                 monitor.heartbeat = {
                     let due = lastPing.withLock { last -> Bool in
-                        guard last.map({ $0.duration(to: .now) >= .seconds(1) }) ?? true else { return false }
+                        guard last.isDue(every: .seconds(1)) else { return false }
                         last = .now
                         return true
                     }
