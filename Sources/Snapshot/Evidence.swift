@@ -71,6 +71,11 @@ extension SnapshotEngine {
         if let thin = stack.thin { return try thinLiveState(stack, thin) }
         guard let origin = try dm.info(stack.originRef), let real = try dm.info(stack.ref(.real)) else { return (false, false) }
         let table = try dm.table(.number(origin.number))
+        // A restart of a failed merge that guard did not finish (killed between the end of the
+        // failed merge and the new one: crash point restart.error-table): the origin on
+        // `error`, `-real` and `-cow` still there. The merge is still the stack's, and
+        // recovery restarts it (`mergeState` says `failed`), never reassembles over it.
+        if table.isOnly("error"), try dm.info(stack.ref(.snap)) == nil, try dm.info(stack.ref(.cow)) != nil { return (true, true) }
         guard table.devices.contains(real.number) else { return (false, false) }
         if table.isOnly("snapshot-merge") { return (true, true) }
         return (table.snapshotOriginDevice == real.number, false)  // writable or fused

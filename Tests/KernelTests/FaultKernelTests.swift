@@ -420,7 +420,7 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
             let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "rolled_back")
-            recordResult(["io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back", "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix", ""])
+            recordResult(["io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back", "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix" + (failing == "origin" ? " (a first guard recover killed at restart.error-table; the next one restarted it)" : ""), ""])
         }
 
         @Test("Ctrl-C during the steps stops them and rolls back")
