@@ -109,7 +109,20 @@ public struct Recovery {
         let files = cowFiles()
         // Runs whose merge this recovery resumed: their guard died mid-merge, recovery finishes it.
         var resumedMerges: Set<String> = []
+        // The boot unit waits for the COW devices the journal names, 30 s in all, instead of
+        // `udevadm settle` (which waits for every device of the machine, and is deprecated).
+        // The initramfs does not: its own scripts settle udev, and only / and /usr are its.
+        let deviceDeadline = ContinuousClock.now + .seconds(30)
         for storage in files + journaledStorages(journal, besides: files) {
+            if boot && !initramfs, case .blockDevice(let path) = storage {
+                while !Self.deviceReady(path) && ContinuousClock.now < deviceDeadline {
+                    try await Task.sleep(for: .milliseconds(250))
+                }
+                if !FileManager.default.fileExists(atPath: path) {
+                    report.problems.append("the COW device \(path) did not appear within 30 s of the boot unit's start; nothing is removed: attach it, then run `guard recover`")
+                    continue
+                }
+            }
             let label: CowLabel
             do {
                 guard let read = try CowLabel.read(from: storage.path) else { continue }
@@ -417,6 +430,14 @@ public struct Recovery {
             try await Task.sleep(for: .milliseconds(500))
         }
         report.problems.append("the volume \(label.originName) did not appear within 30 s; activate it without mounting it and run `guard recover`")
+    }
+
+    /// Whether the device at `path` is there and udev is done with it: its database entry is
+    /// written, so its /dev/disk/by-id links (by which guard knows a COW device) are in place.
+    /// Without udev (no /run/udev), that it is there.
+    static func deviceReady(_ path: String) -> Bool {
+        guard let number = try? BlockDevices.deviceNumber(of: path) else { return false }
+        return !FileManager.default.fileExists(atPath: "/run/udev/data") || FileManager.default.fileExists(atPath: "/run/udev/data/b\(number)")
     }
 
     /// Finishes or undoes one unfinished run, following its last decision.

@@ -237,5 +237,48 @@ extension Kernel {
             #expect(try volume.checksum == before)
             recordResult(["boot-missing-backing-file", "reset; one guard volume's backing file missing at boot", "keep", "restored", "rolled_back", "that volume reported; the other reassembled at boot and rolled back", ""])
         }
+
+        @Test("at boot, a COW device that appears a few seconds late is waited for (the boot unit has no udevadm settle): the snapshot is reassembled, and the rollback restores every byte")
+        func lateCowDevice() async throws {
+            let volume = try RawVolume()
+            let tool = volume.guardTool
+            // The COW on a device-mapper device of its own, with a UUID: its name comes and goes
+            // with it (as an LV's or a by-id link does), and its identity stays the same.
+            let cowImage = volume.scratch.path("cow.img")
+            try makeSparseFile(cowImage, mebibytes: 64)
+            let loop = try LoopDevice.attach(file: cowImage).device
+            let cowName = uniqueName("latecow"), cowUUID = "TEST-\(cowName)"
+            let create = "dmsetup create \(cowName) --uuid \(cowUUID) --table '0 \(64 * 2048) linear \(loop.path) 0'"
+            try sh(create)
+            volume.scratch.defer_ {
+                _ = try? sh("dmsetup remove \(cowName)")
+                for loop in LoopDevice.find(backingFile: cowImage) { try? loop.detach() }
+            }
+            let before = try volume.checksum
+            let patch = volume.scratch.path("patch")
+            try makeRandomFile(patch, mebibytes: 3)
+            let recipe = try volume.recipe(
+                "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M seek=5 oflag=direct conv=notrunc status=none\non_success: keep\n",
+                snapshot: "{ size: 16M, cow: /dev/mapper/\(cowName) }")
+            let kept = try tool("run", recipe)
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+
+            // The reboot: the COW's device comes 3 s after the boot unit started.
+            try powerCut(volume)
+            try sh("dmsetup remove \(cowName)")
+            try activateOnly(volume)
+            let boot = Task.detached { try tool("recover", "--boot") }
+            try await Task.sleep(for: .seconds(3))
+            try sh(create)
+            let recovered = try await boot.value
+            #expect(recovered.status == 0, "\(recovered.stdout) \(recovered.stderr)")
+            #expect(recovered.stdout.contains("reassembled the snapshot of \(volume.name)"), "\(recovered.stdout)")
+            let rollback = try tool("rollback", run, "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try volume.checksum == before)
+            try expectNothingLeft(state: tool.stateDirectory)
+            recordResult(["boot-late-cow-device", "reset with a kept run whose COW device appears 3 s after the boot unit starts", "keep", "restored", "rolled_back", "waited for the device (no udevadm settle), reassembled; rollback restored", ""])
+        }
     }
 }
