@@ -408,7 +408,7 @@ def bench_write_vs_lvm2():
     trials = 1 if QUICK else max(1, min(TRIALS, 3))
     out = {}
     for mode in ["sequential", "random", "fsync"]:
-        rows = {"none": [], "guard": [], "guard_cow_device": [], "lvm2": []}
+        rows = {"none": [], "guard": [], "guard_cow_device": [], "guard_cow_loop": [], "lvm2": []}
         for _ in range(trials):
             device = make_lv("wcn", "512M", filesystem=False)
             rows["none"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
@@ -423,6 +423,15 @@ def bench_write_vs_lvm2():
             path = recipe("wcd", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk="4K, cow: %s" % cow)
             rows["guard_cow_device"].append(guard_step_seconds(path))
             sh("lvremove -q -f %s/wcd %s/wcdcow" % (VG, VG))
+            # The floor of a COW behind a loop device (as guard's COW file is): `cow:` a loop
+            # device with direct I/O over an LV, no filesystem under it.
+            device = make_lv("wcf", "512M", filesystem=False)
+            cow = make_lv("wcfcow", "320M", filesystem=False)
+            loop = sh("losetup -f --show --direct-io=on %s" % cow).strip()
+            path = recipe("wcf", device, None, steps="  - name: write\n    run: [python3, %s, %s, '%d', %s]\n" % (writer, device, count, mode), size="300M", chunk="4K, cow: %s" % loop)
+            rows["guard_cow_loop"].append(guard_step_seconds(path))
+            sh("losetup -d %s" % loop)
+            sh("lvremove -q -f %s/wcf %s/wcfcow" % (VG, VG))
             device = make_lv("wcl", "512M", filesystem=False)
             sh("lvcreate -q -y -s -L 300M --chunksize 4K -n wclsnap %s/wcl" % VG)
             rows["lvm2"].append(float(sh("python3 %s %s %d %s" % (writer, device, count, mode)).strip()))
@@ -431,13 +440,18 @@ def bench_write_vs_lvm2():
         row["ratio_guard_over_lvm2"] = row["guard"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
         out[mode] = row
         row["ratio_guard_cow_device_over_lvm2"] = row["guard_cow_device"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
-        log("   %s: none %.0f/s, guard %.0f/s (cow: a device %.0f/s), lvm2 %.0f/s: guard/lvm2 %.2fx (cow: a device %.2fx)" % (
+        row["ratio_guard_cow_loop_over_lvm2"] = row["guard_cow_loop"]["writes_per_second"] / row["lvm2"]["writes_per_second"]
+        log("   %s: none %.0f/s, guard %.0f/s (cow: a device %.0f/s, a loop device %.0f/s), lvm2 %.0f/s: guard/lvm2 %.2fx (cow: a device %.2fx, a loop device %.2fx)" % (
             mode, row["none"]["writes_per_second"], row["guard"]["writes_per_second"], row["guard_cow_device"]["writes_per_second"],
-            row["lvm2"]["writes_per_second"], row["ratio_guard_over_lvm2"], row["ratio_guard_cow_device_over_lvm2"]))
+            row["guard_cow_loop"]["writes_per_second"], row["lvm2"]["writes_per_second"], row["ratio_guard_over_lvm2"],
+            row["ratio_guard_cow_device_over_lvm2"], row["ratio_guard_cow_loop_over_lvm2"]))
     results["write_vs_lvm2"] = {
         "writes": count, "trials": trials, "by_mode": out,
         "seq_ratio": out["sequential"]["ratio_guard_over_lvm2"], "random_ratio": out["random"]["ratio_guard_over_lvm2"],
         "fsync_ratio": out["fsync"]["ratio_guard_over_lvm2"],
+        # The same through a loop device with no filesystem under it: what a COW behind a
+        # loop device can reach at best (the floor of the COW-file design).
+        "loop_floor": {mode: out[mode]["ratio_guard_cow_loop_over_lvm2"] for mode in out},
     }
 
 
