@@ -326,15 +326,7 @@ extension Kernel.CoexistenceKernelTests {
         volume.scratch.defer_ {
             for image in [cowImage, blankImage] { for loop in LoopDevice.find(backingFile: image) { try? loop.detach() } }
         }
-        let before = try volume.checksum
-        let patch = volume.scratch.path("patch")
-        try makeRandomFile(patch, mebibytes: 3)
-        let recipe = try volume.recipe(
-            "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M seek=5 oflag=direct conv=notrunc status=none\non_success: keep\n",
-            snapshot: "{ size: 16M, cow: \(cowPath) }")
-        let kept = try tool("run", recipe)
-        #expect(kept.status == 0, "\(kept.stderr)")
-        let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+        let (run, before, _) = try volume.keptRun(snapshot: "{ size: 16M, cow: \(cowPath) }")
 
         // The reboot: the devices are gone; the disks come back in another order.
         try powerCut(volume)

@@ -31,23 +31,32 @@ func activateOnly(_ volume: RawVolume) throws {
     try volumes.activate(entry)
 }
 
+extension RawVolume {
+    /// A kept run that writes 3 MiB of new bytes at 5 MiB, its snapshot as `snapshot` says:
+    /// its id, and the volume's checksums before and after it.
+    func keptRun(snapshot: String = "8M") throws -> (run: String, before: String, after: String) {
+        let before = try checksum
+        let patch = scratch.path("patch")
+        try makeRandomFile(patch, mebibytes: 3)
+        let after = try checksum(after: patch, atMiB: 5)
+        let recipe = try recipe(
+            "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(device) bs=1M seek=5 oflag=direct conv=notrunc status=none\non_success: keep\n",
+            snapshot: snapshot)
+        let result = try guardTool("run", recipe)
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(try checksum == after)
+        let history = try #require(try guardTool.history())
+        return ("\(history.first?["id"] as? Int ?? 0)", before, after)
+    }
+}
+
 extension Kernel {
     /// Issue 15: recovery decides from durable facts (COW labels, the kernel's exception store,
     /// the journal), never from the kernel's tables alone.
     @Suite("reassembly from durable facts")
     struct ReassemblyKernelTests {
         func keptRun(_ volume: RawVolume) throws -> (run: String, before: String, after: String) {
-            let before = try volume.checksum
-            let patch = volume.scratch.path("patch")
-            try makeRandomFile(patch, mebibytes: 3)
-            let after = try volume.checksum(after: patch, atMiB: 5)
-            let recipe = try volume.recipe(
-                "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M seek=5 oflag=direct conv=notrunc status=none\non_success: keep\n")
-            let result = try volume.guardTool("run", recipe)
-            #expect(result.status == 0, "\(result.stderr)")
-            #expect(try volume.checksum == after)
-            let history = try #require(try volume.guardTool.history())
-            return ("\(history.first?["id"] as? Int ?? 0)", before, after)
+            try volume.keptRun()
         }
 
         func runState(_ volume: RawVolume) throws -> String? {
@@ -254,15 +263,7 @@ extension Kernel {
                 _ = try? sh("dmsetup remove \(cowName)")
                 for loop in LoopDevice.find(backingFile: cowImage) { try? loop.detach() }
             }
-            let before = try volume.checksum
-            let patch = volume.scratch.path("patch")
-            try makeRandomFile(patch, mebibytes: 3)
-            let recipe = try volume.recipe(
-                "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M seek=5 oflag=direct conv=notrunc status=none\non_success: keep\n",
-                snapshot: "{ size: 16M, cow: /dev/mapper/\(cowName) }")
-            let kept = try tool("run", recipe)
-            #expect(kept.status == 0, "\(kept.stderr)")
-            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+            let (run, before, _) = try volume.keptRun(snapshot: "{ size: 16M, cow: /dev/mapper/\(cowName) }")
 
             // The reboot: the COW's device comes 3 s after the boot unit started.
             try powerCut(volume)
