@@ -51,10 +51,7 @@ public struct RawFile: ~Copyable {
             unlink(temporary)
             throw error
         }
-        var directory = path
-        while directory.count > 1, directory.hasSuffix("/") { directory.removeLast() }
-        directory = directory.lastIndex(of: "/").map { $0 == directory.startIndex ? "/" : String(directory[..<$0]) } ?? "."
-        try RawFile(path: directory, readOnly: true).sync()
+        try RawFile(path: Sys.parentDirectory(of: path) ?? ".", readOnly: true).sync()
     }
 
     deinit { Sys.close(descriptor) }

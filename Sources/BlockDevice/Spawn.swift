@@ -76,12 +76,7 @@ extension Spawn {
         /// What it wrote to stdout (and to stderr, when `run` captured both).
         public var output: [UInt8]
         /// `output` as text, without the whitespace around it.
-        public var text: String {
-            var text = Substring(String(decoding: output, as: UTF8.self))
-            while let first = text.first, first.isWhitespace { text.removeFirst() }
-            while let last = text.last, last.isWhitespace { text.removeLast() }
-            return String(text)
-        }
+        public var text: String { String(decoding: output, as: UTF8.self).trimmingWhitespace() }
     }
 
     /// Where `run` puts a program's stderr.
@@ -115,15 +110,7 @@ extension Spawn {
         Glibc.close(writeEnd)
         writeEnd = -1
         var output: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 16384)
-        while true {
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(readEnd, $0.baseAddress, $0.count) }
-            if count > 0 {
-                output.append(contentsOf: buffer[0..<count])
-            } else if count == 0 || errno != EINTR {
-                break
-            }
-        }
+        _ = Sys.readToEnd(readEnd, into: &output)  // a read error ends the output, not the wait
         Glibc.close(readEnd)
         readEnd = -1
         var status: Int32 = 0

@@ -18,8 +18,7 @@ public enum StandardStreams {
     /// The whole of `text` to `descriptor`, again after EINTR and short writes; false on any
     /// other error.
     public static func write(_ text: String, to descriptor: Int32) -> Bool {
-        var bytes = Array(text.utf8)
-        return bytes.withUnsafeMutableBytes { buffer in
+        Array(text.utf8).withUnsafeBytes { buffer in
             var offset = 0
             while offset < buffer.count {
                 let written = Glibc.write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)

@@ -90,17 +90,29 @@ enum Sys {
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var bytes: [UInt8] = []
+        guard readToEnd(fd, into: &bytes, limit: limit) else { return nil }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Reads `fd` until end of file (or until `bytes` holds `limit` bytes or more), appending
+    /// to `bytes`, again after EINTR; false on any other error (`bytes` keeps what was read).
+    static func readToEnd(_ fd: Int32, into bytes: inout [UInt8], limit: Int = .max) -> Bool {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while bytes.count < limit {
             let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if count < 0 {
                 if Glibc.errno == EINTR { continue }
-                return nil
+                return false
             }
             if count == 0 { break }
             bytes.append(contentsOf: chunk[0..<count])
         }
-        return String(decoding: bytes, as: UTF8.self)
+        return true
+    }
+
+    /// The directory part of `path` (`/a/b/c` -> `/a/b`, `/a` -> `/`); nil when it has no `/`.
+    static func parentDirectory(of path: String) -> String? {
+        path.lastIndex(of: "/").map { $0 == path.startIndex ? "/" : String(path[..<$0]) }
     }
 
     static func listDirectory(_ path: String) -> [String] {

@@ -113,7 +113,7 @@ public enum TrustedFiles {
         var result: [String] = []
         var current = path
         while current != "/" {
-            current = current.lastIndex(of: "/").map { $0 == current.startIndex ? "/" : String(current[..<$0]) } ?? "/"
+            current = Sys.parentDirectory(of: current) ?? "/"
             result.append(current)
         }
         return result
