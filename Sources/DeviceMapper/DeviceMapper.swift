@@ -15,6 +15,8 @@ public struct DeviceInfo: Hashable, Sendable {
     public var isReadOnly: Bool
     public var targetCount: Int
     public var eventNumber: UInt32
+    /// A deferred removal is pending: the kernel removes the device when its last opener closes it.
+    public var removalDeferred: Bool = false
 
     /// "/dev/mapper/NAME".
     public var path: String { "/dev/mapper/\(name)" }
@@ -289,6 +291,40 @@ public struct DeviceMapper: Sendable {
                 error.detail = [error.detail, busyExplanation(device)].compactMap { $0 }.joined(separator: "; ")
                 throw error
             }
+        }
+    }
+
+    /// Takes a device out of service for good, without ever making its table live again: an
+    /// `error` table of its size replaces it and goes live, so the target it had (a raid's, a
+    /// snapshot's) is destroyed and nothing that reads the device can block on it. A device
+    /// left suspended holds every reader (lvm2's scan, blkid) until it is resumed, and a reader
+    /// holding it keeps its removal from succeeding. Then `removeRetired`.
+    public func retire(_ device: DeviceRef, batch: UdevBatch? = nil) throws {
+        let length = try table(device).lengthSectors
+        try load(device, table: Table(.error, length: max(length, 1)))
+        try resume(device, udevFlags: [.hidden, .lowPriority], batch: batch)
+    }
+
+    /// Removes a device guard has retired (its live table is `error`: reading it fails at once,
+    /// it never blocks): now, or, while a process still holds it open (lvm2's scan, blkid), by
+    /// the kernel when that process closes it (a deferred removal). A device on any other
+    /// table is only ever removed now (`remove`).
+    /// - Returns: false when the removal was deferred.
+    /// - Note: DM_DEVICE_REMOVE, then DM_DEVICE_REMOVE with DM_DEFERRED_REMOVE.
+    @discardableResult
+    public func removeRetired(_ device: DeviceRef, batch: UdevBatch? = nil) throws -> Bool {
+        guard let info = try info(device) else { return true }
+        if info.removalDeferred { return false }
+        do {
+            try remove(device, batch: batch)
+            return true
+        } catch let error as DeviceMapperError where error.code == .busy {
+            guard try table(device).isOnly("error") else { throw error }
+            try LibDM.run(
+                .init(type: LibDM.remove, call: "DM_DEVICE_REMOVE", operation: "deferred remove of \(device)", device: device, udevFlags: nil, sharedCookie: nil),
+                configure: LibDM.deferRemoval,
+                extract: { _ in () })
+            return false
         }
     }
 

@@ -237,7 +237,7 @@ enum LibDM {
             name: name, uuid: uuid, number: DeviceNumber(major: raw.major, minor: raw.minor),
             openCount: Int(raw.open_count), isSuspended: raw.suspended != 0, hasLiveTable: raw.live_table != 0,
             hasInactiveTable: raw.inactive_table != 0, isReadOnly: raw.read_only != 0,
-            targetCount: Int(raw.target_count), eventNumber: raw.event_nr)
+            targetCount: Int(raw.target_count), eventNumber: raw.event_nr, removalDeferred: raw.deferred_remove != 0)
     }
 
     static func targets(_ task: OpaquePointer) -> [(start: UInt64, length: UInt64, type: String, parameters: String)] {
@@ -300,6 +300,7 @@ enum LibDM {
     static func noFlush(_ task: OpaquePointer) -> Bool { dm_task_no_flush(task) != 0 }
     static func skipLockFS(_ task: OpaquePointer) -> Bool { dm_task_skip_lockfs(task) != 0 }
     static func queryInactive(_ task: OpaquePointer) -> Bool { dm_task_query_inactive_table(task) != 0 }
+    static func deferRemoval(_ task: OpaquePointer) -> Bool { dm_task_deferred_remove(task) != 0 }
     static func setMessage(_ task: OpaquePointer, _ text: String) -> Bool {
         dm_task_set_sector(task, 0) != 0 && dm_task_set_message(task, text) != 0
     }

@@ -579,8 +579,23 @@ public struct SnapshotEngine {
     private func removeLayers(_ stack: SnapshotStack, _ layers: [StackIdentity.Layer], udev: UdevBatch? = nil) throws {
         let batch = udev ?? UdevBatch()
         defer { batch.finish() }
-        for layer in layers where try dm.info(stack.ref(layer)) != nil {
-            try dm.remove(stack.ref(layer), batch: batch)
+        for layer in layers {
+            guard let info = try dm.info(stack.ref(layer)) else { continue }
+            let ref = DeviceRef.number(info.number)
+            // A layer a crash left suspended (a stateful `-real` between the origin's own table
+            // and its removal) that no device uses any more is retired first: a suspended device
+            // holds every reader, and a held reader would keep it from being removed.
+            if info.isSuspended && BlockDevices.holders(of: info.number).isEmpty {
+                try dm.retire(ref, batch: batch)
+            }
+            if try dm.table(ref).isOnly("error") {
+                if try !dm.removeRetired(ref, batch: batch) {
+                    log?("\(info.name) is still open (an error device now); the kernel removes it when its last opener closes it")
+                    continue
+                }
+            } else {
+                try dm.remove(ref, batch: batch)
+            }
             log?("removed \(stack.identity.uuid(layer))")
         }
     }
@@ -826,17 +841,25 @@ public struct SnapshotEngine {
     /// step forward, so completing it is what the crashed command was doing.
     /// - Returns: the names resumed.
     ///
-    /// A `-real` whose table keeps state (and the `-snap` over it) is left suspended when the
-    /// origin no longer routes through it: a commit or the end of a merge stopped between the
-    /// origin's own table going live and their removal, which the teardown that follows finishes.
+    /// A `-real` whose table keeps state (and the `-snap` over it) is never resumed onto its own
+    /// table when the origin no longer routes through it (a commit or the end of a merge stopped
+    /// between the origin's own table going live and their retirement): they are retired
+    /// (an `error` table, never suspended again), and the teardown that follows removes them.
     public func resumeSuspended(_ stack: SnapshotStack) throws -> [String] {
         var resumed: [String] = []
-        var leftForRemoval: Set<DeviceRef> = []
+        var retired: Set<DeviceRef> = []
         if stack.delaysRealResume, let real = try dm.info(stack.ref(.real)), real.isSuspended {
             let routes = try dm.info(stack.originRef).map { try dm.table(.number($0.number)).devices.contains(real.number) } ?? false
-            if !routes { leftForRemoval = [stack.ref(.real), stack.ref(.snap)] }
+            if !routes {
+                retired = [stack.ref(.real), stack.ref(.snap)]
+                for ref in [stack.ref(.snap), stack.ref(.real)] {
+                    guard let info = try dm.info(ref), info.isSuspended else { continue }
+                    try dm.retire(.number(info.number))
+                    resumed.append("\(info.name) (retired: an error table, its own never live again)")
+                }
+            }
         }
-        for ref in [stack.ref(.cow), stack.ref(.real), stack.ref(.snap), stack.originRef] where !leftForRemoval.contains(ref) {
+        for ref in [stack.ref(.cow), stack.ref(.real), stack.ref(.snap), stack.originRef] where !retired.contains(ref) {
             guard let info = try dm.info(ref), info.isSuspended else { continue }
             try dm.resume(.number(info.number))
             resumed.append(info.name)

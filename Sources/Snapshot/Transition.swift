@@ -76,10 +76,15 @@ public struct Transition: @unchecked Sendable {
     /// Runs with every device of `suspensions` suspended; a throw fails the window.
     public var check: (() throws -> Void)?
     public var resumptions: [Resumption]
-    /// Devices removed after the resumes, still suspended: a `-real` (and the `-snap` over it)
-    /// whose table keeps state of its own, once the origin's own table is live again. Made live
-    /// again, it would be a second instance of that target over the same devices.
-    public var removals: [DeviceRef] = []
+    /// Devices retired after the resumes: a `-real` (and the `-snap` over it) whose table keeps
+    /// state of its own, once the origin's own table is live again. Made live again, it would be
+    /// a second instance of that target over the same devices; left suspended, it would hold
+    /// every process that reads it (lvm2's scan, blkid), and such a reader keeps its removal
+    /// from succeeding: a hang no command ends. So each is suspended by the transition, gets an
+    /// `error` table among its loads, is resumed onto it once every resumption is done (its own
+    /// target is destroyed, never live again), and is removed after the window (by the kernel
+    /// when its last opener closes it, if one still has it open).
+    public var retirements: [DeviceRef] = []
     /// Devices this transition resumes that must be suspended again before a failed window puts
     /// the origins back on their own tables (a stateful `-real` the take made live).
     public var suspendBeforeRevert: [DeviceRef] = []
@@ -90,7 +95,7 @@ public struct Transition: @unchecked Sendable {
 
     /// What the watchdog does if guard dies or stalls inside the window.
     public var watchdogPlan: WatchdogPlan {
-        WatchdogPlan(suspend: suspensions.map(\.device), resume: watchdogOrder, remove: removals)
+        WatchdogPlan(suspend: suspensions.map(\.device), resume: watchdogOrder + retirements, remove: retirements)
     }
 
     /// Devices whose suspension guard's own pages could fault on (known by number).
@@ -111,13 +116,19 @@ public struct Transition: @unchecked Sendable {
         for device in Set(suspended) where suspended.count(where: { $0 == device }) > 1 {
             problems.append("\(name): \(device) is suspended twice")
         }
-        for device in suspended where !resumed.contains(device) && !removals.contains(device) {
+        for device in suspended where !resumed.contains(device) && !retirements.contains(device) {
             problems.append("\(name): \(device) is suspended and never resumed")
         }
-        for device in removals where resumed.contains(device) {
-            problems.append("\(name): \(device) is resumed and removed")
+        for device in retirements where resumed.contains(device) {
+            problems.append("\(name): \(device) is resumed and retired")
         }
-        for load in loads where !resumed.contains(load.device) {
+        for device in retirements where !suspended.contains(device) {
+            problems.append("\(name): \(device) is retired without being suspended first")
+        }
+        for device in retirements where !loads.contains(where: { $0.device == device && $0.table.isOnly("error") }) {
+            problems.append("\(name): \(device) is retired without an error table loaded for it")
+        }
+        for load in loads where !resumed.contains(load.device) && !retirements.contains(load.device) {
             problems.append("\(name): the table loaded into \(load.device) never goes live")
         }
         if suspensions.isEmpty { problems.append("\(name): nothing is suspended") }
@@ -175,21 +186,28 @@ extension Transition {
     ///
     /// For an origin whose own table keeps state (`statefulReal`), `-real` is suspended too,
     /// before the origin's own table goes live (its target commits its metadata on suspend and
-    /// the origin's reads it on resume), and `-snap` and `-real` are removed still suspended.
+    /// the origin's reads it on resume), and `-snap` and `-real` are retired: never live again.
     public static func drop(origin: DeviceInfo, own: Table, snap: DeviceInfo?, statefulReal: DeviceInfo? = nil, name: String) -> Transition {
         let snapRef = snap.map { DeviceRef.number($0.number) }
         let realRef = statefulReal.map { DeviceRef.number($0.number) }
         let quiet: [DeviceRef] = (snapRef.map { [$0] } ?? []) + (realRef.map { [$0] } ?? [])
+        let retired = realRef == nil ? [] : quiet
         return Transition(
             name: name,
-            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .commitOriginLoaded)],
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .commitOriginLoaded)]
+                + retirementLoads(retired, sectors: own.lengthSectors),
             suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: false)]
                 + quiet.map { Suspension(device: $0, flush: true, lockFileSystem: false) },
             crashPointSuspended: .commitSuspended,
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])]
                 + (realRef == nil ? (snapRef.map { [Resumption(device: $0, udevFlags: [.hidden, .lowPriority])] } ?? []) : []),
-            removals: realRef == nil ? [] : quiet,
+            retirements: retired,
             onFailure: .completeForward)
+    }
+
+    /// The `error` tables of devices a transition retires (as large as the origin, as they are).
+    static func retirementLoads(_ devices: [DeviceRef], sectors: UInt64) -> [Load] {
+        devices.map { Load(device: $0, table: Table(.error, length: sectors), readOnly: false) }
     }
 
     /// The start of a rollback (`lvconvert --merge`): the origin gets `snapshot-merge` over
@@ -234,17 +252,18 @@ extension Transition {
     /// (`own`, `-real`'s). `check` runs with the origin quiet and must confirm completion;
     /// if it does not, the origin stays on the merge.
     /// For an origin whose own table keeps state (`statefulReal`), `-real` is suspended after
-    /// the origin and removed once the origin's own table is live, still suspended.
+    /// the origin and retired once the origin's own table is live: never live again.
     public static func finishMerge(origin: DeviceInfo, own: Table, statefulReal: DeviceInfo? = nil, stack: SnapshotStack, check: @escaping () throws -> Void) -> Transition {
-        let realRef = statefulReal.map { DeviceRef.number($0.number) }
+        let retired = statefulReal.map { [DeviceRef.number($0.number)] } ?? []
         return Transition(
             name: "teardown of the merge into \(stack.originName)",
-            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .finishOriginLoaded)],
+            loads: [Load(device: .number(origin.number), table: own, readOnly: origin.isReadOnly, crashPointAfter: .finishOriginLoaded)]
+                + retirementLoads(retired, sectors: stack.originSectors),
             suspensions: [Suspension(device: .number(origin.number), flush: true, lockFileSystem: true)]
-                + (realRef.map { [Suspension(device: $0, flush: true, lockFileSystem: false)] } ?? []),
+                + retired.map { Suspension(device: $0, flush: true, lockFileSystem: false) },
             check: check,
             resumptions: [Resumption(device: .number(origin.number), udevFlags: [])],
-            removals: realRef.map { [$0] } ?? [],
+            retirements: retired,
             onFailure: .revertSuspended)
     }
 
@@ -381,13 +400,14 @@ public protocol TransitionDevices {
     func suspend(_ device: DeviceRef, flush: Bool, lockFileSystem: Bool) throws
     func resume(_ device: DeviceRef, udevFlags: UdevFlags, batch: UdevBatch?) throws
     func message(_ device: DeviceRef, _ text: String) throws
-    /// Removes a device that is no longer used (it may be suspended).
+    /// Removes a retired device (on its `error` table; a process may still hold it open).
     func removeDevice(_ device: DeviceRef, batch: UdevBatch?) throws
 }
 
 extension DeviceMapper: TransitionDevices {
+    /// A retired device: removed now, or by the kernel once its last opener closes it.
     public func removeDevice(_ device: DeviceRef, batch: UdevBatch?) throws {
-        try remove(device, batch: batch)
+        try removeRetired(device, batch: batch)
     }
 }
 
@@ -488,7 +508,9 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
             switch transition.onFailure {
             case .completeForward:
                 for resumption in transition.resumptions where !resumed.contains(resumption.device) {
-                    try? devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)
+                    if (try? devices.resume(resumption.device, udevFlags: resumption.udevFlags, batch: batch)) != nil {
+                        resumed.insert(resumption.device)
+                    }
                 }
             case .revertSuspended:
                 for device in transition.suspendBeforeRevert where resumed.contains(device) {
@@ -500,26 +522,41 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
                 }
             }
         }
+        // Retired once every resumption is done (a reverted window leaves them as they were):
+        // onto their `error` tables, their own targets gone. One that cannot be resumed stays
+        // suspended, never live again: `guard recover` retires it.
         let end = clock.now
+        var retirementFailure: (any Error)?
+        var retired: [DeviceRef] = []
+        if transition.resumptions.allSatisfy({ resumed.contains($0.device) }) {
+            for device in transition.retirements {
+                do {
+                    try devices.resume(device, udevFlags: [.hidden, .lowPriority], batch: batch)
+                    retired.append(device)
+                } catch {
+                    retirementFailure = retirementFailure ?? SnapshotError(
+                        .other, transition.name, "\(device) could not be retired (\(error)); it stays suspended, never live again",
+                        hint: "run `guard recover`, which retires and removes it")
+                }
+            }
+        }
 
         if !watchdog.disarm() {
             log?("warning: the suspend watchdog fired or died during the \(transition.name) (it resumes the devices itself when it fires); check `guard status` and the system log")
         }
         if memoryLocked { unlockMemory() }
         DeviceMapper.releaseLog()
-        // Outside the window: what must never be live again goes, still suspended.
-        var removalFailure: (any Error)?
-        for device in transition.removals where failure == nil {
+        // Outside the window: the retired devices go (the kernel removes one still held open
+        // when it is closed). A removal that fails leaves an `error` device, which blocks no one.
+        for device in retired {
             do { try devices.removeDevice(device, batch: batch) } catch {
-                removalFailure = removalFailure ?? SnapshotError(
-                    .other, transition.name, "\(device) could not be removed (\(error)); it stays suspended, never live again",
-                    hint: "run `guard recover`, which removes it")
+                log?("warning: \(device), retired by the \(transition.name), could not be removed (\(error)); it has an error table and blocks nothing; `guard recover` removes it")
             }
         }
         if udev == nil { batch.finish() }
         if lockNeeded && !memoryLocked { log?("warning: could not lock guard's memory for the suspend window (guard's program or swap is on a volume it suspends)") }
         if let failure { throw failure }
-        if let removalFailure { throw removalFailure }
+        if let retirementFailure { throw retirementFailure }
         return WindowTiming(start: start, suspended: allSuspended, end: end)
     }
 }

@@ -123,8 +123,8 @@ public enum WatchdogServer {
         }
     }
 
-    /// Finishes the window guard left: the rest of its suspends (if it began them), its resumes,
-    /// its removals. A window that never began (nothing suspended) is left alone: the tables
+    /// Finishes the window guard left: the rest of its suspends (if it began them), its resumes
+    /// (the retired devices' onto their `error` tables), its removals. A window that never began (nothing suspended) is left alone: the tables
     /// guard loaded stay inactive, and `guard recover` clears them.
     private static func fire(_ dm: DeviceMapper, _ plan: WatchdogPlan, reason: String) {
         let began = plan.suspend.isEmpty || plan.suspend.contains { (try? dm.info($0))??.isSuspended == true }
@@ -140,7 +140,7 @@ public enum WatchdogServer {
                 }
             }
             for device in plan.remove {
-                if let info = try? dm.info(device), (try? dm.remove(device)) != nil { removed.append(info.name) }
+                if let info = try? dm.info(device), (try? dm.removeRetired(device)) != nil { removed.append(info.name) }
             }
         }
         let what = resumed.isEmpty ? "resumed nothing (nothing was suspended)" : "resumed \(resumed.joined(separator: ", "))"

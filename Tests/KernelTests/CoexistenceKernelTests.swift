@@ -255,7 +255,7 @@ extension Kernel.CoexistenceKernelTests {
         let before = try manifest(lv.mountPoint)
 
         let bad = try tool("run", try lv.recipe(bad: true, onSuccess: "commit"))
-        #expect(bad.status == 1, "\(bad.stderr)")
+        #expect(bad.status == 1, "\(bad.stdout) \(bad.stderr)")
         #expect(try manifest(lv.mountPoint) == before)
         #expect(try twoLiveStatefulTables().isEmpty)
         try lv.cycle()
@@ -281,6 +281,47 @@ extension Kernel.CoexistenceKernelTests {
         try lv.cycle()
         #expect(try manifest(lv.mountPoint) == upgraded, "rolled back later, after deactivate and activate")
         try expectNothingLeft(state: tool.stateDirectory)
+    }
+
+    @Test("a process holds the raid1 LV's -real open (as lvm2's scan and blkid do) through the end of a merge and through a commit: no guard device is left suspended, -real is retired onto an error table and gone once closed, lvm2's commands never hang, files exact")
+    func statefulRealHeldOpen() throws {
+        let lv = try StatefulLVFixture("raid1")
+        let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
+        try writeDatabase(at: lv.mountPoint)
+        for ending in ["rollback", "commit"] {
+            let before = try manifest(lv.mountPoint)
+            let kept = try tool("run", try lv.recipe(bad: false, onSuccess: "keep"))
+            #expect(kept.status == 0, "\(kept.stdout) \(kept.stderr)")
+            let upgraded = try manifest(lv.mountPoint)
+            let runID = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+            let dm = try DeviceMapper()
+            let real = try #require(try dm.guardDevices().first { $0.name.contains("\(lv.vg)-website") && $0.name.hasSuffix("-real") })
+            let held = open("/dev/mapper/\(real.name)", O_RDONLY)
+            #expect(held >= 0, "opened \(real.name)")
+            let result = ending == "commit" ? try tool("commit", runID) : try tool("rollback", runID, "--wait")
+            #expect(result.status == 0, "\(ending) with -real held open: \(result.stdout) \(result.stderr)")
+            let suspended = try dm.guardDevices().filter { (try? dm.info(.number($0.number)))??.isSuspended == true }.map(\.name)
+            #expect(suspended.isEmpty, "no guard device is left suspended after the \(ending): \(suspended)")
+            if let info = try dm.info(.number(real.number)) {
+                #expect(try dm.table(.number(real.number)).isOnly("error"), "-real is retired onto an error table while it is held")
+                #expect(info.removalDeferred, "the kernel removes it when it is closed")
+            }
+            let lvs = try run(["timeout", "120", "lvs", "-a", "--noheadings", "-o", "lv_name", lv.vg], hangSeconds: 180)
+            #expect(lvs.status != 124 && lvs.stdout.contains("website"), "lvs does not hang on guard's devices: \(lvs.status) \(lvs.stderr)")
+            if held >= 0 { close(held) }
+            var gone = false
+            for _ in 0..<50 where !gone {
+                gone = try dm.info(.number(real.number)) == nil
+                if !gone { usleep(100_000) }
+            }
+            #expect(gone, "-real is gone once its last opener closed it")
+            #expect(try twoLiveStatefulTables().isEmpty)
+            let expected = ending == "commit" ? upgraded : before
+            #expect(try manifest(lv.mountPoint) == expected, "after the \(ending)")
+            try lv.cycle()
+            #expect(try manifest(lv.mountPoint) == expected, "after the \(ending), deactivated and activated")
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
     }
 
     @Test("guard killed in the take, the commit and the end of a merge of a writecache LV: never two live writecache tables, before or after recovery, files exact", arguments: ["prepare.origin-loaded", "window.suspended", "commit.suspended", "finish.origin-loaded"])

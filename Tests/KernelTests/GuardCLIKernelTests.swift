@@ -163,7 +163,12 @@ func removeGuardStacks(onVolume volume: String) {
         try? dm.resume(.number(origin.number))
     }
     for suffix in ["-snap", "-real", "-cow"] {
-        for layer in layers where layer.name.hasSuffix(suffix) { try? dm.remove(.number(layer.number)) }
+        for layer in layers where layer.name.hasSuffix(suffix) {
+            // Never left suspended: it would hold every lvm2 command of the other tests.
+            if (try? dm.info(.number(layer.number)))??.isSuspended == true { try? dm.retire(.number(layer.number)) }
+            _ = try? dm.removeRetired(.number(layer.number))
+            try? dm.remove(.number(layer.number))
+        }
     }
 }
 

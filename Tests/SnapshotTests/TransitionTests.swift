@@ -231,26 +231,41 @@ struct TransitionTests {
         #expect(failed.calls.suffix(5) == ["suspend GUARD-3f9a2c1e-0-real noflush", "clear 254:3", "resume 254:3", "clear 254:4", "resume 254:4"], "\(failed.calls)")
     }
 
-    @Test("the commit and the end of a merge of a stateful origin: -real suspended before the origin's own table goes live, then removed still suspended (with -snap)")
+    @Test("the commit and the end of a merge of a stateful origin: -real suspended before the origin's own table goes live, then retired (an error table made live, never suspended for good, never its own again) and removed, with -snap")
     func dropAndFinishStateful() {
         let stack = Self.raidStack(Self.identity0, origin: 3)
-        let drop = Transition.drop(origin: Self.info(3), own: Table(.error, length: 2048), snap: Self.info(9), statefulReal: Self.info(7), name: "commit of vg-lv3")
-        #expect(drop.problems.isEmpty)
+        let own = try! Table(parsing: stack.originTable)
+        let drop = Transition.drop(origin: Self.info(3), own: own, snap: Self.info(9), statefulReal: Self.info(7), name: "commit of vg-lv3")
+        #expect(drop.problems.isEmpty, "\(drop.problems)")
         let committed = Self.run(drop)
-        #expect(committed.calls == ["load 254:3 error", "suspend 254:3", "suspend 254:9", "suspend 254:7", "resume 254:3", "remove 254:9", "remove 254:7"], "\(committed.calls)")
-        #expect(drop.watchdogOrder == [.number(DeviceNumber(major: 254, minor: 3))], "the watchdog never makes -real live again")
+        #expect(
+            committed.calls == [
+                "load 254:3 raid", "load 254:9 error", "load 254:7 error", "suspend 254:3", "suspend 254:9", "suspend 254:7",
+                "resume 254:3", "resume 254:9", "resume 254:7", "remove 254:9", "remove 254:7",
+            ], "\(committed.calls)")
+        #expect(drop.watchdogPlan.resume.map(\.description) == ["254:3", "254:9", "254:7"], "the watchdog resumes the origin first, then -snap and -real onto their error tables")
         #expect(committed.watchdog.plans == [drop.watchdogPlan])
         #expect(drop.watchdogPlan.suspend.map(\.description) == ["254:3", "254:9", "254:7"] && drop.watchdogPlan.remove.map(\.description) == ["254:9", "254:7"])
-        let finish = Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), statefulReal: Self.info(7), stack: stack) {}
+        // The origin's resume fails: the commit goes forward (the label says released); -real is
+        // retired only once the origin is on its own table.
+        let stuck = Self.run(drop, failAt: "resume 254:3")
+        #expect(stuck.error != nil && !stuck.calls.contains("resume 254:7"), "\(stuck.calls)")
+        let finish = Transition.finishMerge(origin: Self.info(3), own: own, statefulReal: Self.info(7), stack: stack) {}
         #expect(finish.problems.isEmpty)
-        #expect(Self.run(finish).calls == ["load 254:3 error", "suspend 254:3 lockfs", "suspend 254:7", "resume 254:3", "remove 254:7"])
+        #expect(Self.run(finish).calls == ["load 254:3 raid", "load 254:7 error", "suspend 254:3 lockfs", "suspend 254:7", "resume 254:3", "resume 254:7", "remove 254:7"])
         struct NotComplete: Error {}
-        let incomplete = Self.run(Transition.finishMerge(origin: Self.info(3), own: Table(.error, length: 2048), statefulReal: Self.info(7), stack: stack) { throw NotComplete() })
-        #expect(incomplete.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:7", "resume 254:7"], "a merge not complete goes on as it was: \(incomplete.calls)")
+        let incomplete = Self.run(Transition.finishMerge(origin: Self.info(3), own: own, statefulReal: Self.info(7), stack: stack) { throw NotComplete() })
+        #expect(incomplete.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:7", "resume 254:7"], "a merge not complete goes on as it was, -real on its own table: \(incomplete.calls)")
         #expect(!incomplete.calls.contains { $0.hasPrefix("remove") })
-        var removedTwice = drop
-        removedTwice.removals.append(.number(DeviceNumber(major: 254, minor: 3)))
-        #expect(removedTwice.problems.contains("commit of vg-lv3: 254:3 is resumed and removed"))
+        // A failed retirement: the device stays suspended (never its own table again), the error says so.
+        let unretired = Self.run(finish, failAt: "resume 254:7")
+        #expect("\(unretired.error.map { "\($0)" } ?? "")".contains("could not be retired") && !unretired.calls.contains("remove 254:7"))
+        var resumedAndRetired = drop
+        resumedAndRetired.retirements.append(.number(DeviceNumber(major: 254, minor: 3)))
+        #expect(resumedAndRetired.problems.contains("commit of vg-lv3: 254:3 is resumed and retired"))
+        var noErrorTable = drop
+        noErrorTable.loads.removeLast()
+        #expect(noErrorTable.problems.contains("commit of vg-lv3: 254:7 is retired without an error table loaded for it"))
     }
 
     @Test("guard's classic snapshot is refused on the targets it is not proven on, by name")
