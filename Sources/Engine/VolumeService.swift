@@ -29,13 +29,13 @@ public struct VolumeService {
     public func create(name: String, backing: String, size: UInt64?, thin: Bool, poolSize: UInt64?) throws -> GuardVolume {
         let lock = try lock(name, "create")
         defer { lock.release() }
-        return try refusing { try volumes.create(name: name, backing: backing, size: size, thin: thin, poolSize: poolSize) }
+        return try volumes.create(name: name, backing: backing, size: size, thin: thin, poolSize: poolSize)
     }
 
     public func remove(name: String) throws {
         let lock = try lock(name, "remove")
         defer { lock.release() }
-        try refusing { try volumes.remove(name: name) }
+        try volumes.remove(name: name)
     }
 
     public func extendPool(name: String, poolSize: UInt64) throws -> GuardVolume {
@@ -43,13 +43,13 @@ public struct VolumeService {
         defer { lock.release() }
         let engine = try context.engine()
         (engine.watchdog as? ProcessWatchdog)?.start()
-        return try refusing { try volumes.extendPool(name: name, poolSize: poolSize, engine: engine) }
+        return try volumes.extendPool(name: name, poolSize: poolSize, engine: engine)
     }
 
     public func repair(name: String) throws -> String {
         let lock = try lock(name, "repair")
         defer { lock.release() }
-        return try refusing { try volumes.repair(name: name) }
+        return try volumes.repair(name: name)
     }
 
     /// Activates every registered volume whose backing is there; one another guard command
@@ -68,12 +68,5 @@ public struct VolumeService {
             }
         }
         return (activated, failed)
-    }
-
-    /// The volume layer's errors as the volume commands have always reported them (exit 2).
-    private func refusing<T>(_ body: () throws -> T) throws -> T {
-        do { return try body() } catch let error as SnapshotError {
-            throw GuardFailure(.refused, "\(error)")
-        }
     }
 }

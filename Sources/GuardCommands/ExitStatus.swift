@@ -22,6 +22,7 @@ enum ExitStatus {
             case .busy: return (.busy, failure.message)
             }
         case let error as SnapshotError:
+            if error.changedNothing { return (.usage, error.description) }
             switch error.code {
             case .needsReassembly:
                 return (.needsReassembly, error.description)
@@ -35,6 +36,10 @@ enum ExitStatus {
             case .permissionDenied, .driverMissing: return (.usage, error.description)
             default: return (.attention, error.description)
             }
+        case let error as ThinCheckFailure:
+            // Activation checks the metadata before the pool goes live, and takes the check's
+            // own layers down when it fails: the pool stays as it was, inactive.
+            return (.usage, error.description)
         case let error as FileTreeError:
             return (.attention, error.description)
         case let error as JournalError:

@@ -49,7 +49,7 @@ public struct GuardVolumes {
     public static func validate(name: String) throws {
         let allowed = name.unicodeScalars.allSatisfy { ($0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0))) || "._+-".unicodeScalars.contains($0) }
         guard !name.isEmpty, name.count <= 64, allowed, !name.hasPrefix("-"), !name.hasPrefix("."), !name.hasPrefix("guard-") else {
-            throw SnapshotError(
+            throw SnapshotError.refusal(
                 .other, "volume create '\(name)'",
                 "a volume name is 1 to 64 letters, digits, '.', '_', '+' or '-', not starting with '-', '.' or 'guard-'")
         }
@@ -67,7 +67,7 @@ public struct GuardVolumes {
         try Self.validate(name: name)
         if thin { return try createThin(name: name, backing: backing, size: size, poolSize: poolSize) }
         if poolSize != nil {
-            throw SnapshotError(.other, "volume create \(name)", "--pool-size is for a thin volume", hint: "add --thin, or leave --pool-size out")
+            throw SnapshotError.refusal(.other, "volume create \(name)", "--pool-size is for a thin volume", hint: "add --thin, or leave --pool-size out")
         }
         let operation = "volume create \(name)"
         let isFile = try checkNew(name: name, backing: backing)
@@ -75,7 +75,7 @@ public struct GuardVolumes {
         if isFile {
             if !FileManager.default.fileExists(atPath: backing) {
                 guard let size else {
-                    throw SnapshotError(.other, operation, "\(backing) does not exist", hint: "give --size to create it")
+                    throw SnapshotError.refusal(.other, operation, "\(backing) does not exist", hint: "give --size to create it")
                 }
                 let file = try RawFile(path: backing, create: true, exclusive: true)
                 _ = try SnapshotEngine.preallocate(file, from: 0, length: size)
@@ -83,17 +83,17 @@ public struct GuardVolumes {
             let existing = try RawFile(path: backing, readOnly: true).size()
             bytes = size ?? existing
             if bytes > existing {
-                throw SnapshotError(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
+                throw SnapshotError.refusal(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
             }
         } else {
             let existing = try BlockDevices.size(of: backing)
             bytes = size ?? existing
             if bytes > existing {
-                throw SnapshotError(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
+                throw SnapshotError.refusal(.other, operation, "\(backing) has \(formatBytes(existing)), less than --size \(formatBytes(bytes))")
             }
         }
         bytes = bytes / 512 * 512
-        guard bytes >= 1 << 20 else { throw SnapshotError(.other, operation, "a volume needs at least 1 MiB") }
+        guard bytes >= 1 << 20 else { throw SnapshotError.refusal(.other, operation, "a volume needs at least 1 MiB") }
         let volume = GuardVolume(name: name, backing: backing, backingIsFile: isFile, sizeBytes: bytes)
         try FileManager.default.createDirectory(atPath: registry, withIntermediateDirectories: true)
         try activate(volume)
@@ -106,14 +106,14 @@ public struct GuardVolumes {
     func checkNew(name: String, backing: String) throws -> Bool {
         let operation = "volume create \(name)"
         if try dm.info(.name(name)) != nil {
-            throw SnapshotError(.other, operation, "a device-mapper device named \(name) already exists")
+            throw SnapshotError.refusal(.other, operation, "a device-mapper device named \(name) already exists")
         }
         if FileManager.default.fileExists(atPath: "\(registry)/\(name).json") {
-            throw SnapshotError(.other, operation, "guard already has a volume \(name)", hint: "`guard volume list`")
+            throw SnapshotError.refusal(.other, operation, "guard already has a volume \(name)", hint: "`guard volume list`")
         }
         guard let number = try? BlockDevices.deviceNumber(of: backing) else { return true }
         if !Mounts.mountPoints(of: number).isEmpty || !BlockDevices.holders(of: number).isEmpty {
-            throw SnapshotError(.inUse, operation, "\(backing) is mounted or in use")
+            throw SnapshotError.refusal(.inUse, operation, "\(backing) is mounted or in use")
         }
         return false
     }
@@ -182,25 +182,25 @@ public struct GuardVolumes {
     public func remove(name: String) throws {
         let operation = "volume remove \(name)"
         guard let (volume, info) = try list().first(where: { $0.0.name == name }) else {
-            throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
+            throw SnapshotError.refusal(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
         }
         if let info {
             if info.openCount > 0 {
                 let mounts = Mounts.mountPoints(of: info.number).map(\.target)
-                throw SnapshotError(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
+                throw SnapshotError.refusal(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
             }
             let table = try dm.table(.number(info.number))
             if volume.thin != nil, let pool = try dm.info(.uuid(ThinPoolNames(volume: name).poolUUID)) {
                 let others = BlockDevices.holders(of: pool.number).filter { $0 != info.number }
                 if !others.isEmpty {
                     let names = others.map { BlockDevices.deviceMapperName(of: $0) ?? $0.description }
-                    throw SnapshotError(
+                    throw SnapshotError.refusal(
                         .alreadySnapshotted, operation, "\(name)'s pool holds snapshots of kept runs (\(names.joined(separator: ", ")))",
                         hint: "commit or roll back those runs first (`guard status`)")
                 }
             }
             if !table.isOnly(volume.thin == nil ? "linear" : "thin") {
-                throw SnapshotError(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
+                throw SnapshotError.refusal(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
             }
         }
         try deactivate(volume)

@@ -44,12 +44,22 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
     public var operation: String
     public var reason: String
     public var hint: String?
+    /// Thrown by a check made before anything was changed (exit 2: "nothing was touched").
+    /// False for every other error, which may come after a change (exit 3).
+    public var changedNothing = false
 
     public init(_ code: Code, _ operation: String, _ reason: String, hint: String? = nil) {
         self.code = code
         self.operation = operation
         self.reason = reason
         self.hint = hint
+    }
+
+    /// A refusal by a check made before anything was changed.
+    public static func refusal(_ code: Code = .other, _ operation: String, _ reason: String, hint: String? = nil) -> SnapshotError {
+        var error = SnapshotError(code, operation, reason, hint: hint)
+        error.changedNothing = true
+        return error
     }
 
     public var description: String {

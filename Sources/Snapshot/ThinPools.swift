@@ -97,7 +97,7 @@ extension GuardVolumes {
     /// - Throws: `ThinCheckFailure` with thin_check's words; a SnapshotError when thin_check is missing.
     func checkThinMetadata(_ volume: GuardVolume, names: ThinPoolNames) throws {
         guard let tool = Self.thinTool("thin_check") else {
-            throw SnapshotError(
+            throw SnapshotError.refusal(
                 .other, "activation of \(volume.name)", "thin_check is not installed: guard checks a thin pool's metadata before it activates it",
                 hint: "install thin-provisioning-tools (`apt install thin-provisioning-tools`)")
         }
@@ -172,20 +172,20 @@ extension GuardVolumes {
     public func extendPool(name: String, poolSize: UInt64, engine: SnapshotEngine) throws -> GuardVolume {
         let operation = "volume extend \(name)"
         guard var (volume, _) = try list().first(where: { $0.0.name == name }) else {
-            throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
+            throw SnapshotError.refusal(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
         }
         guard var layout = volume.thin else {
-            throw SnapshotError(.notExtendable, operation, "\(name) is not a thin volume: it has no pool to grow")
+            throw SnapshotError.refusal(.notExtendable, operation, "\(name) is not a thin volume: it has no pool to grow")
         }
         let names = ThinPoolNames(volume: name)
         guard let pool = try dm.info(.uuid(names.poolUUID)), let data = try dm.info(.uuid(names.dataUUID)) else {
-            throw SnapshotError(.other, operation, "\(name)'s pool is not active", hint: "`guard volume activate` first")
+            throw SnapshotError.refusal(.other, operation, "\(name)'s pool is not active", hint: "`guard volume activate` first")
         }
         let bytes = poolSize / layout.blockBytes * layout.blockBytes
         guard bytes > layout.dataBytes else {
-            throw SnapshotError(.notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
+            throw SnapshotError.refusal(.notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
         }
-        if let problem = try Self.growthProblem(volume, layout, to: bytes) { throw SnapshotError(problem.kind, operation, problem.message, hint: problem.hint) }
+        if let problem = try Self.growthProblem(volume, layout, to: bytes) { throw SnapshotError.refusal(problem.kind, operation, problem.message, hint: problem.hint) }
         let needed = layout.dataOffset + bytes
         if volume.backingIsFile {
             let file = try RawFile(path: volume.backing)
@@ -199,7 +199,7 @@ extension GuardVolumes {
         guard case .linear(let device, let offset)? = try dm.table(.number(data.number)).lines.first?.target,
             case .thinPool(let metadata, _, let block, _)? = try dm.table(.number(pool.number)).lines.first?.target
         else {
-            throw SnapshotError(.layerMissing, operation, "\(names.pool) or \(names.data) does not have the tables guard gave them")
+            throw SnapshotError.refusal(.layerMissing, operation, "\(names.pool) or \(names.data) does not have the tables guard gave them")
         }
         layout.dataBytes = bytes
         volume.thin = layout
@@ -263,18 +263,18 @@ extension GuardVolumes {
     public func repair(name: String) throws -> String {
         let operation = "volume repair \(name)"
         guard let (volume, info) = try list().first(where: { $0.0.name == name }) else {
-            throw SnapshotError(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
+            throw SnapshotError.refusal(.other, operation, "guard has no volume \(name)", hint: "`guard volume list`")
         }
         guard let layout = volume.thin else {
-            throw SnapshotError(.other, operation, "\(name) is not a thin volume: it has no pool metadata to repair")
+            throw SnapshotError.refusal(.other, operation, "\(name) is not a thin volume: it has no pool metadata to repair")
         }
         let names = ThinPoolNames(volume: name)
         let poolActive = try dm.info(.uuid(names.poolUUID)) != nil
         if info != nil || poolActive {
-            throw SnapshotError(.inUse, operation, "\(name)'s pool is active: its metadata passed thin_check", hint: "remove the volume's devices first only if `guard status` shows no run on it")
+            throw SnapshotError.refusal(.inUse, operation, "\(name)'s pool is active: its metadata passed thin_check", hint: "remove the volume's devices first only if `guard status` shows no run on it")
         }
         guard let repairTool = Self.thinTool("thin_repair"), let checkTool = Self.thinTool("thin_check") else {
-            throw SnapshotError(.other, operation, "thin_repair or thin_check is not installed", hint: "install thin-provisioning-tools")
+            throw SnapshotError.refusal(.other, operation, "thin_repair or thin_check is not installed", hint: "install thin-provisioning-tools")
         }
         let stamp = Int(Date().timeIntervalSince1970)
         let kept = "\(registry)/\(name).tmeta.\(stamp)", repaired = "\(registry)/\(name).tmeta.\(stamp).repaired"
@@ -363,7 +363,7 @@ extension GuardVolumes {
         var layout: ThinLayout
         var created = false
         if isFile && !FileManager.default.fileExists(atPath: backing) {
-            guard let size else { throw SnapshotError(.other, operation, "\(backing) does not exist", hint: "give --size to create it") }
+            guard let size else { throw SnapshotError.refusal(.other, operation, "\(backing) does not exist", hint: "give --size to create it") }
             layout = ThinLayout.new(dataBytes: poolSize ?? size * 2)
             let file = try RawFile(path: backing, create: true, exclusive: true)
             _ = try SnapshotEngine.preallocate(file, from: 0, length: layout.backingBytes)
@@ -371,27 +371,30 @@ extension GuardVolumes {
         } else {
             let existing = isFile ? try RawFile(path: backing, readOnly: true).size() : try BlockDevices.size(of: backing)
             guard let whole = ThinLayout.filling(backingBytes: existing) else {
-                throw SnapshotError(.other, operation, "\(backing) has \(formatBytes(existing)): a thin pool needs more than 9 MiB")
+                throw SnapshotError.refusal(.other, operation, "\(backing) has \(formatBytes(existing)): a thin pool needs more than 9 MiB")
             }
             layout = whole
             if let poolSize {
                 guard poolSize <= whole.dataBytes else {
-                    throw SnapshotError(.other, operation, "\(backing) has room for a pool of \(formatBytes(whole.dataBytes)), less than --pool-size \(formatBytes(poolSize))")
+                    throw SnapshotError.refusal(.other, operation, "\(backing) has room for a pool of \(formatBytes(whole.dataBytes)), less than --pool-size \(formatBytes(poolSize))")
                 }
                 layout = ThinLayout.new(dataBytes: poolSize)
             }
             let contents = try existingContents(of: backing, layout: layout)
             if !contents.isEmpty {
-                throw SnapshotError(
+                throw SnapshotError.refusal(
                     .inUse, operation, "\(backing) holds \(contents.joined(separator: ", ")): a thin pool would be written over it",
                     hint: "give an empty file or device (guard does not wipe one that holds data; `wipefs` lists what is there)")
             }
         }
         let bytes = (size ?? layout.dataBytes / 2) / 512 * 512
-        guard bytes >= 1 << 20 else { throw SnapshotError(.other, operation, "a volume needs at least 1 MiB") }
+        guard bytes >= 1 << 20 else {
+            if created { try? FileManager.default.removeItem(atPath: backing) }
+            throw SnapshotError.refusal(.other, operation, "a volume needs at least 1 MiB")
+        }
         guard bytes <= layout.dataBytes else {
             if created { try? FileManager.default.removeItem(atPath: backing) }
-            throw SnapshotError(
+            throw SnapshotError.refusal(
                 .other, operation, "--size \(formatBytes(bytes)) is more than the pool's \(formatBytes(layout.dataBytes))",
                 hint: "give a larger --pool-size: the pool holds the volume and the blocks its snapshots keep")
         }

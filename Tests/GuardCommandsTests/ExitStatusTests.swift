@@ -2,7 +2,7 @@ import DeviceMapper
 import Engine
 import Journal
 @testable import GuardCommands
-import Snapshot
+@testable import Snapshot
 import Testing
 
 /// Issue 14: the layers' typed errors become exit codes in one place, and 2 ("nothing was
@@ -19,6 +19,12 @@ func exitStatusOfLayerErrors() {
     for after in [SnapshotError.Code.inUse, .mergeInProgress, .mergeFailed, .stale, .layerMissing, .originNotFound, .invalidSnapshot, .other] {
         #expect(code(SnapshotError(after, "commit of vg-lv", "why")) == .attention, "\(after)")
     }
+    // The volume commands: a check before any change is 2 whatever its code; what failed after
+    // a change (thin_repair that wrote a copy) is 3.
+    #expect(code(SnapshotError.refusal(.inUse, "volume remove site", "it is mounted")) == .usage)
+    #expect(code(SnapshotError.refusal(.other, "volume create site", "guard already has a volume site")) == .usage)
+    #expect(code(SnapshotError(.other, "volume repair site", "thin_repair could not rebuild the metadata")) == .attention)
+    #expect(code(ThinCheckFailure(volume: "site", output: "bad checksum")) == .usage, "the pool was left inactive: nothing changed")
     #expect(code(DeviceMapperError(code: .permissionDenied, operation: "connection to device-mapper", detail: "needs root")) == .usage)
     #expect(code(DeviceMapperError(code: .busy, operation: "remove of x")) == .attention)
     let message = ExitStatus.of(SnapshotError(.inUse, "commit of vg-lv", "the snapshot is open", hint: "unmount it first"))?.message

@@ -192,7 +192,9 @@ extension GuardCommand {
                     say(activated.isEmpty && failed.isEmpty ? "every guard volume is active" : activated.isEmpty ? "activated none" : "activated " + activated.map(\.name).joined(separator: ", "))
                 }
                 if !failed.isEmpty {
-                    throw GuardFailure(.refused, failed.map { "guard volume \($0.0.name) was not activated: \($0.1)" }.joined(separator: "\n"))
+                    // 2 only when nothing changed: no volume activated and every failure a refusal.
+                    let changedNothing = activated.isEmpty && failed.allSatisfy { ExitStatus.of($0.1)?.code == .usage }
+                    throw GuardFailure(changedNothing ? .refused : .attention, failed.map { "guard volume \($0.0.name) was not activated: \($0.1)" }.joined(separator: "\n"))
                 }
             }
         }
