@@ -47,7 +47,7 @@ struct CommandResult {
 /// running after `hangSeconds` is killed and reported as hung: that bound only stops a hung
 /// test, it is never a pass condition.
 @discardableResult
-func run(_ argv: [String], environment: [String: String]? = nil, input: String? = nil, hangSeconds: Double = 1800) throws -> CommandResult {
+func run(_ argv: [String], environment: [String: String]? = nil, input: String? = nil, hangSeconds: Double = 900) throws -> CommandResult {
     let program = argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env"
     let arguments = argv[0].hasPrefix("/") ? argv : ["/usr/bin/env"] + argv
     let variables = (environment ?? ProcessInfo.processInfo.environment).map { "\($0.key)=\($0.value)" }
