@@ -314,8 +314,13 @@ struct RunBody {
                 if let snapshotPhase { try journal.endPhase(snapshotPhase, status: .done, detail: "suspend window \(window) µs", at: timestamp()) }
             }
         } catch {
-            // Nothing ran under the snapshots yet: dropping them changes nothing.
-            let dropped = (try? live.commit()) != nil
+            // Nothing ran under the snapshots yet: dropping them changes nothing. Those a drop
+            // leaves live stay as they are, for `guard recover`.
+            let dropped: Bool
+            switch live.commit() {
+            case .committed: dropped = true
+            case .incomplete: dropped = false
+            }
             await runResumeHooks(runner: runner)
             return journalUnwritable(error, dropped ? "the snapshots were dropped before any step ran; no volume was changed" : "no step ran; the snapshots are still live: run `guard recover` once the journal is writable")
         }
@@ -455,16 +460,25 @@ struct RunBody {
                 error,
                 "the upgrade is in place and nothing was committed: the snapshots are live and \(labels); once the journal is writable, `guard recover` records the run as kept, then `guard commit \(runID)` makes it final")
         }
-        do {
-            CrashPoint.hit(.runBeforeCommit)
-            try live.commit()
+        CrashPoint.hit(.runBeforeCommit)
+        switch live.commit() {
+        case .committed:
             CrashPoint.hit(.runAfterCommit)
             try? journal.setSnapshotState(runID: runID, .committed)
             try? journal.endPhase(phase, status: .done, at: timestamp())
             return finish(outcome: .committed, exit: .success, state: .finished, error: nil, message: "run \(runID) committed: the upgrade is final")
-        } catch {
+        case .incomplete(let stillLive, let error):
+            // The run is kept: the snapshots still live say so in their labels too (a reboot
+            // reassembles them as a kept run's), and `guard commit` finishes the drop.
+            let volumes = stillLive.stacks.map(\.originPath)
+            for (stack, labelError) in stillLive.keep().unmarked {
+                reporter.warning("could not mark the snapshot of \(stack.originName) as kept in its COW label: \(labelError)")
+            }
             try? journal.endPhase(phase, status: .failed, detail: "\(error)", at: timestamp())
-            return finish(outcome: .kept, exit: .attention, state: .kept, error: "the commit did not complete: \(error)", message: "run \(runID): the upgrade is applied but the commit did not complete (\(error)); run `guard commit \(runID)` again")
+            let live = volumes.isEmpty ? "" : "; the snapshots of \(volumes.joined(separator: ", ")) are live and kept"
+            return finish(
+                outcome: .kept, exit: .attention, state: .kept, error: "the commit did not complete: \(error)",
+                message: "run \(runID): the upgrade is applied but the commit did not complete (\(error))\(live); run `guard commit \(runID)` again")
         }
     }
 

@@ -105,9 +105,17 @@ public struct LiveSnapshotSet: ~Copyable {
     }
 
     /// Drops the snapshots; the volumes keep their current data. Stops at the first failure
-    /// (the rest stay live, for `guard commit` to finish).
-    public consuming func commit() throws {
-        for stack in stacks { try engine.drop(stack) }
+    /// and hands back, as a set, the snapshots still live (the one that failed too, when it
+    /// still is): the caller keeps them (`keep()`, labels kept) for `guard commit` to finish.
+    public consuming func commit() -> CommitResult {
+        for (index, stack) in stacks.enumerated() {
+            do { try engine.drop(stack) } catch {
+                let failedIsLive = (try? engine.liveState(stack).live) == true
+                let left = Array(stacks[(failedIsLive ? index : index + 1)...])
+                return .incomplete(stillLive: LiveSnapshotSet(engine: engine, stacks: left, window: window), error: error)
+            }
+        }
+        return .committed
     }
 
     /// Drops every snapshot, going on past a failure, for a run whose journal holds the
@@ -156,6 +164,13 @@ public struct LiveSnapshotSet: ~Copyable {
         }
         return MergingSnapshotSet(engine: engine, stacks: merging)
     }
+}
+
+/// What a commit did: every snapshot dropped, or not all of them, with the ones still live.
+public enum CommitResult: ~Copyable {
+    case committed
+    /// A drop failed (`error`); `stillLive` are the snapshots that are still live.
+    case incomplete(stillLive: LiveSnapshotSet, error: any Error)
 }
 
 /// Merges that did not all start: `merging` are under way (their volumes read as before the

@@ -283,6 +283,53 @@ extension Kernel {
             recordResult(["partial-rollback", "two volumes; the second's merge cannot start (held open outside guard)", "rollback", "restored", "recovered", "run says which volume is not rolled back, stays open (exit 3); guard recover rolled it back", ""])
         }
 
+        @Test("a two-volume commit whose first drop cannot be made (its snapshot held open outside guard): the run is kept, both snapshots stay live and their labels say kept, the message says to commit again, and that commit works once the holder is gone")
+        func partialCommit() async throws {
+            let first = try RawVolume()
+            let second = try RawVolume(label: "partialCommit-2")
+            let tool = first.guardTool
+            // Outside guard, something opens the first volume's snapshot while the steps run
+            // (a backup reading it, say) and keeps it open.
+            let (pidFile, held) = (first.scratch.path("holder.pid"), first.scratch.path("held"))
+            try startDetached([
+                "/bin/sh", "-c",
+                "echo $$ > \(pidFile); while :; do for f in /dev/mapper/guard-*-\(first.name)-snap; do [ -e \"$f\" ] && break 2; done; sleep 0.05; done; exec 3<\"$f\"; touch \(held); exec sleep 600",
+            ])
+            first.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
+            let recipe = try writeRecipe(
+                """
+                name: partial-commit
+                volumes:
+                  - device: \(first.device)
+                    snapshot: 8M
+                  - device: \(second.device)
+                    snapshot: 8M
+                steps:
+                  - name: write both, once the snapshot is held
+                    shell: for i in $(seq 600); do [ -e \(held) ] && break; sleep 0.1; done; [ -e \(held) ] && for d in \(first.device) \(second.device); do dd if=/dev/urandom of=$d bs=1M count=2 seek=3 oflag=direct conv=notrunc status=none; done
+                on_success: commit
+                """, in: first.scratch)
+            let result = try tool("run", recipe)
+            let said = result.stdout + result.stderr
+            #expect(result.status == 3, "\(said)")
+            let runID = try #require(try tool.history()?.first?["id"] as? Int)
+            #expect(said.contains("commit did not complete") && said.contains("guard commit \(runID)"), "\(said)")
+            #expect(said.contains(first.device) && said.contains(second.device) && said.contains("live and kept"), "names the volumes whose snapshots are live: \(said)")
+            #expect(try tool.history()?.first?["state"] as? String == "kept")
+            let labels = try SnapshotEngine.cowFiles(in: "\(tool.stateDirectory)/cow").compactMap { try CowLabel.read(from: $0.path)?.state }
+            #expect(labels == [.kept, .kept], "both snapshots are live, their labels say kept: \(labels)")
+            let upgraded = (try first.checksum, try second.checksum)
+
+            let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            _ = try sh("kill -KILL \(holder)")
+            try await waitUntil("the holder to exit") { !isRunning(holder) }
+            let commit = try tool("commit", "\(runID)")
+            #expect(commit.status == 0, "\(commit.stdout) \(commit.stderr)")
+            #expect(try first.checksum == upgraded.0 && second.checksum == upgraded.1, "the upgrade stays on both volumes")
+            #expect(try tool.history()?.first?["state"] as? String == "finished")
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
+
         @Test("a step double-forks a writer into a session of its own, then guard is killed with -9: guard recover kills the writer before the rollback, and the volume is as before the run")
         func escapedWriterKilledByRecover() async throws {
             let volume = try RawVolume()

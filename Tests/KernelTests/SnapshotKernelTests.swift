@@ -150,7 +150,7 @@ extension Kernel {
             let second = try fixture.engine.prepare([fixture.request()], token: StackIdentity.newToken()).take()
             try fixture.goodMigration()
             let migrated = try sha256("\(fixture.mountPoint)/database")
-            try second.commit()
+            try commitAll(second)
             #expect(try fixture.layers().isEmpty, "no GUARD- layer is left")
             #expect(fixture.cowFiles.isEmpty, "no COW file is left")
             #expect(try fixture.dm.table(.name(fixture.volume.name)).isOnly("linear"))
@@ -217,7 +217,7 @@ extension Kernel {
                 let n2 = try SequenceWriter.read(live.stacks[1].snapPath)
                 #expect(n1 > 0 && n2 > 0, "the writer was writing (round \(round))")
                 #expect(n2 <= n1 && n2 + 1 >= n1, "round \(round): volume 1 has \(n1), volume 2 has \(n2)")
-                try live.commit()
+                try commitAll(live)
             }
             try waitUntilNow("the writer to go on after the last commit") { writer.count > seen }
             #expect(try first.layers().isEmpty && second.layers().isEmpty)
@@ -244,7 +244,7 @@ extension Kernel {
                 _ = try sh("mount -o ro '\(stack.snapPath)' '\(snapMount)'")
                 let text = try String(contentsOfFile: "\(snapMount)/sequence", encoding: .utf8)
                 _ = try sh("umount '\(snapMount)'")
-                try live.commit()
+                try commitAll(live)
 
                 let numbers = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().map { UInt64($0) }
                 #expect(text.hasSuffix("\n") && numbers.enumerated().allSatisfy { $0.element == UInt64($0.offset + 1) }, "round \(round): the snapshot's file is 1, 2, 3, ... with nothing torn")
@@ -280,7 +280,7 @@ extension Kernel {
                 #expect(try sha256(stacks[0].snapPath) == image, "the snapshot still holds the old data")
                 let attributes = try FileManager.default.attributesOfItem(atPath: stacks[0].storage.path)
                 #expect((attributes[.size] as? NSNumber)?.uint64Value == stacks[0].storageBytes)
-                try LiveSnapshotSet.attach(stacks, engine: fixture.engine).commit()
+                try commitAll(LiveSnapshotSet.attach(stacks, engine: fixture.engine))
                 _ = live.keep().stacks
             }
             // Without: 4 MiB COW, 12 MiB written: Invalid, reported as such; the origin has what was written.
@@ -293,7 +293,7 @@ extension Kernel {
                 let health = try fixture.engine.health(live.stacks[0])
                 guard case .invalid = health.status else {
                     Issue.record("a full COW must make the snapshot Invalid, got \(health.status)")
-                    try live.commit()
+                    try commitAll(live)
                     return
                 }
                 #expect(!health.isRestorable)
@@ -528,5 +528,13 @@ final class SequenceWriter: @unchecked Sendable {
         defer { buffer.deallocate() }
         guard pread(fd, buffer, 4096, 0) == 4096 else { throw ShellError(command: "pread \(path)", status: errno, stderr: "") }
         return UInt64(littleEndian: buffer.load(as: UInt64.self))
+    }
+}
+
+/// Commits the set; a drop that failed is the test's error.
+func commitAll(_ live: consuming LiveSnapshotSet) throws {
+    switch live.commit() {
+    case .committed: return
+    case .incomplete(_, let error): throw error
     }
 }
