@@ -805,7 +805,11 @@ public struct SnapshotEngine {
                 try? label.write(to: stack.storage.path)
             }
         }
-        try dm.remove(.number(snap.number), batch: udev)
+        // `-snap` is on its error table now: a scan that opens it at this instant (lvm2's, blkid's)
+        // defers its removal to its close, never turns a merge under way into a failed start.
+        if try !dm.removeRetired(.number(snap.number), batch: udev) {
+            log?("\(snap.name) is still open (an error device now); the kernel removes it when its last opener closes it")
+        }
         log?("\(origin.name) is merging its snapshot back")
     }
 
