@@ -79,6 +79,25 @@ final class RawVolume {
     }
 }
 
+/// A recipe over two raw volumes whose one step writes 2 MiB into each (`before` runs first,
+/// in the same shell line), then `tail` (verify, on_success, ...).
+func twoVolumeRecipe(_ name: String, _ first: RawVolume, _ second: RawVolume, before: String = "", tail: String) throws -> String {
+    let write = "for d in \(first.device) \(second.device); do dd if=/dev/urandom of=$d bs=1M count=2 seek=3 oflag=direct conv=notrunc status=none; done"
+    return try writeRecipe(
+        """
+        name: \(name)
+        volumes:
+          - device: \(first.device)
+            snapshot: 8M
+          - device: \(second.device)
+            snapshot: 8M
+        steps:
+          - name: write both
+            shell: \(before)\(write)
+
+        """ + tail, in: first.scratch)
+}
+
 /// Waits until `condition` holds (polling), or fails the test after `seconds`.
 func waitUntil(_ what: String, seconds: Double = 600, sourceLocation: SourceLocation = #_sourceLocation, _ condition: () throws -> Bool) async throws {
     let deadline = Date().addingTimeInterval(seconds)
@@ -239,21 +258,7 @@ extension Kernel {
             try startDetached(["/bin/sh", "-c", "echo $$ > \(pidFile); exec 3<\(second.device); exec sleep 600"])
             try await waitUntil("the holder to start") { FileManager.default.fileExists(atPath: pidFile) }
             first.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
-            let recipe = try writeRecipe(
-                """
-                name: partial
-                volumes:
-                  - device: \(first.device)
-                    snapshot: 8M
-                  - device: \(second.device)
-                    snapshot: 8M
-                steps:
-                  - name: write both
-                    shell: for d in \(first.device) \(second.device); do dd if=/dev/urandom of=$d bs=1M count=2 seek=3 oflag=direct conv=notrunc status=none; done
-                verify:
-                  - name: fail
-                    run: [/bin/false]
-                """, in: first.scratch)
+            let recipe = try twoVolumeRecipe("partial", first, second, tail: "verify:\n  - name: fail\n    run: [/bin/false]\n")
             let result = try tool("run", recipe)
             #expect(result.status == 3, "\(result.stderr)")
             #expect(result.stderr.contains("\(second.device) is NOT rolled back"), "\(result.stderr)")
@@ -296,19 +301,8 @@ extension Kernel {
                 "echo $$ > \(pidFile); while :; do for f in /dev/mapper/guard-*-\(first.name)-snap; do [ -e \"$f\" ] && break 2; done; sleep 0.05; done; exec 3<\"$f\"; touch \(held); exec sleep 600",
             ])
             first.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
-            let recipe = try writeRecipe(
-                """
-                name: partial-commit
-                volumes:
-                  - device: \(first.device)
-                    snapshot: 8M
-                  - device: \(second.device)
-                    snapshot: 8M
-                steps:
-                  - name: write both, once the snapshot is held
-                    shell: for i in $(seq 600); do [ -e \(held) ] && break; sleep 0.1; done; [ -e \(held) ] && for d in \(first.device) \(second.device); do dd if=/dev/urandom of=$d bs=1M count=2 seek=3 oflag=direct conv=notrunc status=none; done
-                on_success: commit
-                """, in: first.scratch)
+            let recipe = try twoVolumeRecipe(
+                "partial-commit", first, second, before: "for i in $(seq 600); do [ -e \(held) ] && break; sleep 0.1; done; [ -e \(held) ] && ", tail: "on_success: commit\n")
             let result = try tool("run", recipe)
             let said = result.stdout + result.stderr
             #expect(result.status == 3, "\(said)")
