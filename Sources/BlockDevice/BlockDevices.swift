@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// Facts about block devices, read from device nodes and sysfs.
 public enum BlockDevices {
@@ -31,8 +32,9 @@ public enum BlockDevices {
         let fd = try Sys.open(path, O_RDONLY, operation: "size query of \(path)")
         defer { Sys.close(fd) }
         var size: UInt64 = 0
-        _ = try Sys.ioctl(fd, guard_req_blkgetsize64(), "BLKGETSIZE64", pointer: &size,
-                          operation: "size query of \(path)")
+        _ = try Sys.ioctl(
+            fd, guard_req_blkgetsize64(), "BLKGETSIZE64", pointer: &size,
+            operation: "size query of \(path)")
         return size
     }
 

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// A block device's major:minor number, the way the kernel names devices in tables.
 public struct DeviceNumber: Hashable, Sendable, Comparable, CustomStringConvertible, Codable {

@@ -1,7 +1,8 @@
+import CMount
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CMount
 
 // Every call into libmount is in this file.
 

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// A loop device bound to a backing file.
 public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {

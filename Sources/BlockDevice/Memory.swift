@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// Process-wide memory locking, for the instants when a suspended volume must not be
 /// touched: no page of guard may need to be read back from a disk then.

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// One line of the kernel's mount table.
 public struct MountEntry: Hashable, Sendable {
@@ -134,7 +135,9 @@ public enum Mounts {
     /// - Note: libmount with MS_BIND, then MS_REMOUNT|MS_BIND|MS_RDONLY for a read-only bind.
     public static func bind(_ source: String, on target: String, readOnly: Bool) throws(BlockDeviceError) {
         if let failure = LibMount.run(source: source, target: target, fileSystemType: nil, options: nil, unmount: false, flags: UInt(MS_BIND)) {
-            throw BlockDeviceError(code: .from(errno: failure.errno), operation: "bind mount of \(source) on \(target)", call: "mount", errno: failure.errno, detail: failure.message.isEmpty ? nil : failure.message)
+            throw BlockDeviceError(
+                code: .from(errno: failure.errno), operation: "bind mount of \(source) on \(target)", call: "mount", errno: failure.errno,
+                detail: failure.message.isEmpty ? nil : failure.message)
         }
         guard readOnly else { return }
         try Sys.mount(nil, target, flags: UInt(MS_REMOUNT | MS_BIND | MS_RDONLY), operation: "read-only remount of the bind mount \(target)")
@@ -183,7 +186,8 @@ public enum Mounts {
             if failure.errno == EBUSY, let device {
                 let holders = processes(using: device)
                 if !holders.isEmpty {
-                    detail = "held by " + holders.map(\.description).joined(separator: ", ")
+                    detail =
+                        "held by " + holders.map(\.description).joined(separator: ", ")
                         + "; stop them (or the service) and try again"
                 }
             }
@@ -256,7 +260,10 @@ public enum Mounts {
         var parts: [Substring] = []
         for part in path.split(separator: "/") {
             if part == "." || part.isEmpty { continue }
-            if part == ".." { _ = parts.popLast(); continue }
+            if part == ".." {
+                _ = parts.popLast()
+                continue
+            }
             parts.append(part)
         }
         return "/" + parts.joined(separator: "/")

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// A file or block device opened for positioned, unbuffered-by-guard I/O.
 ///
@@ -135,4 +136,3 @@ public func freeSpace(at path: String) throws(BlockDeviceError) -> UInt64 {
     _ = try Sys.retrying("statvfs(\(path))", operation: "free space query of \(path)") { statvfs(path, &info) }
     return UInt64(info.f_bfree) * UInt64(info.f_frsize)
 }
-

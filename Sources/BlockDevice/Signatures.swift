@@ -60,7 +60,8 @@ extension BlockDevices {
         guard let number = try? deviceNumber(of: path), let size = size(of: number) else { return nil }
         let byID = "/dev/disk/by-id"
         let links = Sys.listDirectory(byID).filter { (try? deviceNumber(of: "\(byID)/\($0)")) == number }
-        let name = links.sorted { ($0.hasPrefix("wwn-") ? 0 : 1, $0) < ($1.hasPrefix("wwn-") ? 0 : 1, $1) }.first
+        let name =
+            links.sorted { ($0.hasPrefix("wwn-") ? 0 : 1, $0) < ($1.hasPrefix("wwn-") ? 0 : 1, $1) }.first
             ?? deviceMapperUUID(of: number).map { "dm-uuid-\($0)" }
             ?? Sys.readSmallFile("/sys/dev/block/\(number)/loop/backing_file").map { "loop-backing-\($0.trimmingWhitespace())" }
         return name.map { "\($0) size=\(size)" }

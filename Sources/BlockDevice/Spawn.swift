@@ -93,7 +93,8 @@ extension Spawn {
     /// threads, so it works in an initramfs too.
     public static func run(_ path: String, _ arguments: [String], environment: [String: String]? = nil, stderr errors: ErrorOutput = .captured) throws(SpawnError) -> Finished {
         let pipe = try Spawn.pipe()
-        var readEnd = pipe.read, writeEnd = pipe.write
+        var readEnd = pipe.read
+        var writeEnd = pipe.write
         defer {
             if readEnd >= 0 { Glibc.close(readEnd) }
             if writeEnd >= 0 { Glibc.close(writeEnd) }

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 // Every raw system call of BlockDevice goes through here: errno is read at once and
 // EINTR is retried, so callers see either a value or a typed error.
@@ -50,17 +51,19 @@ enum Sys {
     }
 
     /// ioctl through the shim, which retries EINTR itself and returns -errno.
-    static func ioctl(_ fd: Int32, _ request: UInt, _ name: String, pointer: UnsafeMutableRawPointer,
-                      operation: @autoclosure () -> String) throws(BlockDeviceError) -> Int32
-    {
+    static func ioctl(
+        _ fd: Int32, _ request: UInt, _ name: String, pointer: UnsafeMutableRawPointer,
+        operation: @autoclosure () -> String
+    ) throws(BlockDeviceError) -> Int32 {
         let result = guard_ioctl_ptr(fd, request, pointer)
         if result < 0 { throw .syscall("ioctl \(name)", errno: -result, operation: operation()) }
         return result
     }
 
-    static func ioctl(_ fd: Int32, _ request: UInt, _ name: String, value: UInt,
-                      operation: @autoclosure () -> String) throws(BlockDeviceError) -> Int32
-    {
+    static func ioctl(
+        _ fd: Int32, _ request: UInt, _ name: String, value: UInt,
+        operation: @autoclosure () -> String
+    ) throws(BlockDeviceError) -> Int32 {
         let result = guard_ioctl_long(fd, request, value)
         if result < 0 { throw .syscall("ioctl \(name)", errno: -result, operation: operation()) }
         return result

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// The system log, identity "guard": journald's native protocol where journald listens,
 /// with structured fields (GUARD_RUN_ID, GUARD_RECIPE, GUARD_PHASE, GUARD_VOLUME and, for

@@ -1,7 +1,8 @@
+import CGuardShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CGuardShims
 
 /// Files and directories guard acts on as root (recipes, guard.conf, the state directory):
 /// read once through one descriptor, and checked for who besides root could have changed them.
@@ -40,7 +41,8 @@ public enum TrustedFiles {
             throw BlockDeviceError(code: .invalidArgument, operation: operation, call: "fstat", errno: EINVAL, detail: "it is not a regular file")
         }
         guard info.st_size <= limit else {
-            throw BlockDeviceError(code: .invalidArgument, operation: operation, call: "fstat", errno: EFBIG, detail: "it has \(info.st_size) bytes, more than the \(limit) a \(what) may have")
+            throw BlockDeviceError(
+                code: .invalidArgument, operation: operation, call: "fstat", errno: EFBIG, detail: "it has \(info.st_size) bytes, more than the \(limit) a \(what) may have")
         }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
@@ -50,7 +52,8 @@ public enum TrustedFiles {
             bytes.append(contentsOf: chunk[0..<count])
         }
         guard bytes.count <= limit else {
-            throw BlockDeviceError(code: .invalidArgument, operation: operation, call: "read", errno: EFBIG, detail: "it grew past the \(limit) bytes a \(what) may have while it was read")
+            throw BlockDeviceError(
+                code: .invalidArgument, operation: operation, call: "read", errno: EFBIG, detail: "it grew past the \(limit) bytes a \(what) may have while it was read")
         }
         var problem: String?
         if info.st_uid != owner && info.st_uid != 0 {

@@ -1,7 +1,8 @@
+import BlockDevice
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockDevice
 
 /// What the kernel knows about one device-mapper device (DM_DEVICE_INFO).
 public struct DeviceInfo: Hashable, Sendable {
@@ -119,7 +120,8 @@ public struct DeviceMapper: Sendable {
             let misc = (try? String(contentsOfProcFile: "/proc/misc")) ?? ""
             if !misc.contains("device-mapper") || error.code == .driverMissing || error.code == .notFound {
                 error.code = .driverMissing
-                error.detail = "this kernel has no device-mapper driver (no 'device-mapper' in /proc/misc); "
+                error.detail =
+                    "this kernel has no device-mapper driver (no 'device-mapper' in /proc/misc); "
                     + "load it with `modprobe dm-mod dm-snapshot`, or run guard on a kernel that has it"
             }
             throw error

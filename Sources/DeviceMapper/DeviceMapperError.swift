@@ -1,7 +1,8 @@
+import BlockDevice
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockDevice
 
 /// An error from a device-mapper operation.
 ///

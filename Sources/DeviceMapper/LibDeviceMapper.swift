@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import BlockDevice
 import CDeviceMapper
 import CGuardShims
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 // Every call into libdevmapper is in this file. libdevmapper keeps global state (its
 // control descriptor, pending /dev/mapper node operations, the log function), so calls

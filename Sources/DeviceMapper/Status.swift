@@ -71,8 +71,14 @@ public enum SnapshotStatus: Hashable, Sendable, CustomStringConvertible {
             self = .invalid(cause: cause.isEmpty ? nil : cause)
             return
         }
-        if trimmed == "Overflow" { self = .overflow; return }
-        if trimmed == "Merge failed" { self = .mergeFailed; return }
+        if trimmed == "Overflow" {
+            self = .overflow
+            return
+        }
+        if trimmed == "Merge failed" {
+            self = .mergeFailed
+            return
+        }
         // "<allocated>/<total> <metadata>"
         let fields = trimmed.split(separator: " ")
         if fields.count == 2 {

@@ -245,13 +245,14 @@ public struct Table: Hashable, Sendable, CustomStringConvertible {
     /// target's key (`<cipher> <key> <iv_offset> ...`) becomes `<key-not-kept>`, unless it is
     /// a reference to a kernel keyring key (`:64:logon:...`), which holds no secret itself.
     public var redacted: Table {
-        Table(lines.map { line in
-            guard case .other("crypt", let parameters) = line.target else { return line }
-            var fields = parameters.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
-            guard fields.count > 1, !fields[1].hasPrefix(":") else { return line }
-            fields[1] = Self.redactedKey
-            return Line(start: line.start, length: line.length, target: .other(type: "crypt", parameters: fields.joined(separator: " ")))
-        })
+        Table(
+            lines.map { line in
+                guard case .other("crypt", let parameters) = line.target else { return line }
+                var fields = parameters.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+                guard fields.count > 1, !fields[1].hasPrefix(":") else { return line }
+                fields[1] = Self.redactedKey
+                return Line(start: line.start, length: line.length, target: .other(type: "crypt", parameters: fields.joined(separator: " ")))
+            })
     }
 
     /// Whether a key was taken out of this table (it cannot be loaded as it is).

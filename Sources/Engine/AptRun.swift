@@ -13,7 +13,9 @@ public enum AptRun {
         do {
             contents = try TrustedFiles.read(path, what: "the apt recipe", limit: RecipeFile.sizeLimit)
         } catch {
-            let reason = error.code == .notFound ? "does not exist (copy /usr/share/doc/guard/examples/system-apt-upgrade.recipe there and set its volumes, or give --recipe)" : "cannot be read: \(error)"
+            let reason =
+                error.code == .notFound
+                ? "does not exist (copy /usr/share/doc/guard/examples/system-apt-upgrade.recipe there and set its volumes, or give --recipe)" : "cannot be read: \(error)"
             throw GuardFailure(.refused, "\(path): the apt recipe \(reason); nothing was touched")
         }
         if !allowUnsafe, let problem = contents.problem {

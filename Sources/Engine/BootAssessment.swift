@@ -70,7 +70,8 @@ public struct BootAssessment {
             } else if waiting.boots >= waiting.recipe.bootAttempts {
                 var decided = waiting.run
                 decided.decision = .rollback
-                let why = "failed: \(waiting.boots) boot\(waiting.boots == 1 ? "" : "s") into the upgrade did not reach the verify_after_boot checks (boot_attempts: \(waiting.recipe.bootAttempts))"
+                let why =
+                    "failed: \(waiting.boots) boot\(waiting.boots == 1 ? "" : "s") into the upgrade did not reach the verify_after_boot checks (boot_attempts: \(waiting.recipe.bootAttempts))"
                 try journal.batch {
                     try journal.update(decided)
                     try journal.event(id, .result, assessedEvent, why, at: now)
@@ -129,7 +130,9 @@ public struct BootAssessment {
                     outcome.rollbackAtBoot = outcome.rollbackAtBoot || rollback.atBoot
                     outcome.lines.append("run \(id): verify_after_boot failed (\(failure)); \(rollback.message)")
                 } catch {
-                    outcome.lines.append("run \(id): verify_after_boot failed (\(failure)), and its rollback could not be started: \(error). The run stays kept; the next `guard assess` or boot tries the rollback again (`guard rollback \(id)` does it by hand)")
+                    outcome.lines.append(
+                        "run \(id): verify_after_boot failed (\(failure)), and its rollback could not be started: \(error). The run stays kept; the next `guard assess` or boot tries the rollback again (`guard rollback \(id)` does it by hand)"
+                    )
                 }
             } else {
                 let keep = waiting.run.keepUntil.map { "kept until \(formatDate($0))" } ?? "kept until `guard commit \(id)`"

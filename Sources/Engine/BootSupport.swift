@@ -29,15 +29,19 @@ public struct BootSupport: Sendable {
     /// root filesystem they are reached by guard-reassemble.service; on a filesystem of its own
     /// that /etc/fstab mounts, by guard-reassemble-late.service, which guard's generator orders
     /// (installed with guard); anywhere else, not at all.
-    public static func bootReachabilityProblem(_ directories: [String], fstab: String = "/etc/fstab", systemd: Bool = FileManager.default.fileExists(atPath: "/run/systemd/system")) -> String? {
+    public static func bootReachabilityProblem(_ directories: [String], fstab: String = "/etc/fstab", systemd: Bool = FileManager.default.fileExists(atPath: "/run/systemd/system"))
+        -> String?
+    {
         guard systemd else { return nil }  // no systemd: `guard recover` before the mounts, by hand (guard-recover(8))
         for directory in directories {
             guard let holder = Mounts.mountPoint(holding: directory), !["/", "/usr"].contains(holder) else { continue }
             guard Mounts.fstabFileSystem(holding: directory, fstab: fstab) == holder else {
-                return "\(directory) is on \(holder), which /etc/fstab does not mount: after a power loss the boot would mount the guarded volumes before anything could reach it, and a kept snapshot would go stale; put guard's state and COW directories on / or on a filesystem /etc/fstab mounts (state_dir and cow_dir in guard.conf, or --state-dir)"
+                return
+                    "\(directory) is on \(holder), which /etc/fstab does not mount: after a power loss the boot would mount the guarded volumes before anything could reach it, and a kept snapshot would go stale; put guard's state and COW directories on / or on a filesystem /etc/fstab mounts (state_dir and cow_dir in guard.conf, or --state-dir)"
             }
             guard generatorPaths.contains(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-                return "\(directory) is on \(holder), a filesystem /etc/fstab mounts after guard-reassemble.service runs, and guard's systemd generator (guard-generator, which orders guard-reassemble-late.service after it and before the other filesystems) is not installed; install guard with its units (Scripts/install or the package), or put the state and COW directories on /"
+                return
+                    "\(directory) is on \(holder), a filesystem /etc/fstab mounts after guard-reassemble.service runs, and guard's systemd generator (guard-generator, which orders guard-reassemble-late.service after it and before the other filesystems) is not installed; install guard with its units (Scripts/install or the package), or put the state and COW directories on /"
             }
         }
         return nil
@@ -94,14 +98,17 @@ public struct BootSupport: Sendable {
         let release = Self.kernelRelease
         let stamp = "\(stampDirectory)/\(release)"
         guard let text = try? String(contentsOfFile: stamp, encoding: .utf8) else {
-            return "\(target) is mounted and written by the initramfs, before guard-reassemble.service runs: after a power loss its snapshot could not be reassembled in time and the rollback would be lost. guard refuses it until it reassembles in the initramfs: no initramfs of this kernel (\(release)) carries guard (no \(stamp))"
+            return
+                "\(target) is mounted and written by the initramfs, before guard-reassemble.service runs: after a power loss its snapshot could not be reassembled in time and the rollback would be lost. guard refuses it until it reassembles in the initramfs: no initramfs of this kernel (\(release)) carries guard (no \(stamp))"
         }
-        let fields = Dictionary(text.split(separator: "\n").compactMap { line -> (String, String)? in
-            guard let equals = line.firstIndex(of: "=") else { return nil }
-            return (String(line[..<equals]), String(line[line.index(after: equals)...]))
-        }, uniquingKeysWith: { $1 })
+        let fields = Dictionary(
+            text.split(separator: "\n").compactMap { line -> (String, String)? in
+                guard let equals = line.firstIndex(of: "=") else { return nil }
+                return (String(line[..<equals]), String(line[line.index(after: equals)...]))
+            }, uniquingKeysWith: { $1 })
         if let copied = fields["guard"], let own = Self.ownBinary, copied != own {
-            return "the initramfs of this kernel (\(release)) holds another guard binary than this one (\(stamp) says \(copied), this one is \(own)): run `update-initramfs -u` so that the guard that reassembles \(target) at boot is this one"
+            return
+                "the initramfs of this kernel (\(release)) holds another guard binary than this one (\(stamp) says \(copied), this one is \(own)): run `update-initramfs -u` so that the guard that reassembles \(target) at boot is this one"
         }
         return nil
     }
@@ -111,7 +118,8 @@ public struct BootSupport: Sendable {
         switch cow {
         case .device?: return nil
         default:
-            return "\(target) needs a COW device (`cow: /dev/VG/LV` in the recipe): a COW file would keep the state volume busy in the initramfs, which unmounts it before it mounts \(target)"
+            return
+                "\(target) needs a COW device (`cow: /dev/VG/LV` in the recipe): a COW file would keep the state volume busy in the initramfs, which unmounts it before it mounts \(target)"
         }
     }
 }

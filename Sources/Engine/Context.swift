@@ -143,7 +143,9 @@ public final class GuardContext: @unchecked Sendable {
         guard problems.isEmpty else {
             throw GuardFailure(
                 .refused,
-                problems.joined(separator: "; ") + "; guard acts as root on what its state says, so it refuses state others could have changed (`chown root:root` it and `chmod go-w` it, or choose another --state-dir); nothing was touched")
+                problems.joined(separator: "; ")
+                    + "; guard acts as root on what its state says, so it refuses state others could have changed (`chown root:root` it and `chmod go-w` it, or choose another --state-dir); nothing was touched"
+            )
         }
     }
 

@@ -17,7 +17,8 @@ extension RunRecord {
             let id = id.map { "\($0)" } ?? token
             throw GuardFailure(
                 .refused,
-                "the recipe journaled with run \(id) (\(recipePath)) does not parse with this guard (\(errors.errors.first.map { "\($0)" } ?? "unreadable")), so its rollback.stop and rollback.start hooks are unknown and run \(id) is not \(verb) without them; stop what uses its volumes yourself, then add --without-hooks; nothing was touched")
+                "the recipe journaled with run \(id) (\(recipePath)) does not parse with this guard (\(errors.errors.first.map { "\($0)" } ?? "unreadable")), so its rollback.stop and rollback.start hooks are unknown and run \(id) is not \(verb) without them; stop what uses its volumes yourself, then add --without-hooks; nothing was touched"
+            )
         }
     }
 }

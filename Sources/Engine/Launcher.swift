@@ -30,7 +30,8 @@ enum Launcher {
         timeout: Duration?, stop: (@Sendable () -> String?)?, grace: Duration,
         output: @escaping @Sendable (StepOutput.Stream, ArraySlice<UInt8>) -> Void
     ) async -> Result<Launched, SpawnError> {
-        let outPipe: (read: Int32, write: Int32), errPipe: (read: Int32, write: Int32)
+        let outPipe: (read: Int32, write: Int32)
+        let errPipe: (read: Int32, write: Int32)
         do {
             outPipe = try Spawn.pipe()
             do { errPipe = try Spawn.pipe() } catch {
@@ -51,11 +52,12 @@ enum Launcher {
         close(outPipe.write)
         close(errPipe.write)
         let (out, err) = (outPipe.read, errPipe.read)
-        return .success(await withCheckedContinuation { continuation in
-            Thread {
-                continuation.resume(returning: follow(pid: pid, out: out, err: err, cgroup: cgroup, timeout: timeout, stop: stop, grace: grace, output: output))
-            }.start()
-        })
+        return .success(
+            await withCheckedContinuation { continuation in
+                Thread {
+                    continuation.resume(returning: follow(pid: pid, out: out, err: err, cgroup: cgroup, timeout: timeout, stop: stop, grace: grace, output: output))
+                }.start()
+            })
     }
 
     /// Starts the command inside its cgroup. Where the kernel cannot create a process inside a

@@ -32,7 +32,8 @@ public struct Maintenance {
 
     func lock(_ records: [SnapshotRecord], runID: Int64) throws -> [VolumeLock] {
         try records.map { record in
-            try VolumeLock.acquire(directory: context.lockDirectory, key: record.originUUID.isEmpty ? record.originName : record.originUUID, holder: "run \(runID) (pid \(getpid()))")
+            try VolumeLock.acquire(
+                directory: context.lockDirectory, key: record.originUUID.isEmpty ? record.originName : record.originUUID, holder: "run \(runID) (pid \(getpid()))")
         }
     }
 
@@ -60,7 +61,9 @@ public struct Maintenance {
             return "run \(id) needs reassembly: a snapshot that holds old blocks is not live (see `guard status`); mount or activate what it names and run `guard recover` first"
         case .stale:
             // A stale snapshot can only be discarded: committing keeps the volume as it is.
-            return verb == "commit" ? nil : "run \(id)'s snapshot is stale (its volume was written while the snapshot was not live): it no longer describes the volume's past and cannot be rolled back; `guard commit \(id)` discards it"
+            return verb == "commit"
+                ? nil
+                : "run \(id)'s snapshot is stale (its volume was written while the snapshot was not live): it no longer describes the volume's past and cannot be rolled back; `guard commit \(id)` discards it"
         }
     }
 
@@ -85,7 +88,8 @@ public struct Maintenance {
         if let refusal = refusal(run, "commit") { throw GuardFailure(.refused, refusal) }
         let records = try journal.snapshots(runID: run.id!)
         if records.contains(where: { $0.state == .merging }) {
-            throw GuardFailure(.refused, "run \(run.id!) was being rolled back when it stopped: its merge must finish, not be given up; make its COW available and run `guard recover`")
+            throw GuardFailure(
+                .refused, "run \(run.id!) was being rolled back when it stopped: its merge must finish, not be given up; make its COW available and run `guard recover`")
         }
         let locks = try lock(records, runID: run.id!)
         defer { locks.forEach { $0.release() } }
@@ -94,7 +98,9 @@ public struct Maintenance {
         // Read again under the locks: another guard may have rolled it back meanwhile.
         let current = try journal.run(id: run.id!) ?? run
         if let refusal = refusal(current, "commit") { throw GuardFailure(.refused, refusal) }
-        try commit(current, records: records, journal: journal, reason: reason ?? (current.state == .kept ? "commit" : "commit of a \(current.state.rawValue) run: its old blocks are given up"))
+        try commit(
+            current, records: records, journal: journal,
+            reason: reason ?? (current.state == .kept ? "commit" : "commit of a \(current.state.rawValue) run: its old blocks are given up"))
         return "run \(run.id!) committed: the upgrade is final, its snapshots are gone"
     }
 
@@ -175,9 +181,11 @@ public struct Maintenance {
         if stacks.allSatisfy({ $0.thin != nil }) {
             return RollbackOutcome(message: "run \(run.id!) rolled back: the volumes are their thin snapshots from before the run, nothing to merge", atBoot: false)
         }
-        return RollbackOutcome(message: wait
-            ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
-            : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)", atBoot: false)
+        return RollbackOutcome(
+            message: wait
+                ? "run \(run.id!) rolled back: the volumes are as before the run, the merge is complete"
+                : "run \(run.id!) rolled back: the volumes are as before the run and mounted again; the merge finishes in the background (`guard status` shows it, `guard status --wait` waits for it)",
+            atBoot: false)
     }
 
     // MARK: Rollback at the next boot
@@ -206,7 +214,8 @@ public struct Maintenance {
             try journal.update(scheduled)
             try journal.event(runID, .intent, JournalEvents.rollbackAtBoot, records.map(\.volume).joined(separator: ", "), at: timestamp())
         }
-        return "run \(runID) will be rolled back at the next boot: \(target) is mounted, so the initramfs starts the merge before it mounts \(target); reboot to roll back (`guard rollback --reboot \(runID)` reboots now). Until then the run stays kept, and `guard commit \(runID)` cancels the rollback"
+        return
+            "run \(runID) will be rolled back at the next boot: \(target) is mounted, so the initramfs starts the merge before it mounts \(target); reboot to roll back (`guard rollback --reboot \(runID)` reboots now). Until then the run stays kept, and `guard commit \(runID)` cancels the rollback"
     }
 
     // MARK: Merges
@@ -246,7 +255,8 @@ public struct Maintenance {
                 try journal.event(runID, .result, "merged", record.volume, at: timestamp())
                 reporter.merge(volume: record.volume, fraction: 1)
             case .failed(let status):
-                throw GuardFailure(.attention, "the merge of \(record.volume) (run \(runID)) failed: the kernel reports \(status); check `dmesg` for I/O errors, fix them and run `guard recover`")
+                throw GuardFailure(
+                    .attention, "the merge of \(record.volume) (run \(runID)) failed: the kernel reports \(status); check `dmesg` for I/O errors, fix them and run `guard recover`")
             case .needsReassembly(let why):
                 throw GuardFailure(.needsReassembly, "the merge of \(record.volume) (run \(runID)) is not live and did not finish: \(why); nothing was torn down")
             }
@@ -254,7 +264,10 @@ public struct Maintenance {
         // A volume whose merge never started keeps the run open, whatever the others did.
         let unmerged = records.filter { $0.state == .live }.map(\.volume)
         if remaining == 0, !unmerged.isEmpty {
-            throw GuardFailure(.attention, "run \(runID): \(unmerged.joined(separator: ", ")) \(unmerged.count == 1 ? "was" : "were") not rolled back (the merge did not start) while the other volumes were; run `guard recover`, which rolls \(unmerged.count == 1 ? "it" : "them") back")
+            throw GuardFailure(
+                .attention,
+                "run \(runID): \(unmerged.joined(separator: ", ")) \(unmerged.count == 1 ? "was" : "were") not rolled back (the merge did not start) while the other volumes were; run `guard recover`, which rolls \(unmerged.count == 1 ? "it" : "them") back"
+            )
         }
         if remaining == 0, var run = try journal.run(id: runID), run.state == .merging {
             run.state = .finished
@@ -303,7 +316,8 @@ public struct Maintenance {
         for run in try journal.runs(in: [.kept, .merging, .needsReassembly]) {
             for record in try journal.snapshots(runID: run.id!) where record.state == .live || record.state == .merging {
                 guard let stack = decodeStack(record.stack), !(try engine.liveState(stack).live), engine.evidence(stack).mustKeep else { continue }
-                return "run \(run.id!)'s snapshot of \(record.volume) holds old blocks and is not live, and this boot's reassembly has not run (guard-reassemble.service); the housekeeping waits: run `guard recover`"
+                return
+                    "run \(run.id!)'s snapshot of \(record.volume) holds old blocks and is not live, and this boot's reassembly has not run (guard-reassemble.service); the housekeeping waits: run `guard recover`"
             }
         }
         return nil
@@ -402,7 +416,9 @@ public struct Maintenance {
                 switch volume.condition {
                 case .live:
                     if let used = volume.usedBytes, let size = volume.sizeBytes, size > 0, Double(used) / Double(size) >= attentionFill {
-                        lines.append("\(name): COW \(Int(Double(used) * 100 / Double(size)))% full (\(formatBytes(used)) of \(formatBytes(size))); when it fills, the snapshot is lost or the fuse stops writes: `guard commit \(id)` or `guard rollback \(id)`, or give the recipe an `extend:` and run `guard monitor`")
+                        lines.append(
+                            "\(name): COW \(Int(Double(used) * 100 / Double(size)))% full (\(formatBytes(used)) of \(formatBytes(size))); when it fills, the snapshot is lost or the fuse stops writes: `guard commit \(id)` or `guard rollback \(id)`, or give the recipe an `extend:` and run `guard monitor`"
+                        )
                     }
                 case .needsReassembly, .merging, .merged, .preparing, .committed, .discarded: break
                 default:
@@ -434,14 +450,16 @@ public struct Maintenance {
         for run in try journal.runs(in: RunState.open) {
             var volumes: [VolumeStatus] = []
             for record in try journal.snapshots(runID: run.id!) {
-                var volume = VolumeStatus(volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue,
-                                          condition: Condition(rawValue: record.state.rawValue) ?? .unknown)
+                var volume = VolumeStatus(
+                    volume: record.volume, origin: record.originName, state: record.state, status: record.state.rawValue,
+                    condition: Condition(rawValue: record.state.rawValue) ?? .unknown)
                 if let stack = decodeStack(record.stack) {
                     switch record.state {
                     case .live where run.state == .merging:
                         volume.status = "not rolled back"
                         volume.condition = .notRolledBack
-                        volume.detail = "\(record.volume) holds the upgraded data and its snapshot is live: its merge did not start while the other volumes of run \(run.id!) merge back; run `guard recover`, which rolls it back"
+                        volume.detail =
+                            "\(record.volume) holds the upgraded data and its snapshot is live: its merge did not start while the other volumes of run \(run.id!) merge back; run `guard recover`, which rolls it back"
                     case .live:
                         if let status = try? engine.health(stack).status {
                             volume.status = status.usage == nil ? "\(status)" : "live"
@@ -449,12 +467,14 @@ public struct Maintenance {
                             volume.usedBytes = status.usage?.allocatedBytes
                             volume.sizeBytes = status.usage == nil ? nil : stack.budgetBytes  // the size, without the fuse reserve
                             if let thin = stack.thin, let pool = try? dm.thinPoolStatus(thin.poolRef) {
-                                volume.detail = "thin snapshot \(thin.snapshotID) in \(stack.storage.path): pool data \(Int((pool.dataFill * 100).rounded()))% used, metadata \(Int((pool.metadataFill * 100).rounded()))%"
+                                volume.detail =
+                                    "thin snapshot \(thin.snapshotID) in \(stack.storage.path): pool data \(Int((pool.dataFill * 100).rounded()))% used, metadata \(Int((pool.metadataFill * 100).rounded()))%"
                             }
                             if status.usage != nil, (try? engine.isFused(stack)) == true {
                                 volume.status = "fused"
                                 volume.condition = .fused
-                                volume.detail = "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"
+                                volume.detail =
+                                    "\(record.volume) refuses writes (guard's fuse kept its snapshot valid): `guard rollback \(run.id!)` merges it back, `guard commit \(run.id!)` keeps the volume as it is and lifts the fuse"
                             }
                         } else if case let evidence = engine.evidence(stack), evidence.mustKeep {
                             volume.status = "needs reassembly"
@@ -510,7 +530,8 @@ public struct Maintenance {
         let id = run.id!
         let events = try journal.events(runID: id)
         if run.decision == .rollback, let scheduled = events.last(where: { $0.kind == .intent && $0.action == JournalEvents.rollbackAtBoot }) {
-            return "rollback at the next boot (journaled \(formatDate(scheduled.at)): \(scheduled.detail ?? "")): the initramfs merges the snapshots back before it mounts the volumes; `guard commit \(id)` cancels it"
+            return
+                "rollback at the next boot (journaled \(formatDate(scheduled.at)): \(scheduled.detail ?? "")): the initramfs merges the snapshots back before it mounts the volumes; `guard commit \(id)` cancels it"
         }
         if run.decision == .keep, events.contains(where: { $0.action == BootAssessment.pendingEvent }),
             !events.contains(where: { $0.action == BootAssessment.assessedEvent })
@@ -532,7 +553,8 @@ public struct Maintenance {
         }
         guard !layers.isEmpty else { return ([], []) }
         let tokens = try known()
-        var strays: [String] = [], unknown: [String] = []
+        var strays: [String] = []
+        var unknown: [String] = []
         for (device, token) in layers {
             if tokens.contains(token) { strays.append("\(device.name) (\(device.uuid))") } else { unknown.append("\(device.name) (\(device.uuid))") }
         }

@@ -148,7 +148,8 @@ public final class KeptRunMonitor {
                 let policy = extend.flatMap { extend in
                     // A thin snapshot's storage is its volume's pool: `extend` grows the pool.
                     stack.thin.map { Planner.thinGrowth(extend, originBytes: stack.originBytes, poolBytes: stack.areaBytes, blockBytes: UInt64($0.blockSectors) * 512).policy }
-                        ?? Planner.growth(extend, originBytes: stack.originBytes, cowBytes: stack.budgetBytes, reserveBytes: stack.reserveBytes ?? 0, geometry: stack.geometry).policy
+                        ?? Planner.growth(extend, originBytes: stack.originBytes, cowBytes: stack.budgetBytes, reserveBytes: stack.reserveBytes ?? 0, geometry: stack.geometry)
+                        .policy
                 }
                 result.append(
                     Watched(
@@ -198,7 +199,9 @@ public final class KeptRunMonitor {
                 let fill = Double(usage.allocatedBytes) / Double(max(budget, 1))
                 for level in [50, 75, 90] where fill * 100 >= Double(level) {
                     Self.once("\(item.key)/fill-\(level)/\(sample.storageBytes)", announced) {
-                        reporter.warning("kept run \(item.runID): the snapshot of \(item.record.volume) is \(Int(fill * 100))% full (\(formatBytes(usage.allocatedBytes)) of \(formatBytes(budget)))")
+                        reporter.warning(
+                            "kept run \(item.runID): the snapshot of \(item.record.volume) is \(Int(fill * 100))% full (\(formatBytes(usage.allocatedBytes)) of \(formatBytes(budget)))"
+                        )
                         record(sample.volumeIndex, .warning, "cow-fill", "\(item.record.volume) at \(Int(fill * 100))%")
                     }
                 }
@@ -212,7 +215,8 @@ public final class KeptRunMonitor {
                         guard sample.elapsed - (last[sample.volumeIndex] ?? -10) >= 5 else { return false }
                         last[sample.volumeIndex] = sample.elapsed
                         return true
-                    })
+                    }
+                )
                 if grew && due, var updated = try? journal?.snapshots(runID: item.runID).first(where: { $0.volumeIndex == item.record.volumeIndex }) {
                     updated.peakUsedBytes = Int64(usage.allocatedBytes)
                     try? journal?.update(updated)
@@ -251,7 +255,9 @@ public final class KeptRunMonitor {
             case .invalidated(let index, let status):
                 let item = watched[index]
                 Self.once("\(item.key)/invalid", announced) {
-                    reporter.result("kept run \(item.runID): the kernel invalidated the snapshot of \(item.record.volume) (\(status)): a rollback of it is no longer possible; `guard commit \(item.runID)` releases it", success: false)
+                    reporter.result(
+                        "kept run \(item.runID): the kernel invalidated the snapshot of \(item.record.volume) (\(status)): a rollback of it is no longer possible; `guard commit \(item.runID)` releases it",
+                        success: false)
                     record(index, .error, "cow-invalid", "\(item.record.volume): \(status)")
                 }
             case .bypassed(let index, let bypass):

@@ -69,7 +69,9 @@ public struct Planner {
     /// `originBytes`: the policy, or nil when the maximum size (never more than the whole origin
     /// once) is not above the size. The policy's maximum counts the storage: label and reserve
     /// included. The planner and `guard monitor` (for kept runs) resolve policies alike.
-    public static func growth(_ extend: ExtendSpec, originBytes: UInt64, cowBytes: UInt64, reserveBytes: UInt64, geometry: CowGeometry) -> (policy: ExtensionPolicy?, maximum: UInt64) {
+    public static func growth(_ extend: ExtendSpec, originBytes: UInt64, cowBytes: UInt64, reserveBytes: UInt64, geometry: CowGeometry) -> (
+        policy: ExtensionPolicy?, maximum: UInt64
+    ) {
         func bytes(_ size: SizeSpec) -> UInt64 { size.bytes(originBytes: originBytes, auto: cowBytes) }
         let maximum = min(geometry.roundUp(bytes(extend.max)), geometry.bytesForWholeOrigin(originBytes))
         guard maximum > cowBytes else { return (nil, maximum) }
@@ -105,7 +107,8 @@ public struct Planner {
                     let id = run.id ?? 0
                     switch run.state {
                     case .running:
-                        message = "\(at(spec)): \(path) is being upgraded by run \(id) (pid \(run.pid), started \(formatDate(run.startedAt))); wait for it to finish, or run `guard recover` if it died"
+                        message =
+                            "\(at(spec)): \(path) is being upgraded by run \(id) (pid \(run.pid), started \(formatDate(run.startedAt))); wait for it to finish, or run `guard recover` if it died"
                         if kill(run.pid, 0) == 0 || errno == EPERM { busy.insert(message) }
                     case .merging:
                         message = "\(at(spec)): \(path) is being rolled back by run \(id); wait for the merge (`guard status --wait`)"
@@ -123,10 +126,13 @@ public struct Planner {
             // btrfs knows its devices by the filesystem's UUID, which a snapshot shares: a mounted
             // snapshot can be taken for the volume (or the volume for it). Refused, by the mount
             // table (btrfs mounts show an anonymous device) or by the signature on the volume.
-            let btrfs = ((try? Mounts.current()) ?? []).contains { $0.fileSystemType == "btrfs" && (try? BlockDevices.deviceNumber(of: $0.source)) == origin.info.number }
+            let btrfs =
+                ((try? Mounts.current()) ?? []).contains { $0.fileSystemType == "btrfs" && (try? BlockDevices.deviceNumber(of: $0.source)) == origin.info.number }
                 || ((try? BlockDevices.signatures(of: origin.info.path)) ?? []).contains { $0.hasPrefix("btrfs") }
             if btrfs {
-                problems.append("\(at(spec)): \(origin.info.path) holds btrfs, which tells its devices apart by the filesystem's UUID, which a snapshot shares; guard does not snapshot btrfs volumes: use btrfs's own snapshots (`btrfs subvolume snapshot`)")
+                problems.append(
+                    "\(at(spec)): \(origin.info.path) holds btrfs, which tells its devices apart by the filesystem's UUID, which a snapshot shares; guard does not snapshot btrfs volumes: use btrfs's own snapshots (`btrfs subvolume snapshot`)"
+                )
                 continue
             }
             let mounts = Mounts.mountPoints(of: origin.info.number)
@@ -136,18 +142,23 @@ public struct Planner {
             if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }),
                 let problem = BootSupport(stateDirectory: context.stateDirectory).problem(target: early.target, cow: spec.cow)
             {
-                problems.append("\(at(spec)): \(origin.info.path) is mounted on \(early.target): \(problem); or snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
+                problems.append(
+                    "\(at(spec)): \(origin.info.path) is mounted on \(early.target): \(problem); or snapshot the volumes that hold the data instead (/srv, /var/lib/...)")
                 continue
             }
             // A thin volume's pool needs dm-thin-pool and thin_check, which the initramfs does not carry.
             if let early = mounts.first(where: { Planner.earlyMountPoints.contains($0.target) }), origin.table.lines.contains(where: { $0.target.typeName == "thin" }) {
-                problems.append("\(at(spec)): \(origin.info.path) is a thin volume mounted on \(early.target): its snapshot would have to be handled in the initramfs, which carries neither dm-thin-pool nor thin_check; guard refuses it; snapshot the volumes that hold the data instead")
+                problems.append(
+                    "\(at(spec)): \(origin.info.path) is a thin volume mounted on \(early.target): its snapshot would have to be handled in the initramfs, which carries neither dm-thin-pool nor thin_check; guard refuses it; snapshot the volumes that hold the data instead"
+                )
                 continue
             }
             // A snapshot of this volume that holds old blocks but is not live (no reassembly
             // after a reboot): a new snapshot would bury it.
             if let run = try? openRun(onOrigin: origin.info.uuid) {
-                problems.append("\(at(spec)): run \(run.id ?? 0) (\(run.state.rawValue)) still owns a snapshot of \(origin.info.path) that is not live; run `guard recover` (or `guard status` to see what it needs) first")
+                problems.append(
+                    "\(at(spec)): run \(run.id ?? 0) (\(run.state.rawValue)) still owns a snapshot of \(origin.info.path) that is not live; run `guard recover` (or `guard status` to see what it needs) first"
+                )
                 continue
             }
             var mountPoint = spec.mount
@@ -191,14 +202,17 @@ public struct Planner {
                         let wanted = (used + room.bytes + layout.blockBytes - 1) / layout.blockBytes * layout.blockBytes
                         if case .auto = spec.size {
                             if let problem = GuardVolumes.poolGrowthProblem(registry: registry, to: wanted) {
-                                problems.append("\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free and the run needs \(formatBytes(room.bytes)); it cannot grow to \(formatBytes(wanted)): \(problem)")
+                                problems.append(
+                                    "\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free and the run needs \(formatBytes(room.bytes)); it cannot grow to \(formatBytes(wanted)): \(problem)"
+                                )
                             } else {
                                 poolBytes = wanted
                                 sizeNote += "; the pool grows to \(formatBytes(wanted)) before the snapshot"
                             }
                         } else {
                             problems.append(
-                                "\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free, less than the snapshot's \(formatBytes(room.bytes)): a run that changes that much fills the pool and fails the volume's writes; grow it (`guard volume extend \(origin.info.name) --pool-size \(formatBytes(wanted))`), give a smaller size, or size: auto (guard grows the pool)")
+                                "\(at(spec)): the pool of \(origin.info.path) has \(formatBytes(free)) free, less than the snapshot's \(formatBytes(room.bytes)): a run that changes that much fills the pool and fails the volume's writes; grow it (`guard volume extend \(origin.info.name) --pool-size \(formatBytes(wanted))`), give a smaller size, or size: auto (guard grows the pool)"
+                            )
                         }
                     }
                 }
@@ -253,7 +267,8 @@ public struct Planner {
                 }
                 if !(cowDevice.map(engine.isOnEncryption) ?? false) {
                     warnings.append(
-                        "\(at(spec)): \(origin.info.path) is encrypted (dm-crypt) but its COW (\(storage.place)) is not: the COW will hold the volume's old blocks decrypted; put it on encrypted storage (`cow:` in the recipe, or cow_dir in guard.conf)")
+                        "\(at(spec)): \(origin.info.path) is encrypted (dm-crypt) but its COW (\(storage.place)) is not: the COW will hold the volume's old blocks decrypted; put it on encrypted storage (`cow:` in the recipe, or cow_dir in guard.conf)"
+                    )
                 }
             }
             // A COW file gets the fuse reserve on top; a device has what it has beyond the size.
@@ -263,7 +278,9 @@ public struct Planner {
                 freeBytes = try? freeSpace(at: existing)
                 let needed = cowBytes + reserveBytes + CowLabel.areaOffset
                 if let freeBytes, freeBytes < needed + (16 << 20) {
-                    problems.append("\(at(spec)): the COW needs \(formatBytes(needed)) in \(directory) (\(formatBytes(cowBytes)) and \(formatBytes(reserveBytes)) of fuse reserve), which has \(formatBytes(freeBytes)) free")
+                    problems.append(
+                        "\(at(spec)): the COW needs \(formatBytes(needed)) in \(directory) (\(formatBytes(cowBytes)) and \(formatBytes(reserveBytes)) of fuse reserve), which has \(formatBytes(freeBytes)) free"
+                    )
                 }
             }
 
@@ -282,7 +299,9 @@ public struct Planner {
             // What earlier runs needed, against the most this snapshot can ever hold.
             let capacity = policy.map { $0.maximumBytes - CowLabel.areaOffset - reserveBytes } ?? cowBytes
             if let history = peaks[index], UInt64(history.peakBytes) > capacity {
-                warnings.append("\(at(spec)): earlier runs of \(recipe.name) used up to \(formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy")
+                warnings.append(
+                    "\(at(spec)): earlier runs of \(recipe.name) used up to \(formatBytes(UInt64(history.peakBytes))) of COW on \(origin.info.path), more than this snapshot can hold (\(formatBytes(capacity))); it may fill: give a larger size, size: auto, or an extend policy"
+                )
             }
 
             volumes.append(
@@ -306,11 +325,15 @@ public struct Planner {
             let state = nearestExisting(context.stateDirectory)
             if SnapshotEngine.isOnDevice(state, volume.info.number) {
                 let why = Mounts.backingDevices(of: state) == nil ? "may be on \(volume.originPath) (guard cannot tell which device holds it)" : "is on \(volume.originPath)"
-                problems.append("\(at(volume.spec)): guard's state directory \(context.stateDirectory) (journal, COW files) \(why), which this recipe snapshots; use --state-dir on a filesystem on another block device")
+                problems.append(
+                    "\(at(volume.spec)): guard's state directory \(context.stateDirectory) (journal, COW files) \(why), which this recipe snapshots; use --state-dir on a filesystem on another block device"
+                )
             }
             for other in volumes {
                 if case .fileIn(let directory) = other.storage, SnapshotEngine.isOnDevice(nearestExisting(directory), volume.info.number) {
-                    let why = Mounts.backingDevices(of: nearestExisting(directory)) == nil ? "may be on \(volume.originPath) (guard cannot tell which device holds it)" : "is on \(volume.originPath)"
+                    let why =
+                        Mounts.backingDevices(of: nearestExisting(directory)) == nil
+                        ? "may be on \(volume.originPath) (guard cannot tell which device holds it)" : "is on \(volume.originPath)"
                     problems.append("\(at(other.spec)): the COW directory \(directory) \(why), which this recipe snapshots; put it on a filesystem on another block device")
                 }
             }
@@ -319,10 +342,12 @@ public struct Planner {
         // a guarded volume (the initramfs does it for / and /usr, from the COW device).
         let later = volumes.filter { volume in !volume.mounts.contains { Planner.earlyMountPoints.contains($0.target) } }
         if !later.isEmpty {
-            let directories = [context.stateDirectory] + later.compactMap { volume -> String? in
-                if case .fileIn(let directory) = volume.storage { return directory }
-                return nil
-            }
+            let directories =
+                [context.stateDirectory]
+                + later.compactMap { volume -> String? in
+                    if case .fileIn(let directory) = volume.storage { return directory }
+                    return nil
+                }
             if let problem = BootSupport.bootReachabilityProblem(Array(Set(directories)).sorted()) {
                 problems.append("\(recipe.path): \(problem)")
             }
@@ -333,12 +358,16 @@ public struct Planner {
             let boot = ((try? Mounts.current()) ?? []).first(where: { $0.target == "/boot" }),
             !volumes.contains(where: { $0.info.number == boot.device })
         {
-            problems.append("\(recipe.path): the recipe snapshots / but not /boot, which is a filesystem of its own (\(boot.source)): a rollback would bring back the old root with the new kernels and initramfs; add /boot's volume to the recipe")
+            problems.append(
+                "\(recipe.path): the recipe snapshots / but not /boot, which is a filesystem of its own (\(boot.source)): a rollback would bring back the old root with the new kernels and initramfs; add /boot's volume to the recipe"
+            )
         }
         // Boot assessment: without the unit that runs the checks, every boot would count as one
         // that did not reach them, and a good upgrade would be rolled back.
         if !recipe.verifyAfterBoot.isEmpty && !Planner.isEnabled("guard-assess.service") {
-            problems.append("\(recipe.path): the recipe has verify_after_boot, but guard-assess.service is not enabled, so no boot would run the checks and the run would be rolled back after \(recipe.bootAttempts) boot(s); enable it (`systemctl enable guard-assess.service`)")
+            problems.append(
+                "\(recipe.path): the recipe has verify_after_boot, but guard-assess.service is not enabled, so no boot would run the checks and the run would be rolled back after \(recipe.bootAttempts) boot(s); enable it (`systemctl enable guard-assess.service`)"
+            )
         }
         // Snapshots that outlive guard's process must be reassembled at the next boot.
         if let unit = Planner.reassemblyUnitProblem() {
@@ -358,7 +387,8 @@ public struct Planner {
     /// enabled); nil when it is, or when systemd is not the init system.
     static func reassemblyUnitProblem() -> String? {
         guard !isEnabled("guard-reassemble.service") else { return nil }
-        return "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`; see guard-recover(8))"
+        return
+            "guard-reassemble.service is not enabled, so a reboot would not reassemble the snapshots; enable it (`systemctl enable guard-reassemble.service`; see guard-recover(8))"
     }
 
     /// Whether systemd (when it runs this machine) has `unit` enabled; true without systemd.

@@ -62,11 +62,16 @@ public struct Recovery {
         if boot && !initramfs && onlyOrigin == nil, initramfsDidTheWork(marker: BootSupport.marker, report: &report) { return report }
         if boot && !FileManager.default.fileExists(atPath: context.stateDirectory) {
             if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory), BootSupport.lateUnitConfigured {
-                report.actions.append("the state directory \(context.stateDirectory) is on \(late), which is mounted after this unit: guard-reassemble-late.service reassembles once it is, before the other filesystems are mounted")
+                report.actions.append(
+                    "the state directory \(context.stateDirectory) is on \(late), which is mounted after this unit: guard-reassemble-late.service reassembles once it is, before the other filesystems are mounted"
+                )
             } else if let late = Mounts.unmountedFileSystem(holding: context.stateDirectory) {
-                report.needsReassembly.append("the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
+                report.needsReassembly.append(
+                    "the state directory \(context.stateDirectory) is on \(late), which is not mounted yet; mount \(late), then run `guard recover`; nothing was touched")
             } else {
-                report.actions.append("the state directory \(context.stateDirectory) does not exist: guard has nothing to reassemble (if it is on a filesystem mounted later, run `guard recover` once it is)")
+                report.actions.append(
+                    "the state directory \(context.stateDirectory) does not exist: guard has nothing to reassemble (if it is on a filesystem mounted later, run `guard recover` once it is)"
+                )
             }
             return report
         }
@@ -144,7 +149,8 @@ public struct Recovery {
             if boot && [.active, .kept, .merging].contains(label.state) {
                 // A volume guard's udev rule holds is reassembled when it appears (guard-hold@.service).
                 if try dm.info(label.originRef) == nil && holds.isHeld(uuid: label.originUUID) {
-                    report.actions.append("left \(storage.path) until \(label.originName) is activated: udev keeps it from being mounted until guard-hold@.service has stacked its snapshot")
+                    report.actions.append(
+                        "left \(storage.path) until \(label.originName) is activated: udev keeps it from being mounted until guard-hold@.service has stacked its snapshot")
                     continue
                 }
                 try await waitForOrigin(label, dm: dm, report: &report)
@@ -154,7 +160,8 @@ public struct Recovery {
                 switch result {
                 case .reassembled(let stack, let merging):
                     if merging { resumedMerges.insert(stack.identity.runToken) }
-                    report.actions.append(merging ? "resumed the merge into \(stack.originName) from \(storage.path)" : "reassembled the snapshot of \(stack.originName) from \(storage.path)")
+                    report.actions.append(
+                        merging ? "resumed the merge into \(stack.originName) from \(storage.path)" : "reassembled the snapshot of \(stack.originName) from \(storage.path)")
                 case .alreadyLive: break
                 case .discarded(let why): report.actions.append("removed \(storage.path): \(why)")
                 case .kept(let why): report.problems.append(why)
@@ -165,7 +172,9 @@ public struct Recovery {
         }
 
         guard let journal else {
-            report.problems.append("\(journalProblem ?? "the journal \(context.journalPath) cannot be opened"); snapshots were reassembled from their labels only, and their runs wait until `guard recover` can read the journal")
+            report.problems.append(
+                "\(journalProblem ?? "the journal \(context.journalPath) cannot be opened"); snapshots were reassembled from their labels only, and their runs wait until `guard recover` can read the journal"
+            )
             return report
         }
         // Anything a crash left suspended is resumed first: nothing may stay frozen.
@@ -208,8 +217,10 @@ public struct Recovery {
         }
         // Stale runs wait for the admin's `guard commit`: said every time, as `guard status` does.
         for run in try journal.runs(in: [.stale]) where scope.includes(run.token) {
-            let line = "run \(run.id!): " + (OriginWatch.recorded(journal, runID: run.id!)
-                ?? "its snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(run.id!)` discards the COW and keeps the volume as it is")
+            let line =
+                "run \(run.id!): "
+                + (OriginWatch.recorded(journal, runID: run.id!)
+                    ?? "its snapshot is stale (its volume was written while the snapshot was not live); `guard commit \(run.id!)` discards the COW and keeps the volume as it is")
             if !report.problems.contains(where: { $0.hasPrefix("run \(run.id!):") }) { report.problems.append(line) }
         }
         // A kept thin snapshot survives a reboot in its pool; its read-only view (for diff and
@@ -344,14 +355,19 @@ public struct Recovery {
     func initramfsDidTheWork(marker: String, report: inout Report) -> Bool {
         guard let status = BootSupport.initramfsStatus(marker: marker) else { return false }
         guard status == "0" else {
-            report.problems.append("guard's recovery in the initramfs failed (\(marker) holds exit status \(status.isEmpty ? "nothing" : status)) and the boot went on: snapshots of volumes mounted before this unit may be stale; `guard status` and `guard recover` say what is left")
+            report.problems.append(
+                "guard's recovery in the initramfs failed (\(marker) holds exit status \(status.isEmpty ? "nothing" : status)) and the boot went on: snapshots of volumes mounted before this unit may be stale; `guard status` and `guard recover` say what is left"
+            )
             return false
         }
         guard !FileManager.default.fileExists(atPath: context.journalPath) else { return false }
-        let others = BootSupport.lateUnitConfigured
+        let others =
+            BootSupport.lateUnitConfigured
             ? "guard-reassemble-late.service reassembles the other runs once it is, before the other filesystems are mounted"
             : "the other runs' snapshots (of volumes that are not / or /usr) are reassembled by the next `guard recover`: run it before their volumes are mounted (guard's generator, installed with guard, orders guard-reassemble-late.service for this)"
-        report.actions.append("the initramfs reassembled guard's snapshots of / and /usr and started the merges due at this boot (\(marker)); the state directory \(context.stateDirectory) is mounted later: \(others)")
+        report.actions.append(
+            "the initramfs reassembled guard's snapshots of / and /usr and started the merges due at this boot (\(marker)); the state directory \(context.stateDirectory) is mounted later: \(others)"
+        )
         return true
     }
 
@@ -416,7 +432,8 @@ public struct Recovery {
         guard let records = try? journal.snapshots(runID: run.id!) else { return false }
         return records.allSatisfy { record in
             guard [.preparing, .live, .merging, .invalid].contains(record.state), let stack = decodeStack(record.stack),
-                  (try? engine.liveState(stack).live) != true else { return true }
+                (try? engine.liveState(stack).live) != true
+            else { return true }
             let absent: Bool
             do { absent = try engine.dm.info(stack.originRef) == nil } catch { return false }
             return absent && holds.isHeld(uuid: stack.originUUID)
@@ -498,7 +515,10 @@ public struct Recovery {
             var decided = run
             decided.decision = .keep
             try journal.update(decided)
-            return try close(.kept, .kept, "the run had decided to keep its snapshots (their COW labels say kept; the journal could not record it then); they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
+            return try close(
+                .kept, .kept,
+                "the run had decided to keep its snapshots (their COW labels say kept; the journal could not record it then); they are kept (`guard rollback \(runID)` or `guard commit \(runID)`)"
+            )
         }
         if records.isEmpty || stacks.isEmpty || !taken {
             for record in records {
@@ -508,7 +528,8 @@ public struct Recovery {
                 try engine.discard(stack, commitJournaled: neverCreated)
             }
             try journal.setSnapshotState(runID: runID, .discarded)
-            return try close(.recovered, .finished, "no snapshot holds a changed block (COW labels and kernel headers checked); removed what the run had prepared; no volume was changed by it")
+            return try close(
+                .recovered, .finished, "no snapshot holds a changed block (COW labels and kernel headers checked); removed what the run had prepared; no volume was changed by it")
         }
         if !stepsMayHaveRun {
             // The snapshot was taken but no step ran: the volumes hold what they held before.
@@ -518,17 +539,19 @@ public struct Recovery {
         }
         if recipe?.onFailure == .keep {
             for stack in stacks { try? engine.mark(stack, .kept) }
-            return try close(.kept, .kept, "the run stopped during \(run.phase); the recipe says keep on failure: snapshots kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
+            return try close(
+                .kept, .kept, "the run stopped during \(run.phase); the recipe says keep on failure: snapshots kept (`guard rollback \(runID)` or `guard commit \(runID)`)")
         }
         return try await rollBack(run, records: records, stacks: stacks, recipe: recipe, journal: journal, engine: engine, boot: boot, close: close)
     }
 
     /// Whether every stack has a COW label of its own that says kept (thin snapshots have none).
     static func labelsSayKept(_ stacks: [SnapshotStack]) -> Bool {
-        !stacks.isEmpty && stacks.allSatisfy { stack in
-            guard stack.thin == nil, let label = try? CowLabel.read(from: stack.storage.path) else { return false }
-            return label.identity == stack.identity && label.state == .kept
-        }
+        !stacks.isEmpty
+            && stacks.allSatisfy { stack in
+                guard stack.thin == nil, let label = try? CowLabel.read(from: stack.storage.path) else { return false }
+                return label.identity == stack.identity && label.state == .kept
+            }
     }
 
     private func rollBack(
@@ -565,7 +588,8 @@ public struct Recovery {
                     if let number = try engine.dm.info(stack.originRef)?.number, mounted.contains(number) {
                         throw GuardFailure(
                             .attention,
-                            "\(record.volume) is already mounted, so it cannot be merged at this boot (the initramfs did not do it: is guard's initramfs hook installed, and `update-initramfs -u` run?); the snapshot is kept")
+                            "\(record.volume) is already mounted, so it cannot be merged at this boot (the initramfs did not do it: is guard's initramfs hook installed, and `update-initramfs -u` run?); the snapshot is kept"
+                        )
                     }
                 }
                 let live = try LiveSnapshotSet.attach(pending.map(\.1), engine: engine)
@@ -591,7 +615,9 @@ public struct Recovery {
         if boot {
             if run.state == .kept {
                 // Asked for by `guard rollback`, carried out at this boot.
-                return try close(.rolledBack, .merging, "rolled back at boot, as `guard rollback` asked, before the volumes were mounted (the merge continues; the volumes read as before the run)")
+                return try close(
+                    .rolledBack, .merging,
+                    "rolled back at boot, as `guard rollback` asked, before the volumes were mounted (the merge continues; the volumes read as before the run)")
             }
             return try close(.recovered, .merging, "rolled back (the merge continues; the volumes read as before the run)")
         }
@@ -678,7 +704,9 @@ public struct Recovery {
             if let label, try engine.dm.info(.uuid(label.identity.uuid(.cow))) != nil { continue }
             if let label, [.active, .kept, .merging, .stale].contains(label.state), !known.contains(label.runToken) {
                 // A snapshot the journal does not know (a journal replaced or lost): keep it.
-                actions.append("kept \(storage.path): it holds a \(label.state.rawValue) snapshot of \(label.originName) from run \(label.runToken), unknown to the journal; `guard recover` reassembles it once its volume is active")
+                actions.append(
+                    "kept \(storage.path): it holds a \(label.state.rawValue) snapshot of \(label.originName) from run \(label.runToken), unknown to the journal; `guard recover` reassembles it once its volume is active"
+                )
                 continue
             }
             if let label, label.state != .released, label.state != .preparing {

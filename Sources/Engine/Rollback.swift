@@ -29,7 +29,8 @@ struct RollbackProcedure {
             try journal.update(updated)
             throw GuardFailure(
                 .attention,
-                "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data; restore it from a backup if that data is bad")
+                "rollback of run \(runID) is impossible: the snapshot of \(record.volume) is \(health.status) (its COW filled up or failed), so its old data is gone; the volume keeps the upgraded data; restore it from a backup if that data is bad"
+            )
         }
     }
 
@@ -140,7 +141,8 @@ struct RollbackProcedure {
             try? journal.update(run)
             throw GuardFailure(
                 .attention,
-                "rollback of run \(runID) is incomplete: \(left.joined(separator: ", ")) \(left.count == 1 ? "is" : "are") NOT rolled back (\(error)) and still hold\(left.count == 1 ? "s" : "") the upgraded data, with \(left.count == 1 ? "its snapshot" : "their snapshots") live; \(started.joined(separator: ", ")) \(started.count == 1 ? "is" : "are") merging back; fix that and run `guard recover`, which rolls the rest back")
+                "rollback of run \(runID) is incomplete: \(left.joined(separator: ", ")) \(left.count == 1 ? "is" : "are") NOT rolled back (\(error)) and still hold\(left.count == 1 ? "s" : "") the upgraded data, with \(left.count == 1 ? "its snapshot" : "their snapshots") live; \(started.joined(separator: ", ")) \(started.count == 1 ? "is" : "are") merging back; fix that and run `guard recover`, which rolls the rest back"
+            )
         }
         // Each merge is journaled as it starts (above): the volumes go back to the service
         // first, then the run's state is written, in one transaction.
@@ -232,7 +234,8 @@ struct RollbackProcedure {
         if let (_, virtual) = inside.first(where: { !origins.contains($0.element.device) && $0.element.device.major == 0 }) {
             throw GuardFailure(
                 .attention,
-                "\(virtual.target) (\(virtual.fileSystemType)) is mounted inside a volume being rolled back; unmounting it would lose what it holds; unmount it first (rollback.stop in the recipe)")
+                "\(virtual.target) (\(virtual.fileSystemType)) is mounted inside a volume being rolled back; unmounting it would lose what it holds; unmount it first (rollback.stop in the recipe)"
+            )
         }
         func depth(_ path: String) -> Int { path.split(separator: "/").count }
         return inside.sorted { (depth($0.element.target), $0.offset) > (depth($1.element.target), $1.offset) }.map(\.element)
@@ -246,7 +249,9 @@ struct RollbackProcedure {
         var mounted: [MountEntry] = []
         for entry in unmounted.reversed() {
             guard Mounts.isUnchangedMountPoint(entry.target) else {
-                reporter.warning("did not mount \(entry.source) on \(entry.target) again: the mount point changed since it was unmounted (a symbolic link or something else is there now); check it, then mount it by hand")
+                reporter.warning(
+                    "did not mount \(entry.source) on \(entry.target) again: the mount point changed since it was unmounted (a symbolic link or something else is there now); check it, then mount it by hand"
+                )
                 continue
             }
             let device = origins.contains(entry.device) ? BlockDevices.deviceMapperName(of: entry.device).map { "/dev/mapper/\($0)" } ?? entry.source : entry.source
@@ -315,7 +320,8 @@ struct RollbackProcedure {
             if kind == "rollback-stop" && !result.succeeded {
                 // Said, and journaled, with what comes next: the merge restores every block of the
                 // snapshot's instant whatever the service wrote, but only once nothing holds the volume.
-                let next = "guard goes on: it kills what the run's steps left running, then unmounts the volumes; a process that still holds them stops the rollback before anything is merged"
+                let next =
+                    "guard goes on: it kills what the run's steps left running, then unmounts the volumes; a process that still holds them stops the rollback before anything is merged"
                 reporter.warning("rollback.stop '\(command.name)' \(result.termination); \(next)")
                 try? journal.event(runID, .warning, "rollback-stop-failed", "'\(command.name)' \(result.termination); \(next)", at: timestamp())
             }

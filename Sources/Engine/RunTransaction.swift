@@ -94,12 +94,15 @@ public final class RunTransaction {
         let loaded = RecipeFile.load(recipePath)
         switch loaded.recipe {
         case .success(let value): recipe = value
-        case .failure(let errors): throw GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
+        case .failure(let errors):
+            throw GuardFailure(.refused, "\(errors)\n\(errors.errors.count) error\(errors.errors.count == 1 ? "" : "s") in \(recipePath); nothing was touched")
         }
         if geteuid() != 0 {
-            throw GuardFailure(.refused, dryRun
-                ? "guard run --dry-run needs root to resolve the volumes (`guard check --syntax-only` validates the recipe without); nothing was touched"
-                : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
+            throw GuardFailure(
+                .refused,
+                dryRun
+                    ? "guard run --dry-run needs root to resolve the volumes (`guard check --syntax-only` validates the recipe without); nothing was touched"
+                    : "guard run needs root (it suspends and snapshots volumes): run it with sudo; nothing was touched")
         }
         if !options.allowUnsafeRecipe, let problem = loaded.problem {
             try refuse("\(problem); guard runs its steps as root, so it refuses recipes others can change: \(RecipeFile.unsafeAdvice(recipePath))")
@@ -121,7 +124,8 @@ public final class RunTransaction {
             // A run waiting for reassembly blocks only its own volumes (the planner refuses them).
             let unfinished = try Recovery(context: context).unfinishedRuns(journal: existing).filter { $0.state == .running }
             if !unfinished.isEmpty {
-                try refuse("run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first")
+                try refuse(
+                    "run \(unfinished.map { "\($0.id ?? 0)" }.joined(separator: ", ")) did not finish (guard was killed or the machine went down); run `guard recover` first")
             }
         }
         // The plan checks, among the rest, that the state directory is not on a volume the
@@ -246,7 +250,10 @@ struct RunBody {
         self.records = records
         do {
             cgroup = try RunCgroup.create(token: run.token)
-            if cgroup == nil { context.reporter.warning("cgroup v2 is not mounted: the steps are contained by their process group only (a step that calls setsid or double-forks can outlive the run)") }
+            if cgroup == nil {
+                context.reporter.warning(
+                    "cgroup v2 is not mounted: the steps are contained by their process group only (a step that calls setsid or double-forks can outlive the run)")
+            }
         } catch {
             cgroup = nil
             context.reporter.warning("\(error); the steps are contained by their process group only")
@@ -322,13 +329,19 @@ struct RunBody {
             case .incomplete: dropped = false
             }
             await runResumeHooks(runner: runner)
-            return journalUnwritable(error, dropped ? "the snapshots were dropped before any step ran; no volume was changed" : "no step ran; the snapshots are still live: run `guard recover` once the journal is writable")
+            return journalUnwritable(
+                error,
+                dropped
+                    ? "the snapshots were dropped before any step ran; no volume was changed"
+                    : "no step ran; the snapshots are still live: run `guard recover` once the journal is writable")
         }
         reporter.note("snapshot taken: \(plan.volumes.count) volume(s), suspended for \(formatMicroseconds(live.suspendMicroseconds))")
         // Before any step: a volume activated late at a boot is not mounted before guard has
         // stacked its snapshot again (guard's udev rule holds it).
         for volume in VolumeHolds().hold((try? journal.snapshots(runID: runID)) ?? []) {
-            reporter.warning("\(volume) is not marked to be held at boot (/etc/guard/held): if it is activated after guard-reassemble.service at a boot, it could be mounted before its snapshot is stacked again")
+            reporter.warning(
+                "\(volume) is not marked to be held at boot (/etc/guard/held): if it is activated after guard-reassemble.service at a boot, it could be mounted before its snapshot is stacked again"
+            )
         }
 
         await runResumeHooks(runner: runner)
@@ -458,7 +471,8 @@ struct RunBody {
             let labels = unmarked.isEmpty ? "their COW labels say kept" : "\(unmarked.count) COW label(s) could not be marked kept"
             return journalUnwritable(
                 error,
-                "the upgrade is in place and nothing was committed: the snapshots are live and \(labels); once the journal is writable, `guard recover` records the run as kept, then `guard commit \(runID)` makes it final")
+                "the upgrade is in place and nothing was committed: the snapshots are live and \(labels); once the journal is writable, `guard recover` records the run as kept, then `guard commit \(runID)` makes it final"
+            )
         }
         CrashPoint.hit(.runBeforeCommit)
         switch live.commit() {
@@ -499,21 +513,31 @@ struct RunBody {
             try journal.batch {
                 try journal.update(decided)
                 if assessing {
-                    try journal.event(runID, .intent, BootAssessment.pendingEvent, "verify_after_boot: \(recipe.verifyAfterBoot.count) check(s) after the reboot, \(recipe.bootAttempts) boot(s) to reach them", at: timestamp())
+                    try journal.event(
+                        runID, .intent, BootAssessment.pendingEvent,
+                        "verify_after_boot: \(recipe.verifyAfterBoot.count) check(s) after the reboot, \(recipe.bootAttempts) boot(s) to reach them", at: timestamp())
                 }
             }
         } catch {
-            return journalUnwritable(error, "the upgrade is in place, the snapshots are live and their COW labels say kept; once the journal is writable, `guard recover` records the run as kept (`guard rollback \(runID)` and `guard commit \(runID)` then work)")
+            return journalUnwritable(
+                error,
+                "the upgrade is in place, the snapshots are live and their COW labels say kept; once the journal is writable, `guard recover` records the run as kept (`guard rollback \(runID)` and `guard commit \(runID)` then work)"
+            )
         }
         let phase = try? journal.beginPhase(runID, "keep", at: timestamp())
         if let phase { try? journal.endPhase(phase, status: .done, detail: failure, at: timestamp()) }
         if let failure {
             return finish(
                 outcome: .kept, exit: .attention, state: .kept, error: failure,
-                message: "run \(runID) failed (\(failure)); the recipe says keep: the volumes hold the failed upgrade and the snapshots are kept; `guard rollback \(runID)` restores them, `guard commit \(runID)` keeps the new state")
+                message:
+                    "run \(runID) failed (\(failure)); the recipe says keep: the volumes hold the failed upgrade and the snapshots are kept; `guard rollback \(runID)` restores them, `guard commit \(runID)` keeps the new state"
+            )
         }
         let until = run.keepUntil.map { " until \(formatDate($0))" } ?? ""
-        let assessment = assessing ? "; reboot into the upgrade: guard-assess.service runs its verify_after_boot checks after the boot, and a failure (or \(recipe.bootAttempts) boot(s) that do not reach them) rolls it back" : ""
+        let assessment =
+            assessing
+            ? "; reboot into the upgrade: guard-assess.service runs its verify_after_boot checks after the boot, and a failure (or \(recipe.bootAttempts) boot(s) that do not reach them) rolls it back"
+            : ""
         return finish(
             outcome: .kept, exit: .success, state: .kept, error: nil,
             message: "run \(runID) succeeded; the snapshots are kept\(until): `guard rollback \(runID)` undoes the upgrade, `guard commit \(runID)` makes it final\(assessment)")
@@ -550,7 +574,9 @@ struct RunBody {
             try? journal.setSnapshotState(runID: runID, .invalid)
             return finish(
                 outcome: .failed, exit: .attention, state: .finished, error: "\(failure); the snapshot of \(which) overflowed its COW, so a rollback is impossible",
-                message: "run \(runID) failed (\(failure)) and cannot be rolled back: the snapshot of \(which) was invalidated by the kernel when its COW filled up during the steps, so its old data is gone. The volumes hold the upgraded data (as the steps left it); restore from a backup if that data is bad, and give the recipe a larger snapshot size or an extend policy")
+                message:
+                    "run \(runID) failed (\(failure)) and cannot be rolled back: the snapshot of \(which) was invalidated by the kernel when its COW filled up during the steps, so its old data is gone. The volumes hold the upgraded data (as the steps left it); restore from a backup if that data is bad, and give the recipe a larger snapshot size or an extend policy"
+            )
         }
         // A volume the initramfs mounts (/, /usr) is never unmounted while the system runs: its
         // rollback is journaled for the next boot, whose initramfs merges it before mounting it.
@@ -569,14 +595,18 @@ struct RunBody {
                 let unmarked = live.keep().unmarked
                 return finish(
                     outcome: .failed, exit: .attention, state: .kept, error: "\(failure); its rollback could not be scheduled: \(error)",
-                    message: "run \(runID) failed (\(failure)), and its rollback could not be scheduled for the next boot: \(error). The volumes hold what the steps left and the snapshots are kept\(unmarked.isEmpty ? "" : " (\(unmarked.count) label(s) not marked)"); fix that and run `guard rollback \(runID)`")
+                    message:
+                        "run \(runID) failed (\(failure)), and its rollback could not be scheduled for the next boot: \(error). The volumes hold what the steps left and the snapshots are kept\(unmarked.isEmpty ? "" : " (\(unmarked.count) label(s) not marked)"); fix that and run `guard rollback \(runID)`"
+                )
             }
         }
         let procedure = RollbackProcedure(context: context, journal: journal, engine: engine)
         do {
             try await procedure.perform(run: run, records: try journal.snapshots(runID: runID), live: live, recipe: recipe, wait: true, beforeMerge: { watcher.stop() })
             run = (try? journal.run(id: runID)) ?? run
-            return finish(outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure, message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
+            return finish(
+                outcome: .rolledBack, exit: .failedRestored, state: .finished, error: failure,
+                message: "run \(runID) failed (\(failure)); the volumes were rolled back to their state before the run")
         } catch {
             // A refusal says what to do; any other error (an I/O error on the COW while the
             // merge was torn down) is for `guard recover`.
@@ -589,8 +619,13 @@ struct RunBody {
             let unmerged = ((try? journal.snapshots(runID: runID)) ?? []).contains { $0.state == .live }
             let outcome: RunOutcome = state == .merging ? (unmerged ? .failed : .rolledBack) : (invalidated ? .failed : .kept)
             let fused = stacks.filter { (try? engine.isFused($0)) == true }.map(\.originPath)
-            let fuse = fused.isEmpty || state == .merging ? "" : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
-            return finish(outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(reason)", message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(reason)\(fuse)")
+            let fuse =
+                fused.isEmpty || state == .merging
+                ? ""
+                : "; \(fused.joined(separator: ", ")) refuse\(fused.count == 1 ? "s" : "") writes (guard's fuse kept the snapshot valid) until `guard rollback \(runID)` or `guard commit \(runID)`"
+            return finish(
+                outcome: outcome, exit: .attention, state: state == .merging ? .merging : (outcome == .failed ? .finished : state), error: "\(failure); \(reason)",
+                message: "run \(runID) failed (\(failure)) and the rollback did not complete: \(reason)\(fuse)")
         }
     }
 
@@ -598,10 +633,11 @@ struct RunBody {
     /// without (a root that refuses writes stops the machine before the rollback at boot).
     static func fusible(_ stacks: [SnapshotStack], engine: SnapshotEngine) -> Set<Int> {
         let early = Set((try? Mounts.current())?.filter { Planner.earlyMountPoints.contains($0.target) }.map(\.device) ?? [])
-        return Set(stacks.indices.filter { index in
-            guard let number = try? engine.dm.info(stacks[index].originRef)?.number else { return true }
-            return !early.contains(number)
-        })
+        return Set(
+            stacks.indices.filter { index in
+                guard let number = try? engine.dm.info(stacks[index].originRef)?.number else { return true }
+                return !early.contains(number)
+            })
     }
 
     /// The origins of `stacks` whose table another tool replaced, by volume name; nil when none could be read.
@@ -716,7 +752,8 @@ struct RunBody {
         for volume in plan.volumes {
             environment["GUARD_VOLUME_\(volume.index)_DEVICE"] = volume.originPath
             if let mount = volume.mountPoint { environment["GUARD_VOLUME_\(volume.index)_MOUNT"] = mount }
-            environment["GUARD_VOLUME_\(volume.index)_SNAPSHOT"] = "/dev/mapper/" + StackIdentity(runToken: run.token, volumeIndex: volume.index).name(.snap, originName: volume.info.name)
+            environment["GUARD_VOLUME_\(volume.index)_SNAPSHOT"] =
+                "/dev/mapper/" + StackIdentity(runToken: run.token, volumeIndex: volume.index).name(.snap, originName: volume.info.name)
         }
         return environment
     }
@@ -761,7 +798,8 @@ struct RunBody {
             case .fusing(let index, let fill):
                 // Journaled first, but never waited on: the fuse only refuses writes, recovery
                 // reads it from the kernel's table, and a journal that fails must not cost the rollback.
-                reporter.warning("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow; \(names[index]) now refuses writes until the rollback (guard's fuse)")
+                reporter.warning(
+                    "the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow; \(names[index]) now refuses writes until the rollback (guard's fuse)")
                 try? journal.event(runID, .intent, "fuse", "\(names[index]) at \(Int(fill * 100))%")
             case .fused(let index, let fill, let microseconds):
                 cowStop.set("the snapshot of \(names[index]) is \(Int(fill * 100))% full and cannot grow")
@@ -805,7 +843,8 @@ public enum RecipeFile {
     /// usual case): commands that work as written, a copy only root can change, or the flag.
     public static func unsafeAdvice(_ path: String) -> String {
         let name = path.split(separator: "/").last.map(String.init) ?? "upgrade.recipe"
-        return "copy it where only root can change it (`sudo install -D -o root -g root -m 0644 \(path) /etc/guard/\(name)`) and run that copy, or pass --allow-unsafe-recipe if everyone who can write it is trusted"
+        return
+            "copy it where only root can change it (`sudo install -D -o root -g root -m 0644 \(path) /etc/guard/\(name)`) and run that copy, or pass --allow-unsafe-recipe if everyone who can write it is trusted"
     }
 
     /// - Returns: the recipe or every error in it, and why it is unsafe to run as root (nil: only

@@ -107,7 +107,10 @@ public struct SnapshotFiles {
                 try restoreAll(dryRun: false, into: &report)
             } catch {
                 try? close("failed", "\(error)")
-                throw GuardFailure(.attention, "restore from run \(run.id!) stopped at \(error); what was restored before it is in place (every file whole), the rest is unchanged; see `guard show \(run.id!)`")
+                throw GuardFailure(
+                    .attention,
+                    "restore from run \(run.id!) stopped at \(error); what was restored before it is in place (every file whole), the rest is unchanged; see `guard show \(run.id!)`"
+                )
             }
             try close("done", report.kept.isEmpty ? nil : "kept (created after the snapshot): " + report.kept.joined(separator: ", "))
             return report
@@ -166,7 +169,8 @@ public struct SnapshotFiles {
         chmod(viewsDirectory, 0o700)
         // Views are mounted under a private parent only: they never reach another namespace.
         do { try Mounts.makePrivateMountPoint(viewsDirectory) } catch {
-            throw GuardFailure(.attention, "cannot make \(viewsDirectory) a private mount point, so the snapshot's views would show in other mount namespaces: \(error); nothing was mounted")
+            throw GuardFailure(
+                .attention, "cannot make \(viewsDirectory) a private mount point, so the snapshot's views would show in other mount namespaces: \(error); nothing was mounted")
         }
         for (record, stack) in zip(records, stacks) {
             let health = try engine.health(stack)

@@ -157,7 +157,8 @@ public struct StepRunner: Sendable {
             kill(-result.pid, SIGKILL)
             if result.forced != nil, let cgroup { await cgroup.killAll() }
             let (out, err, bytes) = tails.snapshot()
-            return StepResult(name: command.name, argv: argv, termination: result.termination, duration: seconds(since: started), stdoutTail: out, stderrTail: err, outputBytes: bytes)
+            return StepResult(
+                name: command.name, argv: argv, termination: result.termination, duration: seconds(since: started), stdoutTail: out, stderrTail: err, outputBytes: bytes)
         }
     }
 

@@ -55,7 +55,8 @@ public struct VolumeService {
     /// Activates every registered volume whose backing is there; one another guard command
     /// holds is left to it.
     public func activateAll() throws -> (activated: [GuardVolume], failed: [(GuardVolume, any Error)]) {
-        var activated: [GuardVolume] = [], failed: [(GuardVolume, any Error)] = []
+        var activated: [GuardVolume] = []
+        var failed: [(GuardVolume, any Error)] = []
         let volumes = try volumes
         for (volume, info) in try volumes.list() where info == nil {
             do {

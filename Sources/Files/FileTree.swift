@@ -147,7 +147,10 @@ struct FileName: Hashable, Comparable {
         var bytes: [UInt8] = []
         var utf8 = Array(text.utf8)[...]
         while let byte = utf8.popFirst() {
-            guard byte == UInt8(ascii: "\\") else { bytes.append(byte); continue }
+            guard byte == UInt8(ascii: "\\") else {
+                bytes.append(byte)
+                continue
+            }
             switch utf8.popFirst() {
             case UInt8(ascii: "\\"): bytes.append(byte)
             case UInt8(ascii: "x"):
@@ -382,7 +385,8 @@ public struct TreeDiff {
         case (let before?, let after?):
             if after.kind == .directory && after.stat.st_dev != device { return }  // another filesystem mounted here
             if before.kind != after.kind {
-                changes.append(FileChange(path: path, change: .modified, kind: after.kind, sizeBefore: before.size, sizeAfter: after.size, details: ["was a \(before.kind.rawValue)"]))
+                changes.append(
+                    FileChange(path: path, change: .modified, kind: after.kind, sizeBefore: before.size, sizeAfter: after.size, details: ["was a \(before.kind.rawValue)"]))
                 return
             }
             if let change = try compareEntries(before, after, thenDir!, nowDir!, name: name, path: path) { changes.append(change) }
@@ -405,7 +409,8 @@ public struct TreeDiff {
 
     /// Two entries of the same kind: nil when they are the same.
     func compareEntries(_ before: Entry, _ after: Entry, _ thenDir: Int32, _ nowDir: Int32, name: FileName, path: String) throws -> FileChange? {
-        let a = before.stat, b = after.stat
+        let a = before.stat
+        let b = after.stat
         let sameTimes = a.st_mtim.tv_sec == b.st_mtim.tv_sec && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec
         if a.st_ino == b.st_ino && a.st_ctim.tv_sec == b.st_ctim.tv_sec && a.st_ctim.tv_nsec == b.st_ctim.tv_nsec && sameTimes && a.st_size == b.st_size {
             return nil
@@ -513,11 +518,13 @@ public struct TreeRestore {
             let component = FS.resolve(text, in: [thenFD, nowFD])
             walked += (walked.isEmpty ? "" : "/") + component.display
             guard let source = FS.lstat(thenFD, component) else {
-                close(thenFD); if nowFD >= 0 { close(nowFD) }
+                close(thenFD)
+                if nowFD >= 0 { close(nowFD) }
                 throw FileTreeError(walked, "is not in the snapshot; nothing under it can be restored")
             }
             guard source.kind == .directory else {
-                close(thenFD); if nowFD >= 0 { close(nowFD) }
+                close(thenFD)
+                if nowFD >= 0 { close(nowFD) }
                 throw FileTreeError(walked, "is a \(source.kind.rawValue) in the snapshot, not a directory; guard never follows a symlink in a path")
             }
             let nextThen = try FS.openDirectory(thenFD, component, path: walked)
@@ -526,17 +533,26 @@ public struct TreeRestore {
             if nowFD >= 0 {
                 if let target = FS.lstat(nowFD, component) {
                     guard target.kind == .directory else {
-                        close(thenFD); close(nowFD)
-                        throw FileTreeError(walked, "is a \(target.kind.rawValue) on the volume, not a directory; guard never follows a symlink in a path (restore \(walked) itself to replace it)")
+                        close(thenFD)
+                        close(nowFD)
+                        throw FileTreeError(
+                            walked, "is a \(target.kind.rawValue) on the volume, not a directory; guard never follows a symlink in a path (restore \(walked) itself to replace it)")
                     }
                     guard target.stat.st_dev == device else {
-                        close(thenFD); close(nowFD)
+                        close(thenFD)
+                        close(nowFD)
                         throw FileTreeError(walked, "is another filesystem mounted inside the volume; guard restores only the volume's own files")
                     }
                 } else {
                     report.actions.append("create directory \(walked)")
                     if !dryRun {
-                        guard mkdirat(nowFD, component.cString, 0o700) == 0 else { defer { close(thenFD); close(nowFD) }; throw FileTreeError(walked, call: "mkdir") }
+                        guard mkdirat(nowFD, component.cString, 0o700) == 0 else {
+                            defer {
+                                close(thenFD)
+                                close(nowFD)
+                            }
+                            throw FileTreeError(walked, call: "mkdir")
+                        }
                         let created = try FS.openDirectory(nowFD, component, path: walked)
                         try copyAttributes(from: thenFD, source: source, to: created, path: walked)
                         close(nowFD)
@@ -596,11 +612,13 @@ public struct TreeRestore {
         if source.stat.st_nlink > 1, source.kind != .directory, source.kind != .socket, let first = links[source.stat.st_ino] {
             report.actions.append("link \(path) to \(first.path)")
             report.bytes -= source.size
-            if !dryRun { try replace(nowDir, name, path: path) { temporary in
-                // Through the first copy's own descriptor (AT_EMPTY_PATH): no path is looked
-                // up, so a symlink swapped into the tree since cannot redirect the link.
-                guard first.fd >= 0, linkat(first.fd, "", nowDir, temporary.cString, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "link") }
-            } }
+            if !dryRun {
+                try replace(nowDir, name, path: path) { temporary in
+                    // Through the first copy's own descriptor (AT_EMPTY_PATH): no path is looked
+                    // up, so a symlink swapped into the tree since cannot redirect the link.
+                    guard first.fd >= 0, linkat(first.fd, "", nowDir, temporary.cString, AT_EMPTY_PATH) == 0 else { throw FileTreeError(path, call: "link") }
+                }
+            }
             return
         }
         // The first of several links keeps a descriptor of what guard created, for the others.
@@ -691,7 +709,8 @@ public struct TreeRestore {
 
     /// Copies the data regions only (SEEK_DATA/SEEK_HOLE), so holes stay holes.
     func copyData(_ input: Int32, _ output: Int32, size: Int64, path: String) throws {
-        let seekData: Int32 = 3, seekHole: Int32 = 4
+        let seekData: Int32 = 3
+        let seekHole: Int32 = 4
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         var offset: off_t = 0
         while offset < size {
@@ -702,12 +721,18 @@ public struct TreeRestore {
             var position = dataStart
             while position < end {
                 let n = pread(input, &buffer, min(buffer.count, Int(end - position)), position)
-                if n < 0 { if errno == EINTR { continue }; throw FileTreeError(path, call: "read (snapshot)") }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw FileTreeError(path, call: "read (snapshot)")
+                }
                 if n == 0 { break }
                 var written = 0
                 while written < n {
                     let w = buffer.withUnsafeBytes { pwrite(output, $0.baseAddress! + written, n - written, position + off_t(written)) }
-                    if w < 0 { if errno == EINTR { continue }; throw FileTreeError(path, call: "write") }
+                    if w < 0 {
+                        if errno == EINTR { continue }
+                        throw FileTreeError(path, call: "write")
+                    }
                     written += w
                 }
                 position += off_t(n)
@@ -734,7 +759,9 @@ public struct TreeRestore {
         guard futimens(output, &times) == 0 else { throw FileTreeError(path, call: "futimens") }
     }
 
-    func restoreDirectory(_ thenDir: Int32, _ nowDir: Int32, name: FileName, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
+    func restoreDirectory(
+        _ thenDir: Int32, _ nowDir: Int32, name: FileName, source: Entry, target: Entry?, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport
+    ) throws {
         if let target, target.kind != .directory {
             report.actions.append("remove \(path) (a \(target.kind.rawValue) now, a directory in the snapshot)")
             if !dryRun, unlinkat(nowDir, name.cString, 0) != 0 { throw FileTreeError(path, call: "unlink") }

@@ -41,7 +41,9 @@ public struct GuardCommand: AsyncParsableCommand {
 
 /// Options every subcommand takes.
 struct GlobalOptions: ParsableArguments {
-    @Option(name: .customLong("state-dir"), help: ArgumentHelp("guard's state directory (journal, COW files, locks); default GUARD_STATE_DIR, guard.conf's state_dir, /var/lib/guard.", valueName: "dir"))
+    @Option(
+        name: .customLong("state-dir"),
+        help: ArgumentHelp("guard's state directory (journal, COW files, locks); default GUARD_STATE_DIR, guard.conf's state_dir, /var/lib/guard.", valueName: "dir"))
     var stateDirectory: String?
 
     @Option(name: .customLong("config"), help: ArgumentHelp("The configuration file; default GUARD_CONFIG, or /etc/guard/guard.conf if it exists.", valueName: "file"))
@@ -253,13 +255,14 @@ struct ErrorDocument: Encodable {
     var error: Failure
 
     init(code: Engine.ExitCode, message: String) {
-        let kind = switch code {
-        case .success, .usage: "refused"
-        case .failedRestored: "failed"
-        case .attention: "attention"
-        case .needsReassembly: "needs_reassembly"
-        case .busy: "busy"
-        }
+        let kind =
+            switch code {
+            case .success, .usage: "refused"
+            case .failedRestored: "failed"
+            case .attention: "attention"
+            case .needsReassembly: "needs_reassembly"
+            case .busy: "busy"
+            }
         error = Failure(exitCode: code.rawValue, kind: kind, message: message)
     }
 }

@@ -77,15 +77,20 @@ public final class Journal: @unchecked Sendable {
             if check {
                 let result = try queue.read { db in try String.fetchOne(db, sql: "PRAGMA quick_check") }
                 if result != "ok" {
-                    throw JournalError(path: path, reason: "is corrupt (quick_check: \(result ?? "?"))", hint: "move it aside and run `guard recover`, which rebuilds what it can from the COW labels")
+                    throw JournalError(
+                        path: path, reason: "is corrupt (quick_check: \(result ?? "?"))",
+                        hint: "move it aside and run `guard recover`, which rebuilds what it can from the COW labels")
                 }
             }
             let newer = try queue.read { db in try Schema.unknownMigrations(db) }
             if !newer.isEmpty {
                 throw JournalError(
                     path: path,
-                    reason: "was migrated by a newer guard (it has the schema change\(newer.count == 1 ? "" : "s") \(newer.map { "'\($0)'" }.joined(separator: ", ")), which this guard does not know)",
-                    hint: "use the guard that migrated it (install the newer guard again; `guard --version` shows this one); this guard would misread its runs, so it touched nothing")
+                    reason:
+                        "was migrated by a newer guard (it has the schema change\(newer.count == 1 ? "" : "s") \(newer.map { "'\($0)'" }.joined(separator: ", ")), which this guard does not know)",
+                    hint:
+                        "use the guard that migrated it (install the newer guard again; `guard --version` shows this one); this guard would misread its runs, so it touched nothing"
+                )
             }
             if !readOnly {
                 try Schema.migrator.migrate(queue)
@@ -381,20 +386,26 @@ public final class Journal: @unchecked Sendable {
         try read { db in
             var tallies = Tallies()
             tallies.started = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM runs") ?? 0
-            for row in try Row.fetchAll(db, sql: "SELECT outcome, COUNT(*) AS n FROM runs WHERE state = ? AND outcome IS NOT NULL GROUP BY outcome",
-                                        arguments: [RunState.finished.rawValue]) {
+            for row in try Row.fetchAll(
+                db, sql: "SELECT outcome, COUNT(*) AS n FROM runs WHERE state = ? AND outcome IS NOT NULL GROUP BY outcome",
+                arguments: [RunState.finished.rawValue])
+            {
                 if let outcome = RunOutcome(rawValue: row["outcome"]) { tallies.finished[outcome] = row["n"] }
             }
             // The first `done` phase of each run: the run's own end (one per run; MIN for safety).
-            let ends = try Row.fetchAll(db, sql: """
-                SELECT r.recipe_name AS recipe, r.started_at AS started, p.started_at AS ended, p.detail AS how
-                FROM runs r JOIN phases p ON p.id = (SELECT MIN(id) FROM phases WHERE run_id = r.id AND name = 'done')
-                ORDER BY r.id
-                """)
+            let ends = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT r.recipe_name AS recipe, r.started_at AS started, p.started_at AS ended, p.detail AS how
+                    FROM runs r JOIN phases p ON p.id = (SELECT MIN(id) FROM phases WHERE run_id = r.id AND name = 'done')
+                    ORDER BY r.id
+                    """)
             for row in ends {
                 let how: String = row["how"] ?? "unknown"
                 tallies.ended[how, default: 0] += 1
-                let recipe: String = row["recipe"], started: Double = row["started"], ended: Double = row["ended"]
+                let recipe: String = row["recipe"]
+                let started: Double = row["started"]
+                let ended: Double = row["ended"]
                 var tally = tallies.recipes[recipe] ?? RecipeTally(lastEnd: ended, lastDuration: 0)
                 tally.lastEnd = ended
                 tally.lastDuration = max(0, ended - started)

@@ -62,13 +62,19 @@ public struct GuardConfiguration: Hashable, Sendable {
     static func read(path: String, required: Bool) throws -> String? {
         guard FileManager.default.fileExists(atPath: path) else {
             if required {
-                throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist", hint: "create it (see guard.conf(5)) or leave --config/GUARD_CONFIG unset")])
+                throw RecipeErrors(errors: [
+                    RecipeError(
+                        file: path, location: SourceLocation(line: 1, column: 1), message: "the configuration file does not exist",
+                        hint: "create it (see guard.conf(5)) or leave --config/GUARD_CONFIG unset")
+                ])
             }
             return nil
         }
         // Read through a file handle: /dev/null (no settings at all) reads as empty.
         guard let handle = FileHandle(forReadingAtPath: path), let data = try? handle.readToEnd() ?? Data(), let text = String(data: data, encoding: .utf8) else {
-            throw RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "cannot read the configuration file (permissions, or not UTF-8 text)")])
+            throw RecipeErrors(errors: [
+                RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "cannot read the configuration file (permissions, or not UTF-8 text)")
+            ])
         }
         return text
     }

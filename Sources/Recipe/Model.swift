@@ -1,4 +1,5 @@
 import Quantities
+
 /// A place in a recipe file, 1-based.
 public struct SourceLocation: Hashable, Sendable, Codable, CustomStringConvertible {
     public var line: Int
@@ -72,7 +73,8 @@ public struct HTTPCheck: Hashable, Sendable, Codable {
     public static func parse(_ url: String) -> Result<(host: String, port: UInt16, target: String), UnitError> {
         let lowered = url.lowercased()
         if lowered.hasPrefix("https://") {
-            return .failure(UnitError("guard's built-in check speaks plain HTTP, not HTTPS: '\(url)'", hint: "check the service on its local http:// port, or use `run: [curl, -fsS, \(url)]`"))
+            return .failure(
+                UnitError("guard's built-in check speaks plain HTTP, not HTTPS: '\(url)'", hint: "check the service on its local http:// port, or use `run: [curl, -fsS, \(url)]`"))
         }
         guard lowered.hasPrefix("http://") else {
             return .failure(UnitError("'\(url)' is not an http:// URL", hint: "for example http://127.0.0.1:8080/health"))
@@ -110,7 +112,6 @@ public struct HTTPCheck: Hashable, Sendable, Codable {
         return .success((host, port, target))
     }
 }
-
 
 /// A command of a recipe: a step, a verify check, or a hook.
 public struct Command: Hashable, Sendable, Codable {

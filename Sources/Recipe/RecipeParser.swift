@@ -56,7 +56,10 @@ public enum RecipeParser {
             return .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "not valid YAML: \(error)")]))
         }
         guard let root else {
-            return .failure(RecipeErrors(errors: [RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the recipe is empty", hint: "see guard.recipe(5) for the format")]))
+            return .failure(
+                RecipeErrors(errors: [
+                    RecipeError(file: path, location: SourceLocation(line: 1, column: 1), message: "the recipe is empty", hint: "see guard.recipe(5) for the format")
+                ]))
         }
         let recipe = validator.recipe(root, text: text, path: path)
         if let recipe, validator.errors.isEmpty { return .success(recipe) }
@@ -97,7 +100,9 @@ final class Validator {
     func syntaxError(_ error: YamlError) -> RecipeError {
         switch error {
         case .scanner(_, let problem, let mark, _), .parser(_, let problem, let mark, _), .composer(_, let problem, let mark, _):
-            return RecipeError(file: file, location: SourceLocation(line: mark.line, column: mark.column), message: "YAML syntax error: \(problem)", hint: "check the indentation and quoting around here")
+            return RecipeError(
+                file: file, location: SourceLocation(line: mark.line, column: mark.column), message: "YAML syntax error: \(problem)",
+                hint: "check the indentation and quoting around here")
         case .duplicatedKeysInMapping(let duplicates, let context):
             return RecipeError(
                 file: file, location: SourceLocation(line: context.mark.line, column: context.mark.column),
@@ -272,9 +277,13 @@ final class Validator {
             if let number = Int(text.trimmed), (1...10).contains(number) {
                 bootAttempts = number
             } else {
-                error(entry.value, "boot_attempts must be a whole number from 1 to 10, not '\(text)'", hint: "boot_attempts: 2 rolls back when two boots in a row do not reach the checks")
+                error(
+                    entry.value, "boot_attempts must be a whole number from 1 to 10, not '\(text)'",
+                    hint: "boot_attempts: 2 rolls back when two boots in a row do not reach the checks")
             }
-            if top["verify_after_boot"] == nil { error(entry.key, "boot_attempts without verify_after_boot", hint: "add verify_after_boot: the checks the booted system must pass") }
+            if top["verify_after_boot"] == nil {
+                error(entry.key, "boot_attempts without verify_after_boot", hint: "add verify_after_boot: the checks the booted system must pass")
+            }
         }
 
         var recipe = Recipe(
@@ -319,7 +328,9 @@ final class Validator {
             if let entry = entries["device"], let value = string(entry.value, "\(context).device") {
                 device = value.trimmed
                 if !(value.hasPrefix("/") || value.split(separator: "/").count == 2) {
-                    error(entry.value, "\(context).device '\(value)' is not a device path, VG/LV name or mount point", hint: "e.g. /dev/mapper/vg-website, vg/website or /srv/website")
+                    error(
+                        entry.value, "\(context).device '\(value)' is not a device path, VG/LV name or mount point", hint: "e.g. /dev/mapper/vg-website, vg/website or /srv/website"
+                    )
                 }
             }
             let mount = entries["mount"].flatMap { absolutePath($0.value, "\(context).mount") }
@@ -451,7 +462,9 @@ final class Validator {
             if !verify {
                 for key in RecipeParser.verifyOnlyKeys {
                     if let entry = entries[key] {
-                        error(entry.key, "'\(key)' in \(context): only verify checks have it", hint: "a step changes the system and runs once; put checks that may need to wait under verify:")
+                        error(
+                            entry.key, "'\(key)' in \(context): only verify checks have it",
+                            hint: "a step changes the system and runs once; put checks that may need to wait under verify:")
                     }
                 }
             }
@@ -464,7 +477,9 @@ final class Validator {
             case (nil, nil) where verify && entries["http"] != nil:
                 if let check = httpCheck(entries["http"]!.value, "\(context).http", timeout: &httpTimeout) { invocation = .http(check) }
             case (nil, nil):
-                error(node, verify ? "\(context) needs 'run' (a command), 'shell' (a shell script) or 'http' (a URL)" : "\(context) needs 'run' (a command) or 'shell' (a shell script)")
+                error(
+                    node,
+                    verify ? "\(context) needs 'run' (a command), 'shell' (a shell script) or 'http' (a URL)" : "\(context) needs 'run' (a command) or 'shell' (a shell script)")
             case (.some, .some):
                 break
             case (let run?, nil):
@@ -492,7 +507,9 @@ final class Validator {
             var interval = Command.defaultInterval
             if let entry = entries["interval"], let value = duration(entry.value, "\(context).interval") {
                 interval = value
-                if retries == 0 && entries["retries"] == nil { error(entry.key, "\(context) has an interval but no retries", hint: "add retries: N (how many times it runs again)") }
+                if retries == 0 && entries["retries"] == nil {
+                    error(entry.key, "\(context) has an interval but no retries", hint: "add retries: N (how many times it runs again)")
+                }
             }
             let environment = entries["env"].map { self.environment($0.value, "\(context).env") } ?? [:]
             let workingDirectory = entries["cwd"].flatMap { absolutePath($0.value, "\(context).cwd") }
@@ -566,7 +583,9 @@ final class Validator {
     func splitCommandLine(_ line: String, _ node: Node, _ context: String) -> [String]? {
         let special: Set<Character> = ["|", "&", ";", "<", ">", "(", ")", "$", "`", "\\", "\"", "'", "*", "?", "[", "]", "#", "~", "\n"]
         if let character = line.first(where: { special.contains($0) }) {
-            error(node, "\(context) '\(line)' uses shell syntax ('\(character == "\n" ? "newline" : String(character))') but runs without a shell", hint: "write it as `shell: ...`, or as a list of words")
+            error(
+                node, "\(context) '\(line)' uses shell syntax ('\(character == "\n" ? "newline" : String(character))') but runs without a shell",
+                hint: "write it as `shell: ...`, or as a list of words")
             return nil
         }
         let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)

@@ -68,9 +68,10 @@ public enum Units {
                 return .failure(UnitError("'\(number)' in '\(trimmed)' has no unit", hint: "units: ms, s, min, h, d, w, month, y"))
             }
             if unit == "M" {
-                return .failure(UnitError(
-                    "the unit 'M' in '\(trimmed)' is ambiguous: systemd reads it as a month, guard used to read it as a minute",
-                    hint: "write \(number)min for minutes or \(number)month for months"))
+                return .failure(
+                    UnitError(
+                        "the unit 'M' in '\(trimmed)' is ambiguous: systemd reads it as a month, guard used to read it as a minute",
+                        hint: "write \(number)min for minutes or \(number)month for months"))
             }
             guard let size = Self.durationUnits[unit.lowercased()] else {
                 return .failure(UnitError("unknown duration unit '\(unit)' in '\(trimmed)'", hint: "use ms, s, min, h, d, w, month or y"))

@@ -94,7 +94,11 @@ public final class CowWatcher: Sendable {
     ///   - gate: around each extension and fuse (see `Gate`).
     public init(
         engine: SnapshotEngine, stacks: [SnapshotStack], policies: [ExtensionPolicy?], stopThresholds: [Double],
-        interval: Duration = .milliseconds(250), gate: @escaping Gate = { _, action in action(); return true },
+        interval: Duration = .milliseconds(250),
+        gate: @escaping Gate = { _, action in
+            action()
+            return true
+        },
         onEvent: @escaping @Sendable (Event) -> Void
     ) {
         precondition(policies.count == stacks.count && stopThresholds.count == stacks.count, "one policy and one stop point per stack")
@@ -254,7 +258,8 @@ public final class CowWatcher: Sendable {
     /// When to read a COW again: sooner than `interval` when the rate measured since the last
     /// reading would bring it to the stop point before two polls (at half the time left), so
     /// a fast writer is caught while there is room; nil when the regular interval will do.
-    static func nextPoll(usage: SnapshotUsage, budgetSectors: UInt64, previous: (at: Double, sectors: UInt64)?, now: Double, stopThreshold: Double, interval: Duration) -> Duration? {
+    static func nextPoll(usage: SnapshotUsage, budgetSectors: UInt64, previous: (at: Double, sectors: UInt64)?, now: Double, stopThreshold: Double, interval: Duration) -> Duration?
+    {
         guard let previous, now > previous.at, usage.allocatedSectors > previous.sectors else { return nil }
         let rate = Double(usage.allocatedSectors - previous.sectors) / (now - previous.at)  // sectors per second
         let stop = stopThreshold * Double(budgetSectors)

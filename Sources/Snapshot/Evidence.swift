@@ -110,7 +110,8 @@ extension SnapshotStack {
             let now = BlockDevices.stableIdentity(of: path)
             if now != journaled {
                 return .needsReassembly(
-                    "the COW device \(path) is \(now ?? "a device guard cannot identify") now, not the run's (\(journaled)): nothing is read from or removed on it; make the run's device appear under \(path) again, then run `guard recover`")
+                    "the COW device \(path) is \(now ?? "a device guard cannot identify") now, not the run's (\(journaled)): nothing is read from or removed on it; make the run's device appear under \(path) again, then run `guard recover`"
+                )
             }
         }
         guard FileManager.default.fileExists(atPath: path) else {
@@ -127,7 +128,8 @@ extension SnapshotStack {
             // An empty mount point is not the directory guard wrote the COW into.
             guard CowDirectoryMarker.isPresent(in: directory) else {
                 return .needsReassembly(
-                    "its COW file \(path) is missing and \(directory) is not the directory guard wrote it into (guard's marker \(CowDirectoryMarker.name) is not there: is its filesystem mounted?); mount it, then run `guard recover`")
+                    "its COW file \(path) is missing and \(directory) is not the directory guard wrote it into (guard's marker \(CowDirectoryMarker.name) is not there: is its filesystem mounted?); mount it, then run `guard recover`"
+                )
             }
             return .released
         }

@@ -157,7 +157,8 @@ public struct GuardVolumes {
     /// (a missing backing, a pool whose metadata fails thin_check).
     /// - Returns: the volumes activated, and those that could not be, with why.
     public func activateAll() throws -> (activated: [GuardVolume], failed: [(GuardVolume, any Error)]) {
-        var activated: [GuardVolume] = [], failed: [(GuardVolume, any Error)] = []
+        var activated: [GuardVolume] = []
+        var failed: [(GuardVolume, any Error)] = []
         for (volume, info) in try list() where info == nil {
             do {
                 try activate(volume)
@@ -187,7 +188,8 @@ public struct GuardVolumes {
         if let info {
             if info.openCount > 0 {
                 let mounts = Mounts.mountPoints(of: info.number).map(\.target)
-                throw SnapshotError.refusal(.inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
+                throw SnapshotError.refusal(
+                    .inUse, operation, "\(info.path) is open" + (mounts.isEmpty ? "" : " (mounted on \(mounts.joined(separator: ", ")))"), hint: "unmount it first")
             }
             let table = try dm.table(.number(info.number))
             if volume.thin != nil, let pool = try dm.info(.uuid(ThinPoolNames(volume: name).poolUUID)) {
@@ -200,7 +202,8 @@ public struct GuardVolumes {
                 }
             }
             if !table.isOnly(volume.thin == nil ? "linear" : "thin") {
-                throw SnapshotError.refusal(.alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
+                throw SnapshotError.refusal(
+                    .alreadySnapshotted, operation, "\(name) has a snapshot (its table is \(table.lines.first?.target.typeName ?? "?"))", hint: "commit or roll back its run first")
             }
         }
         try deactivate(volume)

@@ -1,4 +1,5 @@
 import Quantities
+
 /// How much COW space a snapshot needs, following the kernel's persistent store layout
 /// (drivers/md/dm-snap-persistent.c): chunk 0 is the header, then areas of one metadata
 /// chunk followed by the data chunks it describes, each exception taking 16 bytes.

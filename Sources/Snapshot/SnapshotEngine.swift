@@ -99,7 +99,8 @@ public struct SnapshotEngine {
             throw SnapshotError(.inUse, operation, "\(info.name) is suspended", hint: "resume it (`dmsetup resume \(info.name)`) or run `guard recover`")
         }
         if info.hasInactiveTable {
-            throw SnapshotError(.inUse, operation, "\(info.name) has an inactive table loaded (another tool is changing it)", hint: "run `guard recover` or `dmsetup clear \(info.name)`")
+            throw SnapshotError(
+                .inUse, operation, "\(info.name) has an inactive table loaded (another tool is changing it)", hint: "run `guard recover` or `dmsetup clear \(info.name)`")
         }
         if let (identity, layer) = StackIdentity.parse(uuid: info.uuid) {
             throw SnapshotError(.alreadySnapshotted, operation, "\(info.name) is guard's own \(layer.rawValue) layer of run \(identity.runToken)")
@@ -222,7 +223,8 @@ public struct SnapshotEngine {
                 if BlockDevices.isKernelName(named) {
                     guard let stable = BlockDevices.stablePath(of: named) else {
                         throw SnapshotError(
-                            .notAVolume, operation, "the COW device \(named) is named by the kernel's name for it, which can be another disk after a reboot, and it has no /dev/disk/by-id name",
+                            .notAVolume, operation,
+                            "the COW device \(named) is named by the kernel's name for it, which can be another disk after a reboot, and it has no /dev/disk/by-id name",
                             hint: "name it by a path that stays its own (/dev/disk/by-id/..., /dev/VG/LV)")
                     }
                     path = stable
@@ -237,15 +239,16 @@ public struct SnapshotEngine {
                 try Self.requireBlank(cowDevice: path, number: number, operation: operation)
                 storageBytes = try BlockDevices.size(of: path)
                 if storageBytes < budget + CowLabel.areaOffset {
-                    throw SnapshotError(.cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(budget + CowLabel.areaOffset))")
+                    throw SnapshotError(
+                        .cowTooSmall, operation, "the COW device \(path) has \(formatBytes(storageBytes)), the snapshot needs \(formatBytes(budget + CowLabel.areaOffset))")
                 }
                 storage = .blockDevice(path: path)
             }
             var stack = SnapshotStack(
-                    identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
-                    originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
-                    originTable: origin.table.redacted.description, storage: storage, storageBytes: storageBytes,
-                    chunkSectors: request.chunkSectors)
+                identity: StackIdentity(runToken: token, volumeIndex: index), originName: origin.info.name,
+                originUUID: origin.info.uuid, originNumber: origin.info.number, originSectors: origin.table.lengthSectors,
+                originTable: origin.table.redacted.description, storage: storage, storageBytes: storageBytes,
+                chunkSectors: request.chunkSectors)
             if case .blockDevice = storage { stack.storageIdentity = BlockDevices.stableIdentity(of: storage.path) }
             // A device's space past the size is all reserve (it cannot grow); a pool has none.
             stack.reserveBytes = stack.areaBytes > budget && thin == nil ? stack.areaBytes - budget : nil
@@ -266,12 +269,15 @@ public struct SnapshotEngine {
         }
         let partitions = BlockDevices.partitions(of: number)
         if !partitions.isEmpty {
-            throw SnapshotError(.inUse, operation, "the COW device \(path) is a disk with partitions (\(partitions.joined(separator: ", "))); guard would overwrite them", hint: "name an unused partition or disk")
+            throw SnapshotError(
+                .inUse, operation, "the COW device \(path) is a disk with partitions (\(partitions.joined(separator: ", "))); guard would overwrite them",
+                hint: "name an unused partition or disk")
         }
         let probe = open(path, O_RDONLY | O_EXCL | O_CLOEXEC)
         if probe < 0 {
             let reason = String(cString: strerror(errno))
-            throw SnapshotError(.inUse, operation, "the COW device \(path) cannot be opened exclusively (\(reason)): something uses it", hint: "name an unused device: guard overwrites it")
+            throw SnapshotError(
+                .inUse, operation, "the COW device \(path) cannot be opened exclusively (\(reason)): something uses it", hint: "name an unused device: guard overwrites it")
         }
         close(probe)
         let found: [String]
@@ -285,7 +291,8 @@ public struct SnapshotEngine {
         }
         if let label = try? CowLabel.read(from: path), label.state != .released {
             throw SnapshotError(
-                .inUse, operation, "the COW device \(path) holds guard's \(label.state.rawValue) snapshot of \(label.originName) (run \(label.identity.runToken)), which may hold old blocks",
+                .inUse, operation,
+                "the COW device \(path) holds guard's \(label.state.rawValue) snapshot of \(label.originName) (run \(label.identity.runToken)), which may hold old blocks",
                 hint: "finish that run first (`guard status`, `guard recover`)")
         }
     }
@@ -653,7 +660,9 @@ public struct SnapshotEngine {
         guard label.state != state else { return }
         // Stale is final: such a snapshot is never kept, merged or reassembled again, only released.
         if label.state == .stale && state != .released {
-            throw SnapshotError(.stale, "label update of \(stack.storage.path)", "the snapshot of \(label.originName) is stale (its volume was written around it)", hint: "`guard commit` releases it")
+            throw SnapshotError(
+                .stale, "label update of \(stack.storage.path)", "the snapshot of \(label.originName) is stale (its volume was written around it)",
+                hint: "`guard commit` releases it")
         }
         label.state = state
         try label.write(to: stack.storage.path)
@@ -772,7 +781,8 @@ public struct SnapshotEngine {
         guard let real = try dm.info(stack.ref(.real)), let snap = try dm.info(stack.ref(.snap)),
             let device = live.snapshotOriginDevice, device == real.number  // writable or fused
         else {
-            throw SnapshotError(.layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))", hint: "run `guard recover`")
+            throw SnapshotError(
+                .layerMissing, operation, "\(origin.name) has no live guard snapshot (its table is \(live.lines.first?.target.typeName ?? "empty"))", hint: "run `guard recover`")
         }
         let status = try dm.snapshotStatus(.number(snap.number))
         guard status.isRestorable else {
@@ -968,7 +978,9 @@ public struct SnapshotEngine {
 
     private func requireOrigin(_ stack: SnapshotStack, _ operation: String) throws -> DeviceInfo {
         guard let origin = try dm.info(stack.originRef) else {
-            throw SnapshotError(.originNotFound, operation, "the origin \(stack.originName) (\(stack.originUUID)) is not active", hint: "activate it (`lvchange -ay`, `guard volume activate`) and run `guard recover`")
+            throw SnapshotError(
+                .originNotFound, operation, "the origin \(stack.originName) (\(stack.originUUID)) is not active",
+                hint: "activate it (`lvchange -ay`, `guard volume activate`) and run `guard recover`")
         }
         return origin
     }
@@ -999,7 +1011,9 @@ extension SnapshotEngine {
         let operation = "reassembly from \(storage)"
         guard let label = try CowLabel.read(from: storage.path) else {
             if try KernelCowHeader.read(from: storage.path) != nil {
-                throw SnapshotError(.needsReassembly, operation, "\(storage.path) has a kernel snapshot header but no guard label", hint: "it is kept for you to inspect; delete it yourself once you know it holds nothing you need")
+                throw SnapshotError(
+                    .needsReassembly, operation, "\(storage.path) has a kernel snapshot header but no guard label",
+                    hint: "it is kept for you to inspect; delete it yourself once you know it holds nothing you need")
             }
             if storage.isFile { try FileManager.default.removeItem(atPath: storage.path) }
             return .discarded("\(storage.path) has no guard label")
@@ -1037,7 +1051,9 @@ extension SnapshotEngine {
             var stale = label
             stale.state = .stale
             try stale.write(to: storage.path)
-            return .kept("\(storage.path): \(origin.name) \(change) since its snapshot was taken (a tool such as lvextend, pvmove or lvconvert changed it while the snapshot was kept): the snapshot is stale, kept and never merged; `guard commit` of its run releases it")
+            return .kept(
+                "\(storage.path): \(origin.name) \(change) since its snapshot was taken (a tool such as lvextend, pvmove or lvconvert changed it while the snapshot was kept): the snapshot is stale, kept and never merged; `guard commit` of its run releases it"
+            )
         }
         guard live.snapshotOriginDevice == nil && !live.isOnly("snapshot-merge") else {
             throw SnapshotError(.alreadySnapshotted, operation, "\(origin.name) already has another snapshot")
@@ -1095,7 +1111,8 @@ extension SnapshotEngine {
                 return "\(line.start) \(line.length) \(fields.joined(separator: " "))"
             }
         }
-        return shape(live) == shape(recorded) ? nil : "has another table (`\(live.redacted.lines.first?.description ?? "")`) than the one it had (`\(recorded.lines.first?.description ?? "")`)"
+        return shape(live) == shape(recorded)
+            ? nil : "has another table (`\(live.redacted.lines.first?.description ?? "")`) than the one it had (`\(recorded.lines.first?.description ?? "")`)"
     }
 
     /// Refuses to reassemble onto an origin that was opened or written since it was activated:

@@ -183,7 +183,8 @@ extension GuardVolumes {
         }
         let bytes = poolSize / layout.blockBytes * layout.blockBytes
         guard bytes > layout.dataBytes else {
-            throw SnapshotError.refusal(.notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
+            throw SnapshotError.refusal(
+                .notExtendable, operation, "the pool has \(formatBytes(layout.dataBytes)); \(formatBytes(poolSize)) does not grow it (a pool does not shrink)")
         }
         if let problem = try Self.growthProblem(volume, layout, to: bytes) { throw SnapshotError.refusal(problem.kind, operation, problem.message, hint: problem.hint) }
         let needed = layout.dataOffset + bytes
@@ -220,7 +221,10 @@ extension GuardVolumes {
         // As sized at creation: 48 bytes per data block, four times over.
         let mappable = layout.metadataBytes / (48 * 4) * layout.blockBytes
         guard bytes <= mappable else {
-            return (.notExtendable, "its \(formatBytes(layout.metadataBytes)) of metadata maps at most \(formatBytes(mappable)) of data with room for snapshots", "make a new volume of the size you need and copy the data")
+            return (
+                .notExtendable, "its \(formatBytes(layout.metadataBytes)) of metadata maps at most \(formatBytes(mappable)) of data with room for snapshots",
+                "make a new volume of the size you need and copy the data"
+            )
         }
         let needed = layout.dataOffset + bytes
         if volume.backingIsFile {
@@ -271,15 +275,18 @@ extension GuardVolumes {
         let names = ThinPoolNames(volume: name)
         let poolActive = try dm.info(.uuid(names.poolUUID)) != nil
         if info != nil || poolActive {
-            throw SnapshotError.refusal(.inUse, operation, "\(name)'s pool is active: its metadata passed thin_check", hint: "remove the volume's devices first only if `guard status` shows no run on it")
+            throw SnapshotError.refusal(
+                .inUse, operation, "\(name)'s pool is active: its metadata passed thin_check", hint: "remove the volume's devices first only if `guard status` shows no run on it")
         }
         guard let repairTool = Self.thinTool("thin_repair"), let checkTool = Self.thinTool("thin_check") else {
             throw SnapshotError.refusal(.other, operation, "thin_repair or thin_check is not installed", hint: "install thin-provisioning-tools")
         }
         let stamp = Int(Date().timeIntervalSince1970)
-        let kept = "\(registry)/\(name).tmeta.\(stamp)", repaired = "\(registry)/\(name).tmeta.\(stamp).repaired"
+        let kept = "\(registry)/\(name).tmeta.\(stamp)"
+        let repaired = "\(registry)/\(name).tmeta.\(stamp).repaired"
         // The damaged metadata, byte for byte, before anything writes over it.
-        try Self.copy(layout.metadataBytes, from: RawFile(path: volume.backing, readOnly: true), at: layout.metadataOffset, to: RawFile(path: kept, create: true, exclusive: true), at: 0)
+        try Self.copy(
+            layout.metadataBytes, from: RawFile(path: volume.backing, readOnly: true), at: layout.metadataOffset, to: RawFile(path: kept, create: true, exclusive: true), at: 0)
         let output = try RawFile(path: repaired, create: true, exclusive: true)
         try output.truncate(to: layout.metadataBytes)
         // thin-provisioning-tools open with O_DIRECT, which files on tmpfs refuse: both
@@ -290,17 +297,20 @@ extension GuardVolumes {
         if repair.status != 0 && repair.output.contains("needs to be provided") {
             // A damaged superblock: what it held, from guard's layout (guard's pools keep
             // transaction id 0: guard sends no set_transaction_id).
-            repair = try Self.runTool(repairTool, [
-                "-i", input.device.path, "-o", outputLoop.device.path, "--transaction-id", "0",
-                "--data-block-size", "\(layout.blockSectors)", "--nr-data-blocks", "\(layout.dataBytes / layout.blockBytes)",
-            ])
+            repair = try Self.runTool(
+                repairTool,
+                [
+                    "-i", input.device.path, "-o", outputLoop.device.path, "--transaction-id", "0",
+                    "--data-block-size", "\(layout.blockSectors)", "--nr-data-blocks", "\(layout.dataBytes / layout.blockBytes)",
+                ])
         }
         let check = repair.status == 0 ? try Self.runTool(checkTool, [outputLoop.device.path]) : repair
         input.release()
         outputLoop.release()
         guard repair.status == 0 else {
             try? FileManager.default.removeItem(atPath: repaired)
-            throw SnapshotError(.other, operation, "thin_repair could not rebuild the metadata: \(repair.output)", hint: "the damaged metadata is kept in \(kept); see thin_repair(8)")
+            throw SnapshotError(
+                .other, operation, "thin_repair could not rebuild the metadata: \(repair.output)", hint: "the damaged metadata is kept in \(kept); see thin_repair(8)")
         }
         guard check.status == 0 else {
             throw SnapshotError(.other, operation, "the repaired metadata fails thin_check too: \(check.output)", hint: "both copies are kept: \(kept), \(repaired)")
@@ -376,7 +386,8 @@ extension GuardVolumes {
             layout = whole
             if let poolSize {
                 guard poolSize <= whole.dataBytes else {
-                    throw SnapshotError.refusal(.other, operation, "\(backing) has room for a pool of \(formatBytes(whole.dataBytes)), less than --pool-size \(formatBytes(poolSize))")
+                    throw SnapshotError.refusal(
+                        .other, operation, "\(backing) has room for a pool of \(formatBytes(whole.dataBytes)), less than --pool-size \(formatBytes(poolSize))")
                 }
                 layout = ThinLayout.new(dataBytes: poolSize)
             }

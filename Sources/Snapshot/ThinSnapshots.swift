@@ -35,7 +35,8 @@ extension SnapshotEngine {
             throw SnapshotError(.other, operation, "\(origin.info.name)'s pool is not \(names.pool)")
         }
         guard id == layout.deviceID, layout.replacedID == nil else {
-            let what = id != layout.deviceID
+            let what =
+                id != layout.deviceID
                 ? "\(origin.info.name) is thin device \(id) of its pool, but its registry \(registry) says \(layout.deviceID)"
                 : "a rollback of \(origin.info.name) has not finished (its registry \(registry) still names the replaced thin device \(layout.replacedID ?? 0))"
             throw SnapshotError(.other, operation, what, hint: "run `guard recover`: it finishes the rollback")
@@ -225,7 +226,8 @@ extension SnapshotEngine {
     func startThinRollback(_ stack: SnapshotStack, _ thin: ThinSnapshot, udev: UdevBatch?, live: Bool = false) throws {
         let operation = "rollback of \(stack.originName)"
         guard let (origin, id, pool) = try thinState(stack) else {
-            throw SnapshotError(.originNotFound, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`) and run `guard recover`")
+            throw SnapshotError(
+                .originNotFound, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`) and run `guard recover`")
         }
         if id == thin.snapshotID {
             log?("\(origin.name) is already on its snapshot")
@@ -302,7 +304,8 @@ extension SnapshotEngine {
     func finishThin(_ stack: SnapshotStack, _ thin: ThinSnapshot) throws {
         let operation = "end of the rollback of \(stack.originName)"
         guard let (_, id, pool) = try thinState(stack) else {
-            throw SnapshotError(.needsReassembly, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`), then run `guard recover`")
+            throw SnapshotError(
+                .needsReassembly, operation, "the thin volume \(stack.originName) is not active", hint: "activate it (`guard volume activate`), then run `guard recover`")
         }
         if id != thin.snapshotID { try startThinRollback(stack, thin, udev: nil) }
         try? removeThinView(stack, operation: operation)

@@ -214,7 +214,8 @@ extension Transition {
     /// `-real` and `-cow`, the snapshot an `error` table; resuming the origin hands the
     /// exceptions over. The label says merging before this runs.
     public static func startMerge(origin: DeviceInfo, snap: DeviceInfo, real: DeviceNumber, cow: DeviceNumber, stack: SnapshotStack) -> Transition {
-        let originRef = DeviceRef.number(origin.number), snapRef = DeviceRef.number(snap.number)
+        let originRef = DeviceRef.number(origin.number)
+        let snapRef = DeviceRef.number(snap.number)
         return Transition(
             name: "rollback of \(stack.originName)",
             loads: [
@@ -288,14 +289,17 @@ extension Transition {
     /// merge that resumes). A failure puts the origin back on its own table.
     public static func reassemble(origin: DeviceInfo, stack: SnapshotStack, real: DeviceNumber, cow: DeviceNumber, merging: Bool) -> Transition {
         let originRef = DeviceRef.number(origin.number)
-        let chunk = stack.chunkSectors, sectors = stack.originSectors
+        let chunk = stack.chunkSectors
+        let sectors = stack.originSectors
         let table =
             merging
             ? Table(.snapshotMerge(origin: real, cow: cow, persistence: .persistent, chunkSectors: chunk), length: sectors)
             : Table(.snapshotOrigin(device: real), length: sectors)
         return Transition(
             name: "reassembly of \(stack.originName)",
-            loads: (merging ? [] : [Load(device: stack.ref(.snap), table: Table(.snapshot(origin: real, cow: cow, persistence: .persistent, chunkSectors: chunk), length: sectors), readOnly: false)])
+            loads: (merging
+                ? []
+                : [Load(device: stack.ref(.snap), table: Table(.snapshot(origin: real, cow: cow, persistence: .persistent, chunkSectors: chunk), length: sectors), readOnly: false)])
                 + [Load(device: originRef, table: table, readOnly: origin.isReadOnly)],
             suspensions: [Suspension(device: originRef, flush: true, lockFileSystem: true)],
             resumptions: [Resumption(device: stack.ref(.real), udevFlags: .hidden)]
@@ -320,7 +324,8 @@ extension Transition {
     /// thin devices' I/O waits), `-tdata` suspended and resumed first, then the pool, which
     /// takes the new size on resume.
     public static func growPool(pool: DeviceNumber, poolTable: Table, data: DeviceNumber, dataTable: Table, name: String) -> Transition {
-        let poolRef = DeviceRef.number(pool), dataRef = DeviceRef.number(data)
+        let poolRef = DeviceRef.number(pool)
+        let dataRef = DeviceRef.number(data)
         return Transition(
             name: name,
             loads: [Load(device: dataRef, table: dataTable, readOnly: false), Load(device: poolRef, table: poolTable, readOnly: false)],
@@ -534,9 +539,11 @@ public struct TransitionExecutor<Devices: TransitionDevices> {
                     try devices.resume(device, udevFlags: [.hidden, .lowPriority], batch: batch)
                     retired.append(device)
                 } catch {
-                    retirementFailure = retirementFailure ?? SnapshotError(
-                        .other, transition.name, "\(device) could not be retired (\(error)); it stays suspended, never live again",
-                        hint: "run `guard recover`, which retires and removes it")
+                    retirementFailure =
+                        retirementFailure
+                        ?? SnapshotError(
+                            .other, transition.name, "\(device) could not be retired (\(error)); it stays suspended, never live again",
+                            hint: "run `guard recover`, which retires and removes it")
                 }
             }
         }

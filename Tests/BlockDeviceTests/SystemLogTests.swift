@@ -1,6 +1,7 @@
-@testable import BlockDevice
 import Foundation
 import Testing
+
+@testable import BlockDevice
 
 /// Issue 22: journald's native protocol, read back from a socket of the test's own.
 @Suite("system log: journald's native protocol")
@@ -22,8 +23,13 @@ struct SystemLogTests {
     @Test("an entry carries MESSAGE, PRIORITY, the identifier and guard's fields; a message with a newline goes in the binary form")
     func nativeEntry() throws {
         let (listener, path) = try Self.boundSocket()
-        defer { close(listener); unlink(path) }
-        let sent = SystemLog.sendToJournal(.error, "run 4 failed:\nverify 'health' exit 1", fields: [("GUARD_RUN_ID", "4"), ("GUARD_RECIPE", "web"), ("MESSAGE_ID", "0daef6f1528e45648b75728188725573")], socket: path)
+        defer {
+            close(listener)
+            unlink(path)
+        }
+        let sent = SystemLog.sendToJournal(
+            .error, "run 4 failed:\nverify 'health' exit 1", fields: [("GUARD_RUN_ID", "4"), ("GUARD_RECIPE", "web"), ("MESSAGE_ID", "0daef6f1528e45648b75728188725573")],
+            socket: path)
         #expect(sent)
         var buffer = [UInt8](repeating: 0, count: 65536)
         let count = recv(listener, &buffer, buffer.count, Int32(MSG_DONTWAIT))
@@ -38,7 +44,10 @@ struct SystemLogTests {
     @Test("a journald that does not read (its queue full) never makes guard wait: the entry goes to syslog instead", .timeLimit(.minutes(1)))
     func neverBlocks() throws {
         let (listener, path) = try Self.boundSocket()
-        defer { close(listener); unlink(path) }
+        defer {
+            close(listener)
+            unlink(path)
+        }
         var refused = 0
         for index in 0..<5000 where !SystemLog.sendToJournal(.info, "line \(index)", fields: [], socket: path) { refused += 1 }
         #expect(refused > 0, "the queue filled and sending returned at once instead of waiting")

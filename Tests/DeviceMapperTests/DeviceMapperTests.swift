@@ -31,19 +31,21 @@ func statusLine(_ text: String) -> StatusLine {
 
 @Suite("device-mapper parsing")
 struct DeviceMapperParsingTests {
-    @Test("snapshot status lines captured from the kernel", arguments: [
-        (Captured.freshSnapshot, SnapshotStatus.active(SnapshotUsage(allocatedSectors: 16, totalSectors: 8192, metadataSectors: 16))),
-        (Captured.afterOneMiB, .active(SnapshotUsage(allocatedSectors: 2072, totalSectors: 8192, metadataSectors: 24))),
-        (Captured.overflowed, .invalid(cause: nil)),
-        (Captured.chunk16, .active(SnapshotUsage(allocatedSectors: 8240, totalSectors: 32768, metadataSectors: 48))),
-        (Captured.mergeComplete, .active(SnapshotUsage(allocatedSectors: 32, totalSectors: 32768, metadataSectors: 32))),
-        (Captured.lvmSnapshot, .active(SnapshotUsage(allocatedSectors: 3040, totalSectors: 57344, metadataSectors: 24))),
-        ("0 8388608 snapshot-merge 281688/2097152 1104", .active(SnapshotUsage(allocatedSectors: 281_688, totalSectors: 2_097_152, metadataSectors: 1104))),
-        ("0 2048 snapshot Overflow", .overflow),
-        ("0 2048 snapshot-merge Merge failed", .mergeFailed),
-        ("0 2048 snapshot Invalid cow_full", .invalid(cause: "cow_full")),
-        ("0 2048 snapshot Unknown", .unknown("Unknown")),
-    ])
+    @Test(
+        "snapshot status lines captured from the kernel",
+        arguments: [
+            (Captured.freshSnapshot, SnapshotStatus.active(SnapshotUsage(allocatedSectors: 16, totalSectors: 8192, metadataSectors: 16))),
+            (Captured.afterOneMiB, .active(SnapshotUsage(allocatedSectors: 2072, totalSectors: 8192, metadataSectors: 24))),
+            (Captured.overflowed, .invalid(cause: nil)),
+            (Captured.chunk16, .active(SnapshotUsage(allocatedSectors: 8240, totalSectors: 32768, metadataSectors: 48))),
+            (Captured.mergeComplete, .active(SnapshotUsage(allocatedSectors: 32, totalSectors: 32768, metadataSectors: 32))),
+            (Captured.lvmSnapshot, .active(SnapshotUsage(allocatedSectors: 3040, totalSectors: 57344, metadataSectors: 24))),
+            ("0 8388608 snapshot-merge 281688/2097152 1104", .active(SnapshotUsage(allocatedSectors: 281_688, totalSectors: 2_097_152, metadataSectors: 1104))),
+            ("0 2048 snapshot Overflow", .overflow),
+            ("0 2048 snapshot-merge Merge failed", .mergeFailed),
+            ("0 2048 snapshot Invalid cow_full", .invalid(cause: "cow_full")),
+            ("0 2048 snapshot Unknown", .unknown("Unknown")),
+        ])
     func snapshotStatus(line: String, expected: SnapshotStatus) throws {
         let parsed = try #require(statusLine(line).snapshot)
         #expect(parsed == expected)
@@ -116,13 +118,15 @@ struct DeviceMapperParsingTests {
         #expect(ThinPoolStatus(parsing: "0 10/1024") == nil)
     }
 
-    @Test("malformed tables name the line and say what is wrong", arguments: [
-        ("", "the table is empty"),
-        ("0 100", "expected `start length type [parameters]`"),
-        ("x 100 linear 7:0 0", "expected `start length type [parameters]`"),
-        ("0 0 zero", "expected `start length type [parameters]`"),
-        ("0 100 zero\n200 100 zero", "starts at sector 200, expected 100"),
-    ])
+    @Test(
+        "malformed tables name the line and say what is wrong",
+        arguments: [
+            ("", "the table is empty"),
+            ("0 100", "expected `start length type [parameters]`"),
+            ("x 100 linear 7:0 0", "expected `start length type [parameters]`"),
+            ("0 0 zero", "expected `start length type [parameters]`"),
+            ("0 100 zero\n200 100 zero", "starts at sector 200, expected 100"),
+        ])
     func malformedTables(text: String, reason: String) {
         #expect(throws: TableParseError.self) { try Table(parsing: text) }
         do {
@@ -146,7 +150,10 @@ struct DeviceMapperParsingTests {
         let error = DeviceMapperError(
             code: .invalidArgument, operation: "reload of GUARD-website", call: "DM_DEVICE_RELOAD 'snapshot-origin 254:3'", errno: 22,
             detail: "kernel: device-mapper: table: 254:0: snapshot-origin: Cannot get target device")
-        #expect(error.description == "reload of GUARD-website failed: DM_DEVICE_RELOAD 'snapshot-origin 254:3' returned EINVAL (Invalid argument); kernel: device-mapper: table: 254:0: snapshot-origin: Cannot get target device")
+        #expect(
+            error.description
+                == "reload of GUARD-website failed: DM_DEVICE_RELOAD 'snapshot-origin 254:3' returned EINVAL (Invalid argument); kernel: device-mapper: table: 254:0: snapshot-origin: Cannot get target device"
+        )
     }
 
     @Test("on a kernel without device-mapper, connecting fails with one clear line", .enabled(if: !DeviceMapper.isAvailable && getuid() == 0, "this kernel has device-mapper"))

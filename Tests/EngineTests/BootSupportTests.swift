@@ -1,8 +1,9 @@
-import Foundation
 import BlockDevice
-@testable import Engine
+import Foundation
 import Recipe
 import Testing
+
+@testable import Engine
 
 /// Issue 19: when guard may snapshot a volume the initramfs mounts (/, /usr).
 @Suite("boot support: the initramfs stamp")
@@ -72,7 +73,9 @@ struct InitramfsMarkerTests {
         }
     }
 
-    @Test("the boot must reach the state and COW directories before the guarded volumes: on /, fine; on a filesystem /etc/fstab does not mount, refused; on one it mounts, only with guard's generator; without systemd, not asked")
+    @Test(
+        "the boot must reach the state and COW directories before the guarded volumes: on /, fine; on a filesystem /etc/fstab does not mount, refused; on one it mounts, only with guard's generator; without systemd, not asked"
+    )
     func bootReachability() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-reach-\(UInt32.random(in: 0...UInt32.max))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)

@@ -107,7 +107,8 @@ struct NonUTF8NameTests {
         try FileManager.default.createDirectory(atPath: base + "/then", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: base) }
         // café (Latin-1 é = 0xE9), a directory r\xE9pertoire with a file, a symlink to \xFF, a name with a backslash.
-        shell("""
+        shell(
+            """
             printf v1 > then/$'caf\\xe9'; mkdir then/$'r\\xe9pertoire'; printf inner > then/$'r\\xe9pertoire'/$'f\\xfc'
             ln -s $'target\\xff' then/link; printf back > then/$'back\\\\slash\\xe9'
             cp -a then now
@@ -115,16 +116,18 @@ struct NonUTF8NameTests {
             """)
         let changes = try TreeDiff(then: base + "/then", now: base + "/now", times: false).changes(under: "")
         let summary = changes.map { "\($0.change.rawValue) \($0.path)" }
-        #expect(summary == [
-            "deleted back\\\\slash\\xE9", "modified caf\\xE9", "modified link", "deleted r\\xE9pertoire", "deleted r\\xE9pertoire/f\\xFC",
-        ], "\(summary)")
+        #expect(
+            summary == [
+                "deleted back\\\\slash\\xE9", "modified caf\\xE9", "modified link", "deleted r\\xE9pertoire", "deleted r\\xE9pertoire/f\\xFC",
+            ], "\(summary)")
 
         // Restored by the names diff printed: the file, then the directory (with its file) and the symlink.
         var report = RestoreReport()
         try TreeRestore(then: base + "/then", now: base + "/now", deleteCreated: false, dryRun: false, tag: "t")
             .restore(["caf\\xE9", "r\\xE9pertoire", "link", "back\\\\slash\\xE9"], into: &report)
         #expect(rawNames(base + "/now").sorted { $0.lexicographicallyPrecedes($1) } == rawNames(base + "/then").sorted { $0.lexicographicallyPrecedes($1) })
-        shell("""
+        shell(
+            """
             [ "$(cat now/$'caf\\xe9')" = v1 ] && [ "$(cat now/$'r\\xe9pertoire'/$'f\\xfc')" = inner ] && [ "$(readlink now/link)" = $'target\\xff' ] && [ "$(cat now/$'back\\\\slash\\xe9')" = back ]
             """)
         #expect(try TreeDiff(then: base + "/then", now: base + "/now", times: false).changes(under: "").isEmpty)

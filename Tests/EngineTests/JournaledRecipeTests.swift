@@ -6,7 +6,8 @@ import Testing
 /// Issue 44: a rollback never drops the recipe's hooks silently.
 @Test("a journaled recipe that does not parse refuses the rollback, naming the run and the way on (--without-hooks); one that parses gives its hooks")
 func journaledRecipeRefusesLoudly() throws {
-    var run = RunRecord(token: "t", recipeName: "web", recipePath: "/etc/guard/web.recipe", recipeSHA256: "", recipeText: "name: [unclosed", host: "h", user: "root", pid: 1, startedAt: 0)
+    var run = RunRecord(
+        token: "t", recipeName: "web", recipePath: "/etc/guard/web.recipe", recipeSHA256: "", recipeText: "name: [unclosed", host: "h", user: "root", pid: 1, startedAt: 0)
     run.id = 12
     #expect {
         _ = try run.journaledRecipe()

@@ -1,6 +1,7 @@
 import BlockDevice
-@testable import Engine
 import Testing
+
+@testable import Engine
 
 /// Issue 17: what a rollback unmounts, and in which order it mounts it all again.
 @Suite("rollback: mounts")

@@ -1,7 +1,8 @@
 import Foundation
-@testable import Engine
 import Journal
 import Testing
+
+@testable import Engine
 
 /// Issue 22: `guard status` exits non-zero when something needs a person, and names it.
 @Suite("status: what needs attention")
@@ -15,8 +16,10 @@ struct StatusAttentionTests {
 
     func volume(_ status: String, used: UInt64? = nil, size: UInt64? = nil, detail: String? = nil) -> Maintenance.VolumeStatus {
         // The condition Maintenance.status gives with each of these words.
-        let condition: Maintenance.Condition = status.hasPrefix("merge failed") ? .mergeFailed : Maintenance.Condition(rawValue: status.replacingOccurrences(of: " ", with: "_")) ?? .unknown
-        return Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: status, condition: condition, usedBytes: used, sizeBytes: size, detail: detail)
+        let condition: Maintenance.Condition =
+            status.hasPrefix("merge failed") ? .mergeFailed : Maintenance.Condition(rawValue: status.replacingOccurrences(of: " ", with: "_")) ?? .unknown
+        return Maintenance.VolumeStatus(
+            volume: "/dev/vg/web", origin: "vg-web", state: .live, status: status, condition: condition, usedBytes: used, sizeBytes: size, detail: detail)
     }
 
     @Test("a healthy kept run, a merge under way or complete, and reassembly (exit 4 of its own) need nobody")

@@ -100,12 +100,17 @@ struct StepRunnerTests {
         #expect(lines.all.allSatisfy { $0.step == "migrate" })
     }
 
-    @Test("a step that cannot start is a failed step with the reason", arguments: [
-        (Command(name: "missing", invocation: .argv(["no-such-program-guard"])), "program 'no-such-program-guard' not found in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)"),
-        (Command(name: "missing path", invocation: .argv(["/opt/nothing/here"])), "program '/opt/nothing/here' not found"),
-        (Command(name: "bad user", invocation: .argv(["true"]), user: "no-such-user-guard"), "user 'no-such-user-guard' does not exist"),
-        (Command(name: "bad cwd", invocation: .argv(["true"]), workingDirectory: "/nonexistent/dir"), "working directory /nonexistent/dir does not exist"),
-    ])
+    @Test(
+        "a step that cannot start is a failed step with the reason",
+        arguments: [
+            (
+                Command(name: "missing", invocation: .argv(["no-such-program-guard"])),
+                "program 'no-such-program-guard' not found in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)"
+            ),
+            (Command(name: "missing path", invocation: .argv(["/opt/nothing/here"])), "program '/opt/nothing/here' not found"),
+            (Command(name: "bad user", invocation: .argv(["true"]), user: "no-such-user-guard"), "user 'no-such-user-guard' does not exist"),
+            (Command(name: "bad cwd", invocation: .argv(["true"]), workingDirectory: "/nonexistent/dir"), "working directory /nonexistent/dir does not exist"),
+        ])
     func cannotStart(command: Command, reason: String) async {
         let result = await StepRunner().run(command, environment: plainEnvironment, timeout: nil)
         #expect(result.termination == .failedToStart(reason))
@@ -138,9 +143,11 @@ struct StepRunnerTests {
         let survived = FileManager.default.temporaryDirectory.appendingPathComponent("guard-stop-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: survived) }
         let started = Date()
-        let result = await StepRunner().run(shellStep("sleep 120; touch \(survived)"), environment: plainEnvironment, timeout: nil, stop: {
-            Date().timeIntervalSince(started) > 0.5 ? "the COW is 91% full" : nil
-        })
+        let result = await StepRunner().run(
+            shellStep("sleep 120; touch \(survived)"), environment: plainEnvironment, timeout: nil,
+            stop: {
+                Date().timeIntervalSince(started) > 0.5 ? "the COW is 91% full" : nil
+            })
         #expect(result.termination == .stopped("the COW is 91% full"))
         #expect(!FileManager.default.fileExists(atPath: survived), "the step ran to its end: the stop did not end it")
     }

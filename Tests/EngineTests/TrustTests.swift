@@ -29,7 +29,10 @@ struct TrustTests {
         try write(recipeText, to: "\(dir)/r.recipe")
         let loaded = RecipeFile.load("\(dir)/r.recipe")
         #expect(loaded.problem == nil, "\(loaded.problem ?? "")")
-        guard case .success(let recipe) = loaded.recipe else { Issue.record("\(loaded.recipe)"); return }
+        guard case .success(let recipe) = loaded.recipe else {
+            Issue.record("\(loaded.recipe)")
+            return
+        }
         #expect(recipe.text == recipeText, "the text checked is the text parsed and journaled")
     }
 
@@ -48,7 +51,10 @@ struct TrustTests {
             try write(recipeText + "# " + String(repeating: "x", count: RecipeFile.sizeLimit) + "\n", to: path)
         }
         let loaded = RecipeFile.load(path)
-        guard case .failure(let errors) = loaded.recipe else { Issue.record("\(kind) was accepted"); return }
+        guard case .failure(let errors) = loaded.recipe else {
+            Issue.record("\(kind) was accepted")
+            return
+        }
         let text = "\(errors)"
         #expect(text.contains(path), "\(text)")
         let expected = ["symlink": "symbolic link", "fifo": "not a regular file", "large": "more than the"][kind]!
@@ -81,7 +87,10 @@ struct TrustTests {
         #expect(RecipeFile.load(path).problem != nil)
         let advice = RecipeFile.unsafeAdvice(path)
         let parts = advice.split(separator: "`", omittingEmptySubsequences: false)
-        guard parts.count >= 3, parts[1].hasPrefix("sudo ") else { Issue.record("no command in: \(advice)"); return }
+        guard parts.count >= 3, parts[1].hasPrefix("sudo ") else {
+            Issue.record("no command in: \(advice)")
+            return
+        }
         // As written, but into a directory of this test instead of /etc/guard, and as root already.
         let command = String(parts[1].dropFirst("sudo ".count)).replacingOccurrences(of: " /etc/guard/", with: " \(safe)/guard/")
         #expect(command.hasSuffix("/guard/website.recipe"), "\(command)")
@@ -93,7 +102,10 @@ struct TrustTests {
         #expect(process.terminationStatus == 0, "\(command)")
         let copy = RecipeFile.load("\(safe)/guard/website.recipe")
         #expect(copy.problem == nil, "\(copy.problem ?? "")")
-        guard case .success(let recipe) = copy.recipe else { Issue.record("\(copy.recipe)"); return }
+        guard case .success(let recipe) = copy.recipe else {
+            Issue.record("\(copy.recipe)")
+            return
+        }
         #expect(recipe.text == recipeText)
     }
 
@@ -118,9 +130,15 @@ struct TrustTests {
     @Test("input that used to trap gives a clear error: a duration past a century, an infinite one")
     func overflowingDurations() {
         for text in ["99999999999999999999d", String(repeating: "9", count: 400) + "s", "36501d"] {
-            guard case .failure(let error) = Units.parseDuration(text) else { Issue.record("\(text) parsed"); continue }
+            guard case .failure(let error) = Units.parseDuration(text) else {
+                Issue.record("\(text) parsed")
+                continue
+            }
             #expect(error.message.contains("too long"), "\(error.message)")
         }
-        guard case .success = Units.parseDuration("36500d") else { Issue.record("100 years is allowed"); return }
+        guard case .success = Units.parseDuration("36500d") else {
+            Issue.record("100 years is allowed")
+            return
+        }
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
-@testable import Engine
 import Testing
+
+@testable import Engine
 
 /// Issue 39: a volume with a kept snapshot that is activated late at boot is held by guard's
 /// udev rule until guard has stacked its snapshot again. The boot suite proves the hold on a

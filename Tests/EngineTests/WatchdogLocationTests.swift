@@ -1,10 +1,10 @@
-import Foundation
-import Testing
-
 import BlockDevice
 import DeviceMapper
-@testable import Engine
+import Foundation
+import Testing
 import Watchdog
+
+@testable import Engine
 
 /// Issue 18: guard starts `guard-watchdog` (small, no Foundation), found beside it or where
 /// Scripts/install puts it; guard itself only where neither is there.
@@ -12,7 +12,8 @@ import Watchdog
 func watchdogLocation() throws {
     let root = FileManager.default.temporaryDirectory.appendingPathComponent("guard-watchdog-\(UInt32.random(in: 0...UInt32.max))").path
     defer { try? FileManager.default.removeItem(atPath: root) }
-    let sbin = "\(root)/usr/sbin", lib = "\(root)/usr/lib/guard"
+    let sbin = "\(root)/usr/sbin"
+    let lib = "\(root)/usr/lib/guard"
     try FileManager.default.createDirectory(atPath: sbin, withIntermediateDirectories: true)
     try FileManager.default.createDirectory(atPath: lib, withIntermediateDirectories: true)
     let executable = "\(sbin)/guard"
@@ -29,7 +30,9 @@ func watchdogLocation() throws {
 /// and the removal of a stateful -real that must never be live again.
 @Test("the watchdog's arm line carries the window's suspends, resumes and removals; an arm without keywords resumes its refs")
 func watchdogPlanOnTheWire() {
-    let origin = DeviceRef.number(DeviceNumber(major: 254, minor: 3)), snap = DeviceRef.uuid("GUARD-t-0-snap"), real = DeviceRef.uuid("GUARD-t-0-real")
+    let origin = DeviceRef.number(DeviceNumber(major: 254, minor: 3))
+    let snap = DeviceRef.uuid("GUARD-t-0-snap")
+    let real = DeviceRef.uuid("GUARD-t-0-real")
     let plan = WatchdogPlan(suspend: [origin, snap, real], resume: [origin], remove: [snap, real])
     let line = WatchdogProtocol.encode(plan)
     #expect(line == "suspend dev=254:3 uuid=GUARD-t-0-snap uuid=GUARD-t-0-real resume dev=254:3 remove uuid=GUARD-t-0-snap uuid=GUARD-t-0-real")

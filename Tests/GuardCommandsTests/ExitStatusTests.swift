@@ -1,9 +1,10 @@
 import DeviceMapper
 import Engine
 import Journal
+import Testing
+
 @testable import GuardCommands
 @testable import Snapshot
-import Testing
 
 /// Issue 14: the layers' typed errors become exit codes in one place, and 2 ("nothing was
 /// touched") is never given to an error that may come after a change.

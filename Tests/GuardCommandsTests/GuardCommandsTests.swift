@@ -1,8 +1,9 @@
 import Foundation
-@testable import Engine
-@testable import GuardCommands
 import Journal
 import Testing
+
+@testable import Engine
+@testable import GuardCommands
 
 /// The built `guard` executable next to the test bundle.
 var guardExecutable: String {
@@ -23,36 +24,37 @@ struct Output {
 func runProgram(_ path: String, _ arguments: [String], environment: [String: String], input: String? = nil, in directory: String? = nil) async throws -> Output {
     try await withCheckedThrowingContinuation { continuation in
         DispatchQueue.global().async {
-            continuation.resume(with: Result {
-                let process = Process()
-                process.executableURL = URL(fileURLWithPath: path)
-                process.arguments = arguments
-                process.environment = environment
-                let out = Pipe()
-                let err = Pipe()
-                process.standardOutput = out
-                process.standardError = err
-                if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-                let stdin = Pipe()
-                process.standardInput = input == nil ? FileHandle.nullDevice : stdin
-                try process.run()
-                if let input {
-                    stdin.fileHandleForWriting.write(Data(input.utf8))
-                    try stdin.fileHandleForWriting.close()
-                }
-                // Both pipes at once, or a chatty child blocks on a full one.
-                nonisolated(unsafe) var outData = Data()
-                let group = DispatchGroup()
-                group.enter()
-                DispatchQueue.global().async {
-                    outData = out.fileHandleForReading.readDataToEndOfFile()
-                    group.leave()
-                }
-                let errData = err.fileHandleForReading.readDataToEndOfFile()
-                group.wait()
-                process.waitUntilExit()
-                return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
-            })
+            continuation.resume(
+                with: Result {
+                    let process = Process()
+                    process.executableURL = URL(fileURLWithPath: path)
+                    process.arguments = arguments
+                    process.environment = environment
+                    let out = Pipe()
+                    let err = Pipe()
+                    process.standardOutput = out
+                    process.standardError = err
+                    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+                    let stdin = Pipe()
+                    process.standardInput = input == nil ? FileHandle.nullDevice : stdin
+                    try process.run()
+                    if let input {
+                        stdin.fileHandleForWriting.write(Data(input.utf8))
+                        try stdin.fileHandleForWriting.close()
+                    }
+                    // Both pipes at once, or a chatty child blocks on a full one.
+                    nonisolated(unsafe) var outData = Data()
+                    let group = DispatchGroup()
+                    group.enter()
+                    DispatchQueue.global().async {
+                        outData = out.fileHandleForReading.readDataToEndOfFile()
+                        group.leave()
+                    }
+                    let errData = err.fileHandleForReading.readDataToEndOfFile()
+                    group.wait()
+                    process.waitUntilExit()
+                    return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+                })
         }
     }
 }
@@ -68,8 +70,15 @@ func stateWithRuns() throws -> String {
     let directory = FileManager.default.temporaryDirectory.appendingPathComponent("guard-cli-\(UInt32.random(in: 0...UInt32.max))").path
     let journal = try Journal.open(path: "\(directory)/journal.sqlite")
     for (index, outcome) in [RunOutcome.rolledBack, .committed].enumerated() {
-        var run = try journal.insert(RunRecord(token: "0000000\(index)", recipeName: "website-schema-v2", recipePath: "/r", recipeSHA256: "s", recipeText: "name: website-schema-v2", host: "h", user: "u", pid: 1, startedAt: 1_764_000_000 + Double(index) * 100))
-        var snapshot = try journal.insert(SnapshotRecord(runID: run.id!, volumeIndex: 0, volume: "/dev/mapper/datadisks-website", mountPoint: "/mnt/website", originName: "datadisks-website", originUUID: "LVM-x", originDevice: "254:0", originTable: "0 204800 linear 7:0 2048", originBytes: 100 << 20, cowPath: "/var/lib/guard/cow/x.cow", cowKind: "file", sizeBytes: 25 << 20, chunkBytes: 4096, state: outcome == .committed ? .committed : .merged, stack: "{}"))
+        var run = try journal.insert(
+            RunRecord(
+                token: "0000000\(index)", recipeName: "website-schema-v2", recipePath: "/r", recipeSHA256: "s", recipeText: "name: website-schema-v2", host: "h", user: "u", pid: 1,
+                startedAt: 1_764_000_000 + Double(index) * 100))
+        var snapshot = try journal.insert(
+            SnapshotRecord(
+                runID: run.id!, volumeIndex: 0, volume: "/dev/mapper/datadisks-website", mountPoint: "/mnt/website", originName: "datadisks-website", originUUID: "LVM-x",
+                originDevice: "254:0", originTable: "0 204800 linear 7:0 2048", originBytes: 100 << 20, cowPath: "/var/lib/guard/cow/x.cow", cowKind: "file", sizeBytes: 25 << 20,
+                chunkBytes: 4096, state: outcome == .committed ? .committed : .merged, stack: "{}"))
         snapshot.peakUsedBytes = 3 << 20
         try journal.update(snapshot)
         run.outcome = outcome
@@ -165,13 +174,15 @@ struct GuardCommandsTests {
         #expect(history.stdout.split(separator: "\n").first?.hasPrefix("RUN  RECIPE") == true)
     }
 
-    @Test("usage errors exit 2 with one clear line on stderr and nothing on stdout", arguments: [
-        (["rollback", "999"], "there is no run '999'"),
-        (["show", "42"], "there is no run '42'"),
-        (["check", "/nonexistent.recipe"], "/nonexistent.recipe:1:1: the recipe does not exist"),
-        (["history", "--limit", "x"], "--limit"),
-        (["frobnicate"], "Unexpected argument 'frobnicate'"),
-    ])
+    @Test(
+        "usage errors exit 2 with one clear line on stderr and nothing on stdout",
+        arguments: [
+            (["rollback", "999"], "there is no run '999'"),
+            (["show", "42"], "there is no run '42'"),
+            (["check", "/nonexistent.recipe"], "/nonexistent.recipe:1:1: the recipe does not exist"),
+            (["history", "--limit", "x"], "--limit"),
+            (["frobnicate"], "Unexpected argument 'frobnicate'"),
+        ])
     func usageErrors(arguments: [String], message: String) async throws {
         let state = try stateWithRuns()
         let output = try await guardCommand(arguments.first == "frobnicate" ? arguments : arguments + ["--state-dir", state])
@@ -278,7 +289,9 @@ struct AssessTests {
             on_success: keep
 
             """
-        var run = try journal.insert(RunRecord(token: "00000aa1", recipeName: "system-upgrade", recipePath: "/r", recipeSHA256: "s", recipeText: recipe, host: "h", user: "u", pid: 1, startedAt: 1_764_000_000))
+        var run = try journal.insert(
+            RunRecord(
+                token: "00000aa1", recipeName: "system-upgrade", recipePath: "/r", recipeSHA256: "s", recipeText: recipe, host: "h", user: "u", pid: 1, startedAt: 1_764_000_000))
         run.state = .kept
         run.outcome = .kept
         run.decision = .keep
@@ -307,7 +320,9 @@ struct AssessTests {
         #expect(again.stdout.contains("no run waits for its boot assessment"))
     }
 
-    @Test("checks that fail while the rollback cannot be started: exit 3, the failure journaled once, the rollback retried by the next guard assess (without the checks) and decided by the next boot")
+    @Test(
+        "checks that fail while the rollback cannot be started: exit 3, the failure journaled once, the rollback retried by the next guard assess (without the checks) and decided by the next boot"
+    )
     func failedRollbackRetried() async throws {
         // On this host guard cannot reach device-mapper, so the rollback fails to start.
         let (state, id) = try keptRun(boots: 1, check: "exit 7")

@@ -116,7 +116,9 @@ struct InstallTests {
             #expect(page.contains(abstract), "\(name).8 lacks the command's abstract '\(abstract)'")
             #expect(page.contains("Examples:"), "\(name).8 (the command's help) has no examples")
             let exitStatus = page.components(separatedBy: ".Sh \"EXIT STATUS\"").dropFirst().first ?? ""
-            #expect(["0", "1", "2", "3", "4", "75"].allSatisfy { exitStatus.contains(".It \($0)\n") } && !exitStatus.contains(".Ex -std"), "\(name).8's EXIT STATUS lists guard's codes")
+            #expect(
+                ["0", "1", "2", "3", "4", "75"].allSatisfy { exitStatus.contains(".It \($0)\n") } && !exitStatus.contains(".Ex -std"), "\(name).8's EXIT STATUS lists guard's codes"
+            )
             for option in command.longNames {
                 #expect(page.contains("Fl -\(option)"), "\(name).8 lacks --\(option)")
                 for (shell, text) in [("bash", bash), ("zsh", zsh), ("fish", fish)] {
@@ -131,7 +133,9 @@ struct InstallTests {
             for reference in page.split(separator: "\n") where reference.hasPrefix(".Xr guard") {
                 let parts = reference.split(separator: " ")
                 let (target, section) = (parts[1], parts.count > 2 ? String(parts[2]) : "8")
-                #expect(FileManager.default.fileExists(atPath: "\(destdir)/usr/share/man/man\(section)/\(target).\(section)"), "\(name).8 refers to \(target)(\(section)), which is not installed")
+                #expect(
+                    FileManager.default.fileExists(atPath: "\(destdir)/usr/share/man/man\(section)/\(target).\(section)"),
+                    "\(name).8 refers to \(target)(\(section)), which is not installed")
             }
         }
         // guard(8) also says which files and environment variables guard uses, and renders cleanly.
@@ -141,7 +145,8 @@ struct InstallTests {
         }
         let sections = mainPage.split(separator: "\n").filter { $0.hasPrefix(".Sh ") }.map(String.init)
         #expect(sections.firstIndex(of: ".Sh FILES").map { $0 < (sections.firstIndex(of: ".Sh \"EXIT STATUS\"") ?? 0) } == true, "mdoc's order: \(sections)")
-        let renderedMain = try await runProgram("/usr/bin/man", ["--warnings", "-l", "\(man)/guard.8"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
+        let renderedMain = try await runProgram(
+            "/usr/bin/man", ["--warnings", "-l", "\(man)/guard.8"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
         #expect(renderedMain.status == 0 && renderedMain.stderr.isEmpty && renderedMain.stdout.contains("/etc/guard/held/"), "guard.8: \(renderedMain.stderr)")
         // Completion: run arguments ask guard for the journal's runs, recipe arguments offer .recipe files.
         #expect(bash.contains("recipe") && zsh.contains("*.recipe") && fish.contains("recipe"), "recipe files are completed")
@@ -158,7 +163,8 @@ struct InstallTests {
             for key in keys {
                 #expect(text.contains("\\fB\(key.replacingOccurrences(of: "-", with: "\\-"))\\fR"), "\(page) lacks `\(key)` of its doc")
             }
-            let rendered = try await runProgram("/usr/bin/man", ["--warnings", "-l", "\(destdir)/usr/share/man/man5/\(page)"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
+            let rendered = try await runProgram(
+                "/usr/bin/man", ["--warnings", "-l", "\(destdir)/usr/share/man/man5/\(page)"], environment: ["LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"])
             #expect(rendered.status == 0 && rendered.stderr.isEmpty && rendered.stdout.contains("SEE ALSO"), "\(page): \(rendered.stderr)")
         }
         let installedConfig = try String(contentsOfFile: "\(destdir)/etc/guard/guard.conf", encoding: .utf8)
@@ -187,10 +193,11 @@ struct InstallTests {
         let arch = try await capture(["dpkg", "--print-architecture"]).trimmingCharacters(in: .whitespacesAndNewlines)
         let deb = "\(out)/guard_\(version)_\(arch).deb"
         #expect(try await capture(["dpkg-deb", "-f", deb, "Package", "Version"]) == "Package: guard\nVersion: \(version)\n")
-        let listed = Set(try await capture(["dpkg-deb", "-c", deb]).split(separator: "\n").compactMap { line -> String? in
-            guard line.hasPrefix("-") else { return nil }
-            return String(line.split(separator: " ", omittingEmptySubsequences: true).last!.dropFirst())
-        })
+        let listed = Set(
+            try await capture(["dpkg-deb", "-c", deb]).split(separator: "\n").compactMap { line -> String? in
+                guard line.hasPrefix("-") else { return nil }
+                return String(line.split(separator: " ", omittingEmptySubsequences: true).last!.dropFirst())
+            })
         let expected = Set(try documentedFiles(try await commandTree()).map { $0.hasSuffix(".8") || $0.hasSuffix(".5") ? $0 + ".gz" : $0 })
         let docs = "/usr/share/doc/guard/"
         let overrides = "/usr/share/lintian/overrides/guard"
@@ -206,9 +213,11 @@ struct InstallTests {
         let docFiles = Set(listed.filter { $0.hasPrefix(docs) }.map { String($0.dropFirst(docs.count)) })
         #expect(docFiles.filter { !$0.hasPrefix("examples/") && !$0.hasPrefix("schema/") }.isSubset(of: wantedDocs), "\(docFiles.sorted())")
         let schemas = try FileManager.default.contentsOfDirectory(atPath: "\(packageRoot)/Docs/schema").filter { $0.hasSuffix(".schema.json") }
-        #expect(Set(docFiles.filter { $0.hasPrefix("schema/") }.map { String($0.dropFirst("schema/".count)) }) == Set(schemas + ["input/recipe.schema.json"]),
-                "the --json schemas and the recipe schema the examples name, uncompressed")
-        #expect(listed.contains("/usr/share/guard/monitoring/guard.rules.yml") && listed.contains("/usr/share/guard/monitoring/guard-dashboard.json"), "the alert rules and dashboard")
+        #expect(
+            Set(docFiles.filter { $0.hasPrefix("schema/") }.map { String($0.dropFirst("schema/".count)) }) == Set(schemas + ["input/recipe.schema.json"]),
+            "the --json schemas and the recipe schema the examples name, uncompressed")
+        #expect(
+            listed.contains("/usr/share/guard/monitoring/guard.rules.yml") && listed.contains("/usr/share/guard/monitoring/guard-dashboard.json"), "the alert rules and dashboard")
         #expect(docFiles.contains("copyright") && docFiles.contains("changelog.gz") && docFiles.contains { $0.hasPrefix("guide.md") })
         #expect(Set(docFiles.filter { $0.hasPrefix("examples/") }.map { String($0.dropFirst("examples/".count)) }) == Set(recipes))
 
@@ -223,7 +232,9 @@ struct InstallTests {
         }
         // The postinst enables the boot unit (and the timer and the monitor) as dh_installsystemd does.
         let postinst = try String(contentsOfFile: "\(control)/postinst", encoding: .utf8)
-        #expect(postinst.contains("deb-systemd-helper enable \"$unit\"") && postinst.contains("for unit in guard-reassemble.service guard-maintenance.timer guard-monitor.service"), "\(postinst)")
+        #expect(
+            postinst.contains("deb-systemd-helper enable \"$unit\"") && postinst.contains("for unit in guard-reassemble.service guard-maintenance.timer guard-monitor.service"),
+            "\(postinst)")
         #expect(try String(contentsOfFile: "\(control)/postrm", encoding: .utf8).contains("deb-systemd-helper purge"))
 
         // md5sums hold for every file but the conffile; the binaries are stripped.
@@ -258,7 +269,9 @@ struct InstallTests {
 
 /// Issue 40: guard's generator orders the late reassembly between the state directory's
 /// filesystem and every other local one, and writes nothing when the state is on the root.
-@Test("guard-generator: with /var and /var/lib/guard of their own, guard-reassemble-late.service requires them and every other local fstab filesystem waits for it; with the state on / it writes nothing")
+@Test(
+    "guard-generator: with /var and /var/lib/guard of their own, guard-reassemble-late.service requires them and every other local fstab filesystem waits for it; with the state on / it writes nothing"
+)
 func generatorOrdersTheLateReassembly() async throws {
     let root = FileManager.default.temporaryDirectory.appendingPathComponent("guard-generator-\(UInt32.random(in: 0...UInt32.max))").path
     defer { try? FileManager.default.removeItem(atPath: root) }
@@ -278,7 +291,8 @@ func generatorOrdersTheLateReassembly() async throws {
     try fstab.write(toFile: "\(root)/fstab", atomically: true, encoding: .utf8)
     try "/dev/root / ext4 defaults 0 1\n/dev/data /srv ext4 defaults 0 2\n".write(toFile: "\(root)/fstab-root", atomically: true, encoding: .utf8)
     let generator = "\(packageRoot)/Units/guard-generator"
-    let run = try await runProgram(generator, ["\(root)/out"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab", "GUARD_GENERATOR_CONF": "/dev/null"])
+    let run = try await runProgram(
+        generator, ["\(root)/out"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab", "GUARD_GENERATOR_CONF": "/dev/null"])
     #expect(run.status == 0, "\(run.stderr)")
     #expect(
         filesUnder("\(root)/out") == [
@@ -289,6 +303,7 @@ func generatorOrdersTheLateReassembly() async throws {
     #expect(late.contains("RequiresMountsFor=/var/lib/guard /var/lib/guard/cow"), "\(late)")
     let www = try String(contentsOfFile: "\(root)/out/srv-www.mount.d/guard.conf", encoding: .utf8)
     #expect(www.contains("After=guard-reassemble-late.service") && www.contains("Wants=guard-reassemble-late.service"))
-    let onRoot = try await runProgram(generator, ["\(root)/out-root"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab-root", "GUARD_GENERATOR_CONF": "/dev/null"])
+    let onRoot = try await runProgram(
+        generator, ["\(root)/out-root"], environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GUARD_GENERATOR_FSTAB": "\(root)/fstab-root", "GUARD_GENERATOR_CONF": "/dev/null"])
     #expect(onRoot.status == 0 && !FileManager.default.fileExists(atPath: "\(root)/out-root"), "the state directory on /: nothing to order")
 }

@@ -1,6 +1,7 @@
 import Foundation
-@testable import GuardCommands
 import Testing
+
+@testable import GuardCommands
 
 /// Validates a `--json` document against Docs/schema/NAME.schema.json with python3-jsonschema:
 /// the output of the validator (each violation with its place) when it is not valid.
@@ -9,13 +10,15 @@ func schemaViolations(_ document: String, schema: String, strict: Bool = true) a
     let file = FileManager.default.temporaryDirectory.appendingPathComponent("guard-doc-\(UInt32.random(in: 0...UInt32.max)).json").path
     try Data(document.utf8).write(to: URL(fileURLWithPath: file))
     defer { try? FileManager.default.removeItem(atPath: file) }
-    let result = try await runProgram("/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py"] + (strict ? ["--strict"] : []) + [schema, file], environment: ProcessInfo.processInfo.environment)
+    let result = try await runProgram(
+        "/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py"] + (strict ? ["--strict"] : []) + [schema, file], environment: ProcessInfo.processInfo.environment)
     return result.status == 0 ? nil : "exit \(result.status): \(result.stderr)\n\(document)"
 }
 
 /// Validates a file (a recipe: YAML) against a schema given by its path, strictly.
 func schemaFileViolations(_ file: String, schema: String) async throws -> String? {
-    let result = try await runProgram("/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py", "--strict", schema, file], environment: ProcessInfo.processInfo.environment)
+    let result = try await runProgram(
+        "/usr/bin/python3", ["\(packageRoot)/Scripts/lib/validate-json.py", "--strict", schema, file], environment: ProcessInfo.processInfo.environment)
     return result.status == 0 ? nil : "exit \(result.status): \(result.stderr)"
 }
 
@@ -39,30 +42,32 @@ struct JSONContractTests {
 
     @Test("an absent optional is null, keys are sorted, strings escaped, numbers in their shortest form")
     func encoder() throws {
-        let sample = Sample(name: "a \"b\"\\\n\u{01}/é", missing: nil, count: 7, ratio: 0.25, whole: 3, list: [.init(value: nil), .init(value: -2)], empty: [], nested: ["z": 1, "a": 2])
+        let sample = Sample(
+            name: "a \"b\"\\\n\u{01}/é", missing: nil, count: 7, ratio: 0.25, whole: 3, list: [.init(value: nil), .init(value: -2)], empty: [], nested: ["z": 1, "a": 2])
         let text = try DocumentEncoder().encode(sample).text()
-        #expect(text == """
-            {
-              "count" : 7,
-              "empty" : [],
-              "list" : [
+        #expect(
+            text == """
                 {
-                  "value" : null
-                },
-                {
-                  "value" : -2
+                  "count" : 7,
+                  "empty" : [],
+                  "list" : [
+                    {
+                      "value" : null
+                    },
+                    {
+                      "value" : -2
+                    }
+                  ],
+                  "missing" : null,
+                  "name" : "a \\"b\\"\\\\\\n\\u0001/é",
+                  "nested" : {
+                    "a" : 2,
+                    "z" : 1
+                  },
+                  "ratio" : 0.25,
+                  "whole" : 3
                 }
-              ],
-              "missing" : null,
-              "name" : "a \\"b\\"\\\\\\n\\u0001/é",
-              "nested" : {
-                "a" : 2,
-                "z" : 1
-              },
-              "ratio" : 0.25,
-              "whole" : 3
-            }
-            """)
+                """)
         let parsed = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
         #expect(parsed["name"] as? String == sample.name)
         #expect(parsed["missing"] is NSNull)
@@ -178,7 +183,9 @@ struct JSONContractTests {
             let violations = try await schemaViolations(output.stdout, schema: schema)
             #expect(violations == nil, "\(arguments): \(violations ?? "")")
         }
-        let plan = try #require(try JSONSerialization.jsonObject(with: Data(try await guardCommand(["check", "--syntax-only", "--json", "\(packageRoot)/Recipes/website-migration-good.recipe"]).stdout.utf8)) as? [String: Any])
+        let plan = try #require(
+            try JSONSerialization.jsonObject(
+                with: Data(try await guardCommand(["check", "--syntax-only", "--json", "\(packageRoot)/Recipes/website-migration-good.recipe"]).stdout.utf8)) as? [String: Any])
         #expect(plan["valid"] as? Bool == true && plan["mode"] as? String == "syntax")
         #expect((plan["volumes"] as? [[String: Any]])?.first?["origin_path"] is NSNull, "a volume not resolved has null, not a missing key")
         let history = try #require(try JSONSerialization.jsonObject(with: Data(try await guardCommand(["history", "--json", "--state-dir", state]).stdout.utf8)) as? [String: Any])
@@ -201,11 +208,13 @@ struct JSONContractTests {
         #expect(plan["commands"] is NSNull && plan["on_success"] is NSNull)
     }
 
-    @Test("a --json command that fails prints the error document on stdout and the message on stderr", arguments: [
-        (["show", "42", "--json"], 2, "refused"),
-        (["rollback", "999", "--json"], 2, "refused"),
-        (["status", "--watch", "--json"], 2, "refused"),
-    ])
+    @Test(
+        "a --json command that fails prints the error document on stdout and the message on stderr",
+        arguments: [
+            (["show", "42", "--json"], 2, "refused"),
+            (["rollback", "999", "--json"], 2, "refused"),
+            (["status", "--watch", "--json"], 2, "refused"),
+        ])
     func errorDocument(arguments: [String], code: Int32, kind: String) async throws {
         let output = try await guardCommand(arguments + ["--state-dir", try stateWithRuns()])
         #expect(output.status == code, "\(output.stderr)")

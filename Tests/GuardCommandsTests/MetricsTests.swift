@@ -1,8 +1,9 @@
-@testable import Engine
 import Foundation
-@testable import GuardCommands
 import Journal
 import Testing
+
+@testable import Engine
+@testable import GuardCommands
 
 /// Issue 22: `guard metrics` in Prometheus's text format, every family with HELP and TYPE.
 @Test("metrics: every family is declared, zeros included; labels are escaped; live snapshots and merges per volume")
@@ -11,11 +12,14 @@ func metricsText() {
     let text = metrics.text()
     let lines = text.split(separator: "\n").map(String.init)
     let families = lines.filter { $0.hasPrefix("# TYPE ") }.map { $0.split(separator: " ")[2] }
-    #expect(families == ["guard_build_info", "guard_runs_started_total", "guard_runs_ended_total", "guard_runs_finished_total", "guard_open_runs", "guard_kept_runs",
-                         "guard_run_keep_until_timestamp_seconds", "guard_snapshot_cow_used_bytes", "guard_snapshot_cow_size_bytes",
-                         "guard_merges_in_progress", "guard_merge_remaining_bytes", "guard_attention", "guard_needs_reassembly",
-                         "guard_recipe_last_end_timestamp_seconds", "guard_recipe_last_duration_seconds", "guard_recipe_last_success_timestamp_seconds",
-                         "guard_last_run_start_timestamp_seconds", "guard_last_run_end_timestamp_seconds", "guard_last_run_exit_code"])
+    #expect(
+        families == [
+            "guard_build_info", "guard_runs_started_total", "guard_runs_ended_total", "guard_runs_finished_total", "guard_open_runs", "guard_kept_runs",
+            "guard_run_keep_until_timestamp_seconds", "guard_snapshot_cow_used_bytes", "guard_snapshot_cow_size_bytes",
+            "guard_merges_in_progress", "guard_merge_remaining_bytes", "guard_attention", "guard_needs_reassembly",
+            "guard_recipe_last_end_timestamp_seconds", "guard_recipe_last_duration_seconds", "guard_recipe_last_success_timestamp_seconds",
+            "guard_last_run_start_timestamp_seconds", "guard_last_run_end_timestamp_seconds", "guard_last_run_exit_code",
+        ])
     #expect(lines.filter { $0.hasPrefix("# HELP ") }.count == families.count)
     #expect(lines.filter { $0.hasPrefix("# TYPE ") && $0.hasSuffix(" counter") }.allSatisfy { $0.split(separator: " ")[2].hasSuffix("_total") }, "counters end in _total")
     #expect(lines.contains("guard_build_info{version=\"\(GuardCommand.version)\"} 1"))
@@ -49,9 +53,13 @@ func sampleMetrics() -> Metrics {
     metrics.tallies.recipes = ["web \"v2\"": Journal.RecipeTally(lastEnd: 1_700_000_060, lastDuration: 59.5, lastSuccess: 1_700_000_060)]
     metrics.open = [.kept: 1]
     metrics.lastRun = run
-    metrics.runs = [Maintenance.RunStatus(run: run, volumes: [
-        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 4096, sizeBytes: 1 << 20),
-    ])]
+    metrics.runs = [
+        Maintenance.RunStatus(
+            run: run,
+            volumes: [
+                Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 4096, sizeBytes: 1 << 20)
+            ])
+    ]
     return metrics
 }
 
@@ -120,9 +128,13 @@ func watchViewSaysEachThingOnce() {
     var run = RunRecord(token: "t", recipeName: "web", recipePath: "/r", recipeSHA256: "", recipeText: "", host: "h", user: "root", pid: 1, startedAt: 1_700_000_000)
     run.id = 3
     run.state = .kept
-    let runs = [Maintenance.RunStatus(run: run, volumes: [
-        Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 90 << 20, sizeBytes: 100 << 20),
-    ])]
+    let runs = [
+        Maintenance.RunStatus(
+            run: run,
+            volumes: [
+                Maintenance.VolumeStatus(volume: "/dev/vg/web", origin: "vg-web", state: .live, status: "live", condition: .live, usedBytes: 90 << 20, sizeBytes: 100 << 20)
+            ])
+    ]
     let view = GuardCommand.Status.watchView(runs, strays: ["GUARD-SNAP-x (vg-web-guard-x-snap)"], header: "guard status")
     let lines = view.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
     #expect(lines.filter { $0.contains("GUARD-SNAP-x") }.count == 1, "\(view)")

@@ -1,7 +1,8 @@
 import Foundation
 import GRDB
-@testable import Journal
 import Testing
+
+@testable import Journal
 
 func temporaryDirectory() throws -> String {
     let path = FileManager.default.temporaryDirectory.appendingPathComponent("guard-journal-\(UInt32.random(in: 0...UInt32.max))").path
@@ -13,7 +14,9 @@ func temporaryDirectory() throws -> String {
 @discardableResult
 func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome = .committed, peak: Int64 = 3 << 20, startedAt: Double = 1_700_000_000) throws -> RunRecord {
     var run = try journal.insert(
-        RunRecord(token: String(format: "%08x", UInt32.random(in: 0...UInt32.max)), recipeName: recipe, recipePath: "/etc/guard/\(recipe).recipe", recipeSHA256: "abc", recipeText: "name: \(recipe)", host: "web1", user: "alice", pid: 42, startedAt: startedAt))
+        RunRecord(
+            token: String(format: "%08x", UInt32.random(in: 0...UInt32.max)), recipeName: recipe, recipePath: "/etc/guard/\(recipe).recipe", recipeSHA256: "abc",
+            recipeText: "name: \(recipe)", host: "web1", user: "alice", pid: 42, startedAt: startedAt))
     let phase = try journal.beginPhase(run.id!, "steps", at: startedAt + 1)
     try journal.endPhase(phase, status: .done, at: startedAt + 2)
     var snapshot = try journal.insert(
@@ -23,7 +26,10 @@ func addRun(_ journal: Journal, recipe: String = "website", outcome: RunOutcome 
             cowPath: "/var/lib/guard/cow/x-0.cow", cowKind: "file", sizeBytes: 25 << 20, chunkBytes: 4096, state: .committed, stack: "{}"))
     snapshot.peakUsedBytes = peak
     try journal.update(snapshot)
-    try journal.addSamples([CowSampleRecord(snapshotID: snapshot.id!, at: 1, usedBytes: peak / 2, sizeBytes: 25 << 20), CowSampleRecord(snapshotID: snapshot.id!, at: 3, usedBytes: peak, sizeBytes: 25 << 20)])
+    try journal.addSamples([
+        CowSampleRecord(snapshotID: snapshot.id!, at: 1, usedBytes: peak / 2, sizeBytes: 25 << 20),
+        CowSampleRecord(snapshotID: snapshot.id!, at: 3, usedBytes: peak, sizeBytes: 25 << 20),
+    ])
     var step = try journal.insert(StepRecord(runID: run.id!, kind: "step", position: 0, name: "migrate", argv: ["/bin/sh", "-c", "x"], startedAt: startedAt + 1))
     step.exitCode = 0
     step.termination = "exit 0"
@@ -47,7 +53,8 @@ struct JournalTests {
         try addRun(journal, recipe: "website", outcome: .rolledBack, startedAt: 1_700_000_000)
         // addRun writes no `done` phase (guard run writes one as it ends): give this one its end.
         try journal.endPhase(try journal.beginPhase(1, "done", at: 1_700_000_004), status: .done, detail: "rolled_back", at: 1_700_000_004)
-        var kept = try journal.insert(RunRecord(token: "k", recipeName: "website", recipePath: "/r", recipeSHA256: "", recipeText: "", host: "h", user: "root", pid: 1, startedAt: 1_700_000_100))
+        var kept = try journal.insert(
+            RunRecord(token: "k", recipeName: "website", recipePath: "/r", recipeSHA256: "", recipeText: "", host: "h", user: "root", pid: 1, startedAt: 1_700_000_100))
         kept.state = .kept
         kept.outcome = .kept
         try journal.update(kept)
@@ -77,7 +84,10 @@ struct JournalTests {
         let directoryAttributes = try FileManager.default.attributesOfItem(atPath: "\(directory)/state")
         #expect((directoryAttributes[.posixPermissions] as? NSNumber)?.intValue == 0o700)
         let (mode, synchronous, migrations) = try journal.read { db in
-            (try String.fetchOne(db, sql: "PRAGMA journal_mode"), try Int.fetchOne(db, sql: "PRAGMA synchronous"), try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM grdb_migrations"))
+            (
+                try String.fetchOne(db, sql: "PRAGMA journal_mode"), try Int.fetchOne(db, sql: "PRAGMA synchronous"),
+                try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM grdb_migrations")
+            )
         }
         #expect(mode == "wal")
         #expect(synchronous == 2, "FULL")
@@ -164,7 +174,8 @@ struct JournalTests {
         try journal.write { db in
             for index in 0..<100_000 {
                 try db.execute(
-                    sql: "INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state, outcome) VALUES (?, ?, '/r', 'x', 'name: x', 'h', 'u', 1, ?, 'done', 'finished', 'committed')",
+                    sql:
+                        "INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state, outcome) VALUES (?, ?, '/r', 'x', 'name: x', 'h', 'u', 1, ?, 'done', 'finished', 'committed')",
                     arguments: [String(format: "%08x", index), index % 2 == 0 ? "a" : "b", Double(index)])
             }
         }
@@ -183,10 +194,11 @@ func migratesOlderJournal() throws {
         let queue = try DatabaseQueue(path: path)
         try Schema.migrator.migrate(queue, upTo: "v1 runs, phases, steps, snapshots, samples, events")
         try queue.write { db in
-            try db.execute(sql: """
-                INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
-                VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept')
-                """)
+            try db.execute(
+                sql: """
+                    INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
+                    VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept')
+                    """)
         }
     }
     let journal = try Journal.open(path: path, check: true)
@@ -343,11 +355,12 @@ struct JournalClosedSetTests {
             let queue = try DatabaseQueue(path: path)
             try Schema.migrator.migrate(queue, upTo: "v2 restores")
             try queue.write { db in
-                try db.execute(sql: """
-                    INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
-                    VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept');
-                    INSERT INTO events (run_id, at, kind, action) VALUES (1, 1.0, 'odd', 'take');
-                    """)
+                try db.execute(
+                    sql: """
+                        INSERT INTO runs (token, recipe_name, recipe_path, recipe_sha256, recipe_text, host, user, pid, started_at, phase, state)
+                        VALUES ('0badc0de', 'old', '/r', 'x', 'name: old', 'h', 'root', 1, 1.0, 'done', 'kept');
+                        INSERT INTO events (run_id, at, kind, action) VALUES (1, 1.0, 'odd', 'take');
+                        """)
             }
         }
         let journal = try Journal.open(path: path, check: true)

@@ -50,7 +50,8 @@ extension Kernel {
                 let recipe = try writeRecipe(
                     tutorialRecipe(device: host.device, mount: host.mount, bad: bad.contains(host.name), onSuccess: "keep 24h"),
                     in: scratch, name: "\(label)-\(host.name).recipe")
-                inventory += "\(host.name) ansible_connection=local ansible_python_interpreter=/usr/bin/python3 guard_recipe=\(recipe) guard_state_dir=\(host.state) guard_binary=\(plainGuardBinary)\n"
+                inventory +=
+                    "\(host.name) ansible_connection=local ansible_python_interpreter=/usr/bin/python3 guard_recipe=\(recipe) guard_state_dir=\(host.state) guard_binary=\(plainGuardBinary)\n"
             }
             let inventoryPath = scratch.path("\(label).ini")
             try inventory.write(toFile: inventoryPath, atomically: true, encoding: .utf8)
@@ -67,7 +68,9 @@ extension Kernel {
                 ["\(ansibleVenv)/bin/ansible-playbook", "-i", inventoryPath, "guard.guard.rolling_upgrade"] + extra, environment: environment)
         }
 
-        @Test("a bad upgrade on the second host stops the rollout: the first host's kept run is rolled back by the playbook, the third is never touched; a good rollout is committed at the end")
+        @Test(
+            "a bad upgrade on the second host stops the rollout: the first host's kept run is rolled back by the playbook, the third is never touched; a good rollout is committed at the end"
+        )
         func rollingUpgrade() throws {
             #expect(FileManager.default.isExecutableFile(atPath: "\(ansibleVenv)/bin/ansible-playbook"), "no ansible-core in \(ansibleVenv): Scripts/setup installs it")
             let scratch = try Scratch()

@@ -55,7 +55,9 @@ extension Kernel {
             return ("\(try #require(try tool.history()).first?["id"] as? Int ?? 0)", before)
         }
 
-        @Test("an lvm2 command reloads a kept run's LV, then the admin writes in place: status names it, diff, restore and rollback refuse, commit releases it; no exit 0 ever leaves a mix", arguments: commands)
+        @Test(
+            "an lvm2 command reloads a kept run's LV, then the admin writes in place: status names it, diff, restore and rollback refuse, commit releases it; no exit 0 ever leaves a mix",
+            arguments: commands)
         func lvmCommandDuringKeptRun(_ command: LVMCommand) throws {
             try sh("modprobe dm-mirror 2>/dev/null; true")
             let lvm = try LVMFixture()
@@ -219,7 +221,8 @@ final class StatefulLVFixture {
         if type == "raid1" {
             script += "lvcreate -q -y --type raid1 -m 1 --nosync -L 64M -n website \(vg) \(a) \(b)"
         } else {
-            script += "lvcreate -q -y -L 64M -n website \(vg) \(a) && lvcreate -q -y -an -Zn -ky -L 32M -n fast \(vg) \(b) && "
+            script +=
+                "lvcreate -q -y -L 64M -n website \(vg) \(a) && lvcreate -q -y -an -Zn -ky -L 32M -n fast \(vg) \(b) && "
                 // udev's event activation may activate `fast` for an instant (activation skip keeps it out of -aay): try again.
                 + "for try in 1 2 3 4 5; do lvchange -q -an \(vg)/fast; lvconvert -q -y --type writecache --cachevol fast \(vg)/website && break; sleep 1; done && lvs -o segtype --noheadings \(vg)/website | grep -q writecache"
         }
@@ -242,12 +245,15 @@ final class StatefulLVFixture {
     }
 
     func recipe(bad: Bool, onSuccess: String) throws -> String {
-        try writeRecipe(tutorialRecipe(device: device, mount: mountPoint, bad: bad, onSuccess: onSuccess), in: scratch, name: "\(bad ? "bad" : "good")-\(onSuccess.filter(\.isLetter)).recipe")
+        try writeRecipe(
+            tutorialRecipe(device: device, mount: mountPoint, bad: bad, onSuccess: onSuccess), in: scratch, name: "\(bad ? "bad" : "good")-\(onSuccess.filter(\.isLetter)).recipe")
     }
 }
 
 extension Kernel.CoexistenceKernelTests {
-    @Test("a raid1 LV and a writecache LV: a committed run, a run rolled back by verify and a kept run rolled back later, each followed by deactivating and activating the LV, files exact; never two live instances of the target", arguments: ["raid1", "writecache"])
+    @Test(
+        "a raid1 LV and a writecache LV: a committed run, a run rolled back by verify and a kept run rolled back later, each followed by deactivating and activating the LV, files exact; never two live instances of the target",
+        arguments: ["raid1", "writecache"])
     func statefulOrigins(_ type: String) throws {
         let lv = try StatefulLVFixture(type)
         let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
@@ -283,7 +289,9 @@ extension Kernel.CoexistenceKernelTests {
         try expectNothingLeft(state: tool.stateDirectory)
     }
 
-    @Test("a process holds the raid1 LV's -real open (as lvm2's scan and blkid do) through the end of a merge and through a commit: no guard device is left suspended, -real is retired onto an error table and gone once closed, lvm2's commands never hang, files exact")
+    @Test(
+        "a process holds the raid1 LV's -real open (as lvm2's scan and blkid do) through the end of a merge and through a commit: no guard device is left suspended, -real is retired onto an error table and gone once closed, lvm2's commands never hang, files exact"
+    )
     func statefulRealHeldOpen() throws {
         let lv = try StatefulLVFixture("raid1")
         let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
@@ -324,7 +332,9 @@ extension Kernel.CoexistenceKernelTests {
         }
     }
 
-    @Test("guard killed in the take, the commit and the end of a merge of a writecache LV: never two live writecache tables, before or after recovery, files exact", arguments: ["prepare.origin-loaded", "window.suspended", "commit.suspended", "finish.origin-loaded"])
+    @Test(
+        "guard killed in the take, the commit and the end of a merge of a writecache LV: never two live writecache tables, before or after recovery, files exact",
+        arguments: ["prepare.origin-loaded", "window.suspended", "commit.suspended", "finish.origin-loaded"])
     func statefulCrashPoints(_ point: String) throws {
         let lv = try StatefulLVFixture("writecache")
         let tool = GuardTool(stateDirectory: lv.scratch.path("state"))
@@ -354,11 +364,14 @@ extension Kernel.CoexistenceKernelTests {
 }
 
 extension Kernel.CoexistenceKernelTests {
-    @Test("the COW device's name is another device after a reboot (renumbered): nothing is read from or wiped on it, the run needs reassembly; the right device under that name again, the rollback restores every byte")
+    @Test(
+        "the COW device's name is another device after a reboot (renumbered): nothing is read from or wiped on it, the run needs reassembly; the right device under that name again, the rollback restores every byte"
+    )
     func renamedCowDevice() throws {
         let volume = try RawVolume()
         let tool = volume.guardTool
-        let cowImage = volume.scratch.path("cow.img"), blankImage = volume.scratch.path("blank.img")
+        let cowImage = volume.scratch.path("cow.img")
+        let blankImage = volume.scratch.path("blank.img")
         try makeSparseFile(cowImage, mebibytes: 64)
         try makeRandomFile(blankImage, mebibytes: 8)
         let blankBefore = try sha256(blankImage)

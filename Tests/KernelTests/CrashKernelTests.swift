@@ -163,16 +163,21 @@ extension Kernel {
             CrashCase(point: "merge.suspended", succeeds: false, expected: .restored, note: "origin and snapshot suspended for the handover"),
             CrashCase(point: "merge.handed-over", succeeds: false, expected: .restored, note: "merging, -snap not removed"),
             CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "merging, not journaled"),
-            CrashCase(point: "finish.label-released", succeeds: false, expected: .restored, note: "merge complete, label says released, origin still on the merge", outcome: "rolled_back", unfinished: false),
-            CrashCase(point: "finish.origin-loaded", succeeds: false, expected: .restored, note: "merge complete, label released, origin's own table loaded inactive", outcome: "rolled_back", unfinished: false),
-            CrashCase(point: "finish.origin-restored", succeeds: false, expected: .restored, note: "origin on its own table, layers left", outcome: "rolled_back", unfinished: false),
+            CrashCase(
+                point: "finish.label-released", succeeds: false, expected: .restored, note: "merge complete, label says released, origin still on the merge",
+                outcome: "rolled_back", unfinished: false),
+            CrashCase(
+                point: "finish.origin-loaded", succeeds: false, expected: .restored, note: "merge complete, label released, origin's own table loaded inactive",
+                outcome: "rolled_back", unfinished: false),
+            CrashCase(
+                point: "finish.origin-restored", succeeds: false, expected: .restored, note: "origin on its own table, layers left", outcome: "rolled_back", unfinished: false),
             CrashCase(point: "finish.layers-removed", succeeds: false, expected: .restored, note: "layers gone, COW file left", outcome: "rolled_back", unfinished: false),
         ]
 
         /// Every crash point guard has (`CrashPoint`) has a scenario: one of the tables here, or
         /// a test of its own (`elsewhere`). A new point without one fails this test.
         static let elsewhere: [CrashPoint: String] = [
-            .restartErrorTable: "FaultKernelTests.ioErrorMidMerge (origin): guard recover killed while it restarts a failed merge",
+            .restartErrorTable: "FaultKernelTests.ioErrorMidMerge (origin): guard recover killed while it restarts a failed merge"
         ]
 
         @Test("every crash point has a kernel scenario")
@@ -207,7 +212,9 @@ extension Kernel {
             CrashCase(point: "thin.origin-loaded", succeeds: false, expected: .restored, note: "thin: the snapshot's id loaded inactive"),
             CrashCase(point: "thin.swapped", succeeds: false, expected: .restored, note: "thin: volume on the snapshot's id, old id not deleted"),
             CrashCase(point: "rollback.after-merge-start", succeeds: false, expected: .restored, note: "thin: swapped, not journaled"),
-            CrashCase(point: "thin.replaced-deleted", succeeds: false, expected: .restored, note: "thin: remounted, old id deleted, registry still names it", outcome: "rolled_back", unfinished: false),
+            CrashCase(
+                point: "thin.replaced-deleted", succeeds: false, expected: .restored, note: "thin: remounted, old id deleted, registry still names it", outcome: "rolled_back",
+                unfinished: false),
         ]
 
         @Test("thin volumes: kill -9 at a crash point, then guard recover: restored or upgraded, the pool's ids and the registry agree", arguments: thinCases)
@@ -302,8 +309,14 @@ extension Kernel {
                 #expect(try deviceMapperState(fixture.name) == before)
                 #expect(try fixture.current == bytes)
             }
-            let did = crash.unfinished ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "") : "the next guard command (here `guard status --tidy`) finished the merge's teardown"
-            recordResult([scenarioPrefix + crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", did, String(format: "%.1f", Date().timeIntervalSince(started))])
+            let did =
+                crash.unfinished
+                ? String(error.split(separator: ";").last ?? "").trimmingWhitespace().replacingOccurrences(of: "recovered: ", with: "")
+                : "the next guard command (here `guard status --tidy`) finished the merge's teardown"
+            recordResult([
+                scenarioPrefix + crash.point, crash.note, crash.succeeds ? "commit" : "rollback", crash.expected.rawValue, outcome ?? "?", did,
+                String(format: "%.1f", Date().timeIntervalSince(started)),
+            ])
         }
     }
 }

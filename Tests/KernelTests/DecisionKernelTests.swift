@@ -69,7 +69,9 @@ extension Kernel {
     /// Issue 40: what guard says will happen is what happens.
     @Suite("what guard says will happen")
     struct DecisionKernelTests {
-        @Test("a rollback refused because the volume is busy is taken back: the admin's later writes survive a power cut and a boot, and a later rollback still restores the pre-run files")
+        @Test(
+            "a rollback refused because the volume is busy is taken back: the admin's later writes survive a power cut and a boot, and a later rollback still restores the pre-run files"
+        )
         func refusedRollbackIsTakenBack() async throws {
             let fixture = try MountedVolume()
             let tool = fixture.tool
@@ -89,7 +91,8 @@ extension Kernel {
             #expect(try fixture.decision(run) == "keep", "the decision is taken back")
             let status = try tool("status", "--json")
             #expect(status.status == 0, "\(status.stdout) \(status.stderr)")
-            #expect(status.stdout.contains("\"pending_at_boot\" : null") || status.stdout.contains("\"pending_at_boot\":null"), "nothing is pending at the next boot: \(status.stdout)")
+            #expect(
+                status.stdout.contains("\"pending_at_boot\" : null") || status.stdout.contains("\"pending_at_boot\":null"), "nothing is pending at the next boot: \(status.stdout)")
             try sh("kill -9 \(holder)")
             try await waitUntil("the holder to exit", seconds: 60) {
                 // Gone, or a zombie nobody reaped (it holds nothing then): no working directory.
@@ -118,11 +121,14 @@ extension Kernel {
             ])
         }
 
-        @Test("the state filesystem fills during the steps of a successful run: the decision still fits (the reserve); and without the reserve the upgrade stays, and guard's advice (recover, then commit) keeps it", arguments: [true, false])
+        @Test(
+            "the state filesystem fills during the steps of a successful run: the decision still fits (the reserve); and without the reserve the upgrade stays, and guard's advice (recover, then commit) keeps it",
+            arguments: [true, false])
         func stateFilesystemFullAtDecision(reserve: Bool) throws {
             let lvm = try LVMFixture()
             // The state directory on a small filesystem of its own, as /var often is.
-            let image = lvm.scratch.path("state.img"), stateFS = lvm.scratch.path("statefs")
+            let image = lvm.scratch.path("state.img")
+            let stateFS = lvm.scratch.path("statefs")
             try makeSparseFile(image, mebibytes: 160)
             try FileManager.default.createDirectory(atPath: stateFS, withIntermediateDirectories: true)
             let loop = try LoopDevice.attach(file: image).device

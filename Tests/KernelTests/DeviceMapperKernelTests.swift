@@ -148,10 +148,11 @@ extension Kernel {
             var expected: Set<String> = []
             for _ in 0..<5 {
                 let dmsetup = try sh("dmsetup info -c --noheadings -o name,uuid --separator ' '")
-                expected = Set(dmsetup.split(separator: "\n").compactMap { line -> String? in
-                    let fields = line.split(separator: " ")
-                    return fields.count == 2 && fields[1].hasPrefix("GUARD-") ? String(fields[0]) : nil
-                })
+                expected = Set(
+                    dmsetup.split(separator: "\n").compactMap { line -> String? in
+                        let fields = line.split(separator: " ")
+                        return fields.count == 2 && fields[1].hasPrefix("GUARD-") ? String(fields[0]) : nil
+                    })
                 if guardNames == expected { break }
                 guardNames = Set(try dm.guardDevices().map(\.name))
             }

@@ -202,7 +202,8 @@ extension Kernel {
             let seen = volume.scratch.path("watchdog")
             // The watchdog outlives the window for the rest of the command: a step finds it.
             let recipe = try volume.recipe(
-                "steps:\n  - name: look\n    shell: for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = guard-watchdog ] && echo \"$(cat $p/cmdline | tr '\\0' ' ') $(grep VmRSS $p/status)\"; done > \(seen); true\n")
+                "steps:\n  - name: look\n    shell: for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = guard-watchdog ] && echo \"$(cat $p/cmdline | tr '\\0' ' ') $(grep VmRSS $p/status)\"; done > \(seen); true\n"
+            )
             let result = try volume.guardTool("run", recipe)
             #expect(result.status == 0, "\(result.stderr)")
             let found = try String(contentsOfFile: seen, encoding: .utf8)
@@ -212,7 +213,9 @@ extension Kernel {
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
         }
 
-        @Test("a single write larger than the COW and its fuse reserve: the fuse stops it and the run rolls back, or the snapshot is Invalid and the run says the volume holds the upgraded data")
+        @Test(
+            "a single write larger than the COW and its fuse reserve: the fuse stops it and the run rolls back, or the snapshot is Invalid and the run says the volume holds the upgraded data"
+        )
         func cowOverrun() throws {
             // 64 MiB: one write of 48 MiB is larger than the 4 MiB snapshot and its 32 MiB fuse reserve.
             let volume = try RawVolume(mebibytes: 64)
@@ -223,7 +226,8 @@ extension Kernel {
             // One write(2) of 48 MiB, bigger than the whole COW: the kernel overruns the COW
             // inside that one request, before the COW watcher can stop the step.
             let recipe = try volume.recipe(
-                "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=48M count=1 seek=4194304 oflag=direct,seek_bytes conv=notrunc status=none\n", snapshot: "4M")
+                "steps:\n  - name: big write\n    shell: dd if=\(patch) of=\(volume.device) bs=48M count=1 seek=4194304 oflag=direct,seek_bytes conv=notrunc status=none\n",
+                snapshot: "4M")
             let result = try volume.guardTool("run", recipe)
             let history = try #require(try volume.guardTool.history())
             let outcome = history.first?["outcome"] as? String
@@ -243,7 +247,11 @@ extension Kernel {
                 #expect((history.first?["snapshots"] as? [[String: Any]])?.first?["state"] as? String == "invalid")
             }
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
-            recordResult(["cow-overrun", "one write larger than the COW and its fuse reserve during the steps", "rollback", outcome == "rolled_back" ? "restored" : "upgraded", outcome ?? "?", outcome == "rolled_back" ? "stopped before the overrun: rolled back" : "snapshot Invalid: no rollback possible; says the data is the upgraded data", ""])
+            recordResult([
+                "cow-overrun", "one write larger than the COW and its fuse reserve during the steps", "rollback", outcome == "rolled_back" ? "restored" : "upgraded",
+                outcome ?? "?", outcome == "rolled_back" ? "stopped before the overrun: rolled back" : "snapshot Invalid: no rollback possible; says the data is the upgraded data",
+                "",
+            ])
         }
 
         @Test("a two-volume rollback whose second merge cannot start says which volume is not rolled back, stays open, and guard recover finishes it")
@@ -285,10 +293,15 @@ extension Kernel {
             #expect(after.first?["outcome"] as? String == "recovered")
             #expect(after.first?["state"] as? String == "finished")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["partial-rollback", "two volumes; the second's merge cannot start (held open outside guard)", "rollback", "restored", "recovered", "run says which volume is not rolled back, stays open (exit 3); guard recover rolled it back", ""])
+            recordResult([
+                "partial-rollback", "two volumes; the second's merge cannot start (held open outside guard)", "rollback", "restored", "recovered",
+                "run says which volume is not rolled back, stays open (exit 3); guard recover rolled it back", "",
+            ])
         }
 
-        @Test("a two-volume commit whose first drop cannot be made (its snapshot held open outside guard): the run is kept, both snapshots stay live and their labels say kept, the message says to commit again, and that commit works once the holder is gone")
+        @Test(
+            "a two-volume commit whose first drop cannot be made (its snapshot held open outside guard): the run is kept, both snapshots stay live and their labels say kept, the message says to commit again, and that commit works once the holder is gone"
+        )
         func partialCommit() async throws {
             let first = try RawVolume()
             let second = try RawVolume(label: "partialCommit-2")
@@ -324,14 +337,17 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
         }
 
-        @Test("a step double-forks a writer into a session of its own, then guard is killed with -9: guard recover kills the writer before the rollback, and the volume is as before the run")
+        @Test(
+            "a step double-forks a writer into a session of its own, then guard is killed with -9: guard recover kills the writer before the rollback, and the volume is as before the run"
+        )
         func escapedWriterKilledByRecover() async throws {
             let volume = try RawVolume()
             let tool = volume.guardTool
             let before = try volume.checksum
             let pidFile = volume.scratch.path("writer.pid")
             // 64 KiB direct writes over 100 places: at most 6.25 MiB of COW, less than the 16 MiB.
-            let writer = "echo $$ > \(pidFile); while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$(( $(od -An -N2 -tu2 /dev/urandom) % 100 )) oflag=direct conv=notrunc status=none; sleep 0.05; done"
+            let writer =
+                "echo $$ > \(pidFile); while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$(( $(od -An -N2 -tu2 /dev/urandom) % 100 )) oflag=direct conv=notrunc status=none; sleep 0.05; done"
             let recipe = try volume.recipe(
                 """
                 steps:
@@ -359,10 +375,15 @@ extension Kernel {
             #expect(events.contains("result kill-cgroup"), "\(events)")
             #expect(history.first?["outcome"] as? String == "recovered")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["escaped-writer", "a step double-forks a writer (setsid), then kill -9 of guard", "rollback", "restored", "recovered", "guard recover killed the run's cgroup before the merge; nothing writes after it", ""])
+            recordResult([
+                "escaped-writer", "a step double-forks a writer (setsid), then kill -9 of guard", "rollback", "restored", "recovered",
+                "guard recover killed the run's cgroup before the merge; nothing writes after it", "",
+            ])
         }
 
-        @Test("a COW device that holds something is refused before any write: a disk whose partition is mounted, an ext4, LVM or swap signature", arguments: ["partition-mounted", "ext4", "lvm", "swap"])
+        @Test(
+            "a COW device that holds something is refused before any write: a disk whose partition is mounted, an ext4, LVM or swap signature",
+            arguments: ["partition-mounted", "ext4", "lvm", "swap"])
         func cowDeviceRefusals(content: String) throws {
             let volume = try RawVolume()
             let image = volume.scratch.path("cow-disk.img")
@@ -403,7 +424,10 @@ extension Kernel {
             #expect(try sha256(loop.path, offset: 0, length: 1 << 20) == firstMiB, "the COW device's first MiB is unchanged")
             #expect(try volume.checksum == before, "the volume is unchanged: no step ran")
             #expect(try expectLayers(volume.name) == 0)
-            recordResult(["cow-device-\(content)", "`cow:` names a device that holds \(content == "partition-mounted" ? "a disk with a mounted partition" : "an \(expected) signature")", "-", "untouched", "(no run)", "refused in preflight (exit 2); the device's first MiB unchanged", ""])
+            recordResult([
+                "cow-device-\(content)", "`cow:` names a device that holds \(content == "partition-mounted" ? "a disk with a mounted partition" : "an \(expected) signature")", "-",
+                "untouched", "(no run)", "refused in preflight (exit 2); the device's first MiB unchanged", "",
+            ])
         }
 
         @Test("an I/O error mid-merge stops it with a clear error; once the device heals, guard recover finishes it", arguments: ["cow", "origin"])
@@ -421,8 +445,10 @@ extension Kernel {
             }
             let patch = volume.scratch.path("patch")
             try makeRandomFile(patch, mebibytes: 12)
-            let body = "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M oflag=direct conv=notrunc status=none\nverify:\n  - name: fail\n    run: [/bin/false]\n"
-            let recipe = failing == "cow"
+            let body =
+                "steps:\n  - name: write\n    shell: dd if=\(patch) of=\(volume.device) bs=1M oflag=direct conv=notrunc status=none\nverify:\n  - name: fail\n    run: [/bin/false]\n"
+            let recipe =
+                failing == "cow"
                 ? try writeRecipe("name: fault\nvolumes:\n  - device: \(volume.device)\n\(extra)\(body)", in: volume.scratch)
                 : try volume.recipe(body, snapshot: "16M")
             let throttle = CopyThrottle(1)
@@ -461,7 +487,11 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
             let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "rolled_back")
-            recordResult(["io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back", "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix" + (failing == "origin" ? " (a first guard recover killed at restart.error-table; the next one restarted it)" : ""), ""])
+            recordResult([
+                "io-error-\(failing)-mid-merge", "the \(failing == "cow" ? "COW" : "origin's") device fails during the merge, then heals", "rollback", "restored", "rolled_back",
+                "merge stopped (Merge failed), layers kept; guard recover restarted it after the fix"
+                    + (failing == "origin" ? " (a first guard recover killed at restart.error-table; the next one restarted it)" : ""), "",
+            ])
         }
 
         @Test("Ctrl-C during the steps stops them and rolls back")
@@ -470,7 +500,8 @@ extension Kernel {
             let before = try volume.checksum
             let marker = volume.scratch.path("marker")
             let recipe = try volume.recipe(
-                "steps:\n  - name: write then wait\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=2 oflag=direct conv=notrunc status=none; touch \(marker); sleep 60\n")
+                "steps:\n  - name: write then wait\n    shell: dd if=/dev/urandom of=\(volume.device) bs=1M count=2 oflag=direct conv=notrunc status=none; touch \(marker); sleep 60\n"
+            )
             let tool = volume.guardTool
             let runner = Task.detached { try tool("run", recipe) }
             try await waitUntil("the step to start") { FileManager.default.fileExists(atPath: marker) }
@@ -495,7 +526,10 @@ extension Kernel {
             #expect(result.stderr.contains("timed out"), "\(result.stderr)")
             #expect(try volume.checksum == before)
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
-            recordResult([script.contains("trap") ? "step-ignores-term" : "step-timeout", "a step past its timeout\(script.contains("trap") ? " that ignores SIGTERM" : "")", "rollback", "restored", "rolled_back", "TERM then KILL to the step's process group, merged back", ""])
+            recordResult([
+                script.contains("trap") ? "step-ignores-term" : "step-timeout", "a step past its timeout\(script.contains("trap") ? " that ignores SIGTERM" : "")", "rollback",
+                "restored", "rolled_back", "TERM then KILL to the step's process group, merged back", "",
+            ])
         }
 
         @Test("a journal locked by another process is waited for")
@@ -507,7 +541,11 @@ extension Kernel {
             let journal = "\(tool.stateDirectory)/journal.sqlite"
             let holder = Process()
             holder.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-            holder.arguments = ["-c", "import sqlite3,time,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30); c.execute('BEGIN EXCLUSIVE'); open(sys.argv[2],'w').close(); time.sleep(4); c.execute('COMMIT')", journal, volume.scratch.path("locked")]
+            holder.arguments = [
+                "-c",
+                "import sqlite3,time,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30); c.execute('BEGIN EXCLUSIVE'); open(sys.argv[2],'w').close(); time.sleep(4); c.execute('COMMIT')",
+                journal, volume.scratch.path("locked"),
+            ]
             try holder.run()
             try await waitUntil("the lock") { FileManager.default.fileExists(atPath: volume.scratch.path("locked")) }
             let started = Date()
@@ -525,7 +563,8 @@ extension Kernel {
             let volume = try RawVolume()
             let tool = volume.guardTool
             let recipe = try volume.recipe(
-                "steps:\n  - name: delete the journal\n    shell: rm -f \(tool.stateDirectory)/journal.sqlite \(tool.stateDirectory)/journal.sqlite-wal \(tool.stateDirectory)/journal.sqlite-shm\n")
+                "steps:\n  - name: delete the journal\n    shell: rm -f \(tool.stateDirectory)/journal.sqlite \(tool.stateDirectory)/journal.sqlite-wal \(tool.stateDirectory)/journal.sqlite-shm\n"
+            )
             let result = try tool("run", recipe)
             #expect(result.status == 0, "\(result.stderr)")
             #expect(result.stderr.contains("was deleted while guard was using it"), "\(result.stderr)")
@@ -537,7 +576,9 @@ extension Kernel {
             recordResult(["journal-deleted", "a step deletes journal.sqlite", "commit", "upgraded", "committed", "journal rebuilt from the open copy at the next phase", ""])
         }
 
-        @Test("a corrupt journal, a state directory on the snapshotted volume, a full state filesystem: refused before any volume is touched", arguments: ["corrupt", "on-volume", "full"])
+        @Test(
+            "a corrupt journal, a state directory on the snapshotted volume, a full state filesystem: refused before any volume is touched",
+            arguments: ["corrupt", "on-volume", "full"])
         func journalRefusals(problem: String) throws {
             let volume = try RawVolume()
             var tool = volume.guardTool
@@ -575,7 +616,11 @@ extension Kernel {
                 #expect(!FileManager.default.fileExists(atPath: tool.stateDirectory), "nothing was written on the volume")
             }
             if problem != "on-volume" { #expect(try volume.checksum == before) }
-            recordResult(["journal-\(problem)", ["corrupt": "the journal is corrupt", "on-volume": "the state directory is on the volume to snapshot", "full": "the state filesystem is full"][problem]!, "-", "untouched", "(no run)", "refused in preflight, exit 2", ""])
+            recordResult([
+                "journal-\(problem)",
+                ["corrupt": "the journal is corrupt", "on-volume": "the state directory is on the volume to snapshot", "full": "the state filesystem is full"][problem]!, "-",
+                "untouched", "(no run)", "refused in preflight, exit 2", "",
+            ])
         }
     }
 }

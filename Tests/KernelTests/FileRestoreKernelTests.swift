@@ -39,13 +39,16 @@ extension Kernel {
             let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             try writeDatabase(at: lvm.mountPoint)
             let database = try sha256("\(lvm.mountPoint)/database")
-            let badMigration = "nl -n rz -w 5 \(lvm.mountPoint)/database | cut -f1 | sed 's/^/id:/' > \(lvm.mountPoint)/database.new && mv \(lvm.mountPoint)/database.new \(lvm.mountPoint)/database"
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: bad migration
-                    shell: \(badMigration)
-                  - name: new front page
-                    shell: "printf '<html>v2</html>\\\\n' > \(lvm.mountPoint)/index.html"
-                """)
+            let badMigration =
+                "nl -n rz -w 5 \(lvm.mountPoint)/database | cut -f1 | sed 's/^/id:/' > \(lvm.mountPoint)/database.new && mv \(lvm.mountPoint)/database.new \(lvm.mountPoint)/database"
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: bad migration
+                        shell: \(badMigration)
+                      - name: new front page
+                        shell: "printf '<html>v2</html>\\\\n' > \(lvm.mountPoint)/index.html"
+                    """)
             #expect(try sha256("\(lvm.mountPoint)/database") != database, "the migration corrupted the database")
 
             let diff = try tool("diff", "\(run)")
@@ -89,7 +92,8 @@ extension Kernel {
             let lvm = try LVMFixture()
             let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             let tree = "\(lvm.mountPoint)/tree"
-            try sh("""
+            try sh(
+                """
                 mkdir -p \(tree)/sub && cd \(tree) && ln -s /etc/passwd outside && echo pair > a && ln a sub/b \
                 && truncate -s 1G sparse && printf start | dd of=sparse conv=notrunc status=none \
                 && printf end | dd of=sparse bs=1 seek=$((1024*1024*1024-3)) conv=notrunc status=none \
@@ -101,14 +105,19 @@ extension Kernel {
             // (reading the whole GiB of holes would take minutes under emulation).
             func describe() throws -> String {
                 try entries.map { try statLine("\(tree)/\($0)") }.joined(separator: "\n")
-                    + "\n" + sh("cd \(tree) && (readlink outside; stat -c '%i %h' a sub/b | sort -u | wc -l; sha256sum a tagged; head -c 8M sparse | sha256sum; tail -c 1M sparse | sha256sum; getfattr -d -m - tagged; getfacl -c tagged) 2>&1")
+                    + "\n"
+                    + sh(
+                        "cd \(tree) && (readlink outside; stat -c '%i %h' a sub/b | sort -u | wc -l; sha256sum a tagged; head -c 8M sparse | sha256sum; tail -c 1M sparse | sha256sum; getfattr -d -m - tagged; getfacl -c tagged) 2>&1"
+                    )
             }
             let before = try describe()
             #expect(try sh("stat -c %b \(tree)/sparse").trimmingWhitespace() != "2097152", "the 1 GiB file is sparse")
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: damage the tree
-                    shell: "cd \(tree) && rm outside sub/b && echo changed > a && dd if=/dev/zero of=sparse bs=1M count=4 conv=notrunc status=none && setfattr -x user.guard tagged && setfacl -b tagged && chmod 0700 sub && echo new > created"
-                """)
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: damage the tree
+                        shell: "cd \(tree) && rm outside sub/b && echo changed > a && dd if=/dev/zero of=sparse bs=1M count=4 conv=notrunc status=none && setfattr -x user.guard tagged && setfacl -b tagged && chmod 0700 sub && echo new > created"
+                    """)
             #expect(try describe() != before)
 
             let dry = try tool("restore", "\(run)", tree, "--dry-run")
@@ -135,15 +144,19 @@ extension Kernel {
             let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             let m = lvm.mountPoint
             // Bash's $'...' writes the raw bytes: caf\xE9 (Latin-1 café), r\xE9pertoire/f\xFC, a link to target\xFF.
-            try sh("""
+            try sh(
+                """
                 bash -c "printf v1 > \(m)/$'caf\\xe9' && mkdir \(m)/$'r\\xe9pertoire' && printf inner > \(m)/$'r\\xe9pertoire'/$'f\\xfc' && ln -s $'target\\xff' \(m)/link && sync"
                 """)
-            let listing = "cd \(m) && find . -print0 | sort -z | xargs -0 stat -c '%n %F %s %a' | od -c | sha256sum; cat $'caf\\xe9' $'r\\xe9pertoire'/$'f\\xfc'; readlink link | od -c"
+            let listing =
+                "cd \(m) && find . -print0 | sort -z | xargs -0 stat -c '%n %F %s %a' | od -c | sha256sum; cat $'caf\\xe9' $'r\\xe9pertoire'/$'f\\xfc'; readlink link | od -c"
             let before = try sh("bash -c \"\(listing)\"")
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: damage the names
-                    shell: bash -c "printf v2 > \(m)/$'caf\\xe9' && rm -r \(m)/$'r\\xe9pertoire' && ln -sfn elsewhere \(m)/link"
-                """)
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: damage the names
+                        shell: bash -c "printf v2 > \(m)/$'caf\\xe9' && rm -r \(m)/$'r\\xe9pertoire' && ln -sfn elsewhere \(m)/link"
+                    """)
             #expect(try sh("bash -c \"\(listing)\"") != before)
 
             let diff = try tool("diff", "\(run)")
@@ -171,14 +184,18 @@ extension Kernel {
             let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             try writeDatabase(at: lvm.mountPoint)
             try sh("ln -s /etc \(lvm.mountPoint)/etc-link")
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: change
-                    shell: "echo changed > \(lvm.mountPoint)/index.html"
-                """)
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: change
+                        shell: "echo changed > \(lvm.mountPoint)/index.html"
+                    """)
             let volume = try manifest(lvm.mountPoint)
             let passwd = try sha256("/etc/passwd")
-            for (path, message) in [("../../etc/passwd", "`..` is not allowed"), ("/etc/passwd", "is not on a volume of this run"),
-                                     ("etc-link/passwd", "symlink"), ("\(lvm.mountPoint)/../x", "`..` is not allowed")] {
+            for (path, message) in [
+                ("../../etc/passwd", "`..` is not allowed"), ("/etc/passwd", "is not on a volume of this run"),
+                ("etc-link/passwd", "symlink"), ("\(lvm.mountPoint)/../x", "`..` is not allowed"),
+            ] {
                 let refused = try tool("restore", "\(run)", path)
                 #expect(refused.status == 2 || refused.status == 3, "\(path): \(refused.status) \(refused.stderr)")
                 #expect(refused.stderr.contains(message), "\(path): \(refused.stderr)")
@@ -197,25 +214,27 @@ extension Kernel {
             let file = "\(lvm.mountPoint)/data.bin"
             try sh("dd if=/dev/urandom of=\(file) bs=1M count=8 status=none && sync")
             let old = try sha256(file)
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: rewrite
-                    shell: "dd if=/dev/urandom of=\(file) bs=1M count=8 conv=notrunc status=none"
-                """)
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: rewrite
+                        shell: "dd if=/dev/urandom of=\(file) bs=1M count=8 conv=notrunc status=none"
+                    """)
             let new = try sha256(file)
             let reader = lvm.scratch.path("reader.py")
             try """
-                import hashlib, sys, time, os
-                path, old, new, stop, started = sys.argv[1:6]
-                counts = {"old": 0, "new": 0, "mixed": 0}
-                # Reads until told to stop and until it has read the restored file 3 times.
-                while not os.path.exists(stop) or counts["new"] < 3:
-                    with open(path, "rb") as f:
-                        digest = hashlib.sha256(f.read()).hexdigest()
-                    counts["new" if digest == new else "old" if digest == old else "mixed"] += 1
-                    if not os.path.exists(started):
-                        open(started, "w").close()
-                print(counts["old"], counts["new"], counts["mixed"])
-                """.write(toFile: reader, atomically: true, encoding: .utf8)
+            import hashlib, sys, time, os
+            path, old, new, stop, started = sys.argv[1:6]
+            counts = {"old": 0, "new": 0, "mixed": 0}
+            # Reads until told to stop and until it has read the restored file 3 times.
+            while not os.path.exists(stop) or counts["new"] < 3:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                counts["new" if digest == new else "old" if digest == old else "mixed"] += 1
+                if not os.path.exists(started):
+                    open(started, "w").close()
+            print(counts["old"], counts["new"], counts["mixed"])
+            """.write(toFile: reader, atomically: true, encoding: .utf8)
             let stop = lvm.scratch.path("stop")
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -247,10 +266,12 @@ extension Kernel {
             let lvm = try LVMFixture()
             let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             try writeDatabase(at: lvm.mountPoint)
-            let run = try keptRun(lvm, tool, steps: """
-                  - name: small change
-                    shell: "echo changed > \(lvm.mountPoint)/index.html"
-                """, snapshot: "4M")
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: small change
+                        shell: "echo changed > \(lvm.mountPoint)/index.html"
+                    """, snapshot: "4M")
             // More writes than the COW holds (4 MiB and its 32 MiB fuse reserve), after the run,
             // with no guard monitor to fuse it: the kernel invalidates the snapshot.
             try sh("dd if=/dev/urandom of=\(lvm.mountPoint)/big bs=1M count=48 oflag=direct status=none; sync")

@@ -7,7 +7,9 @@ extension Kernel {
     /// Issue 38: the README's first command never harms the machine it runs on.
     @Suite("first contact")
     struct FirstContactKernelTests {
-        @Test("Scripts/demo beside the tutorial's own VG datadisks with website mounted on /mnt/website: the demo runs its story, and the VG, the LV, the mount, the file and /mnt are exactly as before")
+        @Test(
+            "Scripts/demo beside the tutorial's own VG datadisks with website mounted on /mnt/website: the demo runs its story, and the VG, the LV, the mount, the file and /mnt are exactly as before"
+        )
         func demoLeavesTheTutorialsVolumeAlone() throws {
             let scratch = try Scratch()
             try makeSparseFile(scratch.path("pv.img"), mebibytes: 200)

@@ -90,7 +90,8 @@ final class SchemaValidator: @unchecked Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
         process.arguments = ["\(packageRoot)/Scripts/lib/validate-json.py", "--serve"]
-        let toServer = Pipe(), fromServer = Pipe()
+        let toServer = Pipe()
+        let fromServer = Pipe()
         process.standardInput = toServer
         process.standardOutput = fromServer
         try process.run()
@@ -174,12 +175,15 @@ func removeGuardStacks(onVolume volume: String) {
 
 /// A checksum of every file (path, mode, size, content) under a directory.
 func manifest(_ directory: String) throws -> String {
-    try sh("cd '\(directory)' && find . -path ./lost+found -prune -o -type f -printf '%p %m %s\\n' | sort && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 -r sha256sum")
+    try sh(
+        "cd '\(directory)' && find . -path ./lost+found -prune -o -type f -printf '%p %m %s\\n' | sort && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 -r sha256sum"
+    )
 }
 
 /// The tutorial's recipes, pointed at a test's device and mount point.
 func tutorialRecipe(device: String, mount: String, bad: Bool, onSuccess: String = "commit", extra: String = "", verify: String? = nil) -> String {
-    let migration = bad
+    let migration =
+        bad
         ? "nl -n rz -w 5 \(mount)/database | cut -f1 | sed 's/^/id:/' > \(mount)/database.new && mv \(mount)/database.new \(mount)/database"
         : "nl -n rz -w 5 \(mount)/database | sed 's/\\t/,/; s/^/id:/' > \(mount)/database.new && mv \(mount)/database.new \(mount)/database"
     return """
@@ -369,7 +373,8 @@ extension Kernel {
             let guardTool = GuardTool(stateDirectory: lvm.scratch.path("state"))
             try writeDatabase(at: lvm.mountPoint)
             let before = try manifest(lvm.mountPoint)
-            let steps = what == "step"
+            let steps =
+                what == "step"
                 ? "  - name: change\n    shell: echo changed > \(lvm.mountPoint)/index.html\n  - name: fail\n    run: [/bin/false]\n  - name: never\n    shell: touch \(lvm.mountPoint)/never"
                 : "  - name: change\n    shell: echo changed > \(lvm.mountPoint)/index.html"
             let verify = what == "verify" ? "verify:\n  - name: fail\n    run: [/bin/false]\n" : ""
@@ -383,7 +388,9 @@ extension Kernel {
             try expectNothingLeft(state: guardTool.stateDirectory)
         }
 
-        @Test("a kept run is rolled back a day later, after more writes: the service's start hook finds the old data mounted while the merge goes on, and no udev transaction is left; an expired keep is committed")
+        @Test(
+            "a kept run is rolled back a day later, after more writes: the service's start hook finds the old data mounted while the merge goes on, and no udev transaction is left; an expired keep is committed"
+        )
         func keptRunRolledBackLater() throws {
             let lvm = try LVMFixture()
             let guardTool = GuardTool(stateDirectory: lvm.scratch.path("state"))
@@ -489,7 +496,8 @@ extension Kernel {
             // The first run's step waits for the test: the second run always meets a live first one.
             let release = lvm.scratch.path("release")
             let slow = try writeRecipe(
-                "name: slow\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: wait\n    shell: touch \(marker); while [ ! -e \(release) ]; do sleep 0.1; done\n", in: lvm.scratch, name: "slow.recipe")
+                "name: slow\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: wait\n    shell: touch \(marker); while [ ! -e \(release) ]; do sleep 0.1; done\n",
+                in: lvm.scratch, name: "slow.recipe")
             let fast = try writeRecipe(
                 "name: fast\nvolumes:\n  - device: \(lvm.device)\n    snapshot: 10M\nsteps:\n  - name: nothing\n    run: [/bin/true]\n", in: lvm.scratch, name: "fast.recipe")
             let first = Task.detached { try guardTool("run", slow) }

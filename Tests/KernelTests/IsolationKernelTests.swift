@@ -1,10 +1,11 @@
 import BlockDevice
 import DeviceMapper
 import Foundation
-@testable import Engine
 import Journal
 import Snapshot
 import Testing
+
+@testable import Engine
 
 extension Kernel {
     /// Issue 17: what guard mounts stays guard's, and what it follows cannot be swapped under it.
@@ -100,7 +101,8 @@ extension Kernel {
             // to the outside files at guard's temporary names, in a loop.
             let pidFile = lvm.scratch.path("swapper.pid")
             let plant = names.map { "ln -sfn \(outside)/\($0) \(m)/d/.guard-restore.\(token).\($0) 2>/dev/null" }.joined(separator: "; ")
-            let swapper = "echo $$ > \(pidFile); while :; do \(plant); mv \(m)/d \(m)/d.x 2>/dev/null && ln -sfn \(outside) \(m)/d 2>/dev/null; rm -f \(m)/d 2>/dev/null; mv \(m)/d.x \(m)/d 2>/dev/null; done"
+            let swapper =
+                "echo $$ > \(pidFile); while :; do \(plant); mv \(m)/d \(m)/d.x 2>/dev/null && ln -sfn \(outside) \(m)/d 2>/dev/null; rm -f \(m)/d 2>/dev/null; mv \(m)/d.x \(m)/d 2>/dev/null; done"
             try startDetached(["/bin/sh", "-c", swapper])
             try await waitUntil("the swapper to start") { FileManager.default.fileExists(atPath: pidFile) }
             lvm.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
@@ -136,7 +138,10 @@ extension Kernel {
             try sh("truncate -s 16M \(nested) && mkfs.ext4 -q -F \(nested)")
             let loop = try LoopDevice.attach(file: nested).device
             try sh("mount --bind \(m)/static \(bound) && mount \(loop.path) \(m)/uploads && echo kept > \(m)/uploads/marker")
-            lvm.scratch.defer_ { _ = try? sh("umount \(bound) 2>/dev/null; umount \(m)/uploads 2>/dev/null; true"); try? loop.detach() }
+            lvm.scratch.defer_ {
+                _ = try? sh("umount \(bound) 2>/dev/null; umount \(m)/uploads 2>/dev/null; true")
+                try? loop.detach()
+            }
             let recipe = try writeRecipe(
                 """
                 name: remount
@@ -170,7 +175,10 @@ extension Kernel {
             for directory in [target, elsewhere] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
             try sh("truncate -s 16M \(image) && mkfs.ext4 -q -F \(image)")
             let loop = try LoopDevice.attach(file: image).device
-            scratch.defer_ { _ = try? sh("umount \(target) 2>/dev/null; umount \(elsewhere) 2>/dev/null; true"); try? loop.detach() }
+            scratch.defer_ {
+                _ = try? sh("umount \(target) 2>/dev/null; umount \(elsewhere) 2>/dev/null; true")
+                try? loop.detach()
+            }
             try Mounts.mount(source: loop.path, target: target, fileSystemType: "ext4")
             let entry = try #require(Mounts.entry(at: target))
             try Mounts.unmount(target)
@@ -184,7 +192,8 @@ extension Kernel {
             #expect(warnings.lines.contains { $0.contains(target) && $0.contains("mount point changed") }, "\(warnings.lines)")
         }
 
-        @Test("a dm-crypt volume: its key reaches neither the journal, the COW, guard show --json nor the output; guard warns that the COW holds plaintext; the rollback restores it")
+        @Test(
+            "a dm-crypt volume: its key reaches neither the journal, the COW, guard show --json nor the output; guard warns that the COW holds plaintext; the rollback restores it")
         func cryptKeyNeverStored() throws {
             let scratch = try Scratch()
             let image = scratch.path("secret.img")

@@ -9,7 +9,8 @@ extension Kernel {
     @Suite("the JSON contract on real volumes")
     struct JSONContractKernelTests {
         /// `guard <arguments> --json`, whatever its exit code: the document (validated) and the result.
-        func document(_ tool: GuardTool, _ arguments: String..., schema: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws -> ([String: Any], CommandResult) {
+        func document(_ tool: GuardTool, _ arguments: String..., schema: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws -> ([String: Any], CommandResult)
+        {
             let result = try run([tool.binary] + arguments + ["--json", "--state-dir", tool.stateDirectory], environment: guardEnvironment().merging(tool.environment) { $1 })
             try expectValid(result.stdout, arguments: arguments, schema: schema, sourceLocation: sourceLocation)
             let parsed = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
@@ -23,7 +24,9 @@ extension Kernel {
                 of: "steps:\n", with: "steps:\n  - name: say hello\n    shell: echo step-output-marker; echo step-error-marker >&2\n")
         }
 
-        @Test("volume create/list/activate/remove, check, run --dry-run, run (rolled back, kept), status, diff, restore, rollback, commit, recover and a refusal: each document matches its schema and the volume")
+        @Test(
+            "volume create/list/activate/remove, check, run --dry-run, run (rolled back, kept), status, diff, restore, rollback, commit, recover and a refusal: each document matches its schema and the volume"
+        )
         func everyCommand() throws {
             let scratch = try Scratch()
             let tool = GuardTool(stateDirectory: scratch.path("state"))

@@ -18,7 +18,8 @@ extension Kernel {
             // guard). It writes only once the run's resume hook says so, so the bytes at the
             // snapshot instant are the bytes before the run; then 64 KiB blocks over the whole
             // volume, every 20 ms, and it never stops by itself, whatever its writes return.
-            let writer = "echo $$ > \(pidFile); while [ ! -e \(go) ]; do sleep 0.1; done; i=0; while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$((i % 1000)) oflag=direct conv=notrunc status=none || touch \(refused); i=$((i+1)); sleep 0.02; done"
+            let writer =
+                "echo $$ > \(pidFile); while [ ! -e \(go) ]; do sleep 0.1; done; i=0; while :; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$((i % 1000)) oflag=direct conv=notrunc status=none || touch \(refused); i=$((i+1)); sleep 0.02; done"
             try startDetached(["/bin/sh", "-c", writer])
             try await waitUntil("the writer to start") { FileManager.default.fileExists(atPath: pidFile) }
             volume.scratch.defer_ { _ = try? sh("kill -KILL $(cat \(pidFile)) 2>/dev/null; true") }
@@ -47,14 +48,20 @@ extension Kernel {
             let pid = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingWhitespace()
             #expect(!isRunning(pid), "the rollback's stop hook stopped the writer")
             try expectNothingLeft(state: volume.guardTool.stateDirectory)
-            recordResult(["fuse-external-writer", "a writer outside the run overruns a 4 MiB COW without extend; stopped only by the rollback's stop hook", "rollback", "restored", "rolled_back", "the fuse refused its writes from stop_at to the merge: the snapshot stayed valid", ""])
+            recordResult([
+                "fuse-external-writer", "a writer outside the run overruns a 4 MiB COW without extend; stopped only by the rollback's stop hook", "rollback", "restored",
+                "rolled_back", "the fuse refused its writes from stop_at to the merge: the snapshot stayed valid", "",
+            ])
         }
 
-        @Test("a database server rewrites a table for its client past a small COW: the fuse keeps the rollback, and the database starts again with the pre-run data and passes its own checks")
+        @Test(
+            "a database server rewrites a table for its client past a small COW: the fuse keeps the rollback, and the database starts again with the pre-run data and passes its own checks"
+        )
         func databaseServerMigration() async throws {
             let pg = try PostgresFixture(mebibytes: 192)
             let (bin, volume, mount, sockets, pgctl, start, psql) = (pg.bin, pg.volume, pg.mount, pg.sockets, pg.pgctl, pg.start, pg.psql)
-            try sh("\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 200000) g; checkpoint'")
+            try sh(
+                "\(psql) -c 'create table accounts (id int primary key, balance int not null); insert into accounts select g, 100 from generate_series(1, 200000) g; checkpoint'")
             let query = "select count(*), sum(balance) from accounts"
             let before = try sh("\(psql) -c '\(query)'").trimmingWhitespace()
             #expect(before == "200000|20000000")
@@ -90,16 +97,22 @@ extension Kernel {
             #expect(try sh("\(psql) -c '\(query)'").trimmingWhitespace() == before, "the migration is undone")
             let check = try run(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pg_amcheck -h \(sockets) -d postgres --install-missing --heapallindexed 2>&1"])
             #expect(check.status == 0, "pg_amcheck: \(check.stdout)")
-            recordResult(["fuse-database-server", "a PostgreSQL server rewrites a table for a client step past a 4 MiB snapshot", "rollback", "restored", "rolled_back", "the fuse held the server's writes (and its shutdown's) until the merge; the database started again with the pre-run rows; pg_amcheck passed", ""])
+            recordResult([
+                "fuse-database-server", "a PostgreSQL server rewrites a table for a client step past a 4 MiB snapshot", "rollback", "restored", "rolled_back",
+                "the fuse held the server's writes (and its shutdown's) until the merge; the database started again with the pre-run rows; pg_amcheck passed", "",
+            ])
         }
 
-        @Test("PostgreSQL under pgbench load, two migrations in a row that overflow a small COW, each rolled back through the fuse: after each, pgbench's invariant holds, pg_amcheck --heapallindexed and pg_checksums pass")
+        @Test(
+            "PostgreSQL under pgbench load, two migrations in a row that overflow a small COW, each rolled back through the fuse: after each, pgbench's invariant holds, pg_amcheck --heapallindexed and pg_checksums pass"
+        )
         func databaseUnderLoadTwice() async throws {
             // Data checksums on: pg_checksums can check every page afterwards.
             let pg = try PostgresFixture(mebibytes: 320, checksums: true)
             let (bin, volume, mount, sockets, data, pgctl, start, psql) = (pg.bin, pg.volume, pg.mount, pg.sockets, pg.data, pg.pgctl, pg.start, pg.psql)
             try sh("runuser -u postgres -- \(bin)/pgbench -h \(sockets) -i -s 4 -q postgres >/dev/null 2>&1")
-            let invariant = "select (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), (select sum(bbalance) from pgbench_branches), (select coalesce(sum(delta), 0) from pgbench_history)"
+            let invariant =
+                "select (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), (select sum(bbalance) from pgbench_branches), (select coalesce(sum(delta), 0) from pgbench_history)"
             let recipe = try writeRecipe(
                 """
                 name: pgbench-migration
@@ -124,7 +137,9 @@ extension Kernel {
                 // otherwise empties pgbench_history before each run (with VACUUM), which breaks
                 // the invariant below from the second run on with no rollback at all (measured
                 // without guard: two plain pgbench runs, history short by the first run's total).
-                try startDetached(["/bin/sh", "-c", "runuser -u postgres -- \(bin)/pgbench -n -h \(sockets) -c 2 -T 900 postgres >\(volume.scratch.path("pgbench-\(attempt).log")) 2>&1"])
+                try startDetached([
+                    "/bin/sh", "-c", "runuser -u postgres -- \(bin)/pgbench -n -h \(sockets) -c 2 -T 900 postgres >\(volume.scratch.path("pgbench-\(attempt).log")) 2>&1",
+                ])
                 try await Task.sleep(for: .seconds(3))
                 let result = try volume.guardTool("run", recipe)
                 #expect(result.status == 1, "migration \(attempt): \(result.stderr)")
@@ -186,7 +201,8 @@ extension Kernel {
             let (id, monitor, log) = try await keptRunWatched(volume, snapshot: "{ size: 4M, extend: { at: 50%, by: 2M, max: 6M } }", extra: "stop_at: 80%")
             // The service's writes after the run, each 64 KiB to a new place, until one is refused.
             let done = volume.scratch.path("writer.done")
-            let writer = "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
+            let writer =
+                "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || { echo refused at $i > \(done); exit 0; }; i=$((i+1)); sleep 0.05; done; echo never refused > \(done)"
             try startDetached(["/bin/sh", "-c", writer])
             try await waitUntil("the writer to end") { FileManager.default.fileExists(atPath: done) }
             // The writer sees its write refused as soon as the fuse is blown; the monitor says so just after.
@@ -216,7 +232,10 @@ extension Kernel {
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try volume.checksum == before, "every byte as before the run")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["monitor-kept-fuse", "a kept run's COW fills with the volume's writes after the run; guard monitor runs", "keep", "restored", "rolled_back", "grown to extend.max, then fused at stop_at (writes refused); snapshot valid; guard rollback restored the pre-run bytes", ""])
+            recordResult([
+                "monitor-kept-fuse", "a kept run's COW fills with the volume's writes after the run; guard monitor runs", "keep", "restored", "rolled_back",
+                "grown to extend.max, then fused at stop_at (writes refused); snapshot valid; guard rollback restored the pre-run bytes", "",
+            ])
         }
 
         @Test("on_full: rollback: guard monitor rolls a kept run back itself when its snapshot fills and cannot grow; the volume is as before the run")
@@ -227,7 +246,10 @@ extension Kernel {
             let (_, monitor, log) = try await keptRunWatched(volume, snapshot: "4M", extra: "on_full: rollback")
             // The service's writes, until one is refused (the fuse holds from the stop point to the merge).
             let done = volume.scratch.path("writer.done")
-            try startDetached(["/bin/sh", "-c", "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)"])
+            try startDetached([
+                "/bin/sh", "-c",
+                "i=16; while [ $i -lt 1000 ]; do dd if=/dev/urandom of=\(volume.device) bs=64K count=1 seek=$i oflag=direct conv=notrunc status=none || break; i=$((i+1)); sleep 0.05; done; touch \(done)",
+            ])
             try await waitUntil("the monitor to roll the run back") {
                 ((try? tool.history())?.first?["state"] as? String) == "finished"
                     || ((try? tool.history())?.first?["state"] as? String) == "merging"
@@ -242,7 +264,10 @@ extension Kernel {
             #expect(events.contains("intent on-full") && events.contains("intent rollback"), "\(events)")
             #expect(try volume.checksum == before, "every byte as before the run")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["monitor-kept-rollback", "a kept run's COW fills after the run; on_full: rollback; guard monitor runs", "keep", "restored", "rolled_back", "the monitor fused the volume at stop_at and rolled the run back itself", ""])
+            recordResult([
+                "monitor-kept-rollback", "a kept run's COW fills after the run; on_full: rollback; guard monitor runs", "keep", "restored", "rolled_back",
+                "the monitor fused the volume at stop_at and rolled the run back itself", "",
+            ])
         }
     }
 }

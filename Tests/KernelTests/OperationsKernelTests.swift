@@ -29,14 +29,17 @@ func systemLogLines(scratch: Scratch, _ body: () throws -> Void) throws -> [Stri
         let received = scratch.path("syslog.txt")
         let listener = Process()
         listener.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        listener.arguments = ["-c", """
+        listener.arguments = [
+            "-c",
+            """
             import socket, sys
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             s.bind("/dev/log")
             with open(sys.argv[1], "ab", buffering=0) as out:
                 while True:
                     out.write(s.recv(65536) + b"\\n")
-            """, received]
+            """, received,
+        ]
         try listener.run()
         defer {
             kill(listener.processIdentifier, SIGKILL)  // SIGTERM may be ignored, inherited from the test runner
@@ -100,7 +103,9 @@ extension Kernel {
             #expect(real.status == 0, "\(real.stderr)")
             let peak = try #require(((try tool.json("show", "1") as? [String: Any])?["snapshots"] as? [[String: Any]])?.first?["peak_used_bytes"] as? Int)
             #expect(peak > 0)
-            let after = (try deviceMapperState(dmName), try manifest(lvm.mountPoint), listing(state + "/cow"), listing(state + "/locks"), try sh("ls -l --time-style=+%s.%N \(state)/locks"))
+            let after = (
+                try deviceMapperState(dmName), try manifest(lvm.mountPoint), listing(state + "/cow"), listing(state + "/locks"), try sh("ls -l --time-style=+%s.%N \(state)/locks")
+            )
             let journalRows = try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'")
             let second = try tool("run", "--dry-run", recipe)
             #expect(second.status == 0, "\(second.stderr)")
@@ -110,12 +115,16 @@ extension Kernel {
             #expect(listing(state + "/cow") == after.2, "no COW file")
             #expect(listing(state + "/locks") == after.3, "no lock file made")
             #expect(try sh("ls -l --time-style=+%s.%N \(state)/locks") == after.4, "no lock file written")
-            #expect(try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'") == journalRows, "no journal row")
+            #expect(
+                try sh("sqlite3 \(state)/journal.sqlite 'SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM snapshots)'") == journalRows,
+                "no journal row")
 
             // Every refusal at once, exit 2, still nothing touched.
             chmod(recipe, 0o666)
-            try (try String(contentsOfFile: recipe, encoding: .utf8)).replacingOccurrences(of: "snapshot: { size: 25M }", with: "snapshot: { size: 25M }\n  - device: /dev/mapper/no-such-volume\n    snapshot: { size: 25M }")
-                .write(toFile: recipe, atomically: false, encoding: .utf8)
+            try (try String(contentsOfFile: recipe, encoding: .utf8)).replacingOccurrences(
+                of: "snapshot: { size: 25M }", with: "snapshot: { size: 25M }\n  - device: /dev/mapper/no-such-volume\n    snapshot: { size: 25M }"
+            )
+            .write(toFile: recipe, atomically: false, encoding: .utf8)
             let refused = try tool("run", "--dry-run", recipe)
             #expect(refused.status == 2)
             #expect(refused.stderr.contains("a real run would be refused"), "\(refused.stderr)")
@@ -153,11 +162,15 @@ extension Kernel {
             #expect(peak >= 12 << 20 && peak < 20 << 20, "the steps wrote 12 MiB: peak \(peak)")
 
             // A fixed size smaller than what the recipe needed before: the dry run says so.
-            let small = try writeRecipe(try String(contentsOfFile: recipe, encoding: .utf8).replacingOccurrences(of: "size: auto", with: "size: 4M"), in: lvm.scratch, name: "small.recipe")
+            let small = try writeRecipe(
+                try String(contentsOfFile: recipe, encoding: .utf8).replacingOccurrences(of: "size: auto", with: "size: 4M"), in: lvm.scratch, name: "small.recipe")
             let warned = try tool("run", "--dry-run", small)
             #expect(warned.status == 0, "a warning, not a refusal: \(warned.stderr)")
             #expect(warned.stdout.contains("earlier runs: peak COW use \(formatBytes(UInt64(peak))) (1 run of website-auto)"), "\(warned.stdout)")
-            #expect(warned.stderr.contains("earlier runs of website-auto used up to \(formatBytes(UInt64(peak))) of COW on \(lvm.device), more than this snapshot can hold (\(formatBytes(4 << 20)))"), "\(warned.stderr)")
+            #expect(
+                warned.stderr.contains(
+                    "earlier runs of website-auto used up to \(formatBytes(UInt64(peak))) of COW on \(lvm.device), more than this snapshot can hold (\(formatBytes(4 << 20)))"),
+                "\(warned.stderr)")
 
             let learned = try tool("run", "--dry-run", recipe)
             #expect(learned.stdout.contains("auto: 1.5 × the peak use of earlier runs (\(formatBytes(UInt64(peak)))) + 16 MiB"), "\(learned.stdout)")
@@ -258,7 +271,9 @@ extension Kernel {
             #expect(logged("run 1 failed (", severity: 3), "the outcome at error priority: \(story)")
         }
 
-        @Test("journald: every line natively with PRIORITY, GUARD_RUN_ID, GUARD_RECIPE, GUARD_PHASE (GUARD_VOLUME where one is named), the start and the outcome with their MESSAGE_ID; under a unit no line is printed twice")
+        @Test(
+            "journald: every line natively with PRIORITY, GUARD_RUN_ID, GUARD_RECIPE, GUARD_PHASE (GUARD_VOLUME where one is named), the start and the outcome with their MESSAGE_ID; under a unit no line is printed twice"
+        )
         func journaldFields() throws {
             let lvm = try LVMFixture()
             try writeDatabase(at: lvm.mountPoint)
@@ -284,7 +299,9 @@ extension Kernel {
             // natively are not printed there again.
             let good = try writeRecipe(tutorialRecipe(device: lvm.device, mount: lvm.mountPoint, bad: false), in: lvm.scratch, name: "good.recipe")
             let output = lvm.scratch.path("unit-stderr")
-            let unit = try run(["/bin/sh", "-c", "exec 2>\(output); JOURNAL_STREAM=$(stat -c %d:%i \(output)) exec \(guardBinary) run \(good) --state-dir \(state)"], environment: guardEnvironment())
+            let unit = try run(
+                ["/bin/sh", "-c", "exec 2>\(output); JOURNAL_STREAM=$(stat -c %d:%i \(output)) exec \(guardBinary) run \(good) --state-dir \(state)"],
+                environment: guardEnvironment())
             #expect(unit.status == 0, "\(unit.stderr)")
             let printed = try String(contentsOfFile: output, encoding: .utf8)
             let logged = listener.drain().filter { $0["GUARD_RUN_ID"] == "2" }

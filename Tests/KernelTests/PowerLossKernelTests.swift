@@ -64,19 +64,19 @@ struct PowerLoss {
     func recipe(_ name: String, step: String, verify: Bool, keep: Bool, cow: String? = nil, device: String? = nil) throws -> String {
         let path = "\(directory)/\(name).recipe"
         try """
-            name: powerloss-\(name)
-            volumes:
-              - device: \(device ?? volume(name))
-                snapshot: \(cow.map { "{ size: 24M, cow: \($0) }" } ?? "24M")
-            steps:
-              - name: write
-                shell: \(step)
-            verify:
-              - name: check
-                run: [\(verify ? "/bin/true" : "/bin/false")]
-            on_success: \(keep ? "keep 2d" : "commit")
-            on_failure: rollback
-            """.write(toFile: path, atomically: true, encoding: .utf8)
+        name: powerloss-\(name)
+        volumes:
+          - device: \(device ?? volume(name))
+            snapshot: \(cow.map { "{ size: 24M, cow: \($0) }" } ?? "24M")
+        steps:
+          - name: write
+            shell: \(step)
+        verify:
+          - name: check
+            run: [\(verify ? "/bin/true" : "/bin/false")]
+        on_success: \(keep ? "keep 2d" : "commit")
+        on_failure: rollback
+        """.write(toFile: path, atomically: true, encoding: .utf8)
         chmod(path, 0o644)
         return path
     }
@@ -226,10 +226,19 @@ struct PowerLoss {
         #expect(outcomes["powerloss-thin-steps"] == "recovered")
         #expect(outcomes["powerloss-thin-kept"] == "rolled_back")
         try expectNothingLeft(state: tool.stateDirectory)
-        recordResult(["power-loss-steps", "reset while a step runs; next boot runs guard recover --boot", "rollback", "restored", "recovered", "snapshot reassembled from its label and merged back at boot, before any mount", ""])
-        recordResult(["power-loss-merge", "reset during a rollback's merge", "rollback", "restored", "recovered", "merge resumed at boot from the COW's exceptions; the run's error says it was rolled back", ""])
+        recordResult([
+            "power-loss-steps", "reset while a step runs; next boot runs guard recover --boot", "rollback", "restored", "recovered",
+            "snapshot reassembled from its label and merged back at boot, before any mount", "",
+        ])
+        recordResult([
+            "power-loss-merge", "reset during a rollback's merge", "rollback", "restored", "recovered",
+            "merge resumed at boot from the COW's exceptions; the run's error says it was rolled back", "",
+        ])
         recordResult(["power-loss-kept", "reset with a kept snapshot", "keep", "restored", "rolled_back", "snapshot reassembled at boot; guard rollback worked afterwards", ""])
-        recordResult(["power-loss-thin", "thin: reset while a step runs, a kept run beneath it", "rollback", "restored", "recovered", "the thin volume activated from its registry after thin_check; the run swapped back to its snapshot at boot; the kept run rolled back afterwards", ""])
+        recordResult([
+            "power-loss-thin", "thin: reset while a step runs, a kept run beneath it", "rollback", "restored", "recovered",
+            "the thin volume activated from its registry after thin_check; the run swapped back to its snapshot at boot; the kept run rolled back afterwards", "",
+        ])
         // The thin volume and its pool hold gpl-thinback: guard removes them (the LV keeps the pool).
         let removed = try tool("volume", "remove", "plthin")
         #expect(removed.status == 0, "\(removed.stderr)")
@@ -276,8 +285,14 @@ struct PowerLoss {
         #expect(history.allSatisfy { $0["state"] as? String == "finished" && $0["outcome"] as? String == "recovered" }, "\(history)")
         #expect(SnapshotEngine.cowFiles(in: lateCowDirectory).isEmpty, "the COW files are released once merged")
         #expect(try dm.guardDevices().filter { StackIdentity.parse(uuid: $0.uuid) != nil }.isEmpty)
-        recordResult(["power-loss-no-reassembly-steps", "reset while a step runs; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered", "status, maintenance and recover exit 4 and keep everything; recover after the mount rolled back", ""])
-        recordResult(["power-loss-no-reassembly-merge", "reset mid-merge; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered", "status --wait tore nothing down; recover after the mount finished the merge", ""])
+        recordResult([
+            "power-loss-no-reassembly-steps", "reset while a step runs; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered",
+            "status, maintenance and recover exit 4 and keep everything; recover after the mount rolled back", "",
+        ])
+        recordResult([
+            "power-loss-no-reassembly-merge", "reset mid-merge; no boot unit; the COW filesystem mounted late", "rollback", "restored", "recovered",
+            "status --wait tore nothing down; recover after the mount finished the merge", "",
+        ])
         try Mounts.unmount(lateCowMount)
         try Mounts.unmount(lateStateMount)
     }

@@ -98,7 +98,10 @@ extension Kernel {
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try volume.checksum == before)
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["no-reassembly-cow-dir-missing", "reset with a kept snapshot; its COW directory missing at recovery", "keep", "restored", "rolled_back", "needs reassembly (exit 4), nothing removed; reassembled once the directory was back; rollback worked", ""])
+            recordResult([
+                "no-reassembly-cow-dir-missing", "reset with a kept snapshot; its COW directory missing at recovery", "keep", "restored", "rolled_back",
+                "needs reassembly (exit 4), nothing removed; reassembled once the directory was back; rollback worked", "",
+            ])
         }
 
         @Test("the origin is written before recovery: the snapshot is stale, its COW kept, nothing merged; commit discards it")
@@ -133,7 +136,10 @@ extension Kernel {
             let history = try #require(try tool.history())
             #expect(history.first?["outcome"] as? String == "committed")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["written-before-recovery", "reset with a kept snapshot; the volume written before guard recover", "keep", "as written", "committed", "stale: COW kept, nothing merged, exit 3; guard commit discarded it", ""])
+            recordResult([
+                "written-before-recovery", "reset with a kept snapshot; the volume written before guard recover", "keep", "as written", "committed",
+                "stale: COW kept, nothing merged, exit 3; guard commit discarded it", "",
+            ])
         }
 
         @Test("guard killed mid-merge and a reset without reassembly: status --wait tears nothing down; recover finishes the merge")
@@ -180,7 +186,10 @@ extension Kernel {
             #expect(["recovered", "rolled_back"].contains(history.first?["outcome"] as? String ?? ""), "\(history.first ?? [:])")
             #expect(history.first?["state"] as? String == "finished")
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["merge-without-reassembly", "guard killed mid-merge, reset, no reassembly at boot; status --wait before recover", "rollback", "restored", history.first?["outcome"] as? String ?? "?", "status --wait exit 4 and nothing torn down; recover resumed the merge", ""])
+            recordResult([
+                "merge-without-reassembly", "guard killed mid-merge, reset, no reassembly at boot; status --wait before recover", "rollback", "restored",
+                history.first?["outcome"] as? String ?? "?", "status --wait exit 4 and nothing torn down; recover resumed the merge", "",
+            ])
         }
 
         @Test("a COW label that cannot be read for a moment: nothing is deleted, and the rollback still works once it can")
@@ -215,7 +224,10 @@ extension Kernel {
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try volume.checksum == before)
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["unreadable-label", "the COW directory's disk returns I/O errors during guard recover", "keep", "restored", "rolled_back", "label unreadable: reported, nothing deleted; rollback worked after the disk came back", ""])
+            recordResult([
+                "unreadable-label", "the COW directory's disk returns I/O errors during guard recover", "keep", "restored", "rolled_back",
+                "label unreadable: reported, nothing deleted; rollback worked after the disk came back", "",
+            ])
         }
 
         @Test("a guard volume whose backing file is missing does not stop boot reassembly of the others")
@@ -244,10 +256,15 @@ extension Kernel {
             let rollback = try tool("rollback", run, "--wait")
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try volume.checksum == before)
-            recordResult(["boot-missing-backing-file", "reset; one guard volume's backing file missing at boot", "keep", "restored", "rolled_back", "that volume reported; the other reassembled at boot and rolled back", ""])
+            recordResult([
+                "boot-missing-backing-file", "reset; one guard volume's backing file missing at boot", "keep", "restored", "rolled_back",
+                "that volume reported; the other reassembled at boot and rolled back", "",
+            ])
         }
 
-        @Test("at boot, a COW device that appears a few seconds late is waited for (the boot unit has no udevadm settle): the snapshot is reassembled, and the rollback restores every byte")
+        @Test(
+            "at boot, a COW device that appears a few seconds late is waited for (the boot unit has no udevadm settle): the snapshot is reassembled, and the rollback restores every byte"
+        )
         func lateCowDevice() async throws {
             let volume = try RawVolume()
             let tool = volume.guardTool
@@ -256,7 +273,8 @@ extension Kernel {
             let cowImage = volume.scratch.path("cow.img")
             try makeSparseFile(cowImage, mebibytes: 64)
             let loop = try LoopDevice.attach(file: cowImage).device
-            let cowName = uniqueName("latecow"), cowUUID = "TEST-\(cowName)"
+            let cowName = uniqueName("latecow")
+            let cowUUID = "TEST-\(cowName)"
             let create = "dmsetup create \(cowName) --uuid \(cowUUID) --table '0 \(64 * 2048) linear \(loop.path) 0'"
             try sh(create)
             volume.scratch.defer_ {
@@ -279,7 +297,10 @@ extension Kernel {
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try volume.checksum == before)
             try expectNothingLeft(state: tool.stateDirectory)
-            recordResult(["boot-late-cow-device", "reset with a kept run whose COW device appears 3 s after the boot unit starts", "keep", "restored", "rolled_back", "waited for the device (no udevadm settle), reassembled; rollback restored", ""])
+            recordResult([
+                "boot-late-cow-device", "reset with a kept run whose COW device appears 3 s after the boot unit starts", "keep", "restored", "rolled_back",
+                "waited for the device (no udevadm settle), reassembled; rollback restored", "",
+            ])
         }
     }
 }

@@ -2,8 +2,9 @@ import BlockDevice
 import DeviceMapper
 import Engine
 import Foundation
-@testable import Snapshot
 import Testing
+
+@testable import Snapshot
 
 /// A guard volume on a loop file with ext4, mounted, in a scratch state directory.
 final class VolumeFixture {
@@ -73,7 +74,8 @@ final class VolumeFixture {
 
     /// The good migration: every row gets an id.
     func goodMigration() throws {
-        try sh("nl -n rz -w 5 '\(mountPoint)/database' | sed 's/\\t/,/; s/^/id:/' > '\(mountPoint)/database.new' && mv '\(mountPoint)/database.new' '\(mountPoint)/database' && sync")
+        try sh(
+            "nl -n rz -w 5 '\(mountPoint)/database' | sed 's/\\t/,/; s/^/id:/' > '\(mountPoint)/database.new' && mv '\(mountPoint)/database.new' '\(mountPoint)/database' && sync")
     }
 
     var cowFiles: [String] { SnapshotEngine.cowFiles(in: cowDirectory).map(\.path) }
@@ -247,7 +249,9 @@ extension Kernel {
                 try commitAll(live)
 
                 let numbers = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().map { UInt64($0) }
-                #expect(text.hasSuffix("\n") && numbers.enumerated().allSatisfy { $0.element == UInt64($0.offset + 1) }, "round \(round): the snapshot's file is 1, 2, 3, ... with nothing torn")
+                #expect(
+                    text.hasSuffix("\n") && numbers.enumerated().allSatisfy { $0.element == UInt64($0.offset + 1) },
+                    "round \(round): the snapshot's file is 1, 2, 3, ... with nothing torn")
                 let inSnapshot = UInt64(numbers.count)
                 let ackedBefore = records.filter { $0.acknowledged < window.start }.map(\.number).max() ?? 0
                 let firstAfter = records.filter { $0.started > window.end }.map(\.number).min() ?? 0
@@ -269,7 +273,8 @@ extension Kernel {
                 let watcher = CowWatcher(
                     engine: fixture.engine, stacks: live.stacks,
                     policies: [ExtensionPolicy(threshold: 0.6, stepBytes: 8 << 20, maximumBytes: 64 << 20)],
-                    interval: .milliseconds(50)) { events.append($0) }
+                    interval: .milliseconds(50)
+                ) { events.append($0) }
                 watcher.start()
                 try sh("for i in $(seq 0 14); do dd if=/dev/urandom of='\(fixture.volume.path)' bs=2M count=1 seek=$i oflag=direct conv=notrunc status=none; sleep 0.3; done")
                 let stacks = watcher.stop()

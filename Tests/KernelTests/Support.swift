@@ -51,7 +51,9 @@ func run(_ argv: [String], environment: [String: String]? = nil, input: String? 
     let program = argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env"
     let arguments = argv[0].hasPrefix("/") ? argv : ["/usr/bin/env"] + argv
     let variables = (environment ?? ProcessInfo.processInfo.environment).map { "\($0.key)=\($0.value)" }
-    var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
+    var outPipe: [Int32] = [0, 0]
+    var errPipe: [Int32] = [0, 0]
+    var inPipe: [Int32] = [0, 0]
     guard pipe(&outPipe) == 0, pipe(&errPipe) == 0, pipe(&inPipe) == 0 else {
         throw ShellError(command: argv.joined(separator: " "), status: -1, stderr: "pipe: \(String(cString: strerror(errno)))")
     }
@@ -77,7 +79,8 @@ func run(_ argv: [String], environment: [String: String]? = nil, input: String? 
         _ = bytes.withUnsafeBytes { write(inPipe[1], $0.baseAddress, $0.count) }
     }
     close(inPipe[1])
-    var outData = [UInt8](), errData = [UInt8]()
+    var outData = [UInt8]()
+    var errData = [UInt8]()
     var openPipes: [Int32: Bool] = [outPipe[0]: true, errPipe[0]: true]
     let deadline = Date().addingTimeInterval(hangSeconds)
     var buffer = [UInt8](repeating: 0, count: 65536)
@@ -225,7 +228,6 @@ func builtBinary(_ name: String, variable: String) -> String {
     }
     return name
 }
-
 
 /// journald's native socket, played by a test: every datagram guard sends, as fields, read
 /// as it comes (as journald does: a sender never finds the queue full).

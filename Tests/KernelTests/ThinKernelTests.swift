@@ -70,8 +70,10 @@ extension Kernel {
     struct ThinKernelTests {
         /// The devices of a thin volume NAME, as `dmsetup table` shows them.
         func tables(_ name: String) throws -> (volume: String, pool: String) {
-            (try sh("dmsetup table \(name)").trimmingCharacters(in: .whitespacesAndNewlines),
-             try sh("dmsetup table guard-pool-\(name)").trimmingCharacters(in: .whitespacesAndNewlines))
+            (
+                try sh("dmsetup table \(name)").trimmingCharacters(in: .whitespacesAndNewlines),
+                try sh("dmsetup table guard-pool-\(name)").trimmingCharacters(in: .whitespacesAndNewlines)
+            )
         }
 
         /// Removes the volume's devices and detaches its loop device, as a reboot would.
@@ -97,13 +99,18 @@ extension Kernel {
             do {
                 try sh("dmsetup remove --retry \(device)")
             } catch {
-                let holders = (try? sh("fuser -v /dev/mapper/\(device) 2>&1; ls /sys/block/$(basename $(readlink -f /dev/mapper/\(device)))/holders; grep -l \"$(readlink -f /dev/mapper/\(device))\\|/dev/mapper/\(device) \" /proc/[0-9]*/mountinfo 2>/dev/null | head -n 5; true")) ?? "(nobody found)"
+                let holders =
+                    (try? sh(
+                        "fuser -v /dev/mapper/\(device) 2>&1; ls /sys/block/$(basename $(readlink -f /dev/mapper/\(device)))/holders; grep -l \"$(readlink -f /dev/mapper/\(device))\\|/dev/mapper/\(device) \" /proc/[0-9]*/mountinfo 2>/dev/null | head -n 5; true"
+                    )) ?? "(nobody found)"
                 Issue.record("\(device) is still open after a minute: \(holders)")
                 throw error
             }
         }
 
-        @Test("a thin volume: created over a file with its pool, the tutorial's bad migration rolled back and the good one committed on it, activated again after a reboot with thin_check, refused when its metadata is damaged, and removed")
+        @Test(
+            "a thin volume: created over a file with its pool, the tutorial's bad migration rolled back and the good one committed on it, activated again after a reboot with thin_check, refused when its metadata is damaged, and removed"
+        )
         func thinVolumeLifecycle() throws {
             let fixture = try ThinFixture()
             let (scratch, tool, name, backing, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.backing, fixture.device, fixture.mount)
@@ -117,7 +124,8 @@ extension Kernel {
 
             // The volume: a thin device of a pool over the file.
             let created = try tool.json("volume", "create", name, "--backing", backing, "--size", "64M", "--thin", "--pool-size", "160M") as? [String: Any]
-            let entry = created?["volume"] as? [String: Any], pool = entry?["thin"] as? [String: Any]
+            let entry = created?["volume"] as? [String: Any]
+            let pool = entry?["thin"] as? [String: Any]
             #expect(entry?["size_bytes"] as? Int == 64 << 20)
             #expect(pool?["pool_bytes"] as? Int == 160 << 20 && pool?["block_bytes"] as? Int == 65536, "\(String(describing: pool))")
             #expect(pool?["mode"] as? String == "rw" && (pool?["data_used_bytes"] as? Int) == 0, "\(String(describing: pool))")
@@ -211,7 +219,9 @@ extension Kernel {
             #expect(FileManager.default.fileExists(atPath: backing))
         }
 
-        @Test("thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff and restore on a kept run; the pool's ids and the registry agree")
+        @Test(
+            "thin snapshots: the tutorial's bad migration rolled back by swapping thin ids (no COW, no merge), a good one committed, two kept generations each rolled back to, diff and restore on a kept run; the pool's ids and the registry agree"
+        )
         func thinSnapshots() throws {
             let fixture = try ThinFixture()
             let (scratch, tool, name, backing, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.backing, fixture.device, fixture.mount)
@@ -321,7 +331,9 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
         }
 
-        @Test("a thin run that fills its pool: guard stops it at stop_at of the pool (or the writes fail), rolls back by the swap, the files are as before, the filesystem clean, the pool writable; with extend: the pool grows and the run commits")
+        @Test(
+            "a thin run that fills its pool: guard stops it at stop_at of the pool (or the writes fail), rolls back by the swap, the files are as before, the filesystem clean, the pool writable; with extend: the pool grows and the run commits"
+        )
         func fullPool() throws {
             let fixture = try ThinFixture()
             let (scratch, tool, device, mount) = (fixture.scratch, fixture.tool, fixture.device, fixture.mount)
@@ -421,7 +433,9 @@ extension Kernel {
             try expectNothingLeft(state: tool.stateDirectory)
         }
 
-        @Test("size on a thin volume is the room the run needs in the pool: auto learns it from earlier runs (what they added to the pool) and grows the pool before the snapshot; a size as written that the pool lacks is refused, touching nothing")
+        @Test(
+            "size on a thin volume is the room the run needs in the pool: auto learns it from earlier runs (what they added to the pool) and grows the pool before the snapshot; a size as written that the pool lacks is refused, touching nothing"
+        )
         func poolSizing() throws {
             let fixture = try ThinFixture()
             let (scratch, tool, name, device, mount) = (fixture.scratch, fixture.tool, fixture.name, fixture.device, fixture.mount)
@@ -468,7 +482,9 @@ extension Kernel {
                 in: scratch, name: "big.recipe")
             let refused = try tool("run", big)
             #expect(refused.status == 2, "\(refused.stderr)")
-            #expect(refused.stderr.contains(big) && refused.stderr.contains("free, less than the snapshot's") && refused.stderr.contains("guard volume extend \(name)"), "\(refused.stderr)")
+            #expect(
+                refused.stderr.contains(big) && refused.stderr.contains("free, less than the snapshot's") && refused.stderr.contains("guard volume extend \(name)"),
+                "\(refused.stderr)")
             #expect(try pool().bytes == grown, "the pool is as it was")
             #expect(!FileManager.default.fileExists(atPath: "\(mount)/never"), "no step ran")
             #expect(try tool.history()?.count == runs, "no run was journaled")

@@ -29,20 +29,22 @@ struct ConfigurationTests {
         #expect(try GuardConfiguration.parse("extend = by 25M max 200M", path: "g.conf").extend == ExtendSpec(at: 0.8, by: .bytes(25 << 20), max: .bytes(200 << 20)))
     }
 
-    @Test("each bad line names the file, its line and column, and says what to write", arguments: [
-        ("stat_dir = /x", "g.conf:1:1: unknown setting 'stat_dir'; did you mean 'state_dir'?"),
-        ("state_dir /x", "g.conf:1:1: 'state_dir /x' is not a setting"),
-        ("cow_dir = srv", "g.conf:1:11: cow_dir must be an absolute path, not 'srv'"),
-        ("keep = 7", "g.conf:1:8: keep: the duration '7' has no unit"),
-        ("keep = 0s", "g.conf:1:8: keep must be longer than zero"),
-        ("extend = by 10M", "g.conf:1:10: extend: 'by 10M' needs both by and max"),
-        ("extend = at 5% by 1M max 2M", "g.conf:1:10: extend: at must be a percentage between 10% and 99%"),
-        ("extend = by 10Q max 1G", "g.conf:1:10: extend: by: unknown size unit 'q'"),
-        ("extend = by 0M max 1G", "g.conf:1:10: extend: by must be larger than zero"),
-        ("extend = by 10% max 150%", "g.conf:1:10: extend: max: '150%' is not a percentage between 0 and 100"),
-        ("keep =", "g.conf:1:7: keep has no value"),
-        ("keep = 1d\nkeep = 2d", "g.conf:2:1: keep is set twice (first on line 1)"),
-    ])
+    @Test(
+        "each bad line names the file, its line and column, and says what to write",
+        arguments: [
+            ("stat_dir = /x", "g.conf:1:1: unknown setting 'stat_dir'; did you mean 'state_dir'?"),
+            ("state_dir /x", "g.conf:1:1: 'state_dir /x' is not a setting"),
+            ("cow_dir = srv", "g.conf:1:11: cow_dir must be an absolute path, not 'srv'"),
+            ("keep = 7", "g.conf:1:8: keep: the duration '7' has no unit"),
+            ("keep = 0s", "g.conf:1:8: keep must be longer than zero"),
+            ("extend = by 10M", "g.conf:1:10: extend: 'by 10M' needs both by and max"),
+            ("extend = at 5% by 1M max 2M", "g.conf:1:10: extend: at must be a percentage between 10% and 99%"),
+            ("extend = by 10Q max 1G", "g.conf:1:10: extend: by: unknown size unit 'q'"),
+            ("extend = by 0M max 1G", "g.conf:1:10: extend: by must be larger than zero"),
+            ("extend = by 10% max 150%", "g.conf:1:10: extend: max: '150%' is not a percentage between 0 and 100"),
+            ("keep =", "g.conf:1:7: keep has no value"),
+            ("keep = 1d\nkeep = 2d", "g.conf:2:1: keep is set twice (first on line 1)"),
+        ])
     func badLines(text: String, expected: String) {
         #expect(throws: RecipeErrors.self) { try GuardConfiguration.parse(text, path: "g.conf") }
         do {

@@ -1,6 +1,7 @@
 import Foundation
-@testable import Recipe
 import Testing
+
+@testable import Recipe
 
 /// Issue 17: the parsers guard reads as root get mutated input, numbers past every limit among
 /// it, and must answer each with a value or an error naming a line: never a trap. The counts
@@ -62,6 +63,8 @@ struct FuzzTests {
             }
         }
         #expect(recipes.parsed + recipes.rejected == 4000 && confs.parsed + confs.rejected == 4000)
-        print("fuzz: \(recipes.parsed + recipes.rejected) recipe inputs (\(recipes.rejected) rejected), \(confs.parsed + confs.rejected) guard.conf inputs (\(confs.rejected) rejected), 0 crashes")
+        print(
+            "fuzz: \(recipes.parsed + recipes.rejected) recipe inputs (\(recipes.rejected) rejected), \(confs.parsed + confs.rejected) guard.conf inputs (\(confs.rejected) rejected), 0 crashes"
+        )
     }
 }

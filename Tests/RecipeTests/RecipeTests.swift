@@ -63,13 +63,15 @@ struct RecipeTests {
         #expect(recipe.stopAtFill == 0.9)
     }
 
-    @Test("snapshot sizes in every form", arguments: [
-        ("snapshot: 20%", SizeSpec.percent(20)),
-        ("snapshot: auto", SizeSpec.auto),
-        ("snapshot: { size: 1.5G }", SizeSpec.bytes(1_610_612_736)),
-        ("snapshot: { size: 100MB }", SizeSpec.bytes(100_000_000)),
-        ("snapshot: { size: 4096B }", SizeSpec.bytes(4096)),
-    ])
+    @Test(
+        "snapshot sizes in every form",
+        arguments: [
+            ("snapshot: 20%", SizeSpec.percent(20)),
+            ("snapshot: auto", SizeSpec.auto),
+            ("snapshot: { size: 1.5G }", SizeSpec.bytes(1_610_612_736)),
+            ("snapshot: { size: 100MB }", SizeSpec.bytes(100_000_000)),
+            ("snapshot: { size: 4096B }", SizeSpec.bytes(4096)),
+        ])
     func sizes(snapshot: String, expected: SizeSpec) throws {
         let text = validRecipe.replacingOccurrences(of: "snapshot: { size: 25M, extend: { at: 80%, by: 25M, max: 200M } }", with: snapshot)
         let recipe = try parse(text).get()
@@ -145,13 +147,24 @@ struct RecipeTests {
 
     static let badCases: [BadCase] = [
         BadCase(label: "missing name", find: "name: website-schema-v2\n", replace: "", line: 1, message: ["missing 'name'"]),
-        BadCase(label: "missing steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", replace: "", line: 1, message: ["missing 'steps'"]),
-        BadCase(label: "empty steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", replace: "steps: []\n", line: 8, message: ["steps is empty"]),
-        BadCase(label: "wrong type for volumes", find: "volumes:\n  - device: /dev/mapper/datadisks-website\n    mount: /mnt/website\n    snapshot: { size: 25M, extend: { at: 80%, by: 25M, max: 200M } }\n", replace: "volumes: /dev/mapper/x\n", line: 2, message: ["volumes must be a list"]),
-        BadCase(label: "wrong type for steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", replace: "steps: add id column\n", line: 8, message: ["steps must be a list"]),
+        BadCase(
+            label: "missing steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", replace: "", line: 1,
+            message: ["missing 'steps'"]),
+        BadCase(
+            label: "empty steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", replace: "steps: []\n",
+            line: 8, message: ["steps is empty"]),
+        BadCase(
+            label: "wrong type for volumes",
+            find: "volumes:\n  - device: /dev/mapper/datadisks-website\n    mount: /mnt/website\n    snapshot: { size: 25M, extend: { at: 80%, by: 25M, max: 200M } }\n",
+            replace: "volumes: /dev/mapper/x\n", line: 2, message: ["volumes must be a list"]),
+        BadCase(
+            label: "wrong type for steps", find: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n",
+            replace: "steps: add id column\n", line: 8, message: ["steps must be a list"]),
         BadCase(label: "unknown key with a suggestion", find: "verify:", replace: "verfiy:", line: 12, message: ["unknown key 'verfiy'", "did you mean 'verify'"]),
         BadCase(label: "swapped letters", find: "steps:", replace: "stpes:", line: 8, message: ["unknown key 'stpes'", "did you mean 'steps'"]),
-        BadCase(label: "unknown volume key", find: "    mount: /mnt/website", replace: "    mont: /mnt/website", line: 4, message: ["unknown key 'mont' in volumes[1]", "did you mean 'mount'"]),
+        BadCase(
+            label: "unknown volume key", find: "    mount: /mnt/website", replace: "    mont: /mnt/website", line: 4,
+            message: ["unknown key 'mont' in volumes[1]", "did you mean 'mount'"]),
         BadCase(label: "size without a unit", find: "size: 25M,", replace: "size: 25,", line: 5, message: ["has no unit", "did you mean 25M"]),
         BadCase(label: "bad size unit", find: "size: 25M,", replace: "size: 25X,", line: 5, message: ["unknown size unit 'x'"]),
         BadCase(label: "bad percentage", find: "size: 25M,", replace: "size: 150%,", line: 5, message: ["not a percentage"]),
@@ -162,45 +175,75 @@ struct RecipeTests {
         BadCase(label: "bad on_failure", find: "on_failure: rollback", replace: "on_failure: rolback", line: 16, message: ["on_failure must be", "did you mean 'rollback'"]),
         BadCase(label: "run and shell together", find: "    timeout: 10m", replace: "    run: [ls]\n    timeout: 10m", line: 10, message: ["both 'run' and 'shell'"]),
         BadCase(label: "neither run nor shell", find: "    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n", replace: "", line: 9, message: ["needs 'run'"]),
-        BadCase(label: "shell syntax in run", find: "shell: nl -n rz -w 5 /mnt/website/database > /tmp/x", replace: "run: nl /mnt/website/database > /tmp/x", line: 10, message: ["uses shell syntax", "shell:"]),
+        BadCase(
+            label: "shell syntax in run", find: "shell: nl -n rz -w 5 /mnt/website/database > /tmp/x", replace: "run: nl /mnt/website/database > /tmp/x", line: 10,
+            message: ["uses shell syntax", "shell:"]),
         BadCase(label: "step without a name", find: "  - name: add id column\n", replace: "  - cwd: /tmp\n", line: 9, message: ["missing 'name'"]),
         BadCase(label: "relative cwd", find: "    timeout: 10m", replace: "    cwd: srv\n    timeout: 10m", line: 11, message: ["cwd must be an absolute path"]),
         BadCase(label: "bad env name", find: "    timeout: 10m", replace: "    env: { 1BAD: x }\n    timeout: 10m", line: 11, message: ["not a valid variable name"]),
         BadCase(label: "duplicate volume", find: "quiesce:", replace: "  - device: /dev/mapper/datadisks-website\n    snapshot: 10M\nquiesce:", line: 6, message: ["listed twice"]),
-        BadCase(label: "COW on a protected volume", find: "size: 25M, extend", replace: "size: 25M, cow: /mnt/website/cow, extend", line: 3, message: ["COW location /mnt/website/cow is on the protected volume"]),
+        BadCase(
+            label: "COW on a protected volume", find: "size: 25M, extend", replace: "size: 25M, cow: /mnt/website/cow, extend", line: 3,
+            message: ["COW location /mnt/website/cow is on the protected volume"]),
         BadCase(label: "extend with a COW device", find: "size: 25M, extend", replace: "size: 25M, cow: /dev/sdz, extend", line: 5, message: ["a COW device cannot grow"]),
         BadCase(label: "missing snapshot", find: "    snapshot: { size: 25M, extend: { at: 80%, by: 25M, max: 200M } }\n", replace: "", line: 3, message: ["missing 'snapshot'"]),
         BadCase(label: "chunk not a power of two", find: "size: 25M,", replace: "size: 25M, chunk: 12K,", line: 5, message: ["power of two"]),
         BadCase(label: "duplicate key", find: "on_failure: rollback", replace: "on_failure: rollback\non_failure: keep", line: 16, message: ["duplicate key 'on_failure'"]),
         BadCase(label: "YAML syntax", find: "quiesce: [systemctl, stop, website]", replace: "quiesce: [systemctl, stop, website", line: 7, message: ["YAML syntax error"]),
         BadCase(label: "duplicate step name", find: "verify:", replace: "  - name: add id column\n    run: ls\nverify:", line: 12, message: ["repeats the name 'add id column'"]),
-        BadCase(label: "retries on a step", find: "    timeout: 10m", replace: "    retries: 3\n    timeout: 10m", line: 11, message: ["'retries' in steps[1]: only verify checks have it"]),
-        BadCase(label: "http on a step", find: "    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n", replace: "    http: http://127.0.0.1/\n", line: 10, message: ["'http' in steps[1]: only verify checks have it"]),
-        BadCase(label: "retries not a number", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: many\n", line: 14, message: ["verify[1].retries must be a whole number"]),
-        BadCase(label: "interval without retries", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    interval: 5s\n", line: 14, message: ["has an interval but no retries"]),
-        BadCase(label: "bad interval", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: 2\n    interval: 5\n", line: 15, message: ["verify[1].interval", "has no unit"]),
-        BadCase(label: "http and shell together", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    http: http://127.0.0.1/\n", line: 14, message: ["both 'shell' and 'http'"]),
-        BadCase(label: "https URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: https://example.org/health", line: 14, message: ["plain HTTP, not HTTPS", "curl"]),
-        BadCase(label: "not a URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: localhost:8080/health", line: 14, message: ["is not an http:// URL"]),
-        BadCase(label: "bad HTTP status", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, status: 2000 }", line: 14, message: ["status must be an HTTP status"]),
-        BadCase(label: "unknown http key", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, contain: ok }", line: 14, message: ["unknown key 'contain'", "did you mean 'contains'"]),
-        BadCase(label: "two timeouts", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, timeout: 5s }\n    timeout: 3s", line: 15, message: ["timeout twice"]),
-        BadCase(label: "device that is no path", find: "device: /dev/mapper/datadisks-website", replace: "device: website", line: 3, message: ["not a device path, VG/LV name or mount point"]),
+        BadCase(
+            label: "retries on a step", find: "    timeout: 10m", replace: "    retries: 3\n    timeout: 10m", line: 11,
+            message: ["'retries' in steps[1]: only verify checks have it"]),
+        BadCase(
+            label: "http on a step", find: "    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n", replace: "    http: http://127.0.0.1/\n", line: 10,
+            message: ["'http' in steps[1]: only verify checks have it"]),
+        BadCase(
+            label: "retries not a number", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: many\n", line: 14,
+            message: ["verify[1].retries must be a whole number"]),
+        BadCase(
+            label: "interval without retries", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    interval: 5s\n", line: 14,
+            message: ["has an interval but no retries"]),
+        BadCase(
+            label: "bad interval", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    retries: 2\n    interval: 5\n", line: 15,
+            message: ["verify[1].interval", "has no unit"]),
+        BadCase(
+            label: "http and shell together", find: "  - name: every row has an id\n", replace: "  - name: every row has an id\n    http: http://127.0.0.1/\n", line: 14,
+            message: ["both 'shell' and 'http'"]),
+        BadCase(
+            label: "https URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: https://example.org/health", line: 14,
+            message: ["plain HTTP, not HTTPS", "curl"]),
+        BadCase(
+            label: "not a URL", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: localhost:8080/health", line: 14,
+            message: ["is not an http:// URL"]),
+        BadCase(
+            label: "bad HTTP status", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, status: 2000 }", line: 14,
+            message: ["status must be an HTTP status"]),
+        BadCase(
+            label: "unknown http key", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, contain: ok }", line: 14,
+            message: ["unknown key 'contain'", "did you mean 'contains'"]),
+        BadCase(
+            label: "two timeouts", find: "    shell: \"! grep -v '^id:' /mnt/website/database\"", replace: "    http: { url: http://127.0.0.1/, timeout: 5s }\n    timeout: 3s",
+            line: 15, message: ["timeout twice"]),
+        BadCase(
+            label: "device that is no path", find: "device: /dev/mapper/datadisks-website", replace: "device: website", line: 3,
+            message: ["not a device path, VG/LV name or mount point"]),
     ]
 
     @Test("verify checks: http in both forms, retries and interval")
     func verifyChecks() throws {
-        let text = validRecipe.replacingOccurrences(of: "    shell: \"! grep -v '^id:' /mnt/website/database\"\n", with: """
-                shell: "! grep -v '^id:' /mnt/website/database"
-                retries: 3
-              - name: health
-                http: http://127.0.0.1:8080/health?full=1
-              - name: ready
-                http: { url: "http://[::1]/ready", status: 204, contains: ok, timeout: 5s }
-                retries: 10
-                interval: 500ms
+        let text = validRecipe.replacingOccurrences(
+            of: "    shell: \"! grep -v '^id:' /mnt/website/database\"\n",
+            with: """
+                    shell: "! grep -v '^id:' /mnt/website/database"
+                    retries: 3
+                  - name: health
+                    http: http://127.0.0.1:8080/health?full=1
+                  - name: ready
+                    http: { url: "http://[::1]/ready", status: 204, contains: ok, timeout: 5s }
+                    retries: 10
+                    interval: 500ms
 
-            """)
+                """)
         let recipe = try parse(text).get()
         #expect(recipe.verify.count == 3)
         #expect(recipe.verify[0].retries == 3 && recipe.verify[0].interval == Command.defaultInterval)
@@ -231,7 +274,8 @@ struct RecipeTests {
 
     @Test("all errors of a file are reported at once")
     func allErrorsAtOnce() {
-        let text = validRecipe
+        let text =
+            validRecipe
             .replacingOccurrences(of: "steps:", with: "stpes:")
             .replacingOccurrences(of: "size: 25M,", with: "size: 25,")
             .replacingOccurrences(of: "on_failure: rollback", with: "on_failure: maybe")
@@ -311,12 +355,18 @@ struct RecipeTests {
         #expect(try Units.parseDuration("10m").get() == .seconds(600), "a lower-case m is a minute, in systemd too")
         #expect(try Units.parseDuration("2H").get() == .seconds(7200), "other units in any case")
         for text in ["1M", "30M", "1h 5M"] {
-            guard case .failure(let error) = Units.parseDuration(text) else { Issue.record("\(text) parsed"); continue }
+            guard case .failure(let error) = Units.parseDuration(text) else {
+                Issue.record("\(text) parsed")
+                continue
+            }
             #expect(error.message.contains("ambiguous") && error.message.contains(text), "\(error.message)")
             #expect(error.hint?.contains("min for minutes") == true && error.hint?.contains("month for months") == true, "\(error.hint ?? "")")
         }
         for text in ["1h 30", "5 parsecs", "h"] {
-            guard case .failure = Units.parseDuration(text) else { Issue.record("\(text) parsed"); continue }
+            guard case .failure = Units.parseDuration(text) else {
+                Issue.record("\(text) parsed")
+                continue
+            }
         }
         // In a recipe, with the line and the fix.
         let keep = try parse(validRecipe.replacingOccurrences(of: "on_success: keep 24h", with: "on_success: keep 1d 12h")).get()
@@ -412,14 +462,16 @@ struct BootAssessmentRecipeTests {
 struct AptRecipeTests {
     @Test("the recipe's steps (block or flow) are replaced by apt-get update and apt-get -y ARGS; the rest stays; arguments arrive as written")
     func compose() throws {
-        let flow = validRecipe.replacingOccurrences(of: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", with: "steps: [[true]]\n")
+        let flow = validRecipe.replacingOccurrences(
+            of: "steps:\n  - name: add id column\n    shell: nl -n rz -w 5 /mnt/website/database > /tmp/x\n    timeout: 10m\n", with: "steps: [[true]]\n")
         #expect(flow != validRecipe)
         for base in [validRecipe, flow] {
             let text = try AptRecipe.compose(base: base, arguments: ["install", "--only-upgrade", "nginx", "it's \"odd\"", "a: b"]).get()
             let recipe = try parse(text).get()
-            #expect(recipe.steps.map(\.invocation.arguments) == [
-                ["apt-get", "update", "-q"], ["apt-get", "-y", "-q", "install", "--only-upgrade", "nginx", "it's \"odd\"", "a: b"],
-            ])
+            #expect(
+                recipe.steps.map(\.invocation.arguments) == [
+                    ["apt-get", "update", "-q"], ["apt-get", "-y", "-q", "install", "--only-upgrade", "nginx", "it's \"odd\"", "a: b"],
+                ])
             #expect(recipe.steps.allSatisfy { $0.environment["DEBIAN_FRONTEND"] == "noninteractive" })
             #expect(recipe.verify.map(\.name) == ["every row has an id"])
             #expect(recipe.volumes.count == 1)

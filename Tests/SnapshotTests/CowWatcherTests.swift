@@ -15,7 +15,8 @@ struct CowWatcherTests {
         // 0.579 s away: more than two polls, the regular interval will do.
         #expect(CowWatcher.nextPoll(usage: usage(20000), budgetSectors: 32768, previous: (at: 1.0, sectors: 20000 - 1638), now: 1.1, stopThreshold: 0.9, interval: interval) == nil)
         // At 27000 it is 0.152 s away: poll in 76 ms.
-        let soon = try #require(CowWatcher.nextPoll(usage: usage(27000), budgetSectors: 32768, previous: (at: 1.0, sectors: 27000 - 1638), now: 1.1, stopThreshold: 0.9, interval: interval))
+        let soon = try #require(
+            CowWatcher.nextPoll(usage: usage(27000), budgetSectors: 32768, previous: (at: 1.0, sectors: 27000 - 1638), now: 1.1, stopThreshold: 0.9, interval: interval))
         #expect(soon > .milliseconds(70) && soon < .milliseconds(80), "\(soon)")
         // No writes since the last reading, no reading before, or already at the stop point: the
         // regular interval (the alarm and the fuse act at the stop point itself).
@@ -24,7 +25,8 @@ struct CowWatcherTests {
         #expect(CowWatcher.nextPoll(usage: usage(30000), budgetSectors: 32768, previous: (at: 1.0, sectors: 20000), now: 1.1, stopThreshold: 0.9, interval: interval) == nil)
         // The stop point is a fraction of the snapshot's size, not of the COW with its fuse
         // reserve: a 4 MiB size in this 16 MiB COW stops at 7372.8 sectors; 6000 is 84 ms away.
-        let sized = try #require(CowWatcher.nextPoll(usage: usage(6000), budgetSectors: 8192, previous: (at: 1.0, sectors: 6000 - 1638), now: 1.1, stopThreshold: 0.9, interval: interval))
+        let sized = try #require(
+            CowWatcher.nextPoll(usage: usage(6000), budgetSectors: 8192, previous: (at: 1.0, sectors: 6000 - 1638), now: 1.1, stopThreshold: 0.9, interval: interval))
         #expect(sized > .milliseconds(38) && sized < .milliseconds(46), "\(sized)")
     }
 

@@ -1,7 +1,8 @@
 import BlockDevice
-@testable import DeviceMapper
 import Snapshot
 import Testing
+
+@testable import DeviceMapper
 
 /// The kernel calls a transition makes, in order, with a failure injected where a test says.
 final class RecordingDevices: TransitionDevices, @unchecked Sendable {
@@ -60,7 +61,9 @@ struct TransitionTests {
     }
 
     /// Runs `transition` on recorders; returns the calls, the crash points hit, the watchdog.
-    static func run(_ transition: Transition, failAt: String? = nil) -> (calls: [String], crashPoints: [String], watchdog: RecordingWatchdog, error: (any Error)?, afterFailedLoad: Bool) {
+    static func run(_ transition: Transition, failAt: String? = nil) -> (
+        calls: [String], crashPoints: [String], watchdog: RecordingWatchdog, error: (any Error)?, afterFailedLoad: Bool
+    ) {
         let devices = RecordingDevices()
         devices.failAt = failAt
         let watchdog = RecordingWatchdog()
@@ -95,7 +98,9 @@ struct TransitionTests {
         #expect(result.watchdog.disarms == 1)
     }
 
-    @Test("a set with a thin volume: every origin suspended, then create_snap to the pool (not suspended), the classic -snap and every origin resumed; a failed message puts the origins back")
+    @Test(
+        "a set with a thin volume: every origin suspended, then create_snap to the pool (not suspended), the classic -snap and every origin resumed; a failed message puts the origins back"
+    )
     func takeWithThin() {
         var thin = Self.stack(Self.identity1, origin: 4)
         thin.storage = .thinPool(path: "/dev/mapper/guard-pool-lv4")
@@ -128,7 +133,8 @@ struct TransitionTests {
         executor.mayFault = { _ in false }
         let timing = try executor.run(.take([Self.stack(Self.identity0, origin: 3)]))
         #expect(timing.start <= timing.suspended && timing.suspended <= timing.end)
-        #expect(timing.microseconds == (timing.suspendMicroseconds + timing.resumeMicroseconds) || timing.microseconds == timing.suspendMicroseconds + timing.resumeMicroseconds + 1)
+        #expect(
+            timing.microseconds == (timing.suspendMicroseconds + timing.resumeMicroseconds) || timing.microseconds == timing.suspendMicroseconds + timing.resumeMicroseconds + 1)
         let start = ContinuousClock.now
         let fixed = WindowTiming(start: start, suspended: start + .microseconds(48_000), end: start + .microseconds(61_234))
         #expect(fixed.description == "suspended for 61234 µs (suspend and freeze 48000 µs, resumes 13234 µs)")
@@ -190,11 +196,15 @@ struct TransitionTests {
     @Test("the fuse and the restart of a merge suspend without a flush or a freeze; reassembly resumes the new layers before the origin")
     func otherShapes() {
         let stack = Self.stack(Self.identity0, origin: 3)
-        let real = DeviceNumber(major: 254, minor: 7), cow = DeviceNumber(major: 254, minor: 8)
+        let real = DeviceNumber(major: 254, minor: 7)
+        let cow = DeviceNumber(major: 254, minor: 8)
         #expect(Self.run(.blowFuse(origin: Self.info(3), real: real, stack: stack)).calls == ["load 254:3 flakey", "suspend 254:3 noflush", "resume 254:3"])
         #expect(Self.run(.endFailedMerge(origin: Self.info(3), stack: stack)).calls == ["load 254:3 error", "suspend 254:3 noflush", "resume 254:3"])
         #expect(Self.run(.restartMerge(origin: Self.info(3), real: real, cow: cow, stack: stack)).calls == ["load 254:3 snapshot-merge", "suspend 254:3 noflush", "resume 254:3"])
-        #expect(Self.run(.extend(cow: stack.ref(.cow), table: Table(.error, length: 8), stack: stack)).calls == ["load GUARD-3f9a2c1e-0-cow error", "suspend GUARD-3f9a2c1e-0-cow", "resume GUARD-3f9a2c1e-0-cow"])
+        #expect(
+            Self.run(.extend(cow: stack.ref(.cow), table: Table(.error, length: 8), stack: stack)).calls == [
+                "load GUARD-3f9a2c1e-0-cow error", "suspend GUARD-3f9a2c1e-0-cow", "resume GUARD-3f9a2c1e-0-cow",
+            ])
         #expect(
             Self.run(.reassemble(origin: Self.info(3), stack: stack, real: real, cow: cow, merging: false)).calls == [
                 "load GUARD-3f9a2c1e-0-snap snapshot", "load 254:3 snapshot-origin", "suspend 254:3 lockfs",
@@ -211,7 +221,9 @@ struct TransitionTests {
         return stack
     }
 
-    @Test("a table that keeps state (raid1, writecache) is never live twice: the take resumes its -real inside the window after every origin is suspended; a failed window suspends it again before the origins go back")
+    @Test(
+        "a table that keeps state (raid1, writecache) is never live twice: the take resumes its -real inside the window after every origin is suspended; a failed window suspends it again before the origins go back"
+    )
     func takeStateful() {
         let raid = Self.raidStack(Self.identity0, origin: 3)
         #expect(raid.delaysRealResume && !Self.stack(Self.identity1, origin: 4).delaysRealResume)
@@ -231,7 +243,9 @@ struct TransitionTests {
         #expect(failed.calls.suffix(5) == ["suspend GUARD-3f9a2c1e-0-real noflush", "clear 254:3", "resume 254:3", "clear 254:4", "resume 254:4"], "\(failed.calls)")
     }
 
-    @Test("the commit and the end of a merge of a stateful origin: -real suspended before the origin's own table goes live, then retired (an error table made live, never suspended for good, never its own again) and removed, with -snap")
+    @Test(
+        "the commit and the end of a merge of a stateful origin: -real suspended before the origin's own table goes live, then retired (an error table made live, never suspended for good, never its own again) and removed, with -snap"
+    )
     func dropAndFinishStateful() {
         let stack = Self.raidStack(Self.identity0, origin: 3)
         let own = try! Table(parsing: stack.originTable)
@@ -255,7 +269,9 @@ struct TransitionTests {
         #expect(Self.run(finish).calls == ["load 254:3 raid", "load 254:7 error", "suspend 254:3 lockfs", "suspend 254:7", "resume 254:3", "resume 254:7", "remove 254:7"])
         struct NotComplete: Error {}
         let incomplete = Self.run(Transition.finishMerge(origin: Self.info(3), own: own, statefulReal: Self.info(7), stack: stack) { throw NotComplete() })
-        #expect(incomplete.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:7", "resume 254:7"], "a merge not complete goes on as it was, -real on its own table: \(incomplete.calls)")
+        #expect(
+            incomplete.calls.suffix(4) == ["clear 254:3", "resume 254:3", "clear 254:7", "resume 254:7"],
+            "a merge not complete goes on as it was, -real on its own table: \(incomplete.calls)")
         #expect(!incomplete.calls.contains { $0.hasPrefix("remove") })
         // A failed retirement: the device stays suspended (never its own table again), the error says so.
         let unretired = Self.run(finish, failAt: "resume 254:7")

@@ -1,6 +1,6 @@
 import ArgumentParser
-import DeviceMapper
 import BlockDevice
+import DeviceMapper
 import Engine
 import Foundation
 import Journal
@@ -92,7 +92,9 @@ extension GuardCommand {
                     }
                     if let policy = planned.extensionPolicy {
                         let source = planned.extensionFromConfiguration ? " (extend from \(configuration?.path ?? "guard.conf"))" : ""
-                        say("     grows at \(Int(policy.threshold * 100))% by \(formatBytes(policy.stepBytes)) up to \(formatBytes(policy.maximumBytes - CowLabel.areaOffset - planned.reserveBytes))\(source)")
+                        say(
+                            "     grows at \(Int(policy.threshold * 100))% by \(formatBytes(policy.stepBytes)) up to \(formatBytes(policy.maximumBytes - CowLabel.areaOffset - planned.reserveBytes))\(source)"
+                        )
                     }
                     if let history = planned.history {
                         say("     earlier runs: peak COW use \(formatBytes(UInt64(history.peakBytes))) (\(history.runs) run\(history.runs == 1 ? "" : "s") of \(recipe.name))")
@@ -103,11 +105,16 @@ extension GuardCommand {
                     say("  \(index + 1). \(volume.device)" + (volume.mount.map { " on \($0)" } ?? "") + ", snapshot \(volume.size)" + (volume.cow.map { ", COW \($0)" } ?? ""))
                 }
             }
-            for (title, commands) in [("quiesce", recipe.quiesce), ("resume", recipe.resume), ("steps", recipe.steps), ("verify", recipe.verify), ("rollback.stop", recipe.rollbackStop), ("rollback.start", recipe.rollbackStart)] where !commands.isEmpty {
+            for (title, commands) in [
+                ("quiesce", recipe.quiesce), ("resume", recipe.resume), ("steps", recipe.steps), ("verify", recipe.verify), ("rollback.stop", recipe.rollbackStop),
+                ("rollback.start", recipe.rollbackStart),
+            ] where !commands.isEmpty {
                 say("\(title):")
                 for (index, command) in commands.enumerated() {
                     var extras: [String] = []
-                    if let timeout = command.timeout ?? (title == "steps" || title == "verify" ? recipe.defaultTimeout : nil) { extras.append("timeout \(Units.formatDuration(timeout))") }
+                    if let timeout = command.timeout ?? (title == "steps" || title == "verify" ? recipe.defaultTimeout : nil) {
+                        extras.append("timeout \(Units.formatDuration(timeout))")
+                    }
                     if command.retries > 0 { extras.append("\(command.retries) retr\(command.retries == 1 ? "y" : "ies") every \(Units.formatDuration(command.interval))") }
                     if let user = command.user { extras.append("as \(user)") }
                     if let directory = command.workingDirectory { extras.append("in \(directory)") }
@@ -120,7 +127,9 @@ extension GuardCommand {
             }
             let fuse = recipe.onFailure == .rollback ? ", and the volume refuses writes from there until the merge (the fuse)" : ""
             say("on success: \(success); on failure: \(recipe.onFailure); steps stop when a COW that cannot grow is \(Int(recipe.stopAtFill * 100))% full\(fuse)")
-            say(RunCgroup.mountPoint.map { "steps run in a cgroup of the run's own under \($0)/guard" } ?? "cgroup v2 is not mounted: steps are contained by their process group only")
+            say(
+                RunCgroup.mountPoint.map { "steps run in a cgroup of the run's own under \($0)/guard" }
+                    ?? "cgroup v2 is not mounted: steps are contained by their process group only")
         }
     }
 }

@@ -152,7 +152,8 @@ final class PatchCollector: @unchecked Sendable {
         guard let made = mkdtemp(&template) else { return }
         let directory = String(cString: made)
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let before = directory + "/then", after = directory + "/now"
+        let before = directory + "/then"
+        let after = directory + "/now"
         guard FileManager.default.createFile(atPath: before, contents: Data(a)), FileManager.default.createFile(atPath: after, contents: Data(b)) else { return }
         let arguments = ["-u", "--label", "then:" + shown, "--label", "now:" + shown, before, after]
         guard let finished = try? Spawn.run("/usr/bin/diff", arguments, stderr: .discarded) else { return }

@@ -72,7 +72,11 @@ struct HistoryEntry: Encodable {
         keepUntil = iso8601(run.keepUntil)
         suspendUs = run.suspendMicroseconds
         suspendSeconds = run.suspendMicroseconds.map(seconds(microseconds:))
-        snapshots = run.volumes.map { Snapshot(volume: $0.volume, sizeBytes: $0.sizeBytes, peakUsedBytes: $0.peakUsedBytes, suspendUs: run.suspendMicroseconds, suspendSeconds: run.suspendMicroseconds.map(seconds(microseconds:)), state: $0.state.rawValue) }
+        snapshots = run.volumes.map {
+            Snapshot(
+                volume: $0.volume, sizeBytes: $0.sizeBytes, peakUsedBytes: $0.peakUsedBytes, suspendUs: run.suspendMicroseconds,
+                suspendSeconds: run.suspendMicroseconds.map(seconds(microseconds:)), state: $0.state.rawValue)
+        }
     }
 }
 

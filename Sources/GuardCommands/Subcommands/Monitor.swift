@@ -32,7 +32,10 @@ extension GuardCommand {
         @Option(help: ArgumentHelp("Seconds between two readings of a COW (sooner when one fills fast).", valueName: "seconds"))
         var interval: Double = 1
 
-        @Option(help: ArgumentHelp("Write DIR/guard.prom (as `guard metrics --textfile DIR`) every minute while DIR exists; guard-monitor.service names node_exporter's /var/lib/prometheus/node-exporter.", valueName: "dir"))
+        @Option(
+            help: ArgumentHelp(
+                "Write DIR/guard.prom (as `guard metrics --textfile DIR`) every minute while DIR exists; guard-monitor.service names node_exporter's /var/lib/prometheus/node-exporter.",
+                valueName: "dir"))
         var metricsTextfile: String?
 
         func run() async throws {
@@ -48,17 +51,20 @@ extension GuardCommand {
                 // Quietly skipped while the directory is not there (node_exporter not installed
                 // yet); a failure to write is logged once per kind, never stops the watching.
                 var lastFailure: String?
-                monitor.periodic = (.seconds(60), {
-                    guard FileManager.default.fileExists(atPath: directory) else { return }
-                    do {
-                        try MetricsCommand.writeAtomically(try Metrics.collect(context: context).text(), to: "\(directory)/guard.prom")
-                        lastFailure = nil
-                    } catch {
-                        let text = "\(error)"
-                        if text != lastFailure { context.reporter.log("guard monitor: the metrics in \(directory) were not written: \(text)") }
-                        lastFailure = text
+                monitor.periodic = (
+                    .seconds(60),
+                    {
+                        guard FileManager.default.fileExists(atPath: directory) else { return }
+                        do {
+                            try MetricsCommand.writeAtomically(try Metrics.collect(context: context).text(), to: "\(directory)/guard.prom")
+                            lastFailure = nil
+                        } catch {
+                            let text = "\(error)"
+                            if text != lastFailure { context.reporter.log("guard monitor: the metrics in \(directory) were not written: \(text)") }
+                            lastFailure = text
+                        }
                     }
-                })
+                )
             }
             // Under guard-monitor.service (Type=notify, WatchdogSec=): ready once the loop turns,
             // and a watchdog ping at most every second from it; systemd restarts a monitor

@@ -179,19 +179,22 @@ struct PlanDocument: Encodable {
             volume.freeBytes = planned.freeBytes
             volume.reserveBytes = planned.reserveBytes
             volume.growth = planned.extensionPolicy.map {
-                Growth(threshold: $0.threshold, stepBytes: $0.stepBytes, maximumBytes: $0.maximumBytes - CowLabel.areaOffset - planned.reserveBytes, fromConfiguration: planned.extensionFromConfiguration)
+                Growth(
+                    threshold: $0.threshold, stepBytes: $0.stepBytes, maximumBytes: $0.maximumBytes - CowLabel.areaOffset - planned.reserveBytes,
+                    fromConfiguration: planned.extensionFromConfiguration)
             }
             volume.earlierRuns = planned.history.map { EarlierRuns(runs: $0.runs, peakBytes: $0.peakBytes) }
             return volume
         }
         func facts(_ commands: [Command], timed: Bool) -> [CommandFacts] {
             commands.map { command in
-                let kind = switch command.invocation {
-                case .argv: "argv"
-                case .shell: "shell"
-                case .strictShell: "strict_shell"
-                case .http: "http"
-                }
+                let kind =
+                    switch command.invocation {
+                    case .argv: "argv"
+                    case .shell: "shell"
+                    case .strictShell: "strict_shell"
+                    case .http: "http"
+                    }
                 return CommandFacts(
                     name: command.name, kind: kind, invocation: command.invocation.description,
                     timeoutSeconds: (command.timeout ?? (timed ? recipe.defaultTimeout : nil)).map(\.inSeconds),

@@ -34,7 +34,10 @@ extension GuardCommand {
         @Flag(help: "For a run that includes / or /usr (merged at the next boot, by the initramfs): reboot now.")
         var reboot = false
 
-        @Flag(help: "Roll back even though the recipe journaled with the run does not parse (its rollback.stop and rollback.start hooks are then not run: stop what uses the volumes first).")
+        @Flag(
+            help:
+                "Roll back even though the recipe journaled with the run does not parse (its rollback.stop and rollback.start hooks are then not run: stop what uses the volumes first)."
+        )
         var withoutHooks = false
 
         @Flag(help: "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json).")

@@ -1,9 +1,9 @@
 import ArgumentParser
 import BlockDevice
-import Recipe
 import Engine
 import Foundation
 import Journal
+import Recipe
 import Snapshot
 
 #if canImport(Glibc)
@@ -45,7 +45,10 @@ extension GuardCommand {
         @Flag(name: .customLong("dry-run"), help: "Run every preflight check and print the plan, the snapshot sizes and the COW use of earlier runs; touch nothing.")
         var dryRun = false
 
-        @Flag(help: "Print the run as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json), or with --dry-run the plan (plan.schema.json); the steps' output still goes to stderr.")
+        @Flag(
+            help:
+                "Print the run as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json), or with --dry-run the plan (plan.schema.json); the steps' output still goes to stderr."
+        )
         var json = false
 
         func run() async throws {
@@ -58,11 +61,14 @@ extension GuardCommand {
             options.allowUnsafeRecipe = allowUnsafeRecipe
             if dryRun {
                 let result = try RunTransaction(context: context, options: options).checks(recipePath: recipe, dryRun: true)
-                let failure = result.refusals.isEmpty ? nil : GuardFailure(result.busy ? .busy : .refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
+                let failure =
+                    result.refusals.isEmpty
+                    ? nil : GuardFailure(result.busy ? .busy : .refused, "a real run would be refused:\n" + result.refusals.joined(separator: "\n") + "\nnothing was touched")
                 if json {
-                    try printJSON(PlanDocument(
-                        mode: "dry_run", recipe: result.plan.recipe, path: recipe, plan: result.plan, warnings: result.plan.warnings,
-                        problems: result.refusals, housekeeping: result.housekeeping, busy: result.busy))
+                    try printJSON(
+                        PlanDocument(
+                            mode: "dry_run", recipe: result.plan.recipe, path: recipe, plan: result.plan, warnings: result.plan.warnings,
+                            problems: result.refusals, housekeeping: result.housekeeping, busy: result.busy))
                     if let failure { throw DocumentPrinted(failure) }
                     return
                 }

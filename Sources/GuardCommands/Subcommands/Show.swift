@@ -184,7 +184,9 @@ struct RunDetail: Encodable {
                 durationSeconds: phase.finishedAt.map { ((($0 - phase.startedAt) * 1000).rounded()) / 1000 }, detail: phase.detail)
         }
         steps = try journal.steps(runID: runID).map {
-            Step(kind: $0.kind, position: $0.position, name: $0.name, argv: $0.arguments, startedAt: iso8601($0.startedAt), durationSeconds: $0.duration, termination: $0.termination, exitCode: $0.exitCode, stdoutTail: $0.stdoutTail, stderrTail: $0.stderrTail, outputBytes: $0.outputBytes)
+            Step(
+                kind: $0.kind, position: $0.position, name: $0.name, argv: $0.arguments, startedAt: iso8601($0.startedAt), durationSeconds: $0.duration,
+                termination: $0.termination, exitCode: $0.exitCode, stdoutTail: $0.stdoutTail, stderrTail: $0.stderrTail, outputBytes: $0.outputBytes)
         }
         let suspend = run.suspendMicroseconds
         snapshots = try journal.snapshots(runID: runID).map { record in
@@ -246,7 +248,9 @@ extension GuardCommand {
             if let error = detail.error { say("  error: \(error)") }
             say("phases:")
             for phase in detail.phases {
-                say("  \(phase.name.padding(toLength: 10, withPad: " ", startingAt: 0)) \(phase.status.padding(toLength: 8, withPad: " ", startingAt: 0)) \(phase.durationSeconds.map { "\(oneDecimal($0))s" } ?? "-")" + (phase.detail.map { "  \($0)" } ?? ""))
+                say(
+                    "  \(phase.name.padding(toLength: 10, withPad: " ", startingAt: 0)) \(phase.status.padding(toLength: 8, withPad: " ", startingAt: 0)) \(phase.durationSeconds.map { "\(oneDecimal($0))s" } ?? "-")"
+                        + (phase.detail.map { "  \($0)" } ?? ""))
             }
             if !detail.steps.isEmpty { say("steps:") }
             for step in detail.steps {
@@ -260,14 +264,18 @@ extension GuardCommand {
             say("snapshots:")
             for snapshot in detail.snapshots {
                 say("  \(snapshot.volume) (\(snapshot.originName), \(formatBytes(UInt64(snapshot.originBytes)))): \(snapshot.state)")
-                say("    COW \(snapshot.cowKind) \(snapshot.cowPath): \(formatBytes(UInt64(snapshot.sizeBytes))), chunk \(formatBytes(UInt64(snapshot.chunkBytes))), peak use \(formatBytes(UInt64(snapshot.peakUsedBytes)))")
+                say(
+                    "    COW \(snapshot.cowKind) \(snapshot.cowPath): \(formatBytes(UInt64(snapshot.sizeBytes))), chunk \(formatBytes(UInt64(snapshot.chunkBytes))), peak use \(formatBytes(UInt64(snapshot.peakUsedBytes)))"
+                )
                 for line in Sparkline.plot(snapshot.cowSamples.map { (at: $0.at, used: UInt64(max($0.usedBytes, 0)), size: UInt64(max($0.sizeBytes, 0))) }) {
                     say(line)
                 }
             }
             if !detail.restores.isEmpty { say("file restores:") }
             for restore in detail.restores {
-                say("  \(restore.startedAt ?? "-") by \(restore.user): \(restore.status), \(restore.files) entries, \(formatBytes(UInt64(max(restore.bytes, 0))))" + (restore.removed > 0 ? ", \(restore.removed) removed" : "") + ": " + restore.paths.joined(separator: " "))
+                say(
+                    "  \(restore.startedAt ?? "-") by \(restore.user): \(restore.status), \(restore.files) entries, \(formatBytes(UInt64(max(restore.bytes, 0))))"
+                        + (restore.removed > 0 ? ", \(restore.removed) removed" : "") + ": " + restore.paths.joined(separator: " "))
                 if let detail = restore.detail { say("    \(detail)") }
             }
             if recipe { say("recipe:\n\(record.recipeText)") }

@@ -165,7 +165,8 @@ extension GuardCommand {
                     try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
                     continue
                 }
-                let text = Self.watchView(runs, strays: strays, unknown: unknown, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
+                let text = Self.watchView(
+                    runs, strays: strays, unknown: unknown, header: "guard status, every \(oneDecimal(seconds))s: \(formatDate(Date().timeIntervalSince1970))")
                 // Home, the view, then erase what an older, longer view left below it.
                 let shown = StandardStreams.out(terminal ? "\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[J" : text + "\n")
                 guard shown else { throw ExitCodeError(.success) }
@@ -192,7 +193,8 @@ extension GuardCommand {
                         outcome: status.run.outcome?.rawValue, keepUntil: iso8601(status.run.keepUntil), pendingAtBoot: status.pendingAtBoot,
                         volumes: status.volumes.map { volume in
                             StatusOutput.Volume(
-                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, condition: volume.condition.rawValue, usedBytes: volume.usedBytes,
+                                volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, condition: volume.condition.rawValue,
+                                usedBytes: volume.usedBytes,
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
                                 mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
                         })

@@ -59,8 +59,11 @@ extension GuardCommand {
                 var mode: String?
                 enum CodingKeys: String, CodingKey {
                     case mode
-                    case poolBytes = "pool_bytes", blockBytes = "block_bytes", metadataBytes = "metadata_bytes"
-                    case dataUsedBytes = "data_used_bytes", metadataUsedBytes = "metadata_used_bytes"
+                    case poolBytes = "pool_bytes"
+                    case blockBytes = "block_bytes"
+                    case metadataBytes = "metadata_bytes"
+                    case dataUsedBytes = "data_used_bytes"
+                    case metadataUsedBytes = "metadata_used_bytes"
                 }
             }
 
@@ -92,14 +95,17 @@ extension GuardCommand {
             @OptionGroup var global: GlobalOptions
             @Argument(help: "The volume name (/dev/mapper/NAME).") var name: String
             @Option(help: ArgumentHelp("A file (created when missing) or block device.", valueName: "file|device")) var backing: String
-            @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing, or half a thin volume's pool).", valueName: "size")) var size: String?
+            @Option(help: ArgumentHelp("Size, e.g. 100M (required for a new file; default: all of the backing, or half a thin volume's pool).", valueName: "size")) var size:
+                String?
             @Flag(help: "A thin volume: a dm-thin pool over the backing, the volume a thin device of it.") var thin = false
-            @Option(help: ArgumentHelp("The thin pool's data, e.g. 300M (default: twice --size for a new file, else what the backing holds).", valueName: "size")) var poolSize: String?
+            @Option(help: ArgumentHelp("The thin pool's data, e.g. 300M (default: twice --size for a new file, else what the backing holds).", valueName: "size")) var poolSize:
+                String?
             @Flag(help: "Print the volume as JSON (/usr/share/doc/guard/schema/volume.schema.json).") var json = false
 
             func run() throws {
                 let context = try global.context()
-                let bytes = try size.map { try sizeOption($0, "--size") }, poolBytes = try poolSize.map { try sizeOption($0, "--pool-size") }
+                let bytes = try size.map { try sizeOption($0, "--size") }
+                let poolBytes = try poolSize.map { try sizeOption($0, "--pool-size") }
                 let volume = try VolumeService(context: context).create(name: name, backing: backing, size: bytes, thin: thin, poolSize: poolBytes)
                 guard json else {
                     let pool = volume.thin.map { ", a thin volume of a \(formatBytes($0.dataBytes)) pool" } ?? ""
@@ -135,7 +141,9 @@ extension GuardCommand {
                     if let thin = entry.thin {
                         pool = "thin, \(formatBytes(thin.poolBytes))"
                         if let data = thin.dataUsedBytes, let metadata = thin.metadataUsedBytes {
-                            pool += String(format: ", data %.1f%%, metadata %.1f%%", 100 * Double(data) / Double(max(thin.poolBytes, 1)), 100 * Double(metadata) / Double(max(thin.metadataBytes, 1)))
+                            pool += String(
+                                format: ", data %.1f%%, metadata %.1f%%", 100 * Double(data) / Double(max(thin.poolBytes, 1)),
+                                100 * Double(metadata) / Double(max(thin.metadataBytes, 1)))
                         }
                         if let mode = thin.mode, mode != "rw" { pool += ", \(mode)" }
                     }
@@ -189,7 +197,9 @@ extension GuardCommand {
                 if json {
                     try printJSON(VolumeList(volumes: try Volume.entries(volumes), activated: activated.map(\.name)))
                 } else {
-                    say(activated.isEmpty && failed.isEmpty ? "every guard volume is active" : activated.isEmpty ? "activated none" : "activated " + activated.map(\.name).joined(separator: ", "))
+                    say(
+                        activated.isEmpty && failed.isEmpty
+                            ? "every guard volume is active" : activated.isEmpty ? "activated none" : "activated " + activated.map(\.name).joined(separator: ", "))
                 }
                 if !failed.isEmpty {
                     // 2 only when nothing changed: no volume activated and every failure a refusal.
