@@ -120,9 +120,7 @@ public struct Recovery {
         let deviceDeadline = ContinuousClock.now + .seconds(30)
         for storage in files + journaledStorages(journal, besides: files) {
             if boot && !initramfs, case .blockDevice(let path) = storage {
-                while !Self.deviceReady(path) && ContinuousClock.now < deviceDeadline {
-                    try await Task.sleep(for: .milliseconds(250))
-                }
+                _ = try await Self.poll(until: deviceDeadline, every: .milliseconds(250)) { Self.deviceReady(path) }
                 if !FileManager.default.fileExists(atPath: path) {
                     report.problems.append("the COW device \(path) did not appear within 30 s of the boot unit's start; nothing is removed: attach it, then run `guard recover`")
                     continue

@@ -130,11 +130,18 @@ extension Recovery {
 
     /// At boot, LVM may activate an origin a little after guard starts: wait up to 30 s.
     func waitForOrigin(_ label: CowLabel, dm: DeviceMapper, report: inout Report) async throws {
-        for _ in 0..<60 {
-            if try dm.info(label.originRef) != nil { return }
-            try await Task.sleep(for: .milliseconds(500))
-        }
+        if try await Self.poll(until: .now + .seconds(30), every: .milliseconds(500), { try dm.info(label.originRef) != nil }) { return }
         report.problems.append("the volume \(label.originName) did not appear within 30 s; activate it without mounting it and run `guard recover`")
+    }
+
+    /// Checks `ready` every `interval` until it holds or `deadline` has passed: whether it held.
+    /// The boot's waits (for a COW device, for an origin) instead of `udevadm settle`.
+    static func poll(until deadline: ContinuousClock.Instant, every interval: Duration, _ ready: () throws -> Bool) async throws -> Bool {
+        while true {
+            if try ready() { return true }
+            if ContinuousClock.now >= deadline { return false }
+            try await Task.sleep(for: interval)
+        }
     }
 
     /// Whether the device at `path` is there and udev is done with it: its database entry is

@@ -217,11 +217,13 @@ extension SnapshotEngine {
         return resumed
     }
 
-    /// Waits a little for a device to be closed: udev's probes and a process just killed
-    /// hold it for an instant. A mount or a process that keeps it open is named in the error.
+    /// Waits a little (up to 10 s) for a device to be closed: udev's probes and a process just
+    /// killed hold it for an instant, and an lvm2 command keeps every device it scanned open
+    /// until it ends (seconds on a slow or busy machine). A mount or a process that keeps it
+    /// open is named in the error.
     func waitUntilClosed(_ device: DeviceInfo, operation: String, hint: String) throws {
         var info = device
-        for _ in 0..<30 {
+        for _ in 0..<100 {
             guard info.openCount > 0, Mounts.mountPoints(of: info.number).isEmpty else { break }
             usleep(100_000)
             info = try dm.info(.number(device.number)) ?? info

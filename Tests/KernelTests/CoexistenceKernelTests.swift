@@ -344,7 +344,7 @@ extension Kernel.CoexistenceKernelTests {
         // A run that commits (take and commit points) or fails its verify (the merge's end).
         let recipe = try lv.recipe(bad: merging, onSuccess: "commit")
         let killed = try tool("run", recipe, extra: ["GUARD_CRASH_AT": point])
-        #expect(killed.status == 137, "guard was killed at \(point): \(killed.stderr)")
+        #expect(killed.status == 137, "guard was killed at \(point): \(killed.stdout) \(killed.stderr)")
         #expect(try twoLiveStatefulTables().isEmpty, "right after the kill at \(point)")
         if Mounts.entry(at: lv.mountPoint) != nil { try Mounts.unmount(lv.mountPoint) }
         let recover = try tool("recover")
