@@ -165,16 +165,19 @@ extension SnapshotEngine {
             if info.isSuspended && BlockDevices.holders(of: info.number).isEmpty {
                 try dm.retire(ref, batch: batch)
             }
-            if try dm.table(ref).isOnly("error") {
-                if try !dm.removeRetired(ref, batch: batch) {
-                    log?("\(info.name) is still open (an error device now); the kernel removes it when its last opener closes it")
-                    continue
-                }
-            } else {
-                try dm.remove(ref, batch: batch)
-            }
-            log?("removed \(stack.identity.uuid(layer))")
+            if try removeNowOrAtClose(info, batch: batch) { log?("removed \(stack.identity.uuid(layer))") }
         }
+    }
+
+    /// Removes a layer now; a retired one (on an `error` table) that a process still holds open
+    /// is left to the kernel, which removes it at its last close (said in the log).
+    /// - Returns: whether it was removed now.
+    func removeNowOrAtClose(_ info: DeviceInfo, batch: UdevBatch) throws -> Bool {
+        guard try dm.removeRetired(.number(info.number), batch: batch) else {
+            log?("\(info.name) is still open (an error device now); the kernel removes it when its last opener closes it")
+            return false
+        }
+        return true
     }
 
     /// Writes `released` into the stack's label (the durable decision that its old blocks may

@@ -153,9 +153,7 @@ extension SnapshotEngine {
         }
         // `-snap` is on its error table now: a scan that opens it at this instant (lvm2's, blkid's)
         // defers its removal to its close, never turns a merge under way into a failed start.
-        if try !dm.removeRetired(.number(snap.number), batch: udev) {
-            log?("\(snap.name) is still open (an error device now); the kernel removes it when its last opener closes it")
-        }
+        _ = try removeNowOrAtClose(snap, batch: udev)
         log?("\(origin.name) is merging its snapshot back")
     }
 
