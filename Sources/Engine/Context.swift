@@ -129,6 +129,7 @@ public final class GuardContext: @unchecked Sendable {
     public func engine(watchdog: Bool = true) throws -> SnapshotEngine {
         let reporter = self.reporter
         var engine = SnapshotEngine(dm: try dm(), log: { reporter.log($0) })
+        engine.notice = { reporter.note($0) }
         if watchdog { engine.watchdog = ProcessWatchdog(executable: executable, log: { reporter.log($0) }) }
         return engine
     }

@@ -215,24 +215,42 @@ extension SnapshotEngine {
         return resumed
     }
 
-    /// Waits a little (up to 10 s) for a device to be closed: udev's probes and a process just
-    /// killed hold it for an instant, and an lvm2 command keeps every device it scanned open
-    /// until it ends (seconds on a slow or busy machine). A mount or a process that keeps it
-    /// open is named in the error.
+    /// Waits (up to 30 s, said after 3) for a device to be closed: udev's probes and a process
+    /// just killed hold it for an instant, and an lvm2 command keeps every device it scanned
+    /// open until it ends (seconds on a slow or busy machine). A mount here refuses at once.
+    /// The error names every user seen during the wait (`DeviceUsers`): a process, a mount left
+    /// in another mount namespace, a device stacked on it; `hint` is for a mount here.
     func waitUntilClosed(_ device: DeviceInfo, operation: String, hint: String) throws {
         var info = device
-        for _ in 0..<100 {
+        // Who had it open while guard waited: a user that lets go between two looks (an lvm2
+        // command, a backup agent's scan) is still named when the wait runs out.
+        var users: [String] = []
+        for attempt in 0..<300 {
             guard info.openCount > 0, Mounts.mountPoints(of: info.number).isEmpty else { break }
+            if attempt % 10 == 0 {
+                for user in DeviceUsers.describe(info.number) where !users.contains(user) { users.append(user) }
+            }
+            if attempt == 30 {
+                (notice ?? log)?("waiting up to 30 s for \(info.path) to be closed\(users.isEmpty ? "" : " (open by \(users.joined(separator: ", ")))")")
+            }
             usleep(100_000)
             info = try dm.info(.number(device.number)) ?? info
         }
         guard info.openCount > 0 else { return }
         let mounts = Mounts.mountPoints(of: info.number).map(\.target)
-        let holders = Mounts.processes(holdingDevice: info.number).map(\.description)
+        for user in DeviceUsers.describe(info.number) where !users.contains(user) { users.append(user) }
         var what = "\(info.path) is open"
-        if !mounts.isEmpty { what += " (mounted on \(mounts.joined(separator: ", ")))" }
-        if !holders.isEmpty { what += " (by \(holders.joined(separator: ", ")))" }
-        throw SnapshotError(.inUse, operation, what, hint: hint)
+        if !mounts.isEmpty {
+            what += " (mounted on \(mounts.joined(separator: ", ")))"
+        } else {
+            what += " after 30 s of waiting"
+        }
+        if !users.isEmpty {
+            what += " (by \(users.joined(separator: ", ")))"
+        } else if mounts.isEmpty {
+            what += " (by nothing guard can name: no process has it open, no mount namespace mounts it, nothing is stacked on it)"
+        }
+        throw SnapshotError(.inUse, operation, what, hint: mounts.isEmpty ? "stop what has it open" : hint)
     }
 
     /// Where a merge stands, from the origin's snapshot-merge status.

@@ -50,6 +50,8 @@ public struct SnapshotEngine {
     public var watchdogTimeout: Duration = SnapshotEngine.defaultWatchdogTimeout
     /// Receives one line per step, for guard's log. Never called while a device is suspended.
     public var log: (@Sendable (String) -> Void)?
+    /// Receives what the admin should see as it happens (a wait of seconds and what it waits for).
+    public var notice: (@Sendable (String) -> Void)?
 
     public init(dm: DeviceMapper, watchdog: (any WindowWatchdog)? = nil, log: (@Sendable (String) -> Void)? = nil) {
         self.dm = dm

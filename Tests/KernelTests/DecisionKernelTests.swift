@@ -122,6 +122,44 @@ extension Kernel {
         }
 
         @Test(
+            "the volume is still mounted in another mount namespace (a private one, as `unshare -m` or a container makes): the rollback unmounts it here, waits, then refuses and names that namespace's process and the command that unmounts it there; the run stays kept, and after that command a rollback restores the pre-run files"
+        )
+        func mountInAnotherNamespace() async throws {
+            let fixture = try MountedVolume()
+            let tool = fixture.tool
+            let before = try manifest(fixture.mountPoint)
+            let kept = try tool("run", try fixture.recipe())
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+
+            let pidFile = fixture.volume.scratch.path("namespace.pid")
+            try startDetached(["/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", "echo $$ > '\(pidFile)' && exec sleep 600"])
+            try await waitUntil("the namespace's process to start", seconds: 60) { FileManager.default.fileExists(atPath: pidFile) }
+            let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            fixture.volume.scratch.defer_ { _ = try? sh("kill -9 \(holder)") }
+            let refused = try tool("rollback", run)
+            #expect(refused.status == 3, "\(refused.stderr)")
+            #expect(
+                refused.stderr.contains("a mount on \(fixture.mountPoint) in the mount namespace of pid \(holder) (sleep)") && refused.stderr.contains("stays kept"),
+                "the refusal names the namespace: \(refused.stderr)")
+            #expect(refused.stderr.contains("waiting up to 30 s for"), "guard says what it waits for: \(refused.stderr)")
+            #expect(try fixture.decision(run) == "keep", "the decision is taken back")
+            #expect(Mounts.entry(at: fixture.mountPoint) != nil, "the volume is mounted here again")
+            #expect(try manifest(fixture.mountPoint) != before, "nothing was merged")
+            // guard's advice, as printed: unmount it in that namespace (its process lives on).
+            let advice = "nsenter -t \(holder) -m umount \(fixture.mountPoint)"
+            #expect(refused.stderr.contains("`\(advice)`"), "\(refused.stderr)")
+            try sh(advice)
+
+            let rollback = try tool("rollback", run, "--wait")
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try manifest(fixture.mountPoint) == before)
+            try Mounts.unmount(fixture.mountPoint)
+            #expect(try fsck(fixture.volume.device))
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
+
+        @Test(
             "the state filesystem fills during the steps of a successful run: the decision still fits (the reserve); and without the reserve the upgrade stays, and guard's advice (recover, then commit) keeps it",
             arguments: [true, false])
         func stateFilesystemFullAtDecision(reserve: Bool) throws {
