@@ -71,14 +71,19 @@ public struct SnapshotFiles {
 
     // MARK: guard restore
 
-    public func restore(_ reference: String, paths: [String], deleteCreated: Bool, dryRun: Bool) throws -> RestoreReport {
+    /// - Parameter force: replace files that processes have open for writing (else refused,
+    ///   naming them, before anything is touched).
+    public func restore(_ reference: String, paths: [String], deleteCreated: Bool, dryRun: Bool, force: Bool = false) throws -> RestoreReport {
         guard !paths.isEmpty else { throw GuardFailure(.refused, "name the paths to restore (`guard diff RUN` lists what changed)") }
         return try withViews(reference) { run, views in
             let wanted = try assign(paths, to: views)
             let journal = try context.journal()
+            // Who writes which file on the volumes, once, before the dry run that checks it.
+            let writers = force ? nil : OpenFiles.writers(on: Set(views.compactMap { Mounts.entry(at: $0.mountPoint)?.device }))
             func restoreAll(dryRun: Bool, into report: inout RestoreReport) throws {
                 for (index, view) in views.enumerated() where !wanted[index].isEmpty {
-                    let restorer = TreeRestore(then: view.snapshotRoot, now: view.mountPoint, deleteCreated: deleteCreated, dryRun: dryRun, tag: run.token)
+                    let restorer = TreeRestore(
+                        then: view.snapshotRoot, now: view.mountPoint, deleteCreated: deleteCreated, dryRun: dryRun, tag: run.token, writers: writers)
                     try restorer.restore(wanted[index], into: &report)
                 }
             }

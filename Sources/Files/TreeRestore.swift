@@ -29,13 +29,19 @@ public struct TreeRestore {
     public var dryRun: Bool
     /// A tag for temporary names (the run's token).
     public var tag: String
+    /// The files on the volume that processes have open for writing (`OpenFiles.writers`):
+    /// replacing or removing one of them is refused, naming the processes. nil: not checked
+    /// (--force). Readers are no reason to refuse: they read the old file until they open
+    /// the name again.
+    public var writers: [FileIdentity: [ProcessHolder]]?
 
-    public init(then: String, now: String, deleteCreated: Bool, dryRun: Bool, tag: String) {
+    public init(then: String, now: String, deleteCreated: Bool, dryRun: Bool, tag: String, writers: [FileIdentity: [ProcessHolder]]? = nil) {
         self.then = then
         self.now = now
         self.deleteCreated = deleteCreated
         self.dryRun = dryRun
         self.tag = tag
+        self.writers = writers
     }
 
     /// Restores each relative path (validated by `VolumePath.relative`).
@@ -47,7 +53,9 @@ public struct TreeRestore {
         guard let device = FS.fstat(nowRoot)?.stat.st_dev else { throw FileTreeError(now, call: "fstat") }
         var links: [ino_t: Link] = [:]
         defer { for link in links.values where link.fd >= 0 { close(link.fd) } }
-        for relative in paths {
+        // A database before its companions (sorted), which then come with it, not again.
+        var restoredWith: Set<String> = []
+        for relative in paths.sorted() where !restoredWith.contains(relative) {
             if relative.isEmpty {
                 throw FileTreeError(now, "restoring the whole volume file by file is not what restore is for; use `guard rollback RUN` (a merge) or name the paths")
             }
@@ -56,8 +64,65 @@ public struct TreeRestore {
                 close(thenParent)
                 if nowParent >= 0 { close(nowParent) }
             }
-            try restoreEntry(thenParent, nowParent, name: name, path: relative, device: device, links: &links, report: &report)
+            let companions = try restoreWithCompanions(thenParent, nowParent, name: name, path: relative, device: device, links: &links, report: &report)
+            restoredWith.formUnion(companions)
         }
+    }
+
+    /// SQLite's files beside a database (its rollback journal, write-ahead log and shared
+    /// memory index), which belong to one instant of it.
+    static let sqliteCompanionSuffixes = ["-journal", "-wal", "-shm"]
+
+    /// Restores an entry; for an SQLite database (by its header in the snapshot) with its
+    /// companions as one instant: first the current companions go (a reader never pairs the
+    /// restored database with the current log, which SQLite would replay into it), then the
+    /// database, then the snapshot's companions. Returns the companions' paths.
+    @discardableResult
+    func restoreWithCompanions(
+        _ thenDir: Int32, _ nowDir: Int32, name: FileName, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport
+    ) throws -> [String] {
+        guard Self.isSQLiteDatabase(thenDir, name) else {
+            try restoreEntry(thenDir, nowDir, name: name, path: path, device: device, links: &links, report: &report)
+            return []
+        }
+        let companions = Self.sqliteCompanionSuffixes.map { (FileName(bytes: name.bytes + Array($0.utf8)), path + $0, $0) }
+        for (companion, companionPath, suffix) in companions where nowDir >= 0 {
+            guard let current = FS.lstat(nowDir, companion), current.kind == .file else { continue }
+            try requireClosed(current, path: companionPath)
+            if FS.lstat(thenDir, companion) == nil {
+                report.actions.append("remove \(companionPath) (the current database's \(suffix.dropFirst()); the snapshot's \(path) has none)")
+                report.removed += 1
+            }
+            if !dryRun, unlinkat(nowDir, companion.cString, 0) != 0, errno != ENOENT { throw FileTreeError(companionPath, call: "unlink") }
+        }
+        try restoreEntry(thenDir, nowDir, name: name, path: path, device: device, links: &links, report: &report)
+        for (companion, companionPath, _) in companions where FS.lstat(thenDir, companion) != nil {
+            try restoreEntry(thenDir, nowDir, name: companion, path: companionPath, device: device, links: &links, report: &report)
+        }
+        return companions.map { $0.1 }
+    }
+
+    /// Whether the snapshot's file starts with SQLite's header ("SQLite format 3" and a NUL).
+    static func isSQLiteDatabase(_ directory: Int32, _ name: FileName) -> Bool {
+        guard FS.lstat(directory, name)?.kind == .file else { return false }
+        let fd = openat(directory, name.cString, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var header = [UInt8](repeating: 0, count: 16)
+        return pread(fd, &header, 16, 0) == 16 && header == Array("SQLite format 3".utf8) + [0]
+    }
+
+    /// Refuses to replace or remove a file a process has open for writing: the process would
+    /// go on writing into the old file, unseen and lost (a database into its old pages), or,
+    /// for a database's log, into one its restored database does not match.
+    func requireClosed(_ target: Entry, path: String) throws {
+        guard let writers, target.kind == .file,
+            let holders = writers[FileIdentity(device: DeviceNumber(target.stat.st_dev), inode: UInt64(target.stat.st_ino))]
+        else { return }
+        throw FileTreeError(
+            path,
+            "is open for writing by \(holders.map(\.description).joined(separator: ", ")): replaced under it, the program would go on writing into the old file, and those writes would be lost; stop it first (or restore with --force)"
+        )
     }
 
     /// Opens both parents; missing parents on the volume are created from the snapshot's.
@@ -133,6 +198,8 @@ public struct TreeRestore {
     func restoreEntry(_ thenDir: Int32, _ nowDir: Int32, name: FileName, path: String, device: dev_t, links: inout [ino_t: Link], report: inout RestoreReport) throws {
         let source = FS.lstat(thenDir, name)
         let target = nowDir >= 0 ? FS.lstat(nowDir, name) : nil
+        // What is replaced or removed must not be written to meanwhile; what is kept may be.
+        if let target, source != nil || deleteCreated { try requireClosed(target, path: path) }
         guard let source else {
             guard let target else { throw FileTreeError(path, "is neither in the snapshot nor on the volume") }
             if deleteCreated {
@@ -336,8 +403,11 @@ public struct TreeRestore {
         let nowFD = nowDir >= 0 ? try FS.openDirectory(nowDir, name, path: path) : -1
         defer { if nowFD >= 0 { close(nowFD) } }
         let names = Set(FS.names(thenFD)).union(nowFD >= 0 ? FS.names(nowFD) : []).sorted()
+        var restoredWith: Set<String> = []
         for child in names where !child.hasPrefix(".guard-restore.\(tag).") {
-            try restoreEntry(thenFD, nowFD, name: child, path: path + "/" + child.display, device: device, links: &links, report: &report)
+            let childPath = path + "/" + child.display
+            guard !restoredWith.contains(childPath) else { continue }
+            restoredWith.formUnion(try restoreWithCompanions(thenFD, nowFD, name: child, path: childPath, device: device, links: &links, report: &report))
         }
         if !dryRun && nowFD >= 0 {
             try copyAttributes(from: thenFD, source: source, to: nowFD, path: path)

@@ -1,3 +1,4 @@
+import BlockDevice
 import Foundation
 import Testing
 
@@ -79,6 +80,80 @@ struct FileTreeTests {
             var report = RestoreReport()
             try TreeRestore(then: then, now: now, deleteCreated: false, dryRun: true, tag: "t").restore(["link/x"], into: &report)
         }
+    }
+
+    /// An SQLite header followed by `text`: what guard recognizes a database by.
+    func writeDatabase(_ path: String, _ text: String) throws {
+        try (Data("SQLite format 3".utf8) + Data([0]) + Data(text.utf8)).write(to: URL(fileURLWithPath: path))
+    }
+
+    func read(_ path: String) -> String? { try? String(contentsOfFile: path, encoding: .utf8) }
+
+    @Test(
+        "an SQLite database comes back with its companions as one instant, named or inside a directory: the snapshot's -wal, and the current -shm removed (never left beside the restored database)"
+    )
+    func sqliteCompanions() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        for directory in [then, then + "/dir"] {
+            try writeDatabase(directory + "/db", "pages-then")
+            try write(directory + "/db-wal", "log-then")
+        }
+        #expect(system("cp -a '\(then)' '\(now)'") == 0)
+        for directory in [now, now + "/dir"] {
+            try writeDatabase(directory + "/db", "pages-now")
+            try write(directory + "/db-wal", "log-now")
+            try write(directory + "/db-shm", "index-now")
+        }
+        var report = RestoreReport()
+        try TreeRestore(then: then, now: now, deleteCreated: false, dryRun: false, tag: "t").restore(["db", "db-wal", "dir"], into: &report)
+        for directory in [now, now + "/dir"] {
+            #expect(read(directory + "/db")?.hasSuffix("pages-then") == true)
+            #expect(read(directory + "/db-wal") == "log-then")
+            #expect(!FileManager.default.fileExists(atPath: directory + "/db-shm"), "the current index is gone with the current log")
+        }
+        #expect(report.actions.contains { $0.hasPrefix("remove db-shm (the current database's shm") }, "\(report.actions)")
+        #expect(report.actions.contains { $0.hasPrefix("remove dir/db-shm") }, "\(report.actions)")
+        #expect(report.actions.filter { $0.hasPrefix("restore db-wal") }.count == 1, "named too, restored once: \(report.actions)")
+        #expect(report.kept.isEmpty, "a companion is never kept as created after the snapshot: \(report.kept)")
+        #expect(report.removed == 2)
+    }
+
+    @Test("a file a process has open for writing is refused before anything is touched, naming the process; a reader is not a writer, and with no check (--force) it is replaced")
+    func writerRefused() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        try makeTrees()
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: "/bin/sh")
+        writer.arguments = ["-c", "exec 3<>\"$1\" 4<\"$2\"; exec sleep 60", "sh", now + "/changed", now + "/same"]
+        try writer.run()
+        defer {
+            writer.terminate()
+            writer.waitUntilExit()
+        }
+        func identity(_ path: String) -> FileIdentity {
+            var info = stat()
+            #expect(stat(path, &info) == 0)
+            return FileIdentity(device: DeviceNumber(info.st_dev), inode: UInt64(info.st_ino))
+        }
+        let (changed, same) = (identity(now + "/changed"), identity(now + "/same"))
+        var writers: [FileIdentity: [ProcessHolder]] = [:]
+        for _ in 0..<100 {
+            writers = OpenFiles.writers(on: [changed.device])
+            if writers[changed]?.first?.command == "sleep" { break }
+            usleep(50_000)
+        }
+        #expect(writers[changed]?.map(\.pid) == [writer.processIdentifier], "the file opened for writing")
+        #expect(writers[same] == nil, "a file opened for reading only")
+        var report = RestoreReport()
+        let refusal = #expect(throws: FileTreeError.self) {
+            try TreeRestore(then: then, now: now, deleteCreated: false, dryRun: true, tag: "t", writers: writers).restore(["same", "changed"], into: &report)
+        }
+        #expect(refusal.map { "\($0)" }?.contains("changed: is open for writing by pid \(writer.processIdentifier) (sleep)") == true, "\(String(describing: refusal))")
+        #expect(read(now + "/changed") == "v2\n")
+        report = RestoreReport()
+        try TreeRestore(then: then, now: now, deleteCreated: false, dryRun: false, tag: "t", writers: writers).restore(["same"], into: &report)
+        try TreeRestore(then: then, now: now, deleteCreated: false, dryRun: false, tag: "t", writers: nil).restore(["changed"], into: &report)
+        #expect(read(now + "/changed") == "v1\n")
     }
 }
 

@@ -261,6 +261,63 @@ extension Kernel {
             #expect(try tool("commit", "\(run)").status == 0)
         }
 
+        @Test(
+            "an SQLite database in WAL mode, changed after the run by a server that keeps it open: restore refuses while it writes, naming its pid; once it is gone the database comes back with its log as one instant (integrity_check ok, the pre-run row count)"
+        )
+        func sqliteDatabaseWithItsLog() async throws {
+            let lvm = try LVMFixture()
+            let tool = GuardTool(stateDirectory: lvm.scratch.path("state"))
+            let database = "\(lvm.mountPoint)/site.sqlite"
+            let (ready, go, done, pidFile) = (lvm.scratch.path("ready"), lvm.scratch.path("go"), lvm.scratch.path("done"), lvm.scratch.path("server.pid"))
+            // A server: 100 rows, all still in the write-ahead log (no checkpoint), then 50 more
+            // when told to, and it keeps the database open, as a server does.
+            let server = lvm.scratch.path("server.py")
+            try """
+            import os, sqlite3, sys, time
+            database, ready, go, done, pid_file = sys.argv[1:6]
+            open(pid_file, "w").write(str(os.getpid()))
+            c = sqlite3.connect(database, isolation_level=None)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA wal_autocheckpoint=0")
+            c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            c.executemany("INSERT INTO t (v) VALUES (?)", [("before-%d" % i,) for i in range(100)])
+            open(ready, "w").close()
+            while not os.path.exists(go): time.sleep(0.1)
+            c.executemany("INSERT INTO t (v) VALUES (?)", [("after-%d" % i,) for i in range(50)])
+            open(done, "w").close()
+            time.sleep(600)
+            """.write(toFile: server, atomically: true, encoding: .utf8)
+            try startDetached(["/usr/bin/env", "python3", server, database, ready, go, done, pidFile])
+            lvm.scratch.defer_ { _ = try? sh("kill -9 $(cat '\(pidFile)') 2>/dev/null; true") }
+            try await waitUntil("the server's 100 rows", seconds: 120) { FileManager.default.fileExists(atPath: ready) }
+            #expect(FileManager.default.fileExists(atPath: database + "-wal"), "the rows are in the write-ahead log")
+            let run = try keptRun(
+                lvm, tool,
+                steps: """
+                      - name: nothing
+                        shell: "true"
+                    """)
+            _ = FileManager.default.createFile(atPath: go, contents: nil)
+            try await waitUntil("the server's 50 more rows", seconds: 120) { FileManager.default.fileExists(atPath: done) }
+            let serverPID = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+
+            let refused = try tool("restore", "\(run)", database)
+            #expect(refused.status == 2, "\(refused.stdout) \(refused.stderr)")
+            #expect(refused.stderr.contains("open for writing by pid \(serverPID) (") && refused.stderr.contains("nothing was touched"), "\(refused.stderr)")
+            #expect(try sh("sqlite3 '\(database)' 'SELECT count(*) FROM t'").trimmingCharacters(in: .whitespacesAndNewlines) == "150", "the refusal touched nothing")
+
+            // The server dies (its log and index stay, as after a crash); the restore goes through.
+            try sh("kill -9 \(serverPID)")
+            try await waitUntil("the server to exit", seconds: 60) { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(serverPID)/exe")) == nil }
+            let restore = try tool("restore", "--json", "\(run)", database)
+            #expect(restore.status == 0, "\(restore.stderr)")
+            #expect(restore.stdout.contains("restore site.sqlite-wal"), "the log comes with the database: \(restore.stdout)")
+            let check = try sh("sqlite3 '\(database)' 'PRAGMA integrity_check' 'SELECT count(*) FROM t' 'SELECT count(*) FROM t WHERE v LIKE \"after-%\"'")
+            #expect(check.split(separator: "\n").map(String.init) == ["ok", "100", "0"], "integrity_check, rows, rows written after the run: \(check)")
+            #expect(try tool("commit", "\(run)").status == 0)
+        }
+
         @Test("an Invalid snapshot is refused by diff and restore with the reason")
         func invalidSnapshotRefused() throws {
             let lvm = try LVMFixture()

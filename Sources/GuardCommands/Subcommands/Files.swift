@@ -89,6 +89,8 @@ extension GuardCommand {
             discussion: """
                 For when one file or directory is wrong and the rest of the night's writes must stay (a whole-volume rollback is `guard rollback`). Each path is copied back from the snapshot, mounted read-only on a private mount point, with its mode, owner, times, extended attributes and ACLs; symlinks stay symlinks (never followed), hard links within the restored set stay linked, sparse files stay sparse. Every file is written beside its target, fsynced and renamed over it: a reader sees the old file or the restored one, never a mix. Missing parent directories are recreated from the snapshot.
 
+                An SQLite database is restored with its companions (-journal, -wal, -shm) as one instant: the current ones are removed first, then the database and the snapshot's companions are put back, so that SQLite never replays a log from another instant into it. A file that a process has open for writing is refused, naming the process, before anything is touched: stop it first (or give --force). Readers do not stop a restore.
+
                 Files created after the snapshot under a restored directory are kept unless --delete is given. Paths outside the volume, `..` and symlinks in a path are refused before anything is touched. Each restore is journaled (who, when, which paths, how many files and bytes) and shown by `guard show RUN`.
 
                 Refused for a run whose snapshots are not kept, and for an Invalid snapshot.
@@ -113,12 +115,15 @@ extension GuardCommand {
         @Flag(name: .customLong("delete"), help: "Also remove what was created after the snapshot under the restored paths.")
         var deleteCreated = false
 
+        @Flag(help: "Replace files that a process has open for writing (refused otherwise: its later writes would go to the old file and be lost).")
+        var force = false
+
         @Flag(help: "Print the report as JSON (actions, kept, files, bytes, removed).")
         var json = false
 
         func run() throws {
             let context = try global.context()
-            let report = try SnapshotFiles(context: context).restore(target, paths: paths, deleteCreated: deleteCreated, dryRun: dryRun)
+            let report = try SnapshotFiles(context: context).restore(target, paths: paths, deleteCreated: deleteCreated, dryRun: dryRun, force: force)
             if json {
                 try printJSON(report)
                 return
