@@ -69,8 +69,8 @@ public struct Maintenance {
 
     /// Records the bypasses of `run`'s origins (the caller holds its volume locks), then refuses
     /// to `verb` a run that is stale, saying why from the journal's record.
-    func requireNotStale(_ run: RunRecord, _ verb: String, journal: Journal, engine: SnapshotEngine) throws -> RunRecord {
-        try OriginWatch(context: context, journal: journal, engine: engine).check(run, holdingLocks: true)
+    func requireNotStale(_ run: RunRecord, _ verb: String, journal: Journal, engine: SnapshotEngine, holdingLocks: Bool = true) throws -> RunRecord {
+        try OriginWatch(context: context, journal: journal, engine: engine).check(run, holdingLocks: holdingLocks)
         let current = try journal.run(id: run.id!) ?? run
         guard current.state == .stale else { return current }
         let id = current.id!
@@ -197,15 +197,20 @@ public struct Maintenance {
         return try Mounts.current().first { origins.contains($0.device) && Planner.earlyMountPoints.contains($0.target) }?.target
     }
 
+    /// Refuses a rollback at the next boot that guard's initramfs could not carry out.
+    func requireInitramfsRollback(runID: Int64, target: String) throws {
+        if let problem = BootSupport(stateDirectory: context.stateDirectory).initramfsProblem(target: target) {
+            throw GuardFailure(.refused, "run \(runID) cannot be rolled back at the next boot: \(problem); nothing was changed")
+        }
+    }
+
     /// Journals the decision to roll `run` back and leaves the merge to the initramfs of the next
     /// boot (`guard recover --boot --initramfs`), which starts it before it mounts the root.
     func scheduleBootRollback(
         _ run: RunRecord, records: [SnapshotRecord], stacks: [SnapshotStack], mountedOn target: String, journal: Journal, engine: SnapshotEngine
     ) throws -> String {
         let runID = run.id!
-        if let problem = BootSupport(stateDirectory: context.stateDirectory).initramfsProblem(target: target) {
-            throw GuardFailure(.refused, "run \(runID) cannot be rolled back at the next boot: \(problem); nothing was changed")
-        }
+        try requireInitramfsRollback(runID: runID, target: target)
         try RollbackProcedure(context: context, journal: journal, engine: engine).requireRestorable(runID: runID, records: records, stacks: stacks)
         var decided = run
         decided.decision = .rollback

@@ -31,6 +31,9 @@ extension Maintenance {
         public var condition: Condition
         public var usedBytes: UInt64?
         public var sizeBytes: UInt64?
+        /// Of `usedBytes`, what was first written after the run ended: a rollback throws at
+        /// least this much away (a kept classic snapshot of a run that journaled its end).
+        public var changedSinceEndBytes: UInt64?
         /// 0...1 while merging.
         public var mergeProgress: Double?
         public var remainingBytes: UInt64?
@@ -123,6 +126,9 @@ extension Maintenance {
                             volume.status = status.usage == nil ? "\(status)" : "live"
                             volume.condition = status.usage == nil ? .invalid : .live
                             volume.usedBytes = status.usage?.allocatedBytes
+                            if stack.thin == nil, let used = status.usage?.allocatedBytes, let atEnd = record.usedAtEndBytes {
+                                volume.changedSinceEndBytes = used > UInt64(max(atEnd, 0)) ? used - UInt64(max(atEnd, 0)) : 0
+                            }
                             volume.sizeBytes = status.usage == nil ? nil : stack.budgetBytes  // the size, without the fuse reserve
                             if let thin = stack.thin, let pool = try? dm.thinPoolStatus(thin.poolRef) {
                                 volume.detail =

@@ -146,6 +146,7 @@ extension RunBody {
         for index in records.indices {
             records[index] = (try? journal.snapshots(runID: runID).first { $0.volumeIndex == index }) ?? records[index]
             records[index].peakUsedBytes = Int64(stacks[index].changedBytes(used: peaks[index]))
+            records[index].usedAtEndBytes = records[index].peakUsedBytes
             records[index].sizeBytes = Int64(stacks[index].budgetBytes)
             records[index].stack = encode(stacks[index])
             try? journal.update(records[index])

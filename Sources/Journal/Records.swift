@@ -231,6 +231,10 @@ public struct SnapshotRecord: Codable, Sendable, Hashable, FetchableRecord, Muta
     public var sizeBytes: Int64
     public var chunkBytes: Int64
     public var peakUsedBytes: Int64
+    /// The bytes that differed from before the run when the run ended (its decision); nil
+    /// for runs journaled before guard recorded it. Against the COW's use later, what was
+    /// written after the run (a rollback throws it away).
+    public var usedAtEndBytes: Int64?
     public var state: SnapshotState
     /// The Snapshot module's description of the stack, JSON.
     public var stack: String
@@ -255,6 +259,7 @@ public struct SnapshotRecord: Codable, Sendable, Hashable, FetchableRecord, Muta
         case sizeBytes = "size_bytes"
         case chunkBytes = "chunk_bytes"
         case peakUsedBytes = "peak_used_bytes"
+        case usedAtEndBytes = "used_at_end_bytes"
     }
 
     public init(

@@ -150,6 +150,9 @@ enum Schema {
                 db, table: "steps", column: "kind", values: ["step", "verify", "quiesce", "resume", "rollback-stop", "rollback-start", "verify_after_boot"],
                 nullable: false)
         }
+        migrator.registerMigration("v5 COW use at the run's end") { db in
+            try db.execute(sql: "ALTER TABLE snapshots ADD COLUMN used_at_end_bytes INTEGER")
+        }
         return migrator
     }
 

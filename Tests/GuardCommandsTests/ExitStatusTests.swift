@@ -1,8 +1,8 @@
 import DeviceMapper
-import Engine
 import Journal
 import Testing
 
+@testable import Engine
 @testable import GuardCommands
 @testable import Snapshot
 
@@ -34,4 +34,26 @@ func exitStatusOfLayerErrors() {
     struct Unknown: Error {}
     #expect(ExitStatus.of(Unknown()) == nil)
     #expect(ExitStatus.unmapped(Unknown()).code == .attention, "an error no layer mapped may come after a change: 3, never 2")
+}
+
+@Test("rollback --dry-run's text says, in the rollback's order, the hooks, the unmounts and who would stop them, and what is thrown away")
+func rollbackPreviewText() {
+    var volume = RollbackPreview.Volume(
+        volume: "/dev/vg/website", unmounts: ["/srv/www"], users: ["pid 812 (nginx)"], changedBytes: 14 << 20, changedAtEndBytes: 4 << 20, changedSinceEndBytes: 10 << 20)
+    let preview = RollbackPreview(run: 12, keptAt: 0, atBoot: false, stopHooks: ["stop nginx"], startHooks: ["start nginx"], volumes: [volume])
+    #expect(
+        GuardCommand.describe(preview) == [
+            "run 12: a rollback would",
+            "  run rollback.stop: stop nginx",
+            "  unmount /srv/www",
+            "    in use by pid 812 (nginx): unless rollback.stop stops it (or it is the run's own), the unmount fails and nothing is merged",
+            "  merge /dev/vg/website back: 14 MiB differ from before the run; 10 MiB of them first written after the run ended (thrown away: at least that much of what was written since)",
+            "  mount /srv/www again",
+            "  run rollback.start: start nginx",
+        ])
+    volume.changedAtEndBytes = nil
+    volume.changedSinceEndBytes = nil
+    let older = GuardCommand.describe(RollbackPreview(run: 3, keptAt: nil, atBoot: true, stopHooks: [], startHooks: [], volumes: [volume]))
+    #expect(older.first?.hasSuffix("at the next boot (the initramfs merges the volumes before it mounts the root)") == true, "\(older)")
+    #expect(older.contains { $0.hasSuffix("(how much of it since the run ended is not journaled for this run)") }, "\(older)")
 }

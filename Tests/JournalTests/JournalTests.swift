@@ -91,7 +91,7 @@ struct JournalTests {
         }
         #expect(mode == "wal")
         #expect(synchronous == 2, "FULL")
-        #expect(migrations == 4, "v1, v2 restores, v3 closed sets, v4 verify_after_boot steps")
+        #expect(migrations == 5, "v1, v2 restores, v3 closed sets, v4 verify_after_boot steps, v5 COW use at the run's end")
         let reopened = try Journal.open(path: path, check: true)
         #expect(try reopened.history(limit: 10).count == 1, "reopening keeps the data and migrates nothing twice")
     }

@@ -136,7 +136,7 @@ extension Kernel {
             try startDetached(["/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", "echo $$ > '\(pidFile)' && exec sleep 600"])
             try await waitUntil("the namespace's process to start", seconds: 60) { FileManager.default.fileExists(atPath: pidFile) }
             let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
-            fixture.volume.scratch.defer_ { _ = try? sh("kill -9 \(holder)") }
+            fixture.volume.scratch.defer_ { _ = try? sh("kill -9 \(holder) 2>/dev/null; true") }
             let refused = try tool("rollback", run)
             #expect(refused.status == 3, "\(refused.stderr)")
             #expect(
@@ -154,6 +154,66 @@ extension Kernel {
             let rollback = try tool("rollback", run, "--wait")
             #expect(rollback.status == 0, "\(rollback.stderr)")
             #expect(try manifest(fixture.mountPoint) == before)
+            try Mounts.unmount(fixture.mountPoint)
+            #expect(try fsck(fixture.volume.device))
+            try expectNothingLeft(state: tool.stateDirectory)
+        }
+
+        @Test(
+            "rollback --dry-run of a kept run after 10 MiB of new writes: it says at least 10 MiB written since the run would be thrown away, names the process that would stop the unmount, touches nothing (files, journal, state); the rollback then restores the pre-run files; a committed run's dry run is refused as its rollback is"
+        )
+        func rollbackDryRun() async throws {
+            let fixture = try MountedVolume()
+            let tool = fixture.tool
+            let before = try manifest(fixture.mountPoint)
+            let kept = try tool("run", try fixture.recipe())
+            #expect(kept.status == 0, "\(kept.stderr)")
+            let run = "\(try #require(try tool.history()).first?["id"] as? Int ?? 0)"
+            try sh("dd if=/dev/urandom of=\(fixture.mountPoint)/uploads.bin bs=1M count=10 oflag=direct status=none && sync")
+            let pidFile = fixture.volume.scratch.path("holder.pid")
+            try startDetached(["/bin/sh", "-c", "cd '\(fixture.mountPoint)' && echo $$ > '\(pidFile)' && exec sleep 600"])
+            try await waitUntil("the holder to start", seconds: 60) { FileManager.default.fileExists(atPath: pidFile) }
+            let holder = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            fixture.volume.scratch.defer_ { _ = try? sh("kill -9 \(holder) 2>/dev/null; true") }
+            let written = try manifest(fixture.mountPoint)
+            let events = { try sh("sqlite3 '\(tool.stateDirectory)/journal.sqlite' 'SELECT count(*) FROM events'") }
+            let eventsBefore = try events()
+
+            // (It may exit 3: the COW is near full, which is guard's attention, not this test's.)
+            let statusRun = try tool("status", "--json")
+            let status = try #require(try JSONSerialization.jsonObject(with: Data(statusRun.stdout.utf8)) as? [String: Any], "\(statusRun.stderr)")
+            let live = try #require(((status["runs"] as? [[String: Any]])?.first?["volumes"] as? [[String: Any]])?.first, "\(status)")
+            #expect((live["changed_since_end_bytes"] as? Int ?? 0) >= 10 << 20, "guard status shows it too: \(live)")
+            let statusText = try tool("status")
+            #expect(statusText.stdout.contains("written since the run ended (`guard rollback \(run)` would throw it away)"), "\(statusText.stdout)")
+
+            let preview = try tool("rollback", "--dry-run", "--json", run)
+            #expect(preview.status == 0, "\(preview.stderr)")
+            let document = try #require(try JSONSerialization.jsonObject(with: Data(preview.stdout.utf8)) as? [String: Any], "\(preview.stdout)")
+            let volume = try #require((document["volumes"] as? [[String: Any]])?.first, "\(document)")
+            let since = volume["changed_since_end_bytes"] as? Int ?? 0
+            #expect(since >= 10 << 20, "at least the 10 MiB written since the run: \(volume)")
+            #expect((volume["changed_bytes"] as? Int ?? 0) >= since + (volume["changed_at_end_bytes"] as? Int ?? -1), "\(volume)")
+            #expect(volume["unmounts"] as? [String] == [fixture.mountPoint], "\(volume)")
+            #expect(volume["users"] as? [String] == ["pid \(holder) (sleep)"], "\(volume)")
+            #expect(document["at_boot"] as? Bool == false && document["kept_at"] is String, "\(document)")
+            let text = try tool("rollback", "--dry-run", run)
+            #expect(text.status == 0, "\(text.stderr)")
+            #expect(text.stdout.contains("in use by pid \(holder) (sleep)") && text.stdout.contains("first written after the run ended"), "\(text.stdout)")
+            #expect(text.stdout.contains("nothing was touched"), "\(text.stdout)")
+            #expect(try manifest(fixture.mountPoint) == written, "the dry runs touched no file")
+            #expect(try events() == eventsBefore, "nor the journal")
+            #expect(try tool.history()?.first?["state"] as? String == "kept")
+            #expect(Mounts.entry(at: fixture.mountPoint) != nil)
+
+            try sh("kill -9 \(holder)")
+            try await waitUntil("the holder to exit", seconds: 60) { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(holder)/cwd")) == nil }
+            let rollback = try tool("rollback", "--wait", run)
+            #expect(rollback.status == 0, "\(rollback.stderr)")
+            #expect(try manifest(fixture.mountPoint) == before, "the pre-run files; the 10 MiB are gone, as the dry run said")
+            let again = try tool("rollback", "--dry-run", run)
+            let real = try tool("rollback", run)
+            #expect(again.status == 2 && real.status == 2 && again.stderr == real.stderr, "refused as the rollback is: \(again.stderr) | \(real.stderr)")
             try Mounts.unmount(fixture.mountPoint)
             #expect(try fsck(fixture.volume.device))
             try expectNothingLeft(state: tool.stateDirectory)

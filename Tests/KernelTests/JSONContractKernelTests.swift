@@ -94,6 +94,12 @@ extension Kernel {
             #expect((restore["actions"] as? [String])?.isEmpty == false, "\(restore)")
             #expect(try manifest(mount) == migrated, "a dry-run restore changes nothing")
 
+            // Its dry run: the rollback-plan document, nothing touched.
+            let (rollbackPlan, planResult) = try document(tool, "rollback", "--dry-run", "\(keptID)", schema: "rollback-plan")
+            #expect(planResult.status == 0 && rollbackPlan["run"] as? Int == keptID, "\(planResult.stderr)")
+            #expect((rollbackPlan["volumes"] as? [[String: Any]])?.first?["unmounts"] as? [String] == [mount], "\(rollbackPlan)")
+            #expect(try manifest(mount) == migrated, "a dry-run rollback changes nothing")
+
             // Rollback: the run afterwards, and the files as before it.
             let (afterRollback, rollbackResult) = try document(tool, "rollback", "--wait", "\(keptID)")
             #expect(rollbackResult.status == 0, "\(rollbackResult.stderr)")

@@ -2,11 +2,17 @@ import ArgumentParser
 import BlockDevice
 import Engine
 import Foundation
+import Quantities
 import Recipe
 import Watchdog
 
 extension GuardCommand {
     struct Rollback: AsyncParsableCommand {
+        func printPreview(_ preview: RollbackPreview) {
+            for line in GuardCommand.describe(preview) { say(line) }
+            say("dry run: nothing was touched; `guard diff \(preview.run)` lists the files that differ")
+        }
+
         static let configuration = CommandConfiguration(
             commandName: "rollback",
             abstract: "Undo a kept run: merge its snapshots back into the volumes.",
@@ -17,7 +23,10 @@ extension GuardCommand {
 
                 A run that includes / or /usr (mounted by the initramfs, never unmounted while the system runs) is rolled back at the next boot: the decision is journaled, and guard's initramfs script starts the merge before it mounts the root. --reboot reboots at once; `guard commit` before the reboot cancels the rollback.
 
+                --dry-run makes the same checks and says what the rollback would do (the hooks, the unmounts, the processes that use the volumes) and what it would throw away: the bytes of each volume that differ from before the run, and of those the ones first written after the run ended (at least that much of what was written while the run was kept is lost). Nothing is touched.
+
                 Examples:
+                  guard rollback --dry-run 12
                   guard rollback 12
                   guard rollback --wait 3f9a2c1e
                   guard rollback --reboot 14
@@ -40,11 +49,22 @@ extension GuardCommand {
         )
         var withoutHooks = false
 
-        @Flag(help: "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json).")
+        @Flag(name: .customLong("dry-run"), help: "Say what the rollback would do and what it would throw away; touch nothing.")
+        var dryRun = false
+
+        @Flag(
+            help:
+                "Print the run afterwards as `guard show --json` does (/usr/share/doc/guard/schema/run.schema.json); with --dry-run, the preview (/usr/share/doc/guard/schema/rollback-plan.schema.json)."
+        )
         var json = false
 
         func run() async throws {
             let context = try global.context()
+            if dryRun {
+                let preview = try Maintenance(context: context).rollbackPreview(target, withoutHooks: withoutHooks)
+                if json { try printJSON(RollbackPlanDocument(preview)) } else { printPreview(preview) }
+                return
+            }
             let outcome = try await Maintenance(context: context).rollback(target, wait: wait, withoutHooks: withoutHooks)
             context.reporter.note(outcome.message)
             if json { try printRunDocument(target, context: context) }
@@ -53,6 +73,35 @@ extension GuardCommand {
                 try systemReboot()
             }
         }
+    }
+
+    /// The dry run for people: what happens in order, then what is thrown away.
+    static func describe(_ preview: RollbackPreview) -> [String] {
+        var lines = ["run \(preview.run): a rollback would" + (preview.atBoot ? " be done at the next boot (the initramfs merges the volumes before it mounts the root)" : "")]
+        for hook in preview.stopHooks { lines.append("  run rollback.stop: \(hook)") }
+        for volume in preview.volumes {
+            for target in volume.unmounts { lines.append("  unmount \(target)") }
+            if !volume.users.isEmpty {
+                lines.append(
+                    "    in use by \(volume.users.joined(separator: ", ")): unless rollback.stop stops \(volume.users.count == 1 ? "it" : "them") (or \(volume.users.count == 1 ? "it is" : "they are") the run's own), the unmount fails and nothing is merged"
+                )
+            }
+        }
+        for volume in preview.volumes {
+            var line = "  merge \(volume.volume) back"
+            if let changed = volume.changedBytes {
+                line += ": \(formatBytes(changed)) differ from before the run"
+                if let since = volume.changedSinceEndBytes {
+                    line += "; \(formatBytes(since)) of them first written after the run ended (thrown away: at least that much of what was written since)"
+                } else {
+                    line += " (how much of it since the run ended is not journaled for this run)"
+                }
+            }
+            lines.append(line)
+        }
+        for volume in preview.volumes { for target in volume.unmounts.reversed() { lines.append("  mount \(target) again") } }
+        for hook in preview.startHooks { lines.append("  run rollback.start: \(hook)") }
+        return lines
     }
 
     struct Commit: ParsableCommand {

@@ -17,6 +17,7 @@ struct StatusOutput: Encodable {
         var usedBytes: UInt64?
         var sizeBytes: UInt64?
         var fill: Double?
+        var changedSinceEndBytes: UInt64?
         var mergeProgress: Double?
         var remainingBytes: UInt64?
         /// Why a volume needs reassembly, and what to mount or activate.
@@ -25,6 +26,7 @@ struct StatusOutput: Encodable {
             case volume, origin, state, status, condition, fill, detail
             case usedBytes = "used_bytes"
             case sizeBytes = "size_bytes"
+            case changedSinceEndBytes = "changed_since_end_bytes"
             case mergeProgress = "merge_progress"
             case remainingBytes = "remaining_bytes"
         }
@@ -72,7 +74,7 @@ extension GuardCommand {
 
                 A guard device of a run this journal never had (another state directory's, or a replaced journal's) is listed, left alone, and needs no attention.
 
-                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (/usr/share/doc/guard/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, condition, used_bytes, size_bytes, fill, merge_progress, remaining_bytes, detail).
+                --json prints {"runs": [...], "stray_devices": [...], "unknown_devices": [...], "attention": [...]} (/usr/share/doc/guard/schema/status.schema.json); each run has id, token, recipe, state, outcome, keep_until and volumes (volume, origin, state, status, condition, used_bytes, size_bytes, fill, changed_since_end_bytes, merge_progress, remaining_bytes, detail).
 
                 Examples:
                   guard status
@@ -196,7 +198,8 @@ extension GuardCommand {
                                 volume: volume.volume, origin: volume.origin, state: volume.state.rawValue, status: volume.status, condition: volume.condition.rawValue,
                                 usedBytes: volume.usedBytes,
                                 sizeBytes: volume.sizeBytes, fill: volume.usedBytes.flatMap { used in volume.sizeBytes.map { Double(used) / Double(max($0, 1)) } },
-                                mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail)
+                                changedSinceEndBytes: volume.changedSinceEndBytes, mergeProgress: volume.mergeProgress, remainingBytes: volume.remainingBytes, detail: volume.detail
+                            )
                         })
                 }, strayDevices: strays, unknownDevices: unknown, attention: attention)
         }
@@ -214,6 +217,9 @@ extension GuardCommand {
                     var line = "  \(volume.volume): \(volume.status)"
                     if let used = volume.usedBytes, let size = volume.sizeBytes {
                         line += ", COW \(formatBytes(used)) of \(formatBytes(size)) (\(Int((volume.fill ?? 0) * 100))%)"
+                    }
+                    if let since = volume.changedSinceEndBytes, since > 0 {
+                        line += "; \(formatBytes(since)) written since the run ended (`guard rollback \(run.id)` would throw it away)"
                     }
                     if let progress = volume.mergeProgress, volume.condition == Maintenance.Condition.merging.rawValue {
                         line += " \(Int(progress * 100))%, \(formatBytes(volume.remainingBytes ?? 0)) to go"

@@ -14,7 +14,8 @@ short_description: Roll back a kept guard run
 description:
   - Runs C(guard rollback --json RUN) on the host; the volumes read as before the run from the moment the merge starts.
   - Unchanged when the run is already rolled back. Any other refusal (committed, unfinished, an invalid snapshot) fails with guard's message.
-  - In check mode it only reads the run (C(guard show --json)).
+  - In check mode it reads the run (C(guard show --json)) and asks guard what the rollback would do and throw away
+    (C(guard rollback --dry-run --json)), returned as I(plan); a rollback guard would refuse fails with guard's message.
   - A run that includes C(/) or C(/usr) cannot be merged while the system runs; guard journals its rollback for the next boot,
     whose initramfs merges it before mounting the root. The module then returns I(pending_at_boot) and I(reboot_required), and
     reboots the host when I(reboot) is true; until the reboot the rollback has not happened.
@@ -98,6 +99,12 @@ rebooting:
   description: The module started the reboot (I(reboot)).
   returned: always
   type: bool
+plan:
+  description:
+    - What the rollback would do and throw away, as C(guard rollback --dry-run --json) prints it (its rollback-plan schema);
+      per volume I(changed_since_end_bytes) is at least how much written since the run ended would be lost.
+  returned: in check mode, for a kept run
+  type: dict
 '''
 
 from ansible.module_utils.basic import AnsibleModule
@@ -133,10 +140,10 @@ def main():
         if before.get('outcome') == 'rolled_back' or pending_at_boot(before):
             finish(before, changed=False)
         if module.check_mode:
-            if before.get('state') != 'kept':
-                how = before.get('outcome') or before.get('state')
-                guard.fail('run %s is %s, not kept: guard would refuse to roll it back' % (run, how), **run_facts(before))
-            module.exit_json(changed=True, pending_at_boot=False, reboot_required=False, rebooting=False, **run_facts(before))
+            rc, plan, stderr = guard.run('rollback', '--dry-run', str(run))
+            if is_error_document(plan):
+                guard.fail(error_message(plan, stderr), rc=rc, stderr=stderr, error=plan['error'], **run_facts(before))
+            module.exit_json(changed=True, plan=plan, pending_at_boot=False, reboot_required=False, rebooting=False, **run_facts(before))
         rc, document, stderr = guard.run(*(['rollback'] + (['--wait'] if module.params['wait'] else []) + [str(run)]))
     except GuardError as error:
         module.fail_json(msg=str(error), rc=error.rc, stderr=error.stderr)

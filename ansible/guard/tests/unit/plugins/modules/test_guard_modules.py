@@ -154,8 +154,23 @@ def test_rollback_and_commit_act_on_a_kept_run_and_are_idempotent(name, verb, do
     assert [call[0] for call in calls] == ['show', verb]
     result, calls = module(name, dict(run='7'), {'show': dict(rc=0, document=after)})
     assert result['changed'] is False and [call[0] for call in calls] == ['show']
-    result, calls = module(name, dict(run='7'), {'show': dict(rc=0, document=run_document())}, check_mode=True)
-    assert result['changed'] and [call[0] for call in calls] == ['show']
+    if name == 'guard_commit':
+        result, calls = module(name, dict(run='7'), {'show': dict(rc=0, document=run_document())}, check_mode=True)
+        assert result['changed'] and [call[0] for call in calls] == ['show']
+
+
+def test_a_rollback_in_check_mode_returns_guards_dry_run():
+    plan = dict(schema_version=1, run=7, kept_at='2026-12-08T01:00:00.000Z', at_boot=False, stop_hooks=[], start_hooks=[],
+                volumes=[dict(volume='/dev/mapper/site', unmounts=['/srv/site'], users=[], changed_bytes=14 << 20,
+                              changed_at_end_bytes=4 << 20, changed_since_end_bytes=10 << 20)])
+    result, calls = module('guard_rollback', dict(run='7'), {'show': dict(rc=0, document=run_document()), 'rollback dry': dict(rc=0, document=plan)},
+                           check_mode=True)
+    assert result['changed'] and result['plan']['volumes'][0]['changed_since_end_bytes'] == 10 << 20
+    assert len(calls) == 2 and calls[0][0] == 'show' and calls[1][:3] == ['rollback', '--dry-run', '7']
+    refused = error_document(3, 'attention', 'run 7 cannot be rolled back: its snapshot is stale')
+    result, dummy = module('guard_rollback', dict(run='7'), {'show': dict(rc=0, document=run_document()), 'rollback dry': dict(rc=3, document=refused)},
+                           check_mode=True)
+    assert result['failed'] and 'stale' in result['msg']
 
 
 def test_a_rollback_of_the_root_is_pending_until_a_reboot():
